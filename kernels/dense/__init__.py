@@ -1,0 +1,10 @@
+"""Dense softmax attention backends: ``reference`` (the oracle) and ``cpu`` (PyTorch's CPU flash kernel).
+
+Each backend module offers the same functions (DESIGN.md §2):
+
+    forward(q, k, v, *, mask, scale) -> (out, lse)
+    backward(dout, q, k, v, out, lse, *, mask, scale) -> (dq, dk, dv)
+
+``backward`` takes the *global* out and lse, which is what lets context parallelism compute each
+block's gradients without keeping every partial result.
+"""

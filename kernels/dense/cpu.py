@@ -1,0 +1,74 @@
+"""CPU flash attention through ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward.
+
+Same contract as :mod:`.reference`. The aten kernel wants ``[B, H, S, D]``, returns lse = 0 for rows
+with no allowed key (repaired here to out = 0, lse = −inf), and its ``is_causal`` is top-left aligned
+when Sq ≠ Sk, so it is only used for aligned causal blocks; other masks go in as an additive mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..masks import Mask, PlacedMask, _Causal, place
+from .reference import check_shapes
+
+_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _plan(placed: PlacedMask | None, sq: int, sk: int, heads: int, dtype: torch.dtype):
+    """Returns (is_causal, additive mask [1, Hm, Sq, Sk] or None, empty rows [Hm, Sq] or None)."""
+    if placed is None:
+        return False, None, None
+    if isinstance(placed.mask, _Causal) and sq == sk and sq > 0:
+        qp, kp = placed.q_pos, placed.k_pos
+        if bool((qp == kp).all()) and bool((qp[1:] - qp[:-1] == 1).all()):
+            return True, None, None
+    allowed = placed.dense(heads)  # [Hm, Sq, Sk]
+    add = torch.zeros(allowed.shape, dtype=dtype)
+    add.masked_fill_(~allowed, float("-inf"))
+    empty = ~allowed.any(dim=-1)  # [Hm, Sq]
+    return False, add[None], (empty if bool(empty.any()) else None)
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Mask | PlacedMask | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_shapes(q, k, v)
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    is_causal, add, empty = _plan(place(mask, sq, sk, num_heads=h), sq, sk, h, q.dtype)
+    out, lse = _fwd(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=add, scale=scale
+    )
+    out = out.transpose(1, 2)  # [B, Sq, H, E]
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if empty is not None:
+        e = empty[None].expand(b, h, sq)
+        lse = lse.masked_fill(e, float("-inf"))
+        out = out.masked_fill(e.transpose(1, 2)[..., None], 0.0)
+    return out.contiguous(), lse
+
+
+def backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    *, mask: Mask | PlacedMask | None = None, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of one block given the *global* out and lse of its query rows."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    is_causal, add, _ = _plan(place(mask, sq, sk, num_heads=h), sq, sk, h, q.dtype)
+    # exp(s - lse) with lse = -inf would be NaN; such rows have no allowed key anywhere, so any
+    # finite lse gives them zero probability.
+    lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    lse_k = lse_k.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    dq, dk, dv = _bwd(
+        dout.transpose(1, 2).to(q.dtype).contiguous(),
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        out.transpose(1, 2).to(q.dtype).contiguous(), lse_k, 0.0, is_causal, attn_mask=add, scale=scale,
+    )
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -1,0 +1,512 @@
+"""Mask algebra: attention masks as data over *global* positions (DESIGN.md §2).
+
+A :class:`Mask` answers, for a set of global query positions × key positions and a set of global
+heads, which (query, key) pairs may attend. Because positions are global, a mask means the same on
+every rank whatever the sequence layout. Three views are offered:
+
+* ``dense(q_pos, k_pos, heads=..., num_heads=..., seq_len=...)`` — the elementwise pattern,
+  ``bool [Hm, Sq, Sk]`` with ``Hm`` = 1 for head-independent masks, else ``len(heads)``;
+* ``classify(...)`` — per head, whether the whole block is EMPTY, PARTIAL or FULL;
+* ``block_map(..., block_q, block_k)`` — the same per tile, ``int8 [Hm, nQ, nK]``.
+
+Classification may be conservative (PARTIAL where the truth is EMPTY or FULL): callers compute
+PARTIAL blocks elementwise, so a conservative answer costs time, never correctness.
+
+Factories are causal unless they say otherwise: ``sliding_window(w)`` keeps 0 ≤ i−j < w,
+``sinks(n)`` keeps j < n and j ≤ i, ``documents(cu)`` keeps same-document j ≤ i.
+Masks combine with ``&`` and ``|``. Random masks (SSA) read the training step and layer through
+:meth:`Mask.at`, so every rank derives the same sample without communicating.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+__all__ = [
+    "EMPTY",
+    "PARTIAL",
+    "FULL",
+    "Mask",
+    "PlacedMask",
+    "place",
+    "causal",
+    "full",
+    "sliding_window",
+    "sinks",
+    "documents",
+    "power",
+    "s2",
+    "sf",
+    "ssa",
+]
+
+
+def _as_pos(x: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    t = torch.as_tensor(x, dtype=torch.long)
+    return t.reshape(-1)
+
+
+class Mask:
+    """Base class. Subclasses implement :meth:`dense`; analytic ones also :meth:`_classify_ranges`."""
+
+    #: True when the mask allows no key after the query (j ≤ i for every allowed pair).
+    is_causal: bool = False
+    #: True when the pattern differs between heads.
+    per_head: bool = False
+
+    # --- elementwise -------------------------------------------------------------------------
+    def dense(
+        self,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        *,
+        heads: torch.Tensor | None = None,
+        num_heads: int = 1,
+        seq_len: int | None = None,
+    ) -> torch.Tensor:
+        """Allowed pairs, ``bool [Hm, Sq, Sk]`` (Hm = 1 unless :attr:`per_head`)."""
+        raise NotImplementedError
+
+    # --- block answers -----------------------------------------------------------------------
+    def _classify_ranges(
+        self,
+        qmin: torch.Tensor,
+        qmax: torch.Tensor,
+        kmin: torch.Tensor,
+        kmax: torch.Tensor,
+        *,
+        heads: torch.Tensor,
+        num_heads: int,
+        seq_len: int,
+    ) -> torch.Tensor | None:
+        """Classify tiles from the min/max positions of each tile ([nQ,1] and [1,nK] tensors).
+
+        Returns int8 ``[Hm, nQ, nK]`` or None when the mask has no analytic answer (the caller then
+        falls back to the dense pattern). Must be conservative: the answer has to hold for *any*
+        position sets within the given bounds.
+        """
+        return None
+
+    def block_map(
+        self,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        *,
+        block_q: int,
+        block_k: int,
+        heads: torch.Tensor | None = None,
+        num_heads: int = 1,
+        seq_len: int | None = None,
+    ) -> torch.Tensor:
+        """Tile classification ``int8 [Hm, ceil(Sq/block_q), ceil(Sk/block_k)]``."""
+        q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
+        heads = torch.arange(num_heads) if heads is None else _as_pos(heads)
+        seq_len = _default_seq_len(seq_len, q_pos, k_pos)
+        qmin, qmax = _tile_bounds(q_pos, block_q)
+        kmin, kmax = _tile_bounds(k_pos, block_k)
+        res = self._classify_ranges(
+            qmin[:, None], qmax[:, None], kmin[None, :], kmax[None, :],
+            heads=heads, num_heads=num_heads, seq_len=seq_len,
+        )
+        if res is not None:
+            return res.to(torch.int8)
+        d = self.dense(q_pos, k_pos, heads=heads, num_heads=num_heads, seq_len=seq_len)
+        return _reduce_tiles(d, block_q, block_k)
+
+    def classify(
+        self,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        *,
+        heads: torch.Tensor | None = None,
+        num_heads: int = 1,
+        seq_len: int | None = None,
+    ) -> torch.Tensor:
+        """Whole-block classification per head, ``int8 [Hm]``."""
+        q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
+        if q_pos.numel() == 0 or k_pos.numel() == 0:
+            return torch.full((1,), EMPTY, dtype=torch.int8)
+        bm = self.block_map(
+            q_pos, k_pos, block_q=max(1, q_pos.numel()), block_k=max(1, k_pos.numel()),
+            heads=heads, num_heads=num_heads, seq_len=seq_len,
+        )
+        return bm[:, 0, 0]
+
+    # --- context and algebra -----------------------------------------------------------------
+    def at(self, *, step: int = 0, layer: int = 0) -> "Mask":
+        """This mask for a given training step and layer (only random masks depend on them)."""
+        return self
+
+    def __and__(self, other: "Mask") -> "Mask":
+        return _And(self, other)
+
+    def __or__(self, other: "Mask") -> "Mask":
+        return _Or(self, other)
+
+    def place(
+        self,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        *,
+        seq_len: int,
+        heads: torch.Tensor | None = None,
+        num_heads: int | None = None,
+    ) -> "PlacedMask":
+        """Bind this mask to concrete global positions (what local backends receive)."""
+        return PlacedMask(self, _as_pos(q_pos), _as_pos(k_pos), seq_len, heads, num_heads)
+
+
+@dataclass(frozen=True)
+class PlacedMask:
+    """A mask bound to the global positions of local queries and keys.
+
+    ``heads`` are the global indices of the local query heads (None: all ``num_heads``), which is
+    what lets per-head masks work after Ulysses splits heads across ranks.
+    """
+
+    mask: Mask
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    seq_len: int
+    heads: torch.Tensor | None = None
+    num_heads: int | None = None
+
+    def _heads(self, local_heads: int) -> tuple[torch.Tensor, int]:
+        heads = torch.arange(local_heads) if self.heads is None else _as_pos(self.heads)
+        return heads, (self.num_heads if self.num_heads is not None else int(heads.max()) + 1)
+
+    def dense(self, local_heads: int) -> torch.Tensor:
+        heads, nh = self._heads(local_heads)
+        return self.mask.dense(self.q_pos, self.k_pos, heads=heads, num_heads=nh, seq_len=self.seq_len)
+
+    def block_map(self, local_heads: int, block_q: int, block_k: int) -> torch.Tensor:
+        heads, nh = self._heads(local_heads)
+        return self.mask.block_map(
+            self.q_pos, self.k_pos, block_q=block_q, block_k=block_k, heads=heads, num_heads=nh,
+            seq_len=self.seq_len,
+        )
+
+    def classify(self, local_heads: int) -> torch.Tensor:
+        heads, nh = self._heads(local_heads)
+        return self.mask.classify(self.q_pos, self.k_pos, heads=heads, num_heads=nh, seq_len=self.seq_len)
+
+    @property
+    def is_causal(self) -> bool:
+        return self.mask.is_causal
+
+    def slice(self, q_index: slice | torch.Tensor | None = None, k_index: slice | torch.Tensor | None = None
+              ) -> "PlacedMask":
+        """The same mask on a subset of the local queries / keys."""
+        q = self.q_pos if q_index is None else self.q_pos[q_index]
+        k = self.k_pos if k_index is None else self.k_pos[k_index]
+        return PlacedMask(self.mask, q, k, self.seq_len, self.heads, self.num_heads)
+
+
+def place(
+    mask: Mask | PlacedMask | None, sq: int, sk: int, *, seq_len: int | None = None,
+    num_heads: int | None = None,
+) -> PlacedMask | None:
+    """Normalise a backend's ``mask`` argument.
+
+    A plain :class:`Mask` on local tensors is placed with keys at 0..Sk-1 and queries aligned to
+    the end of the keys (bottom-right, the convention for a query suffix such as decoding).
+    """
+    if mask is None or isinstance(mask, PlacedMask):
+        return mask
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be a longreach.kernels.masks.Mask, a PlacedMask or None, got {type(mask)!r}")
+    seq_len = sk if seq_len is None else seq_len
+    return mask.place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=seq_len, num_heads=num_heads)
+
+
+def _default_seq_len(seq_len: int | None, q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
+    if seq_len is not None:
+        return int(seq_len)
+    hi = 0
+    if q_pos.numel():
+        hi = max(hi, int(q_pos.max()) + 1)
+    if k_pos.numel():
+        hi = max(hi, int(k_pos.max()) + 1)
+    return hi
+
+
+def _tile_bounds(pos: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = pos.numel()
+    nt = (n + block - 1) // block
+    pad = nt * block - n
+    if pad:
+        lo = torch.cat([pos, pos[-1:].expand(pad)])
+    else:
+        lo = pos
+    tiles = lo.view(nt, block)
+    return tiles.min(dim=1).values, tiles.max(dim=1).values
+
+
+def _reduce_tiles(d: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """Dense bool [Hm, Sq, Sk] -> int8 [Hm, nQ, nK] tile classification (exact)."""
+    hm, sq, sk = d.shape
+    nq, nk = (sq + block_q - 1) // block_q, (sk + block_k - 1) // block_k
+    x = torch.zeros(hm, nq * block_q, nk * block_k, dtype=torch.int32)
+    valid = torch.zeros_like(x)
+    x[:, :sq, :sk] = d.to(torch.int32)
+    valid[:, :sq, :sk] = 1
+    x = x.view(hm, nq, block_q, nk, block_k).sum(dim=(2, 4))
+    n = valid.view(hm, nq, block_q, nk, block_k).sum(dim=(2, 4))
+    out = torch.full((hm, nq, nk), PARTIAL, dtype=torch.int8)
+    out[x == 0] = EMPTY
+    out[(x == n) & (n > 0)] = FULL
+    return out
+
+
+def _exact_block_map(mask: Mask, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
+    q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
+    heads = torch.arange(num_heads) if heads is None else _as_pos(heads)
+    d = mask.dense(q_pos, k_pos, heads=heads, num_heads=num_heads, seq_len=_default_seq_len(seq_len, q_pos, k_pos))
+    return _reduce_tiles(d, block_q, block_k)
+
+
+def _full_tiles(qmin: torch.Tensor, kmin: torch.Tensor, value: int) -> torch.Tensor:
+    return torch.full((1, qmin.shape[0], kmin.shape[1]), value, dtype=torch.int8)
+
+
+def _where3(empty: torch.Tensor, full_: torch.Tensor) -> torch.Tensor:
+    out = torch.full(torch.broadcast_shapes(empty.shape, full_.shape), PARTIAL, dtype=torch.int8)
+    out = torch.where(full_, torch.tensor(FULL, dtype=torch.int8), out)
+    out = torch.where(empty, torch.tensor(EMPTY, dtype=torch.int8), out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Elementary masks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Full(Mask):
+    """Every pair allowed (non-causal)."""
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        return torch.ones(1, _as_pos(q_pos).numel(), _as_pos(k_pos).numel(), dtype=torch.bool)
+
+    def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
+        return _full_tiles(qmin, kmin, FULL)
+
+
+@dataclass(frozen=True)
+class _Causal(Mask):
+    is_causal = True
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        q, k = _as_pos(q_pos), _as_pos(k_pos)
+        return (k[None, :] <= q[:, None])[None]
+
+    def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
+        return _where3(qmax < kmin, qmin >= kmax)[None]
+
+
+@dataclass(frozen=True)
+class _SlidingWindow(Mask):
+    window: int
+    is_causal = True
+
+    def __post_init__(self):
+        if int(self.window) < 1:
+            raise ValueError(f"sliding_window: window must be >= 1, got {self.window}")
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        q, k = _as_pos(q_pos), _as_pos(k_pos)
+        diff = q[:, None] - k[None, :]
+        return ((diff >= 0) & (diff < self.window))[None]
+
+    def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
+        max_diff, min_diff = qmax - kmin, qmin - kmax
+        return _where3((max_diff < 0) | (min_diff >= self.window), (min_diff >= 0) & (max_diff < self.window))[None]
+
+
+@dataclass(frozen=True)
+class _Sinks(Mask):
+    n: int
+    is_causal = True
+
+    def __post_init__(self):
+        if int(self.n) < 0:
+            raise ValueError(f"sinks: n must be >= 0, got {self.n}")
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        q, k = _as_pos(q_pos), _as_pos(k_pos)
+        return ((k[None, :] < self.n) & (k[None, :] <= q[:, None]))[None]
+
+    def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
+        return _where3((kmin >= self.n) | (qmax < kmin), (kmax < self.n) & (qmin >= kmax))[None]
+
+
+@dataclass(frozen=True, eq=False)
+class _Documents(Mask):
+    """Causal attention inside each packed document; ``cu_seqlens`` are global offsets."""
+
+    cu_seqlens: torch.Tensor
+    is_causal = True
+
+    def __post_init__(self):
+        cu = _as_pos(self.cu_seqlens)
+        if cu.numel() < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                "documents: cu_seqlens must start at 0 and be non-decreasing, "
+                f"got {cu.tolist()[:8]}{'…' if cu.numel() > 8 else ''}"
+            )
+        object.__setattr__(self, "cu_seqlens", cu)
+
+    def doc_ids(self, pos: torch.Tensor) -> torch.Tensor:
+        # position p belongs to document d with cu[d] <= p < cu[d+1]
+        return torch.searchsorted(self.cu_seqlens, _as_pos(pos), right=True) - 1
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        q, k = _as_pos(q_pos), _as_pos(k_pos)
+        dq, dk = self.doc_ids(q), self.doc_ids(k)
+        return ((dq[:, None] == dk[None, :]) & (k[None, :] <= q[:, None]))[None]
+
+    def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
+        d_qmin, d_qmax = self.doc_ids(qmin.reshape(-1)).view_as(qmin), self.doc_ids(qmax.reshape(-1)).view_as(qmax)
+        d_kmin, d_kmax = self.doc_ids(kmin.reshape(-1)).view_as(kmin), self.doc_ids(kmax.reshape(-1)).view_as(kmax)
+        empty = (qmax < kmin) | (d_kmax < d_qmin) | (d_kmin > d_qmax)
+        one_doc = (d_qmin == d_qmax) & (d_kmin == d_kmax) & (d_qmin == d_kmin)
+        return _where3(empty, one_doc & (qmin >= kmax))[None]
+
+
+@dataclass(frozen=True, eq=False)
+class _And(Mask):
+    a: Mask
+    b: Mask
+
+    @property
+    def is_causal(self) -> bool:  # type: ignore[override]
+        return self.a.is_causal or self.b.is_causal
+
+    @property
+    def per_head(self) -> bool:  # type: ignore[override]
+        return self.a.per_head or self.b.per_head
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        kw = dict(heads=heads, num_heads=num_heads, seq_len=seq_len)
+        return self.a.dense(q_pos, k_pos, **kw) & self.b.dense(q_pos, k_pos, **kw)
+
+    def _classify_ranges(self, qmin, qmax, kmin, kmax, **kw):
+        ra = self.a._classify_ranges(qmin, qmax, kmin, kmax, **kw)
+        rb = self.b._classify_ranges(qmin, qmax, kmin, kmax, **kw)
+        if ra is None or rb is None:
+            return None
+        return torch.minimum(ra, rb)
+
+    def block_map(self, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
+        kw = dict(block_q=block_q, block_k=block_k, heads=heads, num_heads=num_heads, seq_len=seq_len)
+        ra, rb = self.a.block_map(q_pos, k_pos, **kw), self.b.block_map(q_pos, k_pos, **kw)
+        res = torch.minimum(ra, rb)
+        # Two PARTIAL halves may still be exactly EMPTY or FULL: settle those tiles densely.
+        both_partial = (ra == PARTIAL) & (rb == PARTIAL)
+        if bool(both_partial.any()):
+            exact = _exact_block_map(self, q_pos, k_pos, **kw)
+            res = torch.where(both_partial, exact, res)
+        return res
+
+    def at(self, *, step=0, layer=0):
+        return _And(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
+
+
+@dataclass(frozen=True, eq=False)
+class _Or(Mask):
+    a: Mask
+    b: Mask
+
+    @property
+    def is_causal(self) -> bool:  # type: ignore[override]
+        return self.a.is_causal and self.b.is_causal
+
+    @property
+    def per_head(self) -> bool:  # type: ignore[override]
+        return self.a.per_head or self.b.per_head
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        kw = dict(heads=heads, num_heads=num_heads, seq_len=seq_len)
+        return self.a.dense(q_pos, k_pos, **kw) | self.b.dense(q_pos, k_pos, **kw)
+
+    def _classify_ranges(self, qmin, qmax, kmin, kmax, **kw):
+        ra = self.a._classify_ranges(qmin, qmax, kmin, kmax, **kw)
+        rb = self.b._classify_ranges(qmin, qmax, kmin, kmax, **kw)
+        if ra is None or rb is None:
+            return None
+        return torch.maximum(ra, rb)
+
+    def block_map(self, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
+        kw = dict(block_q=block_q, block_k=block_k, heads=heads, num_heads=num_heads, seq_len=seq_len)
+        ra, rb = self.a.block_map(q_pos, k_pos, **kw), self.b.block_map(q_pos, k_pos, **kw)
+        res = torch.maximum(ra, rb)
+        both_partial = (ra == PARTIAL) & (rb == PARTIAL)
+        if bool(both_partial.any()):
+            exact = _exact_block_map(self, q_pos, k_pos, **kw)
+            res = torch.where(both_partial, exact, res)
+        return res
+
+    def at(self, *, step=0, layer=0):
+        return _Or(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
+
+
+# --------------------------------------------------------------------------------------------
+# Factories (public)
+# --------------------------------------------------------------------------------------------
+
+
+def full() -> Mask:
+    """Every query attends every key (non-causal)."""
+    return _Full()
+
+
+def causal() -> Mask:
+    """Key j visible to query i iff j ≤ i."""
+    return _Causal()
+
+
+def sliding_window(w: int) -> Mask:
+    """Causal sliding window: key j visible to query i iff 0 ≤ i−j < w."""
+    return _SlidingWindow(int(w))
+
+
+def sinks(n: int) -> Mask:
+    """The first ``n`` tokens, visible to every query at or after them (j < n and j ≤ i)."""
+    return _Sinks(int(n))
+
+
+def documents(cu_seqlens: torch.Tensor | Sequence[int]) -> Mask:
+    """Causal attention within packed documents; ``cu_seqlens`` are the global document offsets."""
+    return _Documents(_as_pos(cu_seqlens))
+
+
+def power(block: int) -> Mask:
+    """PowerAttention: key block j visible to query block i iff i−j ∈ {0} ∪ {2^k} (causal)."""
+    from ._patterns import power as _power
+
+    return _power(block)
+
+
+def s2(group_size: int, variant: str = "varlen") -> Mask:
+    """LongLoRA shifted sparse attention (per head); see :mod:`longreach.kernels._patterns`."""
+    from ._patterns import s2 as _s2
+
+    return _s2(group_size, variant)
+
+
+def sf(group_size: int, sinks: int = 4) -> Mask:
+    """SinkLoRA SF-Attn: shifted groups without wrap-around plus global sink tokens (causal)."""
+    from ._patterns import sf as _sf
+
+    return _sf(group_size, sinks)
+
+
+def ssa(ratio: float, *, window: int, block: int, seed: int, bias: str = "local") -> Mask:
+    """Stochastically subsampled attention (per head, per step, per layer)."""
+    from ._patterns import ssa as _ssa
+
+    return _ssa(ratio, window=window, block=block, seed=seed, bias=bias)

@@ -1,0 +1,6 @@
+"""longreach.parallel — everything that crosses ranks: mesh, layouts, context parallelism, LASP, EP."""
+if __name__ != "longreach.parallel":  # pragma: no cover
+    raise ImportError(
+        f"longreach's parallel folder was imported as {__name__!r}; import it as 'longreach.parallel' "
+        "(set PYTHONSAFEPATH=1 or run from outside the repository root)"
+    )
