@@ -23,7 +23,9 @@ __all__ = ["attention", "available_backends", "get_backend", "masks", "merge_att
 def __getattr__(name: str):
     # lightning attention lives in its own folder and is loaded on first use
     if name == "lightning_attention":
-        from .lightning import lightning_attention
-
+        try:
+            from .lightning import lightning_attention
+        except ModuleNotFoundError as e:  # pragma: no cover - while the folder is absent
+            raise AttributeError(name) from e
         return lightning_attention
     raise AttributeError(f"module 'longreach.kernels' has no attribute {name!r}")

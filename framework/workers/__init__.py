@@ -1,0 +1,1 @@
+"""Functions that spawned test and benchmark ranks run (importable, never defined in test files)."""
