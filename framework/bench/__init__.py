@@ -1,0 +1,1 @@
+"""Benchmarks, reports and the cluster planner (longreach bench|report|plan)."""
