@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import sys
 import time
@@ -53,7 +54,9 @@ def _rank_main(fn, rank, world_size, port, args, kwargs, results, threads, env) 
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=120))
         out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, "ok", out))
+        # Plain pickle stores tensors by value. The queue's own pickler would send them as shared
+        # memory handles, which die with this process when it leaves through os._exit.
+        results.put((rank, "ok", pickle.dumps(out)))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report every failure to the parent
@@ -120,7 +123,7 @@ def run_ranks(
                 else:
                     continue
             if status == "ok":
-                got[rank] = payload
+                got[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 # collect the other ranks' reports briefly: the root cause is often another rank's

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .masks import Mask, PlacedMask
+from .masks import Mask, PlacedMask, _Causal
 
 # name -> (module path, predicate(device) telling whether the backend can run here)
 _BACKENDS: dict[str, tuple[str, Callable[[torch.device], bool]]] = {}
@@ -54,11 +54,20 @@ def get_backend(name: str) -> ModuleType:
 
 
 def resolve_backend(name: str, q: torch.Tensor, mask: Mask | PlacedMask | None) -> str:
-    """Pick the backend for ``auto``: the fastest correct one for device, dtype and mask."""
+    """Pick the backend for ``auto``: the fastest correct one for device, dtype and mask.
+
+    CPU: ``cpu`` (one flash call) for no mask, plain causal masks and short sequences, else
+    ``cpu_sparse`` (skips empty tiles). CUDA: ``reference`` for float64, ``flash`` for unmasked
+    fp16/bf16 when installed, else ``triton`` (block-sparse; ``flex`` is opt-in because its
+    compiled kernel specialises on each mask).
+    """
     if name != "auto":
         get_backend(name)
         return name
+    inner = mask.mask if isinstance(mask, PlacedMask) else mask
     if q.device.type == "cuda":
+        if q.dtype == torch.float64:
+            return "reference"
         try:
             get_backend("flash")
             if q.dtype in (torch.float16, torch.bfloat16) and mask is None:
@@ -66,7 +75,7 @@ def resolve_backend(name: str, q: torch.Tensor, mask: Mask | PlacedMask | None) 
         except ImportError:
             pass
         return "triton"
-    if mask is None:
+    if inner is None or isinstance(inner, _Causal) or q.shape[1] <= 256:
         return "cpu"
     try:
         get_backend("cpu_sparse")

@@ -269,6 +269,29 @@ def _exact_block_map(mask: Mask, q_pos, k_pos, *, block_q, block_k, heads=None, 
     return _reduce_tiles(d, block_q, block_k)
 
 
+def _settle_tiles(mask: Mask, res: torch.Tensor, todo: torch.Tensor, q_pos, k_pos, *, block_q, block_k,
+                  heads=None, num_heads=1, seq_len=None) -> torch.Tensor:
+    """Replace the tiles flagged in ``todo [Hm, nQ, nK]`` by their exact class, evaluating the dense
+    pattern only on those tiles (one ``dense`` call per query-tile row), never on the whole block."""
+    q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
+    heads = torch.arange(num_heads) if heads is None else _as_pos(heads)
+    seq_len = _default_seq_len(seq_len, q_pos, k_pos)
+    res = res.expand(todo.shape).clone()
+    any_head = todo.any(dim=0)  # [nQ, nK]
+    for qt in any_head.any(dim=1).nonzero().reshape(-1).tolist():
+        kts = any_head[qt].nonzero().reshape(-1).tolist()
+        qp = q_pos[qt * block_q:(qt + 1) * block_q]
+        kidx = torch.cat([torch.arange(t * block_k, min(k_pos.numel(), (t + 1) * block_k)) for t in kts])
+        d = mask.dense(qp, k_pos[kidx], heads=heads, num_heads=num_heads, seq_len=seq_len)  # [Hd, bq, n]
+        for t in kts:
+            tile = d[:, :, (kidx >= t * block_k) & (kidx < (t + 1) * block_k)].flatten(1)  # [Hd, bq*bk]
+            cls = torch.full((d.shape[0],), PARTIAL, dtype=torch.int8)
+            cls[~tile.any(1)] = EMPTY
+            cls[tile.all(1)] = FULL
+            res[:, qt, t] = torch.where(todo[:, qt, t], cls.expand(res.shape[0]), res[:, qt, t])
+    return res
+
+
 def _full_tiles(qmin: torch.Tensor, kmin: torch.Tensor, value: int) -> torch.Tensor:
     return torch.full((1, qmin.shape[0], kmin.shape[1]), value, dtype=torch.int8)
 
@@ -408,8 +431,7 @@ class _And(Mask):
         # Two PARTIAL halves may still be exactly EMPTY or FULL: settle those tiles densely.
         both_partial = (ra == PARTIAL) & (rb == PARTIAL)
         if bool(both_partial.any()):
-            exact = _exact_block_map(self, q_pos, k_pos, **kw)
-            res = torch.where(both_partial, exact, res)
+            res = _settle_tiles(self, res, both_partial, q_pos, k_pos, **kw)
         return res
 
     def at(self, *, step=0, layer=0):
@@ -446,8 +468,7 @@ class _Or(Mask):
         res = torch.maximum(ra, rb)
         both_partial = (ra == PARTIAL) & (rb == PARTIAL)
         if bool(both_partial.any()):
-            exact = _exact_block_map(self, q_pos, k_pos, **kw)
-            res = torch.where(both_partial, exact, res)
+            res = _settle_tiles(self, res, both_partial, q_pos, k_pos, **kw)
         return res
 
     def at(self, *, step=0, layer=0):

@@ -1,0 +1,480 @@
+"""Analytic cost model of context-parallel attention and of a whole training step, and its calibration.
+
+Conventions (the same ones ``longreach bench sweep`` measures with):
+
+* **Attention FLOPs.** Forward = ``4 · B · S² · H · D · density`` (two matmuls, QKᵀ and PV, of
+  ``2·S²·H·D`` FLOPs each, scaled by the share of (query, key) pairs the mask allows; H counts query
+  heads, so GQA does not reduce it). Backward = ``2.5 ×`` forward (FlashAttention's convention: it
+  recomputes QKᵀ, so five matmuls against the forward's two); forward+backward = ``3.5 ×`` forward.
+* **Dense FLOPs.** ``2 ×`` the matmul parameters per token forward (q/k/v/o projections, gated or plain
+  FFN, LM head), ``×3`` for forward+backward, plus one more forward per layer with activation
+  checkpointing (recompute).
+* **Communication.** A message of ``b`` bytes on a link costs ``latency + b / (bandwidth · efficiency)``.
+  A group of ranks that fits in one node (ranks are packed node by node) uses the intra-node link;
+  a wider group crosses the inter-node network. Strided groups (hybrid's ring) span ``size × stride``
+  ranks. Collectives over N ranks spread over nodes are taken as hierarchical: the intra-node phase
+  moves ``(g−1)/g`` of the buffer over NVLink, the inter-node phase ``(nodes−1)/nodes`` of a 1/g slice
+  over each GPU's own NIC.
+* **Overlap.** Ring steps overlap the next K/V transfer with the current block:
+  ``step = max(c, m) + (1 − overlap) · min(c, m)``. Ulysses' all-to-alls sit between the projections
+  and the kernel and do not overlap. All-gather overlaps its single gather with the local diagonal
+  block only (what ``longreach.parallel.cp.allgather`` does); its backward re-gathers and
+  reduce-scatters. LASP-2 all-gathers one d×e state per head and layer (not overlapped, tiny).
+* **Balance.** Causal work per rank: contiguous layout puts ``(2P−1)/P²`` of the work on the last rank
+  (ring steps are synchronous, so the step time follows the busiest rank); zigzag and stripe give
+  every rank ``1/P``. Non-causal masks (windows, documents, full) are taken as balanced.
+
+Everything here is plain arithmetic on floats (no torch), so ``longreach plan`` answers in milliseconds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .hardware import DeviceProfile
+
+__all__ = [
+    "ATTN_BWD_FACTOR",
+    "AttentionCost",
+    "MODELS",
+    "ModelShape",
+    "StepCost",
+    "attention_cost",
+    "attention_flops",
+    "causal_density",
+    "collective_time",
+    "step_cost",
+]
+
+ATTN_BWD_FACTOR = 2.5
+"""Backward attention FLOPs per forward FLOP (FlashAttention's count); fwd+bwd = 1 + this."""
+
+SOFTMAX_STRATEGIES = ("none", "ring", "ulysses", "hybrid", "allgather")
+LINEAR_STRATEGIES = ("none", "lasp2")
+
+
+def causal_density(seq_len: int) -> float:
+    """Share of the S×S pairs a causal mask allows: (S+1)/(2S)."""
+    return (seq_len + 1) / (2 * seq_len)
+
+
+def attention_flops(*, batch: int, seq_len: int, heads: int, head_dim: int, density: float) -> float:
+    """Forward softmax-attention FLOPs of one layer: ``4·B·S²·H·D·density``."""
+    return 4.0 * batch * seq_len * seq_len * heads * head_dim * density
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelShape:
+    name: str = "custom"
+    """Label printed in plans."""
+    layers: int
+    """Transformer blocks."""
+    hidden: int
+    """Model width."""
+    heads: int
+    """Query heads."""
+    kv_heads: int | None = None
+    """Key/value heads (GQA); None = ``heads``."""
+    head_dim: int | None = None
+    """Per-head width; None = ``hidden // heads``."""
+    ffn: int
+    """FFN inner width."""
+    vocab: int
+    """Vocabulary size."""
+    gated_ffn: bool = True
+    """SwiGLU/SGLU (three FFN matrices) rather than two."""
+    attention: str = field(default="softmax", metadata={"choices": ("softmax", "linear")})
+    """``softmax`` (ring/Ulysses/hybrid/all-gather) or ``linear`` (lightning attention, LASP-2)."""
+    tied_embeddings: bool = False
+    """Input embedding shared with the LM head."""
+
+    def __post_init__(self) -> None:
+        if self.kv_heads is None:
+            self.kv_heads = self.heads
+        if self.head_dim is None:
+            if self.hidden % self.heads:
+                raise ValueError(f"model.hidden ({self.hidden}) must divide by model.heads ({self.heads}) "
+                                 "or give model.head_dim")
+            self.head_dim = self.hidden // self.heads
+        for f in ("layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"model.{f} must be >= 1, got {getattr(self, f)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"model.heads ({self.heads}) must be a multiple of model.kv_heads ({self.kv_heads})")
+        if self.attention not in ("softmax", "linear"):
+            raise ValueError(f"model.attention must be 'softmax' or 'linear', got {self.attention!r}")
+
+    def layer_matmul_params(self) -> int:
+        """Matmul parameters of one block (projections and FFN; norms are negligible)."""
+        h, d = self.hidden, self.head_dim
+        attn = h * (self.heads * d + 2 * self.kv_heads * d) + self.heads * d * h  # type: ignore[operator]
+        if self.attention == "linear":  # TNL token mixer: q, k, v, u and the output projection
+            attn = 4 * h * self.heads * d + self.heads * d * h  # type: ignore[operator]
+        return attn + (3 if self.gated_ffn else 2) * h * self.ffn
+
+    def params(self) -> int:
+        """All parameters (blocks, embedding, LM head)."""
+        emb = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.layers * (self.layer_matmul_params() + 2 * self.hidden) + emb + self.hidden
+
+    def dense_flops_per_token(self) -> float:
+        """Forward matmul FLOPs per token over all blocks plus the LM head (attention scores excluded)."""
+        return 2.0 * (self.layers * self.layer_matmul_params() + self.vocab * self.hidden)
+
+    def activation_bytes_per_token(self, dtype_bytes: int = 2) -> float:
+        """Bytes one block keeps for backward per token without checkpointing (flash attention: no S² scores).
+
+        Saved: both norm inputs and outputs (4h), q/k/v (h + 2·kv·d), attention output (h) and its fp32
+        lse per head, FFN gate/up outputs and the activation product (3·ffn; 2·ffn without gating),
+        the down-projection input counted with them.
+        """
+        h, ffn = self.hidden, self.ffn
+        kv = self.kv_heads * self.head_dim  # type: ignore[operator]
+        elems = 4 * h + (self.heads * self.head_dim + 2 * kv) + h + (3 if self.gated_ffn else 2) * ffn  # type: ignore[operator]
+        return elems * dtype_bytes + 4 * self.heads
+
+
+MODELS: dict[str, ModelShape] = {
+    "llama2_7b": ModelShape(name="Llama-2-7B", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000),
+    "llama2_13b": ModelShape(name="Llama-2-13B", layers=40, hidden=5120, heads=40, kv_heads=40, ffn=13824,
+                             vocab=32000),
+    "llama2_70b": ModelShape(name="Llama-2-70B", layers=80, hidden=8192, heads=64, kv_heads=8, ffn=28672,
+                             vocab=32000),
+    "llama3_8b": ModelShape(name="Llama-3-8B", layers=32, hidden=4096, heads=32, kv_heads=8, ffn=14336,
+                            vocab=128256),
+    "tnl_7b": ModelShape(name="TransNormerLLM-7B", layers=30, hidden=4096, heads=32, ffn=11008, vocab=64000,
+                         attention="linear"),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# links
+# ------------------------------------------------------------------------------------------------
+def _link(profile: DeviceProfile, span: int) -> tuple[float, float]:
+    """(bandwidth bytes/s, latency s) of a group whose members span ``span`` consecutive ranks."""
+    if span <= profile.gpus_per_node:
+        return profile.intra_bw * profile.link_efficiency, profile.latency_intra
+    return profile.inter_bw * profile.link_efficiency, profile.latency_inter
+
+
+def _msg(profile: DeviceProfile, nbytes: float, span: int) -> float:
+    bw, lat = _link(profile, span)
+    return lat + nbytes / bw
+
+
+def _all_to_all(profile: DeviceProfile, nbytes_local: float, size: int) -> float:
+    """Even all-to-all of a rank's ``nbytes_local`` over ``size`` consecutive ranks (one call)."""
+    if size <= 1:
+        return 0.0
+    g = profile.gpus_per_node
+    sent = nbytes_local * (size - 1) / size
+    if size <= g:
+        return profile.latency_intra + sent / (profile.intra_bw * profile.link_efficiency)
+    # peers outside this rank's node receive (size − g)/(size − 1) of what it sends, over its own NIC
+    inter = sent * (size - g) / (size - 1)
+    intra = sent - inter
+    return profile.latency_inter + max(intra / (profile.intra_bw * profile.link_efficiency),
+                                       inter / (profile.inter_bw * profile.link_efficiency))
+
+
+def collective_time(profile: DeviceProfile, nbytes: float, size: int, *, latency_steps: int | None = None) -> float:
+    """Reduce-scatter or all-gather of a ``nbytes`` buffer over ``size`` ranks packed by node (hierarchical)."""
+    if size <= 1:
+        return 0.0
+    g = min(size, profile.gpus_per_node)
+    nodes = math.ceil(size / profile.gpus_per_node)
+    t = (g - 1) / g * nbytes / (profile.intra_bw * profile.link_efficiency)
+    t += (nodes - 1) / nodes * nbytes / g / (profile.inter_bw * profile.link_efficiency) if nodes > 1 else 0.0
+    steps = latency_steps if latency_steps is not None else (g - 1) + (nodes - 1)
+    return t + steps * (profile.latency_inter if nodes > 1 else profile.latency_intra)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True, slots=True)
+class AttentionCost:
+    """Predicted cost of one context-parallel attention call (one layer), max over ranks."""
+
+    fwd_s: float
+    """Forward seconds."""
+    bwd_s: float
+    """Backward seconds."""
+    compute_fwd_s: float
+    """Forward kernel seconds on the busiest rank (no communication)."""
+    comm_fwd_s: float
+    """Forward communication seconds if nothing overlapped."""
+    bytes_fwd: float
+    """Bytes sent per rank in the forward."""
+    bytes_bwd: float
+    """Bytes sent per rank in the backward."""
+    imbalance: float
+    """Busiest rank's attention work over the mean."""
+    buffer_bytes: float
+    """Transient communication buffers per rank for one layer (forward+backward peak)."""
+
+
+def _busiest_share(layout: str, size: int, causal: bool) -> float:
+    """Share of the total attention work on the busiest of ``size`` ranks."""
+    if size <= 1:
+        return 1.0
+    if causal and layout == "contiguous":
+        return (2 * size - 1) / size ** 2
+    return 1.0 / size
+
+
+def _ring(c_first: float, c_step: float, m: float, steps: int, overlap: float) -> float:
+    step = max(c_step, m) + (1.0 - overlap) * min(c_step, m)
+    return c_first + steps * step
+
+
+def attention_cost(
+    *,
+    strategy: str,
+    layout: str,
+    world: int,
+    seq_len: int,
+    batch: int = 1,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    density: float | None = None,
+    causal: bool = True,
+    dtype_bytes: int = 2,
+    profile: DeviceProfile,
+    ulysses_degree: int | None = None,
+    linear: bool = False,
+) -> AttentionCost:
+    """Predict one attention layer under context parallelism (forward and backward).
+
+    Args:
+        strategy: ``none`` (one rank), ``ring``, ``ulysses``, ``hybrid``, ``allgather`` or ``lasp2``.
+        layout: ``contiguous``, ``zigzag`` or ``stripe`` (decides the causal balance).
+        world: context-parallel ranks P.
+        seq_len, batch, heads, kv_heads, head_dim: the global attention shape ``[B, S, H, D]``.
+        density: allowed share of the S×S pairs (None: causal density if ``causal`` else 1).
+        causal: the mask is causal-shaped (triangle), which makes contiguous layouts unbalanced.
+        dtype_bytes: element size of q/k/v.
+        profile: device profile (FLOP/s, links, overlap).
+        ulysses_degree: hybrid's Ulysses group size U (ring over P/U).
+        linear: lightning (linear) attention instead of softmax (use with ``lasp2`` or ``none``).
+
+    Returns:
+        :class:`AttentionCost` (seconds, bytes and balance; max over ranks).
+    """
+    p, s, b, h, hkv, d = world, seq_len, batch, heads, kv_heads, head_dim
+    if p < 1 or s < 1:
+        raise ValueError(f"attention_cost: world ({p}) and seq_len ({s}) must be >= 1")
+    if density is None:
+        density = causal_density(s) if causal else 1.0
+    f_fwd = profile.kernel_flops
+    f_bwd = f_fwd * profile.bwd_efficiency
+    ov = profile.call_overhead
+    n = s // p
+    q_bytes = b * n * h * d * dtype_bytes
+    kv_bytes = 2 * b * n * hkv * d * dtype_bytes  # local K and V
+    out_bytes = q_bytes
+
+    if linear or strategy == "lasp2":
+        # lightning attention, blocks of 64: intra-block (masked) scores ≈ 64·(D+E) FLOPs per token and
+        # head, inter-block q·KV and the KV update 4·D·E
+        flops = b * s * h * (64 * 2 * d + 4 * d * d)
+        c = flops / p / f_fwd + ov
+        state = b * h * d * d * 4  # fp32 state per head
+        comm = (p - 1) * _msg(profile, state, p) if p > 1 else 0.0
+        return AttentionCost(fwd_s=c + comm, bwd_s=2 * c / profile.bwd_efficiency + comm, compute_fwd_s=c,
+                             comm_fwd_s=comm, bytes_fwd=(p - 1) * state, bytes_bwd=(p - 1) * state, imbalance=1.0,
+                             buffer_bytes=p * state * 2)
+
+    total = attention_flops(batch=b, seq_len=s, heads=h, head_dim=d, density=density)
+    share = _busiest_share(layout, p, causal)
+    imbalance = share * p
+    if strategy == "none" or p == 1:
+        c = total / f_fwd + ov
+        cb = ATTN_BWD_FACTOR * total / f_bwd + ov
+        return AttentionCost(fwd_s=c, bwd_s=cb, compute_fwd_s=c, comm_fwd_s=0.0, bytes_fwd=0.0, bytes_bwd=0.0,
+                             imbalance=1.0, buffer_bytes=0.0)
+
+    if strategy == "ring":
+        w_first = total / p ** 2  # each rank's diagonal block
+        w_step = (share * total - w_first) / (p - 1)
+        m = _msg(profile, kv_bytes, p)
+        mb = _msg(profile, 2 * kv_bytes, p)  # K/V and dK/dV travel together in the backward
+        fwd = _ring(w_first / f_fwd + ov, w_step / f_fwd + ov, m, p - 1, profile.overlap)
+        bwd = _ring(ATTN_BWD_FACTOR * w_first / f_bwd + ov, ATTN_BWD_FACTOR * w_step / f_bwd + ov, mb, p - 1,
+                    profile.overlap) + _msg(profile, kv_bytes, p)  # dK/dV's last hop home
+        return AttentionCost(fwd_s=fwd, bwd_s=bwd, compute_fwd_s=share * total / f_fwd + p * ov,
+                             comm_fwd_s=(p - 1) * m, bytes_fwd=(p - 1) * kv_bytes, bytes_bwd=(p - 1) * 2 * kv_bytes + kv_bytes,
+                             imbalance=imbalance, buffer_bytes=2 * kv_bytes + 2 * kv_bytes * max(1, 4 // dtype_bytes))
+
+    if strategy in ("ulysses", "hybrid"):
+        u = p if strategy == "ulysses" else int(ulysses_degree or 0)
+        if u < 1 or p % u:
+            raise ValueError(f"attention_cost: hybrid needs ulysses_degree dividing {p}, got {ulysses_degree}")
+        r = p // u
+        rep = u / hkv if u > hkv else 1.0
+        a2a_q = _all_to_all(profile, q_bytes, u)
+        a2a_kv = _all_to_all(profile, kv_bytes / 2 * rep, u)
+        a2a = a2a_q + 2 * a2a_kv + a2a_q  # q, k, v in; out back
+        bytes_a2a = (u - 1) / u * (q_bytes + rep * kv_bytes + out_bytes) if u > 1 else 0.0
+        if r == 1:
+            c = total / p / f_fwd + ov
+            cb = ATTN_BWD_FACTOR * total / p / f_bwd + ov
+            fwd, bwd = a2a + c, a2a + cb
+            comm, bytes_ring, ring_buf = a2a, 0.0, 0.0
+        else:
+            # ring over R strided groups; after the all-to-all each rank holds U·n tokens × Hkv/U heads
+            rshare = _busiest_share(layout, r, causal)
+            w_first = total / u / r ** 2
+            w_step = (rshare * total / u - w_first) / (r - 1)
+            ring_kv = kv_bytes * rep
+            m = _msg(profile, ring_kv, r * u)
+            mb = _msg(profile, 2 * ring_kv, r * u)
+            fwd = a2a + _ring(w_first / f_fwd + ov, w_step / f_fwd + ov, m, r - 1, profile.overlap)
+            bwd = a2a + _ring(ATTN_BWD_FACTOR * w_first / f_bwd + ov, ATTN_BWD_FACTOR * w_step / f_bwd + ov, mb,
+                              r - 1, profile.overlap) + m
+            comm = a2a + (r - 1) * m
+            bytes_ring = (r - 1) * ring_kv
+            ring_buf = 4 * ring_kv
+            imbalance = rshare * r
+        c_fwd = total / p * imbalance / f_fwd
+        # after the all-to-all: q, k, v, out for the whole sequence on H/U heads (and their grads)
+        buf = 2 * u * (q_bytes + rep * kv_bytes + out_bytes) / u * 1.0 + ring_buf
+        return AttentionCost(fwd_s=fwd, bwd_s=bwd, compute_fwd_s=c_fwd, comm_fwd_s=comm, bytes_fwd=bytes_a2a + bytes_ring,
+                             bytes_bwd=bytes_a2a + 2 * bytes_ring, imbalance=imbalance, buffer_bytes=buf)
+
+    if strategy == "allgather":
+        gather = (p - 1) * _msg(profile, kv_bytes, p)
+        w_first = total / p ** 2
+        w_rest = share * total - w_first
+        fwd = max(w_first / f_fwd + ov, gather) + w_rest / f_fwd + (p - 1) * ov
+        bwd = gather + ATTN_BWD_FACTOR * share * total / f_bwd + p * ov + gather  # re-gather + reduce-scatter
+        return AttentionCost(fwd_s=fwd, bwd_s=bwd, compute_fwd_s=share * total / f_fwd + p * ov, comm_fwd_s=gather,
+                             bytes_fwd=(p - 1) * kv_bytes, bytes_bwd=2 * (p - 1) * kv_bytes, imbalance=imbalance,
+                             buffer_bytes=p * kv_bytes * (1 + max(1, 4 // dtype_bytes)))
+
+    raise ValueError(f"attention_cost: unknown strategy {strategy!r}; choose from "
+                     f"{', '.join(SOFTMAX_STRATEGIES + LINEAR_STRATEGIES[1:])}")
+
+
+# ------------------------------------------------------------------------------------------------
+# a whole training step
+# ------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True, slots=True)
+class StepCost:
+    """Predicted training step of ``gpus`` devices, each data-parallel replica holding one sequence."""
+
+    strategy: str
+    """Context-parallel strategy (``none`` = pure data parallelism)."""
+    layout: str
+    """Sequence layout."""
+    cp: int
+    """Context-parallel degree."""
+    ulysses_degree: int | None
+    """Hybrid/Ulysses group size."""
+    dp: int
+    """Data-parallel replicas (sequences per step)."""
+    checkpointing: bool
+    """Full activation checkpointing per block."""
+    step_s: float
+    """Seconds per optimizer step."""
+    tokens_per_s: float
+    """Tokens per second over the whole job."""
+    mfu: float | None
+    """Model FLOPs (no recompute) per second over the job's peak."""
+    memory_bytes: float
+    """Peak bytes per device."""
+    fits: bool
+    """memory_bytes ≤ the device's memory."""
+    breakdown: dict[str, float]
+    """Seconds (attention, dense, exposed comm) and bytes (states, activations, buffers) behind the totals."""
+
+    @property
+    def label(self) -> str:
+        if self.strategy == "ring":
+            return "zigzag ring" if self.layout == "zigzag" else "ring"
+        if self.strategy == "hybrid":
+            return f"hybrid U{self.ulysses_degree}×R{self.cp // (self.ulysses_degree or 1)}"
+        return self.strategy
+
+
+def _states_bytes(params: float, zero: int, shards: int, layer_params: float) -> float:
+    """Weights (bf16) + grads (bf16) + Adam (fp32 master, m, v) = 16 B/param, sharded per ZeRO stage."""
+    if zero == 0:
+        return 16 * params
+    if zero == 1:
+        return 4 * params + 12 * params / shards
+    if zero == 2:
+        return 2 * params + 14 * params / shards
+    return 16 * params / shards + 2 * 2 * layer_params  # ZeRO-3/FSDP: two gathered blocks in flight
+
+
+def step_cost(
+    model: ModelShape,
+    profile: DeviceProfile,
+    *,
+    gpus: int,
+    seq_len: int,
+    strategy: str,
+    cp: int,
+    layout: str = "zigzag",
+    ulysses_degree: int | None = None,
+    checkpointing: bool = True,
+    zero: int = 3,
+    dtype_bytes: int = 2,
+) -> StepCost:
+    """Predict one training step (forward+backward+optimizer) of ``model`` on ``gpus`` devices.
+
+    Each of the ``dp = gpus / cp`` replicas processes one sequence of ``seq_len`` tokens split over
+    ``cp`` ranks. Parameters and optimizer state are sharded over all ``gpus`` ranks by ZeRO stage
+    ``zero`` (parameters are replicated across cp, so the gradient group is dp × cp); their
+    collectives overlap with compute except when they take longer than it.
+
+    Returns:
+        :class:`StepCost`.
+    """
+    if gpus % cp:
+        raise ValueError(f"step_cost: cp ({cp}) must divide gpus ({gpus})")
+    dp = gpus // cp
+    n = seq_len / cp
+    linear = model.attention == "linear"
+    attn = attention_cost(strategy=strategy if cp > 1 else "none", layout=layout, world=cp, seq_len=seq_len,
+                          heads=model.heads, kv_heads=model.kv_heads, head_dim=model.head_dim,  # type: ignore[arg-type]
+                          causal=True, dtype_bytes=dtype_bytes, profile=profile, ulysses_degree=ulysses_degree,
+                          linear=linear)
+    dense_flops = profile.dense_flops
+    layer_dense_fwd = n * 2.0 * model.layer_matmul_params() / dense_flops
+    recompute = 1.0 if checkpointing else 0.0
+    attn_s = model.layers * (attn.fwd_s * (1 + recompute) + attn.bwd_s)
+    dense_s = model.layers * layer_dense_fwd * (3 + recompute) + 3 * n * 2.0 * model.vocab * model.hidden / dense_flops
+    compute = attn_s + dense_s
+    params = float(model.params())
+    layer_params = float(model.layer_matmul_params())
+    n_coll = 3 if zero == 3 else 2  # ZeRO-3: gather (fwd), gather (bwd), reduce-scatter; else RS + gather
+    fsdp = n_coll * collective_time(profile, 2 * params, gpus) if gpus > 1 else 0.0
+    exposed = max(fsdp - compute, fsdp / model.layers / n_coll if gpus > 1 else 0.0)
+    step = compute + exposed
+    tokens = dp * seq_len
+    if linear:
+        attn_model_flops = 0.0
+    else:
+        attn_model_flops = model.layers * (1 + ATTN_BWD_FACTOR) * attention_flops(
+            batch=1, seq_len=seq_len, heads=model.heads, head_dim=model.head_dim, density=causal_density(seq_len))  # type: ignore[arg-type]
+    model_flops = dp * (3 * model.dense_flops_per_token() * seq_len + attn_model_flops)
+    mfu = model_flops / (step * gpus * profile.peak_flops) if profile.peak_flops else None
+    # memory per device
+    states = _states_bytes(params, zero, gpus, layer_params)
+    per_tok = model.activation_bytes_per_token(dtype_bytes)
+    if checkpointing:
+        acts = n * (model.layers * model.hidden * dtype_bytes + per_tok)  # block inputs + one block recomputed
+    else:
+        acts = n * model.layers * per_tok
+    logits = min(n, 4096) * model.vocab * 4 * 2  # chunked loss: one chunk of fp32 logits and their grad
+    mem = (states + acts + attn.buffer_bytes + logits) * 1.05 + 1.5e9  # fragmentation, CUDA context, NCCL
+    return StepCost(strategy=strategy if cp > 1 else "none", layout=layout, cp=cp, ulysses_degree=ulysses_degree,
+                    dp=dp, checkpointing=checkpointing, step_s=step, tokens_per_s=tokens / step, mfu=mfu,
+                    memory_bytes=mem, fits=mem <= profile.memory_bytes,
+                    breakdown={"attention_s": attn_s, "dense_s": dense_s, "fsdp_comm_s": fsdp,
+                               "exposed_comm_s": exposed, "attn_comm_fwd_s": attn.comm_fwd_s,
+                               "states_bytes": states, "activation_bytes": acts, "buffer_bytes": attn.buffer_bytes,
+                               "imbalance": attn.imbalance})

@@ -1,0 +1,162 @@
+"""``longreach bench cp``: bytes, work balance and time of every context-parallel strategy × layout.
+
+For each world size it spawns gloo ranks once (``longreach.testing.run_ranks``) and runs every
+strategy × layout on the same seeded full sequence. Per (world size, strategy, layout) it prints:
+
+* forward bytes sent per rank (max over ranks) against the strategy's theoretical minimum (DESIGN.md
+  §4: ring (P−1) × local K/V bytes; Ulysses (P−1)/P of the local q, k, v, out bytes, replicated K/V
+  heads counted once per replica; hybrid the sum of its Ulysses and ring parts; all-gather
+  (P−1) × local K/V bytes), and the mean over ranks;
+* attention work max/mean across ranks — the causal load balance: score elements the local kernels
+  were called on ("work"; a masked block counts whole) and score elements the mask allows in them
+  ("allowed");
+* forward (and with ``--backward`` backward) wall time, max over ranks (CPU gloo: indicative only);
+* DeepSpeed's Ulysses ``DistributedAttention`` on the same shapes, where it runs.
+
+    longreach bench cp --world-sizes 2,4 --seq-len 1024 --json cp.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from longreach.errors import UserError
+
+STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
+LAYOUTS = ("contiguous", "zigzag", "stripe")
+
+
+def _csv(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise UserError(f"--{what}: unknown {bad[0]!r}; choose from {', '.join(allowed)}")
+    if not items:
+        raise UserError(f"--{what} is empty")
+    return items
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longreach bench cp", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-sizes", default="2,4", help="comma-separated rank counts (default 2,4)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--layouts", default=",".join(LAYOUTS))
+    p.add_argument("--seq-len", type=int, default=1024, help="global sequence length")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--ulysses-degree", type=int, default=None, help="hybrid: ranks per Ulysses group (default 2)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
+    p.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    p.add_argument("--backward", action="store_true", help="also time and count the backward pass")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-deepspeed", dest="deepspeed", action="store_false",
+                   help="skip DeepSpeed's DistributedAttention comparison")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the per-row results here")
+    return p
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Per (world, strategy, layout): bytes max/mean over ranks vs minimum, work max/mean, times."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        rows.setdefault((r["world"], r["strategy"], r["layout"]), []).append(r)
+    out = []
+    for (world, strategy, layout), rs in rows.items():
+        row: dict = {"world": world, "strategy": strategy, "layout": layout,
+                     "ulysses_degree": rs[0].get("ulysses_degree")}
+        errs = [r["error"] for r in rs if "error" in r]
+        if errs:
+            row["error"] = errs[0]
+            out.append(row)
+            continue
+        sent = [r["fwd_sent"] for r in rs]
+        row["fwd_bytes_max"], row["fwd_bytes_mean"] = max(sent), statistics.mean(sent)
+        mins = [r.get("min_fwd") for r in rs]
+        if all(m for m in mins):
+            row["min_bytes"] = max(mins)
+            row["ratio_max"] = max(s / m for s, m in zip(sent, mins))
+            row["ratio_mean"] = statistics.mean(s / m for s, m in zip(sent, mins))
+        if "work_fwd" in rs[0]:
+            work = [r["work_fwd"] for r in rs]
+            row["work_max_over_mean"] = max(work) / statistics.mean(work) if statistics.mean(work) else None
+            row["work_total"] = sum(work)
+            allowed = [r.get("allowed_fwd", 0) for r in rs]
+            if statistics.mean(allowed):
+                row["allowed_max_over_mean"] = max(allowed) / statistics.mean(allowed)
+        row["time_fwd_ms"] = 1e3 * max(r["time_fwd"] for r in rs)
+        if "time_bwd" in rs[0]:
+            row["time_bwd_ms"] = 1e3 * max(r["time_bwd"] for r in rs)
+            row["bwd_bytes_max"] = max(r["bwd_sent"] for r in rs)
+            bw = [r["work_bwd"] for r in rs]
+            row["bwd_work_max_over_mean"] = max(bw) / statistics.mean(bw) if statistics.mean(bw) else None
+        row["calls"] = rs[0].get("fwd_calls", {})
+        out.append(row)
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'P':>2} {'strategy':<18} {'layout':<10} {'U':>2} {'fwd B/rank max':>14} {'minimum':>12} "
+            f"{'max/min':>7} {'mean/min':>8} {'work max/mean':>13} {'allowed max/mean':>16} {'fwd ms':>8} "
+            f"{'bwd ms':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {'':>2} not run: {r['error']}")
+            continue
+        def f(key, fmt):
+            v = r.get(key)
+            return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        u = r.get("ulysses_degree") or ""
+        lines.append(
+            f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {u!s:>2} {f('fwd_bytes_max', ',.0f'):>14} "
+            f"{f('min_bytes', ',.0f'):>12} {f('ratio_max', '.2f'):>7} {f('ratio_mean', '.2f'):>8} "
+            f"{f('work_max_over_mean', '.3f'):>13} {f('allowed_max_over_mean', '.3f'):>16} "
+            f"{f('time_fwd_ms', '.1f'):>8} {f('time_bwd_ms', '.1f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    worlds = [int(w) for w in _csv(args.world_sizes, None, "world-sizes")]
+    if any(w < 1 for w in worlds):
+        raise UserError("--world-sizes: every world size must be >= 1")
+    cfg = {
+        "strategies": _csv(args.strategies, STRATEGIES, "strategies"),
+        "layouts": _csv(args.layouts, LAYOUTS, "layouts"),
+        "seq_len": args.seq_len, "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim, "ulysses_degree": args.ulysses_degree, "dtype": args.dtype,
+        "causal": args.causal, "backward": args.backward, "repeats": max(1, args.repeats),
+        "deepspeed": args.deepspeed, "seed": args.seed,
+    }
+    if args.heads % args.kv_heads != 0:
+        raise UserError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    from longreach.testing import run_ranks
+    from longreach.workers.cp import bench_worker
+
+    records: list[dict] = []
+    for w in worlds:
+        per_rank = run_ranks(bench_worker, w, args=(cfg,), timeout=1800, threads=args.threads)
+        for recs in per_rank:
+            records.extend(recs)
+    rows = summarize(records)
+    shape = (f"B={args.batch} S={args.seq_len} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} "
+             f"{'causal' if args.causal else 'full'}; gloo on CPU, {args.threads} thread(s)/rank")
+    print(f"longreach bench cp — {shape}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"config": cfg, "worlds": worlds, "rows": rows, "records": records}, fh, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))

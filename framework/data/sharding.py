@@ -1,0 +1,57 @@
+"""Sharding a packed batch over the context-parallel group (the trainer calls this after loading)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longreach.errors import UserError
+from longreach.parallel.layouts import group_rank_size, layout_multiple, positions_for, shard_sequence
+
+__all__ = ["shard_batch"]
+
+_SEQ_KEYS = ("input_ids", "labels", "position_ids")
+
+
+def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+    """This rank's part of a packed batch under ``layout`` over the context-parallel ``group``.
+
+    Labels were shifted on the global sequence by the loader, so sharding them with the inputs keeps
+    every label the real next token whatever the layout.
+
+    Args:
+        batch: ``input_ids``, ``labels``, ``position_ids`` (``[B, S]``), ``cu_seqlens`` (``[n+1]`` or a
+            list of B); other keys are passed through.
+        layout: ``contiguous``, ``zigzag`` or ``stripe`` (``parallel.layout``).
+        group: the context-parallel process group (None: WORLD, or no sharding without a process group).
+
+    Returns:
+        A new dict: the three sequence tensors sharded along dim 1 (``[B, S / P]``); ``cu_seqlens``
+        unchanged — document offsets stay GLOBAL, because masks are evaluated on global positions —
+        and ``positions`` (``[S / P]``), the global position of each local token, for the attention context.
+
+    Raises:
+        UserError: the sequence length does not divide by what the layout needs on this group.
+    """
+    rank, size = group_rank_size(group)
+    seq_len = batch["input_ids"].shape[1]
+    try:
+        multiple = layout_multiple(layout, size)
+    except ValueError as exc:
+        raise UserError(f"parallel.layout: {exc}") from None
+    if seq_len % multiple != 0:
+        raise UserError(f"train.seq_len={seq_len} does not divide by {multiple}, as parallel.layout={layout!r} "
+                        f"needs on {size} context-parallel ranks")
+    out = dict(batch)
+    for key in _SEQ_KEYS:
+        if key in batch and batch[key] is not None:
+            out[key] = shard_sequence(batch[key], layout=layout, group=group, dim=1)  # [B, S / P]
+    out["positions"] = positions_for(seq_len, layout, rank, size)  # [S / P]
+    out["seq_len"] = seq_len
+    return out
+
+
+def unshard_positions(seq_len: int, layout: str, world_size: int) -> torch.Tensor:
+    """``[P, S / P]`` global positions held by each rank (for checks and tools)."""
+    return torch.stack([positions_for(seq_len, layout, r, world_size) for r in range(world_size)])

@@ -1,0 +1,184 @@
+"""Token shards: the tokenized corpus as memory-mapped ``.bin`` files plus a JSON index.
+
+A shard folder holds ``shard_00000.bin`` … (flat token ids, uint16 when the vocabulary fits, else
+uint32) and ``index.json`` (dtype, special ids, and per shard the document offsets). Each document is
+stored as ``[bos] + ids + [eos]`` and never split across shards. A folder is written under a temporary
+name and renamed into place in one step, so a reader never sees a partial folder and an existing folder
+is never overwritten. The reader maps shards with ``np.memmap`` and never loads them whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from longreach.data.config import DataConfig
+from longreach.errors import UserError
+
+__all__ = ["TokenShards", "build_shards", "shards_key", "write_shards"]
+
+_FORMAT = "longreach-shards-v1"
+_INDEX = "index.json"
+_BATCH_DOCS = 256
+
+
+class TokenShards:
+    """Read-only view of a shard folder (memory-mapped; documents addressed by global index).
+
+    Attributes:
+        doc_shard, doc_start, doc_len: ``[N]`` int64 — shard, offset in it and length of each document.
+        num_tokens: total tokens (bos/eos included).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_file = self.folder / _INDEX
+        if not index_file.is_file():
+            raise UserError(f"{self.folder} is not a token shard folder (no {_INDEX})")
+        try:
+            self.index = json.loads(index_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{index_file}: unreadable shard index ({exc})") from None
+        if self.index.get("format") != _FORMAT:
+            raise UserError(f"{index_file}: unknown shard format {self.index.get('format')!r}")
+        self.dtype = np.dtype(self.index["dtype"])
+        self.bos_id: int = self.index["bos_id"]
+        self.eos_id: int = self.index["eos_id"]
+        shard_ids, starts, lens = [], [], []
+        for s, shard in enumerate(self.index["shards"]):
+            off = np.asarray(shard["doc_offsets"], dtype=np.int64)  # [n_docs + 1]
+            shard_ids.append(np.full(len(off) - 1, s, dtype=np.int64))
+            starts.append(off[:-1])
+            lens.append(np.diff(off))
+        self.doc_shard = np.concatenate(shard_ids) if shard_ids else np.zeros(0, np.int64)  # [N]
+        self.doc_start = np.concatenate(starts) if starts else np.zeros(0, np.int64)  # [N]
+        self.doc_len = np.concatenate(lens) if lens else np.zeros(0, np.int64)  # [N]
+        self.num_tokens = int(self.doc_len.sum())
+        self._maps: dict[int, np.memmap] = {}
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_len.shape[0])
+
+    def _map(self, shard: int) -> np.memmap:
+        m = self._maps.get(shard)
+        if m is None:
+            info = self.index["shards"][shard]
+            m = np.memmap(self.folder / info["file"], dtype=self.dtype, mode="r", shape=(info["tokens"],))
+            self._maps[shard] = m
+        return m
+
+    def document(self, i: int) -> np.ndarray:
+        """Tokens of document ``i`` (a read-only memmap view, ``[len]``)."""
+        s = int(self.doc_shard[i])
+        a = int(self.doc_start[i])
+        return self._map(s)[a:a + int(self.doc_len[i])]
+
+    def __repr__(self) -> str:
+        return f"TokenShards({str(self.folder)!r}, documents={self.num_documents}, tokens={self.num_tokens})"
+
+
+def shards_key(corpus_fp: str, tokenizer_fp: str, shard_tokens: int) -> str:
+    blob = f"{_FORMAT}|{corpus_fp}|{tokenizer_fp}|{shard_tokens}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def write_shards(docs: list[str] | list[list[int]], tokenizer, folder: str | Path, *, shard_tokens: int) -> TokenShards:
+    """Tokenize ``docs`` into a new shard folder at ``folder`` (atomically; never overwrites).
+
+    Args:
+        docs: texts (tokenized with ``tokenizer``) or lists of token ids (taken as they are).
+        tokenizer: provides ``encode_batch``, ``bos_id``, ``eos_id``, ``vocab_size``.
+        folder: the final folder; if it already exists (another rank won the race) it is used as is.
+        shard_tokens: tokens per shard file (a longer document gets a shard of its own).
+
+    Returns:
+        The reader of the folder.
+
+    Raises:
+        UserError: the corpus tokenizes to 0 tokens.
+    """
+    folder = Path(folder)
+    if (folder / _INDEX).is_file():
+        return TokenShards(folder)
+    if folder.exists():
+        raise UserError(f"{folder} exists but is not a complete shard folder; remove it by hand to rebuild")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        shards: list[dict] = []
+        buf: list[np.ndarray] = []
+        offsets = [0]
+        content_tokens = 0
+
+        def flush() -> None:
+            name = f"shard_{len(shards):05d}.bin"
+            data = np.concatenate(buf) if buf else np.zeros(0, dtype)  # [tokens]
+            with open(tmp / name, "wb") as fh:
+                fh.write(data.astype(dtype, copy=False).tobytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+            shards.append({"file": name, "tokens": int(data.shape[0]), "doc_offsets": list(offsets)})
+            buf.clear()
+            offsets[:] = [0]
+
+        for b in range(0, len(docs), _BATCH_DOCS):
+            chunk = docs[b:b + _BATCH_DOCS]
+            ids = tokenizer.encode_batch(chunk) if chunk and isinstance(chunk[0], str) else chunk
+            for seq in ids:
+                if len(seq) == 0:
+                    continue
+                content_tokens += len(seq)
+                arr = np.empty(len(seq) + 2, dtype=np.int64)  # [len + 2]
+                arr[0] = tokenizer.bos_id
+                arr[1:-1] = seq
+                arr[-1] = tokenizer.eos_id
+                if offsets[-1] > 0 and offsets[-1] + arr.shape[0] > shard_tokens:
+                    flush()
+                buf.append(arr)
+                offsets.append(offsets[-1] + arr.shape[0])
+        if content_tokens == 0:
+            raise UserError("data: the corpus is empty (0 tokens after tokenization)")
+        if offsets[-1] > 0:
+            flush()
+        index = {"format": _FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
+                 "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+                 "num_tokens": int(sum(s["tokens"] for s in shards)),
+                 "num_documents": int(sum(len(s["doc_offsets"]) - 1 for s in shards)), "shards": shards}
+        (tmp / _INDEX).write_text(json.dumps(index))
+        try:
+            os.rename(tmp, folder)  # atomic; fails if another process put a folder there first
+        except OSError:
+            if not (folder / _INDEX).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TokenShards(folder)
+
+
+def build_shards(cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None) -> TokenShards:
+    """The token shards of ``cfg``'s corpus with ``tokenizer``: cached under ``<cache>/shards/<hash>``.
+
+    Local rank 0 tokenizes on a cache miss; other local ranks wait for its index file.
+    """
+    from longreach.data.corpus import corpus_documents, corpus_fingerprint
+    from longreach.data.tokenizer import cache_root, local_rank, wait_for_file
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root(cfg.cache_dir)
+    key = shards_key(corpus_fingerprint(cfg), tokenizer.fingerprint(), cfg.shard_tokens)
+    folder = root / "shards" / key
+    if (folder / _INDEX).is_file():
+        return TokenShards(folder)
+    if local_rank() != 0:
+        wait_for_file(folder / _INDEX, what="the token shards")
+        return TokenShards(folder)
+    return write_shards(corpus_documents(cfg), tokenizer, folder, shard_tokens=cfg.shard_tokens)

@@ -1,0 +1,182 @@
+"""DeepSpeed engine: ZeRO 1/2/3 from a generated DeepSpeed config, and DeepSpeed-Ulysses attention.
+
+On CPU DeepSpeed runs over gloo (``deepspeed.init_distributed(dist_backend="gloo")``). We always
+hand DeepSpeed a *torch* optimizer: its fused CPU/GPU optimizers are C++ extensions that compile for
+about a minute on first use. For the same reason its shared-memory CPU all-reduce op is switched off
+before DeepSpeed's communication layer starts (gloo does the reductions; the op only speeds up
+``ccl`` on Xeon hosts).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longreach.engines import Engine, EngineConfig, OptimizerFactory
+from longreach.errors import ConfigError
+
+
+def deepspeed_config(cfg: EngineConfig, *, world_size: int, grad_accum: int = 1, micro_batch_size: int = 1,
+                     grad_clip: float | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON config for ``cfg`` (``engine.deepspeed_config`` keys override ours).
+
+    Args:
+        cfg: the ``engine:`` section.
+        world_size: data-parallel world size DeepSpeed sees (all ranks: dp × cp).
+        grad_accum: micro-batches per optimizer step.
+        micro_batch_size: per-rank micro-batch size.
+        grad_clip: global gradient-norm clip (None/0: off).
+    Returns:
+        The config dict passed to ``deepspeed.initialize``.
+    """
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        zero.update({"overlap_comm": False, "contiguous_gradients": True})
+    if cfg.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if cfg.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "zero_optimization": zero,
+        "gradient_clipping": float(grad_clip or 0.0),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.mixed_precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif cfg.mixed_precision == "fp16":
+        conf["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"engine.deepspeed_config: file {path} does not exist") from None
+        except ValueError as e:
+            raise ConfigError(f"engine.deepspeed_config: {path} is not valid JSON ({e})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"engine.deepspeed_config: {path} must hold a JSON object")
+        _merge(conf, user)
+    return conf
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _import_deepspeed() -> Any:
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        # see the module docstring: no JIT build of the shm all-reduce op on CPU hosts
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def init_deepspeed_distributed() -> None:
+    """Let DeepSpeed's comm layer adopt the already-initialised torch.distributed group."""
+    ds = _import_deepspeed()
+    ds.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The trainer normalises the loss by the global token count itself: no 1/grad_accum scaling.
+        self.model.backward(loss, scale_wrt_gas=False)
+        # DeepSpeed counts micro-steps in step(); it only updates at the accumulation boundary.
+        self.model.step()
+
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        # DeepSpeed clips inside its step (config "gradient_clipping"); report what it measured.
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def step(self) -> None:
+        pass  # done in backward() at the accumulation boundary
+
+    def skip_step(self) -> None:
+        self.model.zero_grad()
+
+    def no_sync(self) -> Any:
+        from contextlib import nullcontext
+
+        return nullcontext()  # DeepSpeed defers reduction to the boundary on its own
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"engine": self.model}
+
+
+def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: OptimizerFactory, *,
+                    group: Any = None, grad_accum: int = 1, micro_batch_size: int = 1,
+                    grad_clip: float | None = None) -> Engine:
+    ds = _import_deepspeed()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError("engine.kind=deepspeed needs a distributed launch (torchrun / longreach launch)")
+    if group is not None and dist.get_world_size(group) != dist.get_world_size():
+        raise ConfigError("engine.kind=deepspeed reduces gradients over all ranks; a sub-group is not supported")
+    init_deepspeed_distributed()
+    conf = deepspeed_config(cfg, world_size=dist.get_world_size(), grad_accum=grad_accum,
+                            micro_batch_size=micro_batch_size, grad_clip=grad_clip)
+    optimizer = optimizer_factory(model.parameters())
+    ds_engine, ds_opt, _, _ = ds.initialize(model=model, optimizer=optimizer, config=conf)
+    eng = DeepSpeedEngine(cfg, ds_engine, ds_engine.module, optimizer, group)
+    eng.ds_optimizer = ds_opt
+    return eng
+
+
+def ulysses_attention(local_attention: Callable[..., torch.Tensor], group: Any = None) -> nn.Module:
+    """DeepSpeed-Ulysses around a local attention function: the alternative ``ulysses`` strategy.
+
+    The returned module is an ``inner_attention(q, k, v, ctx)`` for the model seam: q, k, v arrive
+    as ``[B, S_local, H, D]`` (contiguous layout: rank r holds tokens r·S/P … (r+1)·S/P − 1);
+    DeepSpeed's all-to-all turns them into ``[B, S, H/P, D]``, ``local_attention`` runs on the full
+    sequence with a head slice, and the inverse all-to-all returns ``[B, S_local, H, D]``.
+
+    Args:
+        local_attention: ``(q, k, v, ctx) -> out`` on the full sequence (e.g. ``LocalAttention``).
+        group: the context-parallel group (default WORLD).
+    Returns:
+        An ``nn.Module`` usable as ``inner_attention``.
+    """
+    _import_deepspeed()
+    from deepspeed.sequence.layer import DistributedAttention
+
+    class _Local(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ctx: Any = None
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return local_attention(q, k, v, self.ctx)  # [B, S, H/P, D]
+
+    class _Ulysses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.local = _Local()
+            self.dist_attn = DistributedAttention(self.local, group if group is not None else dist.group.WORLD,
+                                                  scatter_idx=2, gather_idx=1)
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Any) -> torch.Tensor:
+            p = dist.get_world_size(group)
+            if q.shape[2] % p or k.shape[2] % p:
+                raise ConfigError(f"DeepSpeed-Ulysses needs the head counts ({q.shape[2]} query, {k.shape[2]} "
+                                  f"key/value) divisible by the context-parallel degree {p}")
+            self.local.ctx = ctx
+            return self.dist_attn(q, k, v, 0)  # batch_dim_idx 0: BSHD
+
+    return _Ulysses()

@@ -1,0 +1,406 @@
+"""Run a HuggingFace causal LM on longreach attention through transformers' registries.
+
+No model class is monkey-patched. :func:`patch_attention` registers one attention function with
+``AttentionInterface`` (and a mask function with ``AttentionMaskInterface``, so transformers builds no
+dense mask of its own) under a name unique to the patch, then switches the model to it with
+``set_attn_implementation``. The function receives HF's ``[B, H, S, D]`` tensors, transposes them to
+our ``[B, S, H, D]`` and calls either the local attention op (one rank) or ``cp_attention`` (context
+parallelism), with the model's own ``scaling``, ``sliding_window`` and ``softcap``.
+
+Under context parallelism every rank holds ``S/P`` tokens in the layout's order. The caller shards
+tokens, *global* position ids and globally shifted labels with the same layout
+(:func:`sharded_batch`), and :func:`causal_lm_loss` computes our chunked cross-entropy on the hidden
+states and the ``lm_head`` weight, normalised by the global count of labelled tokens.
+
+Training-time patterns (S2-Attn, SF-Attn) apply only while the attention module is in training mode;
+evaluation and generation use full causal attention (METHODS.md "S2-Attn").
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longreach.errors import ConfigError, UserError
+from longreach.kernels import attention as local_attention
+from longreach.loss import chunked_cross_entropy, global_token_count
+from longreach.kernels import masks as M
+
+PATTERNS = ("full", "s2", "sf")
+STRATEGIES = ("none", "ring", "ulysses", "hybrid", "allgather")
+IGNORE_INDEX = -100
+_COUNTER = itertools.count()
+
+
+@dataclass(kw_only=True, slots=True)
+class AttentionPatch:
+    """Which attention an HF model runs once patched."""
+
+    pattern: str = "full"
+    """Training-time pattern: ``full`` (causal), ``s2`` (LongLoRA S2-Attn) or ``sf`` (SinkLoRA SF-Attn);
+    ``auto`` only inside a recipe, which resolves it from its method."""
+    group_fraction: float = 0.25
+    """S2/SF group size as a fraction of the (global) sequence length: G = N·fraction (LongLoRA: 1/4)."""
+    s2_variant: str = "varlen"
+    """S2-Attn shifted-head path: ``varlen`` (no wrap) or ``roll`` (LongLoRA's no-flash path, wraps)."""
+    sinks: int = 4
+    """SF-Attn: number of global sink tokens every query sees (causal sinks)."""
+    strategy: str = "none"
+    """Context parallelism: ``none`` (one rank), ``ring``, ``ulysses``, ``hybrid`` or ``allgather``."""
+    layout: str = "zigzag"
+    """Sequence layout of the shards: ``contiguous``, ``zigzag`` or ``stripe``."""
+    ulysses_degree: int | None = None
+    """Hybrid only: Ulysses group size U."""
+    backend: str = "auto"
+    """Local attention backend (``auto``, ``cpu``, ``reference``, ``triton``, ``flash`` …)."""
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS + ("auto",):
+            raise ConfigError(f"attention.pattern={self.pattern!r} is not one of {', '.join(PATTERNS)}")
+        if not 0.0 < self.group_fraction <= 1.0:
+            raise ConfigError(f"attention.group_fraction must be in (0, 1] (got {self.group_fraction})")
+        if self.s2_variant not in ("varlen", "roll"):
+            raise ConfigError(f"attention.s2_variant={self.s2_variant!r} is not 'varlen' or 'roll'")
+        if self.sinks < 0:
+            raise ConfigError(f"attention.sinks must be >= 0 (got {self.sinks})")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"attention.strategy={self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        from longreach.parallel.layouts import LAYOUTS
+
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"attention.layout={self.layout!r} is not one of {', '.join(LAYOUTS)}")
+        if self.strategy == "hybrid" and not self.ulysses_degree:
+            raise ConfigError("attention.strategy='hybrid' needs attention.ulysses_degree")
+
+    @property
+    def parallel(self) -> bool:
+        return self.strategy != "none"
+
+    def group_size(self, seq_len: int) -> int:
+        """S2/SF group size G for a global sequence of ``seq_len`` tokens (raises if it does not divide)."""
+        g = int(round(seq_len * self.group_fraction))
+        if g < 2 or seq_len % g != 0 or g % 2 != 0:
+            raise ConfigError(
+                f"attention.group_fraction={self.group_fraction} gives group size {g} for sequence length "
+                f"{seq_len}: S2/SF need an even group size that divides the sequence length"
+            )
+        return g
+
+    def train_mask(self, seq_len: int) -> M.Mask | None:
+        """The training-time pattern for a global length (None: plain causal)."""
+        if self.pattern == "full":
+            return None
+        if self.pattern == "auto":
+            raise ConfigError("attention.pattern is 'auto' outside a recipe: choose full, s2 or sf")
+        g = self.group_size(seq_len)
+        if self.pattern == "s2":
+            return M.s2(g, self.s2_variant)
+        return M.sf(g, sinks=self.sinks)
+
+
+class HFAttention:
+    """The attention function registered with transformers for one patched model.
+
+    Attributes:
+        config: the :class:`AttentionPatch` in force.
+        group: the context-parallel process group (None: WORLD when ``config.parallel``).
+        step: training step, forwarded to random masks through :meth:`Mask.at`.
+        name: the key under which the function is registered.
+    """
+
+    def __init__(self, config: AttentionPatch, group: dist.ProcessGroup | None = None) -> None:
+        self.config = config
+        self.group = group
+        self.step = 0
+        self.name = f"longreach_{next(_COUNTER)}"
+
+    # --- helpers -------------------------------------------------------------------------------
+    def cp_size(self) -> int:
+        if not self.config.parallel:
+            return 1
+        from longreach.parallel.layouts import group_rank_size
+
+        return group_rank_size(self.group)[1]
+
+    def _extra_mask(self, module: torch.nn.Module, seq_len: int, sliding_window: int | None) -> M.Mask | None:
+        extra = self.config.train_mask(seq_len) if module.training else None
+        if extra is not None:
+            extra = extra.at(step=self.step, layer=int(getattr(module, "layer_idx", 0) or 0))
+        if sliding_window is not None:
+            window = M.sliding_window(int(sliding_window))
+            extra = window if extra is None else extra & window
+        return extra
+
+    def _causal(self, module: torch.nn.Module) -> bool:
+        # LongLoRA's roll variant wraps on purpose: its mask is applied exactly as it is.
+        return not (module.training and self.config.pattern == "s2" and self.config.s2_variant == "roll")
+
+    # --- the registered function ---------------------------------------------------------------
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """HF attention-function contract.
+
+        Args:
+            module: the HF attention module (reads ``training`` and ``layer_idx``).
+            query: ``[B, H, Sq, D]``; key, value: ``[B, Hkv, Sk, D]`` (HF layout, K/V not expanded).
+            attention_mask: ignored: our mask function makes transformers pass None (padding is refused there).
+            dropout: must be 0 (our kernels have no attention dropout).
+            scaling: the module's softmax scale.
+            sliding_window: the module's window (Mistral, Qwen2), None for none.
+            softcap: tanh logit cap (Gemma-2); single-rank only.
+
+        Returns:
+            ``(out [B, Sq, H, D], None)`` — HF reshapes ``out`` to ``[B, Sq, H·D]``.
+        """
+        if dropout and module.training:
+            raise ConfigError(
+                f"attention dropout {dropout} is not supported by longreach attention; set the model config's "
+                "attention_dropout to 0"
+            )
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool and not bool(attention_mask.all()):
+            raise UserError("longreach attention does not take padding masks; pack sequences instead of padding")
+        q = query.transpose(1, 2)  # [B, Sq, H, D]
+        k = key.transpose(1, 2)  # [B, Sk, Hkv, D]
+        v = value.transpose(1, 2)  # [B, Sk, Hkv, D]
+        if self.config.parallel:
+            out = self._parallel(module, q, k, v, scaling, sliding_window, softcap)
+        else:
+            out = self._local(module, q, k, v, scaling, sliding_window, softcap)
+        return out, None
+
+    def _local(self, module, q, k, v, scaling, sliding_window, softcap) -> torch.Tensor:
+        sq, sk, h = q.shape[1], k.shape[1], q.shape[2]
+        # decoding with a cache (Sq < Sk) is inference: full causal, no training pattern
+        extra = self._extra_mask(module if sq == sk else _Eval(module), sk, sliding_window)
+        mask = (M.causal() & extra) if extra is not None else M.causal()
+        if sq == sk and not self._causal(module):
+            mask = extra
+        # queries are the last Sq of the Sk keys (prefill: Sq = Sk; decoding with a cache: Sq < Sk)
+        placed = mask.place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk, num_heads=h)
+        if softcap is not None:
+            return softcap_attention(q, k, v, mask=placed, scale=scaling, softcap=float(softcap))
+        return local_attention(q, k, v, mask=placed, scale=scaling, backend=self.config.backend)
+
+    def _parallel(self, module, q, k, v, scaling, sliding_window, softcap) -> torch.Tensor:
+        if softcap is not None:
+            raise UserError(
+                "attention softcap (e.g. Gemma-2) is not supported under context parallelism; run with "
+                "attention.strategy=none"
+            )
+        if q.shape[1] != k.shape[1]:
+            raise UserError("KV-cache decoding is not supported under context parallelism (no cache across shards)")
+        seq_len = q.shape[1] * self.cp_size()
+        extra = self._extra_mask(module, seq_len, sliding_window)
+        return context_parallel_attention(
+            q, k, v, strategy=self.config.strategy, layout=self.config.layout, group=self.group,
+            causal=self._causal(module), mask=extra, scale=scaling, ulysses_degree=self.config.ulysses_degree,
+            backend=self.config.backend,
+        )
+
+
+class _Eval:
+    """A stand-in for a module in evaluation mode (only ``training`` and ``layer_idx`` are read)."""
+
+    training = False
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.layer_idx = getattr(module, "layer_idx", 0)
+
+
+def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: M.PlacedMask,
+                      scale: float | None, softcap: float) -> torch.Tensor:
+    """Reference attention with tanh logit capping (Gemma-2), materialised scores.
+
+    Args:
+        q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, Hkv, D]``; mask: placed on the local positions.
+
+    Returns:
+        out ``[B, Sq, H, D]`` (rows with no allowed key are 0).
+    """
+    h, hkv = q.shape[2], k.shape[2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kx = k.repeat_interleave(h // hkv, dim=2)  # [B, Sk, H, D]
+    vx = v.repeat_interleave(h // hkv, dim=2)  # [B, Sk, H, D]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), kx.to(acc)) * scale  # [B, H, Sq, Sk]
+    s = torch.tanh(s / softcap) * softcap
+    allowed = mask.dense(h)[None]  # [1, Hm, Sq, Sk]
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
+    return torch.einsum("bhqk,bkhd->bqhd", p, vx.to(acc)).to(q.dtype)  # [B, Sq, H, D]
+
+
+def context_parallel_attention(q, k, v, *, strategy: str, layout: str, group, causal: bool, mask,
+                               scale: float | None, ulysses_degree: int | None, backend: str) -> torch.Tensor:
+    """``longreach.parallel.cp_attention`` on local shards ``[B, S/P, H, D]`` → ``[B, S/P, H, D]``."""
+    from longreach.parallel import cp_attention
+
+    return cp_attention(q, k, v, strategy=strategy, layout=layout, group=group, causal=causal, mask=mask,
+                        scale=scale, ulysses_degree=ulysses_degree, backend=backend)
+
+
+def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+    """Mask function registered with ``AttentionMaskInterface``: our attention builds its own masks.
+
+    A padding mask with zeros is refused here, before any attention runs.
+    """
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().all()):
+        raise UserError("longreach attention does not take padding masks; pack sequences instead of padding")
+    return None
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF ``PreTrainedModel`` under a peft wrapper (the model itself otherwise)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def patch_attention(model: torch.nn.Module, config: AttentionPatch | None = None, *,
+                    group: dist.ProcessGroup | None = None) -> HFAttention:
+    """Route every attention layer of an HF model through longreach attention.
+
+    Args:
+        model: a transformers causal LM (or a peft wrapper around one).
+        config: the attention to run (default: full causal, one rank).
+        group: context-parallel group (default WORLD when ``config.strategy`` is not ``none``).
+
+    Returns:
+        The registered :class:`HFAttention` (also stored as ``model._longreach_attention``); set its
+        ``step`` each training step when the pattern is random.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    config = config or AttentionPatch()
+    fn = HFAttention(config, group)
+    AttentionInterface.register(fn.name, fn)
+    AttentionMaskInterface.register(fn.name, _no_mask)
+    hf = base_model(model)
+    hf.set_attn_implementation(fn.name)
+    if hf.config._attn_implementation != fn.name:  # pragma: no cover - a model outside the registry
+        raise UserError(f"{type(hf).__name__} does not dispatch attention through AttentionInterface")
+    object.__setattr__(hf, "_longreach_attention", fn)
+    return fn
+
+
+def unpatch_attention(model: torch.nn.Module, implementation: str = "sdpa") -> None:
+    """Switch the model back to a stock transformers attention implementation."""
+    hf = base_model(model)
+    hf.set_attn_implementation(implementation)
+    if hasattr(hf, "_longreach_attention"):
+        object.__delattr__(hf, "_longreach_attention")
+
+
+def patched(model: torch.nn.Module) -> HFAttention | None:
+    """The :class:`HFAttention` a model was patched with, or None."""
+    return getattr(base_model(model), "_longreach_attention", None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded batches and the loss
+# ------------------------------------------------------------------------------------------------
+
+
+def shift_labels(input_ids: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token labels on the *global* sequence: ``labels[:, t] = input_ids[:, t+1]``, last = ignore.
+
+    Shift before sharding: HF's in-model shift pairs the wrong tokens across zigzag shards.
+    """
+    labels = torch.full_like(input_ids, ignore_index)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
+
+
+@dataclass
+class ShardedBatch:
+    """This rank's tokens, global positions and shifted labels (``[B, S_local]`` each)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    seq_len: int
+    positions: torch.Tensor = field(repr=False)
+
+
+def sharded_batch(input_ids: torch.Tensor, *, fn: HFAttention | None, labels: torch.Tensor | None = None
+                  ) -> ShardedBatch:
+    """Shift labels globally, then shard tokens, labels and positions with the patch's layout.
+
+    Args:
+        input_ids: ``[B, S]`` the full sequence (identical on every context-parallel rank).
+        fn: the model's patch (None or a single-rank patch: nothing is sharded).
+        labels: ``[B, S]`` already-shifted labels (default: :func:`shift_labels`).
+    """
+    b, s = input_ids.shape
+    labels = shift_labels(input_ids) if labels is None else labels
+    if fn is None or not fn.config.parallel:
+        pos = torch.arange(s, device=input_ids.device)
+        return ShardedBatch(input_ids, pos[None].expand(b, s), labels, s, pos)
+    from longreach.parallel import sequence_positions, shard_sequence
+
+    layout, group = fn.config.layout, fn.group
+    pos = sequence_positions(s, layout=layout, group=group).to(input_ids.device)  # [S/P]
+    ids = shard_sequence(input_ids, layout=layout, group=group, dim=1)  # [B, S/P]
+    lab = shard_sequence(labels, layout=layout, group=group, dim=1)  # [B, S/P]
+    return ShardedBatch(ids, pos[None].expand(b, -1), lab, s, pos)
+
+
+def prime_dynamic_rope(model: torch.nn.Module, seq_len: int, local_positions: torch.Tensor) -> None:
+    """Make every rank use the *global* length for dynamic NTK (transformers reads max(position_ids)).
+
+    Without this each rank would pick its own base from the positions it holds.
+    """
+    for module in base_model(model).modules():
+        rope_type = getattr(module, "rope_type", None)
+        if not isinstance(rope_type, str) or "dynamic" not in rope_type or not hasattr(module, "inv_freq"):
+            continue
+        original = int(getattr(module, "original_max_seq_len", seq_len))
+        if seq_len > original and int(local_positions.max()) + 1 < original:
+            raise UserError(
+                f"dynamic NTK RoPE under context parallelism: a rank holds only positions < {original}, so it "
+                "would reset to the unscaled base; use layout zigzag/stripe, fewer ranks, or rope.type linear/yarn"
+            )
+        x = module.inv_freq.new_zeros(1, 1, 1)
+        module(x, torch.tensor([[seq_len - 1]], device=x.device))
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: ShardedBatch, *, group: dist.ProcessGroup | None = None,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token loss over the global sequence, computed on this rank's shard.
+
+    Args:
+        model: a (patched, possibly peft-wrapped) HF causal LM.
+        batch: from :func:`sharded_batch`.
+        group: the group whose label count normalises the loss (dp × cp; default WORLD when
+            distributed, this rank alone otherwise).
+        chunk_size: tokens per logits chunk of the loss.
+
+    Returns:
+        ``(loss, count)``: loss = this rank's summed token loss / the global count of labelled tokens
+        (sum the gradients over ``group``); count = that global count (int64 tensor).
+    """
+    hf = base_model(model)
+    fn = patched(model)
+    if fn is not None and fn.config.parallel:
+        prime_dynamic_rope(model, batch.seq_len, batch.positions)
+    hidden = hf.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
+    weight = hf.get_output_embeddings().weight  # [V, hidden]
+    loss_sum, n_local = chunked_cross_entropy(hidden, weight, batch.labels, chunk_size=chunk_size,
+                                              ignore_index=IGNORE_INDEX)
+    count = global_token_count(n_local, group=group)
+    return loss_sum / count.clamp_min(1).to(loss_sum.dtype), count

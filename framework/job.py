@@ -1,0 +1,146 @@
+"""The job config: one typed dataclass per component, loaded strictly from YAML (DESIGN.md §2 "Config").
+
+    from longreach.config import load_config
+    cfg = load_config(JobConfig, "configs/demo.yaml", ["--train.lr=3e-4", "--parallel.cp=2"])
+
+Sections: ``run`` (:class:`RunConfig`), ``model`` (:class:`~longreach.models.ModelConfig`), ``data``
+(:class:`~longreach.data.DataConfig`), ``train`` (:class:`TrainConfig`), ``parallel``
+(:class:`~longreach.parallel.ParallelConfig`), ``attention`` (:class:`~longreach.attention.AttentionConfig`),
+``checkpoint`` (:class:`~longreach.checkpoint.CheckpointConfig`), ``engine`` (:class:`EngineConfig`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from longreach.attention import AttentionConfig
+from longreach.checkpoint import CheckpointConfig
+from longreach.data.config import DataConfig
+from longreach.models.config import ModelConfig
+from longreach.parallel.config import ParallelConfig
+from longreach.parallel.layouts import layout_multiple
+
+SCHEDULES = ("cosine", "constant", "linear")
+PRECISIONS = ("fp32", "bf16")
+ENGINES = ("native", "deepspeed", "accelerate")
+
+__all__ = ["AttentionConfig", "CheckpointConfig", "DataConfig", "EngineConfig", "JobConfig", "ModelConfig",
+           "ParallelConfig", "RunConfig", "TrainConfig"]
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str = "run"
+    """Run name; the run folder defaults to ``runs/<name>``."""
+    out_dir: str | None = None
+    """Run folder (metrics.jsonl, config.yaml, checkpoints/); None = ``runs/<name>``."""
+    seed: int = 0
+    """Seed of model initialisation and data order (the same on every rank)."""
+    steps: int = 100
+    """Optimizer steps to train (in total, counting steps done before a resume)."""
+    log_every: int = 1
+    """Log a line every this many steps (metrics.jsonl gets every step)."""
+    save_every: int = 0
+    """Checkpoint every this many steps (0: only at the end)."""
+    overwrite: bool = False
+    """Reuse a run folder that holds a run with a different config (its checkpoints are removed)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+        if self.out_dir is None:
+            self.out_dir = f"runs/{self.name}"
+        for name in ("steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine/linear decay; None = lr / 10."""
+    warmup_steps: int = 10
+    """Linear warm-up from 0 to ``lr`` over this many steps."""
+    schedule: str = field(default="cosine", metadata={"choices": SCHEDULES})
+    """After warm-up: cosine | linear decay to ``min_lr`` at ``run.steps``, or constant."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (matrices only; norms and biases get none)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    seq_len: int = 2048
+    """Global sequence length (each context-parallel rank holds seq_len / cp tokens)."""
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    """fp32, or bf16 autocast (parameters, gradients and optimizer state stay float32)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block in backward instead of keeping its activations."""
+    loss_chunk_size: int = 1024
+    """Tokens per logits chunk of the loss (memory O(chunk × vocabulary))."""
+
+    def __post_init__(self) -> None:
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr; got {self.lr}, {self.min_lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("grad_accum", "micro_batch_size", "seq_len", "loss_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    kind: str = field(default="native", metadata={"choices": ENGINES})
+    """Training engine: native (torch.distributed DDP), deepspeed or accelerate."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Engine-specific settings (e.g. DeepSpeed ``zero_stage``), read by the engine's adapter."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENGINES:
+            raise ValueError(f"engine.kind must be one of {', '.join(ENGINES)}; got {self.kind!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run folder, seed, length, logging and checkpoint cadence."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and tokenizer."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data/context parallel degrees, strategy and layout."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Local backend and sparse pattern of the softmax attention layers."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint saving and resuming."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Training engine."""
+
+    def __post_init__(self) -> None:
+        m = layout_multiple(self.parallel.layout, self.parallel.cp)
+        if self.train.seq_len % m != 0:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} does not divide by {m}, as parallel.layout="
+                f"{self.parallel.layout!r} needs on parallel.cp={self.parallel.cp} ranks; use a multiple of {m}"
+            )

@@ -1,0 +1,140 @@
+"""``longreach upcycle``: build a BAM mixture checkpoint from N dense parallel-block Llama checkpoints.
+
+    longreach upcycle --seeds run_a run_b run_c --out bam_run [--share-kv] [--top-k 2]
+
+A seed is a state-dict file (``.safetensors``, or a torch file read with ``weights_only=True``) or a
+folder holding ``model.safetensors`` / ``model.pt``. The model config is read from ``--model-config``
+(a YAML file with a ``model:`` section or the bare fields) or from ``config.yaml`` beside each seed;
+every seed must agree. The output folder receives ``model.safetensors`` and ``config.yaml``
+(``model:`` section of the mixture: ``attention_type: moa``, ``ffn_type: moe``, ``parallel_block: true``).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longreach.errors import UserError
+from longreach.models.config import ModelConfig
+
+from .bam import upcycle_state_dicts
+
+STATE_NAMES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
+
+
+def _state_file(path: Path) -> Path:
+    if not path.exists():
+        raise UserError(f"seed checkpoint {path} does not exist")
+    if path.is_dir():
+        for name in STATE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"seed folder {path} holds none of {', '.join(STATE_NAMES)}")
+    return path
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A model state dict from a safetensors or torch (``weights_only``) file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any read failure is the user's file
+        raise UserError(f"cannot read seed checkpoint {path}: {type(e).__name__}: {e}") from None
+    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"seed checkpoint {path} is not a model state dict (name -> tensor)")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """A ModelConfig from a YAML file (``model:`` section or bare fields); unknown keys are errors."""
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"model config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of model settings")
+    valid = [f.name for f in fields(ModelConfig)]
+    for key in data:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1)
+            raise UserError(f"{path}: unknown model setting {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    try:
+        return ModelConfig(**data)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def _seed_config(seed: Path) -> Path | None:
+    folder = seed if seed.is_dir() else seed.parent
+    cand = folder / "config.yaml"
+    return cand if cand.is_file() else None
+
+
+def save_mixture(out_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], *, meta: dict[str, Any]) -> Path:
+    import yaml
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump({"model": asdict(cfg), "upcycle": meta}, sort_keys=False))
+    return out_dir / "model.safetensors"
+
+
+def upcycle(seeds: list[Path], out_dir: Path, *, model_config: Path | None = None, share_kv: bool = False,
+            top_k: int = 1, capacity_factor: float | None = None, seed: int = 0) -> Path:
+    """Read the seeds, build the mixture, write it; returns the written state file. Raises UserError."""
+    files = [_state_file(p) for p in seeds]  # every path checked before any reading
+    if model_config is not None:
+        dense = load_model_config(model_config)
+    else:
+        cfg_paths = [_seed_config(p) for p in seeds]
+        if cfg_paths[0] is None:
+            raise UserError(f"no config.yaml beside {seeds[0]}; pass --model-config")
+        dense = load_model_config(cfg_paths[0])
+        for p, c in zip(seeds[1:], cfg_paths[1:]):
+            if c is not None and load_model_config(c) != dense:
+                raise UserError(f"{c}: model config differs from {cfg_paths[0]} (seeds must share one architecture)")
+    states = [load_state(f) for f in files]
+    cfg, state = upcycle_state_dicts(states, dense, share_kv=share_kv, top_k=top_k, capacity_factor=capacity_factor,
+                                     names=[str(f) for f in files], seed=seed)
+    from longreach.models import build_model
+
+    model = build_model(cfg)  # the mixture must load into our model exactly
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{files[0]}: parameters do not match the model config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    return save_mixture(out_dir, cfg, state, meta={"seeds": [str(f) for f in files], "share_kv": share_kv,
+                                                   "top_k": top_k, "router_seed": seed})
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="longreach upcycle", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", nargs="+", required=True, type=Path, help="dense seed checkpoints (files or folders)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--model-config", type=Path, default=None, help="YAML with the seeds' model settings")
+    parser.add_argument("--share-kv", action="store_true", help="share K/V across attention experts (their average)")
+    parser.add_argument("--top-k", type=int, default=1, help="FFN experts per token (default 1)")
+    parser.add_argument("--capacity-factor", type=float, default=None, help="MoE capacity factor (default: none)")
+    parser.add_argument("--router-seed", type=int, default=0, help="seed of the random router initialisation")
+    args = parser.parse_args(argv)
+    path = upcycle(args.seeds, args.out, model_config=args.model_config, share_kv=args.share_kv, top_k=args.top_k,
+                   capacity_factor=args.capacity_factor, seed=args.router_seed)
+    print(f"wrote {path} ({len(args.seeds)} experts{', shared K/V' if args.share_kv else ''}, top-{args.top_k})")
+    return 0

@@ -1,0 +1,187 @@
+"""Llama-style decoder written for one device: RMSNorm, RoPE, GQA, SwiGLU, tied or untied embeddings.
+
+Parameter names follow HF Llama (``embed_tokens``, ``layers.i.self_attn.q_proj`` …, ``norm``,
+``lm_head``) so checkpoints map one to one. Attention ends in the seam ``inner_attention(q, k, v, ctx)``
+(DESIGN.md §2); context parallelism, masks and kernels are swapped in from outside by
+:func:`longreach.parallelize.parallelize`, never by branches here.
+
+Forward::
+
+    hidden = model(input_ids [B, S_local], position_ids [B, S_local], ctx)           # [B, S_local, dim]
+    loss_sum, n_tokens = model(input_ids, position_ids, ctx, labels=labels)          # chunked CE
+
+``position_ids`` are what RoPE rotates by (global positions, or per-document positions for packed
+documents); ``ctx.positions`` (global positions of the local tokens) is what masks are placed with.
+Logits for the loss are formed chunk by chunk from ``model.output_weight()`` (never ``[S, V]`` at once).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longreach.attention import AttentionContext, LocalAttention
+
+from . import register_attention, register_ffn, register_model, lookup, ATTENTION_TYPES, FFN_TYPES
+from .config import ModelConfig
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · w, computed in float32 at least."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dt)  # [B, S, dim]
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+@register_attention("mha")
+class Attention(nn.Module):
+    """Multi-head (grouped-query) self-attention ending in the ``inner_attention`` seam."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.inner_attention = LocalAttention("auto")
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim)  # [B, S, H, D]
+        k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = self.inner_attention(q, k, v, ctx.for_layer(self.layer_idx))  # [B, S, H, D]
+        return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim))  # [B, S, dim]
+
+
+@register_ffn("swiglu")
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, S, dim]
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; ``parallel_block`` uses one norm for both branches: x + attn(n x) + ffn(n x)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = lookup(ATTENTION_TYPES, cfg.attention_type, "model.attention_type")(cfg, layer_idx)
+        self.post_attention_layernorm = None if cfg.parallel_block else RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = lookup(FFN_TYPES, cfg.ffn_type, "model.ffn_type")(cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        h = self.input_layernorm(x)  # [B, S, dim]
+        if self.parallel:
+            return x + self.self_attn(h, cos, sin, ctx) + self.mlp(h)
+        x = x + self.self_attn(h, cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only language model (see the module docstring for the forward contract)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+        self.aux_loss: torch.Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def output_weight(self) -> torch.Tensor:
+        """The ``[V, dim]`` output projection (the embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        loss_chunk_size: int = 1024,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder.
+
+        Args:
+            input_ids: ``[B, S_local]`` token ids (this rank's part of the sequence).
+            position_ids: ``[B, S_local]`` positions RoPE rotates by; None = ``ctx.positions`` or 0..S-1.
+            ctx: attention context (global length, global positions of the local tokens, documents, step).
+            labels: ``[B, S_local]`` next-token targets already shifted on the global sequence
+                (−100 = ignored). Given, the forward returns the chunked loss instead of the hidden states.
+            loss_chunk_size: tokens per logits chunk of the loss.
+
+        Returns:
+            hidden ``[B, S_local, dim]``, or ``(loss_sum, n_tokens)`` (scalar float32 sum of token losses and
+            the local count of non-ignored labels) when ``labels`` is given. ``self.aux_loss`` holds the sum
+            of the layers' auxiliary losses (None if none).
+        """
+        b, s = input_ids.shape
+        ctx = ctx if ctx is not None else AttentionContext()
+        if position_ids is None:
+            pos = ctx.positions if ctx.positions is not None else torch.arange(s)
+            position_ids = pos.to(input_ids.device).view(1, s).expand(b, s)
+        h = self.embed_tokens(input_ids)  # [B, S, dim]
+        cos, sin = self.rotary(position_ids, ctx.seq_len if ctx.seq_len is not None else s,
+                               dtype=torch.promote_types(h.dtype, torch.float32))  # [B, S, hd/2]
+        for layer in self.layers:
+            h = layer(h, cos, sin, ctx)
+        self.aux_loss = _collect_aux_loss(self)
+        h = self.norm(h)  # [B, S, dim]
+        if labels is None:
+            return h
+        from longreach.loss import chunked_cross_entropy
+
+        return chunked_cross_entropy(h, self.output_weight(), labels, chunk_size=loss_chunk_size)
+
+
+def _collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    total = None
+    for m in model.modules():
+        if m is model:
+            continue
+        aux = getattr(m, "aux_loss", None)
+        if isinstance(aux, torch.Tensor):
+            total = aux if total is None else total + aux
+    return total
+
+
+@register_model("llama")
+def build_llama(cfg: ModelConfig) -> Llama:
+    return Llama(cfg)

@@ -1,0 +1,514 @@
+"""The training loop: ``train(cfg: JobConfig) -> summary``.
+
+Runs single-process or under ``torchrun`` (env ``RANK``/``WORLD_SIZE``: gloo on CPU, nccl on CUDA), or
+inside an already initialised process group (tests). Per optimizer step:
+
+1. draw ``grad_accum`` global micro-batches for this data-parallel rank (labels already shifted on the
+   global sequence by the data pipeline — HF's in-model shift is wrong across zigzag shards);
+2. shard input ids, labels and position ids with the configured layout over the cp group, and pass the
+   global positions of the local tokens to attention through :class:`AttentionContext`;
+3. all-reduce the count of non-ignored labels of the whole step over dp × cp; each micro-batch's loss is
+   its local token-loss *sum* divided by that global count, and DDP sums gradients (see
+   :mod:`longreach.parallelize`), so gradients equal the single-rank gradient of the global mean loss;
+4. clip, step AdamW and the LR schedule; log one line (rank 0 through logging), one ``metrics.jsonl``
+   record, and checkpoint every ``run.save_every`` steps and at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longreach.attention import AttentionContext
+from longreach.errors import UserError
+from longreach.loss import global_token_count
+from longreach.metrics import MetricsWriter, Throughput, memory_mb
+from longreach.parallel.layouts import layout_multiple, sequence_positions, shard_sequence
+from longreach.parallelize import cp_group, dp_cp_group, parallelize, unwrap
+
+log = logging.getLogger("longreach.trainer")
+
+IGNORE_INDEX = -100
+
+__all__ = ["Batch", "StepResult", "build_mesh", "check_config", "forward_backward", "prepare_batch", "setup_distributed", "train",
+           "train_step"]
+
+# settings that may change between runs in the same folder without making it "a different run"
+_CONTINUABLE = ("run.steps", "run.log_every", "run.save_every", "run.overwrite", "checkpoint.", "engine.",
+                "parallel.", "attention.backend", "data.cache_dir")
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def setup_distributed() -> tuple[int, int, torch.device, bool]:
+    """Join the process group torchrun describes (or the one already initialised).
+
+    Returns:
+        ``(rank, world_size, device, owned)``; ``owned`` is True when this call created the group.
+    """
+    owned = False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        owned = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device, owned
+
+
+def _setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO; other ranks only warnings (the one place ranks are filtered)."""
+    root = logging.getLogger("longreach")
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not root.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+
+
+def build_mesh(parallel_cfg: Any, world_size: int, device: torch.device) -> tuple[Any, int, int]:
+    """The ("dp", "cp") DeviceMesh and this rank's data-parallel coordinates.
+
+    Returns:
+        ``(mesh or None (single process), dp_rank, dp_size)``.
+
+    Raises:
+        UserError: parallel.dp × parallel.cp does not match the world size.
+    """
+    cp = parallel_cfg.cp
+    dp = parallel_cfg.dp if parallel_cfg.dp != -1 else world_size // cp
+    if dp < 1 or dp * cp != world_size:
+        raise UserError(f"parallel.dp ({parallel_cfg.dp}) × parallel.cp ({cp}) must equal the world size "
+                        f"({world_size}); set parallel.dp=-1 to use every rank not taken by cp")
+    if world_size == 1 and not dist.is_initialized():
+        return None, 0, 1
+    from longreach.parallel.mesh import ParallelDims
+
+    try:
+        dims = ParallelDims(world_size=world_size, dp=dp, cp=cp,
+                            ulysses_degree=parallel_cfg.ulysses_degree if parallel_cfg.strategy == "hybrid" else None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    mesh = dims.build_mesh(device.type)
+    return mesh, mesh["dp"].get_local_rank(), dp
+
+
+def check_config(cfg: Any, world_size: int) -> None:
+    """Every check that needs no data: raise one UserError naming the setting, before any work."""
+    par, tr = cfg.parallel, cfg.train
+    cp = par.cp
+    if world_size % cp != 0:
+        raise UserError(f"parallel.cp={cp} does not divide the world size {world_size}")
+    m = layout_multiple(par.layout, cp)
+    if tr.seq_len % m != 0:
+        raise UserError(f"train.seq_len={tr.seq_len} does not divide by {m}, as parallel.layout={par.layout!r} needs "
+                        f"on parallel.cp={cp} ranks; use a multiple of {m}")
+    if par.strategy == "hybrid" and (par.ulysses_degree is None or cp % par.ulysses_degree != 0):
+        raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={cp}, "
+                        f"got {par.ulysses_degree}")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+@dataclasses.dataclass
+class Batch:
+    """One global micro-batch for this data-parallel rank (the whole sequence, before cp sharding).
+
+    Attributes:
+        input_ids: ``[B, S]`` token ids.
+        labels: ``[B, S]`` next-token targets shifted on the global sequence (−100 = ignored).
+        position_ids: ``[B, S]`` RoPE positions (per-document for packed documents); None = 0..S-1.
+        cu_seqlens: document offsets: ``[n+1]`` shared by all rows, a tuple of one per row, or None.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | tuple[torch.Tensor, ...] | None = None
+
+
+def _as_batch(raw: Any) -> Batch:
+    if isinstance(raw, Batch):
+        return raw
+    get = raw.get if isinstance(raw, dict) else (lambda k, d=None: getattr(raw, k, d))
+    cu = get("cu_seqlens", None)
+    if isinstance(cu, list):
+        cu = tuple(torch.as_tensor(c) for c in cu)
+    elif isinstance(cu, torch.Tensor) and cu.dim() == 2:
+        cu = tuple(cu.unbind(0))
+    return Batch(input_ids=get("input_ids"), labels=get("labels"), position_ids=get("position_ids", None),
+                 cu_seqlens=cu)
+
+
+def prepare_batch(batch: Batch, *, layout: str, group: dist.ProcessGroup | None, step: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext]:
+    """This cp rank's share of a global batch, and the attention context describing it.
+
+    ``group`` None means no context parallelism: the whole sequence stays on this rank.
+
+    Returns:
+        ``(input_ids [B, S/P], position_ids [B, S/P], labels [B, S/P], ctx)`` on ``device``.
+    """
+    b, s = batch.input_ids.shape
+    if batch.labels.shape != (b, s):
+        raise ValueError(f"labels {tuple(batch.labels.shape)} do not match input_ids {(b, s)}")
+    pos_ids = batch.position_ids if batch.position_ids is not None else torch.arange(s).expand(b, s)
+    ids, labels = batch.input_ids, batch.labels
+    positions = torch.arange(s)
+    if group is not None:  # (group=None would mean WORLD to the layout functions: no cp means no sharding)
+        ids = shard_sequence(ids, layout=layout, group=group)  # [B, S/P]
+        labels = shard_sequence(labels, layout=layout, group=group)  # [B, S/P]
+        pos_ids = shard_sequence(pos_ids, layout=layout, group=group)  # [B, S/P]
+        positions = sequence_positions(s, layout=layout, group=group)  # [S/P] global positions
+    cu = batch.cu_seqlens
+    if isinstance(cu, tuple) and all(torch.equal(c, cu[0]) for c in cu):
+        cu = cu[0]
+    ctx = AttentionContext(step=step, seq_len=s, positions=positions.to(device), cu_seqlens=cu, training=True)
+    return ids.to(device), pos_ids.to(device), labels.to(device), ctx
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: float
+    """Global mean token loss of the step (plus auxiliary losses)."""
+    grad_norm: float
+    """Global gradient norm before clipping."""
+    tokens: int
+    """Non-ignored label tokens of the step over all ranks."""
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    """Hook for non-finite losses (the engines engineer replaces the policy: skip, rewind, stop)."""
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"non-finite loss {loss.item()}")
+
+
+def forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any, mesh: Any, step: int,
+                     device: torch.device, engine: Any = None) -> tuple[float, float, int]:
+    """Accumulate the gradients of one step's micro-batches (collective over dp × cp).
+
+    After it, every rank's ``p.grad`` is the gradient of the global mean token loss (plus the averaged
+    auxiliary losses) over all micro-batches of all dp ranks — the single-rank gradient of that batch.
+    With an ``engine`` (``longreach.engines``: FSDP2, DeepSpeed, accelerate), which *averages*
+    gradients over the dp × cp group, the backward loss is multiplied by the group size to match.
+
+    Returns:
+        ``(loss, aux_loss, n_tokens)``: global mean token loss, summed auxiliary term, global label count.
+    """
+    tr, par = cfg.train, cfg.parallel
+    group, replicas = cp_group(mesh), dp_cp_group(mesh)
+    n_replicas = dist.get_world_size(replicas) if replicas is not None else 1
+    prepared = [prepare_batch(_as_batch(b), layout=par.layout, group=group, step=step, device=device)
+                for b in micro_batches]
+    local_count = sum(int((lab != IGNORE_INDEX).sum()) for _, _, lab, _ in prepared)
+    n_global = int(global_token_count(local_count, replicas)) if replicas is not None else local_count
+    denom = max(n_global, 1)
+    def autocast() -> Any:
+        if engine is not None:
+            return engine.forward_context()
+        return (torch.autocast(device.type, dtype=torch.bfloat16) if tr.precision == "bf16"
+                else contextlib.nullcontext())
+
+    def no_sync() -> Any:
+        if engine is not None:
+            return engine.no_sync()
+        return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+    module = engine.module if engine is not None else unwrap(model)
+    backward_scale = n_replicas if engine is not None else 1
+    loss_sum_total = torch.zeros((), dtype=torch.float64, device=device)
+    aux_total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (ids, pos, labels, ctx) in enumerate(prepared):
+        last = i == len(prepared) - 1
+        with (no_sync() if not last else contextlib.nullcontext()):
+            with autocast():
+                loss_sum, _ = model(ids, pos, ctx, labels=labels, loss_chunk_size=tr.loss_chunk_size)
+            loss = loss_sum / denom
+            aux = module.aux_loss
+            if aux is not None:
+                # the per-rank auxiliary loss is averaged over micro-batches and replicas (gradients are summed)
+                aux = aux.float() / (len(prepared) * n_replicas)
+                loss = loss + aux
+                aux_total += aux.detach().double()
+            _check_finite(loss)
+            if engine is not None:
+                engine.backward(loss * backward_scale)
+            else:
+                loss.backward()
+        loss_sum_total += loss_sum.detach().double()
+    totals = torch.stack([loss_sum_total, aux_total])
+    if replicas is not None:
+        dist.all_reduce(totals, group=replicas)
+    return float(totals[0] / denom), float(totals[1]), n_global
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Any], *,
+               cfg: Any, mesh: Any, step: int, device: torch.device,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, engine: Any = None) -> StepResult:
+    """One optimizer step over ``micro_batches`` (gradient accumulation), collective over dp × cp.
+
+    Args:
+        model: the parallelized model (:func:`longreach.parallelize.parallelize`).
+        optimizer: its optimizer; ``scheduler`` is stepped after it when given.
+        micro_batches: global micro-batches of this dp rank (``train.grad_accum`` of them): :class:`Batch`
+            or dicts with the same keys.
+        cfg: the JobConfig (train, parallel sections).
+        mesh: the ("dp", "cp") mesh or None.
+        step: the step index (reaches random masks through the context).
+        device: where the model lives.
+        engine: a ``longreach.engines.Engine`` owning backward/clip/step (None: plain DDP from parallelize).
+    """
+    loss, aux, n_global = forward_backward(model, micro_batches, cfg=cfg, mesh=mesh, step=step, device=device,
+                                           engine=engine)
+    if engine is not None:
+        grad_norm = engine.clip_grad_norm(cfg.train.grad_clip or None)
+        engine.step()
+    else:
+        params = [p for p in model.parameters() if p.grad is not None]
+        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip, foreach=False)) if params else 0.0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(loss=loss + aux, grad_norm=grad_norm, tokens=n_global)
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+def _broadcast_error(err: str | None) -> None:
+    """Raise the same UserError on every rank when rank 0 found a problem (no rank left waiting)."""
+    if dist.is_initialized():
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise UserError(err)
+
+
+def _continuable(line: str) -> bool:
+    key = line.split(":", 1)[0]
+    return any(key == p or key.startswith(p) for p in _CONTINUABLE)
+
+
+def prepare_run_dir(cfg: Any, rank: int) -> tuple[Path, str]:
+    """Create or reuse the run folder; write ``config.yaml`` and ``config_hash`` (rank 0).
+
+    A folder holding a run with a different config (beyond settings a continued run may change, such
+    as ``run.steps`` or the parallel layout) is refused unless ``run.overwrite``; with it, the old
+    checkpoints and metrics are removed. Nothing is written before that decision.
+
+    Returns:
+        ``(run_dir, config_hash)``.
+    """
+    from longreach.checkpoint import config_diff
+    from longreach.config import config_hash, save_resolved, to_dict
+
+    run_dir = Path(cfg.run.out_dir)
+    chash = config_hash(cfg)
+    err = None
+    if rank == 0:
+        try:
+            old_file, hash_file = run_dir / "config.yaml", run_dir / "config_hash"
+            old_hash = hash_file.read_text().strip() if hash_file.is_file() else None
+            if old_file.is_file() and old_hash != chash:
+                import yaml
+
+                old = yaml.safe_load(old_file.read_text()) or {}
+                diff = [d for d in config_diff(old, to_dict(cfg)) if not _continuable(d)]
+                if diff and not cfg.run.overwrite:
+                    shown = "; ".join(diff[:5]) + (" …" if len(diff) > 5 else "")
+                    raise UserError(f"run folder {run_dir} holds a run with a different config ({shown}); "
+                                    "set run.overwrite=true to replace it, or choose another run.name/run.out_dir")
+                if diff:
+                    log.warning("run.overwrite: replacing the run in %s (%s)", run_dir, "; ".join(diff[:5]))
+                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, run_dir / "config.yaml")
+            (run_dir / "config_hash").write_text(chash + "\n")
+        except UserError as e:
+            err = str(e)
+        except OSError as e:
+            err = f"run.out_dir: cannot write the run folder {run_dir}: {e}"
+    _broadcast_error(err)
+    return run_dir, chash
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _build_data(cfg: Any, *, dp_rank: int, dp_size: int) -> tuple[Any, int]:
+    """The data loader of this dp rank (foundation A's pipeline) and the tokenizer's vocabulary size."""
+    from longreach import data as D
+
+    tokenizer = D.load_or_train_tokenizer(cfg.data)
+    loader = D.build_train_data(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
+                                micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                seed=cfg.run.seed)
+    return loader, int(tokenizer.vocab_size)
+
+
+class _TrainerState:
+    """Checkpointed trainer counters (``state_dict``/``load_state_dict``)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.tokens = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.step, self.tokens = int(sd["step"]), int(sd["tokens"])
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: Any, *, data: Any = None) -> dict[str, Any]:
+    """Train ``cfg`` (a :class:`~longreach.job.JobConfig`); collective over all ranks.
+
+    Args:
+        cfg: the job config.
+        data: optional data loader to use instead of the configured pipeline (tests): an iterator of
+            :class:`Batch`-like dicts for this dp rank, optionally with ``state_dict``/``load_state_dict``.
+
+    Returns:
+        Summary: ``run_dir``, ``metrics`` (metrics.jsonl path), ``checkpoint`` (latest checkpoint path or
+        None), ``first_loss``, ``last_loss``, ``tokens_per_s`` (mean over the steps of this process),
+        ``steps`` (final step), ``config_hash``.
+    """
+    from longreach.checkpoint import CheckpointManager
+    from longreach.models import build_model
+    from longreach.optim import build_optimizer, build_scheduler
+
+    rank, world, device, owned = setup_distributed()
+    _setup_logging(rank)
+    try:
+        check_config(cfg, world)
+        mesh, dp_rank, dp_size = build_mesh(cfg.parallel, world, device)
+        vocab = None
+        if data is None:
+            data, vocab = _build_data(cfg, dp_rank=dp_rank, dp_size=dp_size)
+        if vocab is not None and vocab != cfg.model.vocab_size:
+            log.info("model.vocab_size set to the tokenizer's %d (was %d)", vocab, cfg.model.vocab_size)
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
+        run_dir, chash = prepare_run_dir(cfg, rank)
+
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model).to(device)
+        n_params = sum(p.numel() for p in model.parameters())
+        tr = cfg.train
+        engine = None
+        use_engine = cfg.engine.kind != "native" or bool(cfg.engine.options)
+        model = parallelize(model, cfg, mesh, data_parallel=not use_engine)
+
+        def make_optimizer(params: Any) -> torch.optim.Optimizer:
+            return build_optimizer(params, lr=tr.lr, weight_decay=tr.weight_decay, betas=tr.betas)
+
+        if use_engine:
+            from longreach.engines import as_engine_config, build_engine
+
+            ecfg = as_engine_config(cfg.engine)
+            if tr.precision == "bf16" and ecfg.mixed_precision == "fp32":
+                ecfg.mixed_precision = "bf16"
+            engine = build_engine(ecfg, model, make_optimizer, group=dp_cp_group(mesh), mesh=mesh,
+                                  grad_accum=tr.grad_accum, micro_batch_size=tr.micro_batch_size,
+                                  grad_clip=tr.grad_clip or None)
+            model, optimizer = engine.model, engine.optimizer
+        else:
+            optimizer = make_optimizer(model)
+        scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=cfg.run.steps,
+                                    schedule=tr.schedule, lr=tr.lr, min_lr=tr.min_lr)
+        state = _TrainerState()
+        from longreach.config import to_dict
+
+        ckpt = CheckpointManager(cfg.checkpoint, run_dir, config_hash=chash, config=to_dict(cfg))
+        ckpt_state: dict[str, Any] = {**(engine.checkpoint_state() if engine is not None else
+                                         {"model": model, "optimizer": optimizer}),
+                                      "scheduler": scheduler, "trainer": state}
+        if hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
+            ckpt_state["data_loader"] = data
+        start = ckpt.load(ckpt_state)
+        if start:
+            log.info("resumed at step %d", start)
+        state.step = start
+        writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank == 0, truncate_after=start if start else None)
+        log.info("model: %s, %.2fM parameters; world %d (dp %d × cp %d, %s/%s); run folder %s",
+                 cfg.model.arch, n_params / 1e6, world, dp_size, cfg.parallel.cp, cfg.parallel.strategy,
+                 cfg.parallel.layout, run_dir)
+        summary = _loop(cfg, model, optimizer, scheduler, data, mesh, device, state, ckpt, ckpt_state, writer,
+                        rank=rank, dp_size=dp_size, engine=engine)
+        latest = ckpt.latest()
+        if hasattr(ckpt, "close"):
+            ckpt.close()
+        if engine is not None:
+            engine.close()
+        summary.update(run_dir=str(run_dir), metrics=str(run_dir / "metrics.jsonl"),
+                       checkpoint=str(latest) if latest else None, config_hash=chash)
+        log.info("done: metrics %s, checkpoint %s", summary["metrics"], summary["checkpoint"])
+        return summary
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any, mesh: Any,
+          device: torch.device, state: _TrainerState, ckpt: Any, ckpt_state: dict[str, Any], writer: MetricsWriter,
+          *, rank: int, dp_size: int, engine: Any = None) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    tr, run = cfg.train, cfg.run
+    it: Iterator = iter(data)
+    timer = Throughput()
+    losses: list[float] = []
+    rates: list[float] = []
+    bar = tqdm(total=run.steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True,
+               leave=False)
+    saved_at = state.step if state.step else None
+    try:
+        while state.step < run.steps:
+            try:
+                micro = [next(it) for _ in range(tr.grad_accum)]
+            except StopIteration:
+                log.warning("data exhausted at step %d", state.step)
+                break
+            lr = optimizer.param_groups[0]["lr"]
+            res = train_step(model, optimizer, micro, cfg=cfg, mesh=mesh, step=state.step, device=device,
+                             scheduler=scheduler, engine=engine)
+            state.step += 1
+            global_tokens = tr.seq_len * tr.micro_batch_size * tr.grad_accum * dp_size
+            state.tokens += global_tokens
+            rate = timer.tick(global_tokens)
+            losses.append(res.loss)
+            rates.append(rate)
+            mem = memory_mb(device)
+            writer.write({"step": state.step, "loss": res.loss, "tokens_per_s": rate, "lr": lr,
+                          "grad_norm": res.grad_norm, "mem_mb": mem, "tokens": state.tokens})
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.loss:.4f}", refresh=False)
+            if state.step % run.log_every == 0 or state.step == run.steps:
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f mem %.0f MiB", state.step,
+                         run.steps, res.loss, lr, res.grad_norm, rate, mem)
+            if run.save_every and state.step % run.save_every == 0 and state.step < run.steps:
+                ckpt.save(state.step, ckpt_state)
+                saved_at = state.step
+        if saved_at != state.step:
+            ckpt.save(state.step, ckpt_state)
+    finally:
+        bar.close()
+    steady = rates[1:] if len(rates) > 1 else rates  # the first step includes warm-up work
+    return {"first_loss": losses[0] if losses else math.nan, "last_loss": losses[-1] if losses else math.nan,
+            "tokens_per_s": sum(steady) / len(steady) if steady else 0.0, "steps": state.step}

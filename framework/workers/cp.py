@@ -1,0 +1,413 @@
+"""Spawned-rank workers for context-parallel tests and ``longreach bench cp``.
+
+Each worker runs a whole matrix inside one process group and returns plain data (failure strings,
+counters), so one spawn per world size covers every case (DESIGN.md §3).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longreach.kernels import get_backend
+from longreach.kernels import masks as M
+from longreach.parallel import (
+    DocumentZigzag,
+    cp_attention,
+    shard_documents,
+    shard_sequence,
+    unshard_documents,
+    unshard_sequence,
+)
+from longreach.parallel.comm import CommRecorder, WorkCounter
+from longreach.parallel.cp import layout_positions
+
+LAYOUTS = ("contiguous", "zigzag", "stripe")
+STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
+
+
+class Lagged(M.Mask):
+    """Key j visible to query i iff j ≤ i − lag: the first ``lag`` queries have no key at all."""
+
+    is_causal = True
+
+    def __init__(self, lag: int) -> None:
+        self.lag = lag
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        q, k = torch.as_tensor(q_pos).reshape(-1), torch.as_tensor(k_pos).reshape(-1)
+        return (k[None, :] <= q[:, None] - self.lag)[None]
+
+
+class HeadStripes(M.Mask):
+    """Per-head mask (even heads causal, odd heads a causal window of 3): checks head bookkeeping."""
+
+    is_causal = True
+    per_head = True
+
+    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
+        q, k = torch.as_tensor(q_pos).reshape(-1), torch.as_tensor(k_pos).reshape(-1)
+        heads = torch.arange(num_heads) if heads is None else torch.as_tensor(heads).reshape(-1)
+        diff = q[:, None] - k[None, :]
+        causal = diff >= 0
+        window = causal & (diff < 3)
+        return torch.where((heads % 2 == 0)[:, None, None], causal[None], window[None])
+
+
+def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    fin = torch.isfinite(b)
+    if not bool((torch.isfinite(a) == fin).all()) or not bool((a[~fin] == b[~fin]).all()):
+        return float("inf")
+    if not bool(fin.any()):
+        return 0.0
+    return float((a[fin] - b[fin]).abs().max() / b[fin].abs().max().clamp_min(1e-12))
+
+
+def _shard_positions(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.index_select(dim, pos.to(x.device)).contiguous()
+
+
+@dataclass
+class Case:
+    strategy: str
+    layout: object
+    causal: bool = True
+    heads: int = 4
+    kv_heads: int = 4
+    dtype: torch.dtype = torch.float64
+    mask: M.Mask | None = None
+    ulysses_degree: int | None = None
+    batch: int = 1
+    head_dim: int = 12
+    name: str = ""
+
+
+def run_case(rank: int, world: int, case: Case, seq_len: int, seed: int) -> str | None:
+    """Compare cp_attention (output, lse, dq, dk, dv) with the float64 single-rank reference."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, hkv, d = case.batch, case.heads, case.kv_heads, case.head_dim
+    q = torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, seq_len, hkv, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, seq_len, hkv, d, generator=g, dtype=torch.float64)
+    do = torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64)
+    ref = get_backend("reference")
+    eff = case.mask
+    if eff is None:
+        eff = M.causal() if case.causal else M.full()
+    elif case.causal and not eff.is_causal:
+        eff = eff & M.causal()
+    allpos = torch.arange(seq_len)
+    placed = eff.place(allpos, allpos, seq_len=seq_len, num_heads=h)
+    out_r, lse_r = ref.forward(q, k, v, mask=placed)
+    dq_r, dk_r, dv_r = ref.backward(do, q, k, v, out_r, lse_r, mask=placed)
+    pos = layout_positions(case.layout, seq_len, rank, world)
+    ql, kl, vl, dol = (_shard_positions(t, pos, 1).to(case.dtype) for t in (q, k, v, do))
+    for t in (ql, kl, vl):
+        t.requires_grad_(True)
+    out, lse = cp_attention(ql, kl, vl, strategy=case.strategy, layout=case.layout, causal=case.causal,
+                            mask=case.mask, ulysses_degree=case.ulysses_degree, return_lse=True)
+    out.backward(dol)
+    tol = 1e-9 if case.dtype == torch.float64 else 2e-4
+    errs = {
+        "out": _relerr(out.detach(), _shard_positions(out_r, pos, 1)),
+        "lse": _relerr(lse, _shard_positions(lse_r, pos, 2)),
+        "dq": _relerr(ql.grad, _shard_positions(dq_r, pos, 1)),
+        "dk": _relerr(kl.grad, _shard_positions(dk_r, pos, 1)),
+        "dv": _relerr(vl.grad, _shard_positions(dv_r, pos, 1)),
+    }
+    bad = {k_: e for k_, e in errs.items() if not e <= tol}
+    if out.dtype != case.dtype or out.shape != ql.shape[:3] + (d,):
+        bad["out dtype/shape"] = float("nan")
+    if bad:
+        return f"P={world} rank={rank} {case.name or case}: " + ", ".join(f"{k_} err {e:.2e}" for k_, e in bad.items())
+    return None
+
+
+def _heads_for(world: int) -> list[tuple[str, int, int]]:
+    h = 6 if world == 3 else 4
+    return [("MHA", h, h), ("GQA", h, h // 2 if world != 3 else 3), ("MQA", h, 1)]
+
+
+def _degree(strategy: str, world: int) -> int | None:
+    if strategy != "hybrid":
+        return None
+    return 2 if world % 2 == 0 and world > 2 else world
+
+
+def matrix_worker(rank: int, world: int, seq_len: int) -> dict:
+    """The whole correctness matrix on this world size; returns failures and counters."""
+    failures: list[str] = []
+    seed = 0
+
+    def run(case: Case) -> None:
+        nonlocal seed
+        seed += 1
+        try:
+            err = run_case(rank, world, case, seq_len, seed)
+        except Exception as e:  # noqa: BLE001 - report every failing case, keep going
+            err = f"P={world} rank={rank} {case.name}: raised {type(e).__name__}: {e}"
+            if "timed out" in str(e) or isinstance(e, RuntimeError) and "gloo" in str(e).lower():
+                raise
+        if err:
+            failures.append(err)
+
+    # every strategy × layout × causal × MHA/GQA/MQA, float64
+    for strategy in STRATEGIES:
+        for layout in LAYOUTS:
+            for causal in (True, False):
+                for hname, h, hkv in _heads_for(world):
+                    run(Case(strategy=strategy, layout=layout, causal=causal, heads=h, kv_heads=hkv,
+                             ulysses_degree=_degree(strategy, world),
+                             name=f"{strategy}/{layout}/{'causal' if causal else 'full'}/{hname}/f64"))
+    # float32 with a looser tolerance, batch 2
+    for strategy in STRATEGIES:
+        for layout in LAYOUTS:
+            hname, h, hkv = _heads_for(world)[1]
+            run(Case(strategy=strategy, layout=layout, heads=h, kv_heads=hkv, dtype=torch.float32, batch=2,
+                     ulysses_degree=_degree(strategy, world), name=f"{strategy}/{layout}/causal/{hname}/f32/B2"))
+    # masks over global positions, and a fully masked query chunk
+    cu = [0, 7, 8, seq_len // 2 + 1, seq_len]
+    masks = {
+        "sliding_window(7)": M.sliding_window(7),
+        "documents": M.documents(cu),
+        "sinks(3)": M.sinks(3),
+        "sinks(2)|window(4)": M.sinks(2) | M.sliding_window(4),
+        "lagged(no keys for first chunk)": Lagged(seq_len // world + 1),
+        "per-head": HeadStripes(),
+    }
+    for strategy in STRATEGIES:
+        for mname, mask in masks.items():
+            for layout in ("zigzag", "contiguous") if mname in ("documents", "lagged(no keys for first chunk)") \
+                    else ("zigzag",):
+                hname, h, hkv = _heads_for(world)[1]
+                run(Case(strategy=strategy, layout=layout, heads=h, kv_heads=hkv, mask=mask,
+                         ulysses_degree=_degree(strategy, world), name=f"{strategy}/{layout}/{mname}/{hname}"))
+    # per-document zigzag for packed documents
+    doc_lens = [2 * world, 4 * world, 2 * world, seq_len - 8 * world]
+    cu_doc = [0]
+    for n in doc_lens:
+        cu_doc.append(cu_doc[-1] + n)
+    if doc_lens[-1] > 0 and doc_lens[-1] % (2 * world) == 0:
+        doc_layout = DocumentZigzag(cu_doc)
+        for strategy in STRATEGIES:
+            hname, h, hkv = _heads_for(world)[2]
+            run(Case(strategy=strategy, layout=doc_layout, heads=h, kv_heads=hkv, mask=M.documents(cu_doc),
+                     ulysses_degree=_degree(strategy, world), name=f"{strategy}/doc_zigzag/documents/{hname}"))
+    return {"failures": failures, "cases": seed, "counters": counters_worker(rank, world, seq_len)}
+
+
+def suite_worker(rank: int, world: int, seq_len: int, extras: tuple[str, ...] = ()) -> dict:
+    """Everything one world size checks, in one process group: the matrix, counters, layout round
+    trips, and (``"errors"`` in extras) the bad-input errors."""
+    res = matrix_worker(rank, world, seq_len)
+    x = torch.arange(2 * seq_len * 3, dtype=torch.float64).view(2, seq_len, 3)
+    trips = {}
+    for layout in LAYOUTS:
+        trips[layout] = bool(torch.equal(unshard_sequence(shard_sequence(x, layout=layout), layout=layout), x))
+    cu = [0, 2 * world, 6 * world, seq_len]
+    trips["documents"] = bool(torch.equal(unshard_documents(shard_documents(x, cu), cu), x))
+    res["roundtrips"] = trips
+    if "errors" in extras:
+        res["errors"] = error_worker(rank, world)
+    return res
+
+
+def counters_worker(rank: int, world: int, seq_len: int) -> dict:
+    """Bytes and work of forward passes (no lse returned), for the recorder/counter assertions."""
+    res: dict = {}
+    g = torch.Generator().manual_seed(123)
+    h, hkv, d = (6, 3, 12) if world == 3 else (4, 2, 12)
+    q = torch.randn(1, seq_len, h, d, generator=g)
+    k = torch.randn(1, seq_len, hkv, d, generator=g)
+    v = torch.randn(1, seq_len, hkv, d, generator=g)
+    for strategy in ("ring", "ulysses", "allgather"):
+        for layout in LAYOUTS:
+            ql, kl, vl = (shard_sequence(t, layout=layout) for t in (q, k, v))
+            with CommRecorder() as rec, WorkCounter(exact=True) as work:
+                out = cp_attention(ql, kl, vl, strategy=strategy, layout=layout, causal=True)
+            res[(strategy, layout)] = {
+                "sent": dict(rec.sent), "calls": dict(rec.calls), "computed": work.computed.get("fwd", 0),
+                "allowed": work.allowed.get("fwd", 0),
+                "q_bytes": ql.numel() * ql.element_size(), "kv_bytes": 2 * kl.numel() * kl.element_size(),
+                "out_bytes": out.numel() * out.element_size(),
+            }
+    # non-causal ring: every chunk must go all the way round
+    ql, kl, vl = (shard_sequence(t, layout="contiguous") for t in (q, k, v))
+    with CommRecorder() as rec:
+        cp_attention(ql, kl, vl, strategy="ring", layout="contiguous", causal=False)
+    res[("ring", "contiguous", "full")] = {"sent": dict(rec.sent), "kv_bytes": 2 * kl.numel() * kl.element_size()}
+    return res
+
+
+def error_worker(rank: int, world: int) -> dict:
+    """Bad combinations: each must raise (the same message on every rank) before any communication."""
+    msgs: dict[str, str] = {}
+
+    def t(shape_q, shape_kv):
+        return torch.zeros(shape_q), torch.zeros(shape_kv), torch.zeros(shape_kv)
+
+    n = 6
+    cases = {
+        "heads": (t((1, n, world + 1, 8), (1, n, world + 1, 8)), dict(strategy="ulysses", layout="zigzag")),
+        "kv_heads": (t((1, n, 6, 8), (1, n, 2, 8)), dict(strategy="ulysses", layout="contiguous")),
+        "seq": (t((1, 5, 4, 8), (1, 5, 4, 8)), dict(strategy="ring", layout="zigzag")),
+        "layout": (t((1, n, 4, 8), (1, n, 4, 8)), dict(strategy="ring", layout="diagonal")),
+        "strategy": (t((1, n, 4, 8), (1, n, 4, 8)), dict(strategy="spiral", layout="zigzag")),
+        "degree": (t((1, n, 4, 8), (1, n, 4, 8)), dict(strategy="hybrid", layout="zigzag", ulysses_degree=world + 1)),
+        "degree_ring": (t((1, n, 4, 8), (1, n, 4, 8)), dict(strategy="ring", layout="zigzag", ulysses_degree=2)),
+        "shapes": ((torch.zeros(1, n, 4, 8), torch.zeros(1, n + 1, 4, 8), torch.zeros(1, n + 1, 4, 8)),
+                   dict(strategy="allgather", layout="contiguous")),
+    }
+    for name, ((q, k, v), kw) in cases.items():
+        try:
+            cp_attention(q, k, v, **kw)
+            msgs[name] = "NO ERROR"
+        except (ValueError, TypeError) as e:
+            msgs[name] = str(e)
+    # the group still works afterwards: nobody is stuck in a collective
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    msgs["after"] = str(int(x.item()))
+    return msgs
+
+
+def mesh_worker(rank: int, world: int) -> dict:
+    """Build meshes on gloo and report the groups this rank sees."""
+    from longreach.parallel.mesh import ParallelDims
+
+    out: dict = {}
+    dims = ParallelDims(dp=-1, cp=2, world_size=world)
+    mesh = dims.build_mesh("cpu")
+    out["plain"] = {n: ParallelDims.ranks(mesh, n) for n in ("dp", "cp")}
+    hdims = ParallelDims(dp=1, cp=world, world_size=world, ulysses_degree=2)
+    hmesh = hdims.build_mesh("cpu")
+    out["hybrid"] = {n: ParallelDims.ranks(hmesh, n) for n in ("dp", "cp", "cp_ring", "cp_ulysses")}
+    # hybrid attention over the mesh's cp group matches the reference
+    err = run_case(rank, world, Case(strategy="hybrid", layout="zigzag", heads=4, kv_heads=2, ulysses_degree=2,
+                                     name="hybrid on mesh"), 8 * world, 7)
+    out["hybrid_err"] = err
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_worker(rank: int, world: int, cfg: dict) -> list[dict]:
+    """Every strategy × layout of ``cfg`` on this world size; one record per (strategy, layout) on each rank."""
+    torch.manual_seed(cfg["seed"])
+    dtype = getattr(torch, cfg["dtype"])
+    s, h, hkv, d, b = cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["batch"]
+    q = torch.randn(b, s, h, d, dtype=dtype)
+    k = torch.randn(b, s, hkv, d, dtype=dtype)
+    v = torch.randn(b, s, hkv, d, dtype=dtype)
+    do = torch.randn(b, s, h, d, dtype=dtype)
+    recs: list[dict] = []
+    for strategy in cfg["strategies"]:
+        for layout in cfg["layouts"]:
+            rec: dict = {"strategy": strategy, "layout": layout, "world": world, "rank": rank}
+            u = cfg.get("ulysses_degree") or (2 if world % 2 == 0 and world > 2 else world)
+            kw = dict(strategy=strategy, layout=layout, causal=cfg["causal"],
+                      ulysses_degree=u if strategy == "hybrid" else None)
+            rec["ulysses_degree"] = kw["ulysses_degree"]
+            try:
+                ql, kl, vl, dol = (shard_sequence(t, layout=layout) for t in (q, k, v, do))
+                ql.requires_grad_(cfg["backward"])
+                kl.requires_grad_(cfg["backward"])
+                vl.requires_grad_(cfg["backward"])
+                with WorkCounter(exact=True) as exact:  # warm-up, also counts the allowed pairs
+                    cp_attention(ql, kl, vl, **kw)
+                rec["allowed_fwd"] = exact.allowed.get("fwd", 0)
+                dist.barrier()
+                with CommRecorder() as fwd_rec, WorkCounter() as work:
+                    t0 = time.perf_counter()
+                    for _ in range(cfg["repeats"]):
+                        out = cp_attention(ql, kl, vl, **kw)
+                    t_fwd = (time.perf_counter() - t0) / cfg["repeats"]
+                rec.update(fwd_sent=sum(fwd_rec.sent.values()) // cfg["repeats"], fwd_calls=dict(fwd_rec.calls),
+                           work_fwd=work.computed.get("fwd", 0) // cfg["repeats"], time_fwd=t_fwd)
+                if cfg["backward"]:
+                    with CommRecorder() as bwd_rec, WorkCounter() as bwork:
+                        t0 = time.perf_counter()
+                        out.backward(dol)
+                        rec["time_bwd"] = time.perf_counter() - t0
+                    rec.update(bwd_sent=sum(bwd_rec.sent.values()), work_bwd=bwork.computed.get("bwd", 0))
+                esz = ql.element_size()
+                q_bytes, kv_bytes = ql.numel() * esz, 2 * kl.numel() * esz
+                out_bytes = ql.shape[0] * ql.shape[1] * h * v.shape[-1] * esz
+                rec["min_fwd"] = theoretical_min(strategy, world, q_bytes, kv_bytes, out_bytes, h, hkv,
+                                                 kw["ulysses_degree"])
+            except (ValueError, TypeError) as e:
+                rec["error"] = str(e)
+            recs.append(rec)
+    if cfg.get("deepspeed"):
+        recs.append(_deepspeed(rank, world, q, k, v, cfg))
+    return recs
+
+
+def theoretical_min(strategy: str, world: int, q_bytes: int, kv_bytes: int, out_bytes: int, heads: int,
+                    kv_heads: int, degree: int | None) -> float | None:
+    """Forward bytes a rank must send (DESIGN.md §4); None where no minimum is defined."""
+    p = world
+    if strategy == "ring":
+        return (p - 1) * kv_bytes
+    if strategy in ("ulysses", "hybrid"):
+        u = p if strategy == "ulysses" else int(degree)  # type: ignore[arg-type]
+        rep = u / kv_heads if u > kv_heads else 1
+        uly = (u - 1) / u * (q_bytes + rep * kv_bytes + out_bytes)
+        if strategy == "ulysses":
+            return uly
+        r = p // u
+        return uly + (r - 1) * kv_bytes * rep  # ring over post-all-to-all K/V (U·n tokens, Hkv/U heads)
+    if strategy == "allgather":
+        return (p - 1) * kv_bytes
+    return None
+
+
+def _deepspeed(rank: int, world: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: dict) -> dict:
+    """DeepSpeed's Ulysses DistributedAttention on the same shapes (contiguous layout), where it runs."""
+    rec: dict = {"strategy": "deepspeed-ulysses", "layout": "contiguous", "world": world, "rank": rank}
+    try:
+        import os
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from deepspeed.sequence.layer import DistributedAttention
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        from longreach.kernels import attention
+
+        def local(qq, kk, vv, *args, **kwargs):
+            return attention(qq, kk, vv, mask=M.causal() if cfg["causal"] else None, backend="cpu")
+
+        attn = DistributedAttention(local, dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        ql, kl, vl = (shard_sequence(t, layout="contiguous") for t in (q, k, v))
+        attn(ql, kl, vl, 0)
+        orig = dist.all_to_all_single
+        sent = [0, 0]
+
+        def counting(output, input, *a, **kw):  # noqa: A002 - torch's parameter name
+            sent[0] += input.numel() * input.element_size() * (world - 1) // world
+            sent[1] += 1
+            return orig(output, input, *a, **kw)
+
+        dist.all_to_all_single = counting
+        try:
+            t0 = time.perf_counter()
+            for _ in range(cfg["repeats"]):
+                attn(ql, kl, vl, 0)
+            rec["time_fwd"] = (time.perf_counter() - t0) / cfg["repeats"]
+        finally:
+            dist.all_to_all_single = orig
+        rec["fwd_sent"] = sent[0] // cfg["repeats"]
+        rec["fwd_calls"] = {"all_to_all": sent[1] // cfg["repeats"]}
+        esz = ql.element_size()
+        rec["min_fwd"] = theoretical_min("ulysses", world, ql.numel() * esz, 2 * kl.numel() * esz, ql.numel() * esz,
+                                         q.shape[2], k.shape[2], None)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed is a comparison, not a requirement
+        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return rec

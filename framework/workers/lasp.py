@@ -1,0 +1,122 @@
+"""Rank functions for LASP tests and benchmarks (run by :func:`longreach.testing.run_ranks`).
+
+* :func:`lasp_matrix` checks LASP-1/LASP-2 against single-rank lightning attention over a matrix of
+  variants, layouts, dtypes and process groups, and returns the failing cases.
+* :func:`lasp_bench` times LASP-1 vs LASP-2 forward+backward and counts their bytes per rank.
+* :func:`tnl_recipe_runs` trains the tiny TransNormerLLM recipe through the trainer (LASP on cp ranks).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from longreach.kernels.lightning import lightning_attention
+from longreach.parallel import shard_sequence
+from longreach.parallel.comm import CommRecorder
+from longreach.parallel.lasp import lasp_attention, linear_cp_attention
+from longreach.parallel.layouts import layout_multiple
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _inputs(seq_len: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    b, h, d, e = 2, 3, 4, 5
+    q = torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, seq_len, h, e, generator=g, dtype=torch.float64)
+    dout = torch.randn(b, seq_len, h, e, generator=g, dtype=torch.float64)
+    decay = torch.tensor([1.0, 0.1, 0.001], dtype=torch.float64)
+    return tuple(x.to(dtype) for x in (q, k, v, dout, decay))
+
+
+def lasp_matrix(rank: int, world_size: int) -> list[str]:
+    """Every LASP case on this world; returns descriptions of the cases whose output or gradients differ."""
+    failures: list[str] = []
+    groups: list[tuple[str, Any]] = [("world", None)]
+    if world_size == 4:
+        # two cp groups of two ranks each: exercises group-rank → global-rank mapping
+        sub = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        groups.append(("pairs", sub[rank // 2]))
+    for gname, group in groups:
+        p = world_size if group is None else dist.get_world_size(group)
+        for layout in ("contiguous", "zigzag"):
+            for variant in ("lasp1", "lasp2"):
+                for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+                    chunk = 5  # odd chunk length
+                    seq_len = layout_multiple(layout, p) * chunk
+                    q, k, v, dout, decay = _inputs(seq_len, dtype, seed=seq_len + p)
+                    # single-rank oracle: float64 naive over the whole sequence
+                    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+                    ref = lightning_attention(*leaves, decay.double(), backend="naive")
+                    ref_grads = torch.autograd.grad((ref * dout.double()).sum(), leaves)
+                    local = [shard_sequence(x, layout=layout, group=group).requires_grad_() for x in (q, k, v)]
+                    out = linear_cp_attention(*local, decay, variant=variant, layout=layout, group=group)
+                    grads = torch.autograd.grad((out * shard_sequence(dout, layout=layout, group=group)).sum(), local)
+                    checks = {"out": (out, ref)} | {f"d{n}": (g, r) for n, g, r in zip("qkv", grads, ref_grads)}
+                    for name, (got, want) in checks.items():
+                        err = _rel(got, shard_sequence(want, layout=layout, group=group))
+                        if not err < tol or got.dtype != dtype:
+                            failures.append(f"rank {rank} group={gname} {variant} {layout} {dtype} {name}: "
+                                            f"rel err {err:.2e} (dtype {got.dtype})")
+    return failures
+
+
+def lasp_bench(rank: int, world_size: int, *, seq_lens: list[int], batch: int, heads: int, head_dim: int,
+               repeats: int, layout: str) -> list[dict[str, Any]]:
+    """Forward+backward time and bytes per rank of LASP-1 and LASP-2 at each global sequence length."""
+    rows = []
+    decay = torch.tensor([0.5 ** (h + 1) for h in range(heads)])
+    for seq_len in seq_lens:
+        g = torch.Generator().manual_seed(seq_len)
+        full = [torch.randn(batch, seq_len, heads, head_dim, generator=g) for _ in range(3)]
+        local = [shard_sequence(x, layout=layout) for x in full]
+        for variant in ("lasp1", "lasp2"):
+            times = []
+            fwd, bwd = CommRecorder(), CommRecorder()
+            for rep in range(repeats + 1):
+                leaves = [x.clone().requires_grad_() for x in local]
+                dist.barrier()
+                t0 = time.perf_counter()
+                with fwd if rep == 0 else contextlib.nullcontext():  # the first run warms up and counts bytes
+                    out = lasp_attention(*leaves, decay, variant=variant, layout=layout)
+                with bwd if rep == 0 else contextlib.nullcontext():
+                    out.sum().backward()
+                dist.barrier()
+                if rep > 0:
+                    times.append(time.perf_counter() - t0)
+            rows.append({"variant": variant, "layout": layout, "seq_len": seq_len, "rank": rank,
+                         "world_size": world_size, "time_s": min(times),
+                         "bytes_sent": fwd.bytes_sent() + bwd.bytes_sent(),
+                         "bytes_received": sum(fwd.received.values()) + sum(bwd.received.values()),
+                         "bytes_fwd": fwd.bytes_sent(), "bytes_bwd": bwd.bytes_sent(),
+                         "calls": sum(fwd.calls.values()) + sum(bwd.calls.values())})
+    return rows
+
+
+def tnl_recipe_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[list[float]]:
+    """Train ``configs/tnl_tiny_cpu.yaml`` through ``longreach.trainer.train`` once per override list.
+
+    Data are the trainer tests' deterministic arithmetic sequences (bit-identical everywhere). Returns
+    the per-step losses of each run from its ``metrics.jsonl`` (rank 0; other ranks return empty lists).
+    """
+    from longreach.config import load_config, resolve_config_path
+    from longreach.job import JobConfig
+    from longreach.metrics import read_metrics
+    from longreach.trainer import train
+    from longreach.workers.trainer import SyntheticBatches
+
+    curves = []
+    for overrides in runs:
+        cfg = load_config(JobConfig, resolve_config_path("tnl_tiny_cpu"), overrides)
+        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len,
+                                batch=cfg.train.micro_batch_size, seed=cfg.run.seed)
+        summary = train(cfg, data=data)
+        curves.append([float(r["loss"]) for r in read_metrics(summary["metrics"])] if rank == 0 else [])
+    return curves

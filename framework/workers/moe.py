@@ -1,0 +1,128 @@
+"""Spawned-rank workers for the mixture tests (expert parallelism over gloo)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+
+def _close(name: str, a: torch.Tensor, b: torch.Tensor, failures: list[str], tol: float = 1e-9) -> None:
+    if a.shape != b.shape:
+        failures.append(f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
+        return
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    if not err <= tol * max(1.0, b.abs().max().item() if b.numel() else 1.0):
+        failures.append(f"{name}: max abs error {err:.3e}")
+
+
+def ep_equivalence(rank: int, world_size: int, cases: list[dict]) -> list[str]:
+    """Expert-parallel MoE vs the same layer on one rank holding every token and every expert.
+
+    Each case: ``experts, top_k, dim, hidden, batch, seq, capacity_factor``. Without dropping, output,
+    input gradient, expert gradients (this rank's slice) and the summed router gradient must equal
+    the single-rank ones; token counts per expert must be conserved in every case.
+    """
+    from longreach.mixtures.moe import MoEConfig, MoEFFN
+
+    torch.set_default_dtype(torch.float64)
+    failures: list[str] = []
+    group = dist.group.WORLD
+    for i, case in enumerate(cases):
+        tag = f"P={world_size} case {i} {case}"
+        torch.manual_seed(1234 + i)  # identical full layer and data on every rank
+        cfg = MoEConfig(dim=case["dim"], hidden=case["hidden"], num_experts=case["experts"], top_k=case["top_k"],
+                        capacity_factor=case.get("capacity_factor"), router_init_std=0.5)
+        full = MoEFFN(cfg)
+        x_all = torch.randn(world_size * case["batch"], case["seq"], case["dim"])  # [P*B, S, D]
+        target = torch.randn_like(x_all)
+        # single-rank reference: every token, every expert
+        ref = copy.deepcopy(full)
+        x_ref = x_all.clone().requires_grad_(True)
+        y_ref = ref(x_ref)
+        (y_ref * target).sum().backward()
+        # expert parallel: this rank's tokens, E/P experts
+        ep = copy.deepcopy(full)
+        ep.shard_experts(group)
+        sl = slice(rank * case["batch"], (rank + 1) * case["batch"])
+        x_loc = x_all[sl].clone().requires_grad_(True)
+        y = ep(x_loc)
+        (y * target[sl]).sum().backward()
+
+        el = cfg.num_experts // world_size
+        es = slice(rank * el, (rank + 1) * el)
+        chosen = ep.stats["tokens_per_expert"].clone()
+        kept = ep.stats["kept_per_expert"].clone()
+        dist.all_reduce(chosen, group=group)
+        dist.all_reduce(kept, group=group)
+        if not torch.equal(ep.stats["received_per_local_expert"], kept[es]):
+            failures.append(f"{tag}: received per local expert {ep.stats['received_per_local_expert'].tolist()} "
+                            f"!= kept by all ranks {kept[es].tolist()}")
+        if int(kept.sum()) + _sum_dropped(ep, group) != world_size * case["batch"] * case["seq"] * cfg.top_k:
+            failures.append(f"{tag}: kept + dropped != tokens * k")
+        if not torch.equal(chosen, ref.stats["tokens_per_expert"]):
+            failures.append(f"{tag}: choices per expert {chosen.tolist()} != single rank "
+                            f"{ref.stats['tokens_per_expert'].tolist()}")
+        if case.get("capacity_factor") is not None:
+            continue  # capacity is per rank's local tokens: outputs legitimately differ
+        if ref.stats["dropped"] != 0:
+            failures.append(f"{tag}: single rank dropped tokens without a capacity factor")
+        _close(f"{tag} out", y, y_ref[sl].detach(), failures)
+        _close(f"{tag} dx", x_loc.grad, x_ref.grad[sl], failures)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            _close(f"{tag} d{name}", getattr(ep.experts, name).weight.grad,
+                   getattr(ref.experts, name).weight.grad[es], failures)
+        g_router = ep.router.weight.grad.clone()
+        dist.all_reduce(g_router, group=group)
+        _close(f"{tag} drouter", g_router, ref.router.weight.grad, failures)
+        # replicated-parameter mode (what the trainer uses): SUM of gradients = single-rank gradients
+        rep = copy.deepcopy(full)
+        rep.shard_experts(group, replicate_params=True)
+        y_rep = rep(x_all[sl])
+        (y_rep * target[sl]).sum().backward()
+        _close(f"{tag} replicated out", y_rep, y_ref[sl].detach(), failures)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            g = getattr(rep.experts, name).weight.grad.clone()
+            dist.all_reduce(g, group=group)
+            _close(f"{tag} replicated d{name}", g, getattr(ref.experts, name).weight.grad, failures)
+    return failures
+
+
+def _sum_dropped(layer, group) -> int:
+    t = torch.tensor([layer.stats["dropped"]], dtype=torch.int64)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+def cp_attention_routing(rank: int, world_size: int, layouts: list[str]) -> list[str]:
+    """Attention-/similarity-aware routing mixes through the context-parallel inner attention equal the
+    single-rank explicit products A·P and S·P on this rank's tokens (every layout given)."""
+    from longreach.attention import AttentionContext, ContextParallelAttention
+    from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
+    from longreach.parallel import sequence_positions, shard_sequence
+
+    failures: list[str] = []
+    for layout in layouts:
+        torch.manual_seed(7)
+        b, s, h, hkv, d, e = 1, 8 * world_size, 4, 2, 8, 5
+        q = torch.randn(b, s, h, d, dtype=torch.float64)
+        k = torch.randn(b, s, hkv, d, dtype=torch.float64)
+        x = torch.randn(b, s, d, dtype=torch.float64)
+        w = torch.randn(d, d, dtype=torch.float64) * 0.3
+        probs = torch.randn(b, s, e, dtype=torch.float64).softmax(-1)
+        want = explicit_attention_matrix(q, k) @ probs  # [B, S, E]
+        sc = ((x @ w.t()) @ x.transpose(1, 2) / 0.5).masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+        want_sim = sc.softmax(-1) @ probs
+        inner = ContextParallelAttention(strategy="ring", layout=layout, backend="reference")
+        ctx = AttentionContext(seq_len=s, positions=sequence_positions(s, layout=layout))
+        sh = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
+        got = attention_mix(sh(probs), sh(q), sh(k), inner=inner, ctx=ctx)
+        _close(f"P={world_size} {layout} attention-aware", got, sh(want), failures)
+        got_sim = similarity_mix(sh(probs), sh(x), sh(x @ w.t()), tau=0.5, inner=inner, ctx=ctx)
+        _close(f"P={world_size} {layout} similarity-aware", got_sim, sh(want_sim), failures)
+    return failures
+
+
+def ep_and_cp_routing(rank: int, world_size: int, cases: list[dict]) -> list[str]:
+    """Both checks in one spawn (group start costs seconds)."""
+    return ep_equivalence(rank, world_size, cases) + cp_attention_routing(rank, world_size, ["zigzag", "contiguous"])

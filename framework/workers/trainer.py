@@ -1,0 +1,215 @@
+"""Worker functions for multi-rank trainer tests (spawned by ``longreach.testing.run_ranks``).
+
+Each worker runs a whole matrix of cases in one process group and returns a list of failure strings
+(empty when everything matched), so one spawn per world size covers everything.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+IGNORE = -100
+
+
+class SyntheticBatches:
+    """Deterministic, learnable batches: arithmetic sequences token_i = (a + c·i) mod V.
+
+    The next token follows from the previous two, so a tiny model's loss falls within a few dozen steps.
+    Labels are shifted on the global sequence (position i predicts token i+1; the last is ignored), and
+    ``ignore_every`` additionally ignores a pseudo-random share of labels (uneven counts per shard).
+    Stateful (``state_dict``/``load_state_dict``): the position in the stream is checkpointed.
+
+    Args:
+        vocab: vocabulary size V.
+        seq_len: global sequence length S.
+        batch: rows per micro-batch.
+        seed: base seed; rows depend on (seed, dp_rank, index) only.
+        dp_rank / dp_size: this data-parallel rank's stream.
+        documents: pack two documents per row (per-document position ids and cu_seqlens).
+        ignore_every: ignore labels where a hash of the position hits 0 mod this (0: none).
+    """
+
+    def __init__(self, *, vocab: int, seq_len: int, batch: int, seed: int = 0, dp_rank: int = 0, dp_size: int = 1,
+                 documents: bool = False, ignore_every: int = 0) -> None:
+        self.vocab, self.seq_len, self.batch, self.seed = vocab, seq_len, batch, seed
+        self.dp_rank, self.dp_size, self.documents, self.ignore_every = dp_rank, dp_size, documents, ignore_every
+        self.index = 0
+
+    def make(self, index: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index * self.dp_size + self.dp_rank)
+        s, b, v = self.seq_len, self.batch, self.vocab
+        a = torch.randint(0, v, (b, 1), generator=g)
+        c = torch.randint(1, 4, (b, 1), generator=g)
+        tokens = (a + c * torch.arange(s + 1)) % v  # [B, S+1]
+        inputs, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()  # [B, S]
+        labels[:, -1] = IGNORE
+        out: dict[str, Any] = {"input_ids": inputs, "labels": labels}
+        if self.ignore_every:
+            drop = torch.randint(0, self.ignore_every, (b, s), generator=g) == 0
+            labels[drop] = IGNORE
+        if self.documents:
+            cut = s // 3 + 1
+            cu = torch.tensor([0, cut, s])
+            out["cu_seqlens"] = cu
+            pos = torch.cat([torch.arange(cut), torch.arange(s - cut)]).expand(b, s).clone()
+            out["position_ids"] = pos
+            labels[:, cut - 1] = IGNORE  # no prediction across the document boundary
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        out = self.make(self.index)
+        self.index += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"index": self.index}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        self.index = int(sd["index"])
+
+
+def tiny_job(**over: Any):
+    """A small JobConfig for tests (dotted keys in ``over``: ``{"train.seq_len": 32}``)."""
+    from longreach.job import JobConfig
+    from longreach.models.config import ModelConfig
+
+    cfg = JobConfig(model=ModelConfig(vocab_size=37, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                                      max_seq_len=64))
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in over.items():
+        sec, name = key.split(".", 1)
+        sections.setdefault(sec, {})[name] = value
+    for sec, values in sections.items():
+        cfg = dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **values)})
+    return dataclasses.replace(cfg)  # re-run JobConfig's cross-section checks
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> str | None:
+    err = (got - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    return None if err <= tol else f"{name}: relative error {err:.3e} > {tol:.0e}"
+
+
+def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[str]:
+    """For each case, parallel gradients (dp × cp, strategy, layout) must equal one rank's full-batch ones.
+
+    The reference runs on every rank without any collective: the full global batch (all dp ranks'
+    micro-batches), local causal attention, float64. Case keys: dp, cp, strategy, layout, documents,
+    grad_accum, activation_checkpointing, engine (an ``engine:`` section routed through longreach.engines).
+    """
+    from longreach.models import build_model
+    from longreach.parallel.config import ParallelConfig
+    from longreach.trainer import build_mesh, forward_backward
+
+    failures: list[str] = []
+    meshes: dict[tuple[int, int], Any] = {}
+    for case in cases:
+        name = ", ".join(f"{k}={v}" for k, v in case.items())
+        try:
+            dp, cp = case["dp"], case["cp"]
+            accum = case.get("grad_accum", 1)
+            cfg = tiny_job(**{"train.seq_len": 24, "train.grad_accum": accum, "attention.backend": "reference",
+                              "parallel.dp": dp, "parallel.cp": cp,
+                              "parallel.strategy": case.get("strategy", "ring"),
+                              "parallel.layout": case.get("layout", "zigzag"), "parallel.backend": "reference",
+                              "train.loss_chunk_size": 7,
+                              "train.activation_checkpointing": case.get("activation_checkpointing", False)})
+            torch.manual_seed(11)
+            base = build_model(cfg.model).double()
+            streams = [SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=3,
+                                        dp_rank=r, dp_size=dp, documents=case.get("documents", False),
+                                        ignore_every=3) for r in range(dp)]
+            batches = [[s.make(i) for i in range(accum)] for s in streams]  # [dp][accum]
+            # reference: everything on this rank, no process group involved
+            ref = copy.deepcopy(base)
+            ref_cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7})
+            from longreach.parallelize import parallelize
+            parallelize(ref, ref_cfg, None)
+            flat = [mb for per_rank in batches for mb in per_rank]
+            ref_loss, _, ref_n = forward_backward(ref, flat, cfg=ref_cfg, mesh=None, step=0, device=torch.device("cpu"))
+            # parallel
+            if (dp, cp) not in meshes:
+                meshes[(dp, cp)] = build_mesh(ParallelConfig(dp=dp, cp=cp), world_size, torch.device("cpu"))
+            mesh, dp_rank, _ = meshes[(dp, cp)]
+            engine = None
+            if "engine" in case:  # through longreach.engines (which averages gradients) instead of our DDP
+                from longreach.engines import as_engine_config, build_engine
+                from longreach.parallelize import dp_cp_group
+
+                model = parallelize(copy.deepcopy(base), cfg, mesh, data_parallel=False)
+                engine = build_engine(as_engine_config(case["engine"]), model,
+                                      lambda ps: torch.optim.SGD(ps, lr=0.0), group=dp_cp_group(mesh), mesh=mesh)
+                model = engine.model
+            else:
+                model = parallelize(copy.deepcopy(base), cfg, mesh)
+            loss, _, n = forward_backward(model, batches[dp_rank], cfg=cfg, mesh=mesh, step=0,
+                                          device=torch.device("cpu"), engine=engine)
+            if n != ref_n:
+                failures.append(f"[{name}] token count {n} != reference {ref_n}")
+            if abs(loss - ref_loss) > 1e-10 * abs(ref_loss):
+                failures.append(f"[{name}] loss {loss!r} != reference {ref_loss!r}")
+            inner = model.module if hasattr(model, "module") else model
+            got = {n.replace("._checkpoint_wrapped_module", ""): p for n, p in inner.named_parameters()}
+            for pname, p in ref.named_parameters():
+                g = got[pname].grad
+                g = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2 shards
+                msg = _close(pname + ".grad", g, p.grad, 1e-9)
+                if msg:
+                    failures.append(f"[{name}] {msg}")
+        except Exception as e:  # noqa: BLE001 - report every case
+            import traceback
+
+            failures.append(f"[{name}] {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}")
+    return failures
+
+
+def train_worker(rank: int, world_size: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``longreach.trainer.train`` for each run spec ({"out_dir", "over": {...}, "remove_latest": bool}).
+
+    ``remove_latest`` deletes the newest checkpoint first (rank 0, then a barrier) so the run resumes
+    from the one before. Returns each run's summary.
+    """
+    import shutil
+    from pathlib import Path
+
+    from longreach.trainer import train
+
+    out = []
+    for spec in runs:
+        cfg = tiny_job(**{"run.out_dir": spec["out_dir"], **spec.get("over", {})})
+        if spec.get("remove_latest"):
+            if rank == 0:
+                steps = sorted(Path(spec["out_dir"], "checkpoints").glob("step-*"))
+                shutil.rmtree(steps[-1])
+            dist.barrier()
+        dp = world_size // cfg.parallel.cp
+        dp_rank = rank // cfg.parallel.cp
+        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len,
+                                batch=cfg.train.micro_batch_size, seed=cfg.run.seed, dp_rank=dp_rank, dp_size=dp,
+                                documents=spec.get("documents", False))
+        out.append(train(cfg, data=data))
+    return out
+
+
+def two_rank_suite(rank: int, world_size: int, grad_cases: list[dict[str, Any]], runs: list[dict[str, Any]]
+                   ) -> tuple[list[str], list[dict[str, Any]], tuple[list[dict], list[dict]]]:
+    """The trainer tests' whole 2-rank matrix in one group.
+
+    Returns:
+        ``(gradient failures, summaries of runs[:-1], (metrics of runs[-1], metrics after resuming it from
+        its second-to-last checkpoint))``.
+    """
+    from longreach.metrics import read_metrics
+
+    failures = grad_match_worker(rank, world_size, grad_cases)
+    summaries = train_worker(rank, world_size, runs)
+    straight = read_metrics(summaries[-1]["metrics"]) if rank == 0 else []
+    train_worker(rank, world_size, [{**runs[-1], "remove_latest": True}])
+    again = read_metrics(summaries[-1]["metrics"]) if rank == 0 else []
+    return failures, summaries, (straight, again)

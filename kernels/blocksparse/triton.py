@@ -1,0 +1,301 @@
+"""``triton``: block-sparse flash attention in Triton (forward, backward, LSE, GQA).
+
+The host builds a :class:`~._plan.TilePlan` from the mask: per (head, query tile) the list of non-empty
+key tiles, the tile classes, and the elementwise pattern of PARTIAL tiles packed as ``int8 [P, BM, BN]``.
+Kernels loop only over listed tiles (EMPTY tiles cost nothing), apply the packed pattern on PARTIAL
+tiles and only the sequence bounds on FULL ones. Forward: online softmax, returns out and the natural-log
+LSE. Backward (given the *global* out/lse): one kernel accumulates dK/dV per key tile over the query
+heads of its K/V head (GQA without expanding K/V), one accumulates dQ per query tile.
+
+Computation is in float32 (fp16/bf16 inputs are upcast in the kernels; bf16 is cast on the host under
+the interpreter, whose numpy has no bf16). Without CUDA the module sets ``TRITON_INTERPRET=1`` before
+importing triton, so the same kernels run (slowly) on CPU; keep such runs ≤ 256 tokens.
+Same contract as :mod:`longreach.kernels.dense.reference`.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the triton import: @triton.jit reads it
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from ..dense.reference import check_shapes  # noqa: E402
+from ..masks import Mask, PlacedMask, _Full, place  # noqa: E402
+from ._plan import build_plan  # noqa: E402
+
+__all__ = ["forward", "backward", "block_sizes"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_sizes(device: torch.device) -> tuple[int, int]:
+    """(BM, BN) tile sizes: 64×64 on GPU; 32×32 under the interpreter (more tiles to skip in tests)."""
+    return (64, 64) if device.type == "cuda" and not _interpreting() else (32, 32)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KIND, PIDX, LIST, CNT, PMASK,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    H, REP, SQ, SK, D, E, NQ, NK, scale,
+    PER_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // REP
+    if PER_HEAD:
+        mh = h
+    else:
+        mh = 0
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    re = tl.arange(0, BE)
+    offs_m = qt * BM + rm
+    row_ok = offs_m < SQ
+    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
+                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BM, BD]
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, BE], dtype=tl.float32)
+    row = mh * NQ + qt
+    cnt = tl.load(CNT + row)
+    for j in range(0, cnt):
+        n = tl.load(LIST + row * NK + j)
+        kind = tl.load(KIND + row * NK + n)
+        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0)
+        offs_n = n * BN + rn
+        col_ok = offs_n < SK
+        k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
+                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BN, BD]
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
+                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BN, BE]
+        is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1  # [BM, BN] predicate
+        pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
+        allowed = (pm != 0) & col_ok[None, :]
+        s = tl.dot(q, tl.trans(k)) * scale  # [BM, BN]
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
+    tl.store(O + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (re[None, :] < E))
+    tl.store(LSE + bh * SQ + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KIND, PIDX, LIST, CNT, PMASK,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    H, REP, SQ, SK, D, E, NQ, NK, scale,
+    PER_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // REP
+    if PER_HEAD:
+        mh = h
+    else:
+        mh = 0
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    re = tl.arange(0, BE)
+    offs_m = qt * BM + rm
+    row_ok = offs_m < SQ
+    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
+                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BM, BD]
+    do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :],
+                 mask=row_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BM, BE]
+    lse = tl.load(LSE + bh * SQ + offs_m, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows have no allowed key: p = 0 anyway
+    delta = tl.load(DELTA + bh * SQ + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BM, BD], dtype=tl.float32)
+    row = mh * NQ + qt
+    cnt = tl.load(CNT + row)
+    for j in range(0, cnt):
+        n = tl.load(LIST + row * NK + j)
+        kind = tl.load(KIND + row * NK + n)
+        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0)
+        offs_n = n * BN + rn
+        col_ok = offs_n < SK
+        k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
+                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BN, BD]
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
+                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BN, BE]
+        is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1
+        pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
+        allowed = (pm != 0) & col_ok[None, :] & row_ok[:, None]
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
+        dp = tl.dot(do, tl.trans(v))  # [BM, BN]
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, k)
+    tl.store(DQ + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :], dq * scale,
+             mask=row_ok[:, None] & (rd[None, :] < D))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KIND, PIDX, TLIST, TCNT, PMASK,
+    s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
+    H, HKV, REP, SQ, SK, D, E, NQ, NK, scale,
+    PER_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+):
+    n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    rm = tl.arange(0, BM)
+    rn = tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    re = tl.arange(0, BE)
+    offs_n = n * BN + rn
+    col_ok = offs_n < SK
+    k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
+                mask=col_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BN, BD]
+    v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
+                mask=col_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BN, BE]
+    dk = tl.zeros([BN, BD], dtype=tl.float32)
+    dv = tl.zeros([BN, BE], dtype=tl.float32)
+    for g in range(0, REP):  # the query heads sharing this K/V head
+        h = hk * REP + g
+        if PER_HEAD:
+            mh = h
+        else:
+            mh = 0
+        col = mh * NK + n
+        cnt = tl.load(TCNT + col)
+        for j in range(0, cnt):
+            qt = tl.load(TLIST + col * NQ + j)
+            kind = tl.load(KIND + (mh * NQ + qt) * NK + n)
+            pidx = tl.maximum(tl.load(PIDX + (mh * NQ + qt) * NK + n), 0)
+            offs_m = qt * BM + rm
+            row_ok = offs_m < SQ
+            q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
+                        mask=row_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BM, BD]
+            do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :],
+                         mask=row_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BM, BE]
+            lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=row_ok, other=0.0)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=row_ok, other=0.0)
+            is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1
+            pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
+            allowed = (pm != 0) & col_ok[None, :] & row_ok[:, None]
+            s = tl.dot(q, tl.trans(k)) * scale  # [BM, BN]
+            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds), q)
+    tl.store(DK + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :], dk * scale,
+             mask=col_ok[:, None] & (rd[None, :] < D))
+    tl.store(DV + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :], dv,
+             mask=col_ok[:, None] & (re[None, :] < E))
+
+
+def _pow2(x: int) -> int:
+    return max(16, 1 << (int(x) - 1).bit_length())
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | PlacedMask | None):
+    check_shapes(q, k, v)
+    if q.dtype == torch.float64:
+        raise ValueError("the 'triton' attention backend computes in float32; use backend='reference' for float64")
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
+    placed = place(mask, sq, sk, num_heads=h)
+    if placed is None:  # full attention: every tile FULL
+        placed = _Full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
+    bm, bn = block_sizes(q.device)
+    plan = build_plan(placed, sq, sk, h, bm, bn, with_partial=True)
+    dev = q.device
+    for name in ("kind", "row_list", "row_count", "col_list", "col_count", "partial_index", "partial_mask"):
+        setattr(plan, name, getattr(plan, name).to(dev))
+    return plan, bm, bn
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    # numpy (the interpreter) has no bfloat16
+    return x.float() if (x.dtype == torch.bfloat16 and _interpreting()) else x
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Mask | PlacedMask | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse forward. Returns out ``[B, Sq, H, E]`` (q dtype) and lse ``[B, H, Sq]`` float32."""
+    plan, bm, bn = _prepare(q, k, v, mask)
+    b, sq, h, d = q.shape
+    sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qc, kc, vc = (_compute_dtype(x).contiguous() for x in (q, k, v))
+    out = torch.empty(b, sq, h, e, dtype=qc.dtype, device=q.device)  # [B, Sq, H, E]
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)  # [B, H, Sq]
+    nq, nk = plan.kind.shape[1], plan.kind.shape[2]
+    if sq == 0:
+        return out.to(q.dtype), lse
+    _fwd_kernel[(nq, b * h)](
+        qc, kc, vc, out, lse, plan.kind, plan.partial_index, plan.row_list, plan.row_count, plan.partial_mask,
+        *qc.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3],
+        h, h // hkv, sq, sk, d, e, nq, nk, scale,
+        PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e),
+    )
+    return out.to(q.dtype), lse
+
+
+def backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    *, mask: Mask | PlacedMask | None = None, scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows."""
+    plan, bm, bn = _prepare(q, k, v, mask)
+    b, sq, h, d = q.shape
+    sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qc, kc, vc = (_compute_dtype(x).contiguous() for x in (q, k, v))
+    do = dout.to(qc.dtype).contiguous()  # [B, Sq, H, E]
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, Sq]
+    lse32 = lse.to(torch.float32).contiguous()
+    dq = torch.zeros(b, sq, h, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(b, sk, hkv, d, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(b, sk, hkv, e, dtype=torch.float32, device=q.device)
+    nq, nk = plan.kind.shape[1], plan.kind.shape[2]
+    if sq == 0 or sk == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    common = dict(PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e))
+    # dq/dk/dv are float32 with the same [B, S, H, *] layouts as q/k/v when contiguous
+    _bwd_dq_kernel[(nq, b * h)](
+        qc, kc, vc, do, lse32, delta, dq, plan.kind, plan.partial_index, plan.row_list, plan.row_count,
+        plan.partial_mask,
+        *qc.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *do.stride()[:3],
+        h, h // hkv, sq, sk, d, e, nq, nk, scale, **common,
+    )
+    _bwd_dkdv_kernel[(nk, b * hkv)](
+        qc, kc, vc, do, lse32, delta, dk, dv, plan.kind, plan.partial_index, plan.col_list, plan.col_count,
+        plan.partial_mask,
+        *qc.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *do.stride()[:3],
+        h, hkv, h // hkv, sq, sk, d, e, nq, nk, scale, **common,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+

@@ -1,0 +1,164 @@
+"""Chunked lightning attention in PyTorch (Lightning Attention-2), explicit forward and backward.
+
+The sequence is cut into blocks of ``C`` tokens (the last one may be shorter). Per head, λ = e^{−s}:
+
+* intra-block: ``[(Q_t K_tᵀ) ⊙ D] V_t`` with ``D[i, j] = λ^{i−j}`` (j ≤ i), all blocks at once;
+* inter-block: ``diag(λ^{i+1}) Q_t KV_t`` with KV_t the ``[D, E]`` state entering block t;
+* state scan: ``KV_{t+1} = λ^{n_t} KV_t + (diag(λ^{n_t−1−j}) K_t)ᵀ V_t`` with n_t the block's real
+  length (so a ragged last block gives the exact final state).
+
+Backward: the intra terms for every block in parallel; the inter terms from a forward scan of the
+states (dQ) and a reverse scan of their gradients (dK, dV, d(initial state)). States are recomputed in
+backward rather than stored (they are ``S/C × D × E`` per head). Everything runs in float32 (float64
+for float64 input); decays are never inverted (no λ^{−j}), so nothing overflows for large s·C.
+"""
+from __future__ import annotations
+
+import torch
+
+from .naive import decay_matrix
+
+__all__ = ["DEFAULT_CHUNK", "forward", "backward", "lightning"]
+
+DEFAULT_CHUNK = 64
+
+
+def _blocks(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``[B, S, H, X]`` → zero-padded, head-major ``[B, H, NB, C, X]`` (batched matmuls over blocks)."""
+    b, s, h, d = x.shape
+    nb = -(-s // c)
+    pad = nb * c - s
+    if pad:
+        x = torch.cat([x, x.new_zeros(b, pad, h, d)], dim=1)
+    return x.view(b, nb, c, h, d).permute(0, 3, 1, 2, 4).contiguous()
+
+
+def _unblock(x: torch.Tensor, s: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, H, NB, C, X]`` → ``[B, S, H, X]`` (padding dropped)."""
+    b, h, nb, c, d = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(b, nb * c, h, d)[:, :s].to(dtype)
+
+
+def _weights(rate: torch.Tensor, s: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay factors for blocks of ``c`` over a sequence of ``s`` tokens, shaped for ``[B, H, NB, C, X]``.
+
+    Returns:
+        q_w ``[1, H, 1, C, 1]``: λ^{i+1} (query i's weight on the entering state);
+        k_w ``[1, H, NB, C, 1]``: λ^{n_t−1−j} for j < n_t, 0 on padding (key j's weight in the block state);
+        block_w ``[1, H, NB, 1, 1]``: λ^{n_t}, the decay across block t.
+    """
+    nb = -(-s // c)
+    lens = torch.full((nb,), c, device=rate.device, dtype=rate.dtype)
+    lens[-1] = s - (nb - 1) * c
+    j = torch.arange(c, device=rate.device, dtype=rate.dtype)
+    r = rate[:, None, None]  # [H, 1, 1]
+    q_w = torch.exp(-r * (j + 1)[None, None, :])  # [H, 1, C]
+    gap = lens[:, None] - 1 - j[None, :]  # [NB, C]
+    k_w = torch.where(gap >= 0, torch.exp(-r * gap.clamp(min=0)), torch.zeros((), dtype=rate.dtype, device=rate.device))
+    block_w = torch.exp(-r * lens[None, :, None])  # [H, NB, 1]
+    return q_w[None, ..., None], k_w[None, ..., None], block_w[None, ..., None]
+
+
+def _entering_states(kvb: torch.Tensor, block_w: torch.Tensor, s0: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward scan: states entering each block ``[B, H, NB, D, E]`` and the final state ``[B, H, D, E]``."""
+    b, h, nb, d, e = kvb.shape
+    kv = kvb.new_zeros(b, h, d, e) if s0 is None else s0
+    states = torch.empty_like(kvb)
+    for t in range(nb):
+        states[:, :, t] = kv
+        kv = block_w[:, :, t] * kv + kvb[:, :, t]
+    return states, kv
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+            initial_state: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked forward.
+
+    Args:
+        q, k: ``[B, S, H, D]``; v: ``[B, S, H, E]``; decay: ``[H]``; initial_state: ``[B, H, D, E]`` or None.
+        chunk_size: block length C.
+
+    Returns:
+        ``(out [B, S, H, E]`` in q's dtype, ``state [B, H, D, E]`` float32/float64).
+    """
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = q.shape[1]
+    c = min(chunk_size, s)
+    rate = decay.to(device=q.device, dtype=cdt)  # [H]
+    qb, kb, vb = (_blocks(x.to(cdt), c) for x in (q, k, v))  # [B, H, NB, C, *]
+    dmat = decay_matrix(rate, c, cdt)[None, :, None]  # [1, H, 1, C, C]
+    q_w, k_w, block_w = _weights(rate, s, c)
+    out = ((qb @ kb.transpose(-1, -2)) * dmat) @ vb  # [B, H, NB, C, E]
+    kvb = (kb * k_w).transpose(-1, -2) @ vb  # [B, H, NB, D, E]
+    s0 = None if initial_state is None else initial_state.to(cdt)
+    states, final = _entering_states(kvb, block_w, s0)  # [B, H, NB, D, E], [B, H, D, E]
+    out = out + (qb * q_w) @ states
+    return _unblock(out, s, q.dtype), final
+
+
+def backward(dout: torch.Tensor, dstate: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor, decay: torch.Tensor, initial_state: torch.Tensor | None = None,
+             chunk_size: int = DEFAULT_CHUNK
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``forward`` given ``dout [B, S, H, E]`` and ``dstate [B, H, D, E]`` (or None).
+
+    Returns:
+        ``(dq, dk, dv, d_initial_state)`` in the inputs' dtypes (the last None without an initial state).
+    """
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = q.shape[1]
+    c = min(chunk_size, s)
+    rate = decay.to(device=q.device, dtype=cdt)
+    qb, kb, vb, dob = (_blocks(x.to(cdt), c) for x in (q, k, v, dout))  # [B, H, NB, C, *]
+    dmat = decay_matrix(rate, c, cdt)[None, :, None]  # [1, H, 1, C, C]
+    q_w, k_w, block_w = _weights(rate, s, c)
+    # intra-block terms, every block at once
+    ds = (dob @ vb.transpose(-1, -2)) * dmat  # [B, H, NB, C, C]
+    sc = (qb @ kb.transpose(-1, -2)) * dmat  # [B, H, NB, C, C]
+    dq = ds @ kb  # [B, H, NB, C, D]
+    dk = ds.transpose(-1, -2) @ qb
+    dv = sc.transpose(-1, -2) @ dob  # [B, H, NB, C, E]
+    # dQ: forward scan of the states entering each block
+    kvb = (kb * k_w).transpose(-1, -2) @ vb  # [B, H, NB, D, E]
+    s0 = None if initial_state is None else initial_state.to(cdt)
+    states, _ = _entering_states(kvb, block_w, s0)
+    dq = dq + (dob * q_w) @ states.transpose(-1, -2)
+    # dK, dV: reverse scan of G_t, the gradient of the state leaving block t
+    a = (qb * q_w).transpose(-1, -2) @ dob  # [B, H, NB, D, E]
+    nb = qb.shape[2]
+    g = torch.zeros_like(a[:, :, 0]) if dstate is None else dstate.to(cdt)
+    leaving = torch.empty_like(a)
+    for t in range(nb - 1, -1, -1):
+        leaving[:, :, t] = g
+        g = a[:, :, t] + block_w[:, :, t] * g
+    dk = dk + (vb * k_w) @ leaving.transpose(-1, -2)
+    dv = dv + (kb * k_w) @ leaving
+    ds0 = None if initial_state is None else g.to(initial_state.dtype)
+    return _unblock(dq, s, q.dtype), _unblock(dk, s, k.dtype), _unblock(dv, s, v.dtype), ds0
+
+
+class _ChunkLightning(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, decay, initial_state, chunk_size):
+        ctx.set_materialize_grads(False)
+        out, state = forward(q, k, v, decay, initial_state, chunk_size)
+        ctx.save_for_backward(q, k, v, decay, initial_state)
+        ctx.chunk_size = chunk_size
+        return out, state
+
+    @staticmethod
+    def backward(ctx, dout, dstate):
+        q, k, v, decay, s0 = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
+        dq, dk, dv, ds0 = backward(dout, dstate, q, k, v, decay, s0, ctx.chunk_size)
+        return dq, dk, dv, None, ds0, None
+
+
+def lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+              initial_state: torch.Tensor | None = None, chunk_size: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Autograd-aware chunked lightning attention → ``(out [B, S, H, E], state [B, H, D, E])``."""
+    return _ChunkLightning.apply(q, k, v, decay, initial_state, chunk_size or DEFAULT_CHUNK)

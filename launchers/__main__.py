@@ -1,0 +1,6 @@
+"""``python -m longreach.launchers …`` is the ``longreach`` command."""
+import sys
+
+from longreach.launchers.cli import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""Dry run on the meta device: validate a cluster config for N ranks without any accelerator.
+
+``longreach launch --dry-run --validate CONFIG --world-size N`` (a) checks the parallel degrees
+against N, (b) starts torch's *fake* process group (``FakeStore`` + backend ``"fake"``: every
+collective returns immediately) as rank 0 of N, (c) builds the ("dp", "cp") DeviceMesh, (d) builds the
+model on the meta device (no memory) and applies the real ``parallelize`` step, then FSDP2 when the
+engine shards, and (e) estimates the memory per rank. Nothing touches a GPU or the network.
+
+DDP cannot wrap meta tensors (it verifies parameter shapes across ranks with real values), so for a
+replicated native engine the DDP wrap is recorded instead of performed; FSDP2's ``fully_shard`` runs
+for real on the meta parameters, so the printed shard sizes are what each rank would hold.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from longreach.errors import UserError
+
+__all__ = ["DryRunReport", "validate_config", "estimate_memory"]
+
+_GIB = 1024 ** 3
+
+
+@dataclass(kw_only=True, slots=True)
+class DryRunReport:
+    world_size: int
+    """Ranks validated for."""
+    dp: int
+    """Data-parallel degree."""
+    cp: int
+    """Context-parallel degree."""
+    mesh: str
+    """The DeviceMesh as built."""
+    engine: str
+    """Engine and sharding."""
+    params: int
+    """Model parameters (total)."""
+    params_per_rank: int
+    """Parameters held per rank (after sharding)."""
+    tokens_per_rank: int
+    """Tokens per rank per micro-batch (seq_len / cp × micro_batch_size)."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """Estimated bytes per rank by kind (params, grads, optimizer, activations, logits)."""
+    notes: list[str] = field(default_factory=list)
+    """What was recorded rather than run, warnings."""
+
+    def lines(self) -> list[str]:
+        out = [f"world size {self.world_size}: dp {self.dp} × cp {self.cp}; mesh {self.mesh}",
+               f"engine: {self.engine}",
+               f"parameters: {self.params / 1e6:.2f}M total, {self.params_per_rank / 1e6:.2f}M per rank",
+               f"tokens per rank per micro-batch: {self.tokens_per_rank}",
+               "memory estimate per rank:"]
+        for k, v in self.memory.items():
+            out.append(f"  {k:<12} {v / _GIB:10.3f} GiB")
+        out += [f"note: {n}" for n in self.notes]
+        return out
+
+
+def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any, n_shards: int) -> dict[str, float]:
+    """Rough bytes per rank: fp32 parameters/gradients/AdamW states (sharded as the engine shards) and
+    activations of one micro-batch (bf16 or fp32; with activation checkpointing only block inputs plus
+    one block's internals are kept), plus one loss chunk of logits."""
+    m, tr, par = cfg.model, cfg.train, cfg.parallel
+    act_bytes = 2 if (tr.precision == "bf16" or engine.mixed_precision in ("bf16", "fp16")) else 4
+    zero = engine.zero_stage if engine.kind == "deepspeed" else (3 if engine.fsdp else 0)
+    p_params = params_per_rank if engine.fsdp else (params / n_shards if zero >= 3 else params)
+    p_grads = params_per_rank if engine.fsdp else (params / n_shards if zero >= 2 else params)
+    p_optim = params_per_rank if engine.fsdp else (params / n_shards if zero >= 1 else params)
+    tokens = tr.micro_batch_size * tr.seq_len // par.cp
+    dim = m.dim
+    ffn = getattr(m, "ffn_hidden", None) or 4 * dim
+    # per token per block: norms 2·dim, q/k/v/out ~4·dim, attention out + residuals ~2·dim, SwiGLU 3·ffn
+    per_block = (8 * dim + 3 * ffn) * act_bytes
+    if tr.activation_checkpointing:
+        acts = tokens * (dim * act_bytes * m.n_layers + per_block)
+    else:
+        acts = tokens * per_block * m.n_layers
+    logits = min(tr.loss_chunk_size, tokens) * m.vocab_size * 4 * 2  # chunk logits + their gradient, fp32
+    mem = {"params": 4.0 * p_params, "grads": 4.0 * p_grads, "optimizer": 8.0 * p_optim,
+           "activations": float(acts), "logits": float(logits)}
+    if engine.cpu_offload:
+        mem["optimizer"] = 0.0
+    mem["total"] = sum(mem.values())
+    return mem
+
+
+@contextlib.contextmanager
+def _recorded_ddp(notes: list[str]) -> Iterator[None]:
+    """Replace DDP by a recording wrapper while ``parallelize`` runs on meta tensors."""
+
+    class _DryDDP(nn.Module):
+        def __init__(self, module: nn.Module, process_group: Any = None, **kwargs: Any) -> None:
+            super().__init__()
+            self.module = module
+            size = torch.distributed.get_world_size(process_group) if process_group is not None else "all"
+            notes.append(f"DDP over {size} ranks recorded (not run on meta tensors)")
+
+        def register_comm_hook(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    orig = nn.parallel.DistributedDataParallel
+    nn.parallel.DistributedDataParallel = _DryDDP  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        nn.parallel.DistributedDataParallel = orig  # type: ignore[misc]
+
+
+def validate_config(config: str, world_size: int, overrides: list[str] | tuple[str, ...] = ()) -> DryRunReport:
+    """Validate ``config`` for ``world_size`` ranks on the meta device with a fake process group.
+
+    Raises:
+        UserError: a config error, or degrees that do not fit ``world_size``.
+    """
+    import torch.distributed as dist
+
+    from longreach.config import load_config
+    from longreach.engines import as_engine_config
+    from longreach.job import JobConfig
+
+    if world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {world_size}")
+    cfg = load_config(JobConfig, config, list(overrides))
+    engine = as_engine_config(cfg.engine)
+    par = cfg.parallel
+    if world_size % par.cp:
+        raise UserError(f"parallel.cp={par.cp} does not divide --world-size {world_size}")
+    dp = par.dp if par.dp != -1 else world_size // par.cp
+    if dp * par.cp != world_size:
+        raise UserError(f"parallel.dp ({par.dp}) × parallel.cp ({par.cp}) must equal --world-size ({world_size})")
+    if par.strategy in ("ulysses", "hybrid"):
+        u = par.cp if par.strategy == "ulysses" else (par.ulysses_degree or 0)
+        if par.strategy == "hybrid" and (not u or par.cp % u):
+            raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={par.cp}, "
+                            f"got {par.ulysses_degree}")
+        kv = getattr(cfg.model, "n_kv_heads", None) or cfg.model.n_heads
+        if cfg.model.n_heads % u:
+            raise UserError(f"parallel.strategy={par.strategy} splits the {cfg.model.n_heads} heads (model.n_heads) "
+                            f"over {u} ranks: they must divide evenly")
+        del kv  # fewer K/V heads than ranks are replicated (DeepSpeed-style), so no check on them
+    if engine.kind == "deepspeed" and par.cp > 1 and par.strategy not in ("ulysses", "ring", "allgather", "hybrid"):
+        raise UserError(f"parallel.strategy={par.strategy!r} is not available with engine.kind=deepspeed")
+
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise UserError("the dry run needs a fresh process (torch.distributed is already initialised)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    notes: list[str] = []
+    try:
+        from longreach.models import build_model
+        from longreach.parallelize import parallelize
+        from longreach.parallel.mesh import ParallelDims
+
+        mesh = ParallelDims(dp=dp, cp=par.cp, world_size=world_size).build_mesh("cpu")
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+        params = sum(p.numel() for p in model.parameters())
+        with _recorded_ddp(notes):
+            model = parallelize(model, cfg, mesh)
+        params_per_rank = params
+        n_shards = world_size
+        if engine.kind == "native" and engine.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            inner = getattr(model, "module", model)
+            names = mesh.mesh_dim_names or ()
+            shard_mesh = mesh[tuple(names)]._flatten("dp_cp") if len(names) > 1 else mesh
+            for block in getattr(inner, "layers", []):
+                fully_shard(block, mesh=shard_mesh)
+            fully_shard(inner, mesh=shard_mesh)
+            params_per_rank = sum(p.to_local().numel() for p in inner.parameters())
+            notes[:] = [n for n in notes if not n.startswith("DDP")]  # FSDP2 replaces the DDP wrap
+            notes.append(f"FSDP2 fully_shard over {shard_mesh.size()} ranks applied on the meta device")
+        elif engine.kind == "deepspeed":
+            notes.append(f"DeepSpeed ZeRO-{engine.zero_stage} partitioning estimated over {world_size} ranks")
+        mem = estimate_memory(params=params, params_per_rank=params_per_rank, cfg=cfg, engine=engine,
+                              n_shards=n_shards)
+        return DryRunReport(
+            world_size=world_size, dp=dp, cp=par.cp, mesh=str(mesh),
+            engine=engine.kind + (" (FSDP2)" if engine.fsdp else f" ZeRO-{engine.zero_stage}"
+                                  if engine.kind == "deepspeed" else " (DDP)" if engine.kind == "native" else ""),
+            params=params, params_per_rank=params_per_rank,
+            tokens_per_rank=cfg.train.micro_batch_size * cfg.train.seq_len // par.cp, memory=mem, notes=notes)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,180 @@
+"""``longreach launch``: start a job through torchrun, Slurm, DeepSpeed or accelerate.
+
+    longreach launch configs/demo.yaml --nproc-per-node 2                      # one node, torchrun
+    longreach launch CONFIG --nnodes 4 --nproc-per-node 8 --rdzv-endpoint n0:29500 --max-restarts 3
+    longreach launch CONFIG --launcher slurm --nnodes 4 --gpus-per-node 8 --output job.sbatch
+    longreach launch CONFIG --launcher deepspeed --hostfile hosts.txt
+    longreach launch CONFIG --launcher accelerate --nproc-per-node 2 --output accelerate.yaml
+    longreach launch CONFIG --dry-run ...                                      # print, run nothing
+    longreach launch --dry-run --validate CONFIG --world-size 64               # meta-device check
+
+Commands are argument lists handed to ``subprocess`` (no shell); ``--dry-run`` prints them with
+:func:`shlex.join` for display. The config and overrides are loaded (strictly) before anything is
+started or written, so a typo fails here with one line, not on 64 ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from longreach.errors import UserError
+
+__all__ = ["main", "build_plan"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longreach launch", description="start a longreach job "
+                                "(torchrun single/multi-node, Slurm, DeepSpeed, accelerate)",
+                                epilog="any --section.key=value after CONFIG overrides the config")
+    p.add_argument("config", nargs="?", help="YAML config (or a packaged recipe name)")
+    p.add_argument("--launcher", choices=("torchrun", "slurm", "deepspeed", "accelerate"), default="torchrun")
+    p.add_argument("--command", default="train", choices=("train", "finetune", "eval"),
+                   help="the longreach command each rank runs (default train)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks per node (default 1)")
+    p.add_argument("--node-rank", type=int, default=None, help="this node's rank (static); default: rendezvous")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node)")
+    p.add_argument("--rdzv-id", default="longreach", help="rendezvous id shared by the job's nodes")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart the job this often when a rank dies")
+    p.add_argument("--log-ranks", default="0", help="local ranks whose output is shown ('all' for every rank)")
+    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=N' lines)")
+    p.add_argument("--master-addr", default=None, help="DeepSpeed/accelerate: address of the first node")
+    p.add_argument("--master-port", type=int, default=29500, help="DeepSpeed/accelerate: port on the first node")
+    p.add_argument("--output", default=None, help="where to write the Slurm script / accelerate config")
+    p.add_argument("--job-name", default="longreach", help="Slurm job name")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--account", default=None, help="Slurm account")
+    p.add_argument("--time", default="24:00:00", help="Slurm time limit [D-]HH:MM:SS")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="Slurm GPUs per node (= ranks per node)")
+    p.add_argument("--cpus-per-task", type=int, default=8, help="Slurm CPU cores per node task")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"), help="accelerate config")
+    p.add_argument("--dry-run", action="store_true", help="print the commands/files, start nothing")
+    p.add_argument("--validate", action="store_true",
+                   help="with --dry-run: build mesh and model on the meta device for --world-size ranks")
+    p.add_argument("--world-size", type=int, default=None, help="ranks to validate for (--validate)")
+    return p
+
+
+def _split(extra: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(extra):
+        item = extra[i]
+        key = item[2:].split("=", 1)[0] if item.startswith("--") else ""
+        if not key or "." not in key:
+            raise UserError(f"longreach launch: unrecognised argument {item!r} "
+                            "(config overrides look like --section.key=value)")
+        if "=" in item:
+            out.append(item)
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{item}={extra[i + 1]}")
+            i += 2
+        else:
+            raise UserError(f"longreach launch: override {item!r} has no value")
+    return out
+
+
+def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[list[str]], dict[str, str]]:
+    """The commands to run and the files to write (path -> text) for ``args``; runs nothing."""
+    from longreach.launchers.torchrun import TorchrunSpec, torchrun_command, train_args
+
+    program = train_args(str(args.config), overrides, args.command)
+    files: dict[str, str] = {}
+    if args.launcher == "torchrun":
+        spec = TorchrunSpec(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
+                            rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                            max_restarts=args.max_restarts, log_ranks=None if args.log_ranks == "all" else args.log_ranks)
+        return [torchrun_command(spec, program)], files
+    if args.launcher == "slurm":
+        from longreach.launchers.slurm import SlurmSpec, sbatch_script
+
+        spec = SlurmSpec(job_name=args.job_name, nodes=args.nnodes, gpus_per_node=args.gpus_per_node,
+                         procs_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
+                         partition=args.partition, account=args.account, max_restarts=max(args.max_restarts, 0),
+                         port=args.master_port)
+        out = args.output or f"{args.job_name}.sbatch"
+        files[out] = sbatch_script(spec, program, python=sys.executable)
+        return [["sbatch", out]], files
+    if args.launcher == "deepspeed":
+        from longreach.launchers.deepspeed import deepspeed_command
+
+        if args.nnodes > 1 and not args.hostfile:
+            raise UserError("--launcher deepspeed with --nnodes > 1 needs --hostfile")
+        return [deepspeed_command(program, hostfile=args.hostfile, num_nodes=args.nnodes if args.hostfile else None,
+                                  num_gpus=args.nproc_per_node if not args.hostfile else None,
+                                  master_addr=args.master_addr, master_port=args.master_port)], files
+    from longreach.launchers.accelerate import accelerate_command, accelerate_config, write_accelerate_config
+
+    if args.nnodes > 1 and not args.master_addr:
+        raise UserError("--launcher accelerate with --nnodes > 1 needs --master-addr")
+    conf = accelerate_config(num_machines=args.nnodes, num_processes=args.nnodes * args.nproc_per_node,
+                             machine_rank=args.node_rank or 0, main_process_ip=args.master_addr,
+                             main_process_port=args.master_port, mixed_precision=args.mixed_precision)
+    out = args.output or "accelerate_config.yaml"
+    import yaml
+
+    files[out] = yaml.safe_dump(conf, sort_keys=True)
+    del write_accelerate_config
+    return [accelerate_command(program, config_file=out)], files
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``longreach launch``; returns the launched command's exit status."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = _split(extra)
+    if args.validate:
+        if not args.dry_run:
+            raise UserError("--validate is a dry run: add --dry-run")
+        if args.world_size is None:
+            raise UserError("--validate needs --world-size N")
+    if args.config is None:
+        raise UserError("longreach launch: a CONFIG is required")
+    for name in ("nnodes", "nproc_per_node", "max_restarts"):
+        v = getattr(args, name)
+        if v < (0 if name == "max_restarts" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_restarts' else 1}, got {v}")
+
+    from longreach.config import load_config, resolve_config_path
+    from longreach.job import JobConfig
+
+    config_path = resolve_config_path(args.config)
+    args.config = str(config_path)
+    if args.validate:
+        from longreach.launchers.dryrun import validate_config
+
+        report = validate_config(str(config_path), args.world_size, overrides)
+        print("\n".join(report.lines()))
+        return 0
+    # strict load now: a typo fails here, before any process starts
+    load_config(JobConfig, config_path, overrides)
+    commands, files = build_plan(args, overrides)
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    if args.dry_run:
+        for path, text in files.items():
+            print(f"# --- would write {path} ---")
+            print(text.rstrip("\n"))
+        for cmd in commands:
+            print(shlex.join(cmd))
+        return 0
+    for path, text in files.items():
+        p = Path(path)
+        if p.exists() and p.read_text() != text:
+            raise UserError(f"--output {p} exists with different contents; remove it or pick another path")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+        print(f"wrote {p}", file=sys.stderr)
+    for cmd in commands:
+        if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
+            raise UserError(f"{cmd[0]} not found on PATH (the {args.launcher} launcher needs it)")
+        print(shlex.join(cmd), file=sys.stderr)
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+        if rc != 0:
+            return rc
+    return 0

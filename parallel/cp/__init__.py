@@ -1,0 +1,8 @@
+"""Softmax context parallelism: ring, Ulysses, hybrid (USP) and all-gather K/V, forward and backward.
+
+The public entry point is :func:`cp_attention` (re-exported by ``longreach.parallel``).
+"""
+from .api import STRATEGIES, cp_attention, layout_positions, register_ulysses_group
+from .inner import ContextParallelAttention
+
+__all__ = ["STRATEGIES", "ContextParallelAttention", "cp_attention", "layout_positions", "register_ulysses_group"]

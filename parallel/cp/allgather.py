@@ -1,0 +1,95 @@
+"""All-gather K/V context parallelism (llama3 style), on any layout and any mask.
+
+Forward: start the K/V all-gather, compute the local diagonal block while it is in flight, then the
+key sources the mask leaves non-empty for the local queries (global positions; empty sources and
+empty key tiles are skipped, which is what cuts K to the documents overlapping the local queries).
+Backward: gather K/V again (nothing P-times larger is kept between the passes), compute every
+block's dK/dV into a full-sequence buffer and reduce-scatter it to the owners.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+
+from ..comm import all_gather_into, reduce_scatter_into
+from .blocks import Job, MaskSpec, backward_jobs, forward_jobs, plan
+from .ring import acc_dtype
+
+
+@dataclass
+class AllGatherEngine:
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+    jobs: list[list[Job]]
+    """jobs[j]: kernel calls of the local queries against rank j's keys."""
+    backend: ModuleType
+    scale: float
+
+    @classmethod
+    def build(cls, *, group: dist.ProcessGroup | None, rank: int, positions: list[torch.Tensor], seq_len: int,
+              num_heads: int, mask, backend: ModuleType, scale: float, k_tile: int | None,
+              starts: torch.Tensor | None = None) -> "AllGatherEngine":
+        spec = MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(num_heads), num_heads=num_heads,
+                        starts=starts)
+        jobs = [plan(spec, positions[rank], positions[j], k_tile=k_tile) for j in range(len(positions))]
+        return cls(group=group, rank=rank, size=len(positions), jobs=jobs, backend=backend, scale=scale)
+
+    def _gather(self, kv: torch.Tensor) -> tuple[torch.Tensor, dist.Work | None]:
+        if self.size == 1:
+            return kv.unsqueeze(0), None
+        buf = torch.empty((self.size * kv.shape[0],) + tuple(kv.shape[1:]), dtype=kv.dtype, device=kv.device)
+        work = all_gather_into(buf, kv, group=self.group, async_op=True)
+        return buf.view((self.size,) + tuple(kv.shape)), work  # [P, B, n, Hkv, D+E]
+
+    def _order(self) -> list[int]:
+        # local source first: it needs no communication, so it overlaps the gather
+        return [self.rank] + [j for j in range(self.size) if j != self.rank]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        b, n, h, _ = q.shape
+        d = k.shape[-1]
+        ad = acc_dtype(q.dtype)
+        kv = torch.cat([k, v], dim=-1).contiguous()  # [B, n, Hkv, D+E]
+        full, work = self._gather(kv)
+        out = torch.zeros(b, n, h, v.shape[-1], dtype=ad, device=q.device)  # [B, n, H, E]
+        lse = torch.full((b, h, n), float("-inf"), dtype=ad, device=q.device)  # [B, H, n]
+        for j in self._order():
+            if j != self.rank and work is not None:
+                work.wait()
+                work = None
+            src = kv if j == self.rank else full[j]
+            forward_jobs(self.jobs[j], self.backend, q, src[..., :d], src[..., d:], out, lse, scale=self.scale)
+        if work is not None:
+            work.wait()
+        out_q = out.to(q.dtype)
+        return out_q, lse, (q, k, v, out_q, lse)
+
+    def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, out, lse = saved
+        d = k.shape[-1]
+        ad = acc_dtype(q.dtype)
+        kv = torch.cat([k, v], dim=-1).contiguous()  # [B, n, Hkv, D+E]
+        full, work = self._gather(kv)
+        dq = torch.zeros(q.shape, dtype=ad, device=q.device)
+        dkv = torch.zeros((self.size,) + tuple(kv.shape), dtype=ad, device=q.device)  # [P, B, n, Hkv, D+E]
+        dout = dout.contiguous()
+        for j in self._order():
+            if j != self.rank and work is not None:
+                work.wait()
+                work = None
+            src = kv if j == self.rank else full[j]
+            backward_jobs(self.jobs[j], self.backend, dout, q, src[..., :d], src[..., d:], out, lse, dq,
+                          dkv[j][..., :d], dkv[j][..., d:], scale=self.scale)
+        if work is not None:
+            work.wait()
+        if self.size > 1:
+            local = torch.empty(kv.shape, dtype=ad, device=q.device)  # [B, n, Hkv, D+E]
+            reduce_scatter_into(local, dkv.view((self.size * kv.shape[0],) + tuple(kv.shape[1:])), group=self.group)
+        else:
+            local = dkv[0]
+        return dq.to(q.dtype), local[..., :d].to(k.dtype), local[..., d:].to(v.dtype)

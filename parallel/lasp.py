@@ -1,0 +1,236 @@
+"""Sequence parallelism for lightning (linear) attention: LASP-1 and LASP-2.
+
+The sequence is cut into chunks of n tokens laid out over the context-parallel ranks exactly as
+``shard_sequence`` does (contiguous: chunk r on rank r; zigzag: chunks r and 2P−1−r on rank r). Per
+head, λ = e^{−s}. Every chunk t computes, with local work only, its intra-chunk output and its end
+state with a zero start, ``M_t = Σ_j λ^{n−1−j} k_jᵀ v_j`` (``[D, E]``, independent of n). The state
+entering chunk t is ``KV_t = Σ_{u<t} λ^{n(t−1−u)} M_u`` and adds ``λ^{i+1} q_i KV_t`` to row i.
+
+* **LASP-1** passes KV along the chunk order: receive KV_t from chunk t−1's rank, send
+  ``λ^n KV_t + M_t`` to chunk t+1's rank; backward passes dKV the other way. Under zigzag the chunk
+  order is a chain out (ranks 0→P−1) and back (P−1→0).
+* **LASP-2** all-gathers every chunk's M_t once and takes the prefix in chunk order, so it works with
+  any chunk→rank assignment; backward all-gathers dKV_t and takes suffix sums.
+
+The stripe layout interleaves single tokens over ranks, so there are no chunks to pass a state
+between: it is rejected. Both variants are explicit ``autograd.Function``s around the communication;
+the local chunk work is :func:`longreach.kernels.lightning_attention` with its own backward. All
+communication goes through :mod:`longreach.parallel.comm`, so a ``CommRecorder`` counts its bytes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longreach.kernels.lightning import lightning_attention
+
+from .comm import all_gather_into, group_ranks, p2p
+from .layouts import group_rank_size
+
+__all__ = ["LASP_VARIANTS", "chunk_owner", "linear_cp_attention", "local_chunks"]
+
+LASP_VARIANTS = ("lasp1", "lasp2")
+
+
+def local_chunks(layout: str, rank: int, world_size: int) -> list[int]:
+    """Global chunk ids held by ``rank``, in the order ``shard_sequence`` stores them."""
+    if layout == "contiguous":
+        return [rank]
+    if layout == "zigzag":
+        return [rank, 2 * world_size - 1 - rank]
+    raise ValueError(
+        f"linear_cp_attention: layout={layout!r} is not supported; LASP passes states between contiguous "
+        "chunks, so use layout 'contiguous' or 'zigzag' ('stripe' interleaves single tokens across ranks)"
+    )
+
+
+def chunk_owner(layout: str, chunk: int, world_size: int) -> int:
+    """Rank holding global chunk ``chunk``."""
+    if layout == "contiguous":
+        return chunk
+    return chunk if chunk < world_size else 2 * world_size - 1 - chunk
+
+
+def _send(t: torch.Tensor, group_rank: int, group: dist.ProcessGroup | None) -> None:
+    for work in p2p([(t.contiguous(), group_ranks(group)[group_rank], 0)], []):
+        work.wait()
+
+
+def _recv(like: torch.Tensor, group_rank: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    buf = torch.empty_like(like)
+    for work in p2p([], [(buf, group_ranks(group)[group_rank], 0)]):
+        work.wait()
+    return buf
+
+
+def _chunk_decay(decay: torch.Tensor, n: int, like: torch.Tensor) -> torch.Tensor:
+    """λ^n per head, shaped to multiply ``[B, H, D, E]`` states."""
+    return torch.exp(-decay.to(device=like.device, dtype=like.dtype) * n)[None, :, None, None]
+
+
+def _all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> torch.Tensor:
+    """``x [L, ...]`` from every rank → ``[P, L, ...]`` in group-rank order."""
+    if size == 1:
+        return x[None]
+    out = x.new_empty(size * x.shape[0], *x.shape[1:])
+    all_gather_into(out, x, group=group)
+    return out.view(size, *x.shape)
+
+
+class _Lasp2States(torch.autograd.Function):
+    """``M_local [L, B, H, D, E]`` → entering states of the local chunks ``[L, B, H, D, E]``."""
+
+    @staticmethod
+    def forward(ctx, m_local, decay, n, layout, group):
+        rank, size = group_rank_size(group)
+        mine = local_chunks(layout, rank, size)
+        nchunks = len(mine) * size
+        lam = _chunk_decay(decay, n, m_local)  # [1, H, 1, 1]
+        parts = _all_gather(m_local, group, size)  # [P, L, B, H, D, E]
+        m_all = [parts[chunk_owner(layout, t, size)][local_chunks(layout, chunk_owner(layout, t, size), size).index(t)]
+                 for t in range(nchunks)]  # chunk order, each [B, H, D, E]
+        kv = torch.zeros_like(m_local[0])
+        entering = []
+        for t in range(nchunks):
+            entering.append(kv)
+            kv = lam * kv + m_all[t]
+        ctx.decay, ctx.n, ctx.layout, ctx.group = decay, n, layout, group
+        return torch.stack([entering[t] for t in mine])
+
+    @staticmethod
+    def backward(ctx, d_entering):
+        group, layout = ctx.group, ctx.layout
+        rank, size = group_rank_size(group)
+        mine = local_chunks(layout, rank, size)
+        nchunks = len(mine) * size
+        d_entering = d_entering.contiguous()
+        lam = _chunk_decay(ctx.decay, ctx.n, d_entering)
+        parts = _all_gather(d_entering, group, size)  # [P, L, B, H, D, E]
+        g_all = [parts[chunk_owner(layout, t, size)][local_chunks(layout, chunk_owner(layout, t, size), size).index(t)]
+                 for t in range(nchunks)]
+        # dM_u = Σ_{t>u} λ^{n(t−1−u)} dKV_t: a suffix scan in chunk order
+        acc = torch.zeros_like(d_entering[0])
+        dm = [acc] * nchunks
+        for u in range(nchunks - 1, -1, -1):
+            dm[u] = acc
+            acc = g_all[u] + lam * acc
+        return torch.stack([dm[t] for t in mine]), None, None, None, None
+
+
+class _Lasp1States(torch.autograd.Function):
+    """Same contract as :class:`_Lasp2States`, by passing the state along the chunk chain."""
+
+    @staticmethod
+    def forward(ctx, m_local, decay, n, layout, group):
+        rank, size = group_rank_size(group)
+        mine = local_chunks(layout, rank, size)
+        nchunks = len(mine) * size
+        lam = _chunk_decay(decay, n, m_local)
+        entering: dict[int, torch.Tensor] = {}
+        carry = None
+        for t in sorted(mine):  # a rank's chunks in chunk order: the chain visits them in this order
+            m_t = m_local[mine.index(t)]
+            if t == 0:
+                kv_in = torch.zeros_like(m_t)
+            elif chunk_owner(layout, t - 1, size) == rank:
+                kv_in = carry
+            else:
+                kv_in = _recv(m_t, chunk_owner(layout, t - 1, size), group)
+            entering[t] = kv_in
+            kv_out = lam * kv_in + m_t
+            if t + 1 < nchunks:
+                if chunk_owner(layout, t + 1, size) == rank:
+                    carry = kv_out
+                else:
+                    _send(kv_out, chunk_owner(layout, t + 1, size), group)
+        ctx.decay, ctx.n, ctx.layout, ctx.group = decay, n, layout, group
+        return torch.stack([entering[t] for t in mine])
+
+    @staticmethod
+    def backward(ctx, d_entering):
+        group, layout = ctx.group, ctx.layout
+        rank, size = group_rank_size(group)
+        mine = local_chunks(layout, rank, size)
+        nchunks = len(mine) * size
+        d_entering = d_entering.contiguous()
+        lam = _chunk_decay(ctx.decay, ctx.n, d_entering)
+        dm: dict[int, torch.Tensor] = {}
+        carry = None
+        for t in sorted(mine, reverse=True):
+            g_in = d_entering[mine.index(t)]
+            # x: gradient of the state leaving chunk t, which is dM_t
+            if t == nchunks - 1:
+                x = torch.zeros_like(g_in)
+            elif chunk_owner(layout, t + 1, size) == rank:
+                x = carry
+            else:
+                x = _recv(g_in, chunk_owner(layout, t + 1, size), group)
+            dm[t] = x
+            g_prev = g_in + lam * x  # gradient of the state leaving chunk t−1
+            if t > 0:
+                if chunk_owner(layout, t - 1, size) == rank:
+                    carry = g_prev
+                else:
+                    _send(g_prev, chunk_owner(layout, t - 1, size), group)
+        return torch.stack([dm[t] for t in mine]), None, None, None, None
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, variant: str, layout: str,
+           n_local_chunks: int) -> None:
+    if variant not in LASP_VARIANTS:
+        raise ValueError(f"linear_cp_attention: variant={variant!r}; choose one of {', '.join(LASP_VARIANTS)}")
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"linear_cp_attention: q, k must be [B, S_local, H, D] and v [B, S_local, H, E]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not isinstance(decay, torch.Tensor) or decay.shape != (q.shape[2],):
+        raise ValueError(f"linear_cp_attention: decay must be a [H] = [{q.shape[2]}] tensor of rates")
+    if q.shape[1] == 0 or q.shape[1] % n_local_chunks != 0:
+        raise ValueError(f"linear_cp_attention: local length {q.shape[1]} does not split into {n_local_chunks} "
+                         f"equal chunks as layout={layout!r} needs")
+
+
+def lasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
+                   variant: str = "lasp2", layout: str, group: dist.ProcessGroup | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """:func:`linear_cp_attention` with a choice of local lightning kernel."""
+    rank, size = group_rank_size(group)
+    mine = local_chunks(layout, rank, size)
+    _check(q, k, v, decay, variant, layout, len(mine))
+    b, s_local, h, d = q.shape
+    nl = len(mine)
+    n = s_local // nl
+    e = v.shape[-1]
+
+    def per_chunk(x: torch.Tensor) -> torch.Tensor:  # [B, L·n, H, X] → [L·B, n, H, X]
+        return x.view(b, nl, n, h, x.shape[-1]).transpose(0, 1).reshape(nl * b, n, h, x.shape[-1])
+
+    qc = per_chunk(q)
+    out, m = lightning_attention(qc, per_chunk(k), per_chunk(v), decay, backend=backend, return_state=True)
+    # out [L·B, n, H, E]; m [L·B, H, D, E] (float32, float64 for float64)
+    m = m.view(nl, b, h, d, e)
+    fn = _Lasp2States if variant == "lasp2" else _Lasp1States
+    entering = fn.apply(m, decay, n, layout, group).reshape(nl * b, h, d, e)  # [L·B, H, D, E]
+    rate = decay.to(device=q.device, dtype=m.dtype)
+    q_w = torch.exp(-rate[None, :] * torch.arange(1, n + 1, device=q.device, dtype=m.dtype)[:, None])  # [n, H]
+    inter = torch.einsum("cihd,chde,ih->cihe", qc.to(m.dtype), entering, q_w)  # [L·B, n, H, E]
+    out = (out.to(m.dtype) + inter).to(q.dtype)
+    return out.view(nl, b, n, h, e).transpose(0, 1).reshape(b, s_local, h, e)
+
+
+def linear_cp_attention(q, k, v, decay, *, variant="lasp2", layout, group=None):
+    """Lightning attention over a sequence sharded across the context-parallel group.
+
+    Args:
+        q, k: ``[B, S_local, H, D]``; v: ``[B, S_local, H, E]`` — this rank's part of the sequence, as
+            ``shard_sequence(x, layout=layout, group=group)`` gives it.
+        decay: ``[H]`` per-head rates s_h >= 0 (same on every rank).
+        variant: ``"lasp2"`` (one all-gather of chunk states, any layout) or ``"lasp1"`` (state passed
+            rank to rank along the chunk order).
+        layout: ``"contiguous"`` or ``"zigzag"``; ``"stripe"`` raises.
+        group: the context-parallel process group (default WORLD).
+
+    Returns:
+        out_local ``[B, S_local, H, E]`` equal to this rank's shard of single-rank
+        ``lightning_attention`` over the whole sequence. Differentiable in q, k and v.
+    """
+    return lasp_attention(q, k, v, decay, variant=variant, layout=layout, group=group)

@@ -1,0 +1,263 @@
+"""HF integration: RoPE config round trip, attention patch, conversion, recipes, CP fine-tune + export."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from longreach.errors import ConfigError, UserError  # noqa: E402
+from longreach.hf.patch import AttentionPatch, patch_attention, unpatch_attention  # noqa: E402
+from longreach.hf.rope import RopeScaling, apply_rope_scaling, interpolation_factor, read_rope  # noqa: E402
+from longreach.workers.hf import tiny_llama_config  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3", "static_ntk"])
+def test_rope_config_round_trip(tmp_path, kind):
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    cfg = tiny_llama_config()
+    params = apply_rope_scaling(cfg, RopeScaling(type=kind), target_len=64)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    back = AutoConfig.from_pretrained(tmp_path)
+    got = read_rope(back)
+    assert got["rope_type"] == ("default" if kind == "static_ntk" else kind)
+    if kind == "static_ntk":
+        d = 8
+        assert math.isclose(got["rope_theta"], 10000.0 * 4.0 ** (d / (d - 2)), rel_tol=1e-9)
+    else:
+        assert got["factor"] == 4.0 and got["rope_theta"] == 10000.0
+    if kind in ("yarn", "llama3"):
+        assert got["original_max_position_embeddings"] == 16
+    assert back.max_position_embeddings == (16 if kind == "dynamic" else 64)
+    # the reloaded model's frequencies are the scaled ones (linear: θ/s)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    inv = model.model.rotary_emb.inv_freq
+    base = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+    if kind == "linear":
+        torch.testing.assert_close(inv, base / 4)
+    assert params["rope_type"] == got["rope_type"]
+
+
+def test_rope_errors():
+    assert interpolation_factor(32768, 4096) == 8.0 and interpolation_factor(100, 16) == 7.0
+    with pytest.raises(ConfigError, match="rope.type"):
+        RopeScaling(type="ntk-by-parts")
+    cfg = tiny_llama_config()
+    apply_rope_scaling(cfg, RopeScaling(type="linear"), target_len=64)
+    with pytest.raises(ConfigError, match="already scaled"):
+        apply_rope_scaling(cfg, RopeScaling(type="yarn"), target_len=128)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_patched_full_equals_unpatched(family):
+    """Forward and every gradient of the patched model equal transformers' own sdpa attention."""
+    from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(tiny_llama_config()).double()
+    else:  # sliding window 8 < sequence 24: honoured through the module's sliding_window
+        model = MistralForCausalLM(MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=64, sliding_window=8)).double()
+    ids = torch.randint(0, 97, (2, 24))
+    model.set_attn_implementation("sdpa")
+    ref = model(ids).logits
+    ref.square().mean().backward()
+    ref_g = _grads(model)
+    model.zero_grad(set_to_none=True)
+    patch_attention(model, AttentionPatch(backend="reference"))
+    out = model(ids).logits
+    out.square().mean().backward()
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, ref_g[n], atol=1e-10, rtol=1e-8, msg=n)
+    # generation with a KV cache (Sq < Sk) goes through the same function
+    unpatch_attention(model)
+    a = model.generate(ids[:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long), max_new_tokens=5, do_sample=False)
+    patch_attention(model, AttentionPatch(backend="reference"))
+    b = model.generate(ids[:1, :6], attention_mask=torch.ones(1, 6, dtype=torch.long), max_new_tokens=5, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def _s2_mask_4d(n: int, heads: int, g: int, sinks: int | None) -> torch.Tensor:
+    """Independent S2 (varlen) / SF mask from METHODS.md as an additive [1, H, N, N] mask."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    causal = j <= i
+    plain = causal & (i // g == j // g)
+    shifted = causal & ((i + g // 2) // g == (j + g // 2) // g)
+    allowed = torch.stack([plain if h < heads // 2 else shifted for h in range(heads)])  # [H, N, N]
+    if sinks:
+        allowed = allowed | (causal & (j < sinks))[None]
+    add = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    return add[None]
+
+
+@pytest.mark.parametrize("pattern", ["s2", "sf"])
+def test_training_patterns_match_explicit_mask(pattern):
+    """S2/SF in training mode equal eager attention with an explicit per-head mask; eval is full causal."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).double().train()
+    ids = torch.randint(0, 97, (1, 32))
+    model.set_attn_implementation("eager")
+    ref = model(ids, attention_mask=_s2_mask_4d(32, 4, 8, 4 if pattern == "sf" else None)).logits
+    causal_ref = model.eval()(ids).logits
+    model.train()
+    patch_attention(model, AttentionPatch(pattern=pattern, backend="reference"))
+    out = model(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out, causal_ref, atol=1e-4)
+    torch.testing.assert_close(model.eval()(ids).logits, causal_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_patch_refuses_padding_and_bad_group():
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config())
+    patch_attention(model, AttentionPatch(pattern="s2", backend="reference"))
+    ids = torch.randint(0, 97, (1, 12))
+    with pytest.raises(UserError, match="padding"):
+        model(ids, attention_mask=torch.tensor([[0] * 2 + [1] * 10]))
+    with pytest.raises(ConfigError, match="group_fraction"):
+        model.train()(torch.randint(0, 97, (1, 9)))
+    with pytest.raises(ConfigError, match="attention.strategy"):
+        AttentionPatch(strategy="rings")
+
+
+def test_softcap_reference_path():
+    """Tanh-capped logits (Gemma-2 style) on the local path equal a direct computation."""
+    from longreach.hf.patch import softcap_attention
+    from longreach.kernels import masks as M
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 4, 8, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    placed = M.causal().place(torch.arange(6), torch.arange(6), seq_len=6, num_heads=4)
+    out = softcap_attention(q, k, v, mask=placed, scale=0.3, softcap=2.0)
+    kx, vx = k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kx) * 0.3
+    s = (torch.tanh(s / 2.0) * 2.0).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), vx)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, {"type": "ntk", "factor": 4.0},
+                                     {"type": "llama3", "factor": 4.0}])
+def test_convert_both_ways(tmp_path, scaling):
+    from transformers import AutoModelForCausalLM
+
+    from longreach.hf.convert import from_hf, save_hf
+    from longreach.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, rope_scaling=scaling)
+    ours = build_model(cfg).double().eval()
+    ids = torch.randint(0, 61, (2, 40))
+    save_hf(ours, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        ref = ours(ids) @ ours.output_weight().t()
+        torch.testing.assert_close(hf(ids).logits, ref, atol=1e-6, rtol=1e-6)  # HF forms RoPE in float32
+        back = from_hf(hf)
+        torch.testing.assert_close(back(ids) @ back.output_weight().t(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_tokenizer_export_ids_equal_sentencepiece(tmp_path):
+    """A tokenizer trained by longreach's data pipeline exports to HF files with identical ids."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from longreach.data.tokenizer import train_tokenizer
+    from longreach.hf.convert import save_tokenizer
+
+    text = ["The grass is green. The sky is blue. The pass key is 4821. Remember it.",
+            "def attention(q, k, v):\n    return softmax(q @ k.T) @ v  # long context, 2048 tokens"] * 20
+    train_tokenizer(text, 300, tmp_path / "sp.model")
+    save_tokenizer(tmp_path / "sp.model", tmp_path / "hf")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    # (text starting with spaces is a known difference: HF adds no dummy prefix before a leading space)
+    for s in ["The pass key is 31415.", "softmax(q @ k.T)  é ü 42", text[1], "\n\n  x", "a   b\n c"]:
+        assert tok(s, add_special_tokens=False).input_ids == sp.encode(s), s
+        assert tok.decode(sp.encode(s)) == sp.decode(sp.encode(s))
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    assert tok.eos_token_id == sp.eos_id() and tok.bos_token_id == sp.bos_id()
+
+
+def test_recipe_trainable_parameters():
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.recipes import RecipeConfig, apply_recipe
+
+    model, fn = apply_recipe(LlamaForCausalLM(tiny_llama_config()),
+                             RecipeConfig(method="longlora", target_len=64))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n and "q_proj" in n for n in names)
+    assert any("embed_tokens" in n for n in names) and any("norm" in n for n in names)
+    assert not any("lm_head" in n for n in names)
+    assert not any(("gate_proj" in n or "up_proj" in n) and "lora" not in n for n in names)
+    assert fn.config.pattern == "s2" and model.config.rope_parameters["rope_type"] == "linear"
+    assert RecipeConfig(method="sinklora", target_len=64).attention.pattern == "sf"
+    with pytest.raises(ConfigError, match="sinklora"):
+        RecipeConfig(method="sinklora", attention=AttentionPatch(pattern="s2"))
+
+
+def test_load_hf_errors(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from longreach.hf.load import load_hf
+
+    with pytest.raises(UserError, match="config.json"):
+        load_hf(tmp_path / "missing")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="model_type 'gpt2'"):
+        load_hf(tmp_path / "gpt2")
+
+
+@pytest.mark.slow
+def test_cp_equivalence_and_finetune_export(tmp_path):
+    """2 gloo ranks, one group: (a) patched attention under ring/Ulysses CP equals one rank (loss, logits,
+    gradients; full, S2, SF); the patched full model equals the unpatched one. (b) fine-tune a saved tiny
+    Llama at 4x its context with S2 and SF under ring CP, export, reload with transformers alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    from longreach.testing import run_ranks
+    from longreach.workers.hf import hf_matrix
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 16))
+    outs = {"s2": str(tmp_path / "s2"), "sf": str(tmp_path / "sf")}
+    res = run_ranks(hf_matrix, 2, timeout=600, args=(
+        dict(strategies=["ring", "ulysses"], layouts=["zigzag", "contiguous"], seq_len=32, backend="cpu"),
+        dict(checkpoint=str(tmp_path / "base"), out_dirs=outs, tokens_path=str(tmp_path / "tokens.npy"),
+             target_len=64, steps=3, backend="cpu")))
+    assert res[0]["cp_failures"] == [] and res[1]["cp_failures"] == []
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    for name, out in outs.items():
+        got = res[0]["finetune"][name]
+        assert got["losses"] == res[1]["finetune"][name]["losses"] and all(np.isfinite(got["losses"]))
+        cfg = AutoConfig.from_pretrained(f"{out}/export")
+        assert cfg.rope_parameters["rope_type"] == "linear" and cfg.rope_parameters["factor"] == 4.0
+        assert cfg.max_position_embeddings == 64
+        exported = AutoModelForCausalLM.from_pretrained(f"{out}/export").eval()
+        sd = exported.state_dict()
+        assert not torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+        assert not torch.equal(sd["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+        assert torch.equal(sd["lm_head.weight"], base["lm_head.weight"])  # LongLoRA never trains lm_head
+        assert torch.equal(sd["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+        with torch.no_grad():
+            logits = exported(torch.as_tensor(got["probe_ids"])).logits
+        torch.testing.assert_close(logits, torch.as_tensor(got["probe_logits"]), atol=2e-5, rtol=1e-4)

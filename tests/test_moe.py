@@ -1,0 +1,157 @@
+"""MoE FFN: routing, losses, capacity, grouped experts, expert parallelism, attention-aware routing."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longreach.mixtures import moe_config
+from longreach.mixtures.moe import MoEConfig, MoEFFN
+from longreach.mixtures.routing import (attention_mix, balance_loss, explicit_attention_matrix, similarity_mix,
+                                        top_k_gates, z_loss)
+from longreach.models import ModelConfig, build_model
+from longreach.testing import run_ranks
+from longreach.workers.moe import ep_and_cp_routing as _ep_and_cp_routing
+
+torch.set_num_threads(1)
+
+
+def _naive_moe(layer: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """Per-token loop over chosen experts (the oracle; no capacity)."""
+    n = x.shape[0] * x.shape[1]
+    xf = x.reshape(n, -1)
+    probs = (xf @ layer.router.weight.t()).softmax(-1)
+    top_p, top_i = probs.topk(layer.cfg.top_k, dim=-1)
+    top_p = top_p / top_p.sum(-1, keepdim=True)
+    w1, w3, w2 = layer.experts.gate_proj.weight, layer.experts.up_proj.weight, layer.experts.down_proj.weight
+    out = torch.zeros_like(xf)
+    for t in range(n):
+        for j in range(layer.cfg.top_k):
+            e = top_i[t, j]
+            h = F.silu(w1[e] @ xf[t]) * (w3[e] @ xf[t])
+            out[t] += top_p[t, j] * (w2[e] @ h)
+    return out.view_as(x)
+
+
+def test_moe_matches_per_token_oracle_forward_and_backward():
+    torch.manual_seed(0)
+    layer = MoEFFN(MoEConfig(dim=12, hidden=20, num_experts=5, top_k=2, router_init_std=0.5)).double()
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref = _naive_moe(layer, x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y)
+    gx, *gw = torch.autograd.grad(y, [x, layer.router.weight, layer.experts.down_proj.weight], g)
+    gx_ref, *gw_ref = torch.autograd.grad(y_ref, [x2, layer.router.weight, layer.experts.down_proj.weight], g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gw, gw_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert layer.stats["dropped"] == 0
+    assert int(layer.stats["tokens_per_expert"].sum()) == 2 * 7 * 2
+
+
+def test_losses_match_formulas():
+    probs = torch.full((8, 4), 0.25)
+    chosen = torch.tensor([[0, 1], [2, 3]] * 4)  # every expert chosen by half the tokens
+    assert balance_loss(probs, chosen).item() == pytest.approx(2.0)  # = k under perfect balance
+    skew = torch.tensor([[0, 1]] * 8)
+    assert balance_loss(probs, skew).item() == pytest.approx(4 * (0.25 * 1 + 0.25 * 1))
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    assert z_loss(logits).item() == pytest.approx((torch.logsumexp(logits, -1) ** 2).mean().item())
+    gates, idx = top_k_gates(logits.softmax(-1), 3)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(6, dtype=torch.float64))
+    layer = MoEFFN(MoEConfig(dim=8, hidden=8, num_experts=4, top_k=2, balance_coef=0.5, z_coef=0.25)).double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    layer(x)
+    lg = x.reshape(5, 8) @ layer.router.weight.t()
+    _, top = lg.softmax(-1).topk(2, dim=-1)
+    want = 0.5 * balance_loss(lg.softmax(-1), top) + 0.25 * z_loss(lg)
+    torch.testing.assert_close(layer.aux_loss, want)
+
+
+def test_capacity_drops_and_accounts():
+    torch.manual_seed(1)
+    cfg = MoEConfig(dim=6, hidden=6, num_experts=4, top_k=2, capacity_factor=0.5, router_init_std=1.0)
+    layer = MoEFFN(cfg).double()
+    x = torch.randn(1, 16, 6, dtype=torch.float64)
+    y = layer(x)
+    cap = math.ceil(0.5 * 16 * 2 / 4)
+    kept, chosen = layer.stats["kept_per_expert"], layer.stats["tokens_per_expert"]
+    assert torch.equal(kept, chosen.clamp(max=cap))
+    assert layer.stats["dropped"] == int((chosen - kept).sum()) > 0
+    assert int(kept.sum()) + layer.stats["dropped"] == layer.stats["assignments"] == 32
+    # without capacity the same layer keeps everything and differs only on dropped tokens
+    layer.cfg.capacity_factor = None
+    y_full = layer(x)
+    assert layer.stats["dropped"] == 0
+    assert not torch.allclose(y, y_full)
+
+
+def test_expert_parallel_equals_single_rank_and_cp_routing_mix():
+    cases = [
+        dict(experts=4, top_k=2, dim=8, hidden=12, batch=2, seq=5),
+        dict(experts=8, top_k=1, dim=6, hidden=10, batch=1, seq=3),  # some experts get no token
+        dict(experts=4, top_k=2, dim=8, hidden=12, batch=1, seq=9, capacity_factor=0.75),
+    ]
+    for world in (2, 4):
+        failures = [f for r in run_ranks(_ep_and_cp_routing, world, args=(cases,)) for f in r]
+        assert not failures, "\n".join(failures)
+
+
+def test_attention_mix_equals_explicit_product():
+    torch.manual_seed(2)
+    b, s, h, hkv, d, e = 2, 9, 4, 2, 6, 5
+    q = torch.randn(b, s, h, d, dtype=torch.float64)
+    k = torch.randn(b, s, hkv, d, dtype=torch.float64)
+    probs = torch.randn(b, s, e, dtype=torch.float64).softmax(-1)
+    mixed = attention_mix(probs, q, k)
+    a = explicit_attention_matrix(q, k)  # [B, S, S]
+    torch.testing.assert_close(mixed, a @ probs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mixed.sum(-1), torch.ones(b, s, dtype=torch.float64))
+    # similarity-aware: S = causal row-softmax(X W_s Xᵀ / τ)
+    x = torch.randn(b, s, d, dtype=torch.float64)
+    w = torch.randn(d, d, dtype=torch.float64) * 0.3
+    tau = 0.7
+    sim = similarity_mix(probs, x, x @ w.t(), tau=tau)
+    sc = (x @ w.t()) @ x.transpose(1, 2) / tau
+    sc = sc.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(sim, sc.softmax(-1) @ probs, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_routed_model_uses_block_attention():
+    """In a built model the MoE reads its block's q, k (mha via hook); A = I would give token routing."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_type="moe",
+                      extra={"moe_experts": 4, "moe_top_k": 2, "moe_routing": "attention"})
+    model = build_model(cfg).double()
+    ids = torch.randint(0, 40, (1, 6))
+    captured = {}
+    moe = model.layers[0].mlp
+    orig = moe._route_probs
+
+    def spy(x, logits):
+        captured["q"], captured["k"] = moe.routing_tap.q, moe.routing_tap.k
+        out = orig(x, logits)
+        captured["mixed"], captured["probs"] = out, logits.softmax(-1)
+        return out
+
+    moe._route_probs = spy
+    model(ids).sum().backward()
+    a = explicit_attention_matrix(captured["q"], captured["k"])[0]
+    torch.testing.assert_close(captured["mixed"], a @ captured["probs"], rtol=1e-10, atol=1e-12)
+    assert moe.routing_tap.q is None  # nothing kept across forwards
+    assert model.layers[0].mlp.router.weight.grad is not None
+
+
+def test_moe_config_from_model_extra_rejects_typos():
+    from longreach.errors import ConfigError
+
+    cfg = ModelConfig(dim=16, n_heads=2, extra={"moe_experts": 4, "moe_top_k": 1})
+    assert moe_config(cfg).num_experts == 4
+    with pytest.raises(ConfigError, match="moe_top_k"):
+        moe_config(ModelConfig(dim=16, n_heads=2, extra={"moe_topk": 2}))
+    with pytest.raises(ValueError, match="moe.top_k"):
+        MoEConfig(dim=4, hidden=4, num_experts=2, top_k=3)

@@ -1,0 +1,142 @@
+"""MoH (mixture-of-head attention) and SQA (sparse query attention) against dense attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longreach.attention import AttentionContext
+from longreach.mixtures import convert_to_moh, moh_config
+from longreach.mixtures.moh import MoHAttention, MoHConfig, moh_from_dense
+from longreach.mixtures.routing import balance_loss
+from longreach.mixtures.sqa import SQAConfig, SQAttention
+from longreach.models import ModelConfig, build_model
+from longreach.models.llama import Attention
+from longreach.models.rope import RotaryEmbedding
+
+torch.set_num_threads(1)
+
+
+def _dense(h=4, hkv=2, d=8, dim=24, seed=0) -> tuple[Attention, ModelConfig]:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(dim=dim, n_heads=h, n_kv_heads=hkv, head_dim=d, vocab_size=10)
+    layer = Attention(cfg, 0).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer, cfg
+
+
+def _inputs(cfg: ModelConfig, b=2, s=7):
+    x = torch.randn(b, s, cfg.dim, dtype=torch.float64)
+    pos = torch.arange(s).view(1, s).expand(b, s)
+    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, None, 64)(pos, s, dtype=torch.float64)
+    return x, cos, sin, AttentionContext()
+
+
+def _reference_heads(layer: Attention, x, cos, sin) -> torch.Tensor:
+    """Per-head outputs ``[B, S, H, D]`` of dense causal attention, float64, materialised scores."""
+    from longreach.models.rope import apply_rotary
+
+    b, s, _ = x.shape
+    h, hkv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    q = apply_rotary(layer.q_proj(x).view(b, s, h, d), cos, sin)
+    k = apply_rotary(layer.k_proj(x).view(b, s, hkv, d), cos, sin).repeat_interleave(h // hkv, 2)
+    v = layer.v_proj(x).view(b, s, hkv, d).repeat_interleave(h // hkv, 2)
+    sc = torch.einsum("bqhd,bkhd->bhqk", q, k) / d ** 0.5
+    sc = sc.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", sc.softmax(-1), v)
+
+
+def test_moh_all_shared_equals_mha_forward_backward():
+    layer, cfg = _dense()
+    x, cos, sin, ctx = _inputs(cfg)
+    moh = moh_from_dense(layer, n_shared=4, top_k=0)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y_dense, y_moh = layer(x1, cos, sin, ctx), moh(x2, cos, sin, ctx)
+    torch.testing.assert_close(y_moh, y_dense, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y_dense)
+    y_dense.backward(g)
+    y_moh.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(moh.q_proj.weight.grad, layer.q_proj.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(moh.v_proj.weight.grad, layer.v_proj.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["router", "qnorm"])
+def test_moh_exactly_k_routed_heads_and_gated_output(variant):
+    layer, cfg = _dense(h=8, hkv=2, d=4, dim=16)
+    x, cos, sin, ctx = _inputs(cfg, s=11)
+    moh = moh_from_dense(layer, n_shared=3, top_k=2, variant=variant)
+    for r in (moh.router_shared, moh.router_routed, moh.router_mix):
+        if r is not None:
+            torch.nn.init.normal_(r.weight, std=1.0)
+    y = moh(x, cos, sin, ctx)
+    g = moh.head_gates  # [B, S, H]
+    assert torch.equal((g[..., 3:] != 0).sum(-1), torch.full(g.shape[:2], 2))
+    assert bool((g[..., :3] > 0).all())
+    if variant == "qnorm":
+        assert set(g[..., 3:].unique().tolist()) <= {0.0, 1.0} and torch.equal(g[..., :3], torch.ones_like(g[..., :3]))
+        assert moh.aux_loss is None
+        # chosen routed heads are those with the largest pre-RoPE query norms
+        b, s, _ = x.shape
+        qn = layer.q_proj(x).view(b, s, 8, 4)[:, :, 3:].norm(dim=-1)
+        assert torch.equal(g[..., 3:].bool(), torch.zeros_like(qn, dtype=torch.bool).scatter(-1, qn.topk(2, -1).indices, True))
+    else:
+        # two-stage weights: shared gates sum to a1·h_s, routed to a2·k, a1 + a2 = 2
+        a = 2 * (x @ moh.router_mix.weight.t()).softmax(-1)
+        torch.testing.assert_close(g[..., :3].sum(-1), 3 * a[..., 0])
+        torch.testing.assert_close(g[..., 3:].sum(-1), 2 * a[..., 1])
+        assert moh.aux_loss is not None and moh.aux_loss.requires_grad
+    want = layer.o_proj((_reference_heads(layer, x, cos, sin) * g[..., None]).reshape(*x.shape[:2], -1))
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-12)
+
+
+def test_moh_balance_loss_equals_k_under_perfect_balance():
+    r, k = 6, 2
+    n = 12
+    probs = torch.full((n, r), 1.0 / r)
+    chosen = torch.stack([torch.tensor([(2 * t) % r, (2 * t + 1) % r]) for t in range(n)])  # each head 4 of 12 tokens
+    assert balance_loss(probs, chosen).item() == pytest.approx(k)
+    unbalanced = torch.tensor([[0, 1]] * n)
+    assert balance_loss(probs, unbalanced).item() == pytest.approx(k)  # uniform P hides f (the loss needs P ∝ f)
+    peaked = torch.tensor([[0.45, 0.45, 0.025, 0.025, 0.025, 0.025]] * n)
+    assert balance_loss(peaked, unbalanced).item() > k
+
+
+def test_moh_registered_in_model_and_convert_keeps_weights():
+    cfg = ModelConfig(vocab_size=30, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, attention_type="moh",
+                      extra={"moh_shared": 2, "moh_top_k": 1})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert isinstance(model.layers[0].self_attn, MoHAttention) and moh_config(cfg).n_routed == 2
+    out = model(torch.randint(0, 30, (2, 8)))
+    assert out.shape == (2, 8, 16) and model.aux_loss is not None
+    dense = build_model(ModelConfig(vocab_size=30, dim=16, n_layers=2, n_heads=4, n_kv_heads=2)).double()
+    ids = torch.randint(0, 30, (1, 8))
+    y0 = dense(ids)
+    assert convert_to_moh(dense, n_shared=4, top_k=0, variant="qnorm") == 2
+    torch.testing.assert_close(dense(ids), y0, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="moh_top_k"):
+        MoHConfig(dim=8, n_heads=4, n_kv_heads=1, head_dim=2, n_shared=2, top_k=3)
+
+
+def test_sqa_full_heads_equals_mha_and_fewer_heads_shapes():
+    layer, cfg = _dense(h=4, hkv=2, d=6, dim=20)
+    x, cos, sin, ctx = _inputs(cfg)
+    sqa = SQAttention(SQAConfig(dim=20, n_q_heads=4, n_kv_heads=2, head_dim=6)).double()
+    sqa.load_state_dict(layer.state_dict())
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    y1, y2 = layer(x1, cos, sin, ctx), sqa(x2, cos, sin, ctx)
+    torch.testing.assert_close(y2, y1, rtol=1e-12, atol=1e-12)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
+    # H_q = 2 < H = 4: equals a dense layer whose heads are the kept ones
+    small = SQAttention(SQAConfig(dim=20, n_q_heads=2, n_kv_heads=1, head_dim=6)).double()
+    assert small.q_proj.weight.shape == (12, 20) and small.o_proj.weight.shape == (20, 12)
+    ref_cfg = ModelConfig(dim=20, n_heads=2, n_kv_heads=1, head_dim=6, vocab_size=10)
+    ref = Attention(ref_cfg, 0).double()
+    ref.load_state_dict(small.state_dict())
+    torch.testing.assert_close(small(x, cos, sin, ctx), ref(x, cos, sin, ctx), rtol=1e-12, atol=1e-12)
+    model = build_model(ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=4, attention_type="sqa",
+                                    extra={"sqa_q_heads": 2, "sqa_kv_heads": 1}))
+    assert model(torch.randint(0, 30, (1, 5))).shape == (1, 5, 16)
