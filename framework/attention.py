@@ -48,11 +48,17 @@ class InnerAttention(Protocol):
 
 
 def base_mask(ctx: AttentionContext, extra: M.Mask | None = None) -> M.Mask:
-    """Causal, restricted to documents when packed, intersected with ``extra``."""
-    mask: M.Mask = M.causal() if ctx.cu_seqlens is None else M.documents(ctx.cu_seqlens)
+    """Causal, restricted to documents when packed, intersected with ``extra``.
+
+    A pattern that is not causal on purpose (LongLoRA's ``s2`` roll path wraps around: the first G/2
+    queries of shifted heads see the sequence's tail) applies exactly as it is.
+    """
     if extra is not None:
-        mask = mask & extra.at(step=ctx.step, layer=ctx.layer)
-    return mask
+        extra = extra.at(step=ctx.step, layer=ctx.layer)
+        if not extra.is_causal:
+            return extra
+    mask: M.Mask = M.causal() if ctx.cu_seqlens is None else M.documents(ctx.cu_seqlens)
+    return mask if extra is None else mask & extra
 
 
 def _rows(ctx: AttentionContext, batch: int) -> list[tuple[slice, AttentionContext]]:
@@ -123,12 +129,13 @@ class ContextParallelAttention(LocalAttention):
 
         extra = self.extra_mask(ctx)
         mask = None if ctx.cu_seqlens is None and extra is None else base_mask(ctx, extra)
-        return cp_attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group, causal=True,
+        causal = mask is None or mask.is_causal  # a non-causal pattern (s2 roll) applies as it is
+        return cp_attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group, causal=causal,
                             mask=mask, scale=ctx.scale, ulysses_degree=self.ulysses_degree, backend=self.backend)
 
 
-PATTERNS = ("full", "s2", "sf", "ssa", "window", "power", "sinks_window")
-TRAIN_ONLY_PATTERNS = ("s2", "sf", "ssa")
+PATTERNS = ("full", "s2", "s2_roll", "sf", "ssa", "window", "power", "sinks_window")
+TRAIN_ONLY_PATTERNS = ("s2", "s2_roll", "sf", "ssa")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -138,7 +145,7 @@ class AttentionConfig:
     backend: str = "auto"
     """Local attention backend: auto, reference, cpu, cpu_sparse, triton, flex, flash."""
     pattern: str = "full"
-    """full (causal) | s2 | sf | ssa (training only) | window | power | sinks_window (always)."""
+    """full (causal) | s2 | s2_roll | sf | ssa (training only) | window | power | sinks_window (always)."""
     group_size: int = 0
     """S2/SF group size G; 0 = train.seq_len // 4 (LongLoRA's N/4)."""
     sinks: int = 4
@@ -149,8 +156,8 @@ class AttentionConfig:
     """Block size of the power pattern."""
     ssa_ratio: float = 0.25
     """SSA: share of key blocks sampled."""
-    ssa_window: int = 256
-    """SSA: always-kept local window."""
+    ssa_window: int = 2
+    """SSA: always-kept local window, in blocks of ``ssa_block`` tokens."""
     ssa_block: int = 64
     """SSA: sampling block size."""
     ssa_seed: int = 0
@@ -191,7 +198,9 @@ def pattern_masks(cfg: AttentionConfig, seq_len: int) -> tuple[M.Mask | None, M.
     if p == "power":
         return M.power(cfg.block), None
     if p == "s2":
-        return None, M.s2(group)
+        return None, M.s2(group, "varlen")
+    if p == "s2_roll":
+        return None, M.s2(group, "roll")
     if p == "sf":
         return None, M.sf(group, sinks=cfg.sinks)
     return None, M.ssa(cfg.ssa_ratio, window=cfg.ssa_window, block=cfg.ssa_block, seed=cfg.ssa_seed, bias=cfg.ssa_bias)

@@ -7,8 +7,8 @@ subsampled passes, each with its own sample:
 
     probs = ensemble_forward(lambda i: model(tokens, ssa_step=i), n=4)   # [B, S, V]
 
-:func:`pattern_mask` maps the attention-config fields (``pattern``, ``group_size``, ``sinks``,
-``window``, ``block``, ``ssa_*``) to a training mask, so the config owner does not repeat the table.
+The attention-config fields (``pattern``, ``ssa_*``) map to masks in
+:func:`longreach.attention.pattern_masks`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ import torch
 from longreach.errors import ConfigError
 from longreach.kernels import masks as M
 
-__all__ = ["ensemble_forward", "pattern_mask", "PATTERNS"]
-
-PATTERNS = ("dense", "s2", "s2_roll", "sf", "sliding_window", "sinks_window", "power", "ssa")
+__all__ = ["ensemble_forward"]
 
 
 def ensemble_forward(
@@ -50,55 +48,3 @@ def ensemble_forward(
     assert total is not None
     mean = total / int(n)
     return mean.log() if log else mean
-
-
-def pattern_mask(
-    pattern: str,
-    *,
-    group_size: int | None = None,
-    sinks: int = 4,
-    window: int | None = None,
-    block: int = 128,
-    ssa_ratio: float = 0.25,
-    ssa_window: int = 2,
-    ssa_block: int = 128,
-    ssa_seed: int = 0,
-    ssa_bias: str = "local",
-) -> M.Mask | None:
-    """The training-time mask for an attention ``pattern`` (None for ``dense``).
-
-    Args:
-        pattern: one of :data:`PATTERNS`. ``s2`` is LongLoRA's varlen path, ``s2_roll`` its roll path
-            (not causal: use it with ``causal=False``).
-        group_size: S2/SF group (tokens); LongLoRA uses a quarter of the training length.
-        sinks: SF / sinks_window sink tokens.
-        window: sliding window (tokens) for ``sliding_window`` / ``sinks_window``.
-        block: PowerAttention block (tokens).
-        ssa_ratio, ssa_window, ssa_block, ssa_seed, ssa_bias: :func:`longreach.kernels.masks.ssa` arguments
-            (``ssa_window`` in blocks).
-    """
-    if pattern not in PATTERNS:
-        raise ConfigError(f"attention.pattern: unknown pattern {pattern!r}; choose one of {', '.join(PATTERNS)}")
-    if pattern in ("s2", "s2_roll", "sf") and group_size is None:
-        raise ConfigError(f"attention.group_size is required for pattern {pattern!r}")
-    if pattern in ("sliding_window", "sinks_window") and window is None:
-        raise ConfigError(f"attention.window is required for pattern {pattern!r}")
-    try:
-        if pattern == "dense":
-            return None
-        if pattern == "s2":
-            return M.s2(int(group_size), "varlen")
-        if pattern == "s2_roll":
-            return M.s2(int(group_size), "roll")
-        if pattern == "sf":
-            return M.sf(int(group_size), int(sinks))
-        if pattern == "sliding_window":
-            return M.sliding_window(int(window))
-        if pattern == "sinks_window":
-            return M.sinks(int(sinks)) | M.sliding_window(int(window))
-        if pattern == "power":
-            return M.power(int(block))
-        return M.ssa(float(ssa_ratio), window=int(ssa_window), block=int(ssa_block), seed=int(ssa_seed),
-                     bias=ssa_bias)
-    except ValueError as e:  # the factories validate their own arguments
-        raise ConfigError(f"attention.{pattern}: {e}") from e

@@ -385,7 +385,7 @@ class _Documents(Mask):
 
     def doc_ids(self, pos: torch.Tensor) -> torch.Tensor:
         # position p belongs to document d with cu[d] <= p < cu[d+1]
-        return torch.searchsorted(self.cu_seqlens, _as_pos(pos), right=True) - 1
+        return torch.searchsorted(self.cu_seqlens, _as_pos(pos).contiguous(), right=True) - 1
 
     def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
         q, k = _as_pos(q_pos), _as_pos(k_pos)

@@ -33,10 +33,10 @@ __all__ += ["linear_cp_attention"]
 
 from .layouts import DocumentZigzag, pad_documents, shard_documents, unshard_documents  # noqa: E402
 from .comm import CommRecorder, WorkCounter  # noqa: E402
-from .cp import STRATEGIES, ContextParallelAttention, cp_attention  # noqa: E402
+from .cp import STRATEGIES, cp_attention  # noqa: E402
 from .mesh import ParallelDims  # noqa: E402
 
 __all__ += ["DocumentZigzag", "pad_documents", "shard_documents", "unshard_documents", "CommRecorder",
-            "WorkCounter", "STRATEGIES", "ContextParallelAttention", "cp_attention", "ParallelDims"]
+            "WorkCounter", "STRATEGIES", "cp_attention", "ParallelDims"]
 
 from .expert import ExpertDispatch, all_to_all_variable, combine_tokens, dispatch_tokens, exchange_counts  # noqa: E402

@@ -145,8 +145,7 @@ def test_ring_flash_adapter_matches_reference_on_gpu(layout: str, tmp_path) -> N
 
 
 def test_inner_attention_seam_matches_local_attention() -> None:
-    from longreach.attention import AttentionContext, LocalAttention
-    from longreach.parallel import ContextParallelAttention
+    from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
 
     g = torch.Generator().manual_seed(5)
     q = torch.randn(1, 12, 4, 8, generator=g, dtype=torch.float64)

@@ -58,6 +58,24 @@ def test_backend_matches_naive(backend, name, heads):
         torch.testing.assert_close(a, r, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("d,e", [(12, 20), (16, 8)])
+def test_cpu_value_head_size_may_differ(d, e):
+    torch.manual_seed(4)
+    q = torch.randn(1, 21, 4, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 21, 2, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 21, 2, e, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for backend in ("cpu", "reference"):
+        out, lse = attention(q, k, v, mask=masks.sliding_window(6), backend=backend, return_lse=True)
+        assert out.shape == (1, 21, 4, e)
+        outs.append((out, lse))
+        grads.append(torch.autograd.grad(out.sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r)
+
+
 def test_cpu_float32_close_to_reference():
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, 63, 4, 16) for _ in range(3))

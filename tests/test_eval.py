@@ -56,7 +56,7 @@ def test_perplexity_matches_transformers_loss(tiny):
     patch_attention(model, AttentionPatch(backend="cpu"))
     res = perplexity(model, toks.numpy(), length=64, stride=32, chunk_size=5)
     assert res.windows == 5
-    assert math.isclose(res.ppl, math.exp(np.mean(ref)), rel_tol=1e-9), (res.ppl, math.exp(np.mean(ref)))
+    assert math.isclose(res.ppl, math.exp(np.mean(ref)), rel_tol=1e-6)  # HF's loss is float32
 
 
 def test_passkey_prompt_and_decode(tiny):
@@ -67,9 +67,9 @@ def test_passkey_prompt_and_decode(tiny):
 
     model, tok = load_hf(tiny / "ckpt", dtype=torch.float64)
     codec = TextCodec(tok)
-    for length in (64, 200):
+    for length in (256, 400):
         prompt, ans, answer = build_prompt(codec, length, 0.5, 31337)
-        assert len(prompt) + len(ans) <= length and len(prompt) + len(ans) > length - 40
+        assert length // 2 < len(prompt) + len(ans) <= length
         assert codec.decode(ans).strip().rstrip(".") == answer
         assert "31337" in codec.decode(prompt)
     patch_attention(model, AttentionPatch(backend="cpu"))
@@ -79,8 +79,8 @@ def test_passkey_prompt_and_decode(tiny):
         for _ in range(4):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert greedy_decode(model, prompt, 4) == seq[len(prompt):]
-    recs = passkey_retrieval(model, tok, lengths=[64], depths=[0.0, 1.0], seeds=2)
-    assert len(recs) == 4 and all(r.prompt_tokens <= 64 for r in recs)
+    recs = passkey_retrieval(model, tok, lengths=[256], depths=[0.0, 1.0], seeds=2)
+    assert len(recs) == 4 and all(r.prompt_tokens <= 256 for r in recs)
     assert len({r.key for r in recs}) == 4  # keys differ across seeds and depths
 
 
@@ -103,12 +103,12 @@ def test_eval_cli(tiny, tmp_path, capsys):
 
     out = tmp_path / "eval"
     rc = main([str(tiny / "ckpt"), "--tokens", str(tiny / "tokens.npy"), "--ppl-lengths", "64,128",
-               "--stride", "64", "--passkey-lengths", "64,128", "--depths", "0,1", "--seeds", "1",
+               "--stride", "64", "--passkey-lengths", "256,320", "--depths", "0,1", "--seeds", "1",
                "--rope-from-length", "linear", "--backend", "cpu", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert [p["length"] for p in res["perplexity"]] == [64, 128] and res["perplexity"][1]["windows"] == 2
-    assert res["passkey"]["lengths"] == [64, 128]
+    assert res["passkey"]["lengths"] == [256, 320]
     assert (out / "passkey.png").is_file() and (out / "passkey.md").is_file()
     assert main([str(tiny / "ckpt"), "--ppl-lengths", "64"]) == 2
     assert "needs --tokens" in capsys.readouterr().err

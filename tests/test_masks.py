@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from longreach.errors import ConfigError
-from longreach.kernels import attention
+from longreach.kernels import attention, get_backend
 from longreach.kernels import masks as M
 from longreach.kernels.masks import EMPTY, FULL, PARTIAL, _reduce_tiles
-from longreach.ssa import ensemble_forward, pattern_mask
+from longreach.attention import AttentionConfig, pattern_masks
+from longreach.ssa import ensemble_forward
 
 N, H = 96, 4
 
@@ -266,15 +267,32 @@ def test_ensemble_forward_averages_probabilities():
         ensemble_forward(model_fn, 0)
 
 
-def test_pattern_mask_table():
-    assert pattern_mask("dense") is None
-    assert torch.equal(_dense(pattern_mask("s2", group_size=24)), _dense(M.s2(24)))
-    assert torch.equal(_dense(pattern_mask("sf", group_size=24, sinks=2)), _dense(M.sf(24, 2)))
-    ssa = pattern_mask("ssa", ssa_ratio=0.3, ssa_window=1, ssa_block=8, ssa_seed=5)
+def test_pattern_table():
+    def train_mask(**kw):
+        always, train = pattern_masks(AttentionConfig(**kw), seq_len=96)
+        assert always is None
+        return train
+
+    assert pattern_masks(AttentionConfig(pattern="full"), seq_len=96) == (None, None)
+    assert torch.equal(_dense(train_mask(pattern="s2", group_size=24)), _dense(M.s2(24)))
+    assert torch.equal(_dense(train_mask(pattern="s2")), _dense(M.s2(24)))  # default G = N/4
+    assert torch.equal(_dense(train_mask(pattern="s2_roll", group_size=24)), _dense(M.s2(24, "roll")))
+    assert torch.equal(_dense(train_mask(pattern="sf", group_size=24, sinks=2)), _dense(M.sf(24, 2)))
+    ssa = train_mask(pattern="ssa", ssa_ratio=0.3, ssa_window=1, ssa_block=8, ssa_seed=5)
     assert torch.equal(_dense(ssa.at(step=2)), _dense(M.ssa(0.3, window=1, block=8, seed=5).at(step=2)))
-    with pytest.raises(ConfigError, match="unknown pattern"):
-        pattern_mask("s3")
-    with pytest.raises(ConfigError, match="group_size"):
-        pattern_mask("s2")
-    with pytest.raises(ConfigError, match="ssa"):
-        pattern_mask("ssa", ssa_ratio=2.0)
+    with pytest.raises(ValueError, match="attention.pattern"):
+        AttentionConfig(pattern="s3")
+    with pytest.raises(ValueError, match="ssa_ratio"):
+        AttentionConfig(pattern="ssa", ssa_ratio=2.0)
+
+
+def test_roll_pattern_keeps_its_wrap_around_in_the_seam():
+    """s2 roll is not causal on purpose: the seam must not intersect it with causal."""
+    from longreach.attention import AttentionContext, LocalAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 16, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    roll = M.s2(8, "roll")
+    out = LocalAttention(backend="reference", train_mask=roll)(q, k, v, AttentionContext(seq_len=16))
+    ref = get_backend("reference").forward(q, k, v, mask=roll)[0]
+    torch.testing.assert_close(out, ref)

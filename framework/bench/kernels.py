@@ -3,7 +3,7 @@
 For each mask at one sequence length (default 8192 tokens on CPU) it times the block-sparse backend
 (``cpu_sparse`` on CPU) against the dense causal ``cpu`` flash kernel, next to the mask's density and the
 attention FLOPs its tile plan skips, so "time relative to causal" can be read against "work relative to
-causal". With ``--cp`` it also spawns 2 gloo ranks and counts the bytes a ring context-parallel step
+causal". With ``--cp`` it also spawns gloo ranks (default 4) and counts the bytes a ring context-parallel step
 sends with a sliding window against full causal (:class:`longreach.parallel.CommRecorder`).
 ``--suite lightning`` hands over to ``longreach.bench.lightning:run(args)``.
 
@@ -115,24 +115,25 @@ def run_masks(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def cp_worker(rank: int, world_size: int, seq_len: int, heads: int, head_dim: int, window: int) -> dict[str, int]:
+def cp_worker(rank: int, world_size: int, seq_len: int, heads: int, head_dim: int, window: int,
+              layout: str = "contiguous") -> dict[str, int]:
     """One rank of the ring CP comparison: bytes sent with full causal vs a sliding window."""
     from longreach.kernels import masks as M
     from longreach.parallel import CommRecorder, cp_attention, shard_sequence
 
     torch.manual_seed(0)
     x = torch.randn(1, seq_len, heads, head_dim)  # [B, S, H, D] same on every rank
-    local = shard_sequence(x, layout="contiguous")
+    local = shard_sequence(x, layout=layout)
     result = {}
     for label, mask in (("causal", None), ("sliding_window", M.sliding_window(window))):
         with CommRecorder() as rec:
-            cp_attention(local, local, local, strategy="ring", layout="contiguous", mask=mask, backend="cpu")
+            cp_attention(local, local, local, strategy="ring", layout=layout, mask=mask, backend="cpu")
         result[label] = rec.bytes_sent()
     return result
 
 
 def run_cp(args: argparse.Namespace) -> dict[str, Any]:
-    """Spawn 2 ranks; per-rank bytes sent by ring attention, sliding window vs causal."""
+    """Spawn ``--cp-ranks`` ranks; per-rank bytes sent by ring attention, sliding window vs causal."""
     try:
         importlib.import_module("longreach.parallel").cp_attention  # noqa: B018
     except (ImportError, AttributeError) as e:
@@ -140,8 +141,8 @@ def run_cp(args: argparse.Namespace) -> dict[str, Any]:
     from longreach.testing import run_ranks
 
     s = args.cp_seq_len
-    res = run_ranks(cp_worker, 2, args=(s, args.heads, args.head_dim, args.cp_window))
-    return {"seq_len": s, "window": args.cp_window, "ranks": 2,
+    res = run_ranks(cp_worker, args.cp_ranks, args=(s, args.heads, args.head_dim, args.cp_window, args.cp_layout))
+    return {"seq_len": s, "window": args.cp_window, "ranks": args.cp_ranks, "layout": args.cp_layout,
             "bytes_causal": [r["causal"] for r in res], "bytes_window": [r["sliding_window"] for r in res]}
 
 
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--cp", action="store_true", help="also count ring CP bytes (2 gloo ranks)")
     p.add_argument("--cp-seq-len", type=int, default=4096)
+    p.add_argument("--cp-ranks", type=int, default=4, help="gloo ranks for --cp (default 4)")
+    p.add_argument("--cp-layout", default="contiguous", help="sequence layout for --cp (default contiguous)")
     p.add_argument("--cp-window", type=int, default=512)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -210,7 +213,7 @@ def main(argv: list[str]) -> int:
             print(f"ring CP: skipped: {cp['skipped']}")
         else:
             for r, (bc, bw) in enumerate(zip(cp["bytes_causal"], cp["bytes_window"])):
-                print(f"ring CP S={cp['seq_len']} window={cp['window']} rank {r}: bytes sent causal {bc}, "
+                print(f"ring CP S={cp['seq_len']} window={cp['window']} {cp['layout']} rank {r}: bytes sent causal {bc}, "
                       f"sliding window {bw} ({bw / bc if bc else float('nan'):.3f} of causal)")
     if args.json:
         with open(args.json, "w") as f:

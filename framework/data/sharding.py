@@ -1,4 +1,5 @@
-"""Sharding a packed batch over the context-parallel group (the trainer calls this after loading)."""
+"""Sharding a packed batch over the context-parallel group — the one implementation (the trainer's
+``prepare_batch`` calls it after loading)."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,7 +15,8 @@ __all__ = ["shard_batch"]
 _SEQ_KEYS = ("input_ids", "labels", "position_ids")
 
 
-def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
+def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | None = None, *,
+                context_parallel: bool = True) -> dict[str, Any]:
     """This rank's part of a packed batch under ``layout`` over the context-parallel ``group``.
 
     Labels were shifted on the global sequence by the loader, so sharding them with the inputs keeps
@@ -25,16 +27,25 @@ def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | N
             list of B); other keys are passed through.
         layout: ``contiguous``, ``zigzag`` or ``stripe`` (``parallel.layout``).
         group: the context-parallel process group (None: WORLD, or no sharding without a process group).
+        context_parallel: False means no context parallelism (``parallel.cp=1``): the whole sequence
+            stays on this rank and ``group`` is not consulted — under data parallelism WORLD is the dp
+            group, not a cp group, so "None = WORLD" would wrongly shard.
 
     Returns:
         A new dict: the three sequence tensors sharded along dim 1 (``[B, S / P]``); ``cu_seqlens``
         unchanged — document offsets stay GLOBAL, because masks are evaluated on global positions —
-        and ``positions`` (``[S / P]``), the global position of each local token, for the attention context.
+        and ``positions`` (``[S / P]``), the global position of each local token, for the attention
+        context, and ``seq_len`` (the global S).
 
     Raises:
         UserError: the sequence length does not divide by what the layout needs on this group.
     """
-    rank, size = group_rank_size(group)
+    if context_parallel:
+        rank, size = group_rank_size(group)
+    elif group is not None:
+        raise ValueError("shard_batch: context_parallel=False takes no group")
+    else:
+        rank, size = 0, 1
     seq_len = batch["input_ids"].shape[1]
     try:
         multiple = layout_multiple(layout, size)
@@ -44,9 +55,10 @@ def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | N
         raise UserError(f"train.seq_len={seq_len} does not divide by {multiple}, as parallel.layout={layout!r} "
                         f"needs on {size} context-parallel ranks")
     out = dict(batch)
-    for key in _SEQ_KEYS:
-        if key in batch and batch[key] is not None:
-            out[key] = shard_sequence(batch[key], layout=layout, group=group, dim=1)  # [B, S / P]
+    if context_parallel:
+        for key in _SEQ_KEYS:
+            if key in batch and batch[key] is not None:
+                out[key] = shard_sequence(batch[key], layout=layout, group=group, dim=1)  # [B, S / P]
     out["positions"] = positions_for(seq_len, layout, rank, size)  # [S / P]
     out["seq_len"] = seq_len
     return out

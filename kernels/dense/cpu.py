@@ -32,11 +32,23 @@ def _plan(placed: PlacedMask | None, sq: int, sk: int, heads: int, dtype: torch.
     return False, add[None], (empty if bool(empty.any()) else None)
 
 
+def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    # the aten kernel wants one head size for q, k and v: zero-pad the smaller (zeros add nothing to
+    # q·k and give zero output columns that are cut off again)
+    return x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))
+
+
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Mask | PlacedMask | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_shapes(q, k, v)
+    d, e = q.shape[-1], v.shape[-1]
+    if d != e:
+        width = max(d, e)
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        out, lse = forward(_pad_to(q, width), _pad_to(k, width), _pad_to(v, width), mask=mask, scale=scale)
+        return out[..., :e].contiguous(), lse
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -58,6 +70,13 @@ def backward(
     *, mask: Mask | PlacedMask | None = None, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one block given the *global* out and lse of its query rows."""
+    d, e = q.shape[-1], v.shape[-1]
+    if d != e:
+        width = max(d, e)
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        dq, dk, dv = backward(_pad_to(dout, width), _pad_to(q, width), _pad_to(k, width), _pad_to(v, width),
+                              _pad_to(out, width), lse, mask=mask, scale=scale)
+        return dq[..., :d], dk[..., :d], dv[..., :e]
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
