@@ -39,7 +39,7 @@ from longreach.errors import ConfigError
 
 __all__ = [
     "FaultConfig", "FaultPolicy", "NonFiniteLossError", "CollectiveTimeoutError", "CollectiveWatchdog",
-    "check_finite", "timed_collective", "parse_injections", "maybe_inject", "INJECT_ENV",
+    "check_finite", "timed_collective", "parse_injections", "maybe_inject", "init_distributed", "INJECT_ENV",
 ]
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,36 @@ class CollectiveWatchdog:
 
     def close(self) -> None:
         self._stop.set()
+
+
+# ------------------------------------------------------------------------------------- restart-safe init
+
+
+def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) -> None:
+    """``init_process_group`` from torchrun's environment, safe across ``--max-restarts`` restarts.
+
+    torchrun keeps one rendezvous store for the whole job, and the default ``env://`` init reuses it
+    without an attempt prefix: after a restart gloo can read the *dead* attempt's rank addresses and
+    fail (``connectFullMesh failed … Connection refused``) or hang connecting to a recycled port. We
+    namespace the process group's keys by ``TORCHELASTIC_RESTART_COUNT``. ``timeout_s`` is the process
+    group's collective timeout (a hung collective then fails instead of waiting forever).
+
+    Args:
+        backend: ``gloo``/``nccl``; default nccl with CUDA, else gloo.
+        timeout_s: collective timeout in seconds.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world_size=world, is_master=(not agent_store and rank == 0),
+                          timeout=timedelta(seconds=max(60.0, timeout_s)), wait_for_workers=False)
+    store = dist.PrefixStore(f"longreach/attempt-{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 # ----------------------------------------------------------------------------------------- injection

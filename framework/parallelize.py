@@ -11,9 +11,25 @@
    gradients are reduced across both. Gradients are *summed* (not averaged): the trainer divides each
    rank's summed token loss by the global count of non-ignored tokens, so the sum over ranks of the local
    gradients is exactly the gradient of the global mean loss, whatever the token counts per rank.
+
+**Expert parallelism** (MoE layers with ``model.extra.moe_expert_parallel`` under cp > 1) happens in step 1,
+before any wrapper and before the trainer builds its optimizer: ``longreach.mixtures.shard_experts`` over
+the **cp** group keeps only this rank's ``E / cp`` experts (parameters and, later, optimizer state). The
+expert parameters are left out of DDP (``_set_params_and_buffers_to_ignore_for_model``); the ranks that
+hold the *same* experts are the ranks with the same cp coordinate, i.e. the **dp** dimension of the mesh,
+and :func:`reduce_expert_gradients` SUM-reduces expert gradients over that group (every dp replica's tokens
+reach its own copy of the expert through the all-to-all, so the sum is the exact gradient).
+:func:`clip_grad_norm` then adds each expert's squared norm once (a sum over the cp group) to the
+replicated parameters' one. For checkpoints, expert weights and their optimizer state appear in
+``state_dict()`` as DTensors sharded ``Shard(0)`` over the cp mesh dimension (:func:`expert_optimizer_hooks`
+does it for the optimizer), so torch.distributed.checkpoint writes each rank's experts under the one
+global key and can load them on another layout (another cp size, or no expert parallelism at all).
+With an engine (``data_parallel=False``: FSDP2, DeepSpeed, accelerate) experts stay in the layer's own
+*replicated-parameter* mode: each rank computes only its experts but holds all of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -22,10 +38,14 @@ import torch.distributed as dist
 from torch import nn
 
 from longreach.attention import ContextParallelAttention, LocalAttention, pattern_masks
+from longreach.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dp_cp_group", "cp_group", "parallelize", "unwrap"]
+__all__ = ["ExpertShards", "build_inner_attention", "clip_grad_norm", "cp_group", "dp_cp_group", "expert_optimizer_hooks", "expert_shards",
+           "parallelize", "reduce_expert_gradients", "unwrap"]
+
+_SHARDS_ATTR = "_longreach_expert_shards"
 
 
 def cp_group(mesh: Any) -> dist.ProcessGroup | None:
@@ -51,16 +71,34 @@ def _sum_allreduce_hook(group, bucket):  # no annotations: DDP checks them again
     return fut.then(lambda f: f.value()[0])
 
 
-def _inner_attention(job_cfg: Any, mesh: Any) -> LocalAttention:
-    att, par = job_cfg.attention, job_cfg.parallel
-    mask, train_mask = pattern_masks(att, job_cfg.train.seq_len)
-    group = cp_group(mesh)
+def build_inner_attention(attention: Any, *, seq_len: int, group: dist.ProcessGroup | None = None,
+                          strategy: str = "ring", layout: str = "zigzag", ulysses_degree: int | None = None,
+                          backend: str = "auto") -> LocalAttention:
+    """The inner attention of softmax layers: the one place a pattern becomes a local or cp callable.
+
+    Used by :func:`parallelize` for our models and by the HF patch (``longreach.hf.patch``), so both
+    run the same :class:`LocalAttention` / :class:`ContextParallelAttention` on the same masks.
+
+    Args:
+        attention: the ``attention:`` section (:class:`~longreach.attention.AttentionConfig`).
+        seq_len: global training sequence length (S2/SF default group size N/4).
+        group: the context-parallel group (None: one rank, local attention).
+        strategy, layout, ulysses_degree: context parallelism (``parallel:`` section), used with a group.
+        backend: local backend inside the cp strategy (``auto``: ``attention.backend``).
+    """
+    mask, train_mask = pattern_masks(attention, seq_len)
     if group is None:
-        return LocalAttention(att.backend, train_mask=train_mask, mask=mask)
-    backend = par.backend if par.backend != "auto" else att.backend
-    return ContextParallelAttention(strategy=par.strategy, layout=par.layout, group=group,
-                                    ulysses_degree=par.ulysses_degree, backend=backend,
+        return LocalAttention(attention.backend, train_mask=train_mask, mask=mask)
+    return ContextParallelAttention(strategy=strategy, layout=layout, group=group, ulysses_degree=ulysses_degree,
+                                    backend=backend if backend != "auto" else attention.backend,
                                     train_mask=train_mask, mask=mask)
+
+
+def _inner_attention(job_cfg: Any, mesh: Any) -> LocalAttention:
+    par = job_cfg.parallel
+    return build_inner_attention(job_cfg.attention, seq_len=job_cfg.train.seq_len, group=cp_group(mesh),
+                                 strategy=par.strategy, layout=par.layout, ulysses_degree=par.ulysses_degree,
+                                 backend=par.backend)
 
 
 def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: bool = True) -> nn.Module:
@@ -78,10 +116,15 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
         :func:`unwrap` to reach the model's own attributes (``output_weight``, ``aux_loss``).
     """
     group = cp_group(mesh)
-    # 1. the attention seam
+    # 1. the attention seam, and expert parallelism (real sharding only under our DDP; see module docstring)
+    ep_layers = _expert_parallel_layers(model) if group is not None and data_parallel else []
+    if ep_layers:
+        _shard_experts(model, mesh, group)
     swapped = hooked = 0
     for module in model.modules():
         hook = getattr(module, "parallelize_context", None)
+        if any(module is m for m in ep_layers):
+            continue  # already sharded for real; its hook would ask for the replicated-parameter mode
         if callable(hook):
             hook(group, job_cfg.parallel)
             hooked += 1
@@ -101,10 +144,17 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
             raise ValueError("train.activation_checkpointing needs a model with a `layers` ModuleList")
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-    # 3. data parallel over dp × cp
+    shards = expert_shards(model)
+    if shards is not None:  # names after activation checkpointing: DDP and checkpoints see these FQNs
+        from longreach.mixtures import expert_parameter_names
+
+        shards.names = expert_parameter_names(model)
+    # 3. data parallel over dp × cp (expert parameters excluded: they are not replicated over it)
     replicas = dp_cp_group(mesh)
     if not data_parallel or replicas is None or dist.get_world_size(replicas) == 1:
         return model
+    if shards is not None:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, shards.names)
     dev = next(model.parameters()).device
     ddp = nn.parallel.DistributedDataParallel(
         model, process_group=replicas, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -115,3 +165,173 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------- experts
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ExpertShards:
+    """Expert parallelism applied by :func:`parallelize` (kept on the unwrapped model)."""
+
+    ep_mesh: Any
+    """1-D DeviceMesh the experts are split over: the mesh's cp dimension (rank r holds experts r·E/P …)."""
+    replicas: dist.ProcessGroup | None
+    """Ranks holding the same experts: the mesh's dp dimension; None when dp = 1 (nothing to reduce)."""
+    params: list[nn.Parameter]
+    """This rank's expert parameters (``[E / P, …]`` each)."""
+    names: list[str]
+    """Their fully qualified names in the (activation-checkpointed) model, as DDP and checkpoints see them."""
+
+
+def expert_shards(model: nn.Module) -> ExpertShards | None:
+    """The expert sharding :func:`parallelize` applied to ``model`` (DDP or not), or None."""
+    return getattr(unwrap(model), _SHARDS_ATTR, None)
+
+
+def _expert_parallel_layers(model: nn.Module) -> list[nn.Module]:
+    """MoE layers configured for expert parallelism (``model.extra.moe_expert_parallel``)."""
+    layers = [m for m in model.modules() if callable(getattr(m, "shard_experts", None))
+              and getattr(getattr(m, "cfg", None), "expert_parallel", False)]
+    if not layers:
+        return []
+    from longreach.mixtures import MoEFFN
+
+    return [m for m in layers if isinstance(m, MoEFFN)]
+
+
+def _shard_experts(model: nn.Module, mesh: Any, group: dist.ProcessGroup) -> None:
+    """Keep only this rank's experts (over the cp group); record the groups and install checkpoint hooks."""
+    from longreach.mixtures import MoEFFN, expert_parameter_names, shard_experts
+
+    moe = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    if not all(m.cfg.expert_parallel for m in moe):
+        raise UserError("model.extra.moe_expert_parallel must be set for every MoE layer or for none")
+    cp = dist.get_world_size(group)
+    bad = sorted({m.cfg.num_experts for m in moe if m.cfg.num_experts % cp})
+    if bad:
+        raise UserError(f"model.extra.moe_experts={bad[0]} does not divide by parallel.cp={cp}, which "
+                        "model.extra.moe_expert_parallel splits the experts over; use a multiple of parallel.cp")
+    shard_experts(model, group)
+    params = [p for p in model.parameters() if _is_expert(p)]  # same order on every rank
+    dp_dim = mesh["dp"]
+    shards = ExpertShards(ep_mesh=mesh["cp"], replicas=dp_dim.get_group() if dp_dim.size() > 1 else None,
+                          params=params, names=expert_parameter_names(model))
+    setattr(model, _SHARDS_ATTR, shards)
+    owners = {id(p) for p in params}
+    for module in model.modules():
+        if any(id(p) in owners for p in module.parameters(recurse=False)):
+            module.register_state_dict_post_hook(_experts_to_dtensor(shards.ep_mesh))
+            module.register_load_state_dict_pre_hook(_experts_from_dtensor)
+    n = sum(p.numel() for p in params)
+    log.info("parallelize: %d MoE layers split their experts over cp=%d (%d expert parameters on this rank); "
+             "expert gradients reduced over dp=%d", len(moe), cp, n, dp_dim.size())
+
+
+def _is_expert(p: torch.Tensor) -> bool:
+    from longreach.mixtures import is_expert_parameter
+
+    return is_expert_parameter(p)
+
+
+def _as_dtensor(local: torch.Tensor, ep_mesh: Any) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = (local.shape[0] * ep_mesh.size(),) + tuple(local.shape[1:])  # [E, ...] global
+    return DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _experts_to_dtensor(ep_mesh: Any):
+    """Module ``state_dict`` post hook: this module's expert parameters as DTensors ``Shard(0)`` over cp."""
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for name, p in module.named_parameters(recurse=False):
+            key = prefix + name
+            if _is_expert(p) and key in state_dict and isinstance(state_dict[key], torch.Tensor):
+                state_dict[key] = _as_dtensor(state_dict[key], ep_mesh)
+
+    return hook
+
+
+def _experts_from_dtensor(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Module ``load_state_dict`` pre hook: the local shard of DTensor expert weights."""
+    for name, p in module.named_parameters(recurse=False):
+        v = state_dict.get(prefix + name)
+        if _is_expert(p) and hasattr(v, "to_local"):
+            state_dict[prefix + name] = v.to_local()
+
+
+def expert_optimizer_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.state_dict()`` hold expert states as DTensors over cp (and load them back).
+
+    Call after building the optimizer of a model :func:`parallelize` split experts in (no-op otherwise),
+    so torch.distributed.checkpoint saves every rank's expert moments (see the module docstring).
+    """
+    shards = expert_shards(model)
+    if shards is None:
+        return
+    owners = {id(p) for p in shards.params}
+
+    def to_dtensor(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for idx, st in sd["state"].items():
+            p = params[idx] if isinstance(idx, int) else None
+            if p is None or id(p) not in owners:
+                continue
+            # a new dict: Optimizer.state_dict() shares the live per-parameter state dicts
+            sd["state"][idx] = {k: _as_dtensor(v, shards.ep_mesh)
+                                if isinstance(v, torch.Tensor) and v.shape == p.shape else v  # moments, not step
+                                for k, v in st.items()}
+
+    def to_local(opt: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
+        for key, st in sd.get("state", {}).items():
+            sd["state"][key] = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in st.items()}
+
+    optimizer.register_state_dict_post_hook(to_dtensor)
+    optimizer.register_load_state_dict_pre_hook(to_local)
+
+
+def reduce_expert_gradients(model: nn.Module) -> None:
+    """SUM all-reduce expert gradients over the ranks holding the same experts (the dp dimension).
+
+    Collective over that group; call once per step after the last backward (DDP handled the rest). An
+    expert shard that received no tokens on this rank gets a zero gradient, as its rows of a replicated
+    expert weight would, so every rank joins and the optimizer steps it the same way (momentum, decay).
+    """
+    shards = expert_shards(model)
+    if shards is None:
+        return
+    for p in shards.params:
+        if p.grad is None and p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    if shards.replicas is None:
+        return
+    grads = [p.grad for p in shards.params]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # [n expert elements]
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=shards.replicas)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def clip_grad_norm(model: nn.Module, params: list[nn.Parameter], max_norm: float) -> float:
+    """Clip gradients by the global norm, counting each split expert once; returns the norm before clipping.
+
+    Without split experts this is ``torch.nn.utils.clip_grad_norm_`` (all gradients are replicated).
+    With them, the squared norm of this rank's expert gradients is summed over the cp group (each expert
+    lives on one cp rank; dp replicas hold equal reduced copies) and added to the replicated part.
+    """
+    shards = expert_shards(model)
+    if shards is None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)) if params else 0.0
+    owners = {id(p) for p in shards.params}
+    device = shards.params[0].device
+    sq = torch.zeros(2, dtype=torch.float64, device=device)  # [replicated, expert] squared norms
+    for p in params:
+        sq[int(id(p) in owners)] += p.grad.detach().double().pow(2).sum()
+    expert_sq = sq[1:].clone()  # every rank joins, with or without expert gradients this step
+    dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=shards.ep_mesh.get_group())
+    total = float((sq[0] + expert_sq[0]).sqrt())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            p.grad.detach().mul_(coef)
+    return total

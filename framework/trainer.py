@@ -24,7 +24,7 @@ import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,8 +34,9 @@ from longreach.attention import AttentionContext
 from longreach.errors import UserError
 from longreach.loss import global_token_count
 from longreach.metrics import MetricsWriter, Throughput, memory_mb
-from longreach.parallel.layouts import layout_multiple, sequence_positions, shard_sequence
-from longreach.parallelize import cp_group, dp_cp_group, parallelize, unwrap
+from longreach.parallel.layouts import layout_multiple
+from longreach.parallelize import (clip_grad_norm, cp_group, dp_cp_group, expert_optimizer_hooks, expert_shards,
+                                   parallelize, reduce_expert_gradients, unwrap)
 
 log = logging.getLogger("longreach.trainer")
 
@@ -45,6 +46,11 @@ __all__ = ["Batch", "StepResult", "build_mesh", "check_config", "forward_backwar
            "train_step"]
 
 # settings that may change between runs in the same folder without making it "a different run"
+ModelBuilder = Callable[[Any, torch.device], nn.Module]
+"""``build_model(cfg, device) -> model`` (see :func:`train`)."""
+DataBuilder = Callable[..., Any]
+"""``build_data(cfg, *, dp_rank, dp_size) -> loader`` (see :func:`train`)."""
+
 _CONTINUABLE = ("run.steps", "run.log_every", "run.save_every", "run.overwrite", "checkpoint.", "engine.",
                 "parallel.", "attention.backend", "data.cache_dir")
 
@@ -123,6 +129,13 @@ def check_config(cfg: Any, world_size: int) -> None:
     if par.strategy == "hybrid" and (par.ulysses_degree is None or cp % par.ulysses_degree != 0):
         raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={cp}, "
                         f"got {par.ulysses_degree}")
+    if getattr(getattr(cfg, "model", None), "ffn_type", None) == "moe" and cp > 1:
+        from longreach.mixtures import EXTRA_KEYS
+
+        extra = {**EXTRA_KEYS["moe"], **cfg.model.extra}
+        if extra["moe_expert_parallel"] and int(extra["moe_experts"]) % cp != 0:
+            raise UserError(f"model.extra.moe_experts={extra['moe_experts']} does not divide by parallel.cp={cp}, "
+                            "which model.extra.moe_expert_parallel splits the experts over")
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -160,27 +173,27 @@ def prepare_batch(batch: Batch, *, layout: str, group: dist.ProcessGroup | None,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext]:
     """This cp rank's share of a global batch, and the attention context describing it.
 
-    ``group`` None means no context parallelism: the whole sequence stays on this rank.
+    The sharding itself is :func:`longreach.data.shard_batch` (the one implementation); this adds the
+    default position ids, the attention context and the move to ``device``. ``group`` None means no
+    context parallelism: the whole sequence stays on this rank (it is never taken as WORLD).
 
     Returns:
         ``(input_ids [B, S/P], position_ids [B, S/P], labels [B, S/P], ctx)`` on ``device``.
     """
+    from longreach.data.sharding import shard_batch
+
     b, s = batch.input_ids.shape
     if batch.labels.shape != (b, s):
         raise ValueError(f"labels {tuple(batch.labels.shape)} do not match input_ids {(b, s)}")
     pos_ids = batch.position_ids if batch.position_ids is not None else torch.arange(s).expand(b, s)
-    ids, labels = batch.input_ids, batch.labels
-    positions = torch.arange(s)
-    if group is not None:  # (group=None would mean WORLD to the layout functions: no cp means no sharding)
-        ids = shard_sequence(ids, layout=layout, group=group)  # [B, S/P]
-        labels = shard_sequence(labels, layout=layout, group=group)  # [B, S/P]
-        pos_ids = shard_sequence(pos_ids, layout=layout, group=group)  # [B, S/P]
-        positions = sequence_positions(s, layout=layout, group=group)  # [S/P] global positions
+    part = shard_batch({"input_ids": batch.input_ids, "labels": batch.labels, "position_ids": pos_ids}, layout,
+                       group, context_parallel=group is not None)  # [B, S/P] each, positions [S/P]
     cu = batch.cu_seqlens
     if isinstance(cu, tuple) and all(torch.equal(c, cu[0]) for c in cu):
         cu = cu[0]
-    ctx = AttentionContext(step=step, seq_len=s, positions=positions.to(device), cu_seqlens=cu, training=True)
-    return ids.to(device), pos_ids.to(device), labels.to(device), ctx
+    ctx = AttentionContext(step=step, seq_len=s, positions=part["positions"].to(device), cu_seqlens=cu,
+                           training=True)
+    return part["input_ids"].to(device), part["position_ids"].to(device), part["labels"].to(device), ctx
 
 
 @dataclasses.dataclass
@@ -252,6 +265,8 @@ def forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any
             else:
                 loss.backward()
         loss_sum_total += loss_sum.detach().double()
+    if engine is None:
+        reduce_expert_gradients(model)  # split experts: DDP ignores them; sum over their dp replicas
     totals = torch.stack([loss_sum_total, aux_total])
     if replicas is not None:
         dist.all_reduce(totals, group=replicas)
@@ -282,7 +297,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     else:
         params = [p for p in model.parameters() if p.grad is not None]
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip, foreach=False)) if params else 0.0
+        grad_norm = clip_grad_norm(model, params, clip)  # global norm, split experts counted once
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
@@ -377,21 +392,32 @@ class _TrainerState:
 
 
 # ---------------------------------------------------------------------------------------------- train
-def train(cfg: Any, *, data: Any = None) -> dict[str, Any]:
+def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None,
+          build_data: DataBuilder | None = None) -> dict[str, Any]:
     """Train ``cfg`` (a :class:`~longreach.job.JobConfig`); collective over all ranks.
 
     Args:
-        cfg: the job config.
+        cfg: the job config. With ``build_model``, any config with the trainer's sections (``run``,
+            ``train``, ``parallel``, ``attention``, ``checkpoint``, ``engine``; ``model`` optional), such as
+            ``longreach.hf.cli.FinetuneConfig``.
         data: optional data loader to use instead of the configured pipeline (tests): an iterator of
-            :class:`Batch`-like dicts for this dp rank, optionally with ``state_dict``/``load_state_dict``.
+            :class:`Batch`-like dicts for this dp rank, optionally with ``state_dict``/``load_state_dict``
+            (then it is checkpointed per rank and a resumed run continues where it stopped).
+        build_model: the model seam: ``build_model(cfg, device) -> nn.Module`` builds the single-device
+            model (called after seeding with ``run.seed``, before ``parallelize``) in place of
+            ``longreach.models.build_model(cfg.model)``. The module must offer our models' interface:
+            ``forward(input_ids, position_ids, ctx, labels=, loss_chunk_size=) -> (loss_sum, n_tokens)``,
+            ``aux_loss``, and an ``inner_attention`` seam (``longreach.hf.model.HFCausalLM`` does).
+        build_data: ``build_data(cfg, dp_rank=, dp_size=) -> loader`` in place of the configured pipeline
+            (called once the mesh gives this rank's data-parallel coordinates).
 
     Returns:
         Summary: ``run_dir``, ``metrics`` (metrics.jsonl path), ``checkpoint`` (latest checkpoint path or
         None), ``first_loss``, ``last_loss``, ``tokens_per_s`` (mean over the steps of this process),
-        ``steps`` (final step), ``config_hash``.
+        ``steps`` (final step), ``config_hash``, ``local_params`` (parameters held by this rank) and
+        ``expert_params`` (of which split experts: this rank's share, 0 without expert parallelism).
     """
     from longreach.checkpoint import CheckpointManager
-    from longreach.models import build_model
     from longreach.optim import build_optimizer, build_scheduler
 
     rank, world, device, owned = setup_distributed()
@@ -400,7 +426,9 @@ def train(cfg: Any, *, data: Any = None) -> dict[str, Any]:
         check_config(cfg, world)
         mesh, dp_rank, dp_size = build_mesh(cfg.parallel, world, device)
         vocab = None
-        if data is None:
+        if data is None and build_data is not None:
+            data = build_data(cfg, dp_rank=dp_rank, dp_size=dp_size)
+        elif data is None:
             data, vocab = _build_data(cfg, dp_rank=dp_rank, dp_size=dp_size)
         if vocab is not None and vocab != cfg.model.vocab_size:
             log.info("model.vocab_size set to the tokenizer's %d (was %d)", vocab, cfg.model.vocab_size)
@@ -408,8 +436,16 @@ def train(cfg: Any, *, data: Any = None) -> dict[str, Any]:
         run_dir, chash = prepare_run_dir(cfg, rank)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model).to(device)
+        if build_model is not None:
+            model = build_model(cfg, device).to(device)
+            arch = type(model).__name__
+        else:
+            from longreach.models import build_model as build_registered
+
+            model = build_registered(cfg.model).to(device)
+            arch = cfg.model.arch
         n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tr = cfg.train
         engine = None
         use_engine = cfg.engine.kind != "native" or bool(cfg.engine.options)
@@ -429,7 +465,11 @@ def train(cfg: Any, *, data: Any = None) -> dict[str, Any]:
                                   grad_clip=tr.grad_clip or None)
             model, optimizer = engine.model, engine.optimizer
         else:
-            optimizer = make_optimizer(model)
+            optimizer = make_optimizer(model)  # after parallelize: holds only this rank's experts
+            expert_optimizer_hooks(model, optimizer)
+        shards = expert_shards(model)
+        local_params = sum(p.numel() for p in model.parameters())
+        expert_params = sum(p.numel() for p in shards.params) if shards is not None else 0
         scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=cfg.run.steps,
                                     schedule=tr.schedule, lr=tr.lr, min_lr=tr.min_lr)
         state = _TrainerState()
@@ -446,9 +486,9 @@ def train(cfg: Any, *, data: Any = None) -> dict[str, Any]:
             log.info("resumed at step %d", start)
         state.step = start
         writer = MetricsWriter(run_dir / "metrics.jsonl", enabled=rank == 0, truncate_after=start if start else None)
-        log.info("model: %s, %.2fM parameters; world %d (dp %d × cp %d, %s/%s); run folder %s",
-                 cfg.model.arch, n_params / 1e6, world, dp_size, cfg.parallel.cp, cfg.parallel.strategy,
-                 cfg.parallel.layout, run_dir)
+        log.info("model: %s, %.2fM parameters (%.2fM trainable, %.2fM on this rank); world %d (dp %d × cp %d, "
+                 "%s/%s); run folder %s", arch, n_params / 1e6, n_trainable / 1e6, local_params / 1e6, world, dp_size,
+                 cfg.parallel.cp, cfg.parallel.strategy, cfg.parallel.layout, run_dir)
         summary = _loop(cfg, model, optimizer, scheduler, data, mesh, device, state, ckpt, ckpt_state, writer,
                         rank=rank, dp_size=dp_size, engine=engine)
         latest = ckpt.latest()
@@ -457,7 +497,8 @@ def train(cfg: Any, *, data: Any = None) -> dict[str, Any]:
         if engine is not None:
             engine.close()
         summary.update(run_dir=str(run_dir), metrics=str(run_dir / "metrics.jsonl"),
-                       checkpoint=str(latest) if latest else None, config_hash=chash)
+                       checkpoint=str(latest) if latest else None, config_hash=chash,
+                       local_params=local_params, expert_params=expert_params, trainable_params=n_trainable)
         log.info("done: metrics %s, checkpoint %s", summary["metrics"], summary["checkpoint"])
         return summary
     finally:

@@ -209,9 +209,30 @@ def test_recipe_trainable_parameters():
     assert not any("lm_head" in n for n in names)
     assert not any(("gate_proj" in n or "up_proj" in n) and "lora" not in n for n in names)
     assert fn.config.pattern == "s2" and model.config.rope_parameters["rope_type"] == "linear"
-    assert RecipeConfig(method="sinklora", target_len=64).attention.pattern == "sf"
+    assert RecipeConfig(method="sinklora", target_len=64).pattern == "sf"
+
+
+def test_finetune_config_sections(tmp_path):
+    """A finetune YAML loads into the trainer's sections; the recipe picks the pattern; bad input is refused."""
+    from longreach.config import load_config
+    from longreach.hf.cli import FinetuneConfig
+
+    f = tmp_path / "ft.yaml"
+    f.write_text("hf: {path: x}\nrecipe: {method: sinklora, target_len: 64}\ntrain: {steps: 3}\n")
+    with pytest.raises(ConfigError, match="train.steps"):  # steps live in run:, as for a train job
+        load_config(FinetuneConfig, f)
+    f.write_text("hf: {path: x}\nrecipe: {method: sinklora, target_len: 64}\nrun: {steps: 3}\n"
+                 "train: {grad_accum: 2}\nparallel: {cp: 2}\n")
+    cfg = load_config(FinetuneConfig, f, ["--attention.sinks=2"])
+    assert cfg.attention.pattern == "sf" and cfg.attention.sinks == 2 and cfg.train.seq_len == 64
+    assert cfg.train.lr == 2e-5 and cfg.train.schedule == "constant" and cfg.train.weight_decay == 0.0
+    assert cfg.run.steps == 3 and cfg.train.grad_accum == 2
     with pytest.raises(ConfigError, match="sinklora"):
-        RecipeConfig(method="sinklora", attention=AttentionPatch(pattern="s2"))
+        load_config(FinetuneConfig, f, ["--attention.pattern=s2"])
+    with pytest.raises(ConfigError, match="recipe.target_len"):
+        load_config(FinetuneConfig, f, ["--train.seq_len=32"])
+    with pytest.raises(ConfigError, match="divide by 4"):
+        load_config(FinetuneConfig, f, ["--recipe.target_len=66"])
 
 
 def test_load_hf_errors(tmp_path):
@@ -230,7 +251,9 @@ def test_load_hf_errors(tmp_path):
 def test_cp_equivalence_and_finetune_export(tmp_path):
     """2 gloo ranks, one group: (a) patched attention under ring/Ulysses CP equals one rank (loss, logits,
     gradients; full, S2, SF); the patched full model equals the unpatched one. (b) fine-tune a saved tiny
-    Llama at 4x its context with S2 and SF under ring CP, export, reload with transformers alone."""
+    Llama at 4x its context with S2 and SF under ring CP through the shared trainer, export, reload with
+    transformers alone. (c) the S2 run interrupted at step 2 of 4 and resumed from its checkpoint gives
+    bit-identical losses to the uninterrupted run."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
     from longreach.testing import run_ranks
@@ -243,8 +266,15 @@ def test_cp_equivalence_and_finetune_export(tmp_path):
     res = run_ranks(hf_matrix, 2, timeout=600, args=(
         dict(strategies=["ring", "ulysses"], layouts=["zigzag", "contiguous"], seq_len=32, backend="cpu"),
         dict(checkpoint=str(tmp_path / "base"), out_dirs=outs, tokens_path=str(tmp_path / "tokens.npy"),
-             target_len=64, steps=3, backend="cpu")))
+             target_len=64, steps=4, backend="cpu", resume_dir=str(tmp_path / "resumed"))))
     assert res[0]["cp_failures"] == [] and res[1]["cp_failures"] == []
+    # (c) resume: the second call started from the step-2 checkpoint and matches the uninterrupted run exactly
+    resumed, straight = res[0]["finetune"]["resumed"], res[0]["finetune"]["s2"]["losses"]
+    assert resumed["ended"] == [2, 4] and resumed["checkpoint"].endswith("step-00000004")
+    assert len(straight) == 4 and resumed["losses"] == straight  # steps 1-2 before, 3-4 after the resume
+    assert resumed["first_loss"] == straight[2]  # the second call's first step was step 3
+    assert (tmp_path / "s2" / "checkpoints" / "step-00000002").is_dir()
+    assert (tmp_path / "resumed" / "export" / "config.json").is_file()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
     for name, out in outs.items():
         got = res[0]["finetune"][name]
@@ -261,3 +291,30 @@ def test_cp_equivalence_and_finetune_export(tmp_path):
         with torch.no_grad():
             logits = exported(torch.as_tensor(got["probe_ids"])).logits
         torch.testing.assert_close(logits, torch.as_tensor(got["probe_logits"]), atol=2e-5, rtol=1e-4)
+
+
+def test_finetune_activation_checkpointing_matches(tmp_path):
+    """One rank through the shared trainer: activation-checkpointed decoder blocks give the same losses and
+    the same exported weights as plain ones (float64), and the export carries no wrapper names."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 4))
+    runs = {}
+    for ac in (False, True):
+        cfg = FinetuneConfig(hf=HFSource(path=str(tmp_path / "base"), dtype="float64"),
+                             recipe=RecipeConfig(target_len=64), attention=FTAttention(backend="cpu"),
+                             parallel=ParallelConfig(cp=1), data=FTData(source="tokens", tokens_path=str(tmp_path / "tokens.npy")),
+                             run=FTRun(out_dir=str(tmp_path / f"ac{int(ac)}"), steps=2),
+                             train=FTTrain(lr=5e-3, warmup_steps=1, activation_checkpointing=ac))
+        runs[ac] = finetune(cfg)
+    assert runs[True]["losses"] == runs[False]["losses"] and len(runs[True]["losses"]) == 2
+    plain, wrapped = (AutoModelForCausalLM.from_pretrained(runs[ac]["export"]).state_dict() for ac in (False, True))
+    assert sorted(plain) == sorted(wrapped)
+    for name, w in plain.items():
+        assert torch.equal(w, wrapped[name]), name

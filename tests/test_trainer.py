@@ -74,6 +74,9 @@ def test_bad_sequence_length_for_layout():
         check_config(cfg, world_size=4)
     with pytest.raises(UserError, match="parallel.cp=4 does not divide the world size 6"):
         check_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=32)), world_size=6)
+    moe = W.moe_job(extra={"moe_experts": 6, "moe_expert_parallel": True}, **{"train.seq_len": 32, "parallel.cp": 4})
+    with pytest.raises(UserError, match=r"model.extra.moe_experts=6 does not divide by parallel.cp=4"):
+        check_config(moe, world_size=4)
 
 
 def test_config_file_errors_name_the_setting(tmp_path):
@@ -92,6 +95,24 @@ def test_config_file_errors_name_the_setting(tmp_path):
     assert cfg.train.lr == 2e-5 and cfg.model.rope_scaling["factor"] == 4
 
 
+def test_prepare_batch_is_shard_batch_without_context_parallelism():
+    """No cp group: the whole sequence stays (never WORLD's layout); with cp it is shard_batch's layout."""
+    from longreach.data import shard_batch
+    from longreach.trainer import Batch, prepare_batch
+
+    ids = torch.arange(2 * 15).view(2, 15)  # odd length: no layout applies without context parallelism
+    batch = Batch(input_ids=ids, labels=ids + 1, cu_seqlens=(torch.tensor([0, 4, 15]), torch.tensor([0, 4, 15])))
+    got_ids, pos, labels, ctx = prepare_batch(batch, layout="zigzag", group=None, step=3, device=torch.device("cpu"))
+    assert torch.equal(got_ids, ids) and torch.equal(labels, ids + 1)
+    assert torch.equal(pos, torch.arange(15).expand(2, 15))
+    assert torch.equal(ctx.positions, torch.arange(15)) and ctx.seq_len == 15 and ctx.step == 3
+    assert torch.equal(ctx.cu_seqlens, torch.tensor([0, 4, 15]))  # equal rows collapse to one
+    part = shard_batch({"input_ids": ids}, "zigzag", context_parallel=False)
+    assert torch.equal(part["positions"], torch.arange(15)) and part["input_ids"] is ids
+    with pytest.raises(UserError, match=r"train.seq_len=15 .*parallel.layout='zigzag'"):
+        shard_batch({"input_ids": ids}, "zigzag")  # single process, context parallel: the layout applies
+
+
 GRAD_CASES = [
     dict(dp=2, cp=1, grad_accum=2),
     dict(dp=2, cp=1, documents=True),
@@ -102,6 +123,7 @@ GRAD_CASES = [
     dict(dp=1, cp=2, strategy="allgather", layout="zigzag", documents=True),
     dict(dp=2, cp=1, engine={"kind": "native", "options": {"fsdp": False}}, grad_accum=2),
     dict(dp=1, cp=2, strategy="ring", layout="zigzag", engine={"kind": "native", "options": {"fsdp": True}}),
+    dict(dp=1, cp=2, strategy="ring", layout="zigzag", moe=True, activation_checkpointing=True),
 ]
 
 
@@ -117,10 +139,16 @@ def test_two_ranks_gradients_training_and_resume(tmp_path):
         {"out_dir": str(tmp_path / "cp2"), "over": {**common, "parallel.cp": 2}},
         {"out_dir": str(tmp_path / "resume"), "over": resume},
     ]
-    results = run_ranks(W.two_rank_suite, 2, args=(GRAD_CASES, runs), timeout=240)
-    failures, summaries, resumed = results[0]
+    results = run_ranks(W.two_rank_suite, 2, args=(GRAD_CASES, runs, str(tmp_path / "moe")), timeout=240)
+    failures, summaries, resumed, _ = results[0]
     assert not failures, "\n".join(failures)
     assert not results[1][0], "\n".join(results[1][0])
+    # experts split over cp=2 (moe_expert_parallel_checks): same losses, gathered weights and resume as
+    # the replicated model, with half the expert parameters per rank
+    for rank, (*_, (moe_failures, moe)) in enumerate(results):
+        assert not moe_failures, f"rank {rank}: " + "\n".join(moe_failures)
+        dropped = moe["replicated"]["local_params"] - moe["split"]["local_params"]
+        assert dropped == moe["split"]["expert_params"] > 0  # holds one half, dropped the other
     for s in summaries[:2]:
         m = read_metrics(s["metrics"])
         first, last = sum(r["loss"] for r in m[:3]) / 3, sum(r["loss"] for r in m[-3:]) / 3

@@ -268,6 +268,8 @@ def attention_cost(
     if density is None:
         density = causal_density(s) if causal else 1.0
     f_fwd = profile.kernel_flops
+    if profile.concurrency is not None and p > profile.concurrency:
+        f_fwd *= profile.concurrency / p  # ranks sharing a host's cores
     f_bwd = f_fwd * profile.bwd_efficiency
     ov = profile.call_overhead
     n = s // p
@@ -338,8 +340,9 @@ def attention_cost(
             ring_buf = 4 * ring_kv
             imbalance = rshare * r
         c_fwd = total / p * imbalance / f_fwd
-        # after the all-to-all: q, k, v, out for the whole sequence on H/U heads (and their grads)
-        buf = 2 * u * (q_bytes + rep * kv_bytes + out_bytes) / u * 1.0 + ring_buf
+        # after the all-to-all: q, k, v, out of the whole sequence on H/U heads — as many bytes as the
+        # local ones — and their gradients in the backward
+        buf = 2 * (q_bytes + rep * kv_bytes + out_bytes) + ring_buf
         return AttentionCost(fwd_s=fwd, bwd_s=bwd, compute_fwd_s=c_fwd, comm_fwd_s=comm, bytes_fwd=bytes_a2a + bytes_ring,
                              bytes_bwd=bytes_a2a + 2 * bytes_ring, imbalance=imbalance, buffer_bytes=buf)
 

@@ -68,6 +68,9 @@ class DeviceProfile:
     """Fixed seconds per attention call (Python, launch, planning); calibrated on CPU."""
     overlap: float = 1.0
     """How much of the ring's communication hides behind compute (1: all that fits, 0: none)."""
+    concurrency: float | None = None
+    """Ranks that compute at full speed at once (CPU ranks sharing one host's cores; fitted by the
+    calibration); with P ranks each gets ``min(1, concurrency / P)`` of its speed. None: a device per rank."""
 
     def __post_init__(self) -> None:
         for f in ("memory_bytes", "intra_bw", "inter_bw"):
@@ -97,7 +100,7 @@ class DeviceProfile:
     def with_calibration(self, params: dict[str, float]) -> "DeviceProfile":
         """A copy with calibrated values (``attention_flops``, ``latency_*``, ``intra_bw``, …) replaced."""
         allowed = {"attention_flops", "latency_intra", "latency_inter", "intra_bw", "inter_bw", "bwd_efficiency",
-                   "call_overhead", "overlap", "link_efficiency"}
+                   "call_overhead", "overlap", "link_efficiency", "concurrency"}
         bad = sorted(set(params) - allowed)
         if bad:
             raise ValueError(f"calibration: unknown parameter(s) {bad}; known: {sorted(allowed)}")
@@ -119,14 +122,15 @@ PROFILES: dict[str, DeviceProfile] = {
         peak_flops=312e12, memory_bytes=80 * GB, gpus_per_node=8, intra_bw=300 * GB, inter_bw=25 * GB,
         latency_inter=15e-6,
     ),
-    # Calibrated on this 2-core AMD EPYC VM (shared), float32, 1 torch thread per rank, gloo over
-    # localhost: `longreach plan --calibrate` on configs/bench_cpu_sweep.yaml results (see
-    # docs in longreach.bench.plan). gpus_per_node = 2: both ranks share one host.
+    # Calibrated on this 2-core AMD EPYC VM (shared with other jobs), float32, 1 torch thread per rank,
+    # gloo over localhost: `longreach bench sweep bench_cpu_sweep` then `longreach plan --calibrate`
+    # (held-out median error 12%). Latency and bandwidth are poorly determined there (MB-sized messages
+    # next to 100 ms kernels); concurrency 1.28 says two ranks got ~1.3 cores between them.
     "cpu_gloo": DeviceProfile(
         name="cpu_gloo", description="CPU ranks over gloo on one host (measured: see calibration)",
-        peak_flops=None, memory_bytes=8 * GB, gpus_per_node=2, intra_bw=1.0 * GB, inter_bw=0.1 * GB,
-        latency_intra=2e-4, latency_inter=1e-3, link_efficiency=1.0, attention_flops=8e9, bwd_efficiency=0.5,
-        call_overhead=2e-3, overlap=0.5,
+        peak_flops=None, memory_bytes=8 * GB, gpus_per_node=2, intra_bw=0.033 * GB, inter_bw=0.033 * GB,
+        latency_intra=1e-7, latency_inter=1e-7, link_efficiency=1.0, attention_flops=53e9, bwd_efficiency=0.90,
+        call_overhead=2.2e-3, overlap=0.42, concurrency=1.28,
     ),
 }
 

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp-window", type=int, default=512)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--json", default=None, help="write the results here")
+    # the lightning suite's own options (--lightning-*, --lasp-*)
+    importlib.import_module("longreach.bench.lightning").add_arguments(p)
     return p
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -183,7 +184,7 @@ def _print_plan(rows: list[dict], model: ModelShape, profile: DeviceProfile, zer
 # ------------------------------------------------------------------------------------------------
 # calibration
 # ------------------------------------------------------------------------------------------------
-_PARAMS = ("attention_flops", "bwd_efficiency", "latency_intra", "intra_bw", "call_overhead", "overlap")
+_PARAMS = ("attention_flops", "bwd_efficiency", "latency_intra", "intra_bw", "call_overhead", "overlap", "concurrency")
 
 
 def _obs_from_records(records: list[dict], statistic: str) -> list[dict]:
@@ -233,6 +234,7 @@ def _profile_from(theta: np.ndarray, base: DeviceProfile) -> DeviceProfile:
         "call_overhead": math.exp(v["call_overhead"]),
         "overlap": 1.0 / (1.0 + math.exp(-v["overlap"])),
         "link_efficiency": 1.0,
+        "concurrency": math.exp(v["concurrency"]),
     })
 
 
@@ -254,8 +256,8 @@ def _residuals(theta: np.ndarray, obs: list[dict], base: DeviceProfile) -> np.nd
     return np.asarray(res)
 
 
-_LO = np.array([math.log(1e6), math.log(0.05), math.log(1e-7), math.log(1e6), math.log(1e-7), -6.0])
-_HI = np.array([math.log(1e16), math.log(5.0), math.log(1e-1), math.log(1e12), math.log(1e-1), 6.0])
+_LO = np.array([math.log(1e6), math.log(0.05), math.log(1e-7), math.log(1e6), math.log(1e-7), -6.0, math.log(0.5)])
+_HI = np.array([math.log(1e16), math.log(5.0), math.log(1e-1), math.log(1e12), math.log(1e-1), 6.0, math.log(4096.0)])
 
 
 def _lm(theta: np.ndarray, obs: list[dict], base: DeviceProfile, iters: int = 80) -> tuple[np.ndarray, float]:
@@ -318,14 +320,14 @@ def calibrate(records: list[dict], base: DeviceProfile, *, statistic: str = "med
                    density=o["density"] or 0.5) / o["fwd"] for o in single]
     f0 = statistics.median(guesses) if guesses else base.kernel_flops
     best_theta, best_cost = None, math.inf
-    for f_scale in (0.5, 1.0, 2.0):
-        for lat in (1e-5, 1e-3):
-            for ov in (-2.0, 2.0):
-                theta0 = np.array([math.log(f0 * f_scale), math.log(0.5), math.log(lat), math.log(1e9),
-                                   math.log(1e-3), ov])
-                theta, cost = _lm(np.clip(theta0, _LO, _HI), fit, base, iters=40)
-                if cost < best_cost:
-                    best_theta, best_cost = theta, cost
+    max_world = max(o["world"] for o in fit)
+    for f_scale, lat, ov, conc in itertools.product((0.5, 1.0, 2.0), (1e-5, 1e-3), (-2.0, 2.0),
+                                                    (1.0, float(max_world))):
+        theta0 = np.array([math.log(f0 * f_scale), math.log(0.5), math.log(lat), math.log(1e9), math.log(1e-3), ov,
+                           math.log(conc)])
+        theta, cost = _lm(np.clip(theta0, _LO, _HI), fit, base, iters=40)
+        if cost < best_cost:
+            best_theta, best_cost = theta, cost
     assert best_theta is not None
     best_theta, best_cost = _lm(best_theta, fit, base, iters=80)
     prof = _profile_from(best_theta, base)
@@ -336,7 +338,8 @@ def calibrate(records: list[dict], base: DeviceProfile, *, statistic: str = "med
         return statistics.median(vals) if vals else float("nan")
 
     params = {k: getattr(prof, k) for k in ("attention_flops", "bwd_efficiency", "latency_intra", "latency_inter",
-                                            "intra_bw", "inter_bw", "call_overhead", "overlap", "link_efficiency")}
+                                            "intra_bw", "inter_bw", "call_overhead", "overlap", "link_efficiency",
+                                            "concurrency")}
     return {"base_profile": base.name, "statistic": statistic, "params": params, "n_fit": len(fit),
             "n_held_out": len(held), "fit": ef, "held_out": eh, "median_err_fit": med(ef),
             "median_err_held_out": med(eh),
@@ -351,7 +354,8 @@ def _print_calibration(res: dict[str, Any]) -> None:
           f"validated on {res['n_held_out']} held-out points")
     print(f"  attention kernel {p['attention_flops'] / 1e9:.2f} GFLOP/s forward, backward at {p['bwd_efficiency']:.2f}× "
           f"that; latency {p['latency_intra'] * 1e6:.0f} µs/message; bandwidth {p['intra_bw'] / 1e9:.3f} GB/s; "
-          f"call overhead {p['call_overhead'] * 1e3:.2f} ms; ring overlap {p['overlap']:.2f}")
+          f"call overhead {p['call_overhead'] * 1e3:.2f} ms; ring overlap {p['overlap']:.2f}; "
+          f"ranks computing at full speed at once {p['concurrency']:.2f}")
     head = f"  {'half':<9} {'P':>2} {'strategy':<10} {'layout':<10} {'S':>6} {'fwd ms':>9} {'pred':>9} {'err':>6} " \
            f"{'f+b ms':>9} {'pred':>9} {'err':>6}"
     print(head)

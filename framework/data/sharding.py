@@ -40,13 +40,15 @@ def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | N
     Raises:
         UserError: the sequence length does not divide by what the layout needs on this group.
     """
-    if context_parallel:
-        rank, size = group_rank_size(group)
-    elif group is not None:
-        raise ValueError("shard_batch: context_parallel=False takes no group")
-    else:
-        rank, size = 0, 1
     seq_len = batch["input_ids"].shape[1]
+    out = dict(batch)
+    out["seq_len"] = seq_len
+    if not context_parallel:
+        if group is not None:
+            raise ValueError("shard_batch: context_parallel=False takes no group")
+        out["positions"] = torch.arange(seq_len)  # [S]: nothing to shard, the layout does not apply
+        return out
+    rank, size = group_rank_size(group)
     try:
         multiple = layout_multiple(layout, size)
     except ValueError as exc:
@@ -54,13 +56,10 @@ def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | N
     if seq_len % multiple != 0:
         raise UserError(f"train.seq_len={seq_len} does not divide by {multiple}, as parallel.layout={layout!r} "
                         f"needs on {size} context-parallel ranks")
-    out = dict(batch)
-    if context_parallel:
-        for key in _SEQ_KEYS:
-            if key in batch and batch[key] is not None:
-                out[key] = shard_sequence(batch[key], layout=layout, group=group, dim=1)  # [B, S / P]
+    for key in _SEQ_KEYS:
+        if key in batch and batch[key] is not None:
+            out[key] = shard_sequence(batch[key], layout=layout, group=group, dim=1)  # [B, S / P]
     out["positions"] = positions_for(seq_len, layout, rank, size)  # [S / P]
-    out["seq_len"] = seq_len
     return out
 
 

@@ -98,12 +98,19 @@ class DeepSpeedEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer normalises the loss by the global token count itself: no 1/grad_accum scaling.
         self.model.backward(loss, scale_wrt_gas=False)
+        self._grad_norm = None
+        if self.cfg.zero_stage == 0 and self.model.is_gradient_accumulation_boundary():
+            # ZeRO-0 with a torch optimizer does not record a global norm: measure the (reduced) grads
+            norms = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
         # DeepSpeed counts micro-steps in step(); it only updates at the accumulation boundary.
         self.model.step()
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
         # DeepSpeed clips inside its step (config "gradient_clipping"); report what it measured.
         norm = self.model.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_grad_norm", None)
         return float(norm) if norm is not None else 0.0
 
     def step(self) -> None:

@@ -1,34 +1,67 @@
 """``longreach finetune CONFIG [--section.field=value …]``: extend an HF checkpoint's context.
 
-Loads the checkpoint, applies the recipe (RoPE scaling written into the config, LoRA via peft, our
-attention through transformers' registry), trains at ``recipe.target_len`` on ``dp × cp`` ranks
-(context-parallel groups of ``cp`` consecutive ranks; labels shifted globally before sharding; our
-chunked loss normalised by the global token count; gradients summed over all ranks), then merges
-LoRA and exports a plain HF checkpoint with the tokenizer files.
+A fine-tuning job runs through the shared trainer (:func:`longreach.trainer.train`): the same loop,
+engines (DDP, FSDP2, DeepSpeed, accelerate), gradient accumulation and clipping, LR schedule, logging,
+``metrics.jsonl``, run-folder protection, and :class:`~longreach.checkpoint.CheckpointManager`
+checkpoints with automatic resume — rerun the same command after an interruption and it continues
+from the latest checkpoint in ``run.out_dir``. What is specific to HF fine-tuning enters through the
+trainer's two seams:
 
-Engines: ``native`` runs this loop on plain torch.distributed (gradients all-reduced over dp × cp).
-``deepspeed`` (ZeRO-2, bf16 — the cluster recipes) hands model and optimizer to
-``deepspeed.initialize`` with the same loss and batches.
+* the model (:func:`longreach.hf.model.build_hf_model`): load ``hf.path``, apply ``recipe`` (RoPE
+  scaling written into the config; LoRA via peft plus trainable embeddings and norms, or full),
+  patch attention through transformers' registry; ``parallelize`` then installs the same local /
+  context-parallel inner attention it installs in our own models, from ``attention`` and ``parallel``;
+* the data (:class:`TokenWindows`): the corpus tokenized with the checkpoint's tokenizer, cut into
+  ``recipe.target_len`` windows, labels shifted on the global sequence; its position is checkpointed.
+
+After the last step rank 0 merges LoRA and exports a plain HF checkpoint with the tokenizer files to
+``<run.out_dir>/export``.
+
+**Checkpoints** hold the whole model through DCP (frozen base weights included), its optimizer state
+(trainable parameters only), the LR schedule, the data position and the RNG states: resume is exact and
+reshards across world sizes, at the cost of storing the frozen base weights each time (``checkpoint.
+keep_last`` bounds it). For LoRA on a 7B model that is ~14 GB (bf16) per checkpoint against a few
+hundred MB of trainable state; saving only trainable state needs ``ignore_frozen_params`` in the
+checkpoint manager (not there yet).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from longreach.attention import AttentionConfig
+from longreach.checkpoint import CheckpointConfig
 from longreach.errors import ConfigError, UserError
 from longreach.hf.recipes import RecipeConfig
+from longreach.job import EngineConfig, RunConfig, TrainConfig
+from longreach.parallel.config import ParallelConfig
 
-ENGINES = ("native", "deepspeed")
+DTYPES = ("auto", "float32", "bfloat16", "float64")
+_SEQ_LEN_DEFAULT = TrainConfig().seq_len
+
+
+@dataclass(kw_only=True, slots=True)
+class HFSource:
+    """The ``hf:`` section: which checkpoint is fine-tuned and how it is loaded."""
+
+    path: str = ""
+    """Local HF checkpoint folder to extend (config.json, weights, tokenizer files)."""
+    trust_remote_code: bool = False
+    """Let transformers run code shipped with the checkpoint."""
+    dtype: str = "auto"
+    """Weights: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float64``."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"hf.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -60,104 +93,91 @@ class FTData:
 
 
 @dataclass(kw_only=True, slots=True)
-class FTTrain:
-    """Optimisation (LongLoRA: lr 2e-5, wd 0, 20 warmup steps, constant schedule, 1000 steps)."""
+class FTAttention(AttentionConfig):
+    """The trainer's ``attention:`` section, whose pattern defaults to the recipe's."""
 
-    steps: int = 1000
-    """Optimizer steps."""
+    pattern: str = "auto"
+    """``auto`` (the recipe's: s2 for longlora and full, sf for sinklora), or any trainer pattern: full, s2,
+    s2_roll (LongLoRA's wrapping path), sf, ssa, window, power, sinks_window."""
+
+    def __post_init__(self) -> None:
+        chosen = self.pattern
+        if chosen == "auto":  # the other fields are checked as usual; FinetuneConfig resolves the pattern
+            self.pattern = "full"
+        AttentionConfig.__post_init__(self)
+        self.pattern = chosen
+
+
+@dataclass(kw_only=True, slots=True)
+class FTTrain(TrainConfig):
+    """The trainer's ``train:`` section with LongLoRA's defaults (lr 2e-5, no weight decay, 20 warm-up
+    steps then constant, AdamW betas (0.9, 0.999)). ``seq_len`` is ``recipe.target_len``."""
+
     lr: float = 2e-5
-    """Peak learning rate."""
+    """Peak learning rate (AdamW)."""
     warmup_steps: int = 20
-    """Linear warmup, then constant."""
+    """Linear warm-up from 0 to ``lr`` over this many steps."""
+    schedule: str = field(default="constant", metadata={"choices": ("cosine", "constant", "linear")})
+    """After warm-up: constant (LongLoRA), or cosine | linear decay to ``min_lr`` at ``run.steps``."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
-    micro_batch_size: int = 1
-    """Sequences per rank per micro-step."""
-    grad_accum: int = 1
-    """Micro-steps per optimizer step."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (0: off)."""
-    dtype: str = "auto"
-    """Weights: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32`` or ``bfloat16``."""
-    loss_chunk_size: int = 1024
-    """Tokens per logits chunk of the loss."""
+    """AdamW decoupled weight decay (matrices only)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+
+@dataclass(kw_only=True, slots=True)
+class FTRun(RunConfig):
+    """The trainer's ``run:`` section; the export goes to ``<out_dir>/export``."""
+
+    name: str = "finetune"
+    """Run name; the run folder defaults to ``runs/<name>``."""
+    steps: int = 1000
+    """Optimizer steps to train (in total, counting steps done before a resume)."""
     log_every: int = 10
-    """Steps between log lines."""
-    seed: int = 0
-    """Seed of LoRA initialisation."""
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum", "loss_chunk_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("train.lr must be > 0 and warmup_steps, weight_decay, grad_clip >= 0")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"train.dtype={self.dtype!r} is not auto, float32 or bfloat16")
-
-
-@dataclass(kw_only=True, slots=True)
-class FTParallel:
-    """Degrees: world size = dp × cp (strategy and layout live in ``recipe.attention``)."""
-
-    dp: int = 1
-    """Data-parallel degree."""
-    cp: int = 1
-    """Context-parallel degree (consecutive ranks form one context-parallel group)."""
-
-    def __post_init__(self) -> None:
-        if self.dp < 1 or self.cp < 1:
-            raise ConfigError(f"parallel.dp and parallel.cp must be >= 1 (got {self.dp}, {self.cp})")
-
-
-@dataclass(kw_only=True, slots=True)
-class FTEngine:
-    """Training engine."""
-
-    kind: str = "native"
-    """``native`` (torch.distributed all-reduce) or ``deepspeed``."""
-    zero_stage: int = 2
-    """DeepSpeed ZeRO stage."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ENGINES:
-            raise ConfigError(f"engine.kind={self.kind!r} is not one of {', '.join(ENGINES)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"engine.zero_stage must be 0-3 (got {self.zero_stage})")
+    """Log a line every this many steps (metrics.jsonl gets every step)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class FinetuneConfig:
-    """A long-context fine-tuning job of an HF checkpoint."""
+    """A long-context fine-tuning job of an HF checkpoint (the trainer's sections plus hf/recipe/data)."""
 
-    checkpoint: str = ""
-    """Local HF checkpoint folder to extend."""
-    out_dir: str = "runs/finetune"
-    """Run folder: resolved config, metrics, and the exported checkpoint under ``export/``."""
-    trust_remote_code: bool = False
-    """Let transformers run code shipped with the checkpoint."""
+    hf: HFSource = field(default_factory=HFSource)
+    """The checkpoint to extend."""
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
-    """LongLoRA / SinkLoRA / full, RoPE scaling, attention."""
+    """LongLoRA / SinkLoRA / full, target length, LoRA settings, RoPE scaling."""
+    attention: FTAttention = field(default_factory=FTAttention)
+    """Training attention: pattern (default the recipe's), group_size (0 = target_len / 4), sinks, backend."""
     data: FTData = field(default_factory=FTData)
     """Fine-tuning data."""
+    run: FTRun = field(default_factory=FTRun)
+    """Run folder, seed, steps, logging and checkpoint cadence."""
     train: FTTrain = field(default_factory=FTTrain)
-    """Optimisation."""
-    parallel: FTParallel = field(default_factory=FTParallel)
-    """dp × cp degrees."""
-    engine: FTEngine = field(default_factory=FTEngine)
-    """Training engine."""
+    """Optimisation (``seq_len`` follows ``recipe.target_len``)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """dp × cp degrees, context-parallel strategy and layout."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint saving and resuming (see the module docstring for what a checkpoint holds)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Training engine: native (DDP, or FSDP2 with ``options: {fsdp: true}``), deepspeed, accelerate."""
 
     def __post_init__(self) -> None:
-        if self.parallel.cp > 1 and self.recipe.attention.strategy == "none":
-            raise ConfigError("parallel.cp > 1 needs recipe.attention.strategy (ring, ulysses, hybrid or allgather)")
-        if self.parallel.cp == 1 and self.recipe.attention.strategy != "none":
-            raise ConfigError(f"recipe.attention.strategy={self.recipe.attention.strategy!r} needs parallel.cp > 1")
-        from longreach.parallel import layout_multiple
+        if self.attention.pattern == "auto":
+            self.attention.pattern = self.recipe.pattern
+        if self.recipe.method == "sinklora" and self.attention.pattern != "sf":
+            raise ConfigError(f"recipe.method=sinklora trains with SF-Attn: attention.pattern must be sf "
+                              f"(got {self.attention.pattern!r})")
+        target = self.recipe.target_len
+        if self.train.seq_len != target:
+            if self.train.seq_len != _SEQ_LEN_DEFAULT:
+                raise ConfigError(f"train.seq_len={self.train.seq_len} differs from recipe.target_len={target}: "
+                                  "a fine-tuning job trains at recipe.target_len; set only that")
+            self.train.seq_len = target
+        from longreach.parallel.layouts import layout_multiple
 
-        m = layout_multiple(self.recipe.attention.layout, self.parallel.cp)
-        if self.recipe.target_len % m:
-            raise ConfigError(f"recipe.target_len={self.recipe.target_len} must divide by {m} "
-                              f"(layout {self.recipe.attention.layout!r} on cp={self.parallel.cp})")
+        m = layout_multiple(self.parallel.layout, self.parallel.cp)
+        if target % m:
+            raise ConfigError(f"recipe.target_len={target} must divide by {m} "
+                              f"(parallel.layout {self.parallel.layout!r} on parallel.cp={self.parallel.cp})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,178 +208,179 @@ def tokenize_corpus(data: FTData, tokenizer: Any) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def sequence_stream(tokens: np.ndarray, seq_len: int, *, batch: int, dp_rank: int, dp_size: int, seed: int
-                    ) -> Iterator[torch.Tensor]:
-    """Endless ``[batch, seq_len]`` batches of disjoint windows, reshuffled each epoch, split over dp."""
-    n = len(tokens) // seq_len
-    if n < batch * dp_size:
-        raise UserError(f"the fine-tuning data has {len(tokens)} tokens: fewer than {batch * dp_size} sequences of "
-                        f"{seq_len} (micro_batch_size × dp); add data or shorten recipe.target_len")
-    windows = torch.as_tensor(tokens[:n * seq_len]).view(n, seq_len)
-    epoch = 0
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        per = n // dp_size
-        mine = order[dp_rank * per:(dp_rank + 1) * per]
-        for i in range(0, len(mine) - batch + 1, batch):
-            yield windows[torch.as_tensor(mine[i:i + batch])]
-        epoch += 1
+class TokenWindows:
+    """This dp rank's fine-tuning batches: disjoint ``seq_len`` windows, reshuffled each epoch.
+
+    Yields ``{"input_ids": [batch, seq_len], "labels": [batch, seq_len]}`` with labels shifted on the global
+    sequence (the last position ignored). Its position (epoch, batch index) is its ``state_dict``, which
+    the trainer checkpoints per rank, so a resumed run draws exactly the batches it would have drawn.
+
+    Args:
+        tokens: ``[N]`` the whole token stream.
+        seq_len: tokens per window (``recipe.target_len``).
+        batch: windows per micro-batch (``train.micro_batch_size``).
+        dp_rank, dp_size: this rank's data-parallel coordinates (each epoch's order is split over dp).
+        seed: seed of the order (epoch e uses ``default_rng([seed, e])``).
+
+    Raises:
+        UserError: fewer windows than one micro-batch per dp rank.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, *, batch: int, dp_rank: int, dp_size: int,
+                 seed: int) -> None:
+        n = len(tokens) // seq_len
+        if n < batch * dp_size:
+            raise UserError(f"the fine-tuning data has {len(tokens)} tokens: fewer than {batch * dp_size} sequences "
+                            f"of {seq_len} (train.micro_batch_size × dp); add data or shorten recipe.target_len")
+        self.windows = torch.as_tensor(tokens[:n * seq_len]).view(n, seq_len)  # [n, seq_len]
+        self.batch, self.dp_rank, self.dp_size, self.seed = batch, dp_rank, dp_size, seed
+        self.epoch = 0
+        self.index = 0  # batches drawn in this epoch
+
+    def _mine(self) -> np.ndarray:
+        n = self.windows.shape[0]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        per = n // self.dp_size
+        return order[self.dp_rank * per:(self.dp_rank + 1) * per]
+
+    def __iter__(self) -> "TokenWindows":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        from longreach.hf.patch import shift_labels
+
+        mine = self._mine()
+        start = self.index * self.batch
+        if start + self.batch > len(mine):
+            self.epoch, self.index, start = self.epoch + 1, 0, 0
+            mine = self._mine()
+        self.index += 1
+        ids = self.windows[torch.as_tensor(mine[start:start + self.batch])]  # [batch, seq_len]
+        return {"input_ids": ids, "labels": shift_labels(ids)}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
 # ------------------------------------------------------------------------------------------------
-# Training
+# The job
 # ------------------------------------------------------------------------------------------------
 
 
-def make_groups(dp: int, cp: int) -> tuple[dist.ProcessGroup | None, int, int]:
-    """(this rank's context-parallel group, dp rank, cp rank); every rank builds every group."""
-    if not dist.is_initialized():
-        if dp * cp != 1:
-            raise ConfigError(f"parallel.dp × parallel.cp = {dp * cp} but no process group was launched")
-        return None, 0, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if dp * cp != world:
-        raise ConfigError(f"parallel.dp * parallel.cp != WORLD_SIZE ({dp} * {cp} != {world})")
-    mine = None
-    for d in range(dp):
-        ranks = list(range(d * cp, (d + 1) * cp))
-        g = dist.new_group(ranks) if cp > 1 else None
-        if rank in ranks:
-            mine = g
-    return mine, rank // cp, rank % cp
+def load_tokenizer(cfg: FinetuneConfig) -> Any:
+    """The checkpoint's tokenizer, or None when it has none (then ``data.source`` must be ``tokens``)."""
+    folder = Path(cfg.hf.path)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        if cfg.data.source != "tokens":
+            raise UserError(f"{folder}: no tokenizer files; use data.source: tokens")
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=cfg.hf.trust_remote_code,
+                                         local_files_only=True)
 
 
 def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> dict[str, Any]:
-    """Run the job; returns a summary (losses, export folder). Every rank calls it.
+    """Run the job through the shared trainer, then export; every rank calls it.
+
+    Resumes from the latest checkpoint in ``cfg.run.out_dir`` when there is one (``checkpoint.resume``).
 
     Args:
         cfg: the job.
         probe_ids: ``[1, S]`` tokens whose logits the fine-tuned, still patched model computes in eval
             mode (full causal attention, sharded as in training) before export — ``summary["probe_logits"]``
             ``[1, S, V]``, for checking the exported checkpoint against it.
-    """
-    from longreach.config import save_resolved
-    from longreach.hf.export import export_hf
-    from longreach.hf.load import load_hf
-    from longreach.hf.patch import causal_lm_loss, sharded_batch
-    from longreach.hf.recipes import apply_recipe, trainable_summary
-    from longreach.trainer import setup_distributed
 
-    if not cfg.checkpoint:
-        raise ConfigError("checkpoint: set the HF checkpoint folder to fine-tune")
-    rank, world, device, owned = setup_distributed()
-    cp_group, dp_rank, _ = make_groups(cfg.parallel.dp, cfg.parallel.cp)
-    out = Path(cfg.out_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_resolved(cfg, out / "config.yaml")
-    dtype = None if cfg.train.dtype == "auto" else getattr(torch, cfg.train.dtype)
-    model, tokenizer = load_hf(cfg.checkpoint, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer is None and cfg.data.source != "tokens":
-        raise UserError(f"{cfg.checkpoint}: no tokenizer files; use data.source: tokens")
-    torch.manual_seed(cfg.train.seed)
-    model, attention = apply_recipe(model, cfg.recipe, group=cp_group)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    warm = cfg.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    engine = None
-    if cfg.engine.kind == "deepspeed":
-        engine = _deepspeed(model, optimizer, scheduler, cfg)
-    tokens = tokenize_corpus(cfg.data, tokenizer)
-    stream = sequence_stream(tokens, cfg.recipe.target_len, batch=cfg.train.micro_batch_size, dp_rank=dp_rank,
-                             dp_size=cfg.parallel.dp, seed=cfg.data.seed)
-    losses: list[float] = []
-    t0 = time.time()
-    for step in range(cfg.train.steps):
-        attention.step = step
-        total = torch.zeros((), dtype=torch.float64)
-        for _ in range(cfg.train.grad_accum):
-            ids = next(stream).to(device)  # [mb, target_len]
-            loss, _ = causal_lm_loss(model, sharded_batch(ids, fn=attention), group=None,
-                                     chunk_size=cfg.train.loss_chunk_size)
-            if engine is not None:
-                # DeepSpeed divides by grad_accum and averages over ranks; our loss is already each
-                # rank's share of the global mean (a sum over ranks), so undo the average.
-                engine.backward(loss * world)
-                engine.step()
-            else:
-                (loss / cfg.train.grad_accum).backward()
-            total += loss.detach().double() / cfg.train.grad_accum
-        if engine is None:
-            _allreduce_grads(params)
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+    Returns:
+        The trainer's summary plus ``losses`` (per step, from ``metrics.jsonl``: the whole run's, across
+        resumes), ``trainable`` (parameter counts), ``rope_parameters`` and ``export`` (rank 0's folder).
+    """
+    from longreach.hf.export import export_hf
+    from longreach.hf.model import build_hf_model
+    from longreach.hf.recipes import trainable_summary
+    from longreach.metrics import read_metrics
+    from longreach.trainer import setup_distributed, train
+
+    if not cfg.hf.path:
+        raise ConfigError("hf.path: set the HF checkpoint folder to fine-tune")
+    if not (Path(cfg.hf.path) / "config.json").is_file():
+        raise UserError(f"hf.path: {cfg.hf.path} is not a HuggingFace checkpoint folder (no config.json)")
+    rank, _, _, owned = setup_distributed()  # the group outlives train(): probe and export use it
+    try:
+        tokenizer = load_tokenizer(cfg)
+        built: list[torch.nn.Module] = []
+
+        def build_model(job: FinetuneConfig, device: torch.device) -> torch.nn.Module:
+            built.append(build_hf_model(job, device))
+            return built[-1]
+
+        def build_data(job: FinetuneConfig, *, dp_rank: int, dp_size: int) -> TokenWindows:
+            tokens = tokenize_corpus(job.data, tokenizer)
+            return TokenWindows(tokens, job.recipe.target_len, batch=job.train.micro_batch_size, dp_rank=dp_rank,
+                                dp_size=dp_size, seed=job.data.seed)
+
+        summary = train(cfg, build_model=build_model, build_data=build_data)
+        model = built[-1]
+        _gather_full_parameters(model)
         if dist.is_initialized():
-            dist.all_reduce(total)
-        losses.append(float(total))
-        if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps - 1):
-            print(f"step {step} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e} "
-                  f"({time.time() - t0:.1f}s)", flush=True)
-    summary: dict[str, Any] = {"losses": losses, "trainable": trainable_summary(model),
-                               "rope_parameters": getattr(model.config, "rope_parameters", None)}
-    model.eval()
-    if probe_ids is not None:
-        summary["probe_logits"] = probe_logits(model, attention, probe_ids.to(device))
-    if rank == 0:
-        src = cfg.checkpoint
-        export_hf(model, out / "export", tokenizer_dir=src)
-        summary["export"] = str(out / "export")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    if dist.is_initialized():
-        dist.barrier()
-    if owned:
-        dist.destroy_process_group()
-    return summary
+            dist.barrier()  # rank 0 has written metrics.jsonl
+        summary["losses"] = [r["loss"] for r in read_metrics(Path(summary["metrics"]))]
+        summary["trainable"] = trainable_summary(model.model)
+        summary["rope_parameters"] = getattr(model.hf.config, "rope_parameters", None)
+        model.eval()
+        if probe_ids is not None:
+            summary["probe_logits"] = probe_logits(model, probe_ids.to(next(model.parameters()).device))
+        if rank == 0:
+            out = Path(summary["run_dir"])
+            export_hf(model.model, out / "export", tokenizer_dir=cfg.hf.path)
+            summary["export"] = str(out / "export")
+            (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "probe_logits"},
+                                                         indent=1, default=str))
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _gather_full_parameters(model: torch.nn.Module) -> None:
+    """Replace sharded (FSDP2 DTensor) parameters by full local copies before export; collective.
+
+    DDP and DeepSpeed ZeRO ≤ 2 keep full parameters on every rank: nothing to do.
+    """
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p, DTensor):
+                setattr(module, name, torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad))
 
 
 @torch.no_grad()
-def probe_logits(model: torch.nn.Module, attention: Any, ids: torch.Tensor) -> torch.Tensor:
-    """Full-sequence logits ``[B, S, V]`` of a patched model, gathered from the context-parallel shards."""
-    from longreach.hf.patch import base_model, sharded_batch
+def probe_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits ``[B, S, V]`` of a fine-tuned :class:`~longreach.hf.model.HFCausalLM`.
 
-    hf = base_model(model)
-    batch = sharded_batch(ids, fn=attention)
-    hidden = hf.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
-    logits = hf.get_output_embeddings()(hidden)  # [B, S_local, V]
-    if attention.config.parallel:
-        from longreach.parallel import unshard_sequence
+    The tokens are sharded exactly as in training (the trainer's :func:`~longreach.trainer.prepare_batch`)
+    and the logits gathered from the context-parallel shards; the model's mode decides the pattern.
+    """
+    from longreach.attention import ContextParallelAttention
+    from longreach.hf.patch import shift_labels
+    from longreach.parallel import unshard_sequence
+    from longreach.trainer import Batch, prepare_batch
 
-        logits = unshard_sequence(logits.contiguous(), layout=attention.config.layout, group=attention.group, dim=1)
+    inner = model.inner_attention
+    cp = isinstance(inner, ContextParallelAttention)
+    layout, group = (inner.layout, inner.group) if cp else ("contiguous", None)
+    x, pos, _, ctx = prepare_batch(Batch(input_ids=ids, labels=shift_labels(ids)), layout=layout, group=group,
+                                   step=0, device=ids.device)
+    logits = model(x, pos, ctx) @ model.output_weight().t()  # [B, S_local, V]
+    if cp:
+        logits = unshard_sequence(logits.contiguous(), layout=layout, group=group, dim=1)
     return logits.cpu()
-
-
-def _allreduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients over every rank (dp × cp): each rank's loss is already its share of the global mean."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
-    dist.all_reduce(flat)
-    off = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[off:off + n].view_as(g).to(p.dtype)
-        off += n
-
-
-def _deepspeed(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: FinetuneConfig) -> Any:
-    """DeepSpeed engine (ZeRO stage, bf16 on GPU) around the model; gradients reduced by DeepSpeed."""
-    import deepspeed
-
-    ds_cfg = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "gradient_clipping": cfg.train.grad_clip,
-        "zero_optimization": {"stage": cfg.engine.zero_stage},
-        "bf16": {"enabled": torch.cuda.is_available() and cfg.train.dtype != "float32"},
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    return engine
 
 
 def finetune_main(argv: list[str] | None = None) -> int:

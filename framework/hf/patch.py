@@ -4,8 +4,12 @@ No model class is monkey-patched. :func:`patch_attention` registers one attentio
 ``AttentionInterface`` (and a mask function with ``AttentionMaskInterface``, so transformers builds no
 dense mask of its own) under a name unique to the patch, then switches the model to it with
 ``set_attn_implementation``. The function receives HF's ``[B, H, S, D]`` tensors, transposes them to
-our ``[B, S, H, D]`` and calls either the local attention op (one rank) or ``cp_attention`` (context
-parallelism), with the model's own ``scaling``, ``sliding_window`` and ``softcap``.
+our ``[B, S, H, D]`` and calls the model seam's inner attention — the same
+:class:`~longreach.attention.LocalAttention` / :class:`~longreach.attention.ContextParallelAttention`
+that ``parallelize`` installs in our own models, built from the same pattern table
+(:func:`longreach.attention.pattern_masks`) — with the model's own ``scaling``, ``sliding_window`` and
+``softcap``. The trainer installs that inner attention through :class:`longreach.hf.model.HFCausalLM`;
+standalone users (evaluation) describe it with an :class:`AttentionPatch`.
 
 Under context parallelism every rank holds ``S/P`` tokens in the layout's order. The caller shards
 tokens, *global* position ids and globally shifted labels with the same layout
@@ -17,14 +21,16 @@ evaluation and generation use full causal attention (METHODS.md "S2-Attn").
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from longreach.attention import AttentionContext, base_mask
 from longreach.errors import ConfigError, UserError
 from longreach.kernels import attention as local_attention
 from longreach.loss import chunked_cross_entropy, global_token_count
@@ -90,26 +96,52 @@ class AttentionPatch:
             )
         return g
 
-    def train_mask(self, seq_len: int) -> M.Mask | None:
-        """The training-time pattern for a global length (None: plain causal)."""
-        if self.pattern == "full":
-            return None
+    def attention_config(self, seq_len: int | None) -> Any:
+        """This patch as the job's ``attention:`` section for a global length (None: evaluation only).
+
+        The training pattern is resolved by :func:`longreach.attention.pattern_masks` — the one table
+        shared with our own models.
+        """
+        from longreach.attention import AttentionConfig
+
         if self.pattern == "auto":
             raise ConfigError("attention.pattern is 'auto' outside a recipe: choose full, s2 or sf")
-        g = self.group_size(seq_len)
-        if self.pattern == "s2":
-            return M.s2(g, self.s2_variant)
-        return M.sf(g, sinks=self.sinks)
+        if seq_len is None or self.pattern == "full":
+            return AttentionConfig(pattern="full", backend=self.backend)
+        pattern = "s2_roll" if self.pattern == "s2" and self.s2_variant == "roll" else self.pattern
+        return AttentionConfig(pattern=pattern, group_size=self.group_size(seq_len), sinks=self.sinks,
+                               backend=self.backend)
+
+    def train_mask(self, seq_len: int) -> M.Mask | None:
+        """The training-time pattern for a global length (None: plain causal)."""
+        from longreach.attention import pattern_masks
+
+        return pattern_masks(self.attention_config(seq_len), seq_len)[1]
 
 
 class HFAttention:
     """The attention function registered with transformers for one patched model.
 
+    It adapts HF's attention-function contract to longreach's model seam: q, k, v go to ``[B, S, H, D]``
+    and into an *inner attention* — :class:`~longreach.attention.LocalAttention` or
+    :class:`~longreach.attention.ContextParallelAttention`, exactly what ``parallelize`` installs in our
+    own models — with an :class:`~longreach.attention.AttentionContext` for the layer.
+
+    Where the inner attention comes from:
+
+    * set from outside (``inner``): the trainer's ``parallelize`` step assigns it through
+      :class:`~longreach.hf.model.HFCausalLM` ``.inner_attention``; the context (step, global length,
+      positions) arrives per forward as the ``longreach_ctx`` keyword, which transformers forwards
+      to attention functions (so activation-checkpoint recomputation sees the same context);
+    * otherwise built from :attr:`config` (an :class:`AttentionPatch`) per global length, through
+      :func:`longreach.parallelize.build_inner_attention` (evaluation, ``patch_attention`` users).
+
     Attributes:
-        config: the :class:`AttentionPatch` in force.
+        config: the :class:`AttentionPatch` in force (strategy/layout read by the evaluation helpers).
         group: the context-parallel process group (None: WORLD when ``config.parallel``).
-        step: training step, forwarded to random masks through :meth:`Mask.at`.
+        step: training step for random masks when no context is passed.
         name: the key under which the function is registered.
+        inner: the inner attention set from outside, or None.
     """
 
     def __init__(self, config: AttentionPatch, group: dist.ProcessGroup | None = None) -> None:
@@ -117,6 +149,9 @@ class HFAttention:
         self.group = group
         self.step = 0
         self.name = f"longreach_{next(_COUNTER)}"
+        self.inner: Any = None
+        self._built: dict[Any, Any] = {}
+        self._windowed: dict[Any, tuple[Any, Any]] = {}
 
     # --- helpers -------------------------------------------------------------------------------
     def cp_size(self) -> int:
@@ -126,18 +161,51 @@ class HFAttention:
 
         return group_rank_size(self.group)[1]
 
-    def _extra_mask(self, module: torch.nn.Module, seq_len: int, sliding_window: int | None) -> M.Mask | None:
-        extra = self.config.train_mask(seq_len) if module.training else None
-        if extra is not None:
-            extra = extra.at(step=self.step, layer=int(getattr(module, "layer_idx", 0) or 0))
-        if sliding_window is not None:
-            window = M.sliding_window(int(sliding_window))
-            extra = window if extra is None else extra & window
-        return extra
+    def set_inner(self, inner: Any) -> None:
+        """Install an inner attention from outside (``parallelize``); its group becomes the patch's."""
+        from longreach.attention import ContextParallelAttention
 
-    def _causal(self, module: torch.nn.Module) -> bool:
-        # LongLoRA's roll variant wraps on purpose: its mask is applied exactly as it is.
-        return not (module.training and self.config.pattern == "s2" and self.config.s2_variant == "roll")
+        self.inner = inner
+        self._windowed.clear()
+        if isinstance(inner, ContextParallelAttention):
+            self.group = inner.group
+            self.config = replace(self.config, strategy=inner.strategy, layout=inner.layout,
+                                  ulysses_degree=inner.ulysses_degree, backend=inner.backend)
+        elif inner is not None:
+            self.config = replace(self.config, strategy="none", backend=inner.backend)
+
+    def _from_config(self, seq_len: int | None) -> Any:
+        """The inner attention of :attr:`config` (``seq_len`` None: evaluation, no training pattern)."""
+        if seq_len not in self._built:
+            from longreach.parallelize import build_inner_attention
+
+            c = self.config
+            group = (self.group if self.group is not None else dist.group.WORLD) if c.parallel else None
+            self._built[seq_len] = build_inner_attention(
+                c.attention_config(seq_len), seq_len=seq_len or 1, group=group, strategy=c.strategy,
+                layout=c.layout, ulysses_degree=c.ulysses_degree, backend=c.backend)
+        return self._built[seq_len]
+
+    def _inner_for(self, training: bool, seq_len: int, sliding_window: int | None) -> Any:
+        base = self.inner if self.inner is not None else self._from_config(seq_len if training else None)
+        if sliding_window is None:
+            return base
+        key = (id(base), int(sliding_window))
+        hit = self._windowed.get(key)
+        if hit is None or hit[0] is not base:
+            windowed = copy.copy(base)  # the model's own window always applies, intersected with the pattern
+            window = M.sliding_window(int(sliding_window))
+            windowed.mask = window if base.mask is None else base.mask & window
+            hit = self._windowed[key] = (base, windowed)
+        return hit[1]
+
+    def _context(self, module: torch.nn.Module, ctx: AttentionContext | None, seq_local: int,
+                 scaling: float | None) -> AttentionContext:
+        training = bool(module.training) and (ctx is None or ctx.training)
+        layer = int(getattr(module, "layer_idx", 0) or 0)
+        if ctx is None:
+            ctx = AttentionContext(step=self.step, seq_len=seq_local * self.cp_size())
+        return replace(ctx, layer=layer, training=training, scale=scaling)
 
     # --- the registered function ---------------------------------------------------------------
     def __call__(
@@ -163,6 +231,7 @@ class HFAttention:
             scaling: the module's softmax scale.
             sliding_window: the module's window (Mistral, Qwen2), None for none.
             softcap: tanh logit cap (Gemma-2); single-rank only.
+            kwargs: ``longreach_ctx`` (an :class:`AttentionContext`) when the trainer runs the model.
 
         Returns:
             ``(out [B, Sq, H, D], None)`` — HF reshapes ``out`` to ``[B, Sq, H·D]``.
@@ -177,49 +246,33 @@ class HFAttention:
         q = query.transpose(1, 2)  # [B, Sq, H, D]
         k = key.transpose(1, 2)  # [B, Sk, Hkv, D]
         v = value.transpose(1, 2)  # [B, Sk, Hkv, D]
-        if self.config.parallel:
-            out = self._parallel(module, q, k, v, scaling, sliding_window, softcap)
-        else:
-            out = self._local(module, q, k, v, scaling, sliding_window, softcap)
-        return out, None
+        parallel = self.config.parallel
+        if q.shape[1] != k.shape[1]:
+            if parallel:
+                raise UserError("KV-cache decoding is not supported under context parallelism (no cache across shards)")
+            return self._decode(q, k, v, scaling, sliding_window, softcap), None
+        ctx = self._context(module, kwargs.get("longreach_ctx"), q.shape[1], scaling)
+        inner = self._inner_for(ctx.training, int(ctx.seq_len), sliding_window)
+        if softcap is not None:
+            if parallel:
+                raise UserError("attention softcap (e.g. Gemma-2) is not supported under context parallelism; run "
+                                "with attention.strategy=none")
+            s = q.shape[1]
+            pos = (ctx.positions if ctx.positions is not None else torch.arange(s)).cpu()
+            placed = base_mask(ctx, inner.extra_mask(ctx)).place(pos, pos, seq_len=int(ctx.seq_len),
+                                                                 num_heads=q.shape[2])
+            return softcap_attention(q, k, v, mask=placed, scale=scaling, softcap=float(softcap)), None
+        return inner(q, k, v, ctx), None
 
-    def _local(self, module, q, k, v, scaling, sliding_window, softcap) -> torch.Tensor:
+    def _decode(self, q, k, v, scaling, sliding_window, softcap) -> torch.Tensor:
+        """Decoding with a cache (Sq < Sk) is inference: full causal (∩ the model's window), one rank."""
         sq, sk, h = q.shape[1], k.shape[1], q.shape[2]
-        # decoding with a cache (Sq < Sk) is inference: full causal, no training pattern
-        extra = self._extra_mask(module if sq == sk else _Eval(module), sk, sliding_window)
-        mask = (M.causal() & extra) if extra is not None else M.causal()
-        if sq == sk and not self._causal(module):
-            mask = extra
-        # queries are the last Sq of the Sk keys (prefill: Sq = Sk; decoding with a cache: Sq < Sk)
+        mask = M.causal() if sliding_window is None else M.causal() & M.sliding_window(int(sliding_window))
+        # queries are the last Sq of the Sk keys
         placed = mask.place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk, num_heads=h)
         if softcap is not None:
             return softcap_attention(q, k, v, mask=placed, scale=scaling, softcap=float(softcap))
         return local_attention(q, k, v, mask=placed, scale=scaling, backend=self.config.backend)
-
-    def _parallel(self, module, q, k, v, scaling, sliding_window, softcap) -> torch.Tensor:
-        if softcap is not None:
-            raise UserError(
-                "attention softcap (e.g. Gemma-2) is not supported under context parallelism; run with "
-                "attention.strategy=none"
-            )
-        if q.shape[1] != k.shape[1]:
-            raise UserError("KV-cache decoding is not supported under context parallelism (no cache across shards)")
-        seq_len = q.shape[1] * self.cp_size()
-        extra = self._extra_mask(module, seq_len, sliding_window)
-        return context_parallel_attention(
-            q, k, v, strategy=self.config.strategy, layout=self.config.layout, group=self.group,
-            causal=self._causal(module), mask=extra, scale=scaling, ulysses_degree=self.config.ulysses_degree,
-            backend=self.config.backend,
-        )
-
-
-class _Eval:
-    """A stand-in for a module in evaluation mode (only ``training`` and ``layer_idx`` are read)."""
-
-    training = False
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.layer_idx = getattr(module, "layer_idx", 0)
 
 
 def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: M.PlacedMask,
@@ -243,15 +296,6 @@ def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows -> 0
     return torch.einsum("bhqk,bkhd->bqhd", p, vx.to(acc)).to(q.dtype)  # [B, Sq, H, D]
-
-
-def context_parallel_attention(q, k, v, *, strategy: str, layout: str, group, causal: bool, mask,
-                               scale: float | None, ulysses_degree: int | None, backend: str) -> torch.Tensor:
-    """``longreach.parallel.cp_attention`` on local shards ``[B, S/P, H, D]`` → ``[B, S/P, H, D]``."""
-    from longreach.parallel import cp_attention
-
-    return cp_attention(q, k, v, strategy=strategy, layout=layout, group=group, causal=causal, mask=mask,
-                        scale=scale, ulysses_degree=ulysses_degree, backend=backend)
 
 
 def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:

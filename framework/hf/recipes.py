@@ -7,7 +7,9 @@
 * **full**: every parameter trains (LongLoRA's full fine-tune), S2-Attn by default.
 
 ``apply_recipe`` rewrites the model's RoPE config (so the exported checkpoint carries it), wraps the
-model with peft and patches its attention through transformers' registry.
+model with peft and patches its attention through transformers' registry. The training-time attention
+pattern itself is the job's ``attention:`` section (``longreach finetune``: :mod:`longreach.hf.cli`);
+:attr:`RecipeConfig.pattern` is the method's default for it.
 """
 from __future__ import annotations
 
@@ -45,8 +47,6 @@ class RecipeConfig:
     """Substrings of parameter names that also train in full (LongLoRA: embeddings and norms; never lm_head)."""
     rope: RopeScaling = field(default_factory=RopeScaling)
     """RoPE extension written into the config (default: linear position interpolation)."""
-    attention: AttentionPatch = field(default_factory=lambda: AttentionPatch(pattern="auto"))
-    """Attention during training; ``pattern: auto`` picks s2 (longlora, full) or sf (sinklora)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,11 +59,11 @@ class RecipeConfig:
             raise ConfigError(f"recipe.lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.method != "full" and not self.lora_targets:
             raise ConfigError("recipe.lora_targets is empty: LoRA needs at least one module name")
-        if self.attention.pattern == "auto":
-            self.attention.pattern = _DEFAULT_PATTERN[self.method]
-        if self.method == "sinklora" and self.attention.pattern != "sf":
-            raise ConfigError(f"recipe.method=sinklora trains with SF-Attn: attention.pattern must be sf "
-                              f"(got {self.attention.pattern!r})")
+
+    @property
+    def pattern(self) -> str:
+        """The method's training-time attention pattern: s2 (longlora, full) or sf (sinklora)."""
+        return _DEFAULT_PATTERN[self.method]
 
 
 def mark_trainable(model: torch.nn.Module, substrings: list[str]) -> list[str]:
@@ -82,13 +82,15 @@ def mark_trainable(model: torch.nn.Module, substrings: list[str]) -> list[str]:
     return names
 
 
-def apply_recipe(model: torch.nn.Module, recipe: RecipeConfig, *, group: dist.ProcessGroup | None = None
-                 ) -> tuple[torch.nn.Module, HFAttention]:
+def apply_recipe(model: torch.nn.Module, recipe: RecipeConfig, *, attention: AttentionPatch | None = None,
+                 group: dist.ProcessGroup | None = None) -> tuple[torch.nn.Module, HFAttention]:
     """Prepare an HF causal LM for long-context fine-tuning.
 
     Args:
         model: a transformers causal LM (Llama / Mistral / Qwen2 family).
         recipe: the recipe.
+        attention: the attention patch (default: the method's pattern on one rank). The trainer later
+            replaces its inner attention through ``parallelize`` (:class:`~longreach.hf.model.HFCausalLM`).
         group: context-parallel group for the attention patch (default WORLD when parallel).
 
     Returns:
@@ -107,8 +109,8 @@ def apply_recipe(model: torch.nn.Module, recipe: RecipeConfig, *, group: dist.Pr
                           target_modules=list(recipe.lora_targets), bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
         mark_trainable(model, list(recipe.trainable))
-    attention = patch_attention(model, recipe.attention, group=group)
-    return model, attention
+    fn = patch_attention(model, attention or AttentionPatch(pattern=recipe.pattern), group=group)
+    return model, fn
 
 
 def trainable_summary(model: torch.nn.Module) -> dict[str, Any]:

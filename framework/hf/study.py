@@ -82,9 +82,9 @@ def _evaluate(checkpoint: Path, val: np.ndarray, *, lengths: list[int], seeds: i
 
 def run_study(out: Path, *, seq_len: int = 256, factor: int = 4, pretrain_steps: int = 200,
               finetune_steps: int = 40, seeds: int = 2, max_windows: int = 8, seed: int = 0) -> dict[str, Any]:
-    from longreach.hf.cli import FinetuneConfig, FTData, FTTrain, finetune
-    from longreach.hf.patch import AttentionPatch
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
     from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
     from longreach.hf.rope import RopeScaling
 
     out.mkdir(parents=True, exist_ok=True)
@@ -98,12 +98,13 @@ def run_study(out: Path, *, seq_len: int = 256, factor: int = 4, pretrain_steps:
     for name, (method, pattern, lr) in recipes.items():
         run = out / method
         cfg = FinetuneConfig(
-            checkpoint=str(base), out_dir=str(run),
-            recipe=RecipeConfig(method=method, target_len=factor * seq_len, rope=RopeScaling(type="linear"),
-                                attention=AttentionPatch(pattern=pattern, backend="cpu")),
+            hf=HFSource(path=str(base), dtype="float32"),
+            recipe=RecipeConfig(method=method, target_len=factor * seq_len, rope=RopeScaling(type="linear")),
+            attention=FTAttention(pattern=pattern, backend="cpu"),
+            parallel=ParallelConfig(cp=1),
             data=FTData(source="tokens", tokens_path=str(out / "train_tokens.npy"), seed=seed),
-            train=FTTrain(steps=finetune_steps, lr=lr, warmup_steps=5, dtype="float32", log_every=20,
-                          micro_batch_size=2),
+            run=FTRun(out_dir=str(run), steps=finetune_steps, log_every=20, seed=seed, overwrite=True),
+            train=FTTrain(lr=lr, warmup_steps=5, micro_batch_size=2),
         )
         summary = finetune(cfg)
         rows[name] = _evaluate(run / "export", val, lengths=lengths, seeds=seeds, max_windows=max_windows)

@@ -100,13 +100,43 @@ def single_process_reference(steps: int = 4, world: int = 2) -> list[float]:
         per_rank = []
         opt.zero_grad()
         # mean over ranks of per-rank means == DDP's averaged gradient
-        total = 0.0
         for x, y in parts:
             loss = ((model(x) - y) ** 2).mean() / world
             loss.backward()
-            per_rank.append(float(loss) * world)
+            per_rank.append(float(loss.detach()) * world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(sum(per_rank) / world)
-        total += 0
     return losses
+
+
+def ulysses_check(rank: int, world: int) -> float:
+    """DeepSpeed-Ulysses (``ulysses_attention``) vs full causal attention; returns the max abs error
+    of this rank's output rows and of the gradients of its q, k, v shards."""
+    from longreach.engines.deepspeed import ulysses_attention
+    from longreach.kernels import attention, masks
+
+    g = torch.Generator().manual_seed(3)
+    B, S, H, D = 1, 8, 4, 8
+    q, k, v = (torch.randn(B, S, H, D, generator=g, dtype=torch.float64) for _ in range(3))  # [B, S, H, D]
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = attention(qf, kf, vf, mask=masks.causal(), backend="reference")  # [B, S, H, D]
+    ref.sum().backward()
+    per = S // world
+    sl = slice(rank * per, (rank + 1) * per)
+    ql, kl, vl = (t[:, sl].clone().requires_grad_() for t in (q, k, v))  # [B, S/P, H, D]
+    layer = ulysses_attention(lambda a, b, c, ctx: attention(a, b, c, mask=masks.causal(), backend="reference"))
+    out = layer(ql, kl, vl, None)  # [B, S/P, H, D]
+    out.sum().backward()
+    errs = [(out - ref[:, sl]).abs().max(), (ql.grad - qf.grad[:, sl]).abs().max(),
+            (kl.grad - kf.grad[:, sl]).abs().max(), (vl.grad - vf.grad[:, sl]).abs().max()]
+    return float(max(errs))
+
+
+def engines_and_ulysses_worker(rank: int, world_size: int, names: list[str], steps: int = 4) -> dict[str, Any]:
+    out = engines_worker(rank, world_size, names, steps)
+    try:
+        out["ulysses_err"] = ulysses_check(rank, world_size)
+    except Exception:  # noqa: BLE001
+        out["ulysses_err"] = "error: " + traceback.format_exc()
+    return out

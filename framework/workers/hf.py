@@ -85,34 +85,48 @@ def cp_equivalence(rank: int, world_size: int, strategies: list[str], layouts: l
 
 
 def finetune_job(rank: int, world_size: int, checkpoint: str, out_dirs: dict[str, str], tokens_path: str,
-                 target_len: int, steps: int, backend: str) -> dict[str, Any]:
+                 target_len: int, steps: int, backend: str, resume_dir: str | None = None) -> dict[str, Any]:
     """Fine-tune a saved tiny Llama at ``target_len`` with each recipe under ring CP on all ranks.
 
+    Every recipe run checkpoints at step ``steps // 2``. With ``resume_dir``, the first recipe is run
+    again there, stopped at that step (a run of ``steps // 2`` steps) and continued by a second
+    ``finetune`` call with the full step count, which resumes from the checkpoint.
+
     Returns:
-        Per recipe: losses, rope_parameters and the probe ids/logits (eval-mode patched model).
+        Per recipe: losses, rope_parameters and the probe ids/logits (eval-mode patched model); under
+        ``"resumed"``: the losses of the interrupted-and-resumed run and the step each call ended at.
     """
-    from longreach.hf.cli import FinetuneConfig, FTData, FTParallel, FTTrain, finetune
-    from longreach.hf.patch import AttentionPatch
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.hf.rope import RopeScaling
+    from longreach.parallel.config import ParallelConfig
 
     probe = torch.randint(0, 97, (1, target_len), generator=torch.Generator().manual_seed(5))
+
+    def job(name: str, out_dir: str, n_steps: int) -> FinetuneConfig:
+        method, pattern = {"s2": ("longlora", "s2"), "sf": ("sinklora", "sf")}[name]
+        return FinetuneConfig(
+            hf=HFSource(path=checkpoint, dtype="float32"),
+            recipe=RecipeConfig(method=method, target_len=target_len, rope=RopeScaling(type="linear")),
+            attention=FTAttention(pattern=pattern, group_size=target_len // 4, sinks=2, backend=backend),
+            parallel=ParallelConfig(cp=world_size, strategy="ring", layout="zigzag"),
+            data=FTData(source="tokens", tokens_path=tokens_path),
+            run=FTRun(out_dir=out_dir, steps=n_steps, save_every=steps // 2, log_every=100),
+            train=FTTrain(lr=5e-3, warmup_steps=1),
+        )
+
     results: dict[str, Any] = {}
     for name, out_dir in out_dirs.items():
-        method, pattern = {"s2": ("longlora", "s2"), "sf": ("sinklora", "sf")}[name]
-        cfg = FinetuneConfig(
-            checkpoint=checkpoint, out_dir=out_dir,
-            recipe=RecipeConfig(method=method, target_len=target_len, rope=RopeScaling(type="linear"),
-                                attention=AttentionPatch(pattern=pattern, strategy="ring", layout="zigzag",
-                                                         backend=backend, sinks=2)),
-            data=FTData(source="tokens", tokens_path=tokens_path),
-            train=FTTrain(steps=steps, lr=5e-3, warmup_steps=1, dtype="float32", log_every=100),
-            parallel=FTParallel(dp=1, cp=world_size),
-        )
-        summary = finetune(cfg, probe_ids=probe)
+        summary = finetune(job(name, out_dir, steps), probe_ids=probe)
         results[name] = {"losses": summary["losses"], "rope_parameters": summary["rope_parameters"],
                          # numpy, not tensors: torch shares tensors through file descriptors that die with the rank
                          "probe_ids": probe.numpy(), "probe_logits": summary["probe_logits"].numpy()}
+    if resume_dir is not None:
+        first = next(iter(out_dirs))
+        stopped = finetune(job(first, resume_dir, steps // 2))
+        resumed = finetune(job(first, resume_dir, steps))
+        results["resumed"] = {"of": first, "losses": resumed["losses"], "ended": [stopped["steps"], resumed["steps"]],
+                              "first_loss": resumed["first_loss"], "checkpoint": resumed["checkpoint"]}
     return results
 
 

@@ -96,12 +96,19 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> str 
     return None if err <= tol else f"{name}: relative error {err:.3e} > {tol:.0e}"
 
 
+# MoE with experts split over cp; the load-balancing loss (nonlinear in per-rank token shares) and the
+# capacity limit (per-rank token counts) differ from a single rank by design, so both are off here
+_MOE_GRAD_MODEL = {"model.ffn_type": "moe", "model.extra": {"moe_experts": 4, "moe_top_k": 2,
+                                                           "moe_balance_coef": 0.0, "moe_expert_parallel": True}}
+
+
 def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[str]:
     """For each case, parallel gradients (dp × cp, strategy, layout) must equal one rank's full-batch ones.
 
     The reference runs on every rank without any collective: the full global batch (all dp ranks'
     micro-batches), local causal attention, float64. Case keys: dp, cp, strategy, layout, documents,
-    grad_accum, activation_checkpointing, engine (an ``engine:`` section routed through longreach.engines).
+    grad_accum, activation_checkpointing, engine (an ``engine:`` section routed through longreach.engines),
+    moe (MoE FFN with experts split over cp: each rank's expert gradients equal its block of the reference).
     """
     from longreach.models import build_model
     from longreach.parallel.config import ParallelConfig
@@ -119,7 +126,8 @@ def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -
                               "parallel.strategy": case.get("strategy", "ring"),
                               "parallel.layout": case.get("layout", "zigzag"), "parallel.backend": "reference",
                               "train.loss_chunk_size": 7,
-                              "train.activation_checkpointing": case.get("activation_checkpointing", False)})
+                              "train.activation_checkpointing": case.get("activation_checkpointing", False),
+                              **(_MOE_GRAD_MODEL if case.get("moe") else {})})
             torch.manual_seed(11)
             base = build_model(cfg.model).double()
             streams = [SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=3,
@@ -159,7 +167,11 @@ def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -
             for pname, p in ref.named_parameters():
                 g = got[pname].grad
                 g = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2 shards
-                msg = _close(pname + ".grad", g, p.grad, 1e-9)
+                want = p.grad
+                if g.shape != want.shape and case.get("moe"):  # split experts: cp rank r holds block r
+                    r, el = mesh["cp"].get_local_rank(), g.shape[0]
+                    want = want[r * el:(r + 1) * el]
+                msg = _close(pname + ".grad", g, want, 1e-9)
                 if msg:
                     failures.append(f"[{name}] {msg}")
         except Exception as e:  # noqa: BLE001 - report every case
@@ -197,13 +209,14 @@ def train_worker(rank: int, world_size: int, runs: list[dict[str, Any]]) -> list
     return out
 
 
-def two_rank_suite(rank: int, world_size: int, grad_cases: list[dict[str, Any]], runs: list[dict[str, Any]]
-                   ) -> tuple[list[str], list[dict[str, Any]], tuple[list[dict], list[dict]]]:
+def two_rank_suite(rank: int, world_size: int, grad_cases: list[dict[str, Any]], runs: list[dict[str, Any]],
+                   moe_dir: str | None = None) -> tuple[list[str], list[dict[str, Any]], tuple[list[dict], list[dict]],
+                                                        tuple[list[str], dict[str, Any]] | None]:
     """The trainer tests' whole 2-rank matrix in one group.
 
     Returns:
         ``(gradient failures, summaries of runs[:-1], (metrics of runs[-1], metrics after resuming it from
-        its second-to-last checkpoint))``.
+        its second-to-last checkpoint), moe_expert_parallel_checks(moe_dir) or None)``.
     """
     from longreach.metrics import read_metrics
 
@@ -212,4 +225,92 @@ def two_rank_suite(rank: int, world_size: int, grad_cases: list[dict[str, Any]],
     straight = read_metrics(summaries[-1]["metrics"]) if rank == 0 else []
     train_worker(rank, world_size, [{**runs[-1], "remove_latest": True}])
     again = read_metrics(summaries[-1]["metrics"]) if rank == 0 else []
-    return failures, summaries, (straight, again)
+    moe = moe_expert_parallel_checks(rank, world_size, moe_dir) if moe_dir is not None else None
+    return failures, summaries, (straight, again), moe
+
+
+MOE_EXTRA = {"moe_experts": 4, "moe_top_k": 2, "moe_capacity_factor": 2.0, "moe_routing": "attention"}
+
+
+def moe_job(**over: Any):
+    """:func:`tiny_job` with configs/moe_tiny_cpu.yaml's MoE FFN (4 SwiGLU experts, top-2, capacity 2,
+    attention-aware routing); ``moe_expert_parallel`` and other ``model.extra`` keys via ``extra``."""
+    extra = {**MOE_EXTRA, **over.pop("extra", {})}
+    return tiny_job(**{"model.ffn_type": "moe", "model.extra": extra, **over})
+
+
+def _full_state_from_checkpoint(ckpt: str, cfg: Any) -> dict[str, torch.Tensor]:
+    """The whole model of a checkpoint read by this process alone (DCP, no collective): split experts
+    come back gathered, as one ``[E, ...]`` tensor per weight."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from longreach.models import build_model
+
+    sd = {k: v.detach().clone() for k, v in build_model(cfg.model).state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        dcp.load({"model": sd}, checkpoint_id=f"{ckpt}/model", no_dist=True)
+    return sd
+
+
+def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tuple[list[str], dict[str, Any]]:
+    """Experts split over cp=2 against the same MoE model without expert parallelism (every rank holds
+    and computes every expert): 4 steps each; then the split run resumed from its step-2 checkpoint.
+
+    Checks (failures returned): equal losses and grad norms per step; equal final weights, the split
+    experts gathered from the checkpoint by DCP; the resumed steps equal the straight ones (expert
+    weights *and* optimizer moments were saved per rank); this rank holds half the expert parameters.
+
+    Returns:
+        ``(failures, {"replicated": summary, "split": summary})``.
+    """
+    import shutil
+    from pathlib import Path
+
+    from longreach.metrics import read_metrics
+    from longreach.trainer import train
+
+    common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
+              "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
+              "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
+    failures: list[str] = []
+    summaries: dict[str, Any] = {}
+    for name, ep in (("replicated", False), ("split", True)):
+        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common})
+        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0)
+        summaries[name] = train(cfg, data=data)
+    rep, split = (read_metrics(summaries[n]["metrics"]) for n in ("replicated", "split"))
+    for a, b in zip(rep, split, strict=True):
+        for key in ("loss", "grad_norm"):
+            if abs(a[key] - b[key]) > 1e-5 * abs(a[key]):
+                failures.append(f"step {a['step']} {key}: split experts {b[key]!r} != replicated {a[key]!r}")
+    # this rank's share of the expert parameters: half of them
+    m = cfg.model
+    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
+    want = {"replicated": (summaries["replicated"]["local_params"], 0),
+            "split": (summaries["replicated"]["local_params"] - all_experts // 2, all_experts // 2)}
+    for name, (local, experts) in want.items():
+        got = (summaries[name]["local_params"], summaries[name]["expert_params"])
+        if got != (local, experts):
+            failures.append(f"{name}: rank {rank} holds (parameters, split expert parameters) {got}, want "
+                            f"{(local, experts)}")
+    # final weights: the split experts gathered from the checkpoint equal the replicated ones
+    if rank == 0:
+        full_rep = _full_state_from_checkpoint(summaries["replicated"]["checkpoint"], cfg)
+        full_split = _full_state_from_checkpoint(summaries["split"]["checkpoint"], cfg)
+        for k, v in full_rep.items():
+            msg = _close(k, full_split[k], v, 1e-4)  # fp32 Adam: summation order differs (all-to-all, norm)
+            if msg:
+                failures.append(f"final weights: {msg}")
+    # resume the split run from step 2: steps 3 and 4 again (step 4 needs step 3's Adam moments)
+    if rank == 0:
+        shutil.rmtree(sorted(Path(out_dir, "split", "checkpoints").glob("step-*"))[-1])
+    dist.barrier()
+    cfg = moe_job(extra={"moe_expert_parallel": True}, **{"run.out_dir": f"{out_dir}/split", **common})
+    train(cfg, data=SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0))
+    again = read_metrics(summaries["split"]["metrics"])
+    if [(r["loss"], r["grad_norm"]) for r in again] != [(r["loss"], r["grad_norm"]) for r in split]:
+        failures.append(f"resumed split run: {[r['loss'] for r in again]} != {[r['loss'] for r in split]}")
+    return failures, summaries

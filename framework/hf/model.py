@@ -1,0 +1,130 @@
+"""An HF causal LM behind longreach's model interface, so the shared trainer fine-tunes it.
+
+:class:`HFCausalLM` wraps a (patched, possibly peft-wrapped) transformers causal LM and offers what the
+trainer and ``parallelize`` expect of our own models:
+
+* ``forward(input_ids, position_ids, ctx, labels=, loss_chunk_size=)`` → ``(loss_sum, n_tokens)`` with
+  our chunked cross-entropy on the decoder's hidden states and the ``lm_head`` weight (labels shifted on
+  the global sequence before sharding, by the caller); without labels, the hidden states;
+* ``output_weight()`` (``[V, hidden]``) and ``aux_loss`` (always None);
+* ``inner_attention``: the seam ``parallelize`` swaps. Assigning it installs the given
+  :class:`~longreach.attention.LocalAttention` / :class:`~longreach.attention.ContextParallelAttention`
+  into the function registered with transformers' ``AttentionInterface`` (:mod:`longreach.hf.patch`);
+  the trainer's :class:`~longreach.attention.AttentionContext` (step, global length, positions) reaches
+  every attention layer as the ``longreach_ctx`` keyword that transformers forwards;
+* ``layers``: the decoder blocks, which ``train.activation_checkpointing`` wraps.
+
+:func:`build_hf_model` is the trainer's model builder for ``longreach finetune``: load the local
+checkpoint, apply the recipe (RoPE scaling, LoRA / SinkLoRA / full, trainable embeddings and norms),
+patch attention, wrap.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from longreach.attention import AttentionContext
+from longreach.hf.patch import HFAttention, base_model, prime_dynamic_rope
+
+IGNORE_INDEX = -100
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM with longreach's model interface (module docstring).
+
+    Args:
+        model: the HF causal LM or a peft ``PeftModel`` around one, already patched.
+        attention: its registered :class:`HFAttention`.
+    """
+
+    def __init__(self, model: nn.Module, attention: HFAttention) -> None:
+        super().__init__()
+        self.model = model
+        self.attention = attention
+        self.aux_loss: torch.Tensor | None = None
+
+    # --- the parallelize seam --------------------------------------------------------------------
+    @property
+    def inner_attention(self) -> Any:
+        return self.attention.inner
+
+    @inner_attention.setter
+    def inner_attention(self, fn: Any) -> None:
+        self.attention.set_inner(fn)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks (``parallelize`` wraps them for activation checkpointing)."""
+        return self.hf.get_decoder().layers
+
+    # --- model interface -------------------------------------------------------------------------
+    @property
+    def hf(self) -> nn.Module:
+        """The HF ``PreTrainedModel`` (under the peft wrapper for LoRA recipes)."""
+        return base_model(self.model)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection ``[V, hidden]`` (``lm_head``)."""
+        return self.hf.get_output_embeddings().weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                ctx: AttentionContext | None = None, *, labels: torch.Tensor | None = None,
+                loss_chunk_size: int = 1024) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states, or the summed token loss.
+
+        Args:
+            input_ids: ``[B, S_local]`` this rank's tokens (in the cp layout's order).
+            position_ids: ``[B, S_local]`` their global RoPE positions (None: 0..S_local-1).
+            ctx: the attention context (global length, positions of the local tokens, step).
+            labels: ``[B, S_local]`` next-token labels shifted on the global sequence (-100 ignored).
+            loss_chunk_size: tokens per logits chunk of the loss.
+
+        Returns:
+            ``[B, S_local, hidden]`` without labels; else ``(loss_sum, n_tokens)``: this rank's summed
+            token loss (float32 scalar) and its count of labelled tokens.
+        """
+        from longreach.loss import chunked_cross_entropy
+
+        if ctx is not None and self.attention.config.parallel and ctx.positions is not None:
+            prime_dynamic_rope(self.model, int(ctx.seq_len), ctx.positions)
+        kwargs = {} if ctx is None else {"longreach_ctx": ctx}
+        # no KV cache in training: it would only cost memory, and a recomputed (activation-checkpointed)
+        # block would append its keys to it a second time
+        hidden = self.hf.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                       **kwargs).last_hidden_state  # [B, S_local, hidden]
+        if labels is None:
+            return hidden
+        return chunked_cross_entropy(hidden, self.output_weight(), labels, chunk_size=loss_chunk_size,
+                                     ignore_index=IGNORE_INDEX)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``hf.dtype``: ``auto`` (bf16 on an accelerator, fp32 on CPU) or a torch dtype name."""
+    from longreach.hf.load import default_dtype
+
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
+def build_hf_model(cfg: Any, device: torch.device) -> HFCausalLM:
+    """The trainer's model builder for a fine-tuning job (``longreach.hf.cli.FinetuneConfig``).
+
+    Loads ``cfg.hf.path`` once in ``cfg.hf.dtype`` on ``device``, applies ``cfg.recipe`` and patches
+    attention (local until ``parallelize`` installs the configured inner attention). Call it after
+    seeding: LoRA initialisation draws from torch's generator, identically on every rank.
+    """
+    from longreach.hf.load import load_hf
+    from longreach.hf.patch import AttentionPatch
+    from longreach.hf.recipes import apply_recipe
+
+    model, _ = load_hf(cfg.hf.path, dtype=resolve_dtype(cfg.hf.dtype, device), device=device,
+                       trust_remote_code=cfg.hf.trust_remote_code, with_tokenizer=False)
+    att = cfg.attention
+    # what the patch reports (evaluation helpers read it); parallelize installs the inner attention itself
+    pattern, variant = {"s2": ("s2", "varlen"), "s2_roll": ("s2", "roll"), "sf": ("sf", "varlen")}.get(
+        att.pattern, ("full", "varlen"))
+    patch = AttentionPatch(pattern=pattern, s2_variant=variant, sinks=att.sinks, backend=att.backend)
+    model, attention = apply_recipe(model, cfg.recipe, attention=patch)
+    model.train()
+    return HFCausalLM(model, attention)

@@ -1,0 +1,130 @@
+"""``longreach launch``: exact torchrun / Slurm / DeepSpeed / accelerate commands (argument lists, no
+shell pasting), and the fake-backend meta-device validation of a cluster config."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longreach.errors import ConfigError, UserError
+from longreach.launchers import launch
+from longreach.launchers.deepspeed import deepspeed_command, read_hostfile
+from longreach.launchers.slurm import SlurmSpec, sbatch_script
+from longreach.launchers.torchrun import TorchrunSpec, torchrun_command, train_args
+
+PY = sys.executable
+
+
+def _run(argv, capsys):
+    rc = launch.main(argv)
+    return rc, capsys.readouterr().out
+
+
+def test_single_node_torchrun_dry_run(capsys):
+    rc, out = _run(["demo", "--nproc-per-node", "2", "--max-restarts", "1", "--dry-run", "--train.lr=1e-3"], capsys)
+    assert rc == 0
+    cmd = shlex.split(out.strip().splitlines()[-1])
+    assert cmd[:3] == [PY, "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[cmd.index("--max-restarts") + 1] == "1"
+    assert "--standalone" in cmd
+    i = cmd.index("--module")
+    assert cmd[i + 1:i + 3] == ["longreach.launchers.cli", "train"]
+    assert cmd[i + 3].endswith("demo.yaml") and cmd[-1] == "--train.lr=1e-3"
+
+
+def test_multi_node_torchrun_command():
+    spec = TorchrunSpec(nnodes=4, nproc_per_node=8, node_rank=2, rdzv_endpoint="node0:29400", rdzv_id="job7",
+                        max_restarts=3)
+    cmd = torchrun_command(spec, train_args("c.yaml", ["--run.steps=5"]))
+    assert "--standalone" not in cmd
+    for flag, val in (("--nnodes", "4"), ("--rdzv-backend", "c10d"), ("--rdzv-endpoint", "node0:29400"),
+                      ("--rdzv-id", "job7"), ("--node-rank", "2"), ("--max-restarts", "3")):
+        assert cmd[cmd.index(flag) + 1] == val, flag
+    assert spec.world_size == 32
+    with pytest.raises(ConfigError, match="--rdzv-endpoint"):
+        TorchrunSpec(nnodes=2, nproc_per_node=1)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        TorchrunSpec(nnodes=2, rdzv_endpoint="node0")
+    with pytest.raises(ConfigError, match="--node-rank"):
+        TorchrunSpec(nnodes=2, rdzv_endpoint="n:1", node_rank=2)
+
+
+def test_user_input_is_never_shell_pasted(tmp_path):
+    evil = "--run.name=x; rm -rf ~ $(reboot) `id`"
+    script = sbatch_script(SlurmSpec(nodes=2, gpus_per_node=4), train_args("my config.yaml", [evil]), python="python")
+    line = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    words = shlex.split(line)
+    assert evil in words and "my config.yaml" in words  # each survived as ONE word, unexpanded
+    assert '"${HEAD_NODE}:${RDZV_PORT}"' in line and '"${SLURM_JOB_ID}"' in line
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=4" in script
+    with pytest.raises(ConfigError, match="--partition"):
+        SlurmSpec(partition="gpu\n#SBATCH --exclusive")
+    with pytest.raises(ConfigError, match="--time"):
+        SlurmSpec(time="forever")
+
+
+def test_slurm_writes_script_and_refuses_to_clobber(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "job.sbatch"
+    rc, text = _run(["demo", "--launcher", "slurm", "--nnodes", "2", "--gpus-per-node", "8", "--partition", "gpu",
+                     "--output", str(out), "--dry-run"], capsys)
+    assert rc == 0 and not out.exists()  # dry run writes nothing
+    assert text.strip().splitlines()[-1] == shlex.join(["sbatch", str(out)])
+    out.write_text("precious")
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="exists with different contents"):
+        launch.main(["demo", "--launcher", "slurm", "--output", str(out)])
+    assert out.read_text() == "precious"
+
+
+def test_deepspeed_hostfile(tmp_path):
+    hf = tmp_path / "hosts"
+    hf.write_text("# cluster\nnode0 slots=8\nnode1 slots=8\n")
+    assert read_hostfile(hf) == [("node0", 8), ("node1", 8)]
+    cmd = deepspeed_command(train_args("c.yaml"), hostfile=str(hf), num_nodes=2)
+    assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
+    assert cmd[cmd.index("--hostfile") + 1] == str(hf) and cmd[cmd.index("--module") + 1] == "longreach.launchers.cli"
+    hf.write_text("node0 slots=8\nnode1 eight\n")
+    with pytest.raises(ConfigError, match=r"hosts:2: expected 'HOSTNAME slots=N'"):
+        read_hostfile(hf)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_hostfile(tmp_path / "missing")
+
+
+def test_accelerate_config_dry_run(capsys):
+    rc, out = _run(["demo", "--launcher", "accelerate", "--nproc-per-node", "2", "--dry-run"], capsys)
+    assert rc == 0
+    assert "num_processes: 2" in out and "distributed_type: MULTI_CPU" in out
+    cmd = shlex.split(out.strip().splitlines()[-1])
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[cmd.index("--config_file") + 1]
+
+
+def test_launch_validates_config_before_starting(capsys):
+    with pytest.raises(ConfigError, match="trian"):
+        launch.main(["demo", "--trian.lr=1"])
+    with pytest.raises(UserError, match="needs --world-size"):
+        launch.main(["--dry-run", "--validate", "demo"])
+
+
+def test_meta_device_validation_subprocess():
+    """Fake process group + meta device: mesh, parallelized model and memory for 8 and 16 ranks."""
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    script = ("from longreach.launchers import launch; import sys;"
+              "sys.exit(launch.main(['--dry-run','--validate','demo','--world-size','16','--parallel.dp=-1',"
+              "'--engine.options={fsdp: true}']))")
+    out = subprocess.run([PY, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "world size 16: dp 8 × cp 2" in text and "DeviceMesh((dp=8, cp=2)" in text
+    assert "FSDP2 fully_shard over 16 ranks" in text
+    total = float(text.split("parameters: ")[1].split("M total")[0])
+    per_rank = float(text.split("M total, ")[1].split("M per rank")[0])
+    assert per_rank == pytest.approx(total / 16, rel=0.05)
+    bad = subprocess.run([PY, "-m", "longreach.launchers.cli", "launch", "--dry-run", "--validate", "demo",
+                          "--world-size", "3"], env=env, capture_output=True, text=True, timeout=240)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        "longreach: error: parallel.cp=2 does not divide --world-size 3"]
