@@ -79,6 +79,10 @@ class CheckpointConfig:
     """Resume even if the checkpoint was written under a different config (force; logged loudly)."""
     load_optimizer: bool = True
     """Restore the optimizer state (turn off to start a fresh optimizer from pretrained weights)."""
+    trainable_only: bool = False
+    """Save and restore only parameters with ``requires_grad`` (and buffers): a LoRA fine-tune's
+    checkpoint then holds the adapters, not the frozen base weights, which come from the model builder
+    (the base model) on resume. Frozen parameters keep whatever the builder loaded."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep_last, int) or self.keep_last < 0:
@@ -551,9 +555,9 @@ class CheckpointManager:
         return modules, optims, ds_engines, per_rank, common
 
     def _dcp_state(self, modules: dict[str, nn.Module], optims: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-        opts = StateDictOptions(flatten_optimizer_state_dict=True)
+        opts = self._sd_options()
         sd: dict[str, Any] = {}
         if optims:
             (mname, model), = modules.items()
@@ -564,6 +568,16 @@ class CheckpointManager:
             for mname, model in modules.items():
                 sd[mname] = get_model_state_dict(model, options=opts)
         return sd
+
+    def _sd_options(self) -> Any:
+        """DCP state-dict options: flattened optimizer keys; with ``trainable_only`` frozen parameters are
+        left out (and loading is non-strict about them: :meth:`_check_dcp_metadata` already matched the
+        saved names and shapes against the trainable ones)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        if self.cfg.trainable_only:
+            return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True, strict=False)
+        return StateDictOptions(flatten_optimizer_state_dict=True)
 
     def _dcp_save(self, sd: dict[str, Any], where: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -611,7 +625,7 @@ class CheckpointManager:
     def _dcp_load(self, sd: dict[str, Any], ckpt: Path, modules: dict[str, nn.Module],
                   optims: dict[str, torch.optim.Optimizer]) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+        from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                              set_state_dict)
 
         if not self.cfg.load_optimizer:
@@ -627,7 +641,7 @@ class CheckpointManager:
             msg = [ln for ln in str(e).strip().splitlines() if "Error" in ln] or str(e).strip().splitlines()
             raise UserError(f"checkpoint {ckpt}: cannot read model/optimizer data: corrupted checkpoint "
                             f"({type(e).__name__}: {msg[-1][:200] if msg else ''})") from None
-        opts = StateDictOptions(flatten_optimizer_state_dict=True)
+        opts = self._sd_options()
         if optims and "optim" in sd:
             (mname, model), = modules.items()
             set_state_dict(model, list(optims.values()), model_state_dict=sd[mname],

@@ -3,9 +3,10 @@
 * :func:`check_finite` — every rank learns at once whether *any* rank's loss is NaN/inf (one MIN
   all-reduce of a flag), so all ranks skip the same step or stop together; no rank is left alone in
   the next collective.
-* :class:`FaultPolicy` — what the trainer calls from its ``_check_finite(loss)`` hook: returns True to
-  apply the step, False to skip it (``on_nonfinite: skip``, up to ``max_skips`` in a row), or raises
-  :class:`NonFiniteLossError` with a clear message (``on_nonfinite: stop``).
+* :class:`FaultPolicy` — what the trainer calls once per step (``longreach.trainer.train_step``, after
+  the last micro-batch's forward): returns True to apply the step, False to skip it (``on_nonfinite:
+  skip``, up to ``max_skips`` in a row), or raises :class:`NonFiniteLossError` with a clear message
+  (``on_nonfinite: stop``; a :class:`~longreach.errors.UserError`, so the CLI prints one line).
 * :func:`timed_collective` / :class:`CollectiveWatchdog` — a collective that does not finish within
   ``collective_timeout_s`` fails with :class:`CollectiveTimeoutError` naming the rank and the
   operation; the watchdog thread is the backstop for a wait that cannot be interrupted (it reports
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from longreach.errors import ConfigError
+from longreach.errors import ConfigError, UserError
 
 __all__ = [
     "FaultConfig", "FaultPolicy", "NonFiniteLossError", "CollectiveTimeoutError", "CollectiveWatchdog",
@@ -72,8 +73,12 @@ class FaultConfig:
             parse_injections(self.inject, source="faults.inject")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss was NaN/inf and the policy says stop (or too many steps in a row were skipped)."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss was NaN/inf and the policy says stop (or too many steps in a row were skipped).
+
+    A :class:`UserError`: the CLI prints it as one line and exits non-zero (the message names the step
+    and the setting), raised on every rank at once.
+    """
 
 
 class CollectiveTimeoutError(RuntimeError):
@@ -279,6 +284,10 @@ def init_distributed(backend: str | None = None, *, timeout_s: float = 600.0) ->
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise UserError(f"distributed launch: environment variable(s) {', '.join(missing)} not set; start "
+                        "several processes with torchrun or `longreach launch`")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"])
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

@@ -6,7 +6,8 @@
 Sections: ``run`` (:class:`RunConfig`), ``model`` (:class:`~longreach.models.ModelConfig`), ``data``
 (:class:`~longreach.data.DataConfig`), ``train`` (:class:`TrainConfig`), ``parallel``
 (:class:`~longreach.parallel.ParallelConfig`), ``attention`` (:class:`~longreach.attention.AttentionConfig`),
-``checkpoint`` (:class:`~longreach.checkpoint.CheckpointConfig`), ``engine`` (:class:`EngineConfig`).
+``checkpoint`` (:class:`~longreach.checkpoint.CheckpointConfig`), ``engine`` (:class:`EngineConfig`),
+``faults`` (:class:`~longreach.faults.FaultConfig`: NaN/inf policy, collective timeout, watchdog).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 from longreach.attention import AttentionConfig
 from longreach.checkpoint import CheckpointConfig
 from longreach.data.config import DataConfig
+from longreach.faults import FaultConfig
 from longreach.models.config import ModelConfig
 from longreach.parallel.config import ParallelConfig
 from longreach.parallel.layouts import layout_multiple
@@ -24,8 +26,8 @@ SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("fp32", "bf16")
 ENGINES = ("native", "deepspeed", "accelerate")
 
-__all__ = ["AttentionConfig", "CheckpointConfig", "DataConfig", "EngineConfig", "JobConfig", "ModelConfig",
-           "ParallelConfig", "RunConfig", "TrainConfig"]
+__all__ = ["AttentionConfig", "CheckpointConfig", "DataConfig", "EngineConfig", "FaultConfig", "JobConfig",
+           "ModelConfig", "ParallelConfig", "RunConfig", "TrainConfig"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -136,6 +138,8 @@ class JobConfig:
     """Checkpoint saving and resuming."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Training engine."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Non-finite loss policy (skip/stop), collective timeout (also the process group's), watchdog."""
 
     def __post_init__(self) -> None:
         m = layout_multiple(self.parallel.layout, self.parallel.cp)

@@ -10,8 +10,15 @@ inside an already initialised process group (tests). Per optimizer step:
 3. all-reduce the count of non-ignored labels of the whole step over dp × cp; each micro-batch's loss is
    its local token-loss *sum* divided by that global count, and DDP sums gradients (see
    :mod:`longreach.parallelize`), so gradients equal the single-rank gradient of the global mean loss;
-4. clip, step AdamW and the LR schedule; log one line (rank 0 through logging), one ``metrics.jsonl``
+4. agree on all ranks (one all-reduced flag, :class:`~longreach.faults.FaultPolicy`) whether the loss is
+   finite; if not, skip the optimizer step (gradients discarded, data position and LR schedule still
+   advance, the record says ``"skipped": true``) or stop the run, per ``faults.on_nonfinite``;
+5. clip, step AdamW and the LR schedule; log one line (rank 0 through logging), one ``metrics.jsonl``
    record, and checkpoint every ``run.save_every`` steps and at the end.
+
+Fault injection (``LONGREACH_FAULT_INJECT`` / ``faults.inject``, see :mod:`longreach.faults`) fires
+``kill`` and ``hang`` at the start of a step, ``nan`` in the policy check and ``kill_in_save`` inside the
+checkpoint save; step numbers there count from 1, like ``metrics.jsonl``.
 """
 from __future__ import annotations
 
@@ -22,7 +29,6 @@ import math
 import os
 import shutil
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -32,6 +38,7 @@ from torch import nn
 
 from longreach.attention import AttentionContext
 from longreach.errors import UserError
+from longreach.faults import CollectiveWatchdog, FaultConfig, FaultPolicy, maybe_inject
 from longreach.loss import global_token_count
 from longreach.metrics import MetricsWriter, Throughput, memory_mb
 from longreach.parallel.layouts import layout_multiple
@@ -52,22 +59,30 @@ DataBuilder = Callable[..., Any]
 """``build_data(cfg, *, dp_rank, dp_size) -> loader`` (see :func:`train`)."""
 
 _CONTINUABLE = ("run.steps", "run.log_every", "run.save_every", "run.overwrite", "checkpoint.", "engine.",
-                "parallel.", "attention.backend", "data.cache_dir")
+                "parallel.", "attention.backend", "data.cache_dir", "faults.")
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def setup_distributed() -> tuple[int, int, torch.device, bool]:
+def setup_distributed(*, timeout_s: float = 600.0) -> tuple[int, int, torch.device, bool]:
     """Join the process group torchrun describes (or the one already initialised).
+
+    The group is created by :func:`longreach.faults.init_distributed`, which is safe across torchrun
+    ``--max-restarts`` restarts (the plain ``env://`` init can reach the dead attempt's ranks).
+
+    Args:
+        timeout_s: the process group's collective timeout (``faults.collective_timeout_s``).
 
     Returns:
         ``(rank, world_size, device, owned)``; ``owned`` is True when this call created the group.
     """
+    from longreach.faults import init_distributed
+
     owned = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        init_distributed(backend, timeout_s=timeout_s)
         owned = True
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -204,12 +219,8 @@ class StepResult:
     """Global gradient norm before clipping."""
     tokens: int
     """Non-ignored label tokens of the step over all ranks."""
-
-
-def _check_finite(loss: torch.Tensor) -> None:
-    """Hook for non-finite losses (the engines engineer replaces the policy: skip, rewind, stop)."""
-    if not torch.isfinite(loss).all():
-        raise FloatingPointError(f"non-finite loss {loss.item()}")
+    skipped: bool = False
+    """The loss was non-finite on some rank and the optimizer step was skipped (``grad_norm`` is NaN)."""
 
 
 def forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any, mesh: Any, step: int,
@@ -223,6 +234,24 @@ def forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any
 
     Returns:
         ``(loss, aux_loss, n_tokens)``: global mean token loss, summed auxiliary term, global label count.
+    """
+    loss, aux, n_global, _ = _forward_backward(model, micro_batches, cfg=cfg, mesh=mesh, step=step, device=device,
+                                               engine=engine)
+    return loss, aux, n_global
+
+
+def _forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any, mesh: Any, step: int,
+                      device: torch.device, engine: Any = None,
+                      policy: FaultPolicy | None = None) -> tuple[float, float, int, bool]:
+    """:func:`forward_backward`, plus the NaN/inf policy check (when ``policy`` is given).
+
+    The check runs once per step, after the last micro-batch's forward and before its backward (a
+    DeepSpeed engine steps inside its backward): every rank learns at once whether any rank's loss is
+    non-finite. On a skip the gradients are discarded — DDP/FSDP still run that backward, so their
+    gradient reduction completes normally; DeepSpeed skips it.
+
+    Returns:
+        ``(loss, aux_loss, n_tokens, apply)``; ``apply`` False: the step must be skipped (grads are zeroed).
     """
     tr, par = cfg.train, cfg.parallel
     group, replicas = cp_group(mesh), dp_cp_group(mesh)
@@ -247,6 +276,8 @@ def forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any
     backward_scale = n_replicas if engine is not None else 1
     loss_sum_total = torch.zeros((), dtype=torch.float64, device=device)
     aux_total = torch.zeros((), dtype=torch.float64, device=device)
+    check_total = torch.zeros((), dtype=torch.float64, device=device)  # this rank's losses: NaN/inf propagate
+    apply = True
     for i, (ids, pos, labels, ctx) in enumerate(prepared):
         last = i == len(prepared) - 1
         with (no_sync() if not last else contextlib.nullcontext()):
@@ -259,23 +290,33 @@ def forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any
                 aux = aux.float() / (len(prepared) * n_replicas)
                 loss = loss + aux
                 aux_total += aux.detach().double()
-            _check_finite(loss)
-            if engine is not None:
+            check_total += loss.detach().double()
+            if last and policy is not None:
+                apply = policy.check(check_total, step + 1)  # collective; raises on "stop"
+            if not apply and engine is not None and getattr(engine, "kind", "") == "deepspeed":
+                pass  # its backward would step the optimizer with the bad gradients
+            elif engine is not None:
                 engine.backward(loss * backward_scale)
             else:
                 loss.backward()
         loss_sum_total += loss_sum.detach().double()
     if engine is None:
         reduce_expert_gradients(model)  # split experts: DDP ignores them; sum over their dp replicas
+    if not apply:
+        if engine is not None:
+            engine.skip_step()
+        else:
+            model.zero_grad(set_to_none=True)
     totals = torch.stack([loss_sum_total, aux_total])
     if replicas is not None:
         dist.all_reduce(totals, group=replicas)
-    return float(totals[0] / denom), float(totals[1]), n_global
+    return float(totals[0] / denom), float(totals[1]), n_global, apply
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Any], *,
                cfg: Any, mesh: Any, step: int, device: torch.device,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, engine: Any = None) -> StepResult:
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, engine: Any = None,
+               policy: FaultPolicy | None = None) -> StepResult:
     """One optimizer step over ``micro_batches`` (gradient accumulation), collective over dp × cp.
 
     Args:
@@ -288,9 +329,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         step: the step index (reaches random masks through the context).
         device: where the model lives.
         engine: a ``longreach.engines.Engine`` owning backward/clip/step (None: plain DDP from parallelize).
+        policy: the NaN/inf policy (:class:`~longreach.faults.FaultPolicy` over the dp × cp group; it sees
+            step ``step + 1``, the metrics' numbering). None: no check.
+
+    Returns:
+        The step's :class:`StepResult`; ``skipped`` (grad_norm NaN) when the policy skipped it — the
+        gradients are discarded and the optimizer not stepped, but the LR schedule advances.
+
+    Raises:
+        NonFiniteLossError: on every rank at once, when the policy stops the run.
     """
-    loss, aux, n_global = forward_backward(model, micro_batches, cfg=cfg, mesh=mesh, step=step, device=device,
-                                           engine=engine)
+    loss, aux, n_global, apply = _forward_backward(model, micro_batches, cfg=cfg, mesh=mesh, step=step,
+                                                   device=device, engine=engine, policy=policy)
+    if not apply:
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()  # the step index advances, so does the schedule
+        return StepResult(loss=loss + aux, grad_norm=math.nan, tokens=n_global, skipped=True)
     if engine is not None:
         grad_norm = engine.clip_grad_norm(cfg.train.grad_clip or None)
         engine.step()
@@ -398,7 +453,8 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
 
     Args:
         cfg: the job config. With ``build_model``, any config with the trainer's sections (``run``,
-            ``train``, ``parallel``, ``attention``, ``checkpoint``, ``engine``; ``model`` optional), such as
+            ``train``, ``parallel``, ``attention``, ``checkpoint``, ``engine``; ``model`` and ``faults``
+            optional — without ``faults``, :class:`~longreach.faults.FaultConfig`'s defaults), such as
             ``longreach.hf.cli.FinetuneConfig``.
         data: optional data loader to use instead of the configured pipeline (tests): an iterator of
             :class:`Batch`-like dicts for this dp rank, optionally with ``state_dict``/``load_state_dict``
@@ -420,7 +476,8 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
     from longreach.checkpoint import CheckpointManager
     from longreach.optim import build_optimizer, build_scheduler
 
-    rank, world, device, owned = setup_distributed()
+    fcfg: FaultConfig = getattr(cfg, "faults", None) or FaultConfig()
+    rank, world, device, owned = setup_distributed(timeout_s=fcfg.collective_timeout_s)
     _setup_logging(rank)
     try:
         check_config(cfg, world)
@@ -473,12 +530,13 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=cfg.run.steps,
                                     schedule=tr.schedule, lr=tr.lr, min_lr=tr.min_lr)
         state = _TrainerState()
+        policy = FaultPolicy(fcfg, group=dp_cp_group(mesh))  # NaN/inf: skip or stop, agreed on all ranks
         from longreach.config import to_dict
 
         ckpt = CheckpointManager(cfg.checkpoint, run_dir, config_hash=chash, config=to_dict(cfg))
         ckpt_state: dict[str, Any] = {**(engine.checkpoint_state() if engine is not None else
                                          {"model": model, "optimizer": optimizer}),
-                                      "scheduler": scheduler, "trainer": state}
+                                      "scheduler": scheduler, "trainer": state, "faults": policy}
         if hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
             ckpt_state["data_loader"] = data
         start = ckpt.load(ckpt_state)
@@ -490,7 +548,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
                  "%s/%s); run folder %s", arch, n_params / 1e6, n_trainable / 1e6, local_params / 1e6, world, dp_size,
                  cfg.parallel.cp, cfg.parallel.strategy, cfg.parallel.layout, run_dir)
         summary = _loop(cfg, model, optimizer, scheduler, data, mesh, device, state, ckpt, ckpt_state, writer,
-                        rank=rank, dp_size=dp_size, engine=engine)
+                        rank=rank, dp_size=dp_size, engine=engine, policy=policy, faults=fcfg)
         latest = ckpt.latest()
         if hasattr(ckpt, "close"):
             ckpt.close()
@@ -508,8 +566,17 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
 
 def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any, mesh: Any,
           device: torch.device, state: _TrainerState, ckpt: Any, ckpt_state: dict[str, Any], writer: MetricsWriter,
-          *, rank: int, dp_size: int, engine: Any = None) -> dict[str, Any]:
+          *, rank: int, dp_size: int, engine: Any = None, policy: FaultPolicy | None = None,
+          faults: FaultConfig | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
+
+    faults = faults or FaultConfig()
+    # The watchdog guards each step but the first of this process (compilation/autotuning may take
+    # long there): a step stuck past collective_timeout_s is reported naming rank and step (with a stack
+    # dump), and the process exits (code 124) another timeout later so torchrun restarts the job.
+    watchdog = (CollectiveWatchdog(faults.collective_timeout_s) if faults.watchdog and dist.is_initialized()
+                else None)
+    first = True
 
     tr, run = cfg.train, cfg.run
     it: Iterator = iter(data)
@@ -521,14 +588,21 @@ def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     saved_at = state.step if state.step else None
     try:
         while state.step < run.steps:
+            n = state.step + 1  # the step's number in metrics.jsonl and in fault injection
+            maybe_inject("kill", n, faults.inject)  # fault tests: SIGKILL this rank before step n
             try:
                 micro = [next(it) for _ in range(tr.grad_accum)]
             except StopIteration:
                 log.warning("data exhausted at step %d", state.step)
                 break
             lr = optimizer.param_groups[0]["lr"]
-            res = train_step(model, optimizer, micro, cfg=cfg, mesh=mesh, step=state.step, device=device,
-                             scheduler=scheduler, engine=engine)
+            guard = (watchdog.guard(f"in train step {n} (forward/backward/optimizer)")
+                     if watchdog is not None and not first else contextlib.nullcontext())
+            with guard:
+                maybe_inject("hang", n, faults.inject)  # fault tests: this rank stalls, the others wait
+                res = train_step(model, optimizer, micro, cfg=cfg, mesh=mesh, step=state.step, device=device,
+                                 scheduler=scheduler, engine=engine, policy=policy)
+            first = False
             state.step += 1
             global_tokens = tr.seq_len * tr.micro_batch_size * tr.grad_accum * dp_size
             state.tokens += global_tokens
@@ -537,12 +611,14 @@ def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             rates.append(rate)
             mem = memory_mb(device)
             writer.write({"step": state.step, "loss": res.loss, "tokens_per_s": rate, "lr": lr,
-                          "grad_norm": res.grad_norm, "mem_mb": mem, "tokens": state.tokens})
+                          "grad_norm": res.grad_norm, "mem_mb": mem, "tokens": state.tokens,
+                          "skipped": res.skipped})
             bar.update(1)
             bar.set_postfix(loss=f"{res.loss:.4f}", refresh=False)
             if state.step % run.log_every == 0 or state.step == run.steps:
-                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f mem %.0f MiB", state.step,
-                         run.steps, res.loss, lr, res.grad_norm, rate, mem)
+                log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f mem %.0f MiB%s", state.step,
+                         run.steps, res.loss, lr, res.grad_norm, rate, mem,
+                         " (skipped: non-finite loss)" if res.skipped else "")
             if run.save_every and state.step % run.save_every == 0 and state.step < run.steps:
                 ckpt.save(state.step, ckpt_state)
                 saved_at = state.step
@@ -550,6 +626,8 @@ def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             ckpt.save(state.step, ckpt_state)
     finally:
         bar.close()
+        if watchdog is not None:
+            watchdog.close()
     steady = rates[1:] if len(rates) > 1 else rates  # the first step includes warm-up work
     return {"first_loss": losses[0] if losses else math.nan, "last_loss": losses[-1] if losses else math.nan,
             "tokens_per_s": sum(steady) / len(steady) if steady else 0.0, "steps": state.step}

@@ -181,3 +181,28 @@ def test_reshard_2_to_1_and_4_ranks(tmp_path):
     for name, got in (("1 rank", one), ("1 rank from FSDP2", one_f), ("4 ranks", four), ("4 ranks FSDP2", four_f)):
         assert [r["step"] for r in got] == [4, 5, 6], name
         assert torch.allclose(torch.tensor(_losses(got)), torch.tensor(ref), rtol=1e-5, atol=1e-6), (name, got, ref)
+
+
+def test_trainable_only_saves_adapters_and_keeps_base_weights(tmp_path):
+    """checkpoint.trainable_only (LoRA): frozen weights are not saved; resume restores the trainable ones
+    and the optimizer, and leaves the frozen ones as the model builder made them."""
+    import torch.distributed.checkpoint as dcp
+
+    def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = w.DropNet(dropout=0.0)
+        model.inp.requires_grad_(False)  # "base" weights
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    model, opt = build(0)
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    cfg = CheckpointConfig(trainable_only=True)
+    path = CheckpointManager(cfg, tmp_path, config_hash="lora").save(1, {"model": model, "optimizer": opt})
+    saved = dcp.FileSystemReader(str(path / "model")).read_metadata().state_dict_metadata
+    assert not any(k.startswith("model.inp.") for k in saved) and "model.out.weight" in saved
+    fresh, fresh_opt = build(1)  # other random weights, frozen ones included
+    base = fresh.inp.weight.detach().clone()
+    assert CheckpointManager(cfg, tmp_path, config_hash="lora").load({"model": fresh, "optimizer": fresh_opt}) == 1
+    assert torch.equal(fresh.out.weight, model.out.weight) and torch.equal(fresh.inp.weight, base)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -79,6 +79,25 @@ def test_tokenizer_cache(tmp_run_dir: Path, monkeypatch) -> None:
     assert not [p for p in (tmp_run_dir / "c" / "tokenizers").iterdir() if not p.name.endswith(".model")]
 
 
+def test_split_digits_option(tmp_run_dir: Path) -> None:
+    # numbers that repeat a lot: BPE merges them into multi-digit pieces unless digits are split
+    texts = [f"Year {y} and code 12345, then 2024 again and 987 items." for y in range(1900, 2100)] * 5
+    split = train_tokenizer(texts, 320, tmp_run_dir / "split.model")
+    merged = train_tokenizer(texts, 320, tmp_run_dir / "merged.model", split_digits=False)
+    for tok in (split, merged):
+        assert tok.decode(tok.encode("code 12345 in 2024")) == "code 12345 in 2024"
+    pieces = lambda tok: [tok.sp.id_to_piece(i) for i in range(tok.vocab_size)]
+    multi = lambda tok: [p for p in pieces(tok) if not p.startswith("<") and sum(c.isdigit() for c in p) > 1]
+    assert multi(split) == [] and len(split.encode("12345")) >= 5
+    assert multi(merged) and len(merged.encode("12345")) < 5
+    # the option keys the tokenizer cache and reaches the trainer
+    on = load_or_train_tokenizer(_cfg(tmp_run_dir / "d", synthetic_documents=20))
+    off = load_or_train_tokenizer(_cfg(tmp_run_dir / "d", synthetic_documents=20, split_digits=False))
+    assert on.path != off.path
+    assert tokmod.tokenizer_key(_cfg(tmp_run_dir, split_digits=False)) != tokmod.tokenizer_key(_cfg(tmp_run_dir))
+    assert not multi(on)
+
+
 def test_other_local_ranks_wait(tmp_run_dir: Path, monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     cfg = _cfg(tmp_run_dir / "w", synthetic_documents=20)

@@ -32,11 +32,11 @@ checkpoint: {{keep_last: 2}}
 
 
 def _torchrun_trainer(tmp: Path, name: str, inject: str) -> subprocess.Popen:
-    """``longreach train`` on 2 ranks under torchrun --max-restarts 1 (through the fault-injection harness)."""
+    """``longreach train`` on 2 ranks under torchrun --max-restarts 1; the trainer itself fires the injection."""
     env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1", LONGREACH_FAULT_INJECT=inject,
                LONGREACH_CACHE=str(tmp / "cache"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "longreach.workers.faults", "train",
+           "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "longreach.launchers.cli", "train",
            str(tmp / "tiny.yaml"), f"--run.out_dir={tmp / name}"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

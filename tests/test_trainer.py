@@ -46,6 +46,55 @@ def test_run_folder_with_other_config_is_refused(tmp_path):
     assert replaced["steps"] == 2 and replaced["first_loss"] == pytest.approx(first["first_loss"], rel=1e-6)
 
 
+def _capturing_builder(box: list):
+    def build(cfg, device):
+        from longreach.models import build_model
+
+        box.append(build_model(cfg.model))
+        return box[-1]
+    return build
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_nonfinite_loss_skip_and_stop(tmp_path):
+    """Injected NaN at step 2: skip → the step is logged skipped, the weights stay those of step 1, the
+    data position and the skip count are checkpointed, training continues; stop → one clear error."""
+    from longreach.errors import UserError
+    from longreach.faults import NonFiniteLossError
+    from longreach.trainer import train
+
+    def run(name, **over):
+        box: list = []
+        cfg = W.tiny_job(**{"run.out_dir": str(tmp_path / name), "train.seq_len": 16, "attention.backend": "cpu",
+                            **over})
+        data = W.SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=1)
+        return train(cfg, data=data, build_model=_capturing_builder(box)), box[0]
+
+    _, clean = run("clean", **{"run.steps": 1})
+    nan = {"faults.inject": "nan@step=2"}
+    summary, skipped = run("nan", **{"run.steps": 2}, **nan)
+    recs = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [(r["step"], r["skipped"]) for r in recs] == [(1, False), (2, True)]
+    assert recs[1]["grad_norm"] is None and math.isfinite(recs[1]["loss"]) and recs[0]["grad_norm"] > 0
+    assert recs[0]["loss"] == read_metrics(tmp_path / "clean" / "metrics.jsonl")[0]["loss"]
+    want = _weights(clean)
+    assert all(torch.equal(v, want[k]) for k, v in _weights(skipped).items())  # step 2 changed nothing
+    ckpt = tmp_path / "nan" / "checkpoints" / "step-00000002"
+    assert torch.load(ckpt / "common.pt", weights_only=True)["faults"] == {"skipped": [2], "consecutive": 1}
+    assert torch.load(ckpt / "rank-00000.pt", weights_only=True)["data_loader"] == {"index": 2}  # data advanced
+    more, trained = run("nan", **{"run.steps": 3}, **nan)  # resume: step 3 trains again
+    recs = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [(r["step"], r["skipped"]) for r in recs] == [(1, False), (2, True), (3, False)]
+    assert recs[2]["grad_norm"] > 0 and not all(torch.equal(v, want[k]) for k, v in _weights(trained).items())
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 .*faults.on_nonfinite=stop") as e:
+        run("stop", **{"run.steps": 3, "faults.on_nonfinite": "stop"}, **nan)
+    assert isinstance(e.value, UserError)  # the CLI prints it as one line
+    assert [r["step"] for r in read_metrics(tmp_path / "stop" / "metrics.jsonl")] == [1]
+
+
 def test_bf16_autocast_step_tracks_fp32(tmp_path):
     _, fp32 = _single(tmp_path, "fp32", **{"run.steps": 1})
     _, bf16 = _single(tmp_path, "bf16", **{"run.steps": 1, "train.precision": "bf16"})

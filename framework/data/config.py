@@ -19,6 +19,9 @@ class DataConfig:
     """Vocabulary size of the trained sentencepiece tokenizer (ignored when ``tokenizer`` is given)."""
     tokenizer: str | None = None
     """Path to an existing sentencepiece ``.model``; None trains one on the corpus and caches it."""
+    split_digits: bool = True
+    """Train the tokenizer with every digit its own piece (sentencepiece ``split_digits``): a 5-digit pass
+    key is 5 tokens a model copies one by one, never a multi-digit piece. Part of the tokenizer cache key."""
     cache_dir: str | None = None
     """Cache folder for tokenizers and token shards; None: ``$LONGREACH_CACHE`` or ``~/.cache/longreach``."""
     shard_tokens: int = 1 << 22

@@ -1,10 +1,11 @@
 """A sentencepiece tokenizer, trained by the framework on the corpus and cached.
 
 Training is byte-pair encoding with byte fallback (any text round-trips, unknown characters become
-UTF-8 byte pieces), digits split one per piece (pass keys and MQAR values are learnable), identity
-normalisation and whitespace kept as is. Ids: unk 0, bos 1, eos 2, pad 3.
+UTF-8 byte pieces), digits split one per piece by default (``DataConfig.split_digits``: pass keys and
+MQAR values are learnable digit by digit), identity normalisation and whitespace kept as is. Ids:
+unk 0, bos 1, eos 2, pad 3.
 
-The cache key is a hash of (corpus spec, vocabulary size, training recipe). Concurrent ranks are safe:
+The cache key is a hash of (corpus spec, vocabulary size, digit splitting, training recipe). Concurrent ranks are safe:
 local rank 0 trains into a temporary file and renames it into place atomically; the other ranks wait
 for the file.
 """
@@ -110,13 +111,14 @@ def _sentences(texts: Iterable[str]) -> list[str]:
     return lines
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path, *, split_digits: bool = True) -> Tokenizer:
     """Train a byte-fallback BPE sentencepiece model on ``texts`` and write it to ``path`` atomically.
 
     Args:
         texts: documents (split into lines for training; at most 200k lines are used).
         vocab_size: number of pieces (>= 300: 256 byte pieces + 4 specials + merges).
         path: where the ``.model`` goes (its folder is created).
+        split_digits: every digit its own piece (no multi-digit pieces are learned).
 
     Returns:
         The loaded tokenizer.
@@ -132,7 +134,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, split_digits=True, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            byte_fallback=True, split_digits=split_digits, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
             normalization_rule_name="identity", remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True, input_sentence_size=_MAX_SENTENCES,
             shuffle_input_sentence=False, character_coverage=0.9995, hard_vocab_limit=False,
@@ -151,10 +153,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
 
 
 def tokenizer_key(cfg: DataConfig) -> str:
-    """Cache key of the tokenizer that ``cfg`` trains: hash of (corpus spec, vocab size, recipe)."""
+    """Cache key of the tokenizer that ``cfg`` trains: hash of (corpus spec, vocab size, digit splitting, recipe)."""
     from longreach.data.corpus import corpus_fingerprint
 
-    blob = f"{_RECIPE}|{cfg.vocab_size}|{corpus_fingerprint(cfg)}"
+    blob = f"{_RECIPE}|{cfg.vocab_size}|split_digits={int(cfg.split_digits)}|{corpus_fingerprint(cfg)}"
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -162,7 +164,7 @@ def load_or_train_tokenizer(cfg: DataConfig, cache_dir: str | Path | None = None
     """The tokenizer of ``cfg``: ``cfg.tokenizer`` if given, else the cached one (trained once).
 
     Args:
-        cfg: the data config (its corpus spec and ``vocab_size`` key the cache).
+        cfg: the data config (its corpus spec, ``vocab_size`` and ``split_digits`` key the cache).
         cache_dir: cache folder (default: :func:`cache_root` of ``cfg.cache_dir``).
 
     Returns:
@@ -182,4 +184,4 @@ def load_or_train_tokenizer(cfg: DataConfig, cache_dir: str | Path | None = None
         return Tokenizer(path)
     from longreach.data.corpus import corpus_documents
 
-    return train_tokenizer(corpus_documents(cfg), cfg.vocab_size, path)
+    return train_tokenizer(corpus_documents(cfg), cfg.vocab_size, path, split_digits=cfg.split_digits)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from longreach.attention import AttentionConfig
 from longreach.checkpoint import CheckpointConfig
 from longreach.errors import ConfigError, UserError
+from longreach.faults import FaultConfig
 from longreach.hf.recipes import RecipeConfig
 from longreach.job import EngineConfig, RunConfig, TrainConfig
 from longreach.parallel.config import ParallelConfig
@@ -159,6 +160,8 @@ class FinetuneConfig:
     """Checkpoint saving and resuming (see the module docstring for what a checkpoint holds)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Training engine: native (DDP, or FSDP2 with ``options: {fsdp: true}``), deepspeed, accelerate."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Non-finite loss policy, collective timeout and watchdog."""
 
     def __post_init__(self) -> None:
         if self.attention.pattern == "auto":
@@ -308,7 +311,8 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
         raise ConfigError("hf.path: set the HF checkpoint folder to fine-tune")
     if not (Path(cfg.hf.path) / "config.json").is_file():
         raise UserError(f"hf.path: {cfg.hf.path} is not a HuggingFace checkpoint folder (no config.json)")
-    rank, _, _, owned = setup_distributed()  # the group outlives train(): probe and export use it
+    # the group outlives train(): probe and export use it
+    rank, _, _, owned = setup_distributed(timeout_s=cfg.faults.collective_timeout_s)
     try:
         tokenizer = load_tokenizer(cfg)
         built: list[torch.nn.Module] = []

@@ -150,40 +150,11 @@ def errors_worker(rank: int, world_size: int, run_dir: str) -> list[str]:
     return out
 
 
-def trainer_main(argv: list[str]) -> int:
-    """torchrun entry for the real trainer with fault injection: ``… faults train CONFIG [overrides]``.
-
-    Joins the process group restart-safely (:func:`longreach.faults.init_distributed`) before the
-    trainer does, and fires ``kill`` injections at the start of each optimizer step by wrapping
-    ``longreach.trainer.train_step`` (``kill_in_save`` fires inside the checkpoint save itself).
-    """
-    import longreach.trainer as trainer
-    from longreach.faults import init_distributed, maybe_inject
-    from longreach.launchers import cli
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        init_distributed(timeout_s=120)
-    inner = trainer.train_step
-
-    def train_step(*args: Any, step: int, **kwargs: Any) -> Any:
-        maybe_inject("kill", step + 1)  # the trainer's step index is 0-based; metrics count from 1
-        return inner(*args, step=step, **kwargs)
-
-    trainer.train_step = train_step
-    try:
-        return cli.main(argv)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
     """torchrun entry: ``python -m longreach.workers.faults RUN_DIR --steps N --save-every K``."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        return trainer_main(argv)
     p = argparse.ArgumentParser(prog="python -m longreach.workers.faults")
     p.add_argument("run_dir")
     p.add_argument("--steps", type=int, default=8)
