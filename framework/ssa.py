@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from longreach.errors import ConfigError
-from longreach.kernels import masks as M
 
 __all__ = ["ensemble_forward"]
 

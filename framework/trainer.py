@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 

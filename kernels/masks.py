@@ -19,7 +19,7 @@ Masks combine with ``&`` and ``|``. Random masks (SSA) read the training step an
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch

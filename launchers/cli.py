@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ train
-def _split_overrides(extra: list[str], prog: str) -> list[str]:
+def split_overrides(extra: list[str], prog: str) -> list[str]:
     """``--section.key=value`` / ``--section.key value`` items; anything else is a usage error."""
     out: list[str] = []
     i = 0
@@ -154,7 +154,7 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without training")
     args, extra = parser.parse_known_args(argv)
-    overrides = _split_overrides(extra, "longreach train")
+    overrides = split_overrides(extra, "longreach train")
     from longreach.config import load_config, to_dict
     from longreach.job import JobConfig
 
@@ -202,7 +202,7 @@ def demo_main(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="processes (default: 2)")
     parser.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
     args, extra = parser.parse_known_args(argv)
-    overrides = _split_overrides(extra, "longreach demo")
+    overrides = split_overrides(extra, "longreach demo")
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     from longreach.config import load_config, resolve_config_path

@@ -138,11 +138,10 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
         if par.strategy == "hybrid" and (not u or par.cp % u):
             raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={par.cp}, "
                             f"got {par.ulysses_degree}")
-        kv = getattr(cfg.model, "n_kv_heads", None) or cfg.model.n_heads
         if cfg.model.n_heads % u:
             raise UserError(f"parallel.strategy={par.strategy} splits the {cfg.model.n_heads} heads (model.n_heads) "
                             f"over {u} ranks: they must divide evenly")
-        del kv  # fewer K/V heads than ranks are replicated (DeepSpeed-style), so no check on them
+        # fewer K/V heads than ranks are replicated (DeepSpeed-style), so there is no check on them
     if engine.kind == "deepspeed" and par.cp > 1 and par.strategy not in ("ulysses", "ring", "allgather", "hybrid"):
         raise UserError(f"parallel.strategy={par.strategy!r} is not available with engine.kind=deepspeed")
 

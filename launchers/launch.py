@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from longreach.errors import UserError
+from longreach.launchers.cli import split_overrides
 
 __all__ = ["main", "build_plan"]
 
@@ -58,26 +59,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --dry-run: build mesh and model on the meta device for --world-size ranks")
     p.add_argument("--world-size", type=int, default=None, help="ranks to validate for (--validate)")
     return p
-
-
-def _split(extra: list[str]) -> list[str]:
-    out: list[str] = []
-    i = 0
-    while i < len(extra):
-        item = extra[i]
-        key = item[2:].split("=", 1)[0] if item.startswith("--") else ""
-        if not key or "." not in key:
-            raise UserError(f"longreach launch: unrecognised argument {item!r} "
-                            "(config overrides look like --section.key=value)")
-        if "=" in item:
-            out.append(item)
-            i += 1
-        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            out.append(f"{item}={extra[i + 1]}")
-            i += 2
-        else:
-            raise UserError(f"longreach launch: override {item!r} has no value")
-    return out
 
 
 def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[list[str]], dict[str, str]]:
@@ -128,7 +109,7 @@ def main(argv: list[str]) -> int:
     """Entry point of ``longreach launch``; returns the launched command's exit status."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    overrides = _split(extra)
+    overrides = split_overrides(extra, "longreach launch")
     if args.validate:
         if not args.dry_run:
             raise UserError("--validate is a dry run: add --dry-run")

@@ -16,7 +16,6 @@ Logits for the loss are formed chunk by chunk from ``model.output_weight()`` (ne
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from torch import nn
 from longreach.attention import AttentionContext, LocalAttention
 
 from . import register_attention, register_ffn, register_model, lookup, ATTENTION_TYPES, FFN_TYPES
+from .base import DecoderLM
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -101,8 +101,10 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(DecoderLM):
     """Decoder-only language model (see the module docstring for the forward contract)."""
+
+    residual_out = ("o_proj.weight", "down_proj.weight")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -114,19 +116,6 @@ class Llama(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·n_layers) (GPT-2)."""
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue
-            scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-            nn.init.normal_(p, mean=0.0, std=std * scale)
-
-    def output_weight(self) -> torch.Tensor:
-        """The ``[V, dim]`` output projection (the embedding when tied)."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
         self,
@@ -152,34 +141,14 @@ class Llama(nn.Module):
             the local count of non-ignored labels) when ``labels`` is given. ``self.aux_loss`` holds the sum
             of the layers' auxiliary losses (None if none).
         """
-        b, s = input_ids.shape
-        ctx = ctx if ctx is not None else AttentionContext()
-        if position_ids is None:
-            pos = ctx.positions if ctx.positions is not None else torch.arange(s)
-            position_ids = pos.to(input_ids.device).view(1, s).expand(b, s)
+        ctx, position_ids = self._begin(input_ids, position_ids, ctx)
+        s = input_ids.shape[1]
         h = self.embed_tokens(input_ids)  # [B, S, dim]
         cos, sin = self.rotary(position_ids, ctx.seq_len if ctx.seq_len is not None else s,
                                dtype=torch.promote_types(h.dtype, torch.float32))  # [B, S, hd/2]
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
-        self.aux_loss = _collect_aux_loss(self)
-        h = self.norm(h)  # [B, S, dim]
-        if labels is None:
-            return h
-        from longreach.loss import chunked_cross_entropy
-
-        return chunked_cross_entropy(h, self.output_weight(), labels, chunk_size=loss_chunk_size)
-
-
-def _collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    total = None
-    for m in model.modules():
-        if m is model:
-            continue
-        aux = getattr(m, "aux_loss", None)
-        if isinstance(aux, torch.Tensor):
-            total = aux if total is None else total + aux
-    return total
+        return self._finish(self.norm(h), labels, loss_chunk_size)  # h [B, S, dim]
 
 
 @register_model("llama")

@@ -26,7 +26,6 @@ state at document boundaries (TNL pretraining behaviour); softmax layers honour 
 from __future__ import annotations
 
 import difflib
-import math
 from typing import Any, Callable
 
 import torch
@@ -38,7 +37,7 @@ from longreach.kernels.lightning import lightning_attention
 
 from . import ATTENTION_TYPES, lookup, register_model
 from .config import ModelConfig
-from .llama import _collect_aux_loss
+from .base import DecoderLM
 from .rope import RotaryEmbedding
 
 __all__ = ["TNL_EXTRA_KEYS", "LightningSeam", "LinearTokenMixer", "LaspSeam", "SGLU", "SimpleRMSNorm",
@@ -225,8 +224,11 @@ class TNLBlock(nn.Module):
         return x + self.channel_mixer(self.channel_norm(x))
 
 
-class TransNormerLLM(nn.Module):
+class TransNormerLLM(DecoderLM):
     """TransNormerLLM decoder (see the module docstring)."""
+
+    residual_out = ("out_proj.weight", "l3.weight", "o_proj.weight", "down_proj.weight")
+    init_skip = ("lrpe.theta",)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -241,20 +243,6 @@ class TransNormerLLM(nn.Module):
                        if has_softmax else None)
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) matrices; residual output projections scaled by 1/sqrt(2·n_layers)."""
-        std = self.cfg.init_std
-        residual_out = ("out_proj.weight", "l3.weight", "o_proj.weight", "down_proj.weight")
-        for name, p in self.named_parameters():
-            if p.dim() < 2 or name.endswith("lrpe.theta"):
-                continue
-            scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(residual_out) else 1.0
-            nn.init.normal_(p, mean=0.0, std=std * scale)
-
-    def output_weight(self) -> torch.Tensor:
-        """The ``[V, dim]`` output projection (the embedding when tied)."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(
         self,
@@ -277,11 +265,8 @@ class TransNormerLLM(nn.Module):
         Returns:
             hidden ``[B, S_local, dim]``, or ``(loss_sum, n_tokens)`` when ``labels`` is given.
         """
-        b, s = input_ids.shape
-        ctx = ctx if ctx is not None else AttentionContext()
-        if position_ids is None:
-            pos = ctx.positions if ctx.positions is not None else torch.arange(s)
-            position_ids = pos.to(input_ids.device).view(1, s).expand(b, s)
+        ctx, position_ids = self._begin(input_ids, position_ids, ctx)
+        s = input_ids.shape[1]
         h = self.embed_tokens(input_ids)  # [B, S, dim]
         rope = None
         if self.rotary is not None:
@@ -289,13 +274,7 @@ class TransNormerLLM(nn.Module):
                                dtype=torch.promote_types(h.dtype, torch.float32))  # cos, sin [B, S, hd/2]
         for layer in self.layers:
             h = layer(h, position_ids, rope, ctx)
-        self.aux_loss = _collect_aux_loss(self)
-        h = self.final_norm(h)  # [B, S, dim]
-        if labels is None:
-            return h
-        from longreach.loss import chunked_cross_entropy
-
-        return chunked_cross_entropy(h, self.output_weight(), labels, chunk_size=loss_chunk_size)
+        return self._finish(self.final_norm(h), labels, loss_chunk_size)  # h [B, S, dim]
 
 
 @register_model("transnormer")

@@ -122,7 +122,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the block given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of its rows."""
     b, sq, h, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     placed = place(mask, sq, sk, num_heads=h)
     if v.shape[-1] != d:
