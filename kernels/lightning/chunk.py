@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import explicit_function
 from .naive import decay_matrix
 
 __all__ = ["DEFAULT_CHUNK", "forward", "backward", "lightning"]
@@ -139,22 +140,7 @@ def backward(dout: torch.Tensor, dstate: torch.Tensor | None, q: torch.Tensor, k
     return _unblock(dq, s, q.dtype), _unblock(dk, s, k.dtype), _unblock(dv, s, v.dtype), ds0
 
 
-class _ChunkLightning(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, chunk_size):
-        ctx.set_materialize_grads(False)
-        out, state = forward(q, k, v, decay, initial_state, chunk_size)
-        ctx.save_for_backward(q, k, v, decay, initial_state)
-        ctx.chunk_size = chunk_size
-        return out, state
-
-    @staticmethod
-    def backward(ctx, dout, dstate):
-        q, k, v, decay, s0 = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
-        dq, dk, dv, ds0 = backward(dout, dstate, q, k, v, decay, s0, ctx.chunk_size)
-        return dq, dk, dv, None, ds0, None
+_ChunkLightning = explicit_function(forward, backward, "_ChunkLightning")
 
 
 def lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,

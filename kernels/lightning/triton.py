@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import explicit_function
+
 __all__ = ["lightning", "forward", "backward"]
 
 DEFAULT_BLOCK = 64
@@ -210,22 +212,7 @@ def backward(dout: torch.Tensor, dstate: torch.Tensor | None, q: torch.Tensor, k
     return dq, dk, dv, ds0
 
 
-class _TritonLightning(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, decay, initial_state, chunk_size):
-        ctx.set_materialize_grads(False)
-        out, state = forward(q, k, v, decay, initial_state, chunk_size)
-        ctx.save_for_backward(q, k, v, decay, initial_state)
-        ctx.chunk_size = chunk_size
-        return out, state
-
-    @staticmethod
-    def backward(ctx, dout, dstate):
-        q, k, v, decay, s0 = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros(*q.shape[:3], v.shape[-1], dtype=v.dtype, device=q.device)
-        dq, dk, dv, ds0 = backward(dout, dstate, q, k, v, decay, s0, ctx.chunk_size)
-        return dq, dk, dv, None, ds0, None
+_TritonLightning = explicit_function(forward, backward, "_TritonLightning")
 
 
 def lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
