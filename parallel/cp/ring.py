@@ -88,6 +88,21 @@ def _wait(works: list[dist.Work]) -> None:
         w.wait()
 
 
+def _rotate_kv(ring: Ring, t: int, kv: torch.Tensor | None, kv_shape: torch.Size, dtype: torch.dtype,
+               device: torch.device) -> tuple[list[dist.Work], torch.Tensor | None]:
+    """Post step ``t``'s K/V send (only while a later rank still needs this source) and the receive of
+    step ``t+1``'s K/V; returns the pending works and the receive buffer (None if nothing arrives)."""
+    if t + 1 >= ring.size:
+        return [], None
+    src = ring.source(t)
+    sends = [(kv, ring.next_peer, _TAG_KV)] if kv is not None and t + 1 <= ring.reach[src] else []
+    nxt, recvs = None, []
+    if ring.holds(t + 1):
+        nxt = torch.empty(kv_shape, dtype=dtype, device=device)  # [B, Sk, Hkv, D+E]
+        recvs = [(nxt, ring.prev_peer, _TAG_KV)]
+    return p2p(sends, recvs), nxt
+
+
 def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over the ring.
@@ -107,15 +122,7 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
     kv_shape = kv.shape
     for t in range(ring.size):
         src = ring.source(t)
-        works: list[dist.Work] = []
-        nxt = None
-        if t + 1 < ring.size:
-            sends = [(kv, ring.next_peer, _TAG_KV)] if kv is not None and t + 1 <= ring.reach[src] else []
-            recvs = []
-            if ring.holds(t + 1):
-                nxt = torch.empty(kv_shape, dtype=k.dtype, device=k.device)
-                recvs = [(nxt, ring.prev_peer, _TAG_KV)]
-            works = p2p(sends, recvs)
+        works, nxt = _rotate_kv(ring, t, kv, kv_shape, k.dtype, k.device)
         if kv is not None:
             forward_jobs(ring.jobs[src], backend, q, kv[..., :d], kv[..., d:], out, lse, scale=scale)
         _wait(works)
@@ -145,15 +152,7 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
     own_final: torch.Tensor | None = None
     for t in range(ring.size):
         src = ring.source(t)
-        kv_works: list[dist.Work] = []
-        nxt = None
-        if t + 1 < ring.size:
-            sends = [(kv, ring.next_peer, _TAG_KV)] if kv is not None and t + 1 <= ring.reach[src] else []
-            recvs = []
-            if ring.holds(t + 1):
-                nxt = torch.empty(kv_shape, dtype=k.dtype, device=k.device)
-                recvs = [(nxt, ring.prev_peer, _TAG_KV)]
-            kv_works = p2p(sends, recvs)
+        kv_works, nxt = _rotate_kv(ring, t, kv, kv_shape, k.dtype, k.device)
         acc = None
         if kv is not None:
             acc = torch.zeros(kv_shape, dtype=ad, device=k.device)  # [B, Sk, Hkv, D+E]
