@@ -77,6 +77,15 @@ def _all_gather(x: torch.Tensor, group: dist.ProcessGroup | None, size: int) -> 
     return out.view(size, *x.shape)
 
 
+def _in_chunk_order(parts: torch.Tensor, layout: str, nchunks: int, size: int) -> list[torch.Tensor]:
+    """Per-rank gathered chunk tensors ``[P, L, …]`` rearranged into global chunk order."""
+    out = []
+    for t in range(nchunks):
+        owner = chunk_owner(layout, t, size)
+        out.append(parts[owner][local_chunks(layout, owner, size).index(t)])
+    return out
+
+
 class _Lasp2States(torch.autograd.Function):
     """``M_local [L, B, H, D, E]`` → entering states of the local chunks ``[L, B, H, D, E]``."""
 
@@ -87,8 +96,7 @@ class _Lasp2States(torch.autograd.Function):
         nchunks = len(mine) * size
         lam = _chunk_decay(decay, n, m_local)  # [1, H, 1, 1]
         parts = _all_gather(m_local, group, size)  # [P, L, B, H, D, E]
-        m_all = [parts[chunk_owner(layout, t, size)][local_chunks(layout, chunk_owner(layout, t, size), size).index(t)]
-                 for t in range(nchunks)]  # chunk order, each [B, H, D, E]
+        m_all = _in_chunk_order(parts, layout, nchunks, size)  # each [B, H, D, E]
         kv = torch.zeros_like(m_local[0])
         entering = []
         for t in range(nchunks):
@@ -106,8 +114,7 @@ class _Lasp2States(torch.autograd.Function):
         d_entering = d_entering.contiguous()
         lam = _chunk_decay(ctx.decay, ctx.n, d_entering)
         parts = _all_gather(d_entering, group, size)  # [P, L, B, H, D, E]
-        g_all = [parts[chunk_owner(layout, t, size)][local_chunks(layout, chunk_owner(layout, t, size), size).index(t)]
-                 for t in range(nchunks)]
+        g_all = _in_chunk_order(parts, layout, nchunks, size)
         # dM_u = Σ_{t>u} λ^{n(t−1−u)} dKV_t: a suffix scan in chunk order
         acc = torch.zeros_like(d_entering[0])
         dm = [acc] * nchunks
