@@ -208,3 +208,14 @@ def test_two_ranks_gradients_training_and_resume(tmp_path):
     assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in again] == [r["loss"] for r in straight]
     assert [r["grad_norm"] for r in again] == [r["grad_norm"] for r in straight]
+
+
+def test_four_ranks_split_experts_reduced_over_dp(tmp_path):
+    """dp=2 × cp=2: split experts' gradients are SUM-reduced over the dp replicas (float64 reference after
+    one step), 3 training steps match the replicated-expert model, and each rank holds half the experts."""
+    results = run_ranks(W.four_rank_moe_suite, 4, args=(str(tmp_path / "moe4"),), timeout=240)
+    for rank, (failures, moe) in enumerate(results):
+        assert not failures, f"rank {rank}: " + "\n".join(failures)
+        dropped = moe["replicated"]["local_params"] - moe["split"]["local_params"]
+        assert dropped == moe["split"]["expert_params"] > 0
+    assert [r["step"] for r in read_metrics(results[0][1]["split"]["metrics"])] == [1, 2, 3]

@@ -314,3 +314,59 @@ def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tupl
     if [(r["loss"], r["grad_norm"]) for r in again] != [(r["loss"], r["grad_norm"]) for r in split]:
         failures.append(f"resumed split run: {[r['loss'] for r in again]} != {[r['loss'] for r in split]}")
     return failures, summaries
+
+
+def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[str], dict[str, Any]]:
+    """Experts split over cp=2 with dp=2 (world size 4): the dp-group SUM of expert gradients runs.
+
+    1. One step's gradients of the dp=2 × cp=2 split-expert model (:func:`grad_match_worker`, float64) equal
+       the single-process full-batch reference; each rank's expert gradients are its block of the reference.
+    2. 3 training steps of configs/moe_tiny_cpu.yaml's MoE (top-2, capacity 2, attention routing) with the
+       experts split over cp vs replicated on every rank, each dp rank on its own data stream: equal losses
+       and grad norms per step; each rank holds half the expert parameters.
+
+    Returns:
+        ``(failures, {"replicated": summary, "split": summary})``.
+    """
+    from longreach.metrics import read_metrics
+    from longreach.models import build_model
+    from longreach.parallel.config import ParallelConfig
+    from longreach.parallelize import expert_shards, parallelize
+    from longreach.trainer import build_mesh, train
+
+    failures = grad_match_worker(rank, world_size, [dict(dp=2, cp=2, strategy="ring", layout="zigzag", moe=True)])
+    # the split model really holds E / cp experts per rank, and reduces them over its dp replicas only
+    cfg = tiny_job(**{"train.seq_len": 24, "parallel.dp": 2, "parallel.cp": 2, **_MOE_GRAD_MODEL})
+    mesh, dp_rank, _ = build_mesh(ParallelConfig(dp=2, cp=2), world_size, torch.device("cpu"))
+    shards = expert_shards(parallelize(build_model(cfg.model), cfg, mesh))
+    if shards is None or any(p.shape[0] != _MOE_GRAD_MODEL["model.extra"]["moe_experts"] // 2 for p in shards.params):
+        failures.append(f"rank {rank}: expert shards {None if shards is None else [p.shape for p in shards.params]}"
+                        " do not hold E / cp = 2 experts each")
+    elif shards.replicas is None or sorted(dist.get_process_group_ranks(shards.replicas)) != [rank % 2, rank % 2 + 2]:
+        failures.append(f"rank {rank}: expert gradients reduced over "
+                        f"{None if shards.replicas is None else dist.get_process_group_ranks(shards.replicas)}, "
+                        f"want the ranks with the same cp coordinate {[rank % 2, rank % 2 + 2]}")
+    common = {"run.steps": 3, "train.seq_len": 32, "train.micro_batch_size": 2, "train.lr": 1e-2,
+              "train.warmup_steps": 1, "parallel.dp": 2, "parallel.cp": 2, "parallel.layout": "zigzag",
+              "attention.backend": "cpu", "parallel.backend": "cpu"}
+    summaries: dict[str, Any] = {}
+    for name, ep in (("replicated", False), ("split", True)):
+        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common})
+        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0,
+                                dp_rank=dp_rank, dp_size=2)
+        summaries[name] = train(cfg, data=data)
+    rep, split = (read_metrics(summaries[n]["metrics"]) for n in ("replicated", "split"))
+    for a, b in zip(rep, split, strict=True):
+        for key in ("loss", "grad_norm"):
+            if abs(a[key] - b[key]) > 1e-5 * abs(a[key]):
+                failures.append(f"step {a['step']} {key}: split experts {b[key]!r} != replicated {a[key]!r}")
+    m = cfg.model
+    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
+    want = {"replicated": (summaries["replicated"]["local_params"], 0),
+            "split": (summaries["replicated"]["local_params"] - all_experts // 2, all_experts // 2)}
+    for name, (local, experts) in want.items():
+        got = (summaries[name]["local_params"], summaries[name]["expert_params"])
+        if got != (local, experts):
+            failures.append(f"{name}: rank {rank} holds (parameters, split expert parameters) {got}, want "
+                            f"{(local, experts)}")
+    return failures, summaries
