@@ -255,6 +255,41 @@ def _full_state_from_checkpoint(ckpt: str, cfg: Any) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _split_vs_replicated(rank: int, out_dir: str, common: dict[str, Any], *, dp_rank: int = 0, dp_size: int = 1
+                         ) -> tuple[list[str], dict[str, Any], Any, list[dict]]:
+    """Train the MoE job with experts replicated, then split over cp; compare per-step loss and grad norm
+    (1e-5) and check this rank holds half the expert parameters when split.
+
+    Returns ``(failures, summaries by name, the split run's config, the split run's metrics)``.
+    """
+    from longreach.metrics import read_metrics
+    from longreach.trainer import train
+
+    failures: list[str] = []
+    summaries: dict[str, Any] = {}
+    for name, ep in (("replicated", False), ("split", True)):
+        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common})
+        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0,
+                                dp_rank=dp_rank, dp_size=dp_size)
+        summaries[name] = train(cfg, data=data)
+    rep, split = (read_metrics(summaries[n]["metrics"]) for n in ("replicated", "split"))
+    for a, b in zip(rep, split, strict=True):
+        for key in ("loss", "grad_norm"):
+            if abs(a[key] - b[key]) > 1e-5 * abs(a[key]):
+                failures.append(f"step {a['step']} {key}: split experts {b[key]!r} != replicated {a[key]!r}")
+    # this rank's share of the expert parameters: half of them
+    m = cfg.model
+    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
+    want = {"replicated": (summaries["replicated"]["local_params"], 0),
+            "split": (summaries["replicated"]["local_params"] - all_experts // 2, all_experts // 2)}
+    for name, (local, experts) in want.items():
+        got = (summaries[name]["local_params"], summaries[name]["expert_params"])
+        if got != (local, experts):
+            failures.append(f"{name}: rank {rank} holds (parameters, split expert parameters) {got}, want "
+                            f"{(local, experts)}")
+    return failures, summaries, cfg, split
+
+
 def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tuple[list[str], dict[str, Any]]:
     """Experts split over cp=2 against the same MoE model without expert parallelism (every rank holds
     and computes every expert): 4 steps each; then the split run resumed from its step-2 checkpoint.
@@ -275,27 +310,7 @@ def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tupl
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
               "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
-    failures: list[str] = []
-    summaries: dict[str, Any] = {}
-    for name, ep in (("replicated", False), ("split", True)):
-        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common})
-        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0)
-        summaries[name] = train(cfg, data=data)
-    rep, split = (read_metrics(summaries[n]["metrics"]) for n in ("replicated", "split"))
-    for a, b in zip(rep, split, strict=True):
-        for key in ("loss", "grad_norm"):
-            if abs(a[key] - b[key]) > 1e-5 * abs(a[key]):
-                failures.append(f"step {a['step']} {key}: split experts {b[key]!r} != replicated {a[key]!r}")
-    # this rank's share of the expert parameters: half of them
-    m = cfg.model
-    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
-    want = {"replicated": (summaries["replicated"]["local_params"], 0),
-            "split": (summaries["replicated"]["local_params"] - all_experts // 2, all_experts // 2)}
-    for name, (local, experts) in want.items():
-        got = (summaries[name]["local_params"], summaries[name]["expert_params"])
-        if got != (local, experts):
-            failures.append(f"{name}: rank {rank} holds (parameters, split expert parameters) {got}, want "
-                            f"{(local, experts)}")
+    failures, summaries, cfg, split = _split_vs_replicated(rank, out_dir, common)
     # final weights: the split experts gathered from the checkpoint equal the replicated ones
     if rank == 0:
         full_rep = _full_state_from_checkpoint(summaries["replicated"]["checkpoint"], cfg)
@@ -328,11 +343,10 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
     Returns:
         ``(failures, {"replicated": summary, "split": summary})``.
     """
-    from longreach.metrics import read_metrics
     from longreach.models import build_model
     from longreach.parallel.config import ParallelConfig
     from longreach.parallelize import expert_shards, parallelize
-    from longreach.trainer import build_mesh, train
+    from longreach.trainer import build_mesh
 
     failures = grad_match_worker(rank, world_size, [dict(dp=2, cp=2, strategy="ring", layout="zigzag", moe=True)])
     # the split model really holds E / cp experts per rank, and reduces them over its dp replicas only
@@ -349,24 +363,5 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
     common = {"run.steps": 3, "train.seq_len": 32, "train.micro_batch_size": 2, "train.lr": 1e-2,
               "train.warmup_steps": 1, "parallel.dp": 2, "parallel.cp": 2, "parallel.layout": "zigzag",
               "attention.backend": "cpu", "parallel.backend": "cpu"}
-    summaries: dict[str, Any] = {}
-    for name, ep in (("replicated", False), ("split", True)):
-        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common})
-        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0,
-                                dp_rank=dp_rank, dp_size=2)
-        summaries[name] = train(cfg, data=data)
-    rep, split = (read_metrics(summaries[n]["metrics"]) for n in ("replicated", "split"))
-    for a, b in zip(rep, split, strict=True):
-        for key in ("loss", "grad_norm"):
-            if abs(a[key] - b[key]) > 1e-5 * abs(a[key]):
-                failures.append(f"step {a['step']} {key}: split experts {b[key]!r} != replicated {a[key]!r}")
-    m = cfg.model
-    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
-    want = {"replicated": (summaries["replicated"]["local_params"], 0),
-            "split": (summaries["replicated"]["local_params"] - all_experts // 2, all_experts // 2)}
-    for name, (local, experts) in want.items():
-        got = (summaries[name]["local_params"], summaries[name]["expert_params"])
-        if got != (local, experts):
-            failures.append(f"{name}: rank {rank} holds (parameters, split expert parameters) {got}, want "
-                            f"{(local, experts)}")
-    return failures, summaries
+    more, summaries, _, _ = _split_vs_replicated(rank, out_dir, common, dp_rank=dp_rank, dp_size=2)
+    return failures + more, summaries
