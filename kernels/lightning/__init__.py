@@ -9,6 +9,11 @@ Implementations, one module each (reference beside the fast paths):
 * ``triton`` — the same algorithm as Triton kernels, forward and backward (CUDA default;
   ``TRITON_INTERPRET=1`` on CPU);
 * ``recurrent`` — the token-by-token recurrence, and :func:`decode_step` for generation.
+
+Packed documents (``cu_seqlens``, see :mod:`.documents`) restart the state at each document: every
+backend then equals running each document alone. The contract's parameters are unchanged; documents
+arrive through the keyword-only ``cu_seqlens`` that follows them. Sequence parallelism (LASP) cuts
+documents across chunks and calls :func:`lightning_by_document_ids` with the document id of each token.
 """
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ import importlib
 
 import torch
 
+from .documents import CuSeqlens, document_ids
 from .recurrent import decode_step
 
-__all__ = ["BACKENDS", "decode_step", "lightning_attention"]
+__all__ = ["BACKENDS", "decode_step", "document_ids", "lightning_attention", "lightning_by_document_ids"]
 
 BACKENDS = ("naive", "chunk", "triton", "recurrent")
 
@@ -54,7 +60,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tenso
 
 
 def lightning_attention(q, k, v, decay, *, backend="auto", chunk_size=None, initial_state=None,
-                        return_state=False):
+                        return_state=False, cu_seqlens: CuSeqlens = None):
     """Causal linear attention with per-head exponential decay (Lightning Attention).
 
     Args:
@@ -66,18 +72,51 @@ def lightning_attention(q, k, v, decay, *, backend="auto", chunk_size=None, init
         initial_state: ``[B, H, D, E]`` state S0 carried in from earlier tokens; it contributes
             ``exp(−s_h (i + 1)) · q_i S0`` to output row i. Differentiable.
         return_state: also return the final state.
+        cu_seqlens: packed documents — offsets ``[n+1]`` where documents begin (starting at 0, shared by
+            every row), or one such tensor per row (a sequence of B, or ``[B, n+1]``). The state restarts
+            at each document, so each document's output equals running it alone; ``initial_state``
+            reaches the first document only. None: one document.
 
     Returns:
         out ``[B, S, H, E]`` in q's dtype, or ``(out, state)`` with state ``[B, H, D, E]`` in float32
-        (float64 for float64 input): ``exp(−s S)·S0 + Σ_j exp(−s (S−1−j)) k_jᵀ v_j``.
+        (float64 for float64 input): ``exp(−s S)·S0 + Σ_j exp(−s (S−1−j)) k_jᵀ v_j`` (with documents:
+        the state of the last document alone).
     """
     _check(q, k, v, decay, chunk_size, initial_state)
+    b, s = q.shape[:2]
+    doc_ids = None
+    if cu_seqlens is not None:
+        doc_ids = document_ids(cu_seqlens, torch.arange(s, device=q.device), batch=b, seq_len=s)  # [1|B, S]
+    out, state = lightning_by_document_ids(q, k, v, decay, doc_ids, backend=backend, chunk_size=chunk_size,
+                                           initial_state=initial_state, checked=True)
+    return (out, state) if return_state else out
+
+
+def lightning_by_document_ids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                              doc_ids: torch.Tensor | None, *, backend: str = "auto", chunk_size: int | None = None,
+                              initial_state: torch.Tensor | None = None, checked: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lightning_attention` with documents given as the document id of every token.
+
+    Args:
+        q, k, v, decay, backend, chunk_size, initial_state: as in :func:`lightning_attention`.
+        doc_ids: ``[1 | B, S]`` int64 non-decreasing document id per token (row 0 shared by every batch
+            row when there is one row), or None (one document).
+        checked: the inputs were already validated.
+
+    Returns:
+        ``(out [B, S, H, E], state [B, H, D, E])``.
+    """
+    if not checked:
+        _check(q, k, v, decay, chunk_size, initial_state)
+    if doc_ids is not None and (doc_ids.dim() != 2 or doc_ids.shape[1] != q.shape[1]
+                                or doc_ids.shape[0] not in (1, q.shape[0])):
+        raise ValueError(f"lightning attention: doc_ids must be [1 or B, S] = [1|{q.shape[0]}, {q.shape[1]}]; "
+                         f"got {tuple(doc_ids.shape)}")
     name = _resolve(backend, q)
     if name == "naive":
         from .naive import forward as naive_forward
 
-        out, state = naive_forward(q, k, v, decay, initial_state)
-    else:
-        module = importlib.import_module(f"{__name__}.{name}")
-        out, state = module.lightning(q, k, v, decay, initial_state, chunk_size)
-    return (out, state) if return_state else out
+        return naive_forward(q, k, v, decay, initial_state, doc_ids)
+    module = importlib.import_module(f"{__name__}.{name}")
+    return module.lightning(q, k, v, decay, initial_state, chunk_size, doc_ids)

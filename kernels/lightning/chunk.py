@@ -11,6 +11,10 @@ Backward: the intra terms for every block in parallel; the inter terms from a fo
 states (dQ) and a reverse scan of their gradients (dK, dV, d(initial state)). States are recomputed in
 backward rather than stored (they are ``S/C × D × E`` per head). Everything runs in float32 (float64
 for float64 input); decays are never inverted (no λ^{−j}), so nothing overflows for large s·C.
+
+Packed documents multiply the decay weights by the 0/1 factors of :mod:`.documents` (same document
+inside a block; entering state → queries of the block's first document; keys of its last document →
+leaving state; state across the block only when no document begins in it); the scans are unchanged.
 """
 from __future__ import annotations
 
@@ -60,6 +64,40 @@ def _weights(rate: torch.Tensor, s: int, c: int) -> tuple[torch.Tensor, torch.Te
     return q_w[None, ..., None], k_w[None, ..., None], block_w[None, ..., None]
 
 
+def _document_factors(doc_ids: torch.Tensor, s: int, c: int, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """0/1 document factors for blocks of ``c``, shaped for ``[B, H, NB, C, X]`` (R = 1 or B rows).
+
+    Returns:
+        same ``[R, 1, NB, C, C]`` (query and key in one document), q_keep ``[R, 1, NB, C, 1]`` (query in
+        the document of the entering state), k_keep ``[R, 1, NB, C, 1]`` (key in the block's last
+        document), carry ``[R, 1, NB, 1, 1]`` (no document begins inside the block).
+    """
+    nb = -(-s // c)
+    r = doc_ids.shape[0]
+    ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(r, nb * c - s)], dim=1).view(r, nb, c)  # [R, NB, C]
+    starts = torch.arange(nb, device=doc_ids.device) * c
+    prev = doc_ids[:, (starts - 1).clamp(min=0)]  # [R, NB]: token before each block (token 0 for block 0)
+    last = doc_ids[:, (starts + c - 1).clamp(max=s - 1)]  # [R, NB]: last real token of each block
+    same = (ids[..., :, None] == ids[..., None, :]).to(dtype)[:, None]
+    q_keep = (ids == prev[..., None]).to(dtype)[:, None, ..., None]
+    k_keep = (ids == last[..., None]).to(dtype)[:, None, ..., None]
+    carry = (prev == last).to(dtype)[:, None, :, None, None]
+    return same, q_keep, k_keep, carry
+
+
+def _block_weights(rate: torch.Tensor, s: int, c: int, doc_ids: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dmat, q_w, k_w, block_w)`` of :func:`_weights` with the intra-block decay matrix
+    ``[1, H, 1, C, C]``, each multiplied by the document factors when ``doc_ids`` is given."""
+    dmat = decay_matrix(rate, c, rate.dtype)[None, :, None]  # [1, H, 1, C, C]
+    q_w, k_w, block_w = _weights(rate, s, c)
+    if doc_ids is None:
+        return dmat, q_w, k_w, block_w
+    same, q_keep, k_keep, carry = _document_factors(doc_ids, s, c, rate.dtype)
+    return dmat * same, q_w * q_keep, k_w * k_keep, block_w * carry  # [R, H, NB, …]
+
+
 def _entering_states(kvb: torch.Tensor, block_w: torch.Tensor, s0: torch.Tensor | None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward scan: states entering each block ``[B, H, NB, D, E]`` and the final state ``[B, H, D, E]``."""
@@ -73,13 +111,14 @@ def _entering_states(kvb: torch.Tensor, block_w: torch.Tensor, s0: torch.Tensor 
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
-            initial_state: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            initial_state: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK,
+            doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked forward.
 
     Args:
         q, k: ``[B, S, H, D]``; v: ``[B, S, H, E]``; decay: ``[H]``; initial_state: ``[B, H, D, E]`` or None.
         chunk_size: block length C.
+        doc_ids: ``[1 | B, S]`` document id per token, or None (one document).
 
     Returns:
         ``(out [B, S, H, E]`` in q's dtype, ``state [B, H, D, E]`` float32/float64).
@@ -89,8 +128,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tens
     c = min(chunk_size, s)
     rate = decay.to(device=q.device, dtype=cdt)  # [H]
     qb, kb, vb = (_blocks(x.to(cdt), c) for x in (q, k, v))  # [B, H, NB, C, *]
-    dmat = decay_matrix(rate, c, cdt)[None, :, None]  # [1, H, 1, C, C]
-    q_w, k_w, block_w = _weights(rate, s, c)
+    dmat, q_w, k_w, block_w = _block_weights(rate, s, c, doc_ids)
     out = ((qb @ kb.transpose(-1, -2)) * dmat) @ vb  # [B, H, NB, C, E]
     kvb = (kb * k_w).transpose(-1, -2) @ vb  # [B, H, NB, D, E]
     s0 = None if initial_state is None else initial_state.to(cdt)
@@ -101,7 +139,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tens
 
 def backward(dout: torch.Tensor, dstate: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
              v: torch.Tensor, decay: torch.Tensor, initial_state: torch.Tensor | None = None,
-             chunk_size: int = DEFAULT_CHUNK
+             chunk_size: int = DEFAULT_CHUNK, doc_ids: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``forward`` given ``dout [B, S, H, E]`` and ``dstate [B, H, D, E]`` (or None).
 
@@ -113,8 +151,7 @@ def backward(dout: torch.Tensor, dstate: torch.Tensor | None, q: torch.Tensor, k
     c = min(chunk_size, s)
     rate = decay.to(device=q.device, dtype=cdt)
     qb, kb, vb, dob = (_blocks(x.to(cdt), c) for x in (q, k, v, dout))  # [B, H, NB, C, *]
-    dmat = decay_matrix(rate, c, cdt)[None, :, None]  # [1, H, 1, C, C]
-    q_w, k_w, block_w = _weights(rate, s, c)
+    dmat, q_w, k_w, block_w = _block_weights(rate, s, c, doc_ids)
     # intra-block terms, every block at once
     ds = (dob @ vb.transpose(-1, -2)) * dmat  # [B, H, NB, C, C]
     sc = (qb @ kb.transpose(-1, -2)) * dmat  # [B, H, NB, C, C]
@@ -144,7 +181,7 @@ _ChunkLightning = explicit_function(forward, backward, "_ChunkLightning")
 
 
 def lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
-              initial_state: torch.Tensor | None = None, chunk_size: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              initial_state: torch.Tensor | None = None, chunk_size: int | None = None,
+              doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Autograd-aware chunked lightning attention → ``(out [B, S, H, E], state [B, H, D, E])``."""
-    return _ChunkLightning.apply(q, k, v, decay, initial_state, chunk_size or DEFAULT_CHUNK)
+    return _ChunkLightning.apply(q, k, v, decay, initial_state, chunk_size or DEFAULT_CHUNK, doc_ids)

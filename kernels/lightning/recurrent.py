@@ -37,15 +37,19 @@ def decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.
 
 
 def lightning(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
-              initial_state: torch.Tensor | None = None, chunk_size: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              initial_state: torch.Tensor | None = None, chunk_size: int | None = None,
+              doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole sequence by the recurrence (autograd through the loop; O(S·D·E), slow in Python).
 
-    ``chunk_size`` is ignored. Returns ``(out [B, S, H, E], state [B, H, D, E])``.
+    ``chunk_size`` is ignored; ``doc_ids`` ``[1 | B, S]`` (or None) zeroes the state where a document
+    begins. Returns ``(out [B, S, H, E], state [B, H, D, E])``.
     """
     state = initial_state
     outs = []
     for t in range(q.shape[1]):
+        if doc_ids is not None and t > 0 and state is not None:
+            keep = (doc_ids[:, t] == doc_ids[:, t - 1]).to(state.dtype)[:, None, None, None]  # [1|B, 1, 1, 1]
+            state = state * keep
         o, state = decode_step(q[:, t], k[:, t], v[:, t], decay, state)
         outs.append(o)
     if state is None:  # empty sequence is rejected by the caller; keep mypy honest
