@@ -107,7 +107,10 @@ def test_initial_state_term_matches_formula():
 
 def test_auto_backend_on_cpu_is_chunk_and_signature():
     sig = inspect.signature(lightning_attention)
-    assert list(sig.parameters) == ["q", "k", "v", "decay", "backend", "chunk_size", "initial_state", "return_state"]
+    # the contract's parameters, then the keyword-only packed-documents offsets
+    assert list(sig.parameters) == ["q", "k", "v", "decay", "backend", "chunk_size", "initial_state", "return_state",
+                                    "cu_seqlens"]
+    assert sig.parameters["cu_seqlens"].kind is inspect.Parameter.KEYWORD_ONLY
     q, k, v, *_, decay = _case(30, torch.float64)
     a = lightning_attention(q, k, v, decay)
     b = lightning_attention(q, k, v, decay, backend="chunk")
