@@ -12,6 +12,11 @@ entering chunk t is ``KV_t = Σ_{u<t} λ^{n(t−1−u)} M_u`` and adds ``λ^{i+1
 * **LASP-2** all-gathers every chunk's M_t once and takes the prefix in chunk order, so it works with
   any chunk→rank assignment; backward all-gathers dKV_t and takes suffix sums.
 
+Packed documents (``cu_seqlens``, global offsets) restart the state: each chunk's local kernel resets
+at the documents inside it (so M_t holds only its last document), the state crosses chunk t only when
+no document begins in it (a 0/1 ``crossing_t``, computed from the offsets on every rank, no
+communication), and the entering state reaches only the queries of the chunk's first document.
+
 The stripe layout interleaves single tokens over ranks, so there are no chunks to pass a state
 between: it is rejected. Both variants are explicit ``autograd.Function``s around the communication;
 the local chunk work is :func:`longreach.kernels.lightning_attention` with its own backward. All
@@ -22,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longreach.kernels.lightning import lightning_attention
+from longreach.kernels.lightning import document_ids, lightning_by_document_ids
 
 from .comm import all_gather_into, group_ranks, p2p
 from .layouts import group_rank_size
@@ -86,11 +91,19 @@ def _in_chunk_order(parts: torch.Tensor, layout: str, nchunks: int, size: int) -
     return out
 
 
+def _chunk_carry(lam: torch.Tensor, crossing: torch.Tensor | None, t: int) -> torch.Tensor:
+    """Factor of the state crossing chunk t: λ^n, times 0 where a document begins in the chunk."""
+    return lam if crossing is None else lam * crossing[t].to(lam.dtype)
+
+
 class _Lasp2States(torch.autograd.Function):
-    """``M_local [L, B, H, D, E]`` → entering states of the local chunks ``[L, B, H, D, E]``."""
+    """``M_local [L, B, H, D, E]`` → entering states of the local chunks ``[L, B, H, D, E]``.
+
+    ``crossing`` ``[N_chunks, 1 | B, 1, 1, 1]`` (0/1, or None: all 1) says whether the state crosses chunk t.
+    """
 
     @staticmethod
-    def forward(ctx, m_local, decay, n, layout, group):
+    def forward(ctx, m_local, decay, n, layout, group, crossing=None):
         rank, size = group_rank_size(group)
         mine = local_chunks(layout, rank, size)
         nchunks = len(mine) * size
@@ -101,8 +114,8 @@ class _Lasp2States(torch.autograd.Function):
         entering = []
         for t in range(nchunks):
             entering.append(kv)
-            kv = lam * kv + m_all[t]
-        ctx.decay, ctx.n, ctx.layout, ctx.group = decay, n, layout, group
+            kv = _chunk_carry(lam, crossing, t) * kv + m_all[t]
+        ctx.decay, ctx.n, ctx.layout, ctx.group, ctx.crossing = decay, n, layout, group, crossing
         return torch.stack([entering[t] for t in mine])
 
     @staticmethod
@@ -120,15 +133,15 @@ class _Lasp2States(torch.autograd.Function):
         dm = [acc] * nchunks
         for u in range(nchunks - 1, -1, -1):
             dm[u] = acc
-            acc = g_all[u] + lam * acc
-        return torch.stack([dm[t] for t in mine]), None, None, None, None
+            acc = g_all[u] + _chunk_carry(lam, ctx.crossing, u) * acc
+        return torch.stack([dm[t] for t in mine]), None, None, None, None, None
 
 
 class _Lasp1States(torch.autograd.Function):
     """Same contract as :class:`_Lasp2States`, by passing the state along the chunk chain."""
 
     @staticmethod
-    def forward(ctx, m_local, decay, n, layout, group):
+    def forward(ctx, m_local, decay, n, layout, group, crossing=None):
         rank, size = group_rank_size(group)
         mine = local_chunks(layout, rank, size)
         nchunks = len(mine) * size
@@ -144,13 +157,13 @@ class _Lasp1States(torch.autograd.Function):
             else:
                 kv_in = _recv(m_t, chunk_owner(layout, t - 1, size), group)
             entering[t] = kv_in
-            kv_out = lam * kv_in + m_t
+            kv_out = _chunk_carry(lam, crossing, t) * kv_in + m_t
             if t + 1 < nchunks:
                 if chunk_owner(layout, t + 1, size) == rank:
                     carry = kv_out
                 else:
                     _send(kv_out, chunk_owner(layout, t + 1, size), group)
-        ctx.decay, ctx.n, ctx.layout, ctx.group = decay, n, layout, group
+        ctx.decay, ctx.n, ctx.layout, ctx.group, ctx.crossing = decay, n, layout, group, crossing
         return torch.stack([entering[t] for t in mine])
 
     @staticmethod
@@ -173,13 +186,34 @@ class _Lasp1States(torch.autograd.Function):
             else:
                 x = _recv(g_in, chunk_owner(layout, t + 1, size), group)
             dm[t] = x
-            g_prev = g_in + lam * x  # gradient of the state leaving chunk t−1
+            g_prev = g_in + _chunk_carry(lam, ctx.crossing, t) * x  # gradient of the state leaving chunk t−1
             if t > 0:
                 if chunk_owner(layout, t - 1, size) == rank:
                     carry = g_prev
                 else:
                     _send(g_prev, chunk_owner(layout, t - 1, size), group)
-        return torch.stack([dm[t] for t in mine]), None, None, None, None
+        return torch.stack([dm[t] for t in mine]), None, None, None, None, None
+
+
+def _document_factors(cu_seqlens, mine: list[int], n: int, nchunks: int, batch: int, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Document ids of the local chunks and the 0/1 factors of the chunk chain, from global offsets.
+
+    Returns:
+        doc_ids ``[L·(1|B), n]`` (row l·R + r: local chunk l, batch row r), q_keep ``[L, 1|B, n]``
+        (query in the document of the state entering its chunk), crossing ``[N_chunks, 1|B, 1, 1, 1]``.
+    """
+    seq_len = nchunks * n
+    local = torch.tensor(mine, device=device)[:, None] * n + torch.arange(n, device=device)  # [L, n] global
+    starts = torch.arange(nchunks, device=device) * n
+    edges = torch.cat([(starts - 1).clamp(min=0), starts + n - 1])  # token before / last token of each chunk
+    ids = document_ids(cu_seqlens, torch.cat([local.reshape(-1), edges]), batch=batch, seq_len=seq_len)
+    r = ids.shape[0]
+    mine_ids = ids[:, :local.numel()].view(r, len(mine), n).transpose(0, 1)  # [L, R, n]
+    prev, last = ids[:, local.numel():].view(r, 2, nchunks).unbind(1)  # [R, N] each
+    q_keep = mine_ids == prev[:, mine].transpose(0, 1)[..., None]  # [L, R, n]
+    crossing = (prev == last).transpose(0, 1)[:, :, None, None, None]  # [N, R, 1, 1, 1]
+    return mine_ids.reshape(-1, n), q_keep, crossing
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, variant: str, layout: str,
@@ -198,7 +232,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tenso
 
 def lasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
                    variant: str = "lasp2", layout: str, group: dist.ProcessGroup | None = None,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", cu_seqlens=None) -> torch.Tensor:
     """:func:`linear_cp_attention` with a choice of local lightning kernel."""
     rank, size = group_rank_size(group)
     mine = local_chunks(layout, rank, size)
@@ -212,19 +246,26 @@ def lasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: tor
         return x.view(b, nl, n, h, x.shape[-1]).transpose(0, 1).reshape(nl * b, n, h, x.shape[-1])
 
     qc = per_chunk(q)
-    out, m = lightning_attention(qc, per_chunk(k), per_chunk(v), decay, backend=backend, return_state=True)
+    doc_ids = q_keep = crossing = None
+    if cu_seqlens is not None:
+        doc_ids, q_keep, crossing = _document_factors(cu_seqlens, mine, n, nl * size, b, q.device)
+        if doc_ids.shape[0] != nl * b:  # offsets shared by every row: one row of ids per chunk → L·B rows
+            doc_ids = doc_ids.view(nl, 1, n).expand(nl, b, n).reshape(nl * b, n)
+    out, m = lightning_by_document_ids(qc, per_chunk(k), per_chunk(v), decay, doc_ids, backend=backend)
     # out [L·B, n, H, E]; m [L·B, H, D, E] (float32, float64 for float64)
     m = m.view(nl, b, h, d, e)
     fn = _Lasp2States if variant == "lasp2" else _Lasp1States
-    entering = fn.apply(m, decay, n, layout, group).reshape(nl * b, h, d, e)  # [L·B, H, D, E]
+    entering = fn.apply(m, decay, n, layout, group, crossing).reshape(nl * b, h, d, e)  # [L·B, H, D, E]
     rate = decay.to(device=q.device, dtype=m.dtype)
-    q_w = torch.exp(-rate[None, :] * torch.arange(1, n + 1, device=q.device, dtype=m.dtype)[:, None])  # [n, H]
-    inter = torch.einsum("cihd,chde,ih->cihe", qc.to(m.dtype), entering, q_w)  # [L·B, n, H, E]
+    q_w = torch.exp(-rate[None, None, :] * torch.arange(1, n + 1, device=q.device, dtype=m.dtype)[None, :, None])
+    if q_keep is not None:  # [1, n, H] → [L·B, n, H]: the entering state feeds the chunk's first document only
+        q_w = q_w * q_keep.to(m.dtype).expand(nl, b, n).reshape(nl * b, n)[..., None]
+    inter = torch.einsum("cihd,chde,cih->cihe", qc.to(m.dtype), entering, q_w.expand(nl * b, n, h))  # [L·B, n, H, E]
     out = (out.to(m.dtype) + inter).to(q.dtype)
     return out.view(nl, b, n, h, e).transpose(0, 1).reshape(b, s_local, h, e)
 
 
-def linear_cp_attention(q, k, v, decay, *, variant="lasp2", layout, group=None):
+def linear_cp_attention(q, k, v, decay, *, variant="lasp2", layout, group=None, cu_seqlens=None):
     """Lightning attention over a sequence sharded across the context-parallel group.
 
     Args:
@@ -235,9 +276,12 @@ def linear_cp_attention(q, k, v, decay, *, variant="lasp2", layout, group=None):
             rank to rank along the chunk order).
         layout: ``"contiguous"`` or ``"zigzag"``; ``"stripe"`` raises.
         group: the context-parallel process group (default WORLD).
+        cu_seqlens: packed documents as GLOBAL offsets (``[n+1]`` shared by every row, or one per row),
+            as ``lightning_attention`` takes them for the whole sequence; None: one document.
 
     Returns:
         out_local ``[B, S_local, H, E]`` equal to this rank's shard of single-rank
-        ``lightning_attention`` over the whole sequence. Differentiable in q, k and v.
+        ``lightning_attention`` over the whole sequence (with the same ``cu_seqlens``). Differentiable
+        in q, k and v.
     """
-    return lasp_attention(q, k, v, decay, variant=variant, layout=layout, group=group)
+    return lasp_attention(q, k, v, decay, variant=variant, layout=layout, group=group, cu_seqlens=cu_seqlens)

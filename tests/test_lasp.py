@@ -6,7 +6,7 @@ from longreach.kernels import lightning_attention
 from longreach.parallel import linear_cp_attention, shard_sequence
 from longreach.parallel.lasp import chunk_owner, local_chunks
 from longreach.testing import run_ranks
-from longreach.workers.lasp import lasp_matrix
+from longreach.workers.lasp import each_document_alone, lasp_documents_matrix, lasp_matrix
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -49,3 +49,24 @@ def test_bad_input_raises_before_communication():
         linear_cp_attention(q, q, q, torch.tensor([0.1]), layout="contiguous")
     with pytest.raises(ValueError, match="does not split into 2"):
         linear_cp_attention(q[:, :7], q[:, :7], q[:, :7], decay, layout="zigzag")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_lasp_packed_documents_equal_each_document_alone(world_size):
+    # one spawn per world size: lasp1/lasp2 × contiguous/zigzag × three document layouts × float64/float32
+    failures = [f for rank_failures in run_ranks(lasp_documents_matrix, world_size) for f in rank_failures]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_packed_documents_one_rank_and_stripe(layout):
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 12, 2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 12, 2, 4, generator=g, dtype=torch.float64)
+    decay = torch.tensor([0.3, 0.01], dtype=torch.float64)
+    cu = (torch.tensor([0, 6, 7, 12]), torch.tensor([0, 2]))
+    out = linear_cp_attention(q, k, v, decay, layout=layout, cu_seqlens=cu)
+    want, _ = each_document_alone(q, k, v, decay, list(cu))
+    assert torch.allclose(out, shard_sequence(want, layout=layout), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="layout='stripe'"):
+        linear_cp_attention(q, k, v, decay, layout="stripe", cu_seqlens=cu)

@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 
 from longreach.kernels import lightning_attention  # noqa: E402
 from longreach.kernels.lightning import document_ids  # noqa: E402
+from longreach.workers.lasp import each_document_alone  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,30 +28,13 @@ def _case(seq_len: int, dtype: torch.dtype, seed: int, b: int = 2, h: int = 3, d
     return [x.to(dtype) for x in (q, k, v, s0, dout, dstate, decay)]
 
 
-def _segments(cu: torch.Tensor, seq_len: int) -> list[tuple[int, int]]:
-    edges = sorted(set(int(x) for x in cu.tolist()) | {0, seq_len})
-    return [(a, e) for a, e in zip(edges[:-1], edges[1:]) if e > a]
-
-
 def _per_document(tensors, cu_rows: list[torch.Tensor], with_state: bool):
     """Oracle: float64 naive lightning on each document of each row alone; S0 enters the first document."""
     q, k, v, s0, dout, dstate, decay = [x.double() for x in tensors]
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
-    outs, states = [], []
-    for row in range(q.shape[0]):
-        cu = cu_rows[row if len(cu_rows) > 1 else 0]
-        parts, state = [], None
-        for a, e in _segments(cu, q.shape[1]):
-            init = leaves[3][row:row + 1] if (with_state and a == 0) else None
-            o, state = lightning_attention(*(x[row:row + 1, a:e] for x in leaves[:3]), decay, backend="naive",
-                                           initial_state=init, return_state=True)
-            parts.append(o)
-        outs.append(torch.cat(parts, dim=1))
-        states.append(state)
-    out, state = torch.cat(outs), torch.cat(states)
+    leaves = [x.clone().requires_grad_() for x in ((q, k, v, s0) if with_state else (q, k, v))]
+    out, state = each_document_alone(*leaves[:3], decay, cu_rows, leaves[3] if with_state else None)
     loss = (out * dout).sum() + (state * dstate).sum()
-    used = leaves if with_state else leaves[:3]
-    return [out, state, *torch.autograd.grad(loss, used)]
+    return [out, state, *torch.autograd.grad(loss, leaves)]
 
 
 def _packed(backend: str, tensors, cu, chunk: int | None, with_state: bool):

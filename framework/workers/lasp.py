@@ -2,6 +2,8 @@
 
 * :func:`lasp_matrix` checks LASP-1/LASP-2 against single-rank lightning attention over a matrix of
   variants, layouts, dtypes and process groups, and returns the failing cases.
+* :func:`lasp_documents_matrix` checks LASP-1/LASP-2 with packed documents against running each
+  document alone (:func:`each_document_alone`, the float64 oracle shared with the kernel tests).
 * :func:`lasp_bench` times LASP-1 vs LASP-2 forward+backward and counts their bytes per rank.
 * :func:`tnl_recipe_runs` trains the tiny TransNormerLLM recipe through the trainer (LASP on cp ranks).
 """
@@ -64,6 +66,76 @@ def lasp_matrix(rank: int, world_size: int) -> list[str]:
                         err = _rel(got, shard_sequence(want, layout=layout, group=group))
                         if not err < tol or got.dtype != dtype:
                             failures.append(f"rank {rank} group={gname} {variant} {layout} {dtype} {name}: "
+                                            f"rel err {err:.2e} (dtype {got.dtype})")
+    return failures
+
+
+def each_document_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                        cu_rows: list[torch.Tensor], initial_state: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle for packed documents: naive lightning attention on each document of each row on its own.
+
+    Args:
+        q, k: ``[B, S, H, D]``; v: ``[B, S, H, E]``; decay: ``[H]``.
+        cu_rows: document offsets, one ``[n+1]`` tensor shared by every row or one per row.
+        initial_state: ``[B, H, D, E]`` or None; it enters the first document of its row only.
+
+    Returns:
+        ``(out [B, S, H, E], state [B, H, D, E])``: outputs of every document concatenated, and the
+        final state of each row's last document. Differentiable (autograd through the naive kernel).
+    """
+    b, s = q.shape[:2]
+    outs, states = [], []
+    for row in range(b):
+        cu = cu_rows[row if len(cu_rows) > 1 else 0]
+        edges = sorted({int(x) for x in cu.tolist()} | {0, s})
+        parts, state = [], None
+        for start, end in zip(edges[:-1], edges[1:]):
+            if end == start:
+                continue
+            init = initial_state[row:row + 1] if initial_state is not None and start == 0 else None
+            o, state = lightning_attention(*(x[row:row + 1, start:end] for x in (q, k, v)), decay, backend="naive",
+                                           initial_state=init, return_state=True)
+            parts.append(o)
+        outs.append(torch.cat(parts, dim=1))
+        states.append(state)
+    return torch.cat(outs), torch.cat(states)
+
+
+def packed_offsets(seq_len: int, chunk: int) -> list[Any]:
+    """Document layouts for LASP checks: a boundary on a chunk edge, single-token documents, documents
+    spanning chunks (and ranks), a tail after the last offset, and different offsets per row (B = 2)."""
+    def cu(points: set[int]) -> torch.Tensor:
+        return torch.tensor(sorted(p for p in points if 0 <= p <= seq_len))
+
+    return [cu({0, 1, chunk, chunk + 1, 2 * chunk + 2, seq_len - 1, seq_len}),
+            cu({0, chunk - 2, seq_len - chunk + 1}),
+            (cu({0, seq_len}), cu({0, 3, 3 * chunk, 3 * chunk + 1, seq_len}))]
+
+
+def lasp_documents_matrix(rank: int, world_size: int) -> list[str]:
+    """LASP-1/2 × contiguous/zigzag × document layouts × float64/float32: output and dq/dk/dv of every
+    rank against its shard of each document run alone. Returns descriptions of the failing cases."""
+    failures: list[str] = []
+    for layout in ("contiguous", "zigzag"):
+        chunk = 5  # odd chunk length
+        seq_len = layout_multiple(layout, world_size) * chunk
+        q, k, v, dout, decay = _inputs(seq_len, torch.float64, seed=seq_len + world_size)
+        for cu in packed_offsets(seq_len, chunk):
+            rows = list(cu) if isinstance(cu, tuple) else [cu]
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            ref, _ = each_document_alone(*leaves, decay, rows)
+            ref_grads = torch.autograd.grad((ref * dout).sum(), leaves)
+            for variant in ("lasp1", "lasp2"):
+                for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+                    local = [shard_sequence(x.to(dtype), layout=layout).requires_grad_() for x in (q, k, v)]
+                    out = linear_cp_attention(*local, decay.to(dtype), variant=variant, layout=layout, cu_seqlens=cu)
+                    grads = torch.autograd.grad((out * shard_sequence(dout.to(dtype), layout=layout)).sum(), local)
+                    checks = {"out": (out, ref)} | {f"d{n}": (g, r) for n, g, r in zip("qkv", grads, ref_grads)}
+                    for name, (got, want) in checks.items():
+                        err = _rel(got, shard_sequence(want, layout=layout))
+                        if not err < tol or got.dtype != dtype:
+                            failures.append(f"rank {rank} {variant} {layout} {dtype} cu={cu} {name}: "
                                             f"rel err {err:.2e} (dtype {got.dtype})")
     return failures
 
