@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from longreach.attention import AttentionContext
 from longreach.kernels import lightning_attention
 from longreach.models import ModelConfig, build_model
 from longreach.models.transnormer import (LinearTokenMixer, SimpleRMSNorm, TransNormerLLM, alibi_slopes,
@@ -107,14 +108,45 @@ def _recipe(out_dir, cp: int, variant: str, layout: str) -> list[str]:
 def test_pretraining_recipe_two_ranks_lasp_equals_one_rank(tmp_path):
     # the shipped tiny recipe through the real trainer: cp=2 with LASP-2 (zigzag) and LASP-1 (contiguous),
     # and a hybrid stack (softmax layers on the ring strategy, linear layers on LASP-2, one zigzag layout)
+    # last run of each: packed documents (two per row), linear layers resetting their state at the boundary
     hybrid = ["--model.extra={softmax_every: 2, lrpe: true}", "--attention.backend=reference"]
     one = tnl_recipe_runs(0, 1, [_recipe(tmp_path / "one", 1, "lasp2", "contiguous"),
-                                 _recipe(tmp_path / "one_h", 1, "lasp2", "contiguous") + hybrid])
+                                 _recipe(tmp_path / "one_h", 1, "lasp2", "contiguous") + hybrid,
+                                 _recipe(tmp_path / "one_d", 1, "lasp2", "contiguous")],
+                          documents=[False, False, True])
     runs = [_recipe(tmp_path / "lasp2", 2, "lasp2", "zigzag"), _recipe(tmp_path / "lasp1", 2, "lasp1", "contiguous"),
-            _recipe(tmp_path / "hybrid", 2, "lasp2", "zigzag") + hybrid]
-    two = run_ranks(tnl_recipe_runs, 2, args=(runs,))[0]
+            _recipe(tmp_path / "hybrid", 2, "lasp2", "zigzag") + hybrid,
+            _recipe(tmp_path / "lasp2_d", 2, "lasp2", "zigzag")]
+    two = run_ranks(tnl_recipe_runs, 2, args=(runs,), kwargs={"documents": [False, False, False, True]})[0]
     for curve in one:
         assert len(curve) == 8 and curve[-1] < 0.9 * curve[0], f"loss did not fall: {curve}"
-    assert one[0] != one[1]  # the hybrid stack is a different model
-    for curve, want in zip(two, [one[0], one[0], one[1]]):
+    assert one[0] != one[1] and one[0] != one[2]  # the hybrid stack is a different model; documents other data
+    for curve, want in zip(two, [one[0], one[0], one[1], one[2]]):
         assert torch.allclose(torch.tensor(curve), torch.tensor(want), rtol=1e-5), (curve, want)
+
+
+def _documents_alone(model, ids: torch.Tensor, cu_rows: list[torch.Tensor]) -> torch.Tensor:
+    """Hidden states of each document of each row run through ``model`` on its own, concatenated."""
+    rows = []
+    for row in range(ids.shape[0]):
+        edges = cu_rows[row if len(cu_rows) > 1 else 0].tolist()
+        rows.append(torch.cat([model(ids[row:row + 1, a:e]) for a, e in zip(edges[:-1], edges[1:])], dim=1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("softmax_layers", [[], [1]])
+def test_packed_documents_equal_each_document_alone(softmax_layers):
+    # TransNormerLLM on packed rows (the context the trainer builds: global offsets, per-document positions)
+    # equals each document on its own; the linear layers reset their state, the softmax ones mask documents
+    torch.manual_seed(2)
+    model = build_model(_cfg(extra={"softmax_layers": softmax_layers, "lrpe": True})).double()
+    ids = torch.randint(0, 40, (2, 13))
+    for cu in (torch.tensor([0, 1, 6, 13]), (torch.tensor([0, 13]), torch.tensor([0, 4, 13]))):
+        rows = list(cu) if isinstance(cu, tuple) else [cu] * 2
+        pos = torch.stack([torch.cat([torch.arange(e - a) for a, e in zip(r[:-1].tolist(), r[1:].tolist())])
+                           for r in rows])  # [B, S] restart per document
+        ctx = AttentionContext(seq_len=13, positions=torch.arange(13), cu_seqlens=cu)
+        got = model(ids, pos, ctx)
+        want = _documents_alone(model, ids, rows)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), float((got - want).abs().max())
+        assert not torch.allclose(got, model(ids, pos), rtol=1e-3)  # without documents the state crosses

@@ -14,14 +14,15 @@ Written for one device (Qin et al., "TransNormerLLM", 2023; METHODS.md "Linear a
 
 The forward contract is :class:`~longreach.models.llama.Llama`'s: ``model(input_ids, position_ids, ctx)``
 → hidden ``[B, S_local, dim]``, or ``(loss_sum, n_tokens)`` with ``labels``; ``output_weight()`` for the
-chunked loss. Linear layers call one seam, ``self.linear_attention(q, k, v, decay)``; sequence
+chunked loss. Linear layers call one seam, ``self.linear_attention(q, k, v, decay, cu_seqlens=…)``; sequence
 parallelism (LASP) is applied from outside by ``parallelize_context(cp_group, parallel_cfg)``, which
 swaps that callable for :func:`longreach.parallel.linear_cp_attention` on the cp group.
 
 ``model.extra`` keys: ``softmax_every`` (int, 0 = none), ``softmax_layers`` (list of layer ids),
 ``lrpe`` (bool, default false), ``linear_backend`` (lightning backend, default auto),
-``linear_chunk_size`` (block length, default 64). Packed documents: linear layers do not reset their
-state at document boundaries (TNL pretraining behaviour); softmax layers honour ``ctx.cu_seqlens``.
+``linear_chunk_size`` (block length, default 64). Packed documents (``ctx.cu_seqlens``, the global offsets
+the trainer gives every layer): softmax layers attend within documents, and linear layers restart their
+state at each document (single rank and LASP alike), so no layer mixes packed documents.
 """
 from __future__ import annotations
 
@@ -129,8 +130,10 @@ class LightningSeam:
     def __init__(self, backend: str = "auto", chunk_size: int | None = None) -> None:
         self.backend, self.chunk_size = backend, chunk_size
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-        return lightning_attention(q, k, v, decay, backend=self.backend, chunk_size=self.chunk_size)
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
+                 cu_seqlens: Any = None) -> torch.Tensor:
+        return lightning_attention(q, k, v, decay, backend=self.backend, chunk_size=self.chunk_size,
+                                   cu_seqlens=cu_seqlens)
 
 
 class LaspSeam:
@@ -139,14 +142,16 @@ class LaspSeam:
     def __init__(self, *, variant: str, layout: str, group: Any = None) -> None:
         self.variant, self.layout, self.group = variant, layout, group
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
+                 cu_seqlens: Any = None) -> torch.Tensor:
         from longreach.parallel import linear_cp_attention
 
-        return linear_cp_attention(q, k, v, decay, variant=self.variant, layout=self.layout, group=self.group)
+        return linear_cp_attention(q, k, v, decay, variant=self.variant, layout=self.layout, group=self.group,
+                                   cu_seqlens=cu_seqlens)
 
 
 class LinearTokenMixer(nn.Module):
-    """TNL's gated linear attention layer ending in the ``linear_attention(q, k, v, decay)`` seam."""
+    """TNL's gated linear attention layer ending in the ``linear_attention(q, k, v, decay, cu_seqlens=…)`` seam."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -172,7 +177,9 @@ class LinearTokenMixer(nn.Module):
         self.linear_attention = LaspSeam(variant=parallel_cfg.linear_variant, layout=parallel_cfg.layout,
                                          group=cp_group)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: Any = None) -> torch.Tensor:
+        """``x [B, S_local, dim]`` → ``[B, S_local, dim]``; ``cu_seqlens``: global offsets of packed
+        documents (``ctx.cu_seqlens``), None for one document."""
         b, s, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # 4 × [B, S, H·D]
         shape = (b, s, self.n_heads, self.head_dim)
@@ -181,7 +188,7 @@ class LinearTokenMixer(nn.Module):
         v = v.reshape(shape)
         if self.lrpe is not None:
             q, k = self.lrpe(q, position_ids), self.lrpe(k, position_ids)  # [B, S, H, 2D]
-        out = self.linear_attention(q, k, v, self.decay)  # [B, S, H, D]
+        out = self.linear_attention(q, k, v, self.decay, cu_seqlens=cu_seqlens)  # [B, S, H, D]
         out = self.norm(out.reshape(b, s, -1))  # [B, S, H·D]
         return self.out_proj(u * out)  # [B, S, dim]
 
@@ -220,7 +227,7 @@ class TNLBlock(nn.Module):
             assert rope is not None
             x = x + self.self_attn(h, rope[0], rope[1], ctx)
         else:
-            x = x + self.token_mixer(h, position_ids)
+            x = x + self.token_mixer(h, position_ids, ctx.cu_seqlens)
         return x + self.channel_mixer(self.channel_norm(x))
 
 

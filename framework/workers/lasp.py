@@ -172,11 +172,14 @@ def lasp_bench(rank: int, world_size: int, *, seq_lens: list[int], batch: int, h
     return rows
 
 
-def tnl_recipe_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[list[float]]:
+def tnl_recipe_runs(rank: int, world_size: int, runs: list[list[str]],
+                    documents: list[bool] | None = None) -> list[list[float]]:
     """Train ``configs/tnl_tiny_cpu.yaml`` through ``longreach.trainer.train`` once per override list.
 
-    Data are the trainer tests' deterministic arithmetic sequences (bit-identical everywhere). Returns
-    the per-step losses of each run from its ``metrics.jsonl`` (rank 0; other ranks return empty lists).
+    Data are the trainer tests' deterministic arithmetic sequences (bit-identical everywhere); where
+    ``documents[i]`` is true, run i packs two documents per row (``cu_seqlens`` and per-document
+    positions). Returns the per-step losses of each run from its ``metrics.jsonl`` (rank 0; other ranks
+    return empty lists).
     """
     from longreach.config import load_config, resolve_config_path
     from longreach.job import JobConfig
@@ -185,10 +188,11 @@ def tnl_recipe_runs(rank: int, world_size: int, runs: list[list[str]]) -> list[l
     from longreach.workers.trainer import SyntheticBatches
 
     curves = []
-    for overrides in runs:
+    for i, overrides in enumerate(runs):
         cfg = load_config(JobConfig, resolve_config_path("tnl_tiny_cpu"), overrides)
         data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len,
-                                batch=cfg.train.micro_batch_size, seed=cfg.run.seed)
+                                batch=cfg.train.micro_batch_size, seed=cfg.run.seed,
+                                documents=bool(documents and documents[i]))
         summary = train(cfg, data=data)
         curves.append([float(r["loss"]) for r in read_metrics(summary["metrics"])] if rank == 0 else [])
     return curves
