@@ -109,3 +109,12 @@ def test_document_ids_and_bad_offsets():
                       ((torch.tensor([0, 10]),) * 3, "3 rows for a batch of 2")]:
         with pytest.raises(ValueError, match=match):
             lightning_attention(q, k, v, decay, cu_seqlens=cu)
+
+
+def test_closing_figure_command(capsys):
+    from longreach.bench.lightning_documents import kernel_errors, main
+
+    row = kernel_errors("chunk", torch.float64, seq_len=40, chunk=8)
+    assert row["rel_err"] < 1e-12 and row["max_abs_err"] < 1e-10
+    assert main(["--ranks", "two"]) == 2
+    assert "--ranks must be comma-separated integers" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 * :func:`lasp_matrix` checks LASP-1/LASP-2 against single-rank lightning attention over a matrix of
   variants, layouts, dtypes and process groups, and returns the failing cases.
-* :func:`lasp_documents_matrix` checks LASP-1/LASP-2 with packed documents against running each
-  document alone (:func:`each_document_alone`, the float64 oracle shared with the kernel tests).
+* :func:`lasp_documents_errors` / :func:`lasp_documents_matrix` measure / check LASP-1/LASP-2 with
+  packed documents against running each document alone (:func:`each_document_alone`, the float64 oracle
+  shared with the kernel tests and ``python -m longreach.bench.lightning_documents``).
 * :func:`lasp_bench` times LASP-1 vs LASP-2 forward+backward and counts their bytes per rank.
 * :func:`tnl_recipe_runs` trains the tiny TransNormerLLM recipe through the trainer (LASP on cp ranks).
 """
@@ -113,31 +114,45 @@ def packed_offsets(seq_len: int, chunk: int) -> list[Any]:
             (cu({0, seq_len}), cu({0, 3, 3 * chunk, 3 * chunk + 1, seq_len}))]
 
 
-def lasp_documents_matrix(rank: int, world_size: int) -> list[str]:
-    """LASP-1/2 × contiguous/zigzag × document layouts × float64/float32: output and dq/dk/dv of every
-    rank against its shard of each document run alone. Returns descriptions of the failing cases."""
-    failures: list[str] = []
+def lasp_documents_errors(rank: int, world_size: int) -> list[dict[str, Any]]:
+    """LASP-1/2 × contiguous/zigzag × :func:`packed_offsets` × float64/float32: the relative error of this
+    rank's output and dq/dk/dv against its shard of each document run alone (float64 oracle).
+
+    Returns one row per (variant, layout, dtype, offsets, tensor): ``{"variant", "layout", "dtype",
+    "offsets", "name", "rel_err", "max_abs_err", "dtype_ok"}``.
+    """
+    rows: list[dict[str, Any]] = []
     for layout in ("contiguous", "zigzag"):
         chunk = 5  # odd chunk length
         seq_len = layout_multiple(layout, world_size) * chunk
         q, k, v, dout, decay = _inputs(seq_len, torch.float64, seed=seq_len + world_size)
         for cu in packed_offsets(seq_len, chunk):
-            rows = list(cu) if isinstance(cu, tuple) else [cu]
+            docs = list(cu) if isinstance(cu, tuple) else [cu]
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            ref, _ = each_document_alone(*leaves, decay, rows)
+            ref, _ = each_document_alone(*leaves, decay, docs)
             ref_grads = torch.autograd.grad((ref * dout).sum(), leaves)
             for variant in ("lasp1", "lasp2"):
-                for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+                for dtype in (torch.float64, torch.float32):
                     local = [shard_sequence(x.to(dtype), layout=layout).requires_grad_() for x in (q, k, v)]
                     out = linear_cp_attention(*local, decay.to(dtype), variant=variant, layout=layout, cu_seqlens=cu)
                     grads = torch.autograd.grad((out * shard_sequence(dout.to(dtype), layout=layout)).sum(), local)
                     checks = {"out": (out, ref)} | {f"d{n}": (g, r) for n, g, r in zip("qkv", grads, ref_grads)}
                     for name, (got, want) in checks.items():
-                        err = _rel(got, shard_sequence(want, layout=layout))
-                        if not err < tol or got.dtype != dtype:
-                            failures.append(f"rank {rank} {variant} {layout} {dtype} cu={cu} {name}: "
-                                            f"rel err {err:.2e} (dtype {got.dtype})")
-    return failures
+                        want = shard_sequence(want, layout=layout)
+                        rows.append({"variant": variant, "layout": layout, "dtype": str(dtype).split(".")[-1],
+                                     "offsets": [c.tolist() for c in docs], "name": name,
+                                     "rel_err": _rel(got, want),
+                                     "max_abs_err": float((got.detach().double() - want.detach()).abs().max()),
+                                     "dtype_ok": got.dtype == dtype})
+    return rows
+
+
+def lasp_documents_matrix(rank: int, world_size: int) -> list[str]:
+    """:func:`lasp_documents_errors` against tolerances (1e-10 float64, 1e-5 float32); returns the failures."""
+    tol = {"float64": 1e-10, "float32": 1e-5}
+    return [f"rank {rank} {r['variant']} {r['layout']} {r['dtype']} cu={r['offsets']} {r['name']}: "
+            f"rel err {r['rel_err']:.2e} (dtype ok: {r['dtype_ok']})"
+            for r in lasp_documents_errors(rank, world_size) if not (r["rel_err"] < tol[r["dtype"]] and r["dtype_ok"])]
 
 
 def lasp_bench(rank: int, world_size: int, *, seq_lens: list[int], batch: int, heads: int, head_dim: int,
