@@ -47,7 +47,7 @@ def kernel_errors(backend: str, dtype: torch.dtype, *, seq_len: int = 77, chunk:
     v, dout = (torch.randn(b, seq_len, h, e, generator=g, dtype=torch.float64) for _ in range(2))
     s0, dstate = (torch.randn(b, h, d, e, generator=g, dtype=torch.float64) for _ in range(2))
     decay = torch.tensor([0.9, 0.05, 0.002], dtype=torch.float64)
-    layouts = [torch.tensor([0, 1, chunk, chunk + 1, 40, seq_len - 1]),
+    layouts = [torch.tensor([0, 1, chunk, chunk + 1, seq_len // 2 + 1, seq_len - 1]),
                (torch.tensor([0, seq_len]), torch.tensor([0, 3, 2 * chunk, 2 * chunk + 1, seq_len]))]
     worst = (0.0, 0.0)
     for cu in layouts:
