@@ -11,7 +11,8 @@ import inspect  # noqa: E402
 import pytest  # noqa: E402
 
 from longreach.kernels import lightning_attention  # noqa: E402
-from longreach.kernels.lightning import decode_step  # noqa: E402
+from longreach.kernels.lightning import decode_step, document_ids  # noqa: E402
+from longreach.workers.lasp import each_document_alone  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -29,11 +30,12 @@ def _case(seq_len: int, dtype: torch.dtype, seed: int = 0, b: int = 2, h: int = 
     return [x.to(dtype) for x in (q, k, v, s0, dout, dstate, decay)]
 
 
-def _run(backend: str, tensors, chunk_size: int | None, with_state: bool):
+def _run(backend: str, tensors, chunk_size: int | None, with_state: bool, cu_seqlens=None):
     q, k, v, s0, dout, dstate, decay = tensors
     leaves = [x.clone().requires_grad_() for x in ((q, k, v, s0) if with_state else (q, k, v))]
     out, state = lightning_attention(*leaves[:3], decay, backend=backend, chunk_size=chunk_size,
-                                     initial_state=leaves[3] if with_state else None, return_state=True)
+                                     initial_state=leaves[3] if with_state else None, return_state=True,
+                                     cu_seqlens=cu_seqlens)
     loss = (out.double() * dout.double()).sum() + (state.double() * dstate.double()).sum()
     grads = torch.autograd.grad(loss, leaves)
     return [out, state, *grads]
@@ -47,12 +49,13 @@ def _compare(backend: str, seq_len: int, chunk_size: int | None, dtype: torch.dt
     tensors = _case(seq_len, dtype, seed=seq_len)
     ref = _run("naive", [x.double() for x in tensors], None, with_state)
     got = _run(backend, tensors, chunk_size, with_state)
-    bad = []
-    for name, g, r in zip(NAMES, got, ref):
-        err = _rel(g, r)
-        if not err < tol:
-            bad.append(f"{backend} S={seq_len} C={chunk_size} {dtype} {name}: rel err {err:.2e}")
-    return bad
+    return _differences(f"{backend} S={seq_len} C={chunk_size} {dtype}", got, ref, tol)
+
+
+def _differences(label: str, got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> list[str]:
+    """One line per tensor (out, state, dq, dk, dv, ds0) whose relative error is not below ``tol``."""
+    errors = ((name, _rel(g, w)) for name, g, w in zip(NAMES, got, want))
+    return [f"{label} {name}: rel err {err:.2e}" for name, err in errors if not err < tol]
 
 
 def test_chunk_and_recurrent_equal_naive_float64():
@@ -141,3 +144,78 @@ def test_triton_cuda_bf16_close_to_naive():
     ref, ref_state = lightning_attention(q.double(), k.double(), v.double(), decay.double(),
                                          initial_state=s0.double(), backend="naive", return_state=True)
     assert _rel(out, ref) < 3e-2 and _rel(state, ref_state) < 3e-2
+
+
+# ---------------------------------------------------------------------------------- packed documents
+def _per_document(tensors, cu_rows: list[torch.Tensor], with_state: bool):
+    """Oracle: float64 naive lightning on each document of each row alone; S0 enters the first document."""
+    q, k, v, s0, dout, dstate, decay = [x.double() for x in tensors]
+    leaves = [x.clone().requires_grad_() for x in ((q, k, v, s0) if with_state else (q, k, v))]
+    out, state = each_document_alone(*leaves[:3], decay, cu_rows, leaves[3] if with_state else None)
+    loss = (out * dout).sum() + (state * dstate).sum()
+    return [out, state, *torch.autograd.grad(loss, leaves)]
+
+
+def _compare_documents(backend, seq_len, cu, chunk, dtype, tol, with_state=True) -> list[str]:
+    tensors = _case(seq_len, dtype, seed=seq_len + (chunk or 0))
+    rows = list(cu) if isinstance(cu, tuple) else [torch.as_tensor(cu)]
+    want = _per_document(tensors, rows, with_state)
+    got = _run(backend, tensors, chunk, with_state, cu)
+    return _differences(f"{backend} S={seq_len} C={chunk} {dtype} cu={cu}", got, want, tol)
+
+
+# document layouts over 37 tokens: boundary on a block edge (8, 16), single-token documents (9, 36),
+# documents spanning several blocks, a tail after the last offset, and per-row offsets
+CU_37 = [
+    torch.tensor([0, 8, 9, 16, 30, 36, 37]),
+    torch.tensor([0, 3, 29]),  # tokens 29..36 form the tail document
+    (torch.tensor([0, 37]), torch.tensor([0, 1, 20, 21, 37])),  # one row unpacked, one packed
+]
+
+
+def test_documents_chunk_and_recurrent_equal_each_document_alone_float64():
+    bad = []
+    for cu in CU_37:
+        for chunk in (8, 5, 64):
+            bad += _compare_documents("chunk", 37, cu, chunk, torch.float64, 1e-12)
+        bad += _compare_documents("chunk", 37, cu, 8, torch.float64, 1e-12, with_state=False)
+        bad += _compare_documents("recurrent", 37, cu, None, torch.float64, 1e-12)
+        bad += _compare_documents("naive", 37, cu, None, torch.float64, 1e-12)
+    assert not bad, "\n".join(bad)
+
+
+def test_documents_chunk_float32():
+    bad = _compare_documents("chunk", 37, CU_37[0], 8, torch.float32, 2e-6)
+    assert not bad, "\n".join(bad)
+
+
+def test_documents_change_the_result_and_one_document_is_the_plain_call():
+    q, k, v, s0, _, _, decay = _case(20, torch.float64, seed=1)
+    plain = lightning_attention(q, k, v, decay, initial_state=s0)
+    one_doc = lightning_attention(q, k, v, decay, initial_state=s0, cu_seqlens=torch.tensor([0, 20]))
+    packed = lightning_attention(q, k, v, decay, initial_state=s0, cu_seqlens=torch.tensor([0, 7, 20]))
+    assert torch.allclose(one_doc, plain, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(packed[:, :7], plain[:, :7], rtol=1e-13, atol=1e-13)  # the first document is unchanged
+    assert not torch.allclose(packed[:, 7:], plain[:, 7:], rtol=1e-3)  # the state no longer crosses token 7
+
+
+def test_document_ids_and_bad_offsets():
+    ids = document_ids(torch.tensor([0, 2, 2, 5]), torch.arange(7), batch=3, seq_len=7)
+    assert ids.tolist() == [[0, 0, 2, 2, 2, 3, 3]]  # empty document 1; the tail after 5 is one more document
+    rows = document_ids([torch.tensor([0, 3]), torch.tensor([0, 1])], torch.arange(3), batch=2, seq_len=3)
+    assert rows.tolist() == [[0, 0, 0], [0, 1, 1]]
+    q, k, v, *_, decay = _case(10, torch.float64, seed=2)
+    for cu, match in [(torch.tensor([1, 10]), "must start at 0"), (torch.tensor([0, 6, 4, 10]), "non-decreasing"),
+                      (torch.tensor([0, 11]), "sequence length 10"),
+                      ((torch.tensor([0, 10]),) * 3, "3 rows for a batch of 2")]:
+        with pytest.raises(ValueError, match=match):
+            lightning_attention(q, k, v, decay, cu_seqlens=cu)
+
+
+def test_closing_figure_command(capsys):
+    from longreach.bench.lightning_documents import kernel_errors, main
+
+    row = kernel_errors("chunk", torch.float64, seq_len=40, chunk=8)
+    assert row["rel_err"] < 1e-12 and row["max_abs_err"] < 1e-10
+    assert main(["--ranks", "two"]) == 2
+    assert "--ranks must be comma-separated integers" in capsys.readouterr().err

@@ -66,6 +66,16 @@ def _mm(a, b):
 
 
 @triton.jit
+def _block_program(DECAY, H, BLOCK: tl.constexpr):
+    """This program's (block t, batch·head bh, output tile, batch b, head h, decay rate, first row) on a
+    ``(blocks, B·H, tiles)`` grid."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    return t, bh, tl.program_id(2), bh // H, h, tl.load(DECAY + h), t.to(tl.int64) * BLOCK
+
+
+@triton.jit
 def _block_factors(DOC, doc_row, start, seq_len, rate, HAS_DOCS: tl.constexpr, BLOCK: tl.constexpr):
     """Float32 decay factors of the block ``[start, start + n)``, times its document factors.
 
@@ -96,13 +106,7 @@ def _block_state_kernel(A, B, OUT, DOC, DECAY, seq_len, H, n_blocks, FA, FB,
                         KEY_WEIGHTS: tl.constexpr, HAS_DOCS: tl.constexpr,
                         BLOCK: tl.constexpr, BFA: tl.constexpr, BFB: tl.constexpr):
     """``OUT[bh, t, :, tile] = (A_t ⊙ w)ᵀ B_t[:, tile]``, w = k_w (KEY_WEIGHTS) or q_w."""
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
-    tile = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    rate = tl.load(DECAY + h)
-    start = t.to(tl.int64) * BLOCK
+    t, bh, tile, b, h, rate, start = _block_program(DECAY, H, BLOCK)
     _, q_w, k_w = _block_factors(DOC, b.to(tl.int64) * sdoc_b, start, seq_len, rate, HAS_DOCS, BLOCK)
     if KEY_WEIGHTS:
         w = k_w
@@ -153,13 +157,7 @@ def _rows_kernel(A, B, Y, X, Z, OUT, DOC, DECAY, seq_len, H, n_blocks, FP, FX, W
     """``OUT_t[:, tile] = P Y_t[:, tile] + (X_t ⊙ w) Z_t[:, tile]`` with ``P = (A_t B_tᵀ) ⊙ dmat``
     (transposed and w = k_w when TRANS, else w = q_w); Z is block t's ``[D, E]`` state read with
     strides ``(sz_f, sz_w)`` (so it can be read transposed)."""
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
-    tile = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    rate = tl.load(DECAY + h)
-    start = t.to(tl.int64) * BLOCK
+    t, bh, tile, b, h, rate, start = _block_program(DECAY, H, BLOCK)
     dmat, q_w, k_w = _block_factors(DOC, b.to(tl.int64) * sdoc_b, start, seq_len, rate, HAS_DOCS, BLOCK)
     rows = start + tl.arange(0, BLOCK)
     live = rows[:, None] < seq_len
