@@ -1,6 +1,6 @@
 """Packed documents in linear attention: each lightning backend and LASP-1/2 against each document alone.
 
-    python -m longreach.bench.lightning_documents [--ranks 2,4] [--json FILE]
+    python -m longreach.bench.lightning_documents [--ranks 2,4] [--json FILE] [--timing-seq-len 8192]
 
 For every lightning backend (``naive``, ``chunk``, ``recurrent`` in float64, ``chunk`` in float32 and
 ``triton`` in float32 — interpreted on CPU) and for LASP-1/LASP-2 on 2 and 4 gloo ranks in the
@@ -8,7 +8,9 @@ contiguous and zigzag layouts (float64 and float32), packed rows (a boundary on 
 single-token documents, a tail after the last offset, different offsets per row) are compared with the
 float64 naive kernel run on each document alone: the largest relative error (‖got − want‖ / ‖want‖)
 and the largest absolute error over the output, the final state and every gradient (dq, dk, dv and
-d(initial state) for the kernels; output and dq, dk, dv per rank for LASP).
+d(initial state) for the kernels; output and dq, dk, dv per rank for LASP). With ``--timing-seq-len``
+it also times the ``chunk`` kernel's forward+backward with and without documents (interleaved rounds
+in one process, one thread, median and spread).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["kernel_errors", "lasp_errors", "main"]
+__all__ = ["documents_timing", "kernel_errors", "lasp_errors", "main"]
 
 KERNELS = [("naive", torch.float64), ("chunk", torch.float64), ("recurrent", torch.float64),
            ("chunk", torch.float32), ("triton", torch.float32)]
@@ -82,11 +84,41 @@ def lasp_errors(world_size: int) -> list[dict[str, Any]]:
     return list(worst.values())
 
 
+def documents_timing(seq_len: int, *, rounds: int = 7, n_docs: int = 16, heads: int = 4, head_dim: int = 64
+                     ) -> dict[str, Any]:
+    """Forward+backward seconds of the ``chunk`` kernel (float32, B = 1) without and with ``n_docs`` equal
+    packed documents, in interleaved rounds (the first discarded): ``{"plain": [...], "documents": [...]}``
+    with the median and the spread (max − min) of each."""
+    import time
+
+    from longreach.kernels import lightning_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, seq_len, heads, head_dim, generator=g) for _ in range(3))
+    decay = torch.tensor([0.5 ** (h + 1) for h in range(heads)])
+    cu = torch.linspace(0, seq_len, n_docs + 1).long()
+    times: dict[str, list[float]] = {"plain": [], "documents": []}
+    for r in range(rounds + 1):
+        for name, docs in (("plain", None), ("documents", cu)):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            t0 = time.perf_counter()
+            lightning_attention(*leaves, decay, backend="chunk", cu_seqlens=docs).sum().backward()
+            if r > 0:
+                times[name].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"seq_len": seq_len, "n_docs": n_docs, "rounds": rounds}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_s": ts[len(ts) // 2], "spread_s": ts[-1] - ts[0]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m longreach.bench.lightning_documents",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="2,4", help="comma-separated LASP world sizes (default 2,4; empty: skip)")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--timing-seq-len", type=int, default=0,
+                   help="also time chunk forward+backward with/without 16 documents at this length (0: skip)")
     args = p.parse_args(argv)
     try:
         ranks = [int(x) for x in args.ranks.split(",") if x.strip()]
@@ -110,9 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             lasp.append(row)
             print(f"| {row['variant']} | {row['ranks']} | {row['layout']} | {row['dtype']} | {row['rel_err']:.1e} "
                   f"| {row['max_abs_err']:.1e} |", flush=True)
+    timing = None
+    if args.timing_seq_len > 0:
+        torch.set_num_threads(1)
+        timing = documents_timing(args.timing_seq_len)
+        print(f"\nchunk fwd+bwd, S={timing['seq_len']}, 1 thread, median (spread) of {timing['rounds']} "
+              f"interleaved rounds: plain {timing['plain']['median_s']:.3f}s ({timing['plain']['spread_s']:.3f}), "
+              f"{timing['n_docs']} documents {timing['documents']['median_s']:.3f}s "
+              f"({timing['documents']['spread_s']:.3f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"kernels": kernels, "lasp": lasp}, f, indent=1)
+            json.dump({"kernels": kernels, "lasp": lasp, "timing": timing}, f, indent=1)
     return 0
 
 
