@@ -19,7 +19,8 @@ communication), and the entering state reaches only the queries of the chunk's f
 
 The stripe layout interleaves single tokens over ranks, so there are no chunks to pass a state
 between: it is rejected. Both variants are explicit ``autograd.Function``s around the communication;
-the local chunk work is :func:`longreach.kernels.lightning_attention` with its own backward. All
+the local chunk work is lightning attention (:func:`longreach.kernels.lightning.lightning_by_document_ids`)
+with its own backward. All
 communication goes through :mod:`longreach.parallel.comm`, so a ``CommRecorder`` counts its bytes.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from longreach.kernels.lightning import document_ids, lightning_by_document_ids
+from longreach.kernels.lightning.documents import CuSeqlens
 
 from .comm import all_gather_into, group_ranks, p2p
 from .layouts import group_rank_size
@@ -195,7 +197,7 @@ class _Lasp1States(torch.autograd.Function):
         return torch.stack([dm[t] for t in mine]), None, None, None, None, None
 
 
-def _document_factors(cu_seqlens, mine: list[int], n: int, nchunks: int, batch: int, device: torch.device
+def _document_factors(cu_seqlens: CuSeqlens, mine: list[int], n: int, nchunks: int, batch: int, device: torch.device
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Document ids of the local chunks and the 0/1 factors of the chunk chain, from global offsets.
 
@@ -232,7 +234,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tenso
 
 def lasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
                    variant: str = "lasp2", layout: str, group: dist.ProcessGroup | None = None,
-                   backend: str = "auto", cu_seqlens=None) -> torch.Tensor:
+                   backend: str = "auto", cu_seqlens: CuSeqlens = None) -> torch.Tensor:
     """:func:`linear_cp_attention` with a choice of local lightning kernel."""
     rank, size = group_rank_size(group)
     mine = local_chunks(layout, rank, size)
