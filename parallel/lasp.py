@@ -20,7 +20,8 @@ communication), and the entering state reaches only the queries of the chunk's f
 The stripe layout interleaves single tokens over ranks, so there are no chunks to pass a state
 between: it is rejected. Both variants are explicit ``autograd.Function``s around the communication;
 the local chunk work is lightning attention (:func:`longreach.kernels.lightning.lightning_by_document_ids`)
-with its own backward. All communication goes through :mod:`longreach.parallel.comm`, so a ``CommRecorder`` counts its bytes.
+with its own backward. All communication goes through :mod:`longreach.parallel.comm`, so a
+``CommRecorder`` counts its bytes.
 """
 from __future__ import annotations
 
