@@ -1,0 +1,193 @@
+"""Whole journeys through the command line: every command consumes what the others produce.
+
+Fast tests check each link (model sources, export, ``checkpoint.init_from``, upcycle from run folders,
+expert weights gathered from every rank) on checkpoints written by the real ``CheckpointManager``; the
+``slow`` tests run the journeys themselves through ``longreach`` commands only (2 ranks through
+``longreach launch`` where the journey trains under context parallelism).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from longreach.checkpoint import CheckpointConfig, CheckpointManager  # noqa: E402
+from longreach.config import to_dict  # noqa: E402
+from longreach.errors import UserError  # noqa: E402
+from longreach.launchers.cli import main as cli  # noqa: E402
+from longreach.models import ModelConfig, build_model  # noqa: E402
+
+torch.set_num_threads(1)
+
+LLAMA = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64)
+MOE = dict(LLAMA, ffn_type="moe", extra={"moe_experts": 4, "moe_top_k": 2, "moe_expert_parallel": True})
+
+
+def _run_folder(root: Path, model_cfg: ModelConfig, *, seed: int = 0, step: int = 3) -> tuple[Path, torch.nn.Module]:
+    """A run folder holding one DCP checkpoint of a freshly initialised model (written by CheckpointManager)."""
+    torch.manual_seed(seed)
+    model = build_model(model_cfg)
+    mgr = CheckpointManager(CheckpointConfig(), root, config_hash="h", config={"model": to_dict(model_cfg)})
+    mgr.save(step, {"model": model})
+    return root, model
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids) @ model.output_weight().t()  # [B, S, V]
+
+
+def test_sources_resolve_every_kind(tmp_path):
+    from longreach.sources import load_model, resolve_source
+
+    run, model = _run_folder(tmp_path / "run", ModelConfig(**LLAMA))
+    step = run / "checkpoints" / "step-00000003"
+    assert resolve_source(run).kind == "run" and resolve_source(run).path == step
+    assert resolve_source(step).kind == "step" and resolve_source(step).step == 3
+    assert "step 3" in resolve_source(run).describe()
+    ids = torch.randint(0, 61, (1, 9))
+    torch.testing.assert_close(_logits(load_model(resolve_source(run)), ids), _logits(model, ids))
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_source(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a model source"):
+        resolve_source(tmp_path / "empty")
+
+
+def test_export_hf_and_safetensors_round_trip(tmp_path, capsys):
+    """A DCP run → HF LlamaForCausalLM (logits equal ours) and → safetensors (dtype default and --dtype)."""
+    from transformers import LlamaForCausalLM
+
+    from longreach.sources import load_model, read_state_dict, resolve_source
+
+    run, model = _run_folder(tmp_path / "run", ModelConfig(**LLAMA))
+    ids = torch.randint(0, 61, (1, 11))
+    assert cli(["export", str(run), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    err = capsys.readouterr().err
+    assert "reading run folder" in err and "gathered" in err and f"wrote {tmp_path / 'hf'}" in err
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert resolve_source(tmp_path / "hf").kind == "hf"
+
+    assert cli(["export", str(run), "--out", str(tmp_path / "st"), "--format", "safetensors"]) == 0
+    assert resolve_source(tmp_path / "st").kind == "export"
+    assert all(t.dtype == torch.float32 for t in read_state_dict(resolve_source(tmp_path / "st")).values())
+    assert cli(["export", str(tmp_path / "st"), "--out", str(tmp_path / "bf"), "--dtype", "bfloat16",
+                "--format", "safetensors"]) == 0
+    assert cli(["export", str(tmp_path / "bf"), "--out", str(tmp_path / "bf2")]) == 0  # default: the source's
+    bf2 = read_state_dict(resolve_source(tmp_path / "bf2"))
+    assert all(t.dtype == torch.bfloat16 for t in bf2.values())
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(load_model(resolve_source(tmp_path / "bf2"), dtype=torch.float32), ids),
+                                   _logits(model.to(torch.bfloat16).float(), ids), rtol=0.05, atol=0.05)
+
+    # a non-empty destination is kept unless --force
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "precious.txt").write_text("keep")
+    capsys.readouterr()
+    assert cli(["export", str(run), "--out", str(tmp_path / "busy")]) == 2
+    assert "--force" in capsys.readouterr().err and (tmp_path / "busy" / "precious.txt").read_text() == "keep"
+    assert cli(["export", str(run), "--out", str(tmp_path / "busy"), "--force"]) == 0
+    assert not (tmp_path / "busy" / "precious.txt").exists() and not (tmp_path / "busy.tmp").exists()
+
+
+def test_export_hf_refuses_other_architectures(tmp_path, capsys):
+    run, _ = _run_folder(tmp_path / "run", ModelConfig(**LLAMA, parallel_block=True))
+    assert cli(["export", str(run), "--out", str(tmp_path / "x"), "--format", "hf"]) == 2
+    assert "--format safetensors" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli(["export", str(run), "--out", str(tmp_path / "x")]) == 0  # auto: safetensors
+    assert (tmp_path / "x" / "model.safetensors").is_file() and (tmp_path / "x" / "config.yaml").is_file()
+
+
+def test_init_from_is_weights_only_and_checked(tmp_path):
+    from longreach.sources import init_weights
+
+    run, model = _run_folder(tmp_path / "run", ModelConfig(**LLAMA))
+    torch.manual_seed(5)
+    fresh = build_model(ModelConfig(**LLAMA))
+    src = init_weights(fresh, run)
+    assert src.kind == "run"
+    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = build_model(ModelConfig(**{**LLAMA, "dim": 48}))
+    with pytest.raises(UserError, match=r"checkpoint.init_from.*shape"):
+        init_weights(other, run)
+    with pytest.raises(ValueError, match="exclude each other"):
+        CheckpointConfig(init_from=str(run), load_path=str(run))
+
+
+def test_upcycle_identical_run_folders_reproduces_the_seed(tmp_path):
+    """``longreach upcycle --seeds RUN RUN`` (run folders, not files): the mixture's logits equal the seed's."""
+    from longreach.sources import load_model, resolve_source
+
+    run, seed = _run_folder(tmp_path / "seed", ModelConfig(**LLAMA, parallel_block=True, tie_embeddings=True))
+    step = run / "checkpoints" / "step-00000003"
+    assert cli(["upcycle", "--seeds", str(run), str(step), "--out", str(tmp_path / "bam"), "--share-kv"]) == 0
+    mix = load_model(resolve_source(tmp_path / "bam"))
+    assert mix.cfg.attention_type == "moa" and mix.cfg.ffn_type == "moe"
+    ids = torch.randint(0, 61, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(mix, ids), _logits(seed, ids), rtol=1e-5, atol=1e-5)
+    assert cli(["upcycle", "--seeds", str(run), str(run), "--out", str(tmp_path / "bam")]) == 2  # not empty
+
+
+def expert_parallel_checkpoint(rank: int, world: int, root: str) -> None:
+    """Worker: a cp=2 expert-parallel MoE model (each rank holds E/2 experts) saved through DCP."""
+    import torch.distributed as dist
+
+    from longreach.job import JobConfig, TrainConfig
+    from longreach.parallel.config import ParallelConfig
+    from longreach.parallelize import expert_shards, parallelize
+    from longreach.trainer import build_mesh
+
+    cfg = ModelConfig(**MOE)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    par = ParallelConfig(dp=1, cp=world)
+    mesh, _, _ = build_mesh(par, world, torch.device("cpu"))
+    model = parallelize(model, JobConfig(model=cfg, parallel=par, train=TrainConfig(seq_len=64)), mesh)
+    assert expert_shards(model) is not None
+    CheckpointManager(CheckpointConfig(), Path(root), config_hash="h",
+                      config={"model": to_dict(cfg)}).save(1, {"model": model})
+    dist.barrier()
+
+
+def test_export_gathers_expert_parallel_weights_into_one_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from longreach.testing import run_ranks
+
+    run_ranks(expert_parallel_checkpoint, 2, args=(str(tmp_path / "run"),))
+    assert cli(["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp")]) == 0
+    exported = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    torch.manual_seed(0)
+    full = build_model(ModelConfig(**MOE)).state_dict()  # the same initialisation, all experts on one rank
+    experts = [k for k in full if ".experts." in k or "w1" in k or "w2" in k or "w3" in k]
+    assert experts and sorted(exported) == sorted(full)
+    for name, t in full.items():
+        assert torch.equal(exported[name], t), name
+    assert all(exported[k].shape[0] == 4 for k in experts if exported[k].dim() == 3)
+
+
+# ------------------------------------------------------------------------------------------ journeys
+ENV = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+BIN = Path(sys.executable).with_name("longreach")
+
+
+def _sh(*args: str, cwd: Path) -> str:
+    """Run ``longreach ARGS`` in ``cwd``; its stdout (the test fails with stderr's tail on a non-zero exit)."""
+    out = subprocess.run([str(BIN), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"longreach {' '.join(args)} -> {out.returncode}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _json_line(text: str) -> dict:
+    return json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
