@@ -31,7 +31,7 @@ from longreach.launchers.torchrun import train_args
 __all__ = ["main", "build_plan", "split_command"]
 
 # commands every launcher mode can start on each rank ("bench" takes its benchmark name next)
-LAUNCHABLE = ("train", "finetune", "eval", "generate", "export", "upcycle", "bench")
+LAUNCHABLE = ("train", "finetune", "eval", "generate", "export", "upcycle", "bench", "report", "plan")
 _CONFIG_COMMANDS = ("train", "finetune")  # CONFIG + --section.key=value overrides, loaded strictly here
 
 
@@ -146,9 +146,8 @@ def main(argv: list[str]) -> int:
             raise UserError("--validate needs --world-size N")
         if args.command not in _CONFIG_COMMANDS:
             raise UserError(f"--validate checks train and finetune configs, not '{args.command}'")
-    if not cmd_args or cmd_args[0].startswith("-"):
-        what = "a CONFIG" if args.command in _CONFIG_COMMANDS else "its arguments"
-        raise UserError(f"longreach launch {' '.join(words)}: {what} is required")
+    if args.command in _CONFIG_COMMANDS and (not cmd_args or cmd_args[0].startswith("-")):
+        raise UserError(f"longreach launch {args.command}: a CONFIG is required")
     for name in ("nnodes", "nproc_per_node", "max_restarts"):
         v = getattr(args, name)
         if v < (0 if name == "max_restarts" else 1):
@@ -177,7 +176,7 @@ def main(argv: list[str]) -> int:
         load_config(config_cls, config_path, overrides)
         args.program = train_args(str(config_path), overrides, args.command)
     else:
-        args.config = cmd_args[0]
+        args.config = cmd_args[0] if cmd_args else None
         args.program = ["-m", "longreach.launchers.cli", *words, *cmd_args]
     commands, files = build_plan(args, overrides)
     env = dict(os.environ, PYTHONSAFEPATH="1")
