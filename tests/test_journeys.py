@@ -8,6 +8,7 @@ expert weights gathered from every rank) on checkpoints written by the real ``Ch
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -191,3 +192,158 @@ def _sh(*args: str, cwd: Path) -> str:
 
 def _json_line(text: str) -> dict:
     return json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A journey folder (the commands' working directory) with its own tokenizer/shard cache."""
+    root = tmp_path_factory.mktemp("journey")
+    old = os.environ.get("LONGREACH_CACHE")
+    os.environ["LONGREACH_CACHE"] = ENV["LONGREACH_CACHE"] = str(root / "cache")
+    try:
+        yield root
+    finally:
+        ENV.pop("LONGREACH_CACHE", None)
+        if old is None:
+            os.environ.pop("LONGREACH_CACHE", None)
+        else:
+            os.environ["LONGREACH_CACHE"] = old
+
+
+def _cli_here(root: Path, *args: str) -> str:
+    """``longreach ARGS`` in this process (single-process commands; paths relative to ``root``)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(buf):
+            rc = cli(list(args))
+    finally:
+        os.chdir(cwd)
+    assert rc == 0, f"longreach {' '.join(args)} -> {rc}\n{buf.getvalue()[-2000:]}"
+    return buf.getvalue()
+
+
+def _results(root: Path, out: str) -> dict:
+    return json.loads((root / out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_journey_1_pretrain_export_finetune_eval_generate(work):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longreach.sources import load_tokenizer, resolve_source
+
+    _sh("launch", "--nproc-per-node", "2", "demo", "--run.out_dir=pre", "--run.steps=2", "--run.save_every=0",
+        "--model.max_seq_len=256", "--train.seq_len=256", "--model.n_layers=2", "--model.dim=64", cwd=work)
+    _cli_here(work, "export", "pre", "--out", "pre/hf", "--format", "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(work / "pre/hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(work / "pre/hf"))
+    sp = load_tokenizer(resolve_source(work / "pre"))
+    text = "The pass key is 4711. Remember it."
+    assert tok(text, add_special_tokens=False).input_ids == sp.encode(text)
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.max_position_embeddings == 256
+
+    _sh("launch", "--nproc", "2", "finetune", "longlora_tiny_cpu", "--hf.path=pre/hf", "--run.out_dir=ft",
+        "--run.steps=1", "--run.save_every=0", "--data.synthetic_documents=20", cwd=work)
+    ft = AutoModelForCausalLM.from_pretrained(str(work / "ft/export"))
+    assert ft.config.max_position_embeddings == 1024 and ft.config.rope_parameters["factor"] == 4.0
+    np.save(work / "val.npy", np.asarray(sp.encode(" ".join(["The grass is green. The sky is blue."] * 150))))
+    ev = ["--tokens", "val.npy", "--ppl-lengths", "256,1024", "--stride", "256", "--max-windows", "1",
+          "--passkey-lengths", "256,1024", "--depths", "0.5", "--seeds", "1"]
+    base_out = _cli_here(work, "eval", "pre/hf", *ev, "--beyond-positions", "--out", "eval_base")
+    assert base_out.startswith("loaded HuggingFace folder pre/hf")
+    ft_out = _cli_here(work, "eval", "ft", *ev, "--out", "eval_ft")
+    assert ft_out.startswith("loaded run folder ft")
+    cp = _sh("launch", "--nproc", "2", "eval", "ft", *ev, "--strategy", "ring", "--out", "eval_ft_cp", cwd=work)
+    assert "on 2 ranks (ring, zigzag)" in cp
+    one, two = _results(work, "eval_ft"), _results(work, "eval_ft_cp")
+    for a, b in zip(one["perplexity"], two["perplexity"]):
+        assert a["length"] == b["length"] and math.isclose(a["ppl"], b["ppl"], rel_tol=1e-4), (a, b)
+    assert one["passkey"]["accuracy"] == two["passkey"]["accuracy"]
+    base = _results(work, "eval_base")
+    print("\njourney 1 (ppl, passkey):", [(r["length"], round(r["ppl"], 2)) for r in base["perplexity"]],
+          base["passkey"]["accuracy"], "->", [(r["length"], round(r["ppl"], 2)) for r in one["perplexity"]],
+          one["passkey"]["accuracy"])
+
+    prompt = sp.encode("The pass key is 4711. Remember it. The pass key is")
+    ids = ",".join(map(str, prompt))
+    ours = _json_line(_cli_here(work, "generate", "pre/hf", "--prompt-ids", ids, "--max-new-tokens", "6", "--json"))
+    native = _json_line(_cli_here(work, "generate", "pre", "--prompt-ids", ids, "--max-new-tokens", "6", "--json"))
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert ours["ids"] == native["ids"] == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_journey_2_bam(work):
+    from longreach.sources import read_state_dict, resolve_source
+
+    _sh("launch", "--nproc-per-node", "2", "bam_seed_tiny_cpu", "--run.out_dir=seed", "--run.steps=2", cwd=work)
+    _cli_here(work, "export", "seed", "--out", "seed/export")  # the seed's tokenizer travels with it
+    tok = "--data.tokenizer=seed/export/tokenizer.model"
+    base = ["train", "bam_seed_tiny_cpu", "--parallel.cp=1", "--checkpoint.init_from=seed", tok]
+    _cli_here(work, *base, "--run.out_dir=a0", "--run.steps=0")  # init_from alone: the seed's weights exactly
+    seed_w, a0_w = (read_state_dict(resolve_source(work / d)) for d in ("seed", "a0"))
+    assert seed_w.keys() == a0_w.keys() and all(torch.equal(seed_w[k], a0_w[k]) for k in seed_w)
+    _cli_here(work, *base, "--run.out_dir=a", "--run.steps=1", "--data.passkey_fraction=0.6")
+    _cli_here(work, *base, "--run.out_dir=b", "--run.steps=1", "--data.recall_fraction=0.6")
+    a_w = read_state_dict(resolve_source(work / "a"))
+    assert not torch.equal(a_w["embed_tokens.weight"], seed_w["embed_tokens.weight"])  # it trained on
+
+    _cli_here(work, "upcycle", "--seeds", "a", "b/checkpoints/step-00000001", "--out", "bam", "--share-kv",
+              "--top-k", "1")
+    _cli_here(work, "train", "bam_tiny_cpu", "--parallel.cp=1", "--checkpoint.init_from=bam", tok,
+              "--run.out_dir=mix", "--run.steps=1")
+    np.save(work / "val2.npy", np.random.default_rng(0).integers(3, 500, 400))
+    ev = ["--tokens", "val2.npy", "--ppl-lengths", "128", "--stride", "128", "--out"]
+    dense = _cli_here(work, "eval", "seed", *ev, "eval_dense")
+    mixed = _cli_here(work, "eval", "mix", *ev, "eval_mix")
+    assert dense.startswith("loaded run folder seed") and mixed.startswith("loaded run folder mix")
+    print("\njourney 2 ppl@128 dense / BAM:", _results(work, "eval_dense")["perplexity"][0]["ppl"],
+          _results(work, "eval_mix")["perplexity"][0]["ppl"])
+
+    # N identical seeds through the CLI: the mixture computes what the seed computes
+    _cli_here(work, "upcycle", "--seeds", "seed", "seed", "--out", "same")
+    _cli_here(work, "eval", "same", *ev, "eval_same")
+    p_seed, p_same = (_results(work, d)["perplexity"][0]["ppl"] for d in ("eval_dense", "eval_same"))
+    assert math.isclose(p_seed, p_same, rel_tol=1e-5), (p_seed, p_same)
+    g = [_json_line(_cli_here(work, "generate", d, "--prompt", "The pass key is", "--max-new-tokens", "5", "--json"))
+         for d in ("seed", "same")]
+    assert g[0]["ids"] == g[1]["ids"]
+
+
+@pytest.mark.slow
+def test_journey_3_linear_attention(work):
+    _sh("launch", "--nproc-per-node", "2", "tnl_tiny_cpu", "--run.out_dir=tnl", "--run.steps=2",
+        "--run.save_every=0", "--train.seq_len=256", "--model.max_seq_len=256", cwd=work)
+    out = _cli_here(work, "eval", "tnl", "--passkey-lengths", "256", "--depths", "0.5", "--seeds", "1",
+                    "--out", "eval_tnl")
+    assert out.startswith("loaded run folder tnl") and _results(work, "eval_tnl")["passkey"]["lengths"] == [256]
+    gen = {d: _json_line(_cli_here(work, "generate", "tnl", "--prompt", "The pass key is 31. Remember it.",
+                                   "--max-new-tokens", "8", "--decode", d, "--json")) for d in ("recurrent", "full")}
+    assert gen["recurrent"]["decode"] == "recurrent" and gen["recurrent"]["ids"] == gen["full"]["ids"]
+
+
+@pytest.mark.slow
+def test_journey_4_mixtures(work):
+    from safetensors.torch import load_file
+
+    _sh("launch", "--nproc-per-node", "2", "moe_tiny_cpu", "--run.out_dir=moe", "--run.steps=1", cwd=work)
+    _cli_here(work, "export", "moe", "--out", "moe/export")
+    weights = load_file(str(work / "moe/export/model.safetensors"))
+    experts = [k for k in weights if ".experts." in k]
+    assert experts and all(weights[k].shape[0] == 4 for k in experts)  # both ranks' experts in one file
+    _cli_here(work, "train", "moh_tiny_cpu", "--parallel.cp=1", "--run.out_dir=moh", "--run.steps=1")
+    _cli_here(work, "export", "moh", "--out", "moh/export")
+    np.save(work / "val4.npy", np.random.default_rng(0).integers(3, 500, 300))
+    ppl = {}
+    for src in ("moe", "moe/export", "moh", "moh/export"):
+        out = src.replace("/", "_") + "_eval"
+        _cli_here(work, "eval", src, "--tokens", "val4.npy", "--ppl-lengths", "128", "--stride", "128", "--out", out)
+        ppl[src] = _results(work, out)["perplexity"][0]["ppl"]
+    assert math.isclose(ppl["moe"], ppl["moe/export"], rel_tol=1e-6)
+    assert math.isclose(ppl["moh"], ppl["moh/export"], rel_tol=1e-6)
