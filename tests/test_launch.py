@@ -2,6 +2,8 @@
 shell pasting), and the fake-backend meta-device validation of a cluster config."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import shlex
 import subprocess
@@ -241,3 +243,35 @@ def test_validate_understands_finetune_configs(tmp_path, capsys):
                      f"--hf.path={tmp_path / 'hf'}"])
     with pytest.raises(UserError, match="checks train and finetune"):
         launch.main(["--dry-run", "--validate", "eval", "runs/x", "--world-size", "2"])
+
+
+# CPU recipes whose header command no journey test runs (tests/test_journeys.py runs demo, bam_seed_tiny_cpu,
+# tnl_tiny_cpu, moe_tiny_cpu and longlora_tiny_cpu exactly as their headers launch them)
+STEP_RECIPES = ["bam_tiny_cpu", "moh_tiny_cpu", "sinklora_tiny_cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", STEP_RECIPES)
+def test_cpu_recipe_header_command_runs_a_step(recipe, tmp_path):
+    """The recipe's first header command, as written, trains one step on 2 CPU processes."""
+    words = next(w for name, w in HEADERS if name == recipe)
+    assert words[:2] == ["longreach", "launch"]
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1", LONGREACH_CACHE=str(tmp_path / "cache"))
+    if "--hf.path=runs/pre/hf" in words:  # the HF folder the header names: a tiny Llama with a tokenizer
+        from transformers import LlamaForCausalLM
+
+        from longreach.data.synthetic import FILLER
+        from longreach.data.tokenizer import train_tokenizer
+        from longreach.hf.convert import save_tokenizer
+        from longreach.workers.hf import tiny_llama_config
+
+        train_tokenizer([FILLER, "The pass key is 12345. Remember it."] * 40, 300, tmp_path / "sp.model")
+        LlamaForCausalLM(tiny_llama_config(vocab_size=300, max_position_embeddings=256)).save_pretrained(
+            tmp_path / "runs/pre/hf")
+        save_tokenizer(tmp_path / "sp.model", tmp_path / "runs/pre/hf")
+    extra = ["--run.steps=1", "--run.save_every=0", "--run.out_dir=out"]
+    out = subprocess.run([str(Path(PY).with_name("longreach")), *words[1:], *extra], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])
