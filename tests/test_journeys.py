@@ -178,6 +178,57 @@ def test_export_gathers_expert_parallel_weights_into_one_file(tmp_path):
     assert all(exported[k].shape[0] == 4 for k in experts)  # both ranks' halves, in expert order
 
 
+def gather_worker(rank: int, world: int, spec: dict) -> dict:
+    """Worker: wrap a model with an engine that shards it (FSDP2 / ZeRO-3), gather for export, then let
+    rank 0 "write" for 4 s while rank 1 waits: on a 2 s-timeout group, then in ``run_on_rank0``."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from longreach.engines import EngineConfig, build_engine
+    from longreach.hf.export import gather_full_parameters, run_on_rank0
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**LLAMA))
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    eng = build_engine(EngineConfig(**spec), model, lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    module = eng.module if hasattr(eng, "module") else eng.model
+    local = sum(p.numel() if not hasattr(p, "to_local") else p.to_local().numel() for p in module.parameters())
+    local = sum(getattr(p, "ds_numel", 0) and p.ds_tensor.numel() for p in module.parameters()) or local
+    n = gather_full_parameters(module)
+    state = module.state_dict()
+    equal = all(torch.equal(state[k].detach().cpu(), ref[k]) for k in ref)
+    # a job whose collectives time out after 2 s: a plain barrier while rank 0 writes for 4 s fails ...
+    short = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
+    if rank == 0:
+        time.sleep(4)
+    try:
+        dist.barrier(group=short)
+        plain_timed_out = False
+    except RuntimeError:
+        plain_timed_out = True
+    # ... run_on_rank0's wait does not
+    t0 = time.monotonic()
+    wrote = run_on_rank0(lambda: time.sleep(4) or "written")
+    return {"replaced": n, "local": local, "total": sum(v.numel() for v in ref.values()), "equal": equal,
+            "wrote": wrote, "waited": time.monotonic() - t0, "plain_timed_out": plain_timed_out}
+
+
+@pytest.mark.parametrize("spec", [{"kind": "native", "fsdp": True}, {"kind": "deepspeed", "zero_stage": 3}],
+                         ids=["fsdp2", "zero3"])
+def test_gather_full_parameters_for_export(spec):
+    from longreach.testing import run_ranks
+
+    if spec["kind"] == "deepspeed":
+        pytest.importorskip("deepspeed")
+    res = run_ranks(gather_worker, 2, args=(spec,))
+    for r in res:
+        assert r["replaced"] > 0 and r["local"] < r["total"] and r["equal"], r
+    assert res[0]["wrote"] == "written" and res[1]["wrote"] is None and res[1]["waited"] >= 3.5
+    assert res[1]["plain_timed_out"]  # what run_on_rank0 avoids
+
+
 # ------------------------------------------------------------------------------------------ journeys
 ENV = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
 BIN = Path(sys.executable).with_name("longreach")
