@@ -178,7 +178,7 @@ def test_export_gathers_expert_parallel_weights_into_one_file(tmp_path):
     assert all(exported[k].shape[0] == 4 for k in experts)  # both ranks' halves, in expert order
 
 
-def gather_worker(rank: int, world: int, spec: dict) -> dict:
+def gather_worker(rank: int, world: int, spec: dict, root: str) -> dict:
     """Worker: wrap a model with an engine that shards it (FSDP2 / ZeRO-3), gather for export, then let
     rank 0 "write" for 4 s while rank 1 waits: on a 2 s-timeout group, then in ``run_on_rank0``."""
     import time
@@ -194,6 +194,9 @@ def gather_worker(rank: int, world: int, spec: dict) -> dict:
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     eng = build_engine(EngineConfig(**spec), model, lambda ps: torch.optim.AdamW(ps, lr=1e-3))
     module = eng.module if hasattr(eng, "module") else eng.model
+    # the engine's own checkpoint (DCP for FSDP2, DeepSpeed's format for ZeRO-3) is an export source too
+    CheckpointManager(CheckpointConfig(), Path(root), config_hash="h",
+                      config={"model": to_dict(ModelConfig(**LLAMA))}).save(1, eng.checkpoint_state())
     local = sum(p.numel() if not hasattr(p, "to_local") else p.to_local().numel() for p in module.parameters())
     local = sum(getattr(p, "ds_numel", 0) and p.ds_tensor.numel() for p in module.parameters()) or local
     n = gather_full_parameters(module)
@@ -217,12 +220,17 @@ def gather_worker(rank: int, world: int, spec: dict) -> dict:
 
 @pytest.mark.parametrize("spec", [{"kind": "native", "fsdp": True}, {"kind": "deepspeed", "zero_stage": 3}],
                          ids=["fsdp2", "zero3"])
-def test_gather_full_parameters_for_export(spec):
+def test_gather_full_parameters_for_export(spec, tmp_path):
+    from longreach.sources import read_state_dict, resolve_source
     from longreach.testing import run_ranks
 
     if spec["kind"] == "deepspeed":
         pytest.importorskip("deepspeed")
-    res = run_ranks(gather_worker, 2, args=(spec,))
+    res = run_ranks(gather_worker, 2, args=(spec, str(tmp_path / "run")))
+    torch.manual_seed(0)
+    ref = build_model(ModelConfig(**LLAMA)).state_dict()
+    state = read_state_dict(resolve_source(tmp_path / "run"))  # FSDP2 shards / ZeRO-3 partitions, whole
+    assert sorted(state) == sorted(ref) and all(torch.equal(state[k].float(), ref[k]) for k in ref)
     for r in res:
         assert r["replaced"] > 0 and r["local"] < r["total"] and r["equal"], r
     assert res[0]["wrote"] == "written" and res[1]["wrote"] is None and res[1]["waited"] >= 3.5
