@@ -52,6 +52,8 @@ def _is_plain_llama(cfg: Any) -> bool:
 def _tokenizer_file(src: Any) -> Path | None:
     from longreach.sources import load_tokenizer
 
+    if src.is_hf:  # its tokenizer files are copied as they are
+        return None
     tok = load_tokenizer(src)
     return Path(tok.path) if tok is not None and hasattr(tok, "sp") else None
 
@@ -111,8 +113,11 @@ def export(source: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str
         _say(f"writing {fmt} ({str(target).removeprefix('torch.')}) to {dest}")
         if fmt == "hf":
             from longreach.hf.convert import save_hf
+            from longreach.hf.export import copy_tokenizer_files
 
             save_hf(model, tmp, sp_model_file=tok_file, dtype=target)
+            if src.is_hf:  # an HF source keeps its own tokenizer files
+                copy_tokenizer_files(src.path, tmp)
         else:
             from safetensors.torch import save_file
 
@@ -127,8 +132,9 @@ def export(source: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     written = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
+    has_tok = tok_file is not None or (fmt == "hf" and src.is_hf and (dest / "tokenizer_config.json").is_file())
     _say(f"wrote {dest}: {', '.join(sorted(f.name for f in dest.iterdir()))} ({_mb(written)}) "
-         f"in {time.monotonic() - t0:.1f} s" + ("" if tok_file else "; no tokenizer was found for this source"))
+         f"in {time.monotonic() - t0:.1f} s" + ("" if has_tok else "; no tokenizer was found for this source"))
     return dest
 
 

@@ -77,6 +77,13 @@ def test_export_hf_and_safetensors_round_trip(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, _logits(model, ids), rtol=1e-5, atol=1e-5)
     assert resolve_source(tmp_path / "hf").kind == "hf"
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")  # an HF source's tokenizer files travel along
+    assert cli(["export", str(tmp_path / "hf"), "--out", str(tmp_path / "hf2"), "--dtype", "float16"]) == 0
+    assert (tmp_path / "hf2" / "tokenizer_config.json").read_text() == "{}"
+    hf2 = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf2")).eval()
+    assert next(hf2.parameters()).dtype == torch.float16
+    with torch.no_grad():
+        torch.testing.assert_close(hf2.float()(ids).logits, hf(ids).logits, rtol=0.02, atol=0.02)
 
     assert cli(["export", str(run), "--out", str(tmp_path / "st"), "--format", "safetensors"]) == 0
     assert resolve_source(tmp_path / "st").kind == "export"
