@@ -225,8 +225,9 @@ def gather_worker(rank: int, world: int, spec: dict, root: str) -> dict:
             "wrote": wrote, "waited": time.monotonic() - t0, "plain_timed_out": plain_timed_out}
 
 
-@pytest.mark.parametrize("spec", [{"kind": "native", "fsdp": True}, {"kind": "deepspeed", "zero_stage": 3}],
-                         ids=["fsdp2", "zero3"])
+@pytest.mark.parametrize("spec", [pytest.param({"kind": "native", "fsdp": True}, id="fsdp2"),
+                                  pytest.param({"kind": "deepspeed", "zero_stage": 3}, id="zero3",
+                                               marks=pytest.mark.slow)])
 def test_gather_full_parameters_for_export(spec, tmp_path):
     from longreach.sources import read_state_dict, resolve_source
     from longreach.testing import run_ranks
