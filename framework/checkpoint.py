@@ -72,6 +72,10 @@ class CheckpointConfig:
     load_path: str | None = None
     """Explicit checkpoint folder (``.../step-XXXXXXXX``, or a run/checkpoints folder: its latest) to
     start from when the run folder has none of its own."""
+    init_from: str | None = None
+    """Initial weights only (not a resume): a run folder, a ``step-N`` checkpoint, an export
+    (``model.safetensors`` + ``config.yaml``) or an HF Llama folder. The optimizer, LR schedule, data
+    position and step start fresh; once the run folder has a checkpoint of its own, resuming wins."""
     async_save: bool = False
     """Write model/optimizer in a background thread (``dcp.async_save``); the checkpoint is renamed
     into place at the next save, load or :meth:`CheckpointManager.close`."""
@@ -85,6 +89,9 @@ class CheckpointConfig:
     (the base model) on resume. Frozen parameters keep whatever the builder loaded."""
 
     def __post_init__(self) -> None:
+        if self.init_from and self.load_path:
+            raise ValueError("checkpoint.init_from (weights only) and checkpoint.load_path (a full training state) "
+                             "exclude each other; set one")
         if not isinstance(self.keep_last, int) or self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last must be an integer >= 0 (0 keeps all), got {self.keep_last!r}")
 

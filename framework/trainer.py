@@ -500,6 +500,10 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
 
             model = build_registered(cfg.model).to(device)
             arch = cfg.model.arch
+            if getattr(cfg.checkpoint, "init_from", None):  # weights only; a resume below overrides them
+                from longreach.sources import init_weights
+
+                log.info("initial weights from %s", init_weights(model, cfg.checkpoint.init_from).describe())
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tr = cfg.train

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("longreach.launchers.cli:demo_main", "run configs/demo.yaml on 2 CPU processes with torchrun into runs/demo/"),
     "finetune": ("longreach.hf.cli:finetune_main", "fine-tune a HuggingFace model to a longer context (LoRA / full)"),
     "eval": ("longreach.evaluation.cli:main", "evaluate a checkpoint: perplexity, passkey retrieval, long-context tasks"),
+    "export": ("longreach.export:main", "export a run / checkpoint to an HF folder or model.safetensors + config.yaml"),
+    "generate": ("longreach.generate:main", "greedy text generation from a run, checkpoint, export or HF folder"),
     "upcycle": ("longreach.mixtures.upcycle:main", "turn a dense checkpoint into a mixture (MoE / MoH) checkpoint"),
     "launch": ("longreach.launchers.launch:main", "start a job: torchrun single/multi-node, Slurm, DeepSpeed, accelerate"),
     "report": ("longreach.bench.report:main", "turn benchmark results into tables and plots"),

@@ -1,6 +1,8 @@
 """``longreach launch``: start a job through torchrun, Slurm, DeepSpeed or accelerate.
 
     longreach launch configs/demo.yaml --nproc-per-node 2                      # one node, torchrun
+    longreach launch --nproc 2 finetune longlora_tiny_cpu --hf.path=runs/tiny/hf   # any command …
+    longreach launch --nproc 2 eval runs/demo --strategy ring --passkey-lengths 512  # … with its arguments
     longreach launch CONFIG --nnodes 4 --nproc-per-node 8 --rdzv-endpoint n0:29500 --max-restarts 3
     longreach launch CONFIG --launcher slurm --nnodes 4 --gpus-per-node 8 --output job.sbatch
     longreach launch CONFIG --launcher deepspeed --hostfile hosts.txt
@@ -24,20 +26,29 @@ from pathlib import Path
 
 from longreach.errors import UserError
 from longreach.launchers.cli import split_overrides
+from longreach.launchers.torchrun import train_args
 
-__all__ = ["main", "build_plan"]
+__all__ = ["main", "build_plan", "split_command"]
+
+# commands every launcher mode can start on each rank ("bench" takes its benchmark name next)
+LAUNCHABLE = ("train", "finetune", "eval", "generate", "export", "upcycle", "bench", "report", "plan")
+_CONFIG_COMMANDS = ("train", "finetune")  # CONFIG + --section.key=value overrides, loaded strictly here
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longreach launch", description="start a longreach job "
-                                "(torchrun single/multi-node, Slurm, DeepSpeed, accelerate)",
-                                epilog="any --section.key=value after CONFIG overrides the config")
-    p.add_argument("config", nargs="?", help="YAML config (or a packaged recipe name)")
+    p = argparse.ArgumentParser(prog="longreach launch", allow_abbrev=False,
+                                usage="longreach launch [launcher options] [COMMAND] CONFIG_OR_SOURCE [args …]",
+                                description="start a longreach job (torchrun single/multi-node, Slurm, DeepSpeed, "
+                                "accelerate) running any command: " + ", ".join(LAUNCHABLE) + " (default train)",
+                                epilog="train/finetune: any --section.key=value after CONFIG overrides the config; "
+                                       "other commands receive their arguments unchanged "
+                                       "(e.g. longreach launch --nproc-per-node 2 eval runs/x --strategy ring "
+                                       "--ppl-lengths 512 --tokens val.npy)")
     p.add_argument("--launcher", choices=("torchrun", "slurm", "deepspeed", "accelerate"), default="torchrun")
-    p.add_argument("--command", default="train", choices=("train", "finetune", "eval"),
-                   help="the longreach command each rank runs (default train)")
+    p.add_argument("--command", default=None, choices=LAUNCHABLE,
+                   help="the longreach command each rank runs (default train; or name it before CONFIG)")
     p.add_argument("--nnodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks per node (default 1)")
+    p.add_argument("--nproc-per-node", "--nproc", type=int, default=1, help="ranks per node (default 1)")
     p.add_argument("--node-rank", type=int, default=None, help="this node's rank (static); default: rendezvous")
     p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the c10d rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="longreach", help="rendezvous id shared by the job's nodes")
@@ -63,9 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[list[str]], dict[str, str]]:
     """The commands to run and the files to write (path -> text) for ``args``; runs nothing."""
-    from longreach.launchers.torchrun import TorchrunSpec, torchrun_command, train_args
+    from longreach.launchers.torchrun import TorchrunSpec, torchrun_command
 
-    program = train_args(str(args.config), overrides, args.command)
+    program = getattr(args, "program", None) or train_args(str(args.config), overrides, args.command or "train")
     files: dict[str, str] = {}
     if args.launcher == "torchrun":
         spec = TorchrunSpec(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
@@ -105,36 +116,68 @@ def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[lis
     return [accelerate_command(program, config_file=out)], files
 
 
+def split_command(rest: list[str], default: str | None) -> tuple[list[str], list[str]]:
+    """``rest`` (what follows the launcher options) → (command words, its arguments).
+
+    ``["finetune", "cfg", "--hf.path=x"]`` → (["finetune"], ["cfg", "--hf.path=x"]); ``["bench", "cp", …]``
+    → (["bench", "cp"], […]); without a command word, ``default`` (train) runs.
+    """
+    if rest and rest[0] in LAUNCHABLE:
+        if default is not None and default != rest[0]:
+            raise UserError(f"--command {default} and the command word {rest[0]!r} disagree; give one")
+        if rest[0] == "bench":
+            if len(rest) < 2 or rest[1].startswith("-"):
+                raise UserError("longreach launch bench: name the benchmark (cp, kernels, sweep)")
+            return rest[:2], rest[2:]
+        return rest[:1], rest[1:]
+    return [default or "train"], rest
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``longreach launch``; returns the launched command's exit status."""
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    overrides = split_overrides(extra, "longreach launch")
+    args, rest = parser.parse_known_args(argv)
+    words, cmd_args = split_command(rest, args.command)
+    args.command = words[0]
     if args.validate:
         if not args.dry_run:
             raise UserError("--validate is a dry run: add --dry-run")
         if args.world_size is None:
             raise UserError("--validate needs --world-size N")
-    if args.config is None:
-        raise UserError("longreach launch: a CONFIG is required")
+        if args.command not in _CONFIG_COMMANDS:
+            raise UserError(f"--validate checks train and finetune configs, not '{args.command}'")
+    if args.command in _CONFIG_COMMANDS and (not cmd_args or cmd_args[0].startswith("-")):
+        raise UserError(f"longreach launch {args.command}: a CONFIG is required")
     for name in ("nnodes", "nproc_per_node", "max_restarts"):
         v = getattr(args, name)
         if v < (0 if name == "max_restarts" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'max_restarts' else 1}, got {v}")
 
-    from longreach.config import load_config, resolve_config_path
-    from longreach.job import JobConfig
+    overrides: list[str] = []
+    if args.command in _CONFIG_COMMANDS:
+        from longreach.config import load_config, resolve_config_path
 
-    config_path = resolve_config_path(args.config)
-    args.config = str(config_path)
-    if args.validate:
-        from longreach.launchers.dryrun import validate_config
-
-        report = validate_config(str(config_path), args.world_size, overrides)
-        print("\n".join(report.lines()))
-        return 0
-    # strict load now: a typo fails here, before any process starts
-    load_config(JobConfig, config_path, overrides)
+        overrides = split_overrides(cmd_args[1:], "longreach launch")
+        config_path = resolve_config_path(cmd_args[0])
+        args.config = str(config_path)
+        if args.command == "finetune":
+            from longreach.hf.cli import FinetuneConfig as config_cls
+        else:
+            from longreach.job import JobConfig as config_cls
+        if args.validate:
+            if args.command == "finetune":
+                from longreach.launchers.finetune_check import validate_finetune as validate
+            else:
+                from longreach.launchers.dryrun import validate_config as validate
+            report = validate(str(config_path), args.world_size, overrides)
+            print("\n".join(report.lines()))
+            return 0
+        # strict load now: a typo fails here, before any process starts
+        load_config(config_cls, config_path, overrides)
+        args.program = train_args(str(config_path), overrides, args.command)
+    else:
+        args.config = cmd_args[0] if cmd_args else None
+        args.program = ["-m", "longreach.launchers.cli", *words, *cmd_args]
     commands, files = build_plan(args, overrides)
     env = dict(os.environ, PYTHONSAFEPATH="1")
     if args.dry_run:

@@ -131,3 +131,93 @@ def test_eval_under_context_parallelism_equals_one_rank(tiny):
     for r in res:
         assert r["windows"] == ref.windows and math.isclose(r["ppl"], ref.ppl, rel_tol=1e-9)
         assert r["decoded"] == greedy_decode(model, prompt, 3)
+
+
+# ------------------------------------------------------------------------------ longreach's own models
+TNL = dict(arch="transnormer", vocab_size=53, dim=32, n_layers=2, n_heads=2, ffn_hidden=48, max_seq_len=64,
+           extra={"linear_chunk_size": 8})
+SMALL_LLAMA = dict(vocab_size=53, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64)
+
+
+def _native(kind: dict, dtype=torch.float64):
+    from longreach.models import ModelConfig, build_model
+
+    torch.manual_seed(3)
+    return build_model(ModelConfig(**kind)).to(dtype).eval()
+
+
+def test_recurrent_decoding_equals_full_forward():
+    """TransNormerLLM: recurrent decoding (chunked prefill + one-token state updates) gives the full
+    forward's logits at every step, hence the same greedy tokens, on an odd prompt length."""
+    from longreach.evaluation.native import NativeLM, supports_recurrent
+
+    lm = NativeLM(_native(TNL))
+    assert supports_recurrent(lm.model)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 53, 19)]
+    rec, rec_logits = lm.generate(prompt, 6, decode="recurrent", return_logits=True)
+    full, full_logits = lm.generate(prompt, 6, decode="full", return_logits=True)
+    assert rec == full
+    for a, b in zip(rec_logits, full_logits):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    seams = [layer.token_mixer.linear_attention for layer in lm.model.layers]
+    assert all(type(s).__name__ == "LightningSeam" for s in seams)  # the model's own seam is restored
+    with pytest.raises(UserError, match="recurrent"):
+        NativeLM(_native(SMALL_LLAMA)).generate(prompt, 2, decode="recurrent")
+
+
+def native_cp_worker(rank: int, world: int, kind: dict, tokens: list[int], prompt: list[int]) -> dict:
+    """Worker: perplexity and greedy tokens of a native model under cp=2 (zigzag; ring or LASP-2)."""
+    from longreach.evaluation.native import NativeLM, native_perplexity
+
+    lm = NativeLM.build(_native(kind), world=world, strategy="ring", layout="zigzag")
+    res = native_perplexity(lm, np.asarray(tokens), length=32, stride=16)
+    return {"ppl": res.ppl, "windows": res.windows, "decoded": lm.generate(prompt, 3)}
+
+
+@pytest.mark.parametrize("kind", [SMALL_LLAMA, TNL], ids=["llama-ring", "tnl-lasp2"])
+def test_native_eval_under_context_parallelism_equals_one_rank(kind):
+    from longreach.evaluation.native import NativeLM, native_perplexity
+    from longreach.testing import run_ranks
+
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, 53, 80)]
+    prompt = tokens[:13]  # odd length: padded to the layout's multiple
+    res = run_ranks(native_cp_worker, 2, args=(kind, tokens, prompt))
+    lm = NativeLM(_native(kind))
+    ref = native_perplexity(lm, np.asarray(tokens), length=32, stride=16)
+    for r in res:
+        assert r["windows"] == ref.windows == 4 and math.isclose(r["ppl"], ref.ppl, rel_tol=1e-9), (r, ref)
+        assert r["decoded"] == lm.generate(prompt, 3)
+    # the perplexity itself: exp of the mean next-token cross entropy of each window (float64 reference)
+    model = lm.model
+    losses = []
+    for s in (0, 16, 32, 48):
+        ids = torch.tensor([tokens[s:s + 32]])
+        with torch.no_grad():
+            logits = model(ids) @ model.output_weight().t()  # [1, 32, V]
+        losses.append(float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])))
+    assert math.isclose(ref.ppl, math.exp(np.mean(losses)), rel_tol=1e-9)
+
+
+def test_eval_of_an_export_and_lengths_beyond_positions(tmp_path, capsys):
+    """``longreach eval`` on an export (model.safetensors + config.yaml): lengths beyond the model's
+    positions are refused without ``--beyond-positions``."""
+    from safetensors.torch import save_file
+
+    from longreach.config import to_dict
+    from longreach.evaluation.cli import main
+    from longreach.models import ModelConfig
+
+    model = _native(SMALL_LLAMA, torch.float32)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(ModelConfig(**SMALL_LLAMA))}))
+    np.save(tmp_path / "t.npy", np.random.default_rng(2).integers(0, 53, 200))
+    args = [str(tmp_path), "--tokens", str(tmp_path / "t.npy"), "--ppl-lengths", "32,96", "--stride", "64"]
+    assert main(args) == 2
+    assert "--beyond-positions" in capsys.readouterr().err
+    assert main([*args, "--beyond-positions", "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"loaded export {tmp_path}")
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert [p["length"] for p in res["perplexity"]] == [32, 96] and res["loaded"].startswith("export")

@@ -2,6 +2,8 @@
 shell pasting), and the fake-backend meta-device validation of a cluster config."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import shlex
 import subprocess
@@ -128,3 +130,148 @@ def test_meta_device_validation_subprocess():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
         "longreach: error: parallel.cp=2 does not divide --world-size 3"]
+
+
+# --------------------------------------------------------------------------- any command, every recipe
+def _header_commands() -> list[tuple[str, list[str]]]:
+    """(recipe, words) of every ``#   longreach …`` line in the recipes' header comments (trailing
+    ``  (…)`` / ``  # …`` remarks dropped)."""
+    import re
+
+    from longreach.config import _packaged_configs
+
+    found = []
+    for name, path in sorted(_packaged_configs().items()):
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            m = re.match(r"^#\s{3}(longreach .*)$", line)
+            if m:
+                found.append((name, shlex.split(re.split(r"\s{2,}[#(]", m.group(1))[0])))
+    return found
+
+
+HEADERS = _header_commands()
+
+
+def _as_dry_run(words: list[str]) -> tuple[str, list[str]]:
+    """The dry run of a header command: (entry point, argv). ``longreach demo`` is its launch."""
+    rest = words[1:]
+    if rest[0] == "launch":
+        return "launch", (rest[1:] if "--dry-run" in rest else ["--dry-run", *rest[1:]])
+    if rest[0] == "demo":
+        return "launch", ["--dry-run", "--nproc-per-node", "2", "demo", *rest[1:]]
+    if "--print-config" in rest:
+        return "cli", rest
+    return "launch", ["--dry-run", *rest]
+
+
+def test_every_recipe_has_a_header_command():
+    from longreach.config import _packaged_configs
+
+    assert {name for name, _ in HEADERS} == set(_packaged_configs())
+
+
+@pytest.mark.parametrize("recipe,words", HEADERS, ids=[f"{n}:{i}" for i, (n, _) in enumerate(HEADERS)])
+def test_recipe_header_command_dry_runs(recipe, words, capsys, tmp_path, monkeypatch):
+    """Each header command, as written, passes the launcher's strict checks and prints what it would run."""
+    from longreach.launchers.cli import main as cli_main
+
+    monkeypatch.chdir(tmp_path)
+    entry, argv = _as_dry_run(words)
+    rc = launch.main(argv) if entry == "launch" else cli_main(argv)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+    if "--validate" in argv:
+        assert "world size" in out
+    elif entry == "launch":
+        last = out.strip().splitlines()[-1]
+        assert shlex.split(last)[0] == "sbatch" or "longreach.launchers.cli" in last, last
+        command = next((w for w in argv if w in launch.LAUNCHABLE), "train")
+        assert f"longreach.launchers.cli {command} " in out, out[-800:]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm", "deepspeed", "accelerate"])
+def test_launch_any_command_in_every_mode(launcher, capsys, tmp_path):
+    """train, finetune, eval, generate, export and bench run through every launcher mode with their
+    own arguments, unchanged and in order."""
+    jobs = [["finetune", "longlora_tiny_cpu", "--hf.path=runs/pre/hf"],
+            ["eval", "runs/pre", "--strategy", "ring", "--ppl-lengths", "512", "--tokens", "v.npy", "--out", "ev"],
+            ["generate", "runs/tnl", "--prompt", "a b", "--decode", "recurrent"],
+            ["export", "runs/pre", "--out", "runs/pre/hf", "--format", "hf"],
+            ["bench", "cp", "--world-sizes", "2"], ["demo", "--run.steps=1"]]
+    opts = ["--launcher", launcher, "--nproc", "2", "--output", str(tmp_path / "f")]
+    for job in jobs:
+        rc = launch.main([*opts, "--dry-run", *job])
+        out = capsys.readouterr().out
+        assert rc == 0
+        text = out.replace("'", "").replace('"', "")
+        expect = ["longreach.launchers.cli", *(job if job[0] != "demo" else ["train"])]
+        if job[0] in ("finetune", "demo"):  # the config is passed resolved to its file
+            expect = [w for w in expect if w not in ("longlora_tiny_cpu", "demo")]
+        pos = 0
+        for word in expect:
+            pos = text.find(word, pos)
+            assert pos >= 0, (word, job, out[-800:])
+    with pytest.raises(UserError, match="name the benchmark"):
+        launch.main(["--dry-run", "bench"])
+    with pytest.raises(UserError, match="disagree"):
+        launch.main(["--dry-run", "--command", "eval", "train", "demo"])
+    with pytest.raises(ConfigError, match="hf.path"):
+        launch.main(["--dry-run", "finetune", "longlora_tiny_cpu", "--hf.pth=x"])
+
+
+def test_validate_understands_finetune_configs(tmp_path, capsys):
+    from transformers import LlamaForCausalLM
+
+    from longreach.workers.hf import tiny_llama_config
+
+    hf_cfg = tiny_llama_config(vocab_size=300, max_position_embeddings=256)
+    hf_cfg.save_pretrained(tmp_path / "hf")
+    n_params = sum(p.numel() for p in LlamaForCausalLM(hf_cfg).parameters())
+    assert launch.main(["--dry-run", "--validate", "finetune", "longlora_tiny_cpu", "--world-size", "2",
+                        f"--hf.path={tmp_path / 'hf'}"]) == 0
+    out = capsys.readouterr().out
+    assert "world size 2: dp 1 × cp 2" in out and "recipe longlora" in out
+    assert f"parameters: {n_params / 1e6:.2f}M total" in out
+    with pytest.raises(UserError, match="parallel.cp=2 does not divide --world-size 3"):
+        launch.main(["--dry-run", "--validate", "finetune", "longlora_tiny_cpu", "--world-size", "3",
+                     f"--hf.path={tmp_path / 'hf'}"])
+    with pytest.raises(UserError, match=r"dp \* cp != WORLD_SIZE"):
+        launch.main(["--dry-run", "--validate", "finetune", "longlora_tiny_cpu", "--world-size", "4",
+                     f"--hf.path={tmp_path / 'hf'}"])
+    with pytest.raises(UserError, match="checks train and finetune"):
+        launch.main(["--dry-run", "--validate", "eval", "runs/x", "--world-size", "2"])
+
+
+# CPU recipes whose header command no journey test runs (tests/test_journeys.py runs demo, bam_seed_tiny_cpu,
+# tnl_tiny_cpu, moe_tiny_cpu and longlora_tiny_cpu exactly as their headers launch them)
+STEP_RECIPES = ["bam_tiny_cpu", "moh_tiny_cpu", "sinklora_tiny_cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", STEP_RECIPES)
+def test_cpu_recipe_header_command_runs_a_step(recipe, tmp_path):
+    """The recipe's first header command, as written, trains one step on 2 CPU processes."""
+    words = next(w for name, w in HEADERS if name == recipe)
+    assert words[:2] == ["longreach", "launch"]
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1", LONGREACH_CACHE=str(tmp_path / "cache"))
+    if "--hf.path=runs/pre/hf" in words:  # the HF folder the header names: a tiny Llama with a tokenizer
+        from transformers import LlamaForCausalLM
+
+        from longreach.data.synthetic import FILLER
+        from longreach.data.tokenizer import train_tokenizer
+        from longreach.hf.convert import save_tokenizer
+        from longreach.workers.hf import tiny_llama_config
+
+        train_tokenizer([FILLER, "The pass key is 12345. Remember it."] * 40, 300, tmp_path / "sp.model")
+        LlamaForCausalLM(tiny_llama_config(vocab_size=300, max_position_embeddings=256)).save_pretrained(
+            tmp_path / "runs/pre/hf")
+        save_tokenizer(tmp_path / "sp.model", tmp_path / "runs/pre/hf")
+    extra = ["--run.steps=1", "--run.save_every=0", "--run.out_dir=out"]
+    out = subprocess.run([str(Path(PY).with_name("longreach")), *words[1:], *extra], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -58,8 +58,9 @@ def build_prompt(codec: TextCodec, length: int, depth: float, key: int) -> tuple
     return prompt, ans, answer
 
 
-def passkey_retrieval(model: torch.nn.Module, tokenizer: Any, *, lengths: list[int], depths: list[float],
-                      seeds: int = 10, seed: int = 0) -> list[PasskeyRecord]:
+def passkey_retrieval(model: torch.nn.Module | None, tokenizer: Any, *, lengths: list[int], depths: list[float],
+                      seeds: int = 10, seed: int = 0,
+                      decode: Callable[[list[int], int], list[int]] | None = None) -> list[PasskeyRecord]:
     """Run passkey retrieval for every (length, depth, seed).
 
     Args:
@@ -69,12 +70,18 @@ def passkey_retrieval(model: torch.nn.Module, tokenizer: Any, *, lengths: list[i
         depths: key depths in [0, 1].
         seeds: samples per (length, depth), each with its own random key.
         seed: base seed of the keys.
+        decode: ``decode(prompt_ids, n_new) -> ids`` in place of greedy decoding of ``model`` (longreach's
+            own models, :class:`~longreach.evaluation.runner.OpenModel`).
 
     Returns:
         One record per sample (identical on every rank).
     """
     codec = TextCodec(tokenizer)
-    model.eval()
+    if decode is None:
+        model.eval()
+
+        def decode(ids: list[int], n_new: int) -> list[int]:
+            return greedy_decode(model, ids, n_new, pad_id=codec.pad_id)
     records = []
     for length in lengths:
         for depth in depths:
@@ -82,7 +89,7 @@ def passkey_retrieval(model: torch.nn.Module, tokenizer: Any, *, lengths: list[i
                 rng = np.random.default_rng([seed, length, int(round(depth * 1000)), s])
                 key = int(rng.integers(1, 50001))
                 prompt, ans, answer = build_prompt(codec, length, float(depth), key)
-                gen = greedy_decode(model, prompt, len(ans), pad_id=codec.pad_id)
+                gen = decode(prompt, len(ans))
                 text = codec.decode(gen).strip().rstrip(".")
                 records.append(PasskeyRecord(length=length, depth=float(depth), seed=s, key=key,
                                              prompt_tokens=len(prompt), answer=answer, generated=text,

@@ -301,7 +301,7 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
         The trainer's summary plus ``losses`` (per step, from ``metrics.jsonl``: the whole run's, across
         resumes), ``trainable`` (parameter counts), ``rope_parameters`` and ``export`` (rank 0's folder).
     """
-    from longreach.hf.export import export_hf
+    from longreach.hf.export import checkpoint_dtype, export_hf, run_on_rank0
     from longreach.hf.model import build_hf_model
     from longreach.hf.recipes import trainable_summary
     from longreach.metrics import read_metrics
@@ -337,14 +337,14 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
         model.eval()
         if probe_ids is not None:
             summary["probe_logits"] = probe_logits(model, probe_ids.to(next(model.parameters()).device))
-        if rank == 0:
+        def write_export() -> None:  # rank 0; the others wait without the step-sized collective timeout
             out = Path(summary["run_dir"])
-            export_hf(model.model, out / "export", tokenizer_dir=cfg.hf.path)
+            export_hf(model.model, out / "export", tokenizer_dir=cfg.hf.path, dtype=checkpoint_dtype(cfg.hf.path))
             summary["export"] = str(out / "export")
             (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "probe_logits"},
                                                          indent=1, default=str))
-        if dist.is_initialized():
-            dist.barrier()
+
+        run_on_rank0(write_export)
         return summary
     finally:
         if owned:
@@ -352,16 +352,10 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
 
 
 def _gather_full_parameters(model: torch.nn.Module) -> None:
-    """Replace sharded (FSDP2 DTensor) parameters by full local copies before export; collective.
+    """Full weights on every rank before export (FSDP2 shards, DeepSpeed ZeRO-3 partitions); collective."""
+    from longreach.hf.export import gather_full_parameters
 
-    DDP and DeepSpeed ZeRO ≤ 2 keep full parameters on every rank: nothing to do.
-    """
-    from torch.distributed.tensor import DTensor
-
-    for module in model.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
-            if isinstance(p, DTensor):
-                setattr(module, name, torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad))
+    gather_full_parameters(model)
 
 
 @torch.no_grad()

@@ -2,8 +2,10 @@
 
     longreach upcycle --seeds run_a run_b run_c --out bam_run [--share-kv] [--top-k 2]
 
-A seed is a state-dict file (``.safetensors``, or a torch file read with ``weights_only=True``) or a
-folder holding ``model.safetensors`` / ``model.pt``. The model config is read from ``--model-config``
+A seed is any model source (a ``longreach train`` run folder — its latest complete step —, a
+``step-N`` checkpoint, an export with ``model.safetensors`` + ``config.yaml``, an HF Llama folder), a
+state-dict file (``.safetensors``, or a torch file read with ``weights_only=True``) or a folder holding
+``model.pt``. The model config is read from ``--model-config``
 (a YAML file with a ``model:`` section or the bare fields) or from ``config.yaml`` beside each seed;
 every seed must agree. The output folder receives ``model.safetensors`` and ``config.yaml``
 (``model:`` section of the mixture: ``attention_type: moa``, ``ffn_type: moe``, ``parallel_block: true``).
@@ -96,21 +98,55 @@ def save_mixture(out_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
     return out_dir / "model.safetensors"
 
 
+def _is_state_file(seed: Path) -> bool:
+    """A state-dict file, or a folder holding only one (no export ``config.yaml`` / model source)."""
+    return seed.is_file() or (seed.is_dir() and not (seed / "config.yaml").is_file()
+                              and any((seed / n).is_file() for n in STATE_NAMES[1:]))
+
+
+def _seed_info(seed: Path) -> tuple[ModelConfig | None, str]:
+    """(model config or None, what is read) of one seed: a state file, a folder holding one, or any model
+    source (run folder → latest step, ``step-N``, export, HF Llama folder: :mod:`longreach.sources`)."""
+    if not seed.exists():
+        raise UserError(f"seed checkpoint {seed} does not exist")
+    if _is_state_file(seed):
+        cfg_path = _seed_config(seed)
+        return (load_model_config(cfg_path) if cfg_path is not None else None), str(_state_file(seed))
+    from longreach.sources import resolve_source
+
+    src = resolve_source(seed)
+    return src.model_config(), str(src.path)
+
+
+def _load_seed(seed: Path) -> dict[str, torch.Tensor]:
+    if _is_state_file(seed):
+        return load_state(_state_file(seed))
+    from longreach.sources import read_state_dict, resolve_source
+
+    return {k.removeprefix("module."): v for k, v in read_state_dict(resolve_source(seed)).items()}
+
+
 def upcycle(seeds: list[Path], out_dir: Path, *, model_config: Path | None = None, share_kv: bool = False,
             top_k: int = 1, capacity_factor: float | None = None, seed: int = 0) -> Path:
-    """Read the seeds, build the mixture, write it; returns the written state file. Raises UserError."""
-    files = [_state_file(p) for p in seeds]  # every path checked before any reading
+    """Read the seeds, build the mixture, write it; returns the written state file. Raises UserError.
+
+    A seed is a state file, a folder holding one, or any model source (a run folder, a ``step-N``
+    checkpoint, an export or an HF Llama folder).
+    """
+    found = [_seed_info(Path(p)) for p in seeds]  # every path checked before any weights are read
+    files = [name for _, name in found]
     if model_config is not None:
         dense = load_model_config(model_config)
     else:
-        cfg_paths = [_seed_config(p) for p in seeds]
-        if cfg_paths[0] is None:
+        if found[0][0] is None:
             raise UserError(f"no config.yaml beside {seeds[0]}; pass --model-config")
-        dense = load_model_config(cfg_paths[0])
-        for p, c in zip(seeds[1:], cfg_paths[1:]):
-            if c is not None and load_model_config(c) != dense:
-                raise UserError(f"{c}: model config differs from {cfg_paths[0]} (seeds must share one architecture)")
-    states = [load_state(f) for f in files]
+        dense = found[0][0]
+        for p, (c, _) in zip(seeds[1:], found[1:]):
+            if c is not None and c != dense:
+                raise UserError(f"{p}: model config differs from {seeds[0]}'s (seeds must share one architecture)")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"--out {out_dir} exists and is not empty; choose another folder")
+    states = [_load_seed(Path(p)) for p in seeds]
     cfg, state = upcycle_state_dicts(states, dense, share_kv=share_kv, top_k=top_k, capacity_factor=capacity_factor,
                                      names=[str(f) for f in files], seed=seed)
     from longreach.models import build_model
@@ -120,8 +156,23 @@ def upcycle(seeds: list[Path], out_dir: Path, *, model_config: Path | None = Non
     if missing or unexpected:
         raise UserError(f"{files[0]}: parameters do not match the model config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
-    return save_mixture(out_dir, cfg, state, meta={"seeds": [str(f) for f in files], "share_kv": share_kv,
-                                                   "top_k": top_k, "router_seed": seed})
+    written = save_mixture(out_dir, cfg, state, meta={"seeds": [str(f) for f in files], "share_kv": share_kv,
+                                                      "top_k": top_k, "router_seed": seed})
+    _copy_tokenizer(Path(seeds[0]), out_dir)
+    return written
+
+
+def _copy_tokenizer(seed: Path, out_dir: Path) -> None:
+    """The first seed's sentencepiece model beside the mixture, so eval/generate can tokenize for it."""
+    import shutil
+
+    if _is_state_file(seed):
+        return
+    from longreach.sources import load_tokenizer, resolve_source
+
+    tok = load_tokenizer(resolve_source(seed))
+    if tok is not None and hasattr(tok, "sp"):
+        shutil.copyfile(tok.path, out_dir / "tokenizer.model")
 
 
 def main(argv: list[str]) -> int:
