@@ -38,7 +38,8 @@ EXTRA_KEYS: dict[str, dict[str, Any]] = {
     "moe": {"moe_experts": 8, "moe_top_k": 2, "moe_hidden": None, "moe_capacity_factor": None,
             "moe_balance_coef": 0.01, "moe_z_coef": 1e-3, "moe_routing": "token", "moe_tau": 1.0,
             "moe_expert_parallel": False},
-    "moh": {"moh_shared": None, "moh_top_k": None, "moh_variant": "router", "moh_balance_coef": 0.01},
+    "moh": {"moh_shared": None, "moh_top_k": None, "moh_variant": "router", "moh_balance_coef": 0.01,
+            "moh_execution": "routed"},
     "sqa": {"sqa_q_heads": None, "sqa_kv_heads": None},
     "moa": {"moa_experts": 2, "moa_share_kv": False},
 }
@@ -72,7 +73,7 @@ def moh_config(cfg: ModelConfig) -> MoHConfig:
     top_k = (routed + 1) // 2 if o["moh_top_k"] is None else int(o["moh_top_k"])
     return MoHConfig(dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                      n_shared=shared, top_k=top_k, variant=str(o["moh_variant"]),
-                     balance_coef=float(o["moh_balance_coef"]))
+                     balance_coef=float(o["moh_balance_coef"]), execution=str(o["moh_execution"]))
 
 
 def sqa_config(cfg: ModelConfig) -> SQAConfig:
