@@ -162,7 +162,7 @@ class MoHAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         lctx = ctx.for_layer(self.layer_idx)
         if self.routing_tap is not None:
-            self.routing_tap.record(q.detach(), k.detach(), lctx, self.inner_attention)
+            self.routing_tap.record(q, k, lctx, self.inner_attention)
         out = self._attend(q, k, v, lctx)  # [B, S, H, D]
         out = out * g.to(out.dtype)[..., None]  # per-head weights before o_proj
         self.aux_loss = aux

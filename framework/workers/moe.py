@@ -94,38 +94,59 @@ def _sum_dropped(layer, group) -> int:
     return int(t.item())
 
 
-def cp_attention_routing(rank: int, world_size: int, layouts: list[str]) -> list[str]:
+def _explicit_similarity(x: torch.Tensor, x_proj: torch.Tensor, tau: float, heads: int) -> torch.Tensor:
+    """``[B, S, S]`` mean over heads of causal row-softmax((X W_s)_h X_hᵀ / τ) (materialised; the oracle)."""
+    b, s, d = x.shape
+    qh, kh = x_proj.view(b, s, heads, d // heads), x.view(b, s, heads, d // heads)
+    sc = torch.einsum("bqhd,bkhd->bhqk", qh, kh) / tau
+    sc = sc.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    return sc.softmax(-1).mean(1)
+
+
+def cp_attention_routing(rank: int, world_size: int, setups: list[tuple[str, str, int | None]]) -> list[str]:
     """Attention-/similarity-aware routing mixes through the context-parallel inner attention equal the
-    single-rank explicit products A·P and S·P on this rank's tokens (every layout given)."""
+    single-rank explicit products A·P and S·P (multi-head S) on this rank's tokens, and so do the gradients
+    with respect to P, q, k (attention-aware) and P, x, x W_s (similarity-aware), for every
+    (strategy, layout, ulysses_degree) given."""
     from longreach.attention import AttentionContext, ContextParallelAttention
     from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
     from longreach.parallel import sequence_positions, shard_sequence
 
     failures: list[str] = []
-    for layout in layouts:
+    for strategy, layout, degree in setups:
+        tag = f"P={world_size} {strategy}/{layout}"
         torch.manual_seed(7)
-        b, s, h, hkv, d, e = 1, 8 * world_size, 4, 2, 8, 5
-        q = torch.randn(b, s, h, d, dtype=torch.float64)
-        k = torch.randn(b, s, hkv, d, dtype=torch.float64)
-        x = torch.randn(b, s, d, dtype=torch.float64)
-        w = torch.randn(d, d, dtype=torch.float64) * 0.3
-        probs = torch.randn(b, s, e, dtype=torch.float64).softmax(-1)
+        b, s, h, hkv, d, e, heads, tau = 1, 8 * world_size, 4, 2, 8, 5, 4, 0.5
+        q = torch.randn(b, s, h, d, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(b, s, hkv, d, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+        xp = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+        probs = torch.randn(b, s, e, dtype=torch.float64).softmax(-1).requires_grad_(True)
+        tgt_a, tgt_s = torch.randn(b, s, e, dtype=torch.float64), torch.randn(b, s, e, dtype=torch.float64)
         want = explicit_attention_matrix(q, k) @ probs  # [B, S, E]
-        sc = ((x @ w.t()) @ x.transpose(1, 2) / 0.5).masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
-        want_sim = sc.softmax(-1) @ probs
-        inner = ContextParallelAttention(strategy="ring", layout=layout, backend="reference")
+        want_sim = _explicit_similarity(x, xp, tau, heads) @ probs  # [B, S, E]
+        grads_ref = torch.autograd.grad((want * tgt_a).sum() + (want_sim * tgt_s).sum(), [probs, q, k, x, xp])
+        inner = ContextParallelAttention(strategy=strategy, layout=layout, ulysses_degree=degree, backend="reference")
         ctx = AttentionContext(seq_len=s, positions=sequence_positions(s, layout=layout))
-        sh = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
-        got = attention_mix(sh(probs), sh(q), sh(k), inner=inner, ctx=ctx)
-        _close(f"P={world_size} {layout} attention-aware", got, sh(want), failures)
-        got_sim = similarity_mix(sh(probs), sh(x), sh(x @ w.t()), tau=0.5, inner=inner, ctx=ctx)
-        _close(f"P={world_size} {layout} similarity-aware", got_sim, sh(want_sim), failures)
+        sh = lambda t: shard_sequence(t.detach(), layout=layout)  # noqa: E731
+        local = [sh(t).requires_grad_(True) for t in (probs, q, k, x, xp)]
+        lp, lq, lk, lx, lxp = local
+        got = attention_mix(lp, lq, lk, inner=inner, ctx=ctx)
+        _close(f"{tag} attention-aware", got, sh(want), failures)
+        got_sim = similarity_mix(lp, lx, lxp, tau=tau, heads=heads, inner=inner, ctx=ctx)
+        _close(f"{tag} similarity-aware ({heads} heads)", got_sim, sh(want_sim), failures)
+        grads = torch.autograd.grad((got * sh(tgt_a)).sum() + (got_sim * sh(tgt_s)).sum(), local)
+        for name, g, g_ref in zip(("probs", "q", "k", "x", "x W_s"), grads, grads_ref):
+            _close(f"{tag} d{name}", g, sh(g_ref), failures)
     return failures
 
 
 def ep_and_cp_routing(rank: int, world_size: int, cases: list[dict]) -> list[str]:
     """Both checks in one spawn (group start costs seconds)."""
-    return ep_equivalence(rank, world_size, cases) + cp_attention_routing(rank, world_size, ["zigzag", "contiguous"])
+    setups = [("ring", "zigzag", None), ("ring", "contiguous", None), ("ulysses", "zigzag", None)]
+    if world_size == 4:
+        setups += [("hybrid", "zigzag", 2), ("ulysses", "stripe", None)]
+    return ep_equivalence(rank, world_size, cases) + cp_attention_routing(rank, world_size, setups)
 
 
 def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[str]:
