@@ -24,8 +24,13 @@ replicated parameters' one. For checkpoints, expert weights and their optimizer 
 ``state_dict()`` as DTensors sharded ``Shard(0)`` over the cp mesh dimension (:func:`expert_optimizer_hooks`
 does it for the optimizer), so torch.distributed.checkpoint writes each rank's experts under the one
 global key and can load them on another layout (another cp size, or no expert parallelism at all).
-With an engine (``data_parallel=False``: FSDP2, DeepSpeed, accelerate) experts stay in the layer's own
-*replicated-parameter* mode: each rank computes only its experts but holds all of them.
+Under FSDP2 (``engine.kind=native`` with ``engine.options.fsdp``) the experts are split the same way: the
+cp dimension is the expert mesh dimension, ``fully_shard`` leaves the expert parameters out of its
+sharding (``ignored_params``) and FSDP2-shards the rest over dp × cp, and the engine SUM-reduces expert
+gradients over the dp dimension before clipping (:mod:`longreach.engines.native`); checkpoints hold the
+same ``Shard(0)`` DTensors, so they load on any other layout. Under the other engines (DeepSpeed,
+accelerate) experts stay in the layer's own *replicated-parameter* mode: each rank computes only its
+experts but holds all of them.
 """
 from __future__ import annotations
 
@@ -117,7 +122,8 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
     """
     group = cp_group(mesh)
     # 1. the attention seam, and expert parallelism (real sharding only under our DDP; see module docstring)
-    ep_layers = _expert_parallel_layers(model) if group is not None and data_parallel else []
+    splits = data_parallel or _engine_splits_experts(job_cfg)
+    ep_layers = _expert_parallel_layers(model) if group is not None and splits else []
     if ep_layers:
         _shard_experts(model, mesh, group)
     swapped = hooked = 0
@@ -185,6 +191,17 @@ class ExpertShards:
 def expert_shards(model: nn.Module) -> ExpertShards | None:
     """The expert sharding :func:`parallelize` applied to ``model`` (DDP or not), or None."""
     return getattr(unwrap(model), _SHARDS_ATTR, None)
+
+
+def _engine_splits_experts(job_cfg: Any) -> bool:
+    """Whether the configured engine keeps split experts out of its own sharding (FSDP2 does)."""
+    section = getattr(job_cfg, "engine", None)
+    if section is None:
+        return False
+    from longreach.engines import as_engine_config
+
+    ecfg = as_engine_config(section)
+    return ecfg.kind == "native" and ecfg.fsdp
 
 
 def _expert_parallel_layers(model: nn.Module) -> list[nn.Module]:
