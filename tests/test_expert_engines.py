@@ -3,7 +3,7 @@ replicated training, checkpoints resharded across engines and world sizes."""
 from __future__ import annotations
 
 from longreach.testing import run_ranks
-from longreach.workers import trainer as W
+from longreach.workers import moe as W
 
 
 def test_fsdp2_expert_parallel_matches_replicated_and_reshards(tmp_path):
