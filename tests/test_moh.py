@@ -183,9 +183,12 @@ def test_moh_routed_execution_equals_masked_forward_backward(backend, heads):
 
 
 def test_moh_routed_execution_computes_only_routed_pairs():
-    """The routed heads' kernel calls see exactly the chosen (token, head) pairs: Σ queries = B·S·k."""
+    """The routed heads' kernel calls see exactly the chosen (token, head) pairs: with documents (one call
+    per routed head) Σ queries = B·S·k; with plain causal attention the (query, key) pairs computed cover
+    the causal ones of the chosen queries and exceed them by less than one window per query."""
     from longreach.attention import LocalAttention
     from longreach.kernels import get_backend
+    from longreach.mixtures.routed import WINDOW
 
     torch.manual_seed(5)
     cfg = MoHConfig(dim=16, n_heads=6, n_kv_heads=2, head_dim=4, n_shared=2, top_k=1)
@@ -193,25 +196,32 @@ def test_moh_routed_execution_computes_only_routed_pairs():
     _randomise_routers(moh)
     moh.inner_attention = LocalAttention("reference")
     backend = get_backend("reference")
-    seen: list[int] = []
+    calls: list[tuple[int, int]] = []  # (query, head) rows and keys of each call
     orig = backend.forward
 
     def spy(q, k, v, **kw):
-        seen.append(q.shape[0] * q.shape[1] * q.shape[2])  # (query, head) pairs of this call
+        calls.append((q.shape[0] * q.shape[1] * q.shape[2], k.shape[1]))
         return orig(q, k, v, **kw)
 
+    b, s = 2, 2 * WINDOW + 9
+    x = torch.randn(b, s, 16, dtype=torch.float64)
+    pos = torch.arange(s).view(1, s).expand(b, s)
+    cos, sin = RotaryEmbedding(4, 10000.0, None, 2 * s)(pos, s, dtype=torch.float64)
     backend.forward = spy
     try:
-        b, s = 2, 9
-        x = torch.randn(b, s, 16, dtype=torch.float64)
-        pos = torch.arange(s).view(1, s).expand(b, s)
-        cos, sin = RotaryEmbedding(4, 10000.0, None, 16)(pos, s, dtype=torch.float64)
+        moh(x, cos, sin, AttentionContext(cu_seqlens=torch.tensor([0, s])))  # one document: not plain causal
+        documents, calls[:] = list(calls), []
         moh(x, cos, sin, AttentionContext())
     finally:
         backend.forward = orig
-    # one dense call for the 2 shared heads (the GQA group of 3 query heads computed), then routed segments
-    assert seen[0] == b * s * 3
-    assert sum(seen[1:]) == b * s * cfg.top_k == int(moh.routed_active.sum())
+    # first the one dense call of the 2 shared heads (their GQA group of 3 query heads), then the routed heads
+    assert documents[0] == (b * s * 3, s)
+    assert sum(rows for rows, _ in documents[1:]) == b * s * cfg.top_k == int(moh.routed_active.sum())
+    routed_pos = moh.routed_active.nonzero()[:, 1]  # position of every chosen (token, head) pair
+    needed = int((routed_pos + 1).sum())  # causal keys of each chosen query
+    computed = sum(rows * keys for rows, keys in calls[1:])
+    assert needed <= computed < needed + routed_pos.numel() * WINDOW
+    assert computed < 0.6 * b * cfg.n_routed * s * (s + 1) / 2  # far below every routed head computed densely
 
 
 def test_moh_routed_under_every_cp_strategy():

@@ -32,7 +32,7 @@ from longreach.attention import AttentionContext, ContextParallelAttention, Loca
 from longreach.kernels import get_backend
 from longreach.kernels.masks import Mask
 
-__all__ = ["RoutedSegments", "routed_attention", "supports_routed"]
+__all__ = ["WINDOW", "Job", "RoutedSegments", "plan_jobs", "routed_attention", "supports_routed"]
 
 
 def supports_routed(inner: Any) -> bool:
@@ -48,14 +48,29 @@ def _cp(inner: LocalAttention) -> tuple[dist.ProcessGroup | None, str, int, int]
     return group, inner.layout, dist.get_rank(group), dist.get_world_size(group)
 
 
-def _backend(name: str, q: torch.Tensor) -> ModuleType:
-    """The local backend for gathered queries: ``auto`` on CPU skips empty key tiles (``cpu_sparse``):
-    the query positions are arbitrary, so the dense CPU kernel could not use its aligned causal mode."""
-    if name == "auto":
-        if q.device.type == "cpu":
-            return get_backend("cpu_sparse")
-        name = "reference" if q.dtype == torch.float64 else "triton"
-    return get_backend(name)
+def _backend(name: str, q: torch.Tensor, mask: Any) -> ModuleType:
+    """The local backend of one call: the layer's, or for ``auto`` the kernels' own choice for this mask."""
+    from longreach.kernels.api import resolve_backend
+
+    return get_backend(resolve_backend(name, q, mask))
+
+
+#: Positions per causal window: the routed queries of a window run the keys before it in one unmasked call
+#: and the window's own keys in one small masked call; the masked call computes about twice the pairs it
+#: needs, so the work beyond the exact causal count is about WINDOW / S of it.
+WINDOW = 256
+
+
+@dataclass(kw_only=True, slots=True)
+class Job:
+    """One kernel call: packed query rows ``rows`` of one segment against gathered keys ``keys``."""
+
+    seg: int
+    rows: slice
+    keys: slice
+    mask: Any
+    """A PlacedMask, or None (every key allowed)."""
+    backend: ModuleType
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,21 +79,48 @@ class RoutedSegments:
 
     rows: list[int]
     """Batch row of each segment."""
-    heads: list[int]
-    """Global query head of each segment."""
     kv_heads: list[int]
     """Key/value head of each segment."""
     starts: list[int]
     """Offsets into the packed rows (length segments + 1)."""
-    q_pos: list[torch.Tensor]
-    """Global positions of each segment's queries (sorted)."""
-    masks: list[Mask]
-    """The mask of each segment's batch row (documents differ per row)."""
-    k_pos: torch.Tensor
-    """Global positions of the gathered keys (0..S-1 after sorting)."""
-    seq_len: int
-    num_heads: int
+    jobs: list[Job]
+    """The kernel calls, grouped by segment (a segment's calls cover disjoint key ranges)."""
     scale: float
+
+
+def plan_jobs(seg_rows: list[int], starts: list[int], q_pos: list[torch.Tensor], heads: list[int],
+              masks: list[Mask], *, k_pos: torch.Tensor, seq_len: int, num_heads: int, causal_fast: bool,
+              backend: str, probe: torch.Tensor) -> list[Job]:
+    """Kernel calls of every segment.
+
+    With ``causal_fast`` (plain causal mask, keys in global order 0..S-1, queries sorted) the queries of each
+    window of :data:`WINDOW` positions, at positions ``lo … hi``, run keys ``[0, lo)`` with no mask (the
+    fastest dense call) and keys ``[lo, hi]`` with the causal pattern placed at their positions. Otherwise
+    one call per segment against every key with the layer's mask placed at the queries' positions.
+    """
+    jobs: list[Job] = []
+    for i in range(len(seg_rows)):
+        lo_row, hi_row = starts[i], starts[i + 1]
+        if hi_row == lo_row:
+            continue
+        head = torch.tensor([heads[i]])
+        if not causal_fast:
+            placed = masks[i].place(q_pos[i], k_pos, seq_len=seq_len, heads=head, num_heads=num_heads)
+            jobs.append(Job(seg=i, rows=slice(lo_row, hi_row), keys=slice(0, k_pos.numel()), mask=placed,
+                            backend=_backend(backend, probe, placed)))
+            continue
+        window = q_pos[i] // WINDOW  # [n] sorted
+        cuts = (torch.nonzero(window[1:] != window[:-1]).view(-1) + 1).tolist()
+        for a, b in zip([lo_row] + [lo_row + c for c in cuts], [lo_row + c for c in cuts] + [hi_row]):
+            pos = q_pos[i][a - lo_row:b - lo_row]
+            first, last = int(pos[0]), int(pos[-1])
+            if first > 0:
+                jobs.append(Job(seg=i, rows=slice(a, b), keys=slice(0, first), mask=None,
+                                backend=_backend(backend, probe, None)))
+            placed = masks[i].place(pos, k_pos[first:last + 1], seq_len=seq_len, heads=head, num_heads=num_heads)
+            jobs.append(Job(seg=i, rows=slice(a, b), keys=slice(first, last + 1), mask=placed,
+                            backend=_backend(backend, probe, placed)))
+    return jobs
 
 
 class _GatheredKV:
@@ -120,52 +162,50 @@ class _GatheredKV:
 
 class _RoutedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_packed, k, v, seg: RoutedSegments, kv: _GatheredKV, backend: ModuleType):  # type: ignore[override]
+    def forward(ctx, q_packed, k, v, seg: RoutedSegments, kv: _GatheredKV):  # type: ignore[override]
+        from longreach.kernels import merge_attention
+
         d = k.shape[-1]
         full = kv.gather(torch.cat([k, v], dim=-1))  # [B, S, Hkv, D+E]
-        out = q_packed.new_zeros(q_packed.shape[0], v.shape[-1])  # [N, E]
-        lse = torch.full((q_packed.shape[0],), float("-inf"), dtype=torch.float64 if q_packed.dtype == torch.float64
-                         else torch.float32, device=q_packed.device)  # [N]
-        for i, (b, g) in enumerate(zip(seg.rows, seg.kv_heads)):
-            lo, hi = seg.starts[i], seg.starts[i + 1]
-            if hi == lo:
-                continue
-            kb = full[b:b + 1, :, g:g + 1]  # [1, S, 1, D+E]
-            o, l = backend.forward(q_packed[lo:hi].view(1, hi - lo, 1, d), kb[..., :d], kb[..., d:],
-                                   mask=_placed(seg, i), scale=seg.scale)
-            out[lo:hi] = o.view(hi - lo, -1).to(out.dtype)
-            lse[lo:hi] = l.view(-1).to(lse.dtype)
+        acc = torch.float64 if q_packed.dtype == torch.float64 else torch.float32
+        out = q_packed.new_zeros(q_packed.shape[0], v.shape[-1], dtype=acc)  # [N, E]
+        lse = torch.full((q_packed.shape[0],), float("-inf"), dtype=acc, device=q_packed.device)  # [N]
+        running: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}  # rows start -> merged (out, lse)
+        for job in seg.jobs:
+            b, g, n = seg.rows[job.seg], seg.kv_heads[job.seg], job.rows.stop - job.rows.start
+            kb = full[b:b + 1, job.keys, g:g + 1]  # [1, Sk, 1, D+E]
+            o, l = job.backend.forward(q_packed[job.rows].view(1, n, 1, d), kb[..., :d], kb[..., d:],
+                                       mask=job.mask, scale=seg.scale)  # [1, n, 1, E], [1, 1, n]
+            prev = running.get(job.rows.start)
+            running[job.rows.start] = (job.rows.stop, *merge_attention(
+                None if prev is None else prev[1], None if prev is None else prev[2], o.to(acc), l.to(acc)))
+        for start, (stop, o, l) in running.items():
+            out[start:stop] = o.view(stop - start, -1)
+            lse[start:stop] = l.view(-1)
+        out = out.to(q_packed.dtype)
         ctx.save_for_backward(q_packed, k, v, out, lse)
-        ctx.seg, ctx.kv, ctx.backend = seg, kv, backend
+        ctx.seg, ctx.kv = seg, kv
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q_packed, k, v, out, lse = ctx.saved_tensors
-        seg, backend = ctx.seg, ctx.backend
+        seg = ctx.seg
         d = k.shape[-1]
         full = ctx.kv.gather(torch.cat([k, v], dim=-1))  # [B, S, Hkv, D+E] (gathered again, not kept)
         dfull = torch.zeros_like(full)  # [B, S, Hkv, D+E]
         dq = torch.zeros_like(q_packed)  # [N, D]
-        for i, (b, g) in enumerate(zip(seg.rows, seg.kv_heads)):
-            lo, hi = seg.starts[i], seg.starts[i + 1]
-            if hi == lo:
-                continue
-            n = hi - lo
-            kb = full[b:b + 1, :, g:g + 1]  # [1, S, 1, D+E]
-            gq, gk, gv = backend.backward(dout[lo:hi].reshape(1, n, 1, -1), q_packed[lo:hi].view(1, n, 1, d),
-                                          kb[..., :d], kb[..., d:], out[lo:hi].view(1, n, 1, -1),
-                                          lse[lo:hi].view(1, 1, n), mask=_placed(seg, i), scale=seg.scale)
-            dq[lo:hi] = gq.reshape(n, d).to(dq.dtype)
-            dfull[b, :, g, :d] += gk[0, :, 0].to(dfull.dtype)
-            dfull[b, :, g, d:] += gv[0, :, 0].to(dfull.dtype)
+        for job in seg.jobs:
+            b, g, n = seg.rows[job.seg], seg.kv_heads[job.seg], job.rows.stop - job.rows.start
+            kb = full[b:b + 1, job.keys, g:g + 1]  # [1, Sk, 1, D+E]
+            gq, gk, gv = job.backend.backward(dout[job.rows].reshape(1, n, 1, -1), q_packed[job.rows].view(1, n, 1, d),
+                                              kb[..., :d], kb[..., d:], out[job.rows].view(1, n, 1, -1),
+                                              lse[job.rows].view(1, 1, n), mask=job.mask, scale=seg.scale)
+            dq[job.rows] += gq.reshape(n, d).to(dq.dtype)
+            dfull[b, job.keys, g, :d] += gk[0, :, 0].to(dfull.dtype)
+            dfull[b, job.keys, g, d:] += gv[0, :, 0].to(dfull.dtype)
         dkv = ctx.kv.scatter(dfull)  # [B, S/P, Hkv, D+E]
-        return dq, dkv[..., :d], dkv[..., d:], None, None, None
-
-
-def _placed(seg: RoutedSegments, i: int):
-    return seg.masks[i].place(seg.q_pos[i], seg.k_pos, seq_len=seg.seq_len, heads=torch.tensor([seg.heads[i]]),
-                              num_heads=seg.num_heads)
+        return dq, dkv[..., :d], dkv[..., d:], None, None
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor, *, first_head: int,
@@ -198,8 +238,12 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: 
         pos = ctx.positions.cpu() if ctx.positions is not None else torch.arange(s)
         k_pos = pos
     per_row = isinstance(ctx.cu_seqlens, (tuple, list))
-    row_masks = [base_mask(replace(ctx, cu_seqlens=ctx.cu_seqlens[i]) if per_row else ctx,
-                           inner.extra_mask(ctx)) for i in range(b)]
+    extra = inner.extra_mask(ctx)
+    row_masks = [base_mask(replace(ctx, cu_seqlens=ctx.cu_seqlens[i]) if per_row else ctx, extra) for i in range(b)]
+    # plain causal attention over keys in global order: split each query chunk into an unmasked call and
+    # a small masked one (see plan_jobs); any other pattern is placed as it is
+    causal_fast = (extra is None and ctx.cu_seqlens is None
+                   and bool(torch.equal(k_pos, torch.arange(k_pos.numel()))))
     group_size = num_heads // hkv
     order = torch.argsort(pos)  # local token indices in global position order
     act = active[:, order.to(active.device)].cpu()  # [B, S, R] in position order
@@ -216,12 +260,13 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: 
             b_idx.append(torch.full_like(tok, i))
             s_idx.append(tok)
             r_idx.append(torch.full_like(tok, j))
-    seg = RoutedSegments(rows=rows, heads=heads, kv_heads=kv_heads, starts=starts, q_pos=q_pos, masks=masks,
-                         k_pos=k_pos, seq_len=seq_len, num_heads=num_heads,
+    jobs = plan_jobs(rows, starts, q_pos, heads, masks, k_pos=k_pos, seq_len=seq_len, num_heads=num_heads,
+                     causal_fast=causal_fast, backend=inner.backend, probe=q)
+    seg = RoutedSegments(rows=rows, kv_heads=kv_heads, starts=starts, jobs=jobs,
                          scale=ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d))
     index = tuple(torch.cat(t).to(q.device) for t in (b_idx, s_idx, r_idx))  # each [N]
     q_packed = q[index]  # [N, D]
     kv = _GatheredKV(group, size, layout, seq_len)
-    out_packed = _RoutedAttention.apply(q_packed, k.contiguous(), v.contiguous(), seg, kv, _backend(inner.backend, q))
+    out_packed = _RoutedAttention.apply(q_packed, k.contiguous(), v.contiguous(), seg, kv)
     out = q.new_zeros(b, s, r, v.shape[-1])  # [B, S, R, E]
     return out.index_put(index, out_packed.to(out.dtype))
