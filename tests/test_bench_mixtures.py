@@ -58,3 +58,16 @@ def test_bench_mixtures_bad_options_exit_2(argv, message, capsys):
     assert cli.main(["bench", "mixtures", *TINY, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_expert_bytes_per_rank_halved_under_ddp_and_fsdp2():
+    """``bench mixtures --expert-bytes``' worker: with experts split over 2 ranks each rank stores exactly
+    half of the expert weights under native DDP and under FSDP2 (which also shards the rest)."""
+    from longreach.testing import run_ranks
+
+    per_rank = run_ranks(bench.expert_bytes_worker, 2, args=(["ddp", "fsdp2"], 4, 16, 24))
+    total = 2 * 3 * 4 * 16 * 24 * 4  # 2 layers × (gate, up, down) × E × dim × hidden × fp32 bytes
+    for counts in per_rank:
+        assert counts["ddp"]["expert_bytes"] == counts["fsdp2"]["expert_bytes"] == total // 2
+        assert counts["ddp"]["expert_bytes_total"] == total
+        assert counts["fsdp2"]["param_bytes"] < counts["ddp"]["param_bytes"]  # dense part FSDP2-sharded too

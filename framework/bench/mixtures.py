@@ -16,8 +16,13 @@ forward + backward; the table gives the median over rounds and the spread (min�
 time ratio to its dense partner, beside the analytic forward FLOP ratio. Memory: the bytes autograd saves
 for backward (exact, any device) and, on CUDA, the peak allocated during forward + backward.
 
+With ``--expert-bytes`` it also spawns gloo ranks (default 2, all of them the context-parallel group the
+experts are split over) and reports the bytes of expert weights each rank holds under each engine — native
+DDP, FSDP2 and DeepSpeed ZeRO — with ``model.extra.moe_expert_parallel`` on, against the total.
+
     longreach bench mixtures                       # 8k tokens, dim 512, 8 heads of 64, 3 rounds
     longreach bench mixtures --seq-len 2048 --rounds 5 --json out.json
+    longreach bench mixtures --expert-bytes --rounds 1 --seq-len 256
 """
 from __future__ import annotations
 
@@ -217,6 +222,61 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+ENGINES = ("ddp", "fsdp2", "deepspeed")
+
+
+def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts: int, dim: int, hidden: int
+                        ) -> dict[str, dict[str, int]]:
+    """One rank: build a 2-layer MoE model with experts split over cp = all ranks, wrap it in each engine,
+    and count the expert-weight bytes this rank stores (FSDP2/DeepSpeed: their local shards)."""
+    import dataclasses
+
+    from longreach.engines import EngineConfig, build_engine
+    from longreach.job import JobConfig
+    from longreach.models import build_model
+    from longreach.models.config import ModelConfig
+    from longreach.parallel.config import ParallelConfig
+    from longreach.parallel.mesh import ParallelDims
+    from longreach.parallelize import parallelize
+
+    out: dict[str, dict[str, int]] = {}
+    mesh = ParallelDims(world_size=world_size, dp=1, cp=world_size).build_mesh("cpu")
+    for name in engines:
+        torch.manual_seed(0)
+        model_cfg = ModelConfig(vocab_size=64, dim=dim, n_layers=2, n_heads=4, n_kv_heads=4, ffn_type="moe",
+                                extra={"moe_experts": experts, "moe_top_k": 2, "moe_hidden": hidden,
+                                       "moe_expert_parallel": True})
+        job = JobConfig(model=model_cfg, parallel=ParallelConfig(cp=world_size, layout="contiguous"))
+        if name != "ddp":
+            ecfg = {"fsdp2": EngineConfig(kind="native", fsdp=True),
+                    "deepspeed": EngineConfig(kind="deepspeed", zero_stage=1)}[name]
+            job = dataclasses.replace(job, engine=dataclasses.replace(
+                job.engine, kind=ecfg.kind, options={"fsdp": True} if name == "fsdp2" else {"zero_stage": 1}))
+        model = parallelize(build_model(model_cfg), job, mesh, data_parallel=name == "ddp")
+        if name != "ddp":
+            engine = build_engine(ecfg, model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), mesh=mesh)
+            model = engine.module
+        expert = total = 0
+        for pname, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            nbytes = local.numel() * local.element_size()
+            total += nbytes
+            if ".experts." in pname:
+                expert += nbytes
+        out[name] = {"expert_bytes": expert, "param_bytes": total,
+                     "expert_bytes_total": 2 * 3 * experts * dim * hidden * 4}
+    return out
+
+
+def run_expert_bytes(args: argparse.Namespace) -> dict[str, Any]:
+    """Spawn ``--ep-ranks`` gloo ranks; per-rank expert bytes under each engine."""
+    from longreach.testing import run_ranks
+
+    res = run_ranks(expert_bytes_worker, args.ep_ranks,
+                    args=(list(args.ep_engines), args.moe_experts, args.dim, args.ffn_hidden), timeout=600)
+    return {"ranks": args.ep_ranks, "per_rank": res}
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'layer':<46}{'FLOP ratio':>11}{'fwd s':>9}{'fwd ratio (min-max)':>22}{'fwd+bwd s':>11}"
             f"{'fwd+bwd ratio (min-max)':>26}{'saved MiB':>11}{'peak MiB':>10}")
@@ -252,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="local attention backend (default auto)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--expert-bytes", action="store_true",
+                   help="also count per-rank expert bytes under native DDP, FSDP2 and DeepSpeed (gloo ranks)")
+    p.add_argument("--ep-ranks", type=int, default=2, help="gloo ranks for --expert-bytes (default 2)")
+    p.add_argument("--ep-engines", default=",".join(ENGINES), help="engines for --expert-bytes: " + ", ".join(ENGINES))
     p.add_argument("--json", default=None, help="write the rows here")
     return p
 
@@ -266,6 +330,12 @@ def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.moh_shared < args.heads or not 1 <= args.moh_top_k <= args.heads - args.moh_shared:
         raise UserError(f"bench mixtures: need 0 <= --moh-shared < --heads and 1 <= --moh-top-k <= "
                         f"{args.heads - args.moh_shared} (the routed heads); got {args.moh_shared}, {args.moh_top_k}")
+    args.ep_engines = [e.strip() for e in str(args.ep_engines).split(",") if e.strip()]
+    bad = [e for e in args.ep_engines if e not in ENGINES]
+    if bad:
+        raise UserError(f"bench mixtures --ep-engines: unknown engine {bad[0]!r}; choose from {', '.join(ENGINES)}")
+    if args.expert_bytes and (args.ep_ranks < 1 or args.moe_experts % args.ep_ranks):
+        raise UserError(f"bench mixtures: --moe-experts={args.moe_experts} must divide by --ep-ranks={args.ep_ranks}")
     if args.moe_top_k > args.moe_experts:
         raise UserError(f"bench mixtures: --moe-top-k={args.moe_top_k} exceeds --moe-experts={args.moe_experts}")
 
@@ -283,9 +353,17 @@ def main(argv: list[str]) -> int:
     print(_table(rows))
     print("ratios: this layer's time / its dense partner's, per round (median, min-max); FLOP ratio: analytic "
           "forward FLOPs / the partner's; saved MiB: bytes autograd keeps for backward; peak MiB: CUDA only")
+    result: dict[str, Any] = {"config": vars(args), "rows": rows}
+    if args.expert_bytes:
+        eb = result["expert_bytes"] = run_expert_bytes(args)
+        for r, per in enumerate(eb["per_rank"]):
+            for name, c in per.items():
+                print(f"expert bytes, {name:<9} rank {r}/{eb['ranks']}: {c['expert_bytes']} of "
+                      f"{c['expert_bytes_total']} ({c['expert_bytes'] / c['expert_bytes_total']:.3f}); all "
+                      f"parameters on this rank {c['param_bytes']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "rows": rows}, f, indent=1, default=str)
+            json.dump(result, f, indent=1, default=str)
     return 0
 
 
