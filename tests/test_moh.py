@@ -46,17 +46,22 @@ def _reference_heads(layer: Attention, x, cos, sin) -> torch.Tensor:
     return torch.einsum("bhqk,bkhd->bqhd", sc.softmax(-1), v)
 
 
+def _same_fwd_bwd(want_layer, got_layer, x, cos, sin, ctx, *, rtol_out: float, rtol_grad: float) -> None:
+    """Both layers on the same input: equal outputs, and equal input gradients for one random output gradient."""
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = want_layer(x1, cos, sin, ctx), got_layer(x2, cos, sin, ctx)
+    torch.testing.assert_close(got, want, rtol=rtol_out, atol=1e-12)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=rtol_grad, atol=1e-12)
+
+
 def test_moh_all_shared_equals_mha_forward_backward():
     layer, cfg = _dense()
     x, cos, sin, ctx = _inputs(cfg)
     moh = moh_from_dense(layer, n_shared=4, top_k=0)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_dense, y_moh = layer(x1, cos, sin, ctx), moh(x2, cos, sin, ctx)
-    torch.testing.assert_close(y_moh, y_dense, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y_dense)
-    y_dense.backward(g)
-    y_moh.backward(g)
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
+    _same_fwd_bwd(layer, moh, x, cos, sin, ctx, rtol_out=1e-12, rtol_grad=1e-10)
     torch.testing.assert_close(moh.q_proj.weight.grad, layer.q_proj.weight.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(moh.v_proj.weight.grad, layer.v_proj.weight.grad, rtol=1e-10, atol=1e-12)
 
@@ -171,13 +176,7 @@ def test_moh_routed_execution_equals_masked_forward_backward(backend, heads):
     pos = torch.arange(s).view(1, s).expand(b, s)
     cos, sin = RotaryEmbedding(8, 10000.0, None, 64)(pos, s, dtype=torch.float64)
     ctx = AttentionContext(cu_seqlens=torch.tensor([0, 5, 6, 30, s]))  # packed documents, one of length 1
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_masked, y_routed = masked(x1, cos, sin, ctx), routed(x2, cos, sin, ctx)
-    torch.testing.assert_close(y_routed, y_masked, rtol=1e-10, atol=1e-12)
-    g = torch.randn_like(y_masked)
-    y_masked.backward(g)
-    y_routed.backward(g)
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-9, atol=1e-12)
+    _same_fwd_bwd(masked, routed, x, cos, sin, ctx, rtol_out=1e-10, rtol_grad=1e-9)
     for (name, p_r), p_m in zip(routed.named_parameters(), masked.parameters()):
         torch.testing.assert_close(p_r.grad, p_m.grad, rtol=1e-9, atol=1e-12, msg=name)
 

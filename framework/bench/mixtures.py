@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -344,16 +345,14 @@ def main(argv: list[str]) -> int:
     """Entry point of ``longreach bench mixtures``."""
     args = build_parser().parse_args(argv)
     _check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"bench mixtures: S={args.seq_len} B={args.batch} dim={args.dim} H={args.heads} Hkv={args.kv_heads} "
-          f"D={args.head_dim} {args.dtype} backend={args.backend}, {args.rounds} interleaved rounds, "
-          f"{torch.get_num_threads()} threads", flush=True)
-    rows = run(args)
-    print(_table(rows))
-    print("ratios: this layer's time / its dense partner's, per round (median, min-max); FLOP ratio: analytic "
-          "forward FLOPs / the partner's; saved MiB: bytes autograd keeps for backward; peak MiB: CUDA only")
-    result: dict[str, Any] = {"config": vars(args), "rows": rows}
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    setting = (f"S={args.seq_len} B={args.batch} dim={args.dim} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
+               f"{args.dtype} backend={args.backend}")
+    print(f"bench mixtures: {setting}, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads", flush=True)
+    result: dict[str, Any] = {"config": vars(args), "rows": run(args)}
+    print(_table(result["rows"]) + "\nratios: this layer's time / its dense partner's, per round (median, min-max); "
+          "FLOP ratio: analytic forward FLOPs / the partner's; saved MiB: bytes autograd keeps for backward; "
+          "peak MiB: CUDA only")
     if args.expert_bytes:
         eb = result["expert_bytes"] = run_expert_bytes(args)
         for r, per in enumerate(eb["per_rank"]):
@@ -362,8 +361,7 @@ def main(argv: list[str]) -> int:
                       f"{c['expert_bytes_total']} ({c['expert_bytes'] / c['expert_bytes_total']:.3f}); all "
                       f"parameters on this rank {c['param_bytes']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
     return 0
 
 
