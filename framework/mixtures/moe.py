@@ -125,6 +125,10 @@ class SwiGLUExperts(nn.Module):
         """Run expert ``offset + e`` on the e-th contiguous segment of ``x`` ``[M, D]`` (``counts[e]`` rows)."""
         w1, w3, w2 = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
         outs = []
+        if w1.dtype != x.dtype:
+            # split experts are left out of FSDP2's mixed-precision casts: compute in the activations' dtype
+            # (the fp32 weights stay the master copy; autograd casts the gradients back)
+            w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
         for e, seg in enumerate(torch.split(x, counts)):  # loop over experts, never over tokens
             h = F.silu(F.linear(seg, w1[offset + e])) * F.linear(seg, w3[offset + e])  # [n_e, F]
             outs.append(F.linear(h, w2[offset + e]))  # [n_e, D]
