@@ -1,12 +1,15 @@
-"""Expert parallelism under the engines: FSDP2 (expert mesh dimension) against single-rank-equivalent
-replicated training, checkpoints resharded across engines and world sizes."""
+"""Expert parallelism under the engines — FSDP2 (expert mesh dimension) and DeepSpeed ZeRO (dense part) —
+against replicated training of the same model, with checkpoints resharded across engines and world sizes."""
 from __future__ import annotations
+
+import pytest
 
 from longreach.testing import run_ranks
 from longreach.workers import moe as W
 
 
-def test_fsdp2_expert_parallel_matches_replicated_and_reshards(tmp_path):
-    results = run_ranks(W.fsdp_expert_parallel_checks, 2, args=(str(tmp_path),), timeout=300)
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
+def test_expert_parallel_under_engine_matches_replicated_and_reshards(tmp_path, engine):
+    results = run_ranks(W.engine_expert_parallel_checks, 2, args=(str(tmp_path), engine), timeout=400)
     failures = [f for r in results for f in r]
     assert not failures, "\n".join(failures)
