@@ -208,6 +208,7 @@ def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[s
 ENGINE_RUNS = {
     "fsdp2": ({"engine.options": {"fsdp": True}}, {}),  # resumed under DDP (another engine's layout)
     "deepspeed": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}},) * 2,  # resumed as is
+    "deepspeed_zero2": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2}},) * 2,
 }
 
 
