@@ -24,7 +24,14 @@ replicated parameters' one. For checkpoints, expert weights and their optimizer 
 ``state_dict()`` as DTensors sharded ``Shard(0)`` over the cp mesh dimension (:func:`expert_optimizer_hooks`
 does it for the optimizer), so torch.distributed.checkpoint writes each rank's experts under the one
 global key and can load them on another layout (another cp size, or no expert parallelism at all).
-With an engine (``data_parallel=False``: FSDP2, DeepSpeed, accelerate) experts stay in the layer's own
+Under FSDP2 (``engine.kind=native`` with ``engine.options.fsdp``) the experts are split the same way: the
+cp dimension is the expert mesh dimension, ``fully_shard`` leaves the expert parameters out of its
+sharding (``ignored_params``) and FSDP2-shards the rest over dp × cp, and the engine SUM-reduces expert
+gradients over the dp dimension before clipping (:mod:`longreach.engines.native`); checkpoints hold the
+same ``Shard(0)`` DTensors, so they load on any other layout. Under DeepSpeed ZeRO 1/2 in fp32
+(:func:`longreach.engines.deepspeed.splits_experts`) they are split too: DeepSpeed shards the dense part
+and the engine steps the experts beside it (:class:`longreach.engines.deepspeed.DeepSpeedEngine`).
+Otherwise (other ZeRO stages or precisions, accelerate) experts stay in the layer's own
 *replicated-parameter* mode: each rank computes only its experts but holds all of them.
 """
 from __future__ import annotations
@@ -117,7 +124,8 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
     """
     group = cp_group(mesh)
     # 1. the attention seam, and expert parallelism (real sharding only under our DDP; see module docstring)
-    ep_layers = _expert_parallel_layers(model) if group is not None and data_parallel else []
+    splits = data_parallel or _engine_splits_experts(job_cfg)
+    ep_layers = _expert_parallel_layers(model) if group is not None and splits else []
     if ep_layers:
         _shard_experts(model, mesh, group)
     swapped = hooked = 0
@@ -180,11 +188,29 @@ class ExpertShards:
     """This rank's expert parameters (``[E / P, …]`` each)."""
     names: list[str]
     """Their fully qualified names in the (activation-checkpointed) model, as DDP and checkpoints see them."""
+    dtensor_state: bool = True
+    """``state_dict()`` gives expert weights as ``Shard(0)`` DTensors (False: this rank's plain tensors, for
+    a checkpoint format that is not DCP's — DeepSpeed's own files)."""
 
 
 def expert_shards(model: nn.Module) -> ExpertShards | None:
     """The expert sharding :func:`parallelize` applied to ``model`` (DDP or not), or None."""
     return getattr(unwrap(model), _SHARDS_ATTR, None)
+
+
+def _engine_splits_experts(job_cfg: Any) -> bool:
+    """Whether the configured engine keeps split experts out of its own sharding (FSDP2, DeepSpeed ZeRO 1/2)."""
+    section = getattr(job_cfg, "engine", None)
+    if section is None:
+        return False
+    from longreach.engines import as_engine_config
+
+    ecfg = as_engine_config(section)
+    if ecfg.kind == "deepspeed":
+        from longreach.engines.deepspeed import splits_experts
+
+        return splits_experts(ecfg)
+    return ecfg.kind == "native" and ecfg.fsdp
 
 
 def _expert_parallel_layers(model: nn.Module) -> list[nn.Module]:
@@ -219,7 +245,7 @@ def _shard_experts(model: nn.Module, mesh: Any, group: dist.ProcessGroup) -> Non
     owners = {id(p) for p in params}
     for module in model.modules():
         if any(id(p) in owners for p in module.parameters(recurse=False)):
-            module.register_state_dict_post_hook(_experts_to_dtensor(shards.ep_mesh))
+            module.register_state_dict_post_hook(_experts_to_dtensor(shards))
             module.register_load_state_dict_pre_hook(_experts_from_dtensor)
     n = sum(p.numel() for p in params)
     log.info("parallelize: %d MoE layers split their experts over cp=%d (%d expert parameters on this rank); "
@@ -240,14 +266,16 @@ def _as_dtensor(local: torch.Tensor, ep_mesh: Any) -> torch.Tensor:
                               stride=torch.empty(shape, device="meta").stride())
 
 
-def _experts_to_dtensor(ep_mesh: Any):
+def _experts_to_dtensor(shards: ExpertShards):
     """Module ``state_dict`` post hook: this module's expert parameters as DTensors ``Shard(0)`` over cp."""
 
     def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if not shards.dtensor_state:
+            return
         for name, p in module.named_parameters(recurse=False):
             key = prefix + name
             if _is_expert(p) and key in state_dict and isinstance(state_dict[key], torch.Tensor):
-                state_dict[key] = _as_dtensor(state_dict[key], ep_mesh)
+                state_dict[key] = _as_dtensor(state_dict[key], shards.ep_mesh)
 
     return hook
 

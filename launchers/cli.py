@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCH: dict[str, tuple[str, str]] = {
     "cp": ("longreach.bench.cp:main", "context-parallel strategies: communication, work balance, time"),
     "kernels": ("longreach.bench.kernels:main", "local attention kernels and masks: FLOPs skipped, time"),
+    "mixtures": ("longreach.bench.mixtures:main", "MoE / MoH / SQA / BAM MoA layers vs dense of equal active size"),
     "sweep": ("longreach.bench.sweep:main", "sweep sequence lengths / configs and record results"),
 }
 

@@ -155,3 +155,70 @@ def test_moe_config_from_model_extra_rejects_typos():
         moe_config(ModelConfig(dim=16, n_heads=2, extra={"moe_topk": 2}))
     with pytest.raises(ValueError, match="moe.top_k"):
         MoEConfig(dim=4, hidden=4, num_experts=2, top_k=3)
+
+
+def test_attention_routing_gradient_reaches_q_k_exactly(monkeypatch):
+    """routing_grad (default): gradients of the MoE output w.r.t. the preceding layer's q, k equal those of
+    the explicit float64 P = A·softmax(W_r X); routing_grad=False gives q, k no gradient from routing."""
+    import dataclasses
+
+    import longreach.mixtures.moe as moe_mod
+    from longreach.attention import AttentionContext, LocalAttention
+    from longreach.mixtures.routing import RoutingTap
+
+    torch.manual_seed(4)
+    s = 7
+    cfg = MoEConfig(dim=8, hidden=10, num_experts=4, top_k=2, routing="attention", router_init_std=0.5)
+    layer = MoEFFN(cfg).double()
+    q = torch.randn(1, s, 4, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, s, 2, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, s, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(1, s, 8, dtype=torch.float64)
+
+    def run() -> list[torch.Tensor | None]:
+        layer.routing_tap = RoutingTap()
+        layer.routing_tap.record(q, k, AttentionContext(), LocalAttention("reference"))
+        return list(torch.autograd.grad((layer(x) * t).sum(), [q, k, x, layer.router.weight], allow_unused=True))
+
+    got = run()
+    with monkeypatch.context() as m:
+        m.setattr(moe_mod, "attention_mix", lambda probs, q, k, **kw: explicit_attention_matrix(q, k) @ probs)
+        want = run()
+    for name, a, b in zip(("q", "k", "x", "router"), got, want):
+        assert a is not None and a.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    layer.cfg = dataclasses.replace(cfg, routing_grad=False)
+    gq, gk, gx, gr = run()
+    assert gq is None and gk is None  # A is a constant of routing
+    torch.testing.assert_close(gx, got[2], rtol=1e-9, atol=1e-12)  # the gates' gradient is unchanged
+    torch.testing.assert_close(gr, got[3], rtol=1e-9, atol=1e-12)
+
+
+def test_attention_routing_gradient_reaches_mha_projections_through_hook():
+    """A built model with the Llama mha: the routing gradient reaches q_proj (forward hook recomputes q, k
+    with gradient); turning routing_grad off changes exactly that contribution, not the output."""
+    ids = torch.randint(0, 40, (1, 6))
+    grads, outs = {}, {}
+    for flag in (True, False):
+        torch.manual_seed(3)
+        cfg = ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_type="moe",
+                          extra={"moe_experts": 4, "moe_top_k": 2, "moe_routing": "attention", "moe_routing_grad": flag})
+        model = build_model(cfg).double()
+        out = model(ids)
+        out.square().sum().backward()
+        grads[flag], outs[flag] = model.layers[0].self_attn.q_proj.weight.grad, out.detach()
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=0)
+    assert (grads[True] - grads[False]).abs().max() > 1e-8
+
+
+def test_similarity_routing_multi_head_equals_explicit():
+    torch.manual_seed(6)
+    b, s, d, e, heads, tau = 2, 9, 8, 5, 4, 0.7
+    x = torch.randn(b, s, d, dtype=torch.float64)
+    xp = torch.randn(b, s, d, dtype=torch.float64)
+    probs = torch.randn(b, s, e, dtype=torch.float64).softmax(-1)
+    got = similarity_mix(probs, x, xp, tau=tau, heads=heads)
+    sc = torch.einsum("bqhd,bkhd->bhqk", xp.view(b, s, heads, 2), x.view(b, s, heads, 2)) / tau
+    sc = sc.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(got, sc.softmax(-1).mean(1) @ probs, rtol=1e-10, atol=1e-12)
+    assert moe_config(ModelConfig(dim=16, n_heads=4, extra={"moe_routing": "similarity"})).similarity_heads == 4

@@ -46,17 +46,22 @@ def _reference_heads(layer: Attention, x, cos, sin) -> torch.Tensor:
     return torch.einsum("bhqk,bkhd->bqhd", sc.softmax(-1), v)
 
 
+def _same_fwd_bwd(want_layer, got_layer, x, cos, sin, ctx, *, rtol_out: float, rtol_grad: float) -> None:
+    """Both layers on the same input: equal outputs, and equal input gradients for one random output gradient."""
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, got = want_layer(x1, cos, sin, ctx), got_layer(x2, cos, sin, ctx)
+    torch.testing.assert_close(got, want, rtol=rtol_out, atol=1e-12)
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=rtol_grad, atol=1e-12)
+
+
 def test_moh_all_shared_equals_mha_forward_backward():
     layer, cfg = _dense()
     x, cos, sin, ctx = _inputs(cfg)
     moh = moh_from_dense(layer, n_shared=4, top_k=0)
-    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_dense, y_moh = layer(x1, cos, sin, ctx), moh(x2, cos, sin, ctx)
-    torch.testing.assert_close(y_moh, y_dense, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(y_dense)
-    y_dense.backward(g)
-    y_moh.backward(g)
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
+    _same_fwd_bwd(layer, moh, x, cos, sin, ctx, rtol_out=1e-12, rtol_grad=1e-10)
     torch.testing.assert_close(moh.q_proj.weight.grad, layer.q_proj.weight.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(moh.v_proj.weight.grad, layer.v_proj.weight.grad, rtol=1e-10, atol=1e-12)
 
@@ -140,3 +145,90 @@ def test_sqa_full_heads_equals_mha_and_fewer_heads_shapes():
     model = build_model(ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=4, attention_type="sqa",
                                     extra={"sqa_q_heads": 2, "sqa_kv_heads": 1}))
     assert model(torch.randint(0, 30, (1, 5))).shape == (1, 5, 16)
+
+
+def _randomise_routers(moh: MoHAttention) -> None:
+    for r in (moh.router_shared, moh.router_routed, moh.router_mix):
+        if r is not None:
+            torch.nn.init.normal_(r.weight, std=1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("heads", [(8, 2, 3, 2), (6, 3, 0, 2), (4, 4, 2, 1)])
+def test_moh_routed_execution_equals_masked_forward_backward(backend, heads):
+    """Routed-only execution (shared heads one call, routed heads on gathered queries) equals computing
+    every head and masking: output, input gradient and every parameter gradient (router included)."""
+    import copy
+    import dataclasses
+
+    from longreach.attention import LocalAttention
+
+    h, hkv, hs, k = heads
+    torch.manual_seed(h + hs)
+    cfg = MoHConfig(dim=24, n_heads=h, n_kv_heads=hkv, head_dim=8, n_shared=hs, top_k=k, execution="masked")
+    masked = MoHAttention(cfg).double()
+    _randomise_routers(masked)
+    masked.inner_attention = LocalAttention(backend)
+    routed = copy.deepcopy(masked)
+    routed.cfg = dataclasses.replace(cfg, execution="routed")
+    b, s = 2, 37
+    x = torch.randn(b, s, 24, dtype=torch.float64)
+    pos = torch.arange(s).view(1, s).expand(b, s)
+    cos, sin = RotaryEmbedding(8, 10000.0, None, 64)(pos, s, dtype=torch.float64)
+    ctx = AttentionContext(cu_seqlens=torch.tensor([0, 5, 6, 30, s]))  # packed documents, one of length 1
+    _same_fwd_bwd(masked, routed, x, cos, sin, ctx, rtol_out=1e-10, rtol_grad=1e-9)
+    for (name, p_r), p_m in zip(routed.named_parameters(), masked.parameters()):
+        torch.testing.assert_close(p_r.grad, p_m.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_moh_routed_execution_computes_only_routed_pairs():
+    """The routed heads' kernel calls see exactly the chosen (token, head) pairs: with documents (one call
+    per routed head) Σ queries = B·S·k; with plain causal attention the (query, key) pairs computed cover
+    the causal ones of the chosen queries and exceed them by less than one window per query."""
+    from longreach.attention import LocalAttention
+    from longreach.kernels import get_backend
+    from longreach.mixtures.routed import WINDOW
+
+    torch.manual_seed(5)
+    cfg = MoHConfig(dim=16, n_heads=6, n_kv_heads=2, head_dim=4, n_shared=2, top_k=1)
+    moh = MoHAttention(cfg).double()
+    _randomise_routers(moh)
+    moh.inner_attention = LocalAttention("reference")
+    backend = get_backend("reference")
+    calls: list[tuple[int, int]] = []  # (query, head) rows and keys of each call
+    orig = backend.forward
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[0] * q.shape[1] * q.shape[2], k.shape[1]))
+        return orig(q, k, v, **kw)
+
+    b, s = 2, 2 * WINDOW + 9
+    x = torch.randn(b, s, 16, dtype=torch.float64)
+    pos = torch.arange(s).view(1, s).expand(b, s)
+    cos, sin = RotaryEmbedding(4, 10000.0, None, 2 * s)(pos, s, dtype=torch.float64)
+    backend.forward = spy
+    try:
+        moh(x, cos, sin, AttentionContext(cu_seqlens=torch.tensor([0, s])))  # one document: not plain causal
+        documents, calls[:] = list(calls), []
+        moh(x, cos, sin, AttentionContext())
+    finally:
+        backend.forward = orig
+    # first the one dense call of the 2 shared heads (their GQA group of 3 query heads), then the routed heads
+    assert documents[0] == (b * s * 3, s)
+    assert sum(rows for rows, _ in documents[1:]) == b * s * cfg.top_k == int(moh.routed_active.sum())
+    routed_pos = moh.routed_active.nonzero()[:, 1]  # position of every chosen (token, head) pair
+    needed = int((routed_pos + 1).sum())  # causal keys of each chosen query
+    computed = sum(rows * keys for rows, keys in calls[1:])
+    assert needed <= computed < needed + routed_pos.numel() * WINDOW
+    assert computed < 0.6 * b * cfg.n_routed * s * (s + 1) / 2  # far below every routed head computed densely
+
+
+def test_moh_routed_under_every_cp_strategy():
+    from longreach.testing import run_ranks
+    from longreach.workers.moe import moh_routed_under_cp
+
+    cases = [dict(strategy=st, layout=lay) for st in ("ring", "ulysses", "allgather") for lay in ("zigzag", "stripe")]
+    cases += [dict(strategy="hybrid", layout="zigzag", ulysses_degree=2),
+              dict(strategy="ring", layout="contiguous", docs=True, variant="qnorm")]
+    failures = [f for r in run_ranks(moh_routed_under_cp, 4, args=(cases,)) for f in r]
+    assert not failures, "\n".join(failures)

@@ -92,19 +92,79 @@ def init_deepspeed_distributed() -> None:
     ds.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def splits_experts(cfg: EngineConfig) -> bool:
+    """Whether split experts (``model.extra.moe_expert_parallel``) stay split under this DeepSpeed config.
+
+    ZeRO 1 and 2 in fp32: DeepSpeed shards the dense part and never sees the experts (see
+    :class:`DeepSpeedEngine`). Other stages and precisions keep the layer's replicated-parameter mode.
+    """
+    return cfg.kind == "deepspeed" and cfg.zero_stage in (1, 2) and cfg.mixed_precision == "fp32"
+
+
 class DeepSpeedEngine(Engine):
+    """DeepSpeed's engine; with split experts (ZeRO 1/2, fp32) it owns them beside DeepSpeed.
+
+    DeepSpeed is given the dense parameters only (ZeRO shards their optimizer state and gradients). The
+    expert parameters, split over cp by ``parallelize``, have their own torch optimizer here: at each
+    accumulation boundary their gradients are SUM-reduced over the dp replicas (``reduce_expert_gradients``),
+    their squared norm joins DeepSpeed's global norm (one clip coefficient for everything), and they are
+    stepped with the LR DeepSpeed's optimizer uses. Checkpoints: DeepSpeed's own files hold the dense part;
+    the expert weights and moments go through DCP as ``Shard(0)`` DTensors over cp (:meth:`checkpoint_state`).
+    """
+
     kind = "deepspeed"
+    expert_optimizer: torch.optim.Optimizer | None = None
+    _expert_sq: float = 0.0
 
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer normalises the loss by the global token count itself: no 1/grad_accum scaling.
         self.model.backward(loss, scale_wrt_gas=False)
         self._grad_norm = None
-        if self.cfg.zero_stage == 0 and self.model.is_gradient_accumulation_boundary():
+        boundary = self.model.is_gradient_accumulation_boundary()
+        if self.cfg.zero_stage == 0 and boundary:
             # ZeRO-0 with a torch optimizer does not record a global norm: measure the (reduced) grads
             norms = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
             self._grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
+        held = self._take_expert_gradients() if boundary and self.expert_optimizer is not None else None
         # DeepSpeed counts micro-steps in step(); it only updates at the accumulation boundary.
         self.model.step()
+        if held is not None:
+            self._step_experts(held)
+
+    def _take_expert_gradients(self) -> list[torch.Tensor]:
+        """Complete the expert gradients (undo the trainer's replica scale, sum over dp replicas), record
+        their squared norm over the cp group, and keep them away from DeepSpeed's step."""
+        from longreach.parallelize import expert_shards, reduce_expert_gradients
+
+        shards = expert_shards(self.module)
+        n = dist.get_world_size()  # the trainer scales the loss by the dp × cp replica count for engines
+        for p in shards.params:
+            if p.grad is not None:
+                p.grad.div_(n)
+        reduce_expert_gradients(self.module)
+        grads = [p.grad for p in shards.params]
+        sq = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().view(1)
+        dist.all_reduce(sq, group=shards.ep_mesh.get_group())  # each expert lives on one cp rank
+        self._expert_sq = float(sq)
+        for p in shards.params:
+            p.grad = None
+        return grads
+
+    def _step_experts(self, grads: list[torch.Tensor]) -> None:
+        from longreach.parallelize import expert_shards
+
+        max_norm = self.grad_clip or 0.0
+        total = self.model.get_global_grad_norm()  # DeepSpeed's norm, experts included (see build)
+        coef = 1.0
+        if max_norm > 0 and total is not None:
+            coef = 1.0 / max(1.0, (float(total) + 1e-6) / max_norm)  # DeepSpeed's own clip rule
+        for p, g in zip(expert_shards(self.module).params, grads):
+            p.grad = g.mul_(coef)
+        lr = self.optimizer.param_groups[0]["lr"]  # the schedule drives DeepSpeed's optimizer
+        for group in self.expert_optimizer.param_groups:
+            group["lr"] = lr
+        self.expert_optimizer.step()
+        self.expert_optimizer.zero_grad(set_to_none=True)
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
         # DeepSpeed clips inside its step (config "gradient_clipping"); report what it measured.
@@ -125,7 +185,46 @@ class DeepSpeedEngine(Engine):
         return nullcontext()  # DeepSpeed defers reduction to the boundary on its own
 
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"engine": self.model}
+        if self.expert_optimizer is None:
+            return {"engine": self.model}
+        # DeepSpeed's files get the model with this rank's plain expert tensors (rank 0's copy is what
+        # DeepSpeed keeps, and DCP's expert state loads after it); DCP gets every rank's experts.
+        return {"engine": _PlainExpertsEngine(self.model, self.module), "model": self.module,
+                "expert_optimizer": self.expert_optimizer}
+
+
+class _PlainExpertsEngine:
+    """A DeepSpeed engine's save/load with the model's expert weights as plain local tensors."""
+
+    def __init__(self, engine: Any, module: nn.Module) -> None:
+        self.engine, self.module = engine, module
+
+    def _plain(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        from longreach.parallelize import expert_shards
+
+        shards = expert_shards(self.module)
+        shards.dtensor_state = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            shards.dtensor_state = True
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        return self._plain(self.engine.save_checkpoint, *args, **kwargs)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        return self._plain(self.engine.load_checkpoint, *args, **kwargs)
+
+
+def _with_expert_norm(eng: DeepSpeedEngine, zero_optimizer: Any) -> None:
+    """Make ZeRO's global gradient norm include the split experts' (recorded before each step)."""
+    dense_norm = zero_optimizer.scaled_global_norm
+
+    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
+        dense = dense_norm(norm_type)  # norm × loss scale
+        return torch.sqrt(dense.double() ** 2 + eng._expert_sq * float(zero_optimizer.loss_scale) ** 2).to(dense.dtype)
+
+    zero_optimizer.scaled_global_norm = scaled_global_norm
 
 
 def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: OptimizerFactory, *,
@@ -139,10 +238,28 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
     init_deepspeed_distributed()
     conf = deepspeed_config(cfg, world_size=dist.get_world_size(), grad_accum=grad_accum,
                             micro_batch_size=micro_batch_size, grad_clip=grad_clip)
-    optimizer = optimizer_factory(model.parameters())
+    from longreach.parallelize import expert_optimizer_hooks, expert_shards
+
+    shards = expert_shards(model)
+    if shards is None:
+        optimizer = optimizer_factory(model.parameters())
+    else:  # split experts: DeepSpeed gets the dense parameters only (class docstring)
+        experts = {id(p) for p in shards.params}
+        optimizer = optimizer_factory([p for p in model.parameters() if id(p) not in experts])
+        local = [p.detach().clone() for p in shards.params]  # DeepSpeed broadcasts rank 0's module at start
     ds_engine, ds_opt, _, _ = ds.initialize(model=model, optimizer=optimizer, config=conf)
     eng = DeepSpeedEngine(cfg, ds_engine, ds_engine.module, optimizer, group)
     eng.ds_optimizer = ds_opt
+    eng.grad_clip = grad_clip
+    if shards is not None:
+        with torch.no_grad():
+            for p, mine in zip(shards.params, local):
+                p.copy_(mine)
+        eng.expert_optimizer = optimizer_factory(shards.params)
+        # the factory may make a (no-decay) group that holds no expert; DCP cannot name an empty group
+        eng.expert_optimizer.param_groups[:] = [g for g in eng.expert_optimizer.param_groups if g["params"]]
+        expert_optimizer_hooks(model, eng.expert_optimizer)
+        _with_expert_norm(eng, ds_opt)
     return eng
 
 

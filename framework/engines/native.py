@@ -25,6 +25,39 @@ class DDPEngine(Engine):
 class FSDPEngine(Engine):
     kind = "fsdp"
 
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        """Clip by the global norm; with split experts (left out of FSDP2), first SUM their gradients over
+        the dp replicas, then count each expert once (FSDP2 shards: summed over all ranks)."""
+        from longreach.parallelize import expert_shards, reduce_expert_gradients
+
+        shards = expert_shards(self.module)
+        if shards is None:
+            return super().clip_grad_norm(max_norm)
+        # Engines average gradients over dp × cp, so the trainer scales the loss by that count; FSDP2 does
+        # not reduce the split experts, whose gradients are SUMs over their dp replicas: undo the scale.
+        n = dist.get_world_size(self.group)
+        for p in shards.params:
+            if p.grad is not None:
+                p.grad.div_(n)
+        reduce_expert_gradients(self.module)  # complete expert gradients after this
+        owners = {id(p) for p in shards.params}
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        device = shards.params[0].device
+        sq = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(2)]  # [sharded], [expert]
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # this rank's FSDP2 shard
+            sq[int(id(p) in owners)] += g.detach().double().pow(2).sum()
+        dist.all_reduce(sq[0], group=self.group)  # FSDP2 shards are disjoint over dp × cp
+        dist.all_reduce(sq[1], group=shards.ep_mesh.get_group())  # each expert lives on one cp rank
+        total = float((sq[0] + sq[1]).sqrt())
+        coef = (max_norm / (total + 1e-6)) if max_norm else 1.0
+        if coef < 1.0:
+            for g in grads:
+                g.detach().mul_(coef)
+        return total
+
     def autocast(self) -> Any:
         # FSDP2's MixedPrecisionPolicy already computes in bf16 (and casts the inputs); autocast on
         # top would only add casts.
@@ -87,6 +120,11 @@ def build_native(cfg: EngineConfig, model: nn.Module, optimizer_factory: Optimiz
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cfg.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+    from longreach.parallelize import expert_shards
+
+    shards = expert_shards(model)
+    if shards is not None:  # experts split by parallelize (expert mesh dim): FSDP2 leaves them alone
+        kwargs["ignored_params"] = set(shards.params)
     # Shard each transformer block on its own (so only one block's parameters are gathered at a
     # time), then the root for what is left (embeddings, final norm, head).
     blocks = getattr(model, "layers", None)
@@ -94,4 +132,9 @@ def build_native(cfg: EngineConfig, model: nn.Module, optimizer_factory: Optimiz
         for block in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks):
             fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    return FSDPEngine(cfg, model, model, optimizer_factory(model.parameters()), group)
+    optimizer = optimizer_factory(model.parameters())
+    if shards is not None:
+        from longreach.parallelize import expert_optimizer_hooks
+
+        expert_optimizer_hooks(model, optimizer)  # expert moments saved as Shard(0) DTensors over cp
+    return FSDPEngine(cfg, model, model, optimizer, group)

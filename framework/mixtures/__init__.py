@@ -37,8 +37,9 @@ __all__ = [
 EXTRA_KEYS: dict[str, dict[str, Any]] = {
     "moe": {"moe_experts": 8, "moe_top_k": 2, "moe_hidden": None, "moe_capacity_factor": None,
             "moe_balance_coef": 0.01, "moe_z_coef": 1e-3, "moe_routing": "token", "moe_tau": 1.0,
-            "moe_expert_parallel": False},
-    "moh": {"moh_shared": None, "moh_top_k": None, "moh_variant": "router", "moh_balance_coef": 0.01},
+            "moe_similarity_heads": None, "moe_routing_grad": True, "moe_expert_parallel": False},
+    "moh": {"moh_shared": None, "moh_top_k": None, "moh_variant": "router", "moh_balance_coef": 0.01,
+            "moh_execution": "routed"},
     "sqa": {"sqa_q_heads": None, "sqa_kv_heads": None},
     "moa": {"moa_experts": 2, "moa_share_kv": False},
 }
@@ -54,6 +55,14 @@ def _options(cfg: ModelConfig, kind: str) -> dict[str, Any]:
     return {k: cfg.extra.get(k, v) for k, v in known.items()}
 
 
+def _as_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"model.extra.{key} must be true or false, got {value!r}")
+
+
 def moe_config(cfg: ModelConfig) -> MoEConfig:
     o = _options(cfg, "moe")
     cf = o["moe_capacity_factor"]
@@ -61,6 +70,8 @@ def moe_config(cfg: ModelConfig) -> MoEConfig:
                      top_k=int(o["moe_top_k"]), capacity_factor=None if cf is None else float(cf),
                      balance_coef=float(o["moe_balance_coef"]), z_coef=float(o["moe_z_coef"]),
                      routing=str(o["moe_routing"]), similarity_tau=float(o["moe_tau"]), init_std=cfg.init_std,
+                     similarity_heads=int(o["moe_similarity_heads"] or (cfg.n_heads if cfg.dim % cfg.n_heads == 0 else 1)),
+                     routing_grad=_as_bool(o["moe_routing_grad"], "moe_routing_grad"),
                      expert_parallel=bool(o["moe_expert_parallel"]),
                      router_init_std=cfg.init_std)
 
@@ -72,7 +83,7 @@ def moh_config(cfg: ModelConfig) -> MoHConfig:
     top_k = (routed + 1) // 2 if o["moh_top_k"] is None else int(o["moh_top_k"])
     return MoHConfig(dim=cfg.dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                      n_shared=shared, top_k=top_k, variant=str(o["moh_variant"]),
-                     balance_coef=float(o["moh_balance_coef"]))
+                     balance_coef=float(o["moh_balance_coef"]), execution=str(o["moh_execution"]))
 
 
 def sqa_config(cfg: ModelConfig) -> SQAConfig:

@@ -88,7 +88,7 @@ class MoAttention(nn.Module):
             q = q.view(b, s, n, hkv, g, d).permute(0, 1, 3, 2, 4, 5).reshape(b, s, hkv * n * g, d)
         lctx = ctx.for_layer(self.layer_idx)
         if self.routing_tap is not None:
-            self.routing_tap.record(q.detach(), k.detach(), lctx, self.inner_attention)
+            self.routing_tap.record(q, k, lctx, self.inner_attention)
         out = self.inner_attention(q, k, v, lctx)  # [B, S, N*H, D] in q's head order
         if self.cfg.share_kv and n > 1:
             out = out.view(b, s, hkv, n, g, d).permute(0, 1, 3, 2, 4, 5)  # [B, S, N, Hkv, g, D]

@@ -60,6 +60,13 @@ class MoEConfig:
     """token (standard gate), attention (P = A·softmax(W_r X)) or similarity (P = S·softmax(W_r X))."""
     similarity_tau: float = 1.0
     """Temperature τ of similarity-aware routing."""
+    similarity_heads: int = 1
+    """Heads of similarity-aware routing: S is the mean of per-head causal row-softmaxes over ``dim /
+    similarity_heads`` features each (several heads let Ulysses split them over the cp group)."""
+    routing_grad: bool = True
+    """Attention-/similarity-aware routing: let gradients flow through the mixing matrix (A into the
+    preceding layer's q and k; S into x and W_s), as plain autograd of P = A·softmax(W_r X) gives (the
+    method's formulation). False treats A as a constant (gradients reach only the router)."""
     expert_parallel: bool = False
     """Under context parallelism, split the experts over the cp group (all-to-all token exchange)."""
     router_init_std: float = 0.02
@@ -80,6 +87,8 @@ class MoEConfig:
             raise ValueError(f"moe.routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}")
         if self.similarity_tau <= 0:
             raise ValueError(f"moe.similarity_tau must be > 0, got {self.similarity_tau}")
+        if self.similarity_heads < 1 or (self.routing == "similarity" and self.dim % self.similarity_heads):
+            raise ValueError(f"moe.similarity_heads={self.similarity_heads} must be >= 1 and divide dim={self.dim}")
         if self.balance_coef < 0 or self.z_coef < 0 or self.router_init_std < 0 or self.init_std < 0:
             raise ValueError("moe.balance_coef, z_coef, router_init_std and init_std must be >= 0")
 
@@ -116,6 +125,10 @@ class SwiGLUExperts(nn.Module):
         """Run expert ``offset + e`` on the e-th contiguous segment of ``x`` ``[M, D]`` (``counts[e]`` rows)."""
         w1, w3, w2 = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
         outs = []
+        if w1.dtype != x.dtype:
+            # split experts are left out of FSDP2's mixed-precision casts: compute in the activations' dtype
+            # (the fp32 weights stay the master copy; autograd casts the gradients back)
+            w1, w3, w2 = w1.to(x.dtype), w3.to(x.dtype), w2.to(x.dtype)
         for e, seg in enumerate(torch.split(x, counts)):  # loop over experts, never over tokens
             h = F.silu(F.linear(seg, w1[offset + e])) * F.linear(seg, w3[offset + e])  # [n_e, F]
             outs.append(F.linear(h, w2[offset + e]))  # [n_e, D]
@@ -207,8 +220,8 @@ class MoEFFN(nn.Module):
 
         Our attention layers (MoH, SQA, MoA) record them on a :class:`RoutingTap`; any other layer
         with ``q_proj``/``k_proj``, ``n_heads``, ``n_kv_heads``, ``head_dim`` (the Llama ``mha``) gets a
-        forward hook that recomputes q, k from its input without gradient. The attention matrix is
-        treated as a constant of routing: no gradient flows from routing into q, k.
+        forward hook that recomputes q, k from its input (with gradient unless ``routing_grad`` is off,
+        so routing's gradient reaches q_proj and k_proj as it does through our own layers' taps).
         """
         tap = RoutingTap()
         self.routing_tap = tap
@@ -228,7 +241,7 @@ class MoEFFN(nn.Module):
 
             x, cos, sin, ctx = args[:4]
             b, s, _ = x.shape
-            with torch.no_grad():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.routing_grad):
                 q = apply_rotary(mod.q_proj(x).view(b, s, mod.n_heads, mod.head_dim), cos, sin)  # [B, S, H, D]
                 k = apply_rotary(mod.k_proj(x).view(b, s, mod.n_kv_heads, mod.head_dim), cos, sin)  # [B, S, Hkv, D]
             tap.record(q, k, ctx.for_layer(getattr(mod, "layer_idx", ctx.layer)), mod.inner_attention)
@@ -249,9 +262,12 @@ class MoEFFN(nn.Module):
                 raise RuntimeError(
                     f"MoE layer {self.layer_idx}: routing='attention' needs the preceding attention layer's q, k; "
                     "link them with longreach.mixtures.link_attention_routing(model)")
-            mixed = attention_mix(p3, tap.q, tap.k, inner=inner, ctx=ctx)  # [B, S, E]
+            q, k = (tap.q, tap.k) if self.cfg.routing_grad else (tap.q.detach(), tap.k.detach())
+            mixed = attention_mix(p3, q, k, inner=inner, ctx=ctx)  # [B, S, E]
         else:
-            mixed = similarity_mix(p3, x, self.sim_proj(x), tau=self.cfg.similarity_tau, inner=inner, ctx=ctx)
+            xs, xp = (x, self.sim_proj(x)) if self.cfg.routing_grad else (x.detach(), self.sim_proj(x).detach())
+            mixed = similarity_mix(p3, xs, xp, tau=self.cfg.similarity_tau, heads=self.cfg.similarity_heads,
+                                   inner=inner, ctx=ctx)
         if tap is not None:
             tap.clear()
         return mixed.reshape(b * s, -1)

@@ -12,9 +12,14 @@ Heads are split into ``n_shared`` shared heads (always on) and ``H − n_shared`
   norm of their query ``‖q_h‖`` before RoPE, normalised by their spread over the routed heads,
   softmaxed, top-k, and used as a binary mask; shared heads are a fixed set with weight 1.
 
-All heads are computed and masked (a single inner-attention call keeps the seam and context
-parallelism unchanged); the FLOP saving is the kernels' to take. :func:`moh_from_dense` turns a dense
-attention layer into MoH keeping its q/k/v/o weights (routers zero).
+Execution (``execution``): ``"routed"`` (default) computes only the pairs the router picks — the shared
+heads in one call of the layer's inner attention (local or context-parallel, any strategy), each routed
+head on the gathered queries of the tokens routed to it against the full keys
+(:func:`longreach.mixtures.routed.routed_attention`; under context parallelism the routed heads gather
+their K/V from the cp group). ``"masked"`` computes every head and multiplies the unrouted ones by zero
+(one inner call; the reference the routed execution is tested against). Both give the same output and
+gradients; an inner attention that is not one of ours (a foreign callable) always runs masked.
+:func:`moh_from_dense` turns a dense attention layer into MoH keeping its q/k/v/o weights (routers zero).
 """
 from __future__ import annotations
 
@@ -26,11 +31,13 @@ from torch import nn
 from longreach.attention import AttentionContext, LocalAttention
 from longreach.models.rope import apply_rotary
 
+from .routed import routed_attention, supports_routed
 from .routing import at_least_f32, RoutingTap, balance_loss, top_k_gates
 
-__all__ = ["MoHConfig", "MoHAttention", "moh_from_dense", "VARIANTS"]
+__all__ = ["MoHConfig", "MoHAttention", "moh_from_dense", "EXECUTIONS", "VARIANTS"]
 
 VARIANTS = ("router", "qnorm")
+EXECUTIONS = ("routed", "masked")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -51,6 +58,8 @@ class MoHConfig:
     """router (trainable gates) or qnorm (parameter-free, query-norm scores, binary mask)."""
     balance_coef: float = 0.01
     """Coefficient of the routed heads' load-balance loss (variant router)."""
+    execution: str = "routed"
+    """routed (compute only the routed (token, head) pairs) or masked (every head, unrouted ones zeroed)."""
 
     def __post_init__(self) -> None:
         if self.n_heads < 1 or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
@@ -64,6 +73,8 @@ class MoHConfig:
             raise ValueError(f"moh_top_k must be in 1..{routed} (the routed heads), got {self.top_k}")
         if self.variant not in VARIANTS:
             raise ValueError(f"moh_variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"moh_execution must be one of {', '.join(EXECUTIONS)}; got {self.execution!r}")
         if self.balance_coef < 0:
             raise ValueError(f"moh_balance_coef must be >= 0, got {self.balance_coef}")
 
@@ -94,6 +105,7 @@ class MoHAttention(nn.Module):
         self.routing_tap: RoutingTap | None = None
         self.aux_loss: torch.Tensor | None = None
         self.head_gates: torch.Tensor | None = None
+        self.routed_active: torch.Tensor | None = None
         self.zero_routers()
 
     @torch.no_grad()
@@ -106,6 +118,8 @@ class MoHAttention(nn.Module):
     def gates(self, x: torch.Tensor, q_pre_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-head output weights ``[B, S, H]`` and the balance loss (None for qnorm / no routed heads).
 
+        Also sets :attr:`routed_active` ``[B, S, R]`` bool: the routed heads each token chose.
+
         Args:
             x: ``[B, S, dim]`` layer input; q_pre_rope: ``[B, S, H, D]`` queries before RoPE.
         """
@@ -115,6 +129,7 @@ class MoHAttention(nn.Module):
         g_shared = x.new_ones(b, s, hs, dtype=torch.promote_types(x.dtype, torch.float32))  # [B, S, hs]
         g_routed = x.new_zeros(b, s, r, dtype=torch.promote_types(x.dtype, torch.float32))  # [B, S, R]
         aux = None
+        active = torch.zeros(b, s, r, dtype=torch.bool, device=x.device)  # [B, S, R]
         if c.variant == "router":
             if hs > 0:
                 g_shared = hs * at_least_f32(self.router_shared(x)).softmax(-1)  # [B, S, hs]
@@ -122,6 +137,7 @@ class MoHAttention(nn.Module):
                 p = at_least_f32(self.router_routed(x)).softmax(-1).reshape(b * s, r)  # [N, R]
                 w, idx = top_k_gates(p, k)  # [N, k]
                 g_routed = torch.zeros_like(p).scatter(1, idx, k * w).view(b, s, r)  # [B, S, R]
+                active = active.view(b * s, r).scatter(1, idx, True).view(b, s, r)
                 aux = c.balance_coef * balance_loss(p, idx)
             if self.router_mix is not None:
                 a = 2 * at_least_f32(self.router_mix(x)).softmax(-1)  # [B, S, 2]
@@ -132,6 +148,8 @@ class MoHAttention(nn.Module):
             p = ((score - score.mean(-1, keepdim=True)) / spread).softmax(-1)  # [B, S, R]
             idx = p.topk(k, dim=-1).indices  # [B, S, k]
             g_routed = torch.zeros_like(p).scatter(-1, idx, 1.0)  # binary mask
+            active = active.scatter(-1, idx, True)
+        self.routed_active = active
         return torch.cat([g_shared, g_routed], dim=-1), aux  # [B, S, H]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
@@ -144,12 +162,32 @@ class MoHAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         lctx = ctx.for_layer(self.layer_idx)
         if self.routing_tap is not None:
-            self.routing_tap.record(q.detach(), k.detach(), lctx, self.inner_attention)
-        out = self.inner_attention(q, k, v, lctx)  # [B, S, H, D]
+            self.routing_tap.record(q, k, lctx, self.inner_attention)
+        out = self._attend(q, k, v, lctx)  # [B, S, H, D]
         out = out * g.to(out.dtype)[..., None]  # per-head weights before o_proj
         self.aux_loss = aux
         self.head_gates = g.detach()
         return self.o_proj(out.reshape(b, s, h * d))  # [B, S, dim]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Per-head outputs ``[B, S, H, D]``; with routed execution unrouted (token, head) pairs are 0."""
+        c = self.cfg
+        inner = self.inner_attention
+        if c.execution == "masked" or c.n_routed == 0 or not supports_routed(inner):
+            return inner(q, k, v, ctx)
+        hs, group = c.n_shared, c.n_heads // c.n_kv_heads
+        parts = []
+        extra = inner.extra_mask(ctx)
+        if hs > 0 and extra is not None and extra.per_head:
+            parts.append(inner(q, k, v, ctx)[:, :, :hs])  # a per-head pattern is defined over all H heads
+        elif hs > 0:
+            # shared heads: one dense call; K/V heads up to the last one a shared head reads (the query
+            # heads up to that GQA group boundary are computed and the extra ones dropped)
+            kv_used = -(-hs // group)
+            parts.append(inner(q[:, :, :kv_used * group], k[:, :, :kv_used], v[:, :, :kv_used], ctx)[:, :, :hs])
+        parts.append(routed_attention(q[:, :, hs:], k, v, self.routed_active, first_head=hs, num_heads=c.n_heads,
+                                      inner=inner, ctx=ctx))  # [B, S, R, D]
+        return torch.cat(parts, dim=2)  # [B, S, H, D]
 
 
 @torch.no_grad()

@@ -9,8 +9,13 @@
   attention pass ``attention(q, k, P)`` with that layer's q, k, scale and mask — through the layer's
   own inner attention (the model seam), so context parallelism and masks apply unchanged.
   :class:`RoutingTap` carries q, k, ctx and that inner attention from the attention layer to the FFN.
+  The pass is differentiable in q and k as well as in P: by default (``MoEConfig.routing_grad``) the
+  routing gradient reaches the attention layer's projections, which is what autograd of the method's
+  formula gives; treating A as a constant is the explicit alternative.
 * Similarity-aware routing: P_i = Σ_j S_ij softmax(W_r x_j), S = causal row-softmax(X W_s Xᵀ/τ), also
-  as an attention pass (one head, q = X W_s, k = X, scale 1/τ).
+  as an attention pass (q = X W_s, k = X, scale 1/τ). With ``heads`` > 1 the D features are split into
+  heads and S is the mean of the per-head row-softmaxes (one head is the formula above); the head axis
+  is what Ulysses scatters, so similarity routing runs under ring, Ulysses and hybrid alike.
 """
 from __future__ import annotations
 
@@ -150,14 +155,15 @@ def attention_mix(
 
 
 def similarity_mix(
-    probs: torch.Tensor, x: torch.Tensor, x_proj: torch.Tensor, *, tau: float, inner: InnerFn | None = None,
-    ctx: AttentionContext | None = None,
+    probs: torch.Tensor, x: torch.Tensor, x_proj: torch.Tensor, *, tau: float, heads: int = 1,
+    inner: InnerFn | None = None, ctx: AttentionContext | None = None,
 ) -> torch.Tensor:
-    """P_i = Σ_j S_ij P_j with S = causal row-softmax((X W_s) Xᵀ / τ), as one attention pass.
+    """P_i = Σ_j S_ij P_j with S = mean over heads of causal row-softmax((X W_s)_h X_hᵀ / τ), one attention pass.
 
     Args:
         probs: ``[B, S, E]``; x: ``[B, S, D]`` the FFN input; x_proj: ``[B, S, D]`` = x W_s.
         tau: temperature τ.
+        heads: similarity heads (divides D); head h uses features ``h·D/heads … (h+1)·D/heads − 1``.
         inner, ctx: the causal (possibly context-parallel) inner attention and its context.
 
     Returns:
@@ -166,8 +172,11 @@ def similarity_mix(
     base = ctx if ctx is not None else AttentionContext()
     sctx = AttentionContext(layer=base.layer, step=base.step, seq_len=base.seq_len, positions=base.positions,
                             cu_seqlens=base.cu_seqlens, training=base.training, scale=1.0 / tau)
-    out = _values_pass(x_proj[:, :, None, :], x[:, :, None, :], probs, inner=inner, ctx=sctx)  # [B, S, 1, E]
-    return at_least_f32(out)[:, :, 0]
+    b, s, d = x.shape
+    qh = x_proj.reshape(b, s, heads, d // heads)  # [B, S, Hs, D/Hs]
+    kh = x.reshape(b, s, heads, d // heads)  # [B, S, Hs, D/Hs]
+    out = _values_pass(qh, kh, probs, inner=inner, ctx=sctx)  # [B, S, Hs, E]
+    return at_least_f32(out).mean(dim=2)
 
 
 def explicit_attention_matrix(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:

@@ -61,6 +61,6 @@ class SQAttention(nn.Module):
         v = self.v_proj(x).view(b, s, hkv, d)  # [B, S, Hkv, D]
         lctx = ctx.for_layer(self.layer_idx)
         if self.routing_tap is not None:
-            self.routing_tap.record(q.detach(), k.detach(), lctx, self.inner_attention)
+            self.routing_tap.record(q, k, lctx, self.inner_attention)
         out = self.inner_attention(q, k, v, lctx)  # [B, S, Hq, D]
         return self.o_proj(out.reshape(b, s, hq * d))  # [B, S, dim]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,35 +95,180 @@ def _sum_dropped(layer, group) -> int:
     return int(t.item())
 
 
-def cp_attention_routing(rank: int, world_size: int, layouts: list[str]) -> list[str]:
+def _explicit_similarity(x: torch.Tensor, x_proj: torch.Tensor, tau: float, heads: int) -> torch.Tensor:
+    """``[B, S, S]`` mean over heads of causal row-softmax((X W_s)_h X_hᵀ / τ) (materialised; the oracle)."""
+    b, s, d = x.shape
+    qh, kh = x_proj.view(b, s, heads, d // heads), x.view(b, s, heads, d // heads)
+    sc = torch.einsum("bqhd,bkhd->bhqk", qh, kh) / tau
+    sc = sc.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    return sc.softmax(-1).mean(1)
+
+
+def cp_attention_routing(rank: int, world_size: int, setups: list[tuple[str, str, int | None]]) -> list[str]:
     """Attention-/similarity-aware routing mixes through the context-parallel inner attention equal the
-    single-rank explicit products A·P and S·P on this rank's tokens (every layout given)."""
+    single-rank explicit products A·P and S·P (multi-head S) on this rank's tokens, and so do the gradients
+    with respect to P, q, k (attention-aware) and P, x, x W_s (similarity-aware), for every
+    (strategy, layout, ulysses_degree) given."""
     from longreach.attention import AttentionContext, ContextParallelAttention
     from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
     from longreach.parallel import sequence_positions, shard_sequence
 
     failures: list[str] = []
-    for layout in layouts:
+    for strategy, layout, degree in setups:
+        tag = f"P={world_size} {strategy}/{layout}"
         torch.manual_seed(7)
-        b, s, h, hkv, d, e = 1, 8 * world_size, 4, 2, 8, 5
-        q = torch.randn(b, s, h, d, dtype=torch.float64)
-        k = torch.randn(b, s, hkv, d, dtype=torch.float64)
-        x = torch.randn(b, s, d, dtype=torch.float64)
-        w = torch.randn(d, d, dtype=torch.float64) * 0.3
-        probs = torch.randn(b, s, e, dtype=torch.float64).softmax(-1)
+        b, s, h, hkv, d, e, heads, tau = 1, 8 * world_size, 4, 2, 8, 5, 4, 0.5
+        q = torch.randn(b, s, h, d, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(b, s, hkv, d, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+        xp = torch.randn(b, s, d, dtype=torch.float64, requires_grad=True)
+        probs = torch.randn(b, s, e, dtype=torch.float64).softmax(-1).requires_grad_(True)
+        tgt_a, tgt_s = torch.randn(b, s, e, dtype=torch.float64), torch.randn(b, s, e, dtype=torch.float64)
         want = explicit_attention_matrix(q, k) @ probs  # [B, S, E]
-        sc = ((x @ w.t()) @ x.transpose(1, 2) / 0.5).masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
-        want_sim = sc.softmax(-1) @ probs
-        inner = ContextParallelAttention(strategy="ring", layout=layout, backend="reference")
+        want_sim = _explicit_similarity(x, xp, tau, heads) @ probs  # [B, S, E]
+        grads_ref = torch.autograd.grad((want * tgt_a).sum() + (want_sim * tgt_s).sum(), [probs, q, k, x, xp])
+        inner = ContextParallelAttention(strategy=strategy, layout=layout, ulysses_degree=degree, backend="reference")
         ctx = AttentionContext(seq_len=s, positions=sequence_positions(s, layout=layout))
-        sh = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
-        got = attention_mix(sh(probs), sh(q), sh(k), inner=inner, ctx=ctx)
-        _close(f"P={world_size} {layout} attention-aware", got, sh(want), failures)
-        got_sim = similarity_mix(sh(probs), sh(x), sh(x @ w.t()), tau=0.5, inner=inner, ctx=ctx)
-        _close(f"P={world_size} {layout} similarity-aware", got_sim, sh(want_sim), failures)
+        sh = lambda t: shard_sequence(t.detach(), layout=layout)  # noqa: E731
+        local = [sh(t).requires_grad_(True) for t in (probs, q, k, x, xp)]
+        lp, lq, lk, lx, lxp = local
+        got = attention_mix(lp, lq, lk, inner=inner, ctx=ctx)
+        _close(f"{tag} attention-aware", got, sh(want), failures)
+        got_sim = similarity_mix(lp, lx, lxp, tau=tau, heads=heads, inner=inner, ctx=ctx)
+        _close(f"{tag} similarity-aware ({heads} heads)", got_sim, sh(want_sim), failures)
+        grads = torch.autograd.grad((got * sh(tgt_a)).sum() + (got_sim * sh(tgt_s)).sum(), local)
+        for name, g, g_ref in zip(("probs", "q", "k", "x", "x W_s"), grads, grads_ref):
+            _close(f"{tag} d{name}", g, sh(g_ref), failures)
     return failures
 
 
 def ep_and_cp_routing(rank: int, world_size: int, cases: list[dict]) -> list[str]:
     """Both checks in one spawn (group start costs seconds)."""
-    return ep_equivalence(rank, world_size, cases) + cp_attention_routing(rank, world_size, ["zigzag", "contiguous"])
+    setups = [("ring", "zigzag", None), ("ring", "contiguous", None), ("ulysses", "zigzag", None)]
+    if world_size == 4:
+        setups += [("hybrid", "zigzag", 2), ("ulysses", "stripe", None)]
+    return ep_equivalence(rank, world_size, cases) + cp_attention_routing(rank, world_size, setups)
+
+
+def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[str]:
+    """MoH with routed-only execution under context parallelism against the single-rank masked layer.
+
+    Each case: ``strategy``, ``layout``, optional ``ulysses_degree``, ``variant``, ``docs`` (packed
+    documents). The same seeded layer runs (a) on one rank with every head computed and masked, on the
+    full sequence, and (b) on this rank's shard with routed execution through ``ContextParallelAttention``;
+    output, input gradient and the rank-summed parameter gradients must agree (float64, reference backend).
+    """
+    from dataclasses import replace
+
+    from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
+    from longreach.mixtures.moh import MoHAttention, MoHConfig
+    from longreach.models.rope import RotaryEmbedding
+    from longreach.parallel import sequence_positions, shard_sequence
+
+    failures: list[str] = []
+    for i, case in enumerate(cases):
+        tag = f"P={world_size} {case}"
+        torch.manual_seed(100 + i)
+        b, s, dim = 2, 8 * world_size, 24
+        cfg = MoHConfig(dim=dim, n_heads=8, n_kv_heads=2, head_dim=6, n_shared=4, top_k=2,
+                        variant=case.get("variant", "router"), execution="masked")
+        ref = MoHAttention(cfg).double()
+        for r in (ref.router_shared, ref.router_routed, ref.router_mix):
+            if r is not None:
+                torch.nn.init.normal_(r.weight, std=1.0)
+        ref.inner_attention = LocalAttention("reference")
+        cp = copy.deepcopy(ref)
+        x = torch.randn(b, s, dim, dtype=torch.float64)
+        target = torch.randn(b, s, dim, dtype=torch.float64)
+        pos = torch.arange(s).view(1, s).expand(b, s)
+        cos, sin = RotaryEmbedding(6, 10000.0, None, 4 * s)(pos, s, dtype=torch.float64)
+        cu = torch.tensor([0, 3, s // 2 + 1, s]) if case.get("docs") else None
+        x_ref = x.clone().requires_grad_(True)
+        y_ref = ref(x_ref, cos, sin, AttentionContext(cu_seqlens=cu))
+        (y_ref * target).sum().backward()
+
+        cp.cfg = replace(cfg, execution="routed")
+        layout = case["layout"]
+        cp.inner_attention = ContextParallelAttention(strategy=case["strategy"], layout=layout,
+                                                      ulysses_degree=case.get("ulysses_degree"), backend="reference")
+        sh = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
+        ctx = AttentionContext(seq_len=s, positions=sequence_positions(s, layout=layout), cu_seqlens=cu)
+        x_loc = sh(x).requires_grad_(True)
+        y = cp(x_loc, sh(cos), sh(sin), ctx)
+        (y * sh(target)).sum().backward()
+        _close(f"{tag} out", y, sh(y_ref.detach()), failures)
+        _close(f"{tag} dx", x_loc.grad, sh(x_ref.grad), failures)
+        for (name, p), p_ref in zip(cp.named_parameters(), ref.parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            _close(f"{tag} d{name}", g, p_ref.grad, failures)
+    return failures
+
+
+ENGINE_RUNS = {
+    "fsdp2": ({"engine.options": {"fsdp": True}}, {}),  # resumed under DDP (another engine's layout)
+    "deepspeed": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}},) * 2,  # resumed as is
+    "deepspeed_zero2": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2}},) * 2,
+}
+
+
+def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engine: str) -> list[str]:
+    """Experts split over cp=2 under ``engine`` (``fsdp2``: the cp dim is the expert mesh dim, the rest
+    FSDP2-sharded; ``deepspeed``: ZeRO-1 on the dense part) against the same MoE model trained under plain
+    DDP without expert parallelism, 4 steps each.
+
+    Checks: equal losses and grad norms per step (1e-5); half the expert parameters on this rank; the
+    checkpoint's experts, gathered by DCP on one process (another layout and world size), equal the
+    replicated run's final weights; and the step-2 checkpoint resumed (FSDP2's under DDP: another
+    engine's layout; DeepSpeed's under DeepSpeed) gives the same steps 3 and 4 (optimizer moments saved).
+    """
+    import shutil
+    from pathlib import Path
+
+    from longreach.metrics import read_metrics
+    from longreach.trainer import train
+    from longreach.workers.trainer import MOE_EXTRA, SyntheticBatches, _full_state_from_checkpoint, moe_job
+    from longreach.workers.trainer import _close as _rel_close
+
+    common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
+              "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
+              "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
+    split_over, resume_over = ENGINE_RUNS[engine]
+    failures: list[str] = []
+
+    def run(name: str, ep: bool, over: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common, **over})
+        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0)
+        return cfg, train(cfg, data=data)
+
+    cfg_rep, rep = run("ddp_replicated", False, {})
+    cfg_split, split = run(f"{engine}_split", True, split_over)
+
+    def compare(label: str, got: list[dict], want: list[dict]) -> None:
+        for a, b in zip(want, got, strict=True):
+            for key in ("loss", "grad_norm"):
+                if abs(a[key] - b[key]) > 1e-5 * abs(a[key]):
+                    failures.append(f"{label} step {a['step']} {key}: {b[key]!r} != replicated {a[key]!r}")
+
+    want = read_metrics(rep["metrics"])
+    compare(f"{engine} split experts", read_metrics(split["metrics"]), want)
+    m = cfg_rep.model
+    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
+    if split["expert_params"] != all_experts // 2:
+        failures.append(f"{engine}: rank {rank} holds {split['expert_params']} expert parameters, want "
+                        f"{all_experts // 2}")
+    if rank == 0:
+        full_rep = _full_state_from_checkpoint(rep["checkpoint"], cfg_rep)
+        full_split = _full_state_from_checkpoint(split["checkpoint"], cfg_split)
+        for k, v in full_rep.items():
+            msg = _rel_close(k, full_split[k], v, 1e-4)
+            if msg:
+                failures.append(f"{engine} final weights: {msg}")
+        shutil.rmtree(sorted(Path(out_dir, f"{engine}_split", "checkpoints").glob("step-*"))[-1])
+    dist.barrier()
+    _, again = run(f"{engine}_split", True, resume_over)  # the step-2 checkpoint resumed
+    if abs(again["first_loss"] - want[2]["loss"]) > 1e-5 * abs(want[2]["loss"]):
+        failures.append(f"{engine} resume did not start at step 3: first loss {again['first_loss']!r}, "
+                        f"step 3 loss {want[2]['loss']!r}")
+    compare(f"{engine} step-2 checkpoint resumed", read_metrics(split["metrics"]), want)
+    return failures
