@@ -37,6 +37,7 @@ def _cuda(dev: torch.device) -> bool:
 register_backend("reference", "longreach.kernels.dense.reference", _any)
 register_backend("cpu", "longreach.kernels.dense.cpu", _cpu)
 register_backend("cpu_sparse", "longreach.kernels.blocksparse.cpu", _cpu)
+register_backend("slices", "longreach.kernels.slices.cpu", _cpu)
 register_backend("triton", "longreach.kernels.blocksparse.triton", _any)
 register_backend("flex", "longreach.kernels.blocksparse.flex", _cuda)
 register_backend("flash", "longreach.kernels.dense.flash", _cuda)
