@@ -66,7 +66,7 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Mask | PlacedMask | None = None,
-    scale: float | None = None, runner=RUNNER,
+    scale: float | None = None, runner=RUNNER, tiles: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Out ``[B, Sq, H, E]`` (q dtype) and lse ``[B, H, Sq]``."""
     check_shapes(q, k, v)
@@ -77,13 +77,14 @@ def forward(
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         return q.new_zeros(b, sq, h, e), torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
     w = max(d, e)
-    out, lse = executor.forward(_pad(q, w), _pad(k, w), _pad(v, w), placed_or_full(mask, sq, sk, h), scale, runner)
+    out, lse = executor.forward(_pad(q, w), _pad(k, w), _pad(v, w), placed_or_full(mask, sq, sk, h), scale, runner,
+                                tiles=tiles)
     return out[..., :e].contiguous(), lse
 
 
 def backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, mask: Mask | PlacedMask | None = None, scale: float | None = None, runner=RUNNER,
+    *, mask: Mask | PlacedMask | None = None, scale: float | None = None, runner=RUNNER, tiles: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows."""
     b, sq, h, d = q.shape
@@ -93,5 +94,5 @@ def backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     w = max(d, e)
     dq, dk, dv = executor.backward(_pad(dout, w), _pad(q, w), _pad(k, w), _pad(v, w), _pad(out, w), lse,
-                                   placed_or_full(mask, sq, sk, h), scale, runner)
+                                   placed_or_full(mask, sq, sk, h), scale, runner, tiles=tiles)
     return dq[..., :d].contiguous(), dk[..., :d].contiguous(), dv[..., :e].contiguous()

@@ -55,15 +55,16 @@ def _unit_mask(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMask, scale: float,
-            runner: Runner) -> tuple[torch.Tensor, torch.Tensor]:
+            runner: Runner, *, tiles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [B, Sq, H, D]`` over ``k/v [B, Sk, Hkv, D|E]`` under ``placed``.
 
     Returns out ``[B, Sq, H, E]`` (q dtype) and lse ``[B, H, Sq]`` float32 (float64 for float64 inputs).
+    ``tiles`` runs the tile plan instead of the mask's analytic slices.
     """
     b, sq, h, _ = q.shape
     sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc_dtype(q)
-    plan = get_plan(placed, sq, sk, h, hkv)
+    plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles)
     out = torch.zeros(sq, h, b, e, dtype=acc, device=q.device)  # [Sq, H, B, E]
     lse = torch.full((sq, h, b), float("-inf"), dtype=acc, device=q.device)  # [Sq, H, B]
     qt, kt, vt = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [S, H, B, D] views
@@ -90,13 +91,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, placed: PlacedMask, scale: float, runner: Runner
+             lse: torch.Tensor, placed: PlacedMask, scale: float, runner: Runner, *, tiles: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows."""
     b, sq, h, d = q.shape
     sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc_dtype(q)
-    plan = get_plan(placed, sq, sk, h, hkv)
+    plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles)
     # rows with no allowed key anywhere belong to no full/causal unit; a finite lse keeps masked tiles finite
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(acc)
     dout, out = dout.to(q.dtype), out.to(q.dtype)

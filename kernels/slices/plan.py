@@ -32,8 +32,8 @@ from ..masks import FULL, PARTIAL, PlacedMask
 
 __all__ = ["CHUNK", "TILE", "Bucket", "SlicePlan", "get_plan", "lower"]
 
-#: Query rows per chunk of a band (sliding window); the CPU flash kernel is at its best from ~768 rows.
-CHUNK = 1024
+#: Query rows per chunk of a band (sliding window): each chunk costs two triangles and one rectangle.
+CHUNK = 512
 #: Tile size of the fallback for masks without an analytic form.
 TILE = 128
 #: Plans kept per process.
@@ -295,12 +295,15 @@ def _head_regions(placed: PlacedMask, h: int) -> dict[tuple, list[int]] | None:
     return groups
 
 
-def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int) -> SlicePlan:
-    """Compile ``placed`` for ``sq`` queries × ``sk`` keys, ``h`` local query heads over ``hkv`` K/V heads."""
+def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False) -> SlicePlan:
+    """Compile ``placed`` for ``sq`` queries × ``sk`` keys, ``h`` local query heads over ``hkv`` K/V heads.
+
+    ``tiles`` forces the tile plan (what the ``cpu_sparse`` backend runs).
+    """
     units = _Units(h, hkv)
     q_runs, k_runs = _runs(placed.q_pos), _runs(placed.k_pos)
     too_many_runs = len(q_runs) * len(k_runs) > 64 and (len(q_runs) > sq // 64 or len(k_runs) > sk // 64)
-    groups = None if too_many_runs else _head_regions(placed, h)
+    groups = None if (tiles or too_many_runs) else _head_regions(placed, h)
     if groups is None:
         _tile_units(units, placed, sq, sk, h)
     else:
@@ -313,20 +316,21 @@ _CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, SlicePlan]] = Order
 
 
 def _digest(pos: torch.Tensor) -> tuple[int, str]:
-    return pos.numel(), hashlib.blake2b(pos.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    data = pos.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return pos.numel(), hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def get_plan(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int) -> SlicePlan:
+def get_plan(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False) -> SlicePlan:
     """The cached plan for (mask, shapes, heads, positions); built on first use."""
     heads = None if placed.heads is None else tuple(placed.heads.tolist())
     key = (placed.mask.key(), sq, sk, h, hkv, heads, placed.num_heads, int(placed.seq_len),
-           _digest(placed.q_pos), _digest(placed.k_pos), TILE, CHUNK)
+           _digest(placed.q_pos), _digest(placed.k_pos), TILE, CHUNK, tiles)
     hit = _CACHE.get(key)
-    if hit is not None and torch.equal(hit[0], placed.q_pos) and torch.equal(hit[1], placed.k_pos):
+    if hit is not None and torch.equal(hit[0], placed.q_pos.cpu()) and torch.equal(hit[1], placed.k_pos.cpu()):
         _CACHE.move_to_end(key)
         return hit[2]
-    plan = build(placed, sq, sk, h, hkv)
-    _CACHE[key] = (placed.q_pos.clone(), placed.k_pos.clone(), plan)
+    plan = build(placed, sq, sk, h, hkv, tiles=tiles)
+    _CACHE[key] = (placed.q_pos.cpu().clone(), placed.k_pos.cpu().clone(), plan)
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
     return plan
