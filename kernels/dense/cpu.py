@@ -86,9 +86,12 @@ def backward(
     # finite lse gives them zero probability.
     lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     lse_k = lse_k.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    from ..slices.cpu import expand_kv, reduce_kv
+
     dq, dk, dv = _bwd(
         dout.transpose(1, 2).to(q.dtype).contiguous(),
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        q.transpose(1, 2), expand_kv(k.transpose(1, 2), h), expand_kv(v.transpose(1, 2), h),
         out.transpose(1, 2).to(q.dtype).contiguous(), lse_k, 0.0, is_causal, scale=scale,
     )
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    hkv = k.shape[2]
+    return dq.transpose(1, 2), reduce_kv(dk, hkv).transpose(1, 2), reduce_kv(dv, hkv).transpose(1, 2)

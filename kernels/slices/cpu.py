@@ -17,7 +17,7 @@ from ..dense.reference import check_shapes
 from ..masks import Mask, PlacedMask, _Full, place
 from . import executor
 
-__all__ = ["forward", "backward", "CpuRunner", "placed_or_full"]
+__all__ = ["forward", "backward", "CpuRunner", "placed_or_full", "expand_kv", "reduce_kv"]
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -29,10 +29,24 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))  # [N, Hd, m, n]
 
 
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[N, Hk, S, D]`` → ``[N, heads, S, D]``: the CPU kernel's backward is pathologically slow with GQA
+    (a fixed ~1 s per call in torch 2.13), so K/V heads are repeated per call and their gradients summed."""
+    rep = heads // x.shape[1]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def reduce_kv(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Sum the gradients of repeated K/V heads: ``[N, H, S, D]`` → ``[N, kv_heads, S, D]``."""
+    rep = g.shape[1] // kv_heads
+    return g if rep == 1 else g.view(g.shape[0], kv_heads, rep, *g.shape[2:]).sum(2)
+
+
 class CpuRunner:
-    """Bucket runner on the aten CPU flash kernel (``[N, H, S, D]`` inputs, GQA inside the call)."""
+    """Bucket runner on the aten CPU flash kernel (``[N, H, S, D]`` inputs)."""
 
     def forward(self, q, k, v, *, causal, mask, scale):
+        k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
         out, lse = _fwd(q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)[:2]
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         if mask is not None:  # the kernel gives lse = 0 for rows its mask leaves empty
@@ -44,8 +58,10 @@ class CpuRunner:
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale):
-        return _bwd(dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, causal,
-                    attn_mask=_additive(mask, q.dtype), scale=scale)[:3]
+        hk = k.shape[1]
+        dq, dk, dv = _bwd(dout.contiguous(), q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), out.contiguous(),
+                          lse, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)[:3]
+        return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)
 
 
 RUNNER = CpuRunner()
