@@ -61,7 +61,7 @@ def _allowed_pairs(mask, n: int, heads: int) -> int:
 
 
 @pytest.mark.parametrize("name", ["sliding_window", "sinks_window", "documents", "power", "s2_varlen", "s2_roll",
-                                  "sf", "ssa"])
+                                  "s2_varlen_8", "sf", "ssa"])
 def test_analytic_plans_compute_exactly_the_allowed_pairs(name):
     """Every analytic mask compiles to full and causal units only, covering each allowed pair once."""
     from longreach.bench.kernels import build_mask
