@@ -9,6 +9,9 @@ with q ``[N, Hg, m, D]``, k/v ``[N, Hk, n, D|E]`` (Hk divides Hg, GQA inside the
 diagonal-aligned, ``mask`` None or ``bool [N, Hd, m, n]`` (rows it leaves empty must come back as out = 0,
 lse = −inf). ``backward`` receives the *global* out and lse of its rows (finite: rows empty everywhere have
 no unit), so every unit's gradients are exact for the whole attention, as context parallelism needs.
+
+Tensors are viewed as ``[S·H, B, D]`` (a free view for B = 1) so that gathering a bucket's cells and
+scattering its results are single ``index_select`` / ``index_copy_`` / ``index_add_`` calls on dim 0.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 
 from ..masks import PlacedMask
 from ..merge import merge_attention
-from .plan import CAUSAL_KIND, get_plan
+from .plan import CAUSAL_KIND, Bucket, get_plan
 
 __all__ = ["Runner", "forward", "backward"]
 
@@ -33,18 +36,22 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _gather(xt: torch.Tensor, rows: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-    """``xt [S, H, B, D]`` → units ``[U·B, Hg, m, D]`` (rows ``[U, m]``, heads ``[U, Hg]``)."""
-    g = xt[rows[:, :, None], heads[:, None, :]]  # [U, m, Hg, B, D]
-    u, m, hg, b, d = g.shape
-    return g.permute(0, 3, 2, 1, 4).reshape(u * b, hg, m, d)
+def _cells(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S, H, *]`` → ``[S·H, B, *]`` (a view when B = 1)."""
+    return x.movedim(0, 2).reshape(x.shape[1] * x.shape[2], x.shape[0], *x.shape[3:])
 
 
-def _scatter_view(x: torch.Tensor, u: int) -> torch.Tensor:
-    """Unit results ``[U·B, Hg, m, *]`` → ``[U, m, Hg, B, *]`` (the index order of the accumulators)."""
-    b = x.shape[0] // u
-    x = x.view(u, b, *x.shape[1:])
-    return x.permute(0, 3, 2, 1, 4) if x.dim() == 5 else x.permute(0, 3, 2, 1)
+def _gather(cells: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Cells ``[S·H, B, *]`` at ``index`` → units ``[U·B, Hg, m, *]`` (``shape`` = (U, m, Hg))."""
+    u, m, hg = shape
+    g = cells.index_select(0, index).view(u, m, hg, *cells.shape[1:])  # [U, m, Hg, B, *]
+    return g.movedim(3, 1).transpose(2, 3).reshape(u * cells.shape[1], hg, m, *cells.shape[2:])
+
+
+def _cells_of(x: torch.Tensor, u: int) -> torch.Tensor:
+    """Unit results ``[U·B, Hg, m, *]`` → ``[U·m·Hg, B, *]`` (the order of ``Bucket.q_index``)."""
+    x = x.view(u, x.shape[0] // u, *x.shape[1:]).transpose(2, 3).movedim(1, 3)  # [U, m, Hg, B, *]
+    return x.reshape(-1, *x.shape[3:])
 
 
 def _unit_mask(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
@@ -52,6 +59,11 @@ def _unit_mask(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
         return None
     u = mask.shape[0]
     return mask[:, None].expand(u, b, *mask.shape[1:]).reshape(u * b, *mask.shape[1:])  # [U·B, Hd, m, n]
+
+
+def _shapes(bucket: Bucket) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    u, m = bucket.rows.shape
+    return (u, m, bucket.heads.shape[1]), (u, bucket.keys.shape[1], bucket.kv_heads.shape[1])
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMask, scale: float,
@@ -65,29 +77,29 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
     sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc_dtype(q)
     plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles)
-    out = torch.zeros(sq, h, b, e, dtype=acc, device=q.device)  # [Sq, H, B, E]
-    lse = torch.full((sq, h, b), float("-inf"), dtype=acc, device=q.device)  # [Sq, H, B]
-    qt, kt, vt = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [S, H, B, D] views
+    if len(plan.buckets) == 1 and plan.buckets[0].identity:
+        causal = plan.buckets[0].kind == CAUSAL_KIND
+        o, l = runner.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, mask=None,
+                              scale=scale)  # [B, H, Sq, E], [B, H, Sq]
+        return o.transpose(1, 2).to(q.dtype).contiguous(), l.to(acc).contiguous()
+    out = torch.zeros(sq * h, b, e, dtype=acc, device=q.device)  # cells [Sq·H, B, E]
+    lse = torch.full((sq * h, b), float("-inf"), dtype=acc, device=q.device)  # cells [Sq·H, B]
+    qc, kc, vc = _cells(q), _cells(k), _cells(v)
     for bucket in plan.buckets:
-        causal = bucket.kind == CAUSAL_KIND
-        if bucket.identity:
-            o, l = runner.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, mask=None,
-                                  scale=scale)  # [B, H, Sq, E], [B, H, Sq]
-            return o.transpose(1, 2).to(q.dtype).contiguous(), l.to(acc).contiguous()
-        rows, heads, keys, kv_heads, mask = bucket.on(q.device)
-        u = rows.shape[0]
-        o, l = runner.forward(_gather(qt, rows, heads), _gather(kt, keys, kv_heads), _gather(vt, keys, kv_heads),
-                              causal=causal, mask=_unit_mask(mask, b), scale=scale)
-        o, l = _scatter_view(o, u).to(acc), _scatter_view(l, u).to(acc)  # [U, m, Hg, B, E], [U, m, Hg, B]
-        idx = (rows[:, :, None], heads[:, None, :])
+        qi, ki, mask = bucket.on(q.device)
+        qs, ks = _shapes(bucket)
+        o, l = runner.forward(_gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks),
+                              causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, b), scale=scale)
+        o, l = _cells_of(o, qs[0]).to(acc), _cells_of(l, qs[0]).to(acc)  # [U·m·Hg, B, E], [U·m·Hg, B]
         if not bucket.first:
-            e_ = o.shape[-1]
-            mo, ml = merge_attention(out[idx].reshape(1, -1, 1, e_), lse[idx].reshape(1, 1, -1),
-                                     o.reshape(1, -1, 1, e_), l.reshape(1, 1, -1))
+            n = o.shape[0] * b
+            mo, ml = merge_attention(out.index_select(0, qi).reshape(1, n, 1, e), lse.index_select(0, qi).reshape(1, 1, n),
+                                     o.reshape(1, n, 1, e), l.reshape(1, 1, n))
             o, l = mo.view(o.shape), ml.view(l.shape)
-        out[idx] = o
-        lse[idx] = l
-    return out.permute(2, 0, 1, 3).to(q.dtype).contiguous(), lse.permute(2, 1, 0).contiguous()
+        out.index_copy_(0, qi, o)
+        lse.index_copy_(0, qi, l)
+    out = out.view(sq, h, b, e).movedim(2, 0)  # [B, Sq, H, E]
+    return out.to(q.dtype).contiguous(), lse.view(sq, h, b).permute(2, 1, 0).contiguous()
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -101,29 +113,29 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     # rows with no allowed key anywhere belong to no full/causal unit; a finite lse keeps masked tiles finite
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(acc)
     dout, out = dout.to(q.dtype), out.to(q.dtype)
-    dq = torch.zeros(sq, h, b, d, dtype=acc, device=q.device)  # [Sq, H, B, D]
-    dk = torch.zeros(sk, hkv, b, d, dtype=acc, device=q.device)  # [Sk, Hkv, B, D]
-    dv = torch.zeros(sk, hkv, b, e, dtype=acc, device=q.device)  # [Sk, Hkv, B, E]
-    qt, kt, vt, dot, ot = (x.permute(1, 2, 0, 3) for x in (q, k, v, dout, out))
-    lt = lse.permute(2, 1, 0)  # [Sq, H, B]
+    if len(plan.buckets) == 1 and plan.buckets[0].identity:
+        gq, gk, gv = runner.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                     out.transpose(1, 2), lse.contiguous(),
+                                     causal=plan.buckets[0].kind == CAUSAL_KIND, mask=None, scale=scale)
+        return (gq.transpose(1, 2).to(q.dtype).contiguous(), gk.transpose(1, 2).to(k.dtype).contiguous(),
+                gv.transpose(1, 2).to(v.dtype).contiguous())
+    dq = torch.zeros(sq * h, b, d, dtype=acc, device=q.device)  # cells [Sq·H, B, D]
+    dk = torch.zeros(sk * hkv, b, d, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, D]
+    dv = torch.zeros(sk * hkv, b, e, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, E]
+    qc, kc, vc, doc, oc = (_cells(x) for x in (q, k, v, dout, out))
+    lc = lse.permute(2, 1, 0).reshape(sq * h, b)  # cells [Sq·H, B]
     for bucket in plan.buckets:
-        causal = bucket.kind == CAUSAL_KIND
-        if bucket.identity:
-            gq, gk, gv = runner.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         out.transpose(1, 2), lse.contiguous(), causal=causal, mask=None, scale=scale)
-            return (gq.transpose(1, 2).to(q.dtype).contiguous(), gk.transpose(1, 2).to(k.dtype).contiguous(),
-                    gv.transpose(1, 2).to(v.dtype).contiguous())
-        rows, heads, keys, kv_heads, mask = bucket.on(q.device)
-        u = rows.shape[0]
-        lg = lt[rows[:, :, None], heads[:, None, :]]  # [U, m, Hg, B]
-        lg = lg.permute(0, 3, 2, 1).reshape(-1, lg.shape[2], lg.shape[1])  # [U·B, Hg, m]
+        qi, ki, mask = bucket.on(q.device)
+        qs, ks = _shapes(bucket)
+        u, m, hg = qs
+        lg = lc.index_select(0, qi).view(u, m, hg, b).permute(0, 3, 2, 1).reshape(u * b, hg, m)
         gq, gk, gv = runner.backward(
-            _gather(dot, rows, heads), _gather(qt, rows, heads), _gather(kt, keys, kv_heads), _gather(vt, keys, kv_heads),
-            _gather(ot, rows, heads), lg.contiguous(), causal=causal, mask=_unit_mask(mask, b), scale=scale,
+            _gather(doc, qi, qs), _gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks), _gather(oc, qi, qs),
+            lg.contiguous(), causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, b), scale=scale,
         )
-        dq.index_put_((rows[:, :, None], heads[:, None, :]), _scatter_view(gq, u).to(acc), accumulate=True)
-        kidx = (keys[:, :, None], kv_heads[:, None, :])
-        dk.index_put_(kidx, _scatter_view(gk, u).to(acc), accumulate=True)
-        dv.index_put_(kidx, _scatter_view(gv, u).to(acc), accumulate=True)
-    return (dq.permute(2, 0, 1, 3).to(q.dtype).contiguous(), dk.permute(2, 0, 1, 3).to(k.dtype).contiguous(),
-            dv.permute(2, 0, 1, 3).to(v.dtype).contiguous())
+        dq.index_add_(0, qi, _cells_of(gq, u).to(acc))
+        dk.index_add_(0, ki, _cells_of(gk, u).to(acc))
+        dv.index_add_(0, ki, _cells_of(gv, u).to(acc))
+    return (dq.view(sq, h, b, d).movedim(2, 0).to(q.dtype).contiguous(),
+            dk.view(sk, hkv, b, d).movedim(2, 0).to(k.dtype).contiguous(),
+            dv.view(sk, hkv, b, e).movedim(2, 0).to(v.dtype).contiguous())

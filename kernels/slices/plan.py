@@ -55,6 +55,8 @@ class Bucket:
         mask: ``bool [U, Hd, m, n]`` for ``mask`` units (Hd 1 or Hg), else None.
         first: True when no earlier bucket wrote these (row, head) pairs (the result is stored, not merged).
         identity: the unit is the whole problem in order (run on the inputs without gathering).
+        q_index: ``int64 [U·m·Hg]`` flat (row × H + head) index of every query cell, row-major per unit.
+        k_index: ``int64 [U·n·Hk]`` flat (key × Hkv + K/V head) index of every key cell.
     """
 
     kind: str
@@ -65,15 +67,17 @@ class Bucket:
     mask: torch.Tensor | None = None
     first: bool = False
     identity: bool = False
+    q_index: torch.Tensor | None = None
+    k_index: torch.Tensor | None = None
     _copies: dict = field(default_factory=dict)
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(rows, heads, keys, kv_heads, mask) on ``device``, copied once per device."""
+    def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(q_index, k_index, mask) on ``device``, copied once per device."""
         if device.type == "cpu":
-            return self.rows, self.heads, self.keys, self.kv_heads, self.mask
+            return self.q_index, self.k_index, self.mask
         if device not in self._copies:
             self._copies[device] = tuple(None if t is None else t.to(device)
-                                         for t in (self.rows, self.heads, self.keys, self.kv_heads, self.mask))
+                                         for t in (self.q_index, self.k_index, self.mask))
         return self._copies[device]
 
 
@@ -268,6 +272,8 @@ def _buckets(units: _Units, sq: int, sk: int, h: int) -> list[Bucket]:
             b = Bucket(kind=kind, rows=torch.stack([u[0] for u in part]), heads=torch.stack([u[1] for u in part]),
                        keys=torch.stack([u[2] for u in part]), kv_heads=torch.stack([u[3] for u in part]), mask=mask,
                        first=not bool((covered & cells).any()))
+            b.q_index = (b.rows[:, :, None] * h + b.heads[:, None, :]).reshape(-1)
+            b.k_index = (b.keys[:, :, None] * units.hkv + b.kv_heads[:, None, :]).reshape(-1)
             b.identity = (len(part) == 1 and m == sq and n == sk and hg == h and kind != MASK_KIND
                           and torch.equal(b.rows[0], torch.arange(sq)) and torch.equal(b.keys[0], torch.arange(sk))
                           and torch.equal(b.heads[0], torch.arange(h)) and hk == h // units.rep)
