@@ -133,7 +133,7 @@ def run_throughput(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> li
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(loss)
+            return float(loss.detach())
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
