@@ -30,7 +30,7 @@ from .._regions import Region, tighten
 from ..blocksparse._plan import build_plan, head_groups
 from ..masks import FULL, PARTIAL, PlacedMask
 
-__all__ = ["CHUNK", "TILE", "Bucket", "SlicePlan", "get_plan", "lower"]
+__all__ = ["CHUNK", "TILE", "Bucket", "PlanCache", "SlicePlan", "get_plan", "lower", "position_digest"]
 
 #: Query rows per chunk of a band (sliding window): each chunk costs two triangles and one rectangle.
 CHUNK = 512
@@ -318,30 +318,48 @@ def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool
     return SlicePlan(buckets=_buckets(units, sq, sk, h), fallback=groups is None)
 
 
-_CACHE: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, SlicePlan]] = OrderedDict()
+class PlanCache:
+    """Plans keyed by (mask pattern, shapes, positions, …), least recently used dropped past ``size``.
+
+    The key holds a digest of the positions; a hit is confirmed against the stored positions themselves.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, object]] = OrderedDict()
+
+    def get(self, placed: PlacedMask, key: tuple, build):
+        q_pos, k_pos = placed.q_pos.cpu(), placed.k_pos.cpu()
+        key = (placed.mask.key(), None if placed.heads is None else tuple(placed.heads.tolist()), placed.num_heads,
+               int(placed.seq_len), position_digest(q_pos), position_digest(k_pos), *key)
+        hit = self.entries.get(key)
+        if hit is not None and torch.equal(hit[0], q_pos) and torch.equal(hit[1], k_pos):
+            self.entries.move_to_end(key)
+            return hit[2]
+        plan = build()
+        self.entries[key] = (q_pos.clone(), k_pos.clone(), plan)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        self.entries.clear()
 
 
-def _digest(pos: torch.Tensor) -> tuple[int, str]:
+def position_digest(pos: torch.Tensor) -> tuple[int, str]:
+    """A cache key for a positions tensor (its length and a hash of its values)."""
     data = pos.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
     return pos.numel(), hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+_CACHE = PlanCache(CACHE_SIZE)
+
+
 def get_plan(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False) -> SlicePlan:
     """The cached plan for (mask, shapes, heads, positions); built on first use."""
-    heads = None if placed.heads is None else tuple(placed.heads.tolist())
-    key = (placed.mask.key(), sq, sk, h, hkv, heads, placed.num_heads, int(placed.seq_len),
-           _digest(placed.q_pos), _digest(placed.k_pos), TILE, CHUNK, tiles)
-    hit = _CACHE.get(key)
-    if hit is not None and torch.equal(hit[0], placed.q_pos.cpu()) and torch.equal(hit[1], placed.k_pos.cpu()):
-        _CACHE.move_to_end(key)
-        return hit[2]
-    plan = build(placed, sq, sk, h, hkv, tiles=tiles)
-    _CACHE[key] = (placed.q_pos.cpu().clone(), placed.k_pos.cpu().clone(), plan)
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return plan
+    return _CACHE.get(placed, (sq, sk, h, hkv, TILE, CHUNK, tiles),
+                      lambda: build(placed, sq, sk, h, hkv, tiles=tiles))
 
 
 def clear_cache() -> None:
     _CACHE.clear()
-
