@@ -141,6 +141,54 @@ def run_masks(args: argparse.Namespace) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def run_model(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Training-step tokens/s of a small longreach Llama per attention pattern, interleaved rounds.
+
+    Every pattern gets the same model (same seed) with its ``inner_attention`` swapped, as ``parallelize``
+    does; a step is forward, chunked loss, backward and an SGD update on one sequence of ``--seq-len``.
+    """
+    from longreach.attention import AttentionContext, LocalAttention
+    from longreach.kernels import masks as M
+    from longreach.models import build_model
+    from longreach.models.config import ModelConfig
+
+    s = args.seq_len
+    cfg = ModelConfig(arch="llama", vocab_size=1024, dim=args.model_dim, n_layers=args.model_layers,
+                      n_heads=args.heads, max_seq_len=s)
+    group = max(2, (s // 4) // 2 * 2)
+    train_masks = {"full": None, "s2": M.s2(group, "varlen"), "s2_roll": M.s2(group, "roll"), "sf": M.sf(group, 4),
+                   "ssa": M.ssa(0.25, window=2, block=args.block, seed=0)}
+    ids = torch.randint(0, cfg.vocab_size, (1, s + 1), generator=torch.Generator().manual_seed(0))
+    steps: dict[str, Callable[[], None]] = {}
+    for name in args.patterns:
+        if name not in train_masks:
+            raise UserError(f"bench kernels --patterns: unknown pattern {name!r}; choose from {', '.join(train_masks)}")
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        for layer in model.layers:
+            layer.self_attn.inner_attention = LocalAttention(args.backend if args.backend != "slices" else "auto",
+                                                             train_mask=train_masks[name])
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt) -> None:
+            loss_sum, n_tok = model(ids[:, :-1], ctx=AttentionContext(seq_len=s), labels=ids[:, 1:])
+            (loss_sum / n_tok).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[name] = step
+    ratios = interleaved(steps, args.patterns[0], args.rounds)
+    base = ratios["_baseline_seconds"]
+    rows = []
+    for name in args.patterns:
+        secs = [r * b for r, b in zip(ratios[name], base)]
+        rows.append({"pattern": name, "tokens_per_s": _summary([s / x for x in secs]),
+                     f"time/{args.patterns[0]}": _summary(ratios[name])})
+        t = rows[-1]["tokens_per_s"]
+        print(f"{name:<8} tokens/s {t['median']:8.0f} [{t['min']:.0f}-{t['max']:.0f}]   time/{args.patterns[0]} "
+              f"{rows[-1][f'time/{args.patterns[0]}']['median']:.3f}")
+    return rows
+
+
 def cp_worker(rank: int, world_size: int, seq_len: int, heads: int, head_dim: int, window: int,
               layout: str = "contiguous") -> dict[str, int]:
     """One rank of the ring CP comparison: bytes sent with full causal vs a sliding window."""
@@ -193,8 +241,11 @@ def _table(rows: list[dict[str, Any]], passes: list[str], backends: list[str]) -
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longreach bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=("masks", "lightning"), default="masks",
-                   help="masks (default) or lightning (delegates to longreach.bench.lightning)")
+    p.add_argument("--suite", choices=("masks", "model", "lightning"), default="masks",
+                   help="masks (default), model (training steps per pattern) or lightning (longreach.bench.lightning)")
+    p.add_argument("--patterns", default="full,s2", help="--suite model: patterns, the first is the baseline")
+    p.add_argument("--model-dim", type=int, default=256, help="--suite model: width (default 256)")
+    p.add_argument("--model-layers", type=int, default=4, help="--suite model: layers (default 4)")
     p.add_argument("--seq-len", type=int, default=8192, help="tokens (default 8192)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
@@ -230,6 +281,17 @@ def main(argv: list[str]) -> int:
         except ModuleNotFoundError as e:
             raise UserError("bench kernels --suite lightning: longreach.bench.lightning is not installed") from e
         return int(mod.run(args) or 0)
+    if args.suite == "model":
+        args.patterns = [x.strip() for x in args.patterns.split(",") if x.strip()]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"bench kernels --suite model: Llama dim {args.model_dim} x {args.model_layers} layers, {args.heads} heads, "
+              f"S={args.seq_len}, train steps, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
+        rows = run_model(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": vars(args), "model": rows}, f, indent=1, default=str)
+        return 0
     args.masks = [m.strip() for m in args.masks.split(",") if m.strip()]
     for m in args.masks:
         if m not in MASK_NAMES:
