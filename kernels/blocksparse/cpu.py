@@ -14,25 +14,13 @@ rows with no allowed key out = 0, lse = −inf.
 """
 from __future__ import annotations
 
-import torch
+from functools import partial
 
-from ..masks import Mask, PlacedMask
 from ..slices import cpu as slices_cpu
 
 __all__ = ["forward", "backward"]
 
-
-def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Mask | PlacedMask | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse forward. Returns out ``[B, Sq, H, E]`` (q dtype) and lse ``[B, H, Sq]``."""
-    return slices_cpu.forward(q, k, v, mask=mask, scale=scale, tiles=True)
-
-
-def backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, mask: Mask | PlacedMask | None = None, scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of the block given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of its rows."""
-    return slices_cpu.backward(dout, q, k, v, out, lse, mask=mask, scale=scale, tiles=True)
+#: ``forward(q, k, v, *, mask, scale) -> (out, lse)`` on the tile plan.
+forward = partial(slices_cpu.forward, tiles=True)
+#: ``backward(dout, q, k, v, out, lse, *, mask, scale) -> (dq, dk, dv)`` on the tile plan.
+backward = partial(slices_cpu.backward, tiles=True)

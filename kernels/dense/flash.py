@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 
-from ..masks import Mask, PlacedMask
 from ..slices import cpu as slices_cpu
 
 __all__ = ["forward", "backward", "FlashRunner", "flash_available"]
@@ -150,18 +149,7 @@ class FlashRunner:
 
 RUNNER = FlashRunner()
 
-
-def forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Mask | PlacedMask | None = None,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Out ``[B, Sq, H, E]`` (q dtype) and lse ``[B, H, Sq]`` float32."""
-    return slices_cpu.forward(q, k, v, mask=mask, scale=scale, runner=RUNNER)
-
-
-def backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, mask: Mask | PlacedMask | None = None, scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows."""
-    return slices_cpu.backward(dout, q, k, v, out, lse, mask=mask, scale=scale, runner=RUNNER)
+#: ``forward(q, k, v, *, mask, scale) -> (out [B, Sq, H, E], lse [B, H, Sq] float32)``.
+forward = partial(slices_cpu.forward, runner=RUNNER)
+#: ``backward(dout, q, k, v, out, lse, *, mask, scale) -> (dq, dk, dv)`` given the *global* out and lse.
+backward = partial(slices_cpu.backward, runner=RUNNER)
