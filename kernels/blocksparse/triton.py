@@ -36,7 +36,7 @@ from ..masks import Mask, PlacedMask, _Full, place  # noqa: E402
 from ..slices.plan import PlanCache  # noqa: E402
 from ._plan import TilePlan, build_plan  # noqa: E402
 
-__all__ = ["forward", "backward", "block_sizes"]
+__all__ = ["forward", "backward", "block_sizes", "launch_forward"]
 
 
 def _interpreting() -> bool:
@@ -282,17 +282,29 @@ def forward(
     qc, kc, vc = (_compute_dtype(x).contiguous() for x in (q, k, v))
     out = torch.empty(b, sq, h, e, dtype=qc.dtype, device=q.device)  # [B, Sq, H, E]
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)  # [B, H, Sq]
-    nq, nk = plan.kind.shape[1], plan.kind.shape[2]
     if sq == 0:
         return out.to(q.dtype), lse
+    launch_forward(qc, kc, vc, out, lse, plan, bm, bn, scale)
+    return out.to(q.dtype), lse
+
+
+def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   plan: TilePlan, bm: int, bn: int, scale: float) -> None:
+    """Launch the forward kernel on tensors as they are (any strides with a unit last one; offsets int64).
+
+    q ``[B, Sq, H, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, E]``, out ``[B, Sq, H, E]`` written in place,
+    lse ``[B, H, Sq]`` contiguous float32 written in place.
+    """
+    b, sq, h, d = q.shape
+    sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    nq, nk = plan.kind.shape[1], plan.kind.shape[2]
     _fwd_kernel[(nq, b * h)](
-        qc, kc, vc, out, lse, plan.kind, plan.partial_index, plan.row_list, plan.row_count, plan.partial_mask,
-        *qc.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3],
+        q, k, v, out, lse, plan.kind, plan.partial_index, plan.row_list, plan.row_count, plan.partial_mask,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         h, h // hkv, sq, sk, d, e, nq, nk, scale,
-        PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e), PREC=precision(qc.dtype),
+        PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e), PREC=precision(q.dtype),
         **launch_config(max(d, e)),
     )
-    return out.to(q.dtype), lse
 
 
 def backward(
