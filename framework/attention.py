@@ -158,7 +158,7 @@ class AttentionConfig:
     """The ``attention:`` section of a job: local backend and sparse pattern of softmax layers."""
 
     backend: str = "auto"
-    """Local attention backend: auto, reference, cpu, cpu_sparse, triton, flex, flash."""
+    """Local attention backend: auto, reference, cpu, slices, cpu_sparse, triton, flex, flash."""
     pattern: str = "full"
     """full (causal) | s2 | s2_roll | sf | ssa (training only) | window | power | sinks_window (always)."""
     group_size: int = 0
