@@ -11,6 +11,16 @@ from longreach.bench import kernels as bench_kernels
 from longreach.errors import UserError
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: extra threads only add contention on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu.json"
     assert gpu_check.main(["--dry", "--skip", "tests", "--json", str(out)]) == 0

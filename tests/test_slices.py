@@ -14,6 +14,16 @@ import kernels_flash_standin as standin
 from test_blocksparse import MASKS, compare
 
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny shapes: extra threads only add contention on a shared machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cases(name: str) -> list[dict]:
     if name == "s2_roll":  # the roll path needs N divisible by the group
         return [dict(sq=200, h=4, hkv=2), dict(sq=150, h=6, hkv=3, e=12)]
@@ -141,7 +151,7 @@ def flash_standin(monkeypatch):
 def test_flash_varlen_path_matches_reference(name, flash_standin):
     """Every mask's plan through flash-attn's varlen signature: out, LSE and gradients equal the reference."""
     # flash-attn's LSE is float32 whatever the inputs: compare in float32
-    failures = [f"{case}: {f}" for case in _cases(name)
+    failures = [f"{case}: {f}" for case in _cases(name)[:2]
                 for f in compare("flash", MASKS[name], dtype=torch.float32, tol=2e-5, **case)]
     assert not failures, failures
     kinds = {(c[0], c[2]) for c in flash_standin}
@@ -150,15 +160,15 @@ def test_flash_varlen_path_matches_reference(name, flash_standin):
 
 
 def test_flash_runs_one_varlen_call_per_bucket(flash_standin):
-    """S2 at 1024 tokens: equal groups are ONE varlen call with one sequence per (group, batch row)."""
+    """S2 at 512 tokens: equal groups are ONE varlen call with one sequence per (group, batch row)."""
     torch.manual_seed(0)
-    q = torch.randn(2, 1024, 4, 16)
-    mask = M.causal() & M.s2(256)
+    q = torch.randn(2, 512, 4, 16)
+    mask = M.causal() & M.s2(128)
     out, lse = get_backend("flash").forward(q, q, q, mask=mask, scale=None)
     ref_out, ref_lse = get_backend("reference").forward(q.double(), q.double(), q.double(), mask=mask, scale=None)
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
     fwd = [c for c in flash_standin if c[0] == "fwd"]
-    # unshifted heads: 4 groups of 256; shifted: 3 of 256 (same bucket) plus 2 half groups of 128
+    # unshifted heads: 4 groups of 128; shifted: 3 of 128 (same bucket) plus 2 half groups of 64
     assert fwd == [("fwd", (4 + 3) * 2, True), ("fwd", 2 * 2, True)]
 
 
