@@ -9,16 +9,7 @@ import torch
 from longreach.bench import gpu_check
 from longreach.bench import kernels as bench_kernels
 from longreach.errors import UserError
-
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: extra threads only add contention on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_slices import _one_thread  # noqa: F401 - autouse: one torch thread for these toy sizes
 
 
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
