@@ -38,7 +38,8 @@ def tighten(r: Region) -> Region | None:
         dlo, dhi = max(dlo, q0 - (k1 - 1)), min(dhi, (q1 - 1) - k0)
         if dlo > dhi:
             return None
-        # q − k ≥ dlo ⇒ q ≥ k0 + dlo and k ≤ q1 − 1 − dlo; q − k ≤ dhi ⇒ q ≤ k1 − 1 + dhi and k ≥ q0 − dhi
+        # q − k ≥ dlo ⇒ q ≥ k0 + dlo and k ≤ q1 − 1 − dlo;
+        # q − k ≤ dhi ⇒ q ≤ k1 − 1 + dhi and k ≥ q0 − dhi
         q0, q1 = max(q0, k0 + dlo), min(q1, k1 + dhi)
         k0, k1 = max(k0, q0 - dhi), min(k1, q1 - dlo)
     if q0 >= q1 or k0 >= k1:

@@ -204,7 +204,8 @@ def main(argv: list[str]) -> int:
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
     unknown = skip - {"tests", "throughput", "kernels"}
     if unknown:
-        raise UserError(f"bench gpu --skip: unknown section(s) {sorted(unknown)}; choose from tests, throughput, kernels")
+        raise UserError(f"bench gpu --skip: unknown section(s) {sorted(unknown)}; "
+                        "choose from tests, throughput, kernels")
     if not args.dry and not torch.cuda.is_available():
         raise UserError("bench gpu: no CUDA device here; run with --dry to check the plumbing on CPU")
     out_path = Path(args.json)
@@ -235,7 +236,8 @@ def main(argv: list[str]) -> int:
                   f"ideal {row['ideal']:.3f}  target {row['target']:.3f}")
     if "tests" in result:
         print(f"gpu tests: {result['tests'].get('summary', result['tests'])}")
-    print(f"bench gpu: wrote {out_path} ({result['seconds']:.0f} s{', dry run: figures mean nothing' if args.dry else ''})")
+    note = ", dry run: figures mean nothing" if args.dry else ""
+    print(f"bench gpu: wrote {out_path} ({result['seconds']:.0f} s{note})")
     return 0
 
 

@@ -93,8 +93,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
         o, l = _cells_of(o, qs[0]).to(acc), _cells_of(l, qs[0]).to(acc)  # [U·m·Hg, B, E], [U·m·Hg, B]
         if not bucket.first:
             n = o.shape[0] * b
-            mo, ml = merge_attention(out.index_select(0, qi).reshape(1, n, 1, e), lse.index_select(0, qi).reshape(1, 1, n),
-                                     o.reshape(1, n, 1, e), l.reshape(1, 1, n))
+            mo, ml = merge_attention(out.index_select(0, qi).reshape(1, n, 1, e),
+                                     lse.index_select(0, qi).reshape(1, 1, n), o.reshape(1, n, 1, e),
+                                     l.reshape(1, 1, n))
             o, l = mo.view(o.shape), ml.view(l.shape)
         out.index_copy_(0, qi, o)
         lse.index_copy_(0, qi, l)

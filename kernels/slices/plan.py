@@ -180,7 +180,8 @@ class _Units:
 
     def kv_of(self, heads: tuple[int, ...]) -> tuple[int, ...]:
         kv = sorted({x // self.rep for x in heads})
-        complete = len(heads) == len(kv) * self.rep and list(heads) == [g * self.rep + i for g in kv for i in range(self.rep)]
+        whole_groups = [g * self.rep + i for g in kv for i in range(self.rep)]
+        complete = len(heads) == len(kv) * self.rep and list(heads) == whole_groups
         return tuple(kv) if complete else tuple(x // self.rep for x in heads)
 
     def add(self, heads: tuple[int, ...], rows: torch.Tensor, keys: torch.Tensor, kind: str,
@@ -227,8 +228,8 @@ def _tile_units(units: _Units, placed: PlacedMask, sq: int, sk: int, h: int) -> 
             rows = torch.arange(i * tile, min(sq, (i + 1) * tile))
             full = (kind[i] == FULL).nonzero().reshape(-1)
             if full.numel():
-                units.add(heads, rows, torch.cat([torch.arange(t * tile, min(sk, (t + 1) * tile)) for t in full.tolist()]),
-                          FULL_KIND)
+                keys = torch.cat([torch.arange(t * tile, min(sk, (t + 1) * tile)) for t in full.tolist()])
+                units.add(heads, rows, keys, FULL_KIND)
             for t in (kind[i] == PARTIAL).nonzero().reshape(-1).tolist():
                 keys = torch.arange(t * tile, min(sk, (t + 1) * tile))
                 dense = sub.slice(rows, keys).dense(len(heads))  # [Hd, m, n]: one tile pair at most
