@@ -78,6 +78,21 @@ def _by_rows(fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCo
     return torch.cat([fn(q[r], k[r], v[r], c) for r, c in parts], dim=0)  # [B, S, H, D]
 
 
+_HOST_POSITIONS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _host_positions(pos: torch.Tensor) -> torch.Tensor:
+    """Positions on the host, copied once per positions tensor (not once per layer: a device sync each)."""
+    if pos.device.type == "cpu":
+        return pos
+    hit = _HOST_POSITIONS.get(id(pos))
+    if hit is None or hit[0] is not pos:
+        if len(_HOST_POSITIONS) >= 8:
+            _HOST_POSITIONS.clear()
+        hit = _HOST_POSITIONS[id(pos)] = (pos, pos.cpu())
+    return hit[1]
+
+
 class LocalAttention:
     """Single-rank inner attention: causal (document-aware) softmax attention on one backend.
 
@@ -104,8 +119,8 @@ class LocalAttention:
         s = q.shape[1]
         mask = base_mask(ctx, self.extra_mask(ctx))
         seq_len = ctx.seq_len if ctx.seq_len is not None else s
-        pos = ctx.positions if ctx.positions is not None else torch.arange(s)
-        placed = mask.place(pos.cpu(), pos.cpu(), seq_len=seq_len, num_heads=q.shape[2])
+        pos = _host_positions(ctx.positions) if ctx.positions is not None else torch.arange(s)
+        placed = mask.place(pos, pos, seq_len=seq_len, num_heads=q.shape[2])
         return local_attention_op(q, k, v, mask=placed, scale=ctx.scale, backend=self.backend)
 
     def __call__(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
@@ -143,7 +158,7 @@ class AttentionConfig:
     """The ``attention:`` section of a job: local backend and sparse pattern of softmax layers."""
 
     backend: str = "auto"
-    """Local attention backend: auto, reference, cpu, cpu_sparse, triton, flex, flash."""
+    """Local attention backend: auto, reference, cpu, slices, cpu_sparse, triton, flex, flash."""
     pattern: str = "full"
     """full (causal) | s2 | s2_roll | sf | ssa (training only) | window | power | sinks_window (always)."""
     group_size: int = 0

@@ -36,6 +36,7 @@ from functools import lru_cache
 
 import torch
 
+from ._regions import INF, Region
 from .masks import Mask, _as_pos, _Or, _Sinks, _where3
 
 __all__ = ["power", "s2", "sf", "ssa", "splitmix64", "ssa_keep_probability"]
@@ -87,6 +88,18 @@ class _Power(Mask):
         pow2 = (dmin > 0) & ((dmin & (dmin - 1)) == 0)
         full = single & (pow2 | ((dmin == 0) & (qmin >= kmax)))
         return _where3(empty, full)[None]
+
+    def regions(self, head, num_heads, seq_len):
+        b, nb = self.block, -(-seq_len // self.block)
+        out = []
+        for a in range(nb):
+            q0, q1 = a * b, min(seq_len, (a + 1) * b)
+            out.append(Region(q0, q1, q0, q1, 0, INF))  # own block, token-causal
+            dist = 1
+            while dist <= a:
+                out.append(Region(q0, q1, (a - dist) * b, (a - dist + 1) * b))
+                dist *= 2
+        return out
 
 
 def power(block: int) -> Mask:
@@ -175,6 +188,21 @@ class _S2(Mask):
             shifted = _group_classify(rq0, rq1, rk0, rk1, lambda p: p // g)
         sh = self._shifted(heads, num_heads)[:, None, None]
         return torch.where(sh, shifted[None], plain[None]).to(torch.int8)
+
+    def regions(self, head, num_heads, seq_len):
+        g, half, n = self.group_size, self.group_size // 2, int(seq_len)
+        if head < num_heads // 2:
+            starts = range(0, n, g)
+        elif self.variant == "varlen":
+            starts = [0, *range(half, n, g)]
+        else:
+            self._seq_len(n, torch.zeros(0), torch.zeros(0))  # raises when N % G != 0
+            # rolled groups [mG + G/2, (m+1)G + G/2); the last one wraps: [N − G/2, N) then [0, G/2)
+            out = [Region(a, a + g, a, a + g, 0, INF) for a in range(half, n - half, g)]
+            return out + [Region(n - half, n, n - half, n, 0, INF), Region(0, half, n - half, n),
+                          Region(0, half, 0, half, 0, INF)]
+        bounds = [*starts, n]
+        return [Region(a, min(b, n), a, min(b, n), 0, INF) for a, b in zip(bounds[:-1], bounds[1:]) if a < n]
 
 
 def s2(group_size: int, variant: str = "varlen") -> Mask:
@@ -356,6 +384,16 @@ class _SSA(Mask):
         all_kept = kept == area[None]
         full = all_kept & ((qb0 > kb1) | ((qb0 == qb1) & (qb0 == kb0) & (kb0 == kb1) & (qmin >= kmax)))[None]
         return _where3(empty, full)
+
+    def regions(self, head, num_heads, seq_len):
+        b, nb = self.block, self._num_blocks(seq_len, torch.zeros(0), torch.zeros(0))
+        blocks = torch.arange(nb)
+        keep = self.block_keep(blocks, blocks, torch.tensor([head]), nb)[0]  # [nb, nb]
+        out = []
+        for a, c in keep.nonzero().tolist():
+            q0, q1, k0 = a * b, min(seq_len, (a + 1) * b), c * b
+            out.append(Region(q0, q1, k0, min(seq_len, k0 + b), 0 if a == c else -INF, INF))
+        return out
 
 
 def ssa(ratio: float, *, window: int, block: int, seed: int, bias: str = "local") -> Mask:

@@ -37,6 +37,7 @@ def _cuda(dev: torch.device) -> bool:
 register_backend("reference", "longreach.kernels.dense.reference", _any)
 register_backend("cpu", "longreach.kernels.dense.cpu", _cpu)
 register_backend("cpu_sparse", "longreach.kernels.blocksparse.cpu", _cpu)
+register_backend("slices", "longreach.kernels.slices.cpu", _cpu)
 register_backend("triton", "longreach.kernels.blocksparse.triton", _any)
 register_backend("flex", "longreach.kernels.blocksparse.flex", _cuda)
 register_backend("flash", "longreach.kernels.dense.flash", _cuda)
@@ -56,32 +57,20 @@ def get_backend(name: str) -> ModuleType:
 def resolve_backend(name: str, q: torch.Tensor, mask: Mask | PlacedMask | None) -> str:
     """Pick the backend for ``auto``: the fastest correct one for device, dtype and mask.
 
-    CPU: ``cpu`` (one flash call) for no mask, plain causal masks and short sequences, else
-    ``cpu_sparse`` (skips empty tiles). CUDA: ``reference`` for float64, ``flash`` for unmasked
-    fp16/bf16 when installed, else ``triton`` (block-sparse; ``flex`` is opt-in because its
-    compiled kernel specialises on each mask).
+    CPU: ``cpu`` (one flash call) for no mask and plain causal masks, else ``slices`` (the mask as batched
+    dense calls of the same kernel). CUDA: ``reference`` for float64, else ``flash`` — flash-attn's varlen
+    API when installed, else PyTorch SDPA, for unmasked, causal and masked attention alike (masks run as
+    slice plans). The Triton block-sparse kernel and ``flex`` are opt-in by name.
     """
     if name != "auto":
         get_backend(name)
         return name
     inner = mask.mask if isinstance(mask, PlacedMask) else mask
     if q.device.type == "cuda":
-        if q.dtype == torch.float64:
-            return "reference"
-        try:
-            get_backend("flash")
-            if q.dtype in (torch.float16, torch.bfloat16) and mask is None:
-                return "flash"
-        except ImportError:
-            pass
-        return "triton"
-    if inner is None or isinstance(inner, _Causal) or q.shape[1] <= 256:
+        return "reference" if q.dtype == torch.float64 else "flash"
+    if inner is None or isinstance(inner, _Causal):
         return "cpu"
-    try:
-        get_backend("cpu_sparse")
-        return "cpu_sparse"
-    except ImportError:
-        return "cpu"
+    return "slices"
 
 
 class _Attention(torch.autograd.Function):
@@ -110,7 +99,8 @@ def attention(q, k, v, *, mask=None, scale=None, backend="auto", return_lse=Fals
         mask: a :mod:`longreach.kernels.masks` mask (global positions: keys 0..Sk-1, queries aligned
             to the end of the keys) or a :class:`PlacedMask`; None means full, non-causal attention.
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cpu_sparse"``, ``"triton"``, ``"flex"``, ``"flash"``.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cpu_sparse"``, ``"slices"``, ``"triton"``,
+            ``"flex"``, ``"flash"``.
         return_lse: also return the log-sum-exp (not differentiable).
 
     Returns:

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from ._regions import INF, Region, intersect_lists, union_lists
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 __all__ = [
@@ -135,6 +137,16 @@ class Mask:
             heads=heads, num_heads=num_heads, seq_len=seq_len,
         )
         return bm[:, 0, 0]
+
+    # --- slices ------------------------------------------------------------------------------
+    def regions(self, head: int, num_heads: int, seq_len: int) -> list[Region] | None:
+        """The pattern of global head ``head`` as a list of disjoint :class:`Region` (global positions
+        0..seq_len-1), or None when the mask has no analytic form (planners then fall back to tiles)."""
+        return None
+
+    def key(self) -> object:
+        """A hashable value equal for masks with the same pattern (plan caches key on it)."""
+        return self
 
     # --- context and algebra -----------------------------------------------------------------
     def at(self, *, step: int = 0, layer: int = 0) -> "Mask":
@@ -318,6 +330,9 @@ class _Full(Mask):
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         return _full_tiles(qmin, kmin, FULL)
 
+    def regions(self, head, num_heads, seq_len):
+        return [Region(0, seq_len, 0, seq_len)]
+
 
 @dataclass(frozen=True)
 class _Causal(Mask):
@@ -329,6 +344,9 @@ class _Causal(Mask):
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         return _where3(qmax < kmin, qmin >= kmax)[None]
+
+    def regions(self, head, num_heads, seq_len):
+        return [Region(0, seq_len, 0, seq_len, 0, INF)]
 
 
 @dataclass(frozen=True)
@@ -349,6 +367,9 @@ class _SlidingWindow(Mask):
         max_diff, min_diff = qmax - kmin, qmin - kmax
         return _where3((max_diff < 0) | (min_diff >= self.window), (min_diff >= 0) & (max_diff < self.window))[None]
 
+    def regions(self, head, num_heads, seq_len):
+        return [Region(0, seq_len, 0, seq_len, 0, self.window - 1)]
+
 
 @dataclass(frozen=True)
 class _Sinks(Mask):
@@ -365,6 +386,9 @@ class _Sinks(Mask):
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         return _where3((kmin >= self.n) | (qmax < kmin), (kmax < self.n) & (qmin >= kmax))[None]
+
+    def regions(self, head, num_heads, seq_len):
+        return [Region(0, seq_len, 0, min(self.n, seq_len), 0, INF)] if self.n > 0 else []
 
 
 @dataclass(frozen=True, eq=False)
@@ -398,6 +422,14 @@ class _Documents(Mask):
         empty = (qmax < kmin) | (d_kmax < d_qmin) | (d_kmin > d_qmax)
         one_doc = (d_qmin == d_qmax) & (d_kmin == d_kmax) & (d_qmin == d_kmin)
         return _where3(empty, one_doc & (qmin >= kmax))[None]
+
+    def regions(self, head, num_heads, seq_len):
+        cu = self.cu_seqlens.clamp(max=seq_len).tolist()
+        bounds = cu + ([seq_len] if cu[-1] < seq_len else [])  # positions past the last offset: one more document
+        return [Region(a, b, a, b, 0, INF) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def key(self):
+        return ("documents", tuple(self.cu_seqlens.tolist()))
 
 
 @dataclass(frozen=True, eq=False)
@@ -437,6 +469,14 @@ class _And(Mask):
     def at(self, *, step=0, layer=0):
         return _And(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
 
+    def regions(self, head, num_heads, seq_len):
+        ra = self.a.regions(head, num_heads, seq_len)
+        rb = None if ra is None else self.b.regions(head, num_heads, seq_len)
+        return None if rb is None else intersect_lists(ra, rb)
+
+    def key(self):
+        return ("and", self.a.key(), self.b.key())
+
 
 @dataclass(frozen=True, eq=False)
 class _Or(Mask):
@@ -473,6 +513,14 @@ class _Or(Mask):
 
     def at(self, *, step=0, layer=0):
         return _Or(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
+
+    def regions(self, head, num_heads, seq_len):
+        ra = self.a.regions(head, num_heads, seq_len)
+        rb = None if ra is None else self.b.regions(head, num_heads, seq_len)
+        return None if rb is None else union_lists(ra, rb)
+
+    def key(self):
+        return ("or", self.a.key(), self.b.key())
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ BENCH: dict[str, tuple[str, str]] = {
     "cp": ("longreach.bench.cp:main", "context-parallel strategies: communication, work balance, time"),
     "kernels": ("longreach.bench.kernels:main", "local attention kernels and masks: FLOPs skipped, time"),
     "mixtures": ("longreach.bench.mixtures:main", "MoE / MoH / SQA / BAM MoA layers vs dense of equal active size"),
+    "gpu": ("longreach.bench.gpu_check:main", "one-GPU check: gpu tests, 1B Llama tokens/s and MFU, mask kernels (--dry: CPU)"),
     "sweep": ("longreach.bench.sweep:main", "sweep sequence lengths / configs and record results"),
 }
 

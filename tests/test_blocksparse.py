@@ -11,6 +11,8 @@ from longreach.kernels import attention, get_backend
 from longreach.kernels import masks as M
 from longreach.kernels.api import resolve_backend
 from longreach.kernels.blocksparse import cpu as sparse_cpu
+from longreach.kernels.slices import cpu as slices_cpu
+from longreach.kernels.slices import plan as slice_plan
 
 MASKS = {
     "causal": M.causal(),
@@ -70,8 +72,7 @@ def compare(backend: str, mask, *, b=1, sq=200, sk=None, h=4, hkv=2, d=16, e=16,
 @pytest.fixture
 def small_tiles(monkeypatch):
     # 32-token tiles so that 63/200-token inputs cross many tile boundaries
-    monkeypatch.setattr(sparse_cpu, "TILE_Q", 32)
-    monkeypatch.setattr(sparse_cpu, "TILE_K", 32)
+    monkeypatch.setattr(slice_plan, "TILE", 32)
 
 
 @pytest.mark.parametrize("name", sorted(MASKS))
@@ -105,7 +106,7 @@ def test_autograd_wrapper_and_auto_choice():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 300, 4, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = M.sf(100, 4)
-    assert resolve_backend("auto", q, mask) == "cpu_sparse"
+    assert resolve_backend("auto", q, mask) == "slices"
     assert resolve_backend("auto", q, M.causal()) == "cpu"
     assert resolve_backend("auto", q, None) == "cpu"
     out = attention(q, k, v, mask=mask, backend="auto")
@@ -120,15 +121,14 @@ def test_autograd_wrapper_and_auto_choice():
 def test_cpu_sparse_skips_empty_tiles(monkeypatch):
     """The flash kernel only ever sees the non-empty key tiles of a query tile."""
     calls = []
-    real = sparse_cpu.dense_cpu.forward
+    real = slices_cpu.CpuRunner.forward
 
-    def spy(q, k, v, *, mask=None, scale=None):
-        calls.append(q.shape[1] * k.shape[1])
-        return real(q, k, v, mask=mask, scale=scale)
+    def spy(self, q, k, v, *, causal, mask, scale):
+        calls.append(q.shape[0] * q.shape[2] * k.shape[2])  # units × rows × keys
+        return real(self, q, k, v, causal=causal, mask=mask, scale=scale)
 
-    monkeypatch.setattr(sparse_cpu.dense_cpu, "forward", spy)
-    monkeypatch.setattr(sparse_cpu, "TILE_Q", 32)
-    monkeypatch.setattr(sparse_cpu, "TILE_K", 32)
+    monkeypatch.setattr(slices_cpu.CpuRunner, "forward", spy)
+    monkeypatch.setattr(slice_plan, "TILE", 32)
     q = torch.randn(1, 512, 2, 8)
     sparse_cpu.forward(q, q, q, mask=M.sliding_window(32), scale=None)
     # each 32-query tile touches its diagonal tile and (except the first) the one before it

@@ -102,3 +102,27 @@ def test_triton_gpu_long_bf16():
     failures = compare(M.sf(512, 4), sq=2048, h=8, hkv=2, d=64, e=64, dtype=torch.bfloat16, tol=3e-2)
     failures += compare(M.s2(512, "roll"), sq=2048, h=8, hkv=8, d=128, e=128, dtype=torch.float16, tol=1e-2)
     assert not failures, failures
+
+
+def test_offsets_past_two_to_the_31_elements():
+    """A q whose third batch row starts 2³¹ elements in (batch stride 2³⁰, an int32 kernel argument; a lazily
+    allocated 4 GiB fp16 buffer of which only the rows used are touched): int32 offset arithmetic wraps below
+    the buffer; int64 offsets read the right rows."""
+    from longreach.kernels.blocksparse import triton as tri
+    from longreach.kernels.masks import place
+
+    s, h, d = 40, 2, 16
+    big = torch.empty(2**31 + s * h * d, dtype=torch.float16)  # virtual memory; pages touched on write only
+    q = big.as_strided((3, s, h, d), (2**30, h * d, d, 1))
+    torch.manual_seed(0)
+    q.copy_(torch.randn(3, s, h, d, dtype=torch.float16))
+    k = torch.randn(3, s, h, d, dtype=torch.float16)
+    v = torch.randn(3, s, h, d, dtype=torch.float16)
+    out = torch.zeros(3, s, h, d, dtype=torch.float16)
+    lse = torch.empty(3, h, s, dtype=torch.float32)
+    plan, bm, bn = tri._prepare(q, k, v, M.causal())
+    tri.launch_forward(q, k, v, out, lse, plan, bm, bn, 1 / d**0.5)
+    o_ref, l_ref = get_backend("reference").forward(q.double(), k.double(), v.double(), mask=M.causal(), scale=None)
+    assert (out.double() - o_ref).abs().max() < 3e-3
+    assert (lse.double() - l_ref).abs().max() < 3e-3
+    del q, big

@@ -1,21 +1,25 @@
-"""``longreach bench kernels``: sparse-mask attention cost against dense causal attention.
+"""``longreach bench kernels``: sparse-mask attention cost against dense causal attention, measured honestly.
 
-For each mask at one sequence length (default 8192 tokens on CPU) it times the block-sparse backend
-(``cpu_sparse`` on CPU) against the dense causal ``cpu`` flash kernel, next to the mask's density and the
-attention FLOPs its tile plan skips, so "time relative to causal" can be read against "work relative to
-causal". With ``--cp`` it also spawns gloo ranks (default 4) and counts the bytes a ring context-parallel step
-sends with a sliding window against full causal (:class:`longreach.parallel.CommRecorder`).
-``--suite lightning`` hands over to ``longreach.bench.lightning:run(args)``.
+For each mask at one sequence length (default 8192 tokens, one thread) it times a masked backend (default
+``slices``: the mask as batched dense calls of PyTorch's CPU flash kernel) against the dense causal ``cpu``
+kernel in *interleaved rounds*: every round times dense causal and then every mask once, in one process, and
+each mask's time is divided by the causal time of its own round; the table gives the median ratio and its
+spread (min–max over rounds) for the forward and for forward+backward, beside the mask's *ideal* ratio
+(allowed pairs ÷ causal pairs) and the target ``1.25 × ideal + 0.05`` (``1.5 ×`` for SSA). ``--compare`` adds a
+second backend to the same rounds. With ``--cp`` it also spawns gloo ranks (default 4) and counts the bytes a
+ring context-parallel step sends with a sliding window against full causal
+(:class:`longreach.parallel.CommRecorder`). ``--suite lightning`` hands over to
+``longreach.bench.lightning:run(args)``.
 
-    longreach bench kernels                          # 8k tokens, every mask, forward
-    longreach bench kernels --seq-len 4096 --backward --cp --json out.json
+    longreach bench kernels                                  # 8k tokens, every mask, fwd and fwd+bwd
+    longreach bench kernels --masks s2_varlen,ssa --rounds 7 --compare cpu_sparse --json out.json
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import math
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -24,14 +28,17 @@ import torch
 
 from longreach.errors import UserError
 
-MASK_NAMES = ("causal", "sliding_window", "sinks_window", "documents", "power", "s2_varlen", "s2_roll", "sf", "ssa")
+MASK_NAMES = ("causal", "sliding_window", "sinks_window", "documents", "power", "s2_varlen", "s2_roll",
+              "s2_varlen_8", "s2_roll_8", "sf", "ssa")
+PASSES = ("fwd", "fwdbwd")
 
 
 def build_mask(name: str, seq_len: int, *, window: int, block: int, seed: int):
-    """The benchmarked mask ``name`` for a sequence of ``seq_len`` tokens (LongLoRA group = N/4)."""
+    """The benchmarked mask ``name`` for ``seq_len`` tokens (LongLoRA group N/4; the ``_8`` variants N/8)."""
     from longreach.kernels import masks as M
 
     group = max(2, (seq_len // 4) // 2 * 2)
+    group8 = max(2, (seq_len // 8) // 2 * 2)
     table: dict[str, Callable[[], Any]] = {
         "causal": M.causal,
         "sliding_window": lambda: M.sliding_window(window),
@@ -40,6 +47,8 @@ def build_mask(name: str, seq_len: int, *, window: int, block: int, seed: int):
         "power": lambda: M.power(block),
         "s2_varlen": lambda: M.s2(group, "varlen"),
         "s2_roll": lambda: M.s2(group, "roll"),
+        "s2_varlen_8": lambda: M.s2(group8, "varlen"),
+        "s2_roll_8": lambda: M.s2(group8, "roll"),
         "sf": lambda: M.sf(group, 4),
         "ssa": lambda: M.ssa(0.25, window=2, block=block, seed=seed).at(step=1, layer=0),
     }
@@ -58,31 +67,46 @@ def mask_density(mask, seq_len: int, heads: int, chunk: int = 1024) -> float:
     return allowed / (heads * seq_len * seq_len)
 
 
-def computed_fraction(mask, seq_len: int, heads: int, tile: int) -> float:
-    """Fraction of the S×S score elements the tile plan computes (non-empty tiles), averaged over heads."""
-    pos = torch.arange(seq_len)
-    kind = mask.block_map(pos, pos, block_q=tile, block_k=tile, heads=torch.arange(heads), num_heads=heads,
-                          seq_len=seq_len)  # [Hm, nQ, nK]
-    rows = torch.clamp(seq_len - torch.arange(kind.shape[1]) * tile, max=tile)
-    cols = torch.clamp(seq_len - torch.arange(kind.shape[2]) * tile, max=tile)
-    area = rows[:, None] * cols[None, :]  # [nQ, nK]
-    return float(((kind != 0) * area[None]).sum()) / (kind.shape[0] * seq_len * seq_len)
+def target_ratio(name: str, ideal: float) -> float:
+    """The issue's target for time ÷ dense causal: 1.25 × ideal + 0.05 (1.5 × for SSA)."""
+    return (1.5 if name == "ssa" else 1.25) * ideal + 0.05
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up (allocations, first-call overhead)
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _step(backend, q, k, v, mask, backward: bool) -> Callable[[], None]:
+    def go() -> None:
+        out, lse = backend.forward(q, k, v, mask=mask, scale=None)
+        if backward:
+            backend.backward(torch.ones_like(out), q, k, v, out, lse, mask=mask, scale=None)
+    return go
+
+
+def _seconds(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(candidates: dict[str, Callable[[], None]], baseline: str, rounds: int) -> dict[str, list[float]]:
+    """Time every candidate once per round (warm-up round discarded); per-round ratios to ``baseline``."""
+    for fn in candidates.values():
+        fn()  # warm-up: allocations, plan caches
+    ratios: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        times = {name: _seconds(fn) for name, fn in candidates.items()}
+        for name, t in times.items():
+            ratios[name].append(t / times[baseline])
+        ratios.setdefault("_baseline_seconds", []).append(times[baseline])
+    return ratios
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "rounds": len(xs)}
 
 
 def run_masks(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Time every requested mask; rows hold times relative to dense causal and work fractions."""
-    from longreach.kernels.api import get_backend
+    """Rows per mask: density, ideal ratio, target, and per pass the median/min/max time ratio to causal."""
     from longreach.kernels import masks as M
+    from longreach.kernels.api import get_backend
 
     torch.manual_seed(0)
     s, h, d, b = args.seq_len, args.heads, args.head_dim, args.batch
@@ -90,28 +114,78 @@ def run_masks(args: argparse.Namespace) -> list[dict[str, Any]]:
     q = torch.randn(b, s, h, d, dtype=dtype)  # [B, S, H, D]
     k = torch.randn(b, s, max(1, h // args.gqa), d, dtype=dtype)  # [B, S, Hkv, D]
     v = torch.randn_like(k)
-    dense, sparse = get_backend("cpu"), get_backend(args.backend)
-    tile = getattr(sparse, "TILE_Q", 128)
-
-    def step(backend, mask):
-        def go():
-            out, lse = backend.forward(q, k, v, mask=mask, scale=None)
-            if args.backward:
-                backend.backward(torch.ones_like(out), q, k, v, out, lse, mask=mask, scale=None)
-        return go
-
-    t_causal = _time(step(dense, M.causal()), args.repeats)
+    dense = get_backend("cpu")
+    backends = {args.backend: get_backend(args.backend)}
+    if args.compare:
+        backends[args.compare] = get_backend(args.compare)
+    masks = {name: build_mask(name, s, window=args.window, block=args.block, seed=0) for name in args.masks}
     causal_density = (s + 1) / (2 * s)
-    rows = [{"mask": "causal (cpu, dense)", "density": causal_density, "computed": causal_density,
-             "seconds": t_causal, "rel_time": 1.0, "rel_work": 1.0}]
-    for name in args.masks:
-        mask = build_mask(name, s, window=args.window, block=args.block, seed=0)
+    rows: dict[str, dict[str, Any]] = {}
+    for name, mask in masks.items():
         dens = mask_density(mask, s, h)
-        comp = computed_fraction(mask, s, h, tile)
-        t = _time(step(sparse, mask), args.repeats)
-        rows.append({"mask": name, "density": dens, "computed": comp, "seconds": t, "rel_time": t / t_causal,
-                     "rel_work": comp / causal_density})
-        print(f"  {name:<16} density {dens:6.3f}  time {t:7.3f}s", file=sys.stderr, flush=True)
+        ideal = dens / causal_density
+        rows[name] = {"mask": name, "density": dens, "ideal": ideal, "target": target_ratio(name, ideal)}
+    for pass_name in args.passes:
+        bwd = pass_name == "fwdbwd"
+        cands = {"causal": _step(dense, q, k, v, M.causal(), bwd)}
+        for name, mask in masks.items():
+            for bname, be in backends.items():
+                cands[f"{name}|{bname}"] = _step(be, q, k, v, mask, bwd)
+        print(f"  {pass_name}: {len(cands)} candidates x {args.rounds} rounds", file=sys.stderr, flush=True)
+        ratios = interleaved(cands, "causal", args.rounds)
+        for name in masks:
+            for bname in backends:
+                rows[name][f"{pass_name}:{bname}"] = _summary(ratios[f"{name}|{bname}"])
+        rows.setdefault("_causal", {"mask": "causal (cpu, dense)"})[f"{pass_name}:seconds"] = _summary(
+            ratios["_baseline_seconds"])
+    return list(rows.values())
+
+
+def run_model(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Training-step tokens/s of a small longreach Llama per attention pattern, interleaved rounds.
+
+    Every pattern gets the same model (same seed) with its ``inner_attention`` swapped, as ``parallelize``
+    does; a step is forward, chunked loss, backward and an SGD update on one sequence of ``--seq-len``.
+    """
+    from longreach.attention import AttentionContext, LocalAttention
+    from longreach.kernels import masks as M
+    from longreach.models import build_model
+    from longreach.models.config import ModelConfig
+
+    s = args.seq_len
+    cfg = ModelConfig(arch="llama", vocab_size=1024, dim=args.model_dim, n_layers=args.model_layers,
+                      n_heads=args.heads, max_seq_len=s)
+    group = max(2, (s // 4) // 2 * 2)
+    train_masks = {"full": None, "s2": M.s2(group, "varlen"), "s2_roll": M.s2(group, "roll"), "sf": M.sf(group, 4),
+                   "ssa": M.ssa(0.25, window=2, block=args.block, seed=0)}
+    ids = torch.randint(0, cfg.vocab_size, (1, s + 1), generator=torch.Generator().manual_seed(0))
+    steps: dict[str, Callable[[], None]] = {}
+    for name in args.patterns:
+        if name not in train_masks:
+            raise UserError(f"bench kernels --patterns: unknown pattern {name!r}; choose from {', '.join(train_masks)}")
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        for layer in model.layers:
+            layer.self_attn.inner_attention = LocalAttention(args.backend if args.backend != "slices" else "auto",
+                                                             train_mask=train_masks[name])
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt) -> None:
+            loss_sum, n_tok = model(ids[:, :-1], ctx=AttentionContext(seq_len=s), labels=ids[:, 1:])
+            (loss_sum / n_tok).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps[name] = step
+    ratios = interleaved(steps, args.patterns[0], args.rounds)
+    base = ratios["_baseline_seconds"]
+    rows = []
+    for name in args.patterns:
+        secs = [r * b for r, b in zip(ratios[name], base)]
+        rows.append({"pattern": name, "tokens_per_s": _summary([s / x for x in secs]),
+                     f"time/{args.patterns[0]}": _summary(ratios[name])})
+        t = rows[-1]["tokens_per_s"]
+        print(f"{name:<8} tokens/s {t['median']:8.0f} [{t['min']:.0f}-{t['max']:.0f}]   time/{args.patterns[0]} "
+              f"{rows[-1][f'time/{args.patterns[0]}']['median']:.3f}")
     return rows
 
 
@@ -146,19 +220,32 @@ def run_cp(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_causal": [r["causal"] for r in res], "bytes_window": [r["sliding_window"] for r in res]}
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'mask':<22}{'density':>9}{'computed':>10}{'work/causal':>13}{'time/causal':>13}{'seconds':>10}"
+def _table(rows: list[dict[str, Any]], passes: list[str], backends: list[str]) -> str:
+    cols = [f"{p}:{b}" for p in passes for b in backends]
+    head = f"{'mask':<14}{'density':>9}{'ideal':>8}{'target':>8}" + "".join(f"{c:>28}" for c in cols)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['mask']:<22}{r['density']:>9.3f}{r['computed']:>10.3f}{r['rel_work']:>13.3f}"
-                     f"{r['rel_time']:>13.3f}{r['seconds']:>10.3f}")
+        if r["mask"].startswith("causal ("):
+            secs = "  ".join(f"{p} {r[f'{p}:seconds']['median']:.3f}s" for p in passes if f"{p}:seconds" in r)
+            lines.append(f"dense causal (cpu): median {secs}")
+            continue
+        cells = []
+        for c in cols:
+            x = r[c]
+            mark = "ok" if x["median"] <= r["target"] else "over"
+            cells.append(f"{x['median']:.3f} [{x['min']:.3f}-{x['max']:.3f}] {mark:>4}")
+        lines.append(f"{r['mask']:<14}{r['density']:>9.3f}{r['ideal']:>8.3f}{r['target']:>8.3f}"
+                     + "".join(f"{c:>28}" for c in cells))
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longreach bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=("masks", "lightning"), default="masks",
-                   help="masks (default) or lightning (delegates to longreach.bench.lightning)")
+    p.add_argument("--suite", choices=("masks", "model", "lightning"), default="masks",
+                   help="masks (default), model (training steps per pattern) or lightning (longreach.bench.lightning)")
+    p.add_argument("--patterns", default="full,s2", help="--suite model: patterns, the first is the baseline")
+    p.add_argument("--model-dim", type=int, default=256, help="--suite model: width (default 256)")
+    p.add_argument("--model-layers", type=int, default=4, help="--suite model: layers (default 4)")
     p.add_argument("--seq-len", type=int, default=8192, help="tokens (default 8192)")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
@@ -166,17 +253,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa", type=int, default=1, help="query heads per K/V head")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
     p.add_argument("--masks", default=",".join(MASK_NAMES[1:]), help="comma-separated subset of: " + ", ".join(MASK_NAMES))
-    p.add_argument("--backend", default="cpu_sparse", help="sparse backend to time (default cpu_sparse)")
+    p.add_argument("--backend", default="slices", help="masked backend to time (default slices)")
+    p.add_argument("--compare", default=None, help="a second backend timed in the same rounds (e.g. cpu_sparse)")
+    p.add_argument("--passes", default="fwd,fwdbwd", help="comma-separated: fwd, fwdbwd (default both)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds after one warm-up (default 5)")
     p.add_argument("--window", type=int, default=1024, help="sliding window (tokens)")
     p.add_argument("--block", type=int, default=128, help="power / ssa block (tokens)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--backward", action="store_true", help="time forward + backward only (same as --passes fwdbwd)")
     p.add_argument("--cp", action="store_true", help="also count ring CP bytes (2 gloo ranks)")
     p.add_argument("--cp-seq-len", type=int, default=4096)
     p.add_argument("--cp-ranks", type=int, default=4, help="gloo ranks for --cp (default 4)")
     p.add_argument("--cp-layout", default="contiguous", help="sequence layout for --cp (default contiguous)")
     p.add_argument("--cp-window", type=int, default=512)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: leave as is)")
     p.add_argument("--json", default=None, help="write the results here")
     # the lightning suite's own options (--lightning-*, --lasp-*)
     importlib.import_module("longreach.bench.lightning").add_arguments(p)
@@ -192,21 +281,44 @@ def main(argv: list[str]) -> int:
         except ModuleNotFoundError as e:
             raise UserError("bench kernels --suite lightning: longreach.bench.lightning is not installed") from e
         return int(mod.run(args) or 0)
+    if args.suite == "model":
+        args.patterns = [x.strip() for x in args.patterns.split(",") if x.strip()]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(f"bench kernels --suite model: Llama dim {args.model_dim} x {args.model_layers} layers, {args.heads} heads, "
+              f"S={args.seq_len}, train steps, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
+        rows = run_model(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": vars(args), "model": rows}, f, indent=1, default=str)
+        return 0
     args.masks = [m.strip() for m in args.masks.split(",") if m.strip()]
     for m in args.masks:
         if m not in MASK_NAMES:
             raise UserError(f"bench kernels --masks: unknown mask {m!r}; choose from {', '.join(MASK_NAMES)}")
+    args.passes = ["fwdbwd"] if args.backward else [x.strip() for x in args.passes.split(",") if x.strip()]
+    for x in args.passes:
+        if x not in PASSES:
+            raise UserError(f"bench kernels --passes: unknown pass {x!r}; choose from {', '.join(PASSES)}")
     if args.seq_len < 1 or args.heads < 1 or args.head_dim < 1 or args.gqa < 1 or args.heads % args.gqa:
         raise UserError("bench kernels: --seq-len, --heads, --head-dim must be >= 1 and --heads divisible by --gqa")
+    if args.rounds < 1:
+        raise UserError("bench kernels --rounds: must be >= 1")
+    from longreach.kernels.api import available_backends
+
+    for name in filter(None, (args.backend, args.compare)):
+        if name not in available_backends():
+            raise UserError(f"bench kernels: unknown backend {name!r}; choose from {', '.join(available_backends())}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    backends = [args.backend] + ([args.compare] if args.compare else [])
     print(f"bench kernels: S={args.seq_len} B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} "
-          f"{args.backend} vs dense causal cpu, {'fwd+bwd' if args.backward else 'fwd'}, "
+          f"{' and '.join(backends)} vs dense causal cpu, {'+'.join(args.passes)}, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads", flush=True)
     rows = run_masks(args)
-    print(_table(rows))
-    print("density: allowed pairs / S^2; computed: score elements in non-empty tiles / S^2; "
-          "work/causal and time/causal: relative to the dense causal kernel (FLOPs skipped = 1 - work/causal)")
+    print(_table(rows, args.passes, backends))
+    print("cells: time / dense causal time of the same round, median [min-max] over rounds; ideal: allowed pairs / "
+          "causal pairs; target: 1.25 x ideal + 0.05 (SSA 1.5 x); ok/over against the target")
     result: dict[str, Any] = {"config": {k: v for k, v in vars(args).items()}, "masks": rows}
     if args.cp:
         cp = run_cp(args)

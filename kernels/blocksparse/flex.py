@@ -1,9 +1,12 @@
 """``flex``: FlexAttention backend (``torch.nn.attention.flex_attention``), meant for GPUs.
 
-The block mask is built from our own tile classes (FULL tiles need no mask_mod, PARTIAL tiles read the
-dense pattern, EMPTY tiles are skipped) and the mask_mod reads the elementwise pattern of the placed
-mask, so any :mod:`~longreach.kernels.masks` mask works, per head included. On CUDA the op is compiled
-once per process; elsewhere it runs eagerly (slow, for tests only).
+The block mask is built from our own tile plan (:func:`._plan.build_plan`): FULL tiles need no mask_mod,
+EMPTY tiles are skipped, and the mask_mod reads only the packed patterns of the PARTIAL tiles
+(``partial_mask [P, 128, 128]`` through ``partial_index [Hm, nQ, nK]``) — never an S×S tensor — so any
+:mod:`~longreach.kernels.masks` mask works, per head included. Block masks and their mask_mod are cached
+per (mask, shapes, positions, device), so the compiled kernel is reused by every layer and step instead of
+being traced again for a new closure. On CUDA the op is compiled once per process; elsewhere it runs
+eagerly (slow, for tests only).
 
 ``backward`` must honour the *global* out/lse (context parallelism): it re-runs the local forward under
 autograd and feeds it ``dout·w`` and ``w·(δ_local − δ_global)`` as the gradients of the local out and
@@ -19,6 +22,8 @@ import torch
 
 from ..dense.reference import check_shapes
 from ..masks import FULL, PARTIAL, Mask, PlacedMask, _Full, place
+from ..slices.plan import PlanCache
+from ._plan import build_plan
 
 __all__ = ["forward", "backward", "BLOCK"]
 
@@ -38,28 +43,48 @@ def _kv_lists(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sel.sum(-1).to(torch.int32)[None], order.to(torch.int32)[None]  # [1, Hm, nQ], [1, Hm, nQ, nK]
 
 
+_BLOCK_MASKS = PlanCache(16)
+
+
+def _empty_rows(plan, sq: int) -> torch.Tensor:
+    """``bool [Hm, Sq]``: rows with no allowed key (no FULL tile and no allowed pair in a PARTIAL one)."""
+    hm, nq, _ = plan.kind.shape
+    has = (plan.kind == FULL).any(-1).repeat_interleave(BLOCK, dim=1)  # [Hm, nQ·BLOCK]
+    entries = (plan.kind == PARTIAL).nonzero()  # [P, 3]
+    if entries.numel():
+        rows = plan.partial_mask[plan.partial_index[entries[:, 0], entries[:, 1], entries[:, 2]].long()].any(-1)
+        flat = (entries[:, 0] * nq * BLOCK + entries[:, 1] * BLOCK)[:, None] + torch.arange(BLOCK)  # [P, BLOCK]
+        has = has.reshape(-1).index_put((flat.reshape(-1),), rows.reshape(-1), accumulate=True).view(hm, -1)
+    return ~has[:, :sq]
+
+
 def _block_mask(placed: PlacedMask, sq: int, sk: int, heads: int, device: torch.device):
     from torch.nn.attention.flex_attention import BlockMask
 
-    kind = placed.block_map(heads, BLOCK, BLOCK)  # [Hm, nQ, nK]
-    dense = placed.dense(heads).to(device)  # [Hm, Sq, Sk]
-    per_head = dense.shape[0] > 1
-    kv_num, kv_idx = _kv_lists(kind == PARTIAL)
-    full_num, full_idx = _kv_lists(kind == FULL)
+    def build():
+        plan = build_plan(placed, sq, sk, heads, BLOCK, BLOCK, with_partial=True)
+        per_head = plan.kind.shape[0] > 1
+        pidx = plan.partial_index.to(device).long()  # [Hm, nQ, nK]: -1 outside PARTIAL tiles
+        pmask = plan.partial_mask.to(device).bool()  # [P, BLOCK, BLOCK]
+        full = (plan.kind == FULL).to(device)  # [Hm, nQ, nK]
 
-    if per_head:
         def mask_mod(b, h, q_idx, kv_idx):
-            return dense[h, q_idx, kv_idx]
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return dense[0, q_idx, kv_idx]
+            # only index arithmetic on tile-sized data; FULL tiles answer True if a kernel asks at all
+            hm = h if per_head else 0
+            qt, kt = q_idx // BLOCK, kv_idx // BLOCK
+            tile = pidx[hm, qt, kt]
+            return full[hm, qt, kt] | ((tile >= 0) & pmask[tile.clamp(min=0), q_idx % BLOCK, kv_idx % BLOCK])
 
-    bm = BlockMask.from_kv_blocks(
-        kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
-        BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(sq, sk),
-    )
-    empty = ~dense.any(-1)  # [Hm, Sq]
-    return bm, (empty if bool(empty.any()) else None)
+        kv_num, kv_idx = _kv_lists(plan.kind == PARTIAL)
+        full_num, full_idx = _kv_lists(plan.kind == FULL)
+        bm = BlockMask.from_kv_blocks(
+            kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
+            BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(sq, sk),
+        )
+        empty = _empty_rows(plan, sq)
+        return bm, (empty.to(device) if bool(empty.any()) else None)
+
+    return _BLOCK_MASKS.get(placed, (sq, sk, heads, str(device)), build)
 
 
 def _run(q, k, v, placed, scale):

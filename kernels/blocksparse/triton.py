@@ -7,9 +7,15 @@ tiles and only the sequence bounds on FULL ones. Forward: online softmax, return
 LSE. Backward (given the *global* out/lse): one kernel accumulates dK/dV per key tile over the query
 heads of its K/V head (GQA without expanding K/V), one accumulates dQ per query tile.
 
-Computation is in float32 (fp16/bf16 inputs are upcast in the kernels; bf16 is cast on the host under
-the interpreter, whose numpy has no bf16). Without CUDA the module sets ``TRITON_INTERPRET=1`` before
-importing triton, so the same kernels run (slowly) on CPU; keep such runs ≤ 256 tokens.
+Numerics: fp16/bf16 operands stay in their dtype in every ``tl.dot`` (tensor cores) with float32
+accumulation; float32 inputs use ``input_precision="ieee"`` (Triton's default on NVIDIA is TF32, which the
+interpreter never does). bf16 is cast to float32 on the host only under the interpreter, whose numpy has no
+bf16. Every offset — element offsets from strides, tile-plan indices, packed-pattern offsets — is computed in
+int64 (past 2³¹ elements in one tensor, e.g. 1M tokens × 16 heads × 128, int32 wraps). Launches set
+``num_warps``/``num_stages`` and use 32-token tiles for head dims over 128 (shared memory). Tile plans are
+cached per (mask, shape, positions, device), so layers and the backward reuse the device copy. Without
+CUDA the module sets ``TRITON_INTERPRET=1`` before importing triton, so the same kernels run (slowly) on
+CPU; keep such runs ≤ 256 tokens.
 Same contract as :mod:`longreach.kernels.dense.reference`.
 """
 from __future__ import annotations
@@ -27,18 +33,32 @@ import triton.language as tl  # noqa: E402
 
 from ..dense.reference import check_shapes  # noqa: E402
 from ..masks import Mask, PlacedMask, _Full, place  # noqa: E402
-from ._plan import build_plan  # noqa: E402
+from ..slices.plan import PlanCache  # noqa: E402
+from ._plan import TilePlan, build_plan  # noqa: E402
 
-__all__ = ["forward", "backward", "block_sizes"]
+__all__ = ["forward", "backward", "block_sizes", "launch_forward"]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def block_sizes(device: torch.device) -> tuple[int, int]:
-    """(BM, BN) tile sizes: 64×64 on GPU; 32×32 under the interpreter (more tiles to skip in tests)."""
-    return (64, 64) if device.type == "cuda" and not _interpreting() else (32, 32)
+def block_sizes(device: torch.device, head_dim: int = 64) -> tuple[int, int]:
+    """(BM, BN) tile sizes: 64×64 on GPU (32×32 for head dims over 128: q, k, v tiles and the fp32
+    accumulator must fit in shared memory); 32×32 under the interpreter (more tiles to skip in tests)."""
+    if device.type == "cuda" and not _interpreting():
+        return (64, 64) if head_dim <= 128 else (32, 32)
+    return (32, 32)
+
+
+def launch_config(head_dim: int) -> dict[str, int]:
+    """``num_warps`` / ``num_stages`` of every launch (no autotuning: one compile per shape)."""
+    return {"num_warps": 4 if head_dim <= 64 else 8, "num_stages": 2 if head_dim <= 128 else 1}
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact IEEE float32 for float32 operands (never TF32); fp16/bf16 run natively."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -47,9 +67,10 @@ def _fwd_kernel(
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     H, REP, SQ, SK, D, E, NQ, NK, scale,
     PER_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    qt = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // REP
@@ -64,33 +85,33 @@ def _fwd_kernel(
     offs_m = qt * BM + rm
     row_ok = offs_m < SQ
     q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
-                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BM, BD]
+                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BM, BD]
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BE], dtype=tl.float32)
     row = mh * NQ + qt
     cnt = tl.load(CNT + row)
     for j in range(0, cnt):
-        n = tl.load(LIST + row * NK + j)
+        n = tl.load(LIST + row * NK + j).to(tl.int64)
         kind = tl.load(KIND + row * NK + n)
-        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0)
+        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0).to(tl.int64)
         offs_n = n * BN + rn
         col_ok = offs_n < SK
         k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
-                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BN, BD]
+                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BN, BD]
         v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
-                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BN, BE]
+                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0)  # [BN, BE]
         is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1  # [BM, BN] predicate
         pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
         allowed = (pm != 0) & col_ok[None, :]
-        s = tl.dot(q, tl.trans(k)) * scale  # [BM, BN]
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BM, BN] float32
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -107,9 +128,10 @@ def _bwd_dq_kernel(
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     H, REP, SQ, SK, D, E, NQ, NK, scale,
     PER_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+    qt = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     hk = h // REP
@@ -124,9 +146,9 @@ def _bwd_dq_kernel(
     offs_m = qt * BM + rm
     row_ok = offs_m < SQ
     q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
-                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BM, BD]
+                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BM, BD]
     do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :],
-                 mask=row_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BM, BE]
+                 mask=row_ok[:, None] & (re[None, :] < E), other=0.0)  # [BM, BE]
     lse = tl.load(LSE + bh * SQ + offs_m, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows have no allowed key: p = 0 anyway
     delta = tl.load(DELTA + bh * SQ + offs_m, mask=row_ok, other=0.0)
@@ -134,23 +156,23 @@ def _bwd_dq_kernel(
     row = mh * NQ + qt
     cnt = tl.load(CNT + row)
     for j in range(0, cnt):
-        n = tl.load(LIST + row * NK + j)
+        n = tl.load(LIST + row * NK + j).to(tl.int64)
         kind = tl.load(KIND + row * NK + n)
-        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0)
+        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0).to(tl.int64)
         offs_n = n * BN + rn
         col_ok = offs_n < SK
         k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
-                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BN, BD]
+                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BN, BD]
         v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
-                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BN, BE]
+                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0)  # [BN, BE]
         is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1
         pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
         allowed = (pm != 0) & col_ok[None, :] & row_ok[:, None]
-        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
-        dp = tl.dot(do, tl.trans(v))  # [BM, BN]
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BM, BN]
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     tl.store(DQ + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :], dq * scale,
              mask=row_ok[:, None] & (rd[None, :] < D))
 
@@ -161,9 +183,10 @@ def _bwd_dkdv_kernel(
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
     H, HKV, REP, SQ, SK, D, E, NQ, NK, scale,
     PER_HEAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    n = tl.program_id(0).to(tl.int64)
+    bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
     rm = tl.arange(0, BM)
@@ -173,9 +196,9 @@ def _bwd_dkdv_kernel(
     offs_n = n * BN + rn
     col_ok = offs_n < SK
     k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
-                mask=col_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BN, BD]
+                mask=col_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BN, BD]
     v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
-                mask=col_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BN, BE]
+                mask=col_ok[:, None] & (re[None, :] < E), other=0.0)  # [BN, BE]
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BE], dtype=tl.float32)
     for g in range(0, REP):  # the query heads sharing this K/V head
@@ -187,27 +210,27 @@ def _bwd_dkdv_kernel(
         col = mh * NK + n
         cnt = tl.load(TCNT + col)
         for j in range(0, cnt):
-            qt = tl.load(TLIST + col * NQ + j)
+            qt = tl.load(TLIST + col * NQ + j).to(tl.int64)
             kind = tl.load(KIND + (mh * NQ + qt) * NK + n)
-            pidx = tl.maximum(tl.load(PIDX + (mh * NQ + qt) * NK + n), 0)
+            pidx = tl.maximum(tl.load(PIDX + (mh * NQ + qt) * NK + n), 0).to(tl.int64)
             offs_m = qt * BM + rm
             row_ok = offs_m < SQ
             q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
-                        mask=row_ok[:, None] & (rd[None, :] < D), other=0.0).to(tl.float32)  # [BM, BD]
+                        mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BM, BD]
             do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :],
-                         mask=row_ok[:, None] & (re[None, :] < E), other=0.0).to(tl.float32)  # [BM, BE]
+                         mask=row_ok[:, None] & (re[None, :] < E), other=0.0)  # [BM, BE]
             lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=row_ok, other=0.0)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=row_ok, other=0.0)
             is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1
             pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
             allowed = (pm != 0) & col_ok[None, :] & row_ok[:, None]
-            s = tl.dot(q, tl.trans(k)) * scale  # [BM, BN]
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BM, BN]
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p), do)
-            dp = tl.dot(do, tl.trans(v))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     tl.store(DK + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :], dk * scale,
              mask=col_ok[:, None] & (rd[None, :] < D))
     tl.store(DV + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :], dv,
@@ -218,21 +241,28 @@ def _pow2(x: int) -> int:
     return max(16, 1 << (int(x) - 1).bit_length())
 
 
+_PLANS = PlanCache(32)
+
+
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | PlacedMask | None):
+    """The tile plan on q's device, cached per (mask, shapes, positions, device): built and copied once."""
     check_shapes(q, k, v)
     if q.dtype == torch.float64:
         raise ValueError("the 'triton' attention backend computes in float32; use backend='reference' for float64")
-    b, sq, h, _ = q.shape
+    b, sq, h, d = q.shape
     sk = k.shape[1]
     placed = place(mask, sq, sk, num_heads=h)
     if placed is None:  # full attention: every tile FULL
         placed = _Full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
-    bm, bn = block_sizes(q.device)
-    plan = build_plan(placed, sq, sk, h, bm, bn, with_partial=True)
-    dev = q.device
-    for name in ("kind", "row_list", "row_count", "col_list", "col_count", "partial_index", "partial_mask"):
-        setattr(plan, name, getattr(plan, name).to(dev))
-    return plan, bm, bn
+    bm, bn = block_sizes(q.device, d)
+
+    def build() -> TilePlan:
+        plan = build_plan(placed, sq, sk, h, bm, bn, with_partial=True)
+        for name in ("kind", "row_list", "row_count", "col_list", "col_count", "partial_index", "partial_mask"):
+            setattr(plan, name, getattr(plan, name).to(q.device))
+        return plan
+
+    return _PLANS.get(placed, (sq, sk, h, bm, bn, str(q.device)), build), bm, bn
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -252,16 +282,29 @@ def forward(
     qc, kc, vc = (_compute_dtype(x).contiguous() for x in (q, k, v))
     out = torch.empty(b, sq, h, e, dtype=qc.dtype, device=q.device)  # [B, Sq, H, E]
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)  # [B, H, Sq]
-    nq, nk = plan.kind.shape[1], plan.kind.shape[2]
     if sq == 0:
         return out.to(q.dtype), lse
-    _fwd_kernel[(nq, b * h)](
-        qc, kc, vc, out, lse, plan.kind, plan.partial_index, plan.row_list, plan.row_count, plan.partial_mask,
-        *qc.stride()[:3], *kc.stride()[:3], *vc.stride()[:3], *out.stride()[:3],
-        h, h // hkv, sq, sk, d, e, nq, nk, scale,
-        PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e),
-    )
+    launch_forward(qc, kc, vc, out, lse, plan, bm, bn, scale)
     return out.to(q.dtype), lse
+
+
+def launch_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   plan: TilePlan, bm: int, bn: int, scale: float) -> None:
+    """Launch the forward kernel on tensors as they are (any strides with a unit last one; offsets int64).
+
+    q ``[B, Sq, H, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, E]``, out ``[B, Sq, H, E]`` written in place,
+    lse ``[B, H, Sq]`` contiguous float32 written in place.
+    """
+    b, sq, h, d = q.shape
+    sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    nq, nk = plan.kind.shape[1], plan.kind.shape[2]
+    _fwd_kernel[(nq, b * h)](
+        q, k, v, out, lse, plan.kind, plan.partial_index, plan.row_list, plan.row_count, plan.partial_mask,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        h, h // hkv, sq, sk, d, e, nq, nk, scale,
+        PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e), PREC=precision(q.dtype),
+        **launch_config(max(d, e)),
+    )
 
 
 def backward(
@@ -283,7 +326,8 @@ def backward(
     nq, nk = plan.kind.shape[1], plan.kind.shape[2]
     if sq == 0 or sk == 0:
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    common = dict(PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e))
+    common = dict(PER_HEAD=plan.kind.shape[0] > 1, BM=bm, BN=bn, BD=_pow2(d), BE=_pow2(e), PREC=precision(qc.dtype),
+                  **launch_config(max(d, e)))
     # dq/dk/dv are float32 with the same [B, S, H, *] layouts as q/k/v when contiguous
     _bwd_dq_kernel[(nq, b * h)](
         qc, kc, vc, do, lse32, delta, dq, plan.kind, plan.partial_index, plan.row_list, plan.row_count,

@@ -1,8 +1,9 @@
 """CPU flash attention through ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward.
 
-Same contract as :mod:`.reference`. The aten kernel wants ``[B, H, S, D]``, returns lse = 0 for rows
-with no allowed key (repaired here to out = 0, lse = −inf), and its ``is_causal`` is top-left aligned
-when Sq ≠ Sk, so it is only used for aligned causal blocks; other masks go in as an additive mask.
+Same contract as :mod:`.reference`. The aten kernel wants ``[B, H, S, D]`` and its ``is_causal`` is
+top-left aligned when Sq ≠ Sk, so one call serves no mask and aligned causal blocks; any other mask runs
+as the slice plan of :mod:`longreach.kernels.slices` (full and causal units on the same kernel, explicit
+masks only tile-sized), so no S×S mask is ever built.
 """
 from __future__ import annotations
 
@@ -17,19 +18,15 @@ _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _plan(placed: PlacedMask | None, sq: int, sk: int, heads: int, dtype: torch.dtype):
-    """Returns (is_causal, additive mask [1, Hm, Sq, Sk] or None, empty rows [Hm, Sq] or None)."""
+def _one_call(placed: PlacedMask | None, sq: int, sk: int) -> bool | None:
+    """``is_causal`` when one kernel call computes the mask exactly (no mask, aligned causal), else None."""
     if placed is None:
-        return False, None, None
+        return False
     if isinstance(placed.mask, _Causal) and sq == sk and sq > 0:
         qp, kp = placed.q_pos, placed.k_pos
         if bool((qp == kp).all()) and bool((qp[1:] - qp[:-1] == 1).all()):
-            return True, None, None
-    allowed = placed.dense(heads)  # [Hm, Sq, Sk]
-    add = torch.zeros(allowed.shape, dtype=dtype)
-    add.masked_fill_(~allowed, float("-inf"))
-    empty = ~allowed.any(dim=-1)  # [Hm, Sq]
-    return False, add[None], (empty if bool(empty.any()) else None)
+            return True
+    return None
 
 
 def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,16 +49,15 @@ def forward(
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    is_causal, add, empty = _plan(place(mask, sq, sk, num_heads=h), sq, sk, h, q.dtype)
-    out, lse = _fwd(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, attn_mask=add, scale=scale
-    )
+    placed = place(mask, sq, sk, num_heads=h)
+    is_causal = _one_call(placed, sq, sk)
+    if is_causal is None or sq == 0 or sk == 0:
+        from ..slices import cpu as slices_cpu
+
+        return slices_cpu.forward(q, k, v, mask=placed, scale=scale)
+    out, lse = _fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, scale=scale)
     out = out.transpose(1, 2)  # [B, Sq, H, E]
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    if empty is not None:
-        e = empty[None].expand(b, h, sq)
-        lse = lse.masked_fill(e, float("-inf"))
-        out = out.masked_fill(e.transpose(1, 2)[..., None], 0.0)
     return out.contiguous(), lse
 
 
@@ -80,14 +76,22 @@ def backward(
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    is_causal, add, _ = _plan(place(mask, sq, sk, num_heads=h), sq, sk, h, q.dtype)
+    placed = place(mask, sq, sk, num_heads=h)
+    is_causal = _one_call(placed, sq, sk)
+    if is_causal is None or sq == 0 or sk == 0:
+        from ..slices import cpu as slices_cpu
+
+        return slices_cpu.backward(dout, q, k, v, out, lse, mask=placed, scale=scale)
     # exp(s - lse) with lse = -inf would be NaN; such rows have no allowed key anywhere, so any
     # finite lse gives them zero probability.
     lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     lse_k = lse_k.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    from ..slices.cpu import expand_kv, reduce_kv
+
     dq, dk, dv = _bwd(
         dout.transpose(1, 2).to(q.dtype).contiguous(),
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        out.transpose(1, 2).to(q.dtype).contiguous(), lse_k, 0.0, is_causal, attn_mask=add, scale=scale,
+        q.transpose(1, 2), expand_kv(k.transpose(1, 2), h), expand_kv(v.transpose(1, 2), h),
+        out.transpose(1, 2).to(q.dtype).contiguous(), lse_k, 0.0, is_causal, scale=scale,
     )
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    hkv = k.shape[2]
+    return dq.transpose(1, 2), reduce_kv(dk, hkv).transpose(1, 2), reduce_kv(dv, hkv).transpose(1, 2)

@@ -1,0 +1,142 @@
+"""Run a slice plan on a device's dense kernel: one batched call per bucket, results merged by LSE.
+
+A *runner* wraps one device kernel in ``[N, H, S, D]`` layout (units stacked in N):
+
+    forward(q, k, v, *, causal, mask, scale) -> (out [N, Hg, m, E], lse [N, Hg, m] float32)
+    backward(dout, q, k, v, out, lse, *, causal, mask, scale) -> (dq, dk, dv)
+
+with q ``[N, Hg, m, D]``, k/v ``[N, Hk, n, D|E]`` (Hk divides Hg, GQA inside the call), ``causal`` square and
+diagonal-aligned, ``mask`` None or ``bool [N, Hd, m, n]`` (rows it leaves empty must come back as out = 0,
+lse = −inf). ``backward`` receives the *global* out and lse of its rows (finite: rows empty everywhere have
+no unit), so every unit's gradients are exact for the whole attention, as context parallelism needs.
+
+Tensors are viewed as ``[S·H, B, D]`` (a free view for B = 1) so that gathering a bucket's cells and
+scattering its results are single ``index_select`` / ``index_copy_`` / ``index_add_`` calls on dim 0.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..masks import PlacedMask
+from ..merge import merge_attention
+from .plan import CAUSAL_KIND, Bucket, get_plan
+
+__all__ = ["Runner", "forward", "backward"]
+
+
+class Runner(Protocol):
+    def forward(self, q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float): ...
+
+    def backward(self, dout, q, k, v, out, lse, *, causal: bool, mask: torch.Tensor | None, scale: float): ...
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _cells(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S, H, *]`` → ``[S·H, B, *]`` (a view when B = 1)."""
+    return x.movedim(0, 2).reshape(x.shape[1] * x.shape[2], x.shape[0], *x.shape[3:])
+
+
+def _gather(cells: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Cells ``[S·H, B, *]`` at ``index`` → units ``[U·B, Hg, m, *]`` (``shape`` = (U, m, Hg))."""
+    u, m, hg = shape
+    g = cells.index_select(0, index).view(u, m, hg, *cells.shape[1:])  # [U, m, Hg, B, *]
+    return g.movedim(3, 1).transpose(2, 3).reshape(u * cells.shape[1], hg, m, *cells.shape[2:])
+
+
+def _cells_of(x: torch.Tensor, u: int) -> torch.Tensor:
+    """Unit results ``[U·B, Hg, m, *]`` → ``[U·m·Hg, B, *]`` (the order of ``Bucket.q_index``)."""
+    x = x.view(u, x.shape[0] // u, *x.shape[1:]).transpose(2, 3).movedim(1, 3)  # [U, m, Hg, B, *]
+    return x.reshape(-1, *x.shape[3:])
+
+
+def _unit_mask(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    u = mask.shape[0]
+    return mask[:, None].expand(u, b, *mask.shape[1:]).reshape(u * b, *mask.shape[1:])  # [U·B, Hd, m, n]
+
+
+def _shapes(bucket: Bucket) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    u, m = bucket.rows.shape
+    return (u, m, bucket.heads.shape[1]), (u, bucket.keys.shape[1], bucket.kv_heads.shape[1])
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMask, scale: float,
+            runner: Runner, *, tiles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q [B, Sq, H, D]`` over ``k/v [B, Sk, Hkv, D|E]`` under ``placed``.
+
+    Returns out ``[B, Sq, H, E]`` (q dtype) and lse ``[B, H, Sq]`` float32 (float64 for float64 inputs).
+    ``tiles`` runs the tile plan instead of the mask's analytic slices.
+    """
+    b, sq, h, _ = q.shape
+    sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    acc = _acc_dtype(q)
+    plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles)
+    if len(plan.buckets) == 1 and plan.buckets[0].identity:
+        causal = plan.buckets[0].kind == CAUSAL_KIND
+        o, l = runner.forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, mask=None,
+                              scale=scale)  # [B, H, Sq, E], [B, H, Sq]
+        return o.transpose(1, 2).to(q.dtype).contiguous(), l.to(acc).contiguous()
+    out = torch.zeros(sq * h, b, e, dtype=acc, device=q.device)  # cells [Sq·H, B, E]
+    lse = torch.full((sq * h, b), float("-inf"), dtype=acc, device=q.device)  # cells [Sq·H, B]
+    qc, kc, vc = _cells(q), _cells(k), _cells(v)
+    for bucket in plan.buckets:
+        qi, ki, mask = bucket.on(q.device)
+        qs, ks = _shapes(bucket)
+        o, l = runner.forward(_gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks),
+                              causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, b), scale=scale)
+        o, l = _cells_of(o, qs[0]).to(acc), _cells_of(l, qs[0]).to(acc)  # [U·m·Hg, B, E], [U·m·Hg, B]
+        if not bucket.first:
+            n = o.shape[0] * b
+            mo, ml = merge_attention(out.index_select(0, qi).reshape(1, n, 1, e),
+                                     lse.index_select(0, qi).reshape(1, 1, n), o.reshape(1, n, 1, e),
+                                     l.reshape(1, 1, n))
+            o, l = mo.view(o.shape), ml.view(l.shape)
+        out.index_copy_(0, qi, o)
+        lse.index_copy_(0, qi, l)
+    out = out.view(sq, h, b, e).movedim(2, 0)  # [B, Sq, H, E]
+    return out.to(q.dtype).contiguous(), lse.view(sq, h, b).permute(2, 1, 0).contiguous()
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, placed: PlacedMask, scale: float, runner: Runner, *, tiles: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows."""
+    b, sq, h, d = q.shape
+    sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    acc = _acc_dtype(q)
+    plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles)
+    # rows with no allowed key anywhere belong to no full/causal unit; a finite lse keeps masked tiles finite
+    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(acc)
+    dout, out = dout.to(q.dtype), out.to(q.dtype)
+    if len(plan.buckets) == 1 and plan.buckets[0].identity:
+        gq, gk, gv = runner.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                     out.transpose(1, 2), lse.contiguous(),
+                                     causal=plan.buckets[0].kind == CAUSAL_KIND, mask=None, scale=scale)
+        return (gq.transpose(1, 2).to(q.dtype).contiguous(), gk.transpose(1, 2).to(k.dtype).contiguous(),
+                gv.transpose(1, 2).to(v.dtype).contiguous())
+    dq = torch.zeros(sq * h, b, d, dtype=acc, device=q.device)  # cells [Sq·H, B, D]
+    dk = torch.zeros(sk * hkv, b, d, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, D]
+    dv = torch.zeros(sk * hkv, b, e, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, E]
+    qc, kc, vc, doc, oc = (_cells(x) for x in (q, k, v, dout, out))
+    lc = lse.permute(2, 1, 0).reshape(sq * h, b)  # cells [Sq·H, B]
+    for bucket in plan.buckets:
+        qi, ki, mask = bucket.on(q.device)
+        qs, ks = _shapes(bucket)
+        u, m, hg = qs
+        lg = lc.index_select(0, qi).view(u, m, hg, b).permute(0, 3, 2, 1).reshape(u * b, hg, m)
+        gq, gk, gv = runner.backward(
+            _gather(doc, qi, qs), _gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks), _gather(oc, qi, qs),
+            lg.contiguous(), causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, b), scale=scale,
+        )
+        dq.index_add_(0, qi, _cells_of(gq, u).to(acc))
+        dk.index_add_(0, ki, _cells_of(gk, u).to(acc))
+        dv.index_add_(0, ki, _cells_of(gv, u).to(acc))
+    return (dq.view(sq, h, b, d).movedim(2, 0).to(q.dtype).contiguous(),
+            dk.view(sk, hkv, b, d).movedim(2, 0).to(k.dtype).contiguous(),
+            dv.view(sk, hkv, b, e).movedim(2, 0).to(v.dtype).contiguous())
