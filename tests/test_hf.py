@@ -53,6 +53,46 @@ def test_rope_errors():
         apply_rope_scaling(cfg, RopeScaling(type="yarn"), target_len=128)
 
 
+@pytest.mark.parametrize("params", [
+    dict(factor=8.0, original=4096, theta=10000.0, head_dim=128),
+    dict(factor=4.0, original=2048, theta=500000.0, head_dim=64, beta_fast=16.0, beta_slow=2.0),
+    dict(factor=16.0, original=8192, theta=1e6, head_dim=96, truncate=False),
+    dict(factor=2.0, original=16, theta=10000.0, head_dim=8, attention_factor=1.3),
+    dict(factor=32.0, original=4096, theta=10000.0, head_dim=128, mscale=0.707, mscale_all_dim=1.0),
+])
+def test_yarn_frequencies_equal_transformers(params):
+    """Our YaRN frequencies and cos/sin factor equal transformers' own YaRN init function."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from longreach.models.rope import rope_frequencies
+
+    p = dict(params)
+    factor, original, theta, head_dim = p.pop("factor"), p.pop("original"), p.pop("theta"), p.pop("head_dim")
+    scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original, **p}
+    cfg = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                      max_position_embeddings=int(original * factor), rope_parameters={"rope_theta": theta, **scaling})
+    want, want_att = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    got, att = rope_frequencies(head_dim, theta, scaling, max_seq_len=original)
+    torch.testing.assert_close(got.float(), want, rtol=2e-6, atol=0)  # transformers computes in float32
+    assert att == pytest.approx(want_att, rel=1e-12)
+    base = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    assert torch.equal(got[:1], base[:1]) and torch.allclose(got[-1:], base[-1:] / factor)  # both ends of the ramp
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3", "static_ntk"])
+def test_rope_target_not_longer_is_an_error(kind):
+    cfg = tiny_llama_config()  # context 16
+    for target in (8, 16):
+        with pytest.raises(ConfigError, match=rf"recipe.target_len={target} is not longer than the original "
+                                              r"context 16 \(the checkpoint's max_position_embeddings\)"):
+            apply_rope_scaling(cfg, RopeScaling(type=kind), target_len=target)
+    with pytest.raises(ConfigError, match="rope.original_max_position_embeddings"):
+        apply_rope_scaling(cfg, RopeScaling(type=kind, original_max_position_embeddings=32), target_len=24)
+    assert read_rope(cfg)["rope_type"] == "default" and cfg.max_position_embeddings == 16  # nothing written
+    assert apply_rope_scaling(cfg, RopeScaling(type="none"), target_len=8)["rope_type"] == "default"
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -154,7 +194,7 @@ def test_softcap_reference_path():
 
 
 @pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, {"type": "ntk", "factor": 4.0},
-                                     {"type": "llama3", "factor": 4.0}])
+                                     {"type": "llama3", "factor": 4.0}, {"type": "yarn", "factor": 4.0}])
 def test_convert_both_ways(tmp_path, scaling):
     from transformers import AutoModelForCausalLM
 
