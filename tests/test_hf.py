@@ -358,3 +358,67 @@ def test_finetune_activation_checkpointing_matches(tmp_path):
     assert sorted(plain) == sorted(wrapped)
     for name, w in plain.items():
         assert torch.equal(w, wrapped[name]), name
+
+
+def _bf16_finetune(tmp_path, monkeypatch, name: str, **hf_kw) -> tuple[dict, dict]:
+    """Fine-tune the bf16 tiny Llama in ``tmp_path/base`` for 2 steps at lr 2e-5 on one rank; returns the
+    trained HF parameters (as float32) and the trainer summary."""
+    import longreach.hf.model as hf_model
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
+
+    built = []
+    real = hf_model.build_hf_model
+    monkeypatch.setattr(hf_model, "build_hf_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    cfg = FinetuneConfig(hf=HFSource(path=str(tmp_path / "base"), dtype="bfloat16", **hf_kw),
+                         recipe=RecipeConfig(target_len=64), attention=FTAttention(backend="cpu"),
+                         parallel=ParallelConfig(cp=1),
+                         data=FTData(source="tokens", tokens_path=str(tmp_path / "tokens.npy")),
+                         run=FTRun(out_dir=str(tmp_path / name), steps=2), train=FTTrain(lr=2e-5, warmup_steps=0))
+    summary = finetune(cfg)
+    assert cfg.train.precision == "bf16"  # bf16 weights compute in bf16
+    params = {n: p.detach().float().clone() for n, p in built[-1].hf.named_parameters()}
+    return params, summary
+
+
+def test_bf16_finetune_keeps_fp32_master_weights(tmp_path, monkeypatch, caplog):
+    """A bf16 checkpoint fine-tuned at lr 2e-5 moves its norms and embeddings (fp32 master weights and
+    optimizer state, bf16 compute); with hf.pure_bf16 the norms stay bit-identical, with a warning."""
+    import logging
+
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.model import keep_master_weights
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = {n: p.float() for n, p in LlamaForCausalLM.from_pretrained(tmp_path / "base").named_parameters()}
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 4))
+    master, summary = _bf16_finetune(tmp_path, monkeypatch, "master")
+    assert all(np.isfinite(summary["losses"])) and len(summary["losses"]) == 2
+    norms = [n for n in base if "norm" in n]
+    assert len(norms) == 5
+    for n in norms:  # every norm weight moved by about lr per step (Adam), far below bf16's spacing at 1.0
+        delta = (master[n] - base[n]).abs()
+        assert bool((delta > 0).all()) and 1e-5 < float(delta.max()) < 1e-4, (n, delta)
+    emb = "model.embed_tokens.weight"
+    moved_rows = int(((master[emb] - base[emb]).abs().amax(dim=1) > 1e-5).sum())
+    assert moved_rows > 97 // 2  # the rows of the tokens the 2 steps saw (128 tokens of 97 kinds)
+    frozen = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(master[frozen], base[frozen])
+    with caplog.at_level(logging.WARNING, logger="longreach.hf.model"):
+        pure, _ = _bf16_finetune(tmp_path, monkeypatch, "pure", pure_bf16=True)
+    assert "hf.pure_bf16" in caplog.text
+    for n in norms:
+        assert torch.equal(pure[n], base[n]), n  # the bug master weights fix: updates rounded away
+    # pure bf16 embeddings move only where |w| is small enough for a 2e-5 step to round to a new value
+    changed_master, changed_pure = (int(((w[emb] - base[emb]) != 0).sum()) for w in (master, pure))
+    assert changed_pure < changed_master // 2, (changed_pure, changed_master)
+    # tied weights stay tied when upcast
+    tied = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).to(torch.bfloat16)
+    tied.model.embed_tokens.weight.requires_grad_(True)
+    for n, p in tied.named_parameters():
+        p.requires_grad_("embed" in n)
+    assert keep_master_weights(tied) == ["model.embed_tokens.weight"]
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.dtype == torch.float32

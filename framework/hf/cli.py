@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ from longreach.hf.recipes import RecipeConfig
 from longreach.job import EngineConfig, RunConfig, TrainConfig
 from longreach.parallel.config import ParallelConfig
 
+log = logging.getLogger(__name__)
+
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 _SEQ_LEN_DEFAULT = TrainConfig().seq_len
 
@@ -58,11 +61,20 @@ class HFSource:
     trust_remote_code: bool = False
     """Let transformers run code shipped with the checkpoint."""
     dtype: str = "auto"
-    """Weights: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float64``."""
+    """Weights as loaded: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float64``.
+    With bf16 the frozen weights stay bf16 and compute runs in bf16 (``train.precision`` becomes bf16),
+    while the trainable parameters are kept in fp32 — master weights, so the optimizer state is fp32 and
+    updates far below bf16's resolution (lr 2e-5 on a norm weight of 1.0) are not lost."""
+    pure_bf16: bool = False
+    """Keep the trainable parameters (and so the optimizer state) in bf16 too, without fp32 master
+    weights: saves memory, but small updates round away (logged as a warning). Only with ``dtype: bfloat16``
+    or ``auto`` on GPU."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"hf.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.pure_bf16 and self.dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"hf.pure_bf16 needs hf.dtype bfloat16 or auto (got hf.dtype={self.dtype!r})")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -312,8 +324,9 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
     if not (Path(cfg.hf.path) / "config.json").is_file():
         raise UserError(f"hf.path: {cfg.hf.path} is not a HuggingFace checkpoint folder (no config.json)")
     # the group outlives train(): probe and export use it
-    rank, _, _, owned = setup_distributed(timeout_s=cfg.faults.collective_timeout_s)
+    rank, _, device, owned = setup_distributed(timeout_s=cfg.faults.collective_timeout_s)
     try:
+        _bf16_compute(cfg, device)
         tokenizer = load_tokenizer(cfg)
         built: list[torch.nn.Module] = []
 
@@ -349,6 +362,18 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def _bf16_compute(cfg: FinetuneConfig, device: torch.device) -> None:
+    """Weights loaded in bf16 compute in bf16: ``train.precision`` fp32 becomes bf16 (autocast, or the
+    engine's bf16 mode), which the fp32 trainable parameters of :func:`~longreach.hf.model.build_hf_model`
+    need beside a bf16 frozen base."""
+    from longreach.hf.model import resolve_dtype
+
+    if resolve_dtype(cfg.hf.dtype, device) == torch.bfloat16 and cfg.train.precision == "fp32":
+        log.info("hf.dtype %s loads bf16 weights: training with train.precision=bf16 (bf16 compute, fp32 "
+                 "master weights%s)", cfg.hf.dtype, "" if cfg.hf.pure_bf16 else " and optimizer state")
+        cfg.train.precision = "bf16"
 
 
 def _gather_full_parameters(model: torch.nn.Module) -> None:
