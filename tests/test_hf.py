@@ -422,3 +422,45 @@ def test_bf16_finetune_keeps_fp32_master_weights(tmp_path, monkeypatch, caplog):
         p.requires_grad_("embed" in n)
     assert keep_master_weights(tied) == ["model.embed_tokens.weight"]
     assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.dtype == torch.float32
+
+
+def test_lean_finetune_checkpoint_and_changed_base(tmp_path):
+    """A LoRA fine-tune's checkpoint holds the trainable parameters and their optimizer state only (not the
+    frozen base); a resume against changed base files is one clear error, with nothing of the run lost."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.cli import (FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, base_files_hash,
+                                  finetune)
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 4))
+
+    def job(steps: int, base_hash: str = "") -> FinetuneConfig:
+        return FinetuneConfig(hf=HFSource(path=str(tmp_path / "base"), base_hash=base_hash),
+                              recipe=RecipeConfig(target_len=64), attention=FTAttention(backend="cpu"),
+                              parallel=ParallelConfig(cp=1),
+                              data=FTData(source="tokens", tokens_path=str(tmp_path / "tokens.npy")),
+                              run=FTRun(out_dir=str(tmp_path / "run"), steps=steps, save_every=1),
+                              train=FTTrain(lr=1e-3, warmup_steps=0))
+
+    cfg = job(2)
+    summary = finetune(cfg)
+    assert cfg.hf.base_hash == base_files_hash(tmp_path / "base") and len(cfg.hf.base_hash) == 64
+    saved = FileSystemReader(f"{summary['checkpoint']}/model").read_metadata().state_dict_metadata
+    names = {k.split(".", 1)[1] for k in saved if k.startswith("model.")}
+    trainable = {n for n in names if "lora_" in n or "embed" in n or "norm" in n}
+    assert names == trainable and len(trainable) == 2 * 2 * 4 + 1 + 5  # LoRA A, B on q k v o of 2 layers
+    assert any(k.startswith("optim.state.") for k in saved)
+    # changed base files: refused at the start, naming hf.path; the run's checkpoints and metrics stay
+    LlamaForCausalLM(tiny_llama_config(rms_norm_eps=1e-5)).save_pretrained(tmp_path / "base")
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(UserError, match=r"hf.path: the base checkpoint .*base changed since the checkpoints in"):
+        finetune(job(3))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
+    with pytest.raises(UserError, match="hf.base_hash: the files in hf.path=.* not the pinned 0123"):
+        finetune(job(3, base_hash="0123" * 16))

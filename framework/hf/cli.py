@@ -17,12 +17,12 @@ trainer's two seams:
 After the last step rank 0 merges LoRA and exports a plain HF checkpoint with the tokenizer files to
 ``<run.out_dir>/export``.
 
-**Checkpoints** hold the whole model through DCP (frozen base weights included), its optimizer state
-(trainable parameters only), the LR schedule, the data position and the RNG states: resume is exact and
-reshards across world sizes, at the cost of storing the frozen base weights each time (``checkpoint.
-keep_last`` bounds it). For LoRA on a 7B model that is ~14 GB (bf16) per checkpoint against a few
-hundred MB of trainable state; saving only trainable state needs ``ignore_frozen_params`` in the
-checkpoint manager (not there yet).
+**Checkpoints** are lean by default (``checkpoint.trainable_only: true``): the trainable parameters
+(LoRA adapters, embeddings, norms — fp32 master weights), their optimizer state, the LR schedule, the data
+position and the RNG states, through DCP (resume is exact and reshards across world sizes). The frozen base
+is re-read from ``hf.path`` on resume; ``hf.base_hash`` (a sha256 of the files in ``hf.path``, filled in at
+start) makes a resume against changed base files a clear error instead of a silently different model. Set
+``checkpoint.trainable_only: false`` to store the whole model in every checkpoint.
 """
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ class HFSource:
     With bf16 the frozen weights stay bf16 and compute runs in bf16 (``train.precision`` becomes bf16),
     while the trainable parameters are kept in fp32 — master weights, so the optimizer state is fp32 and
     updates far below bf16's resolution (lr 2e-5 on a norm weight of 1.0) are not lost."""
+    base_hash: str = ""
+    """sha256 of the files in ``path``, filled in by ``longreach finetune`` when checkpoints are lean
+    (``checkpoint.trainable_only``): part of the run's config, so resuming against changed base files is an
+    error. Set it to pin the base: a different folder content is then refused at start."""
     pure_bf16: bool = False
     """Keep the trainable parameters (and so the optimizer state) in bf16 too, without fp32 master
     weights: saves memory, but small updates round away (logged as a warning). Only with ``dtype: bfloat16``
@@ -151,6 +155,15 @@ class FTRun(RunConfig):
 
 
 @dataclass(kw_only=True, slots=True)
+class FTCheckpoint(CheckpointConfig):
+    """The trainer's ``checkpoint:`` section, lean by default: trainable parameters and optimizer state only."""
+
+    trainable_only: bool = True
+    """Save only the trainable parameters (and optimizer state); the frozen base is re-read from
+    ``hf.path`` on resume, checked against ``hf.base_hash``. False stores the whole model every time."""
+
+
+@dataclass(kw_only=True, slots=True)
 class FinetuneConfig:
     """A long-context fine-tuning job of an HF checkpoint (the trainer's sections plus hf/recipe/data)."""
 
@@ -168,7 +181,7 @@ class FinetuneConfig:
     """Optimisation (``seq_len`` follows ``recipe.target_len``)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """dp × cp degrees, context-parallel strategy and layout."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: FTCheckpoint = field(default_factory=FTCheckpoint)
     """Checkpoint saving and resuming (see the module docstring for what a checkpoint holds)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Training engine: native (DDP, or FSDP2 with ``options: {fsdp: true}``), deepspeed, accelerate."""
@@ -327,6 +340,8 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
     rank, _, device, owned = setup_distributed(timeout_s=cfg.faults.collective_timeout_s)
     try:
         _bf16_compute(cfg, device)
+        if cfg.checkpoint.trainable_only:
+            _check_base(cfg, rank)
         tokenizer = load_tokenizer(cfg)
         built: list[torch.nn.Module] = []
 
@@ -362,6 +377,72 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def base_files_hash(folder: str | Path) -> str:
+    """sha256 over the names and contents of the files in an HF checkpoint folder (hidden files skipped).
+
+    Raises:
+        UserError: the folder cannot be read.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        for f in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+    except OSError as exc:
+        raise UserError(f"hf.path: cannot read {folder}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def _check_base(cfg: FinetuneConfig, rank: int) -> None:
+    """Fill ``hf.base_hash`` (rank 0 hashes, every rank receives it) and refuse a base that changed since
+    ``hf.base_hash`` was pinned or this run folder's checkpoints were written; collective."""
+    import yaml
+
+    from longreach.checkpoint import find_checkpoint
+
+    err, digest = None, ""
+    if rank == 0:
+        try:
+            log.info("hashing the base checkpoint's files in %s (lean checkpoints re-read them on resume)", cfg.hf.path)
+            digest = base_files_hash(cfg.hf.path)
+            if cfg.hf.base_hash and cfg.hf.base_hash != digest:
+                raise UserError(f"hf.base_hash: the files in hf.path={cfg.hf.path} hash to {digest[:16]}…, not the "
+                                f"pinned {cfg.hf.base_hash[:16]}…: the base checkpoint changed")
+            old = Path(cfg.run.out_dir) / "config.yaml"
+            saved = (yaml.safe_load(old.read_text()) or {}).get("hf", {}).get("base_hash") if old.is_file() else None
+            has_ckpt = (Path(cfg.run.out_dir) / "checkpoints").is_dir() and cfg.checkpoint.resume
+            if has_ckpt:
+                try:
+                    find_checkpoint(Path(cfg.run.out_dir) / "checkpoints")
+                except UserError:
+                    has_ckpt = False
+            if has_ckpt and saved and saved != digest and not cfg.run.overwrite:
+                raise UserError(
+                    f"hf.path: the base checkpoint {cfg.hf.path} changed since the checkpoints in {cfg.run.out_dir} "
+                    f"were written (its files hash to {digest[:16]}…, the run's hf.base_hash is {saved[:16]}…); lean "
+                    "checkpoints (checkpoint.trainable_only) hold only the trained parameters and need the same "
+                    "frozen base: restore the original files, or start a new run (another run.out_dir)")
+        except UserError as exc:
+            err = str(exc)
+    err, digest = _broadcast_object((err, digest))
+    if err is not None:
+        raise UserError(err)
+    cfg.hf.base_hash = digest
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (as is without a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _bf16_compute(cfg: FinetuneConfig, device: torch.device) -> None:
