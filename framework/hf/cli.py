@@ -88,7 +88,7 @@ class FTData:
     source: str = "synthetic"
     """``embedded``, ``synthetic`` or ``files`` (longreach's corpus sources), or ``tokens`` (``tokens_path``)."""
     paths: list[str] = field(default_factory=list)
-    """For ``files``: text / jsonl files or folders."""
+    """For ``files``: text, jsonl or parquet files, saved HF ``datasets`` folders, or folders of files."""
     tokens_path: str | None = None
     """For ``tokens``: a ``.npy`` of token ids or a token-shard folder."""
     synthetic_documents: int = 200
@@ -99,6 +99,10 @@ class FTData:
     """Longest generated task document, in characters."""
     seed: int = 0
     """Seed of generated documents and of the sequence order."""
+    text_field: str = "text"
+    """The jsonl field / parquet or dataset column holding each document's text."""
+    tokenize_workers: int | None = None
+    """Tokenizer processes (0: in this process; None: automatic, as ``data.tokenize_workers``)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("embedded", "synthetic", "files", "tokens"):
@@ -213,27 +217,33 @@ class FinetuneConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def tokenize_corpus(data: FTData, tokenizer: Any) -> np.ndarray:
-    """All fine-tuning tokens, documents joined with the tokenizer's eos (``[N]`` int64)."""
+def tokenize_corpus(data: FTData, tokenizer: Any, *, trust_remote_code: bool = False) -> Any:
+    """All fine-tuning tokens as one flat sequence, each document followed by the tokenizer's eos.
+
+    Text sources go through the shared streaming path (:func:`longreach.data.shards.stream_shards`):
+    tokenized once per (corpus content, tokenizer files) by worker processes into cached, memory-mapped
+    shards, which every rank, restart and run reuses; local rank 0 builds, the other local ranks wait.
+
+    Returns:
+        A :class:`~longreach.data.stream.TokenStream` (``len``, ``[a:b]`` → int64 ``[b − a]``; nothing
+        loaded), or for ``source: tokens`` the loaded ``[N]`` int64 array.
+    """
     if data.source == "tokens":
         from longreach.evaluation.perplexity import load_tokens
 
         return np.asarray(load_tokens(data.tokens_path, tokenizer), dtype=np.int64)
     from longreach.data.config import DataConfig
-    from longreach.data.corpus import corpus_documents
-    from longreach.evaluation.common import TextCodec
+    from longreach.data.shards import TokenShards, stream_shards
+    from longreach.data.stream import TokenStream
+    from longreach.data.tokenizer import cache_root, local_rank
 
     dcfg = DataConfig(source=data.source, paths=list(data.paths), synthetic_documents=data.synthetic_documents,
                       passkey_fraction=data.passkey_fraction, recall_fraction=0.0, task_chars=data.task_chars,
-                      seed=data.seed, tokenizer=None, vocab_size=1024)
-    codec = TextCodec(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None) if codec.hf else tokenizer.eos_id
-    out: list[int] = []
-    for doc in corpus_documents(dcfg):
-        out += codec.encode(doc)
-        if eos is not None:
-            out.append(int(eos))
-    return np.asarray(out, dtype=np.int64)
+                      seed=data.seed, tokenizer=None, vocab_size=1024, text_field=data.text_field,
+                      tokenize_workers=data.tokenize_workers)
+    folder = stream_shards(dcfg, tokenizer, cache_root(None), bos=False, eos=True, wait=local_rank() != 0,
+                           trust_remote_code=trust_remote_code)
+    return TokenStream(TokenShards(folder))
 
 
 class TokenWindows:
@@ -243,8 +253,11 @@ class TokenWindows:
     sequence (the last position ignored). Its position (epoch, batch index) is its ``state_dict``, which
     the trainer checkpoints per rank, so a resumed run draws exactly the batches it would have drawn.
 
+    Only the windows this rank draws are read (``tokens`` may be a memory-mapped
+    :class:`~longreach.data.stream.TokenStream`).
+
     Args:
-        tokens: ``[N]`` the whole token stream.
+        tokens: ``[N]`` the whole token stream (anything with ``len`` and ``[a:b]`` slicing).
         seq_len: tokens per window (``recipe.target_len``).
         batch: windows per micro-batch (``train.micro_batch_size``).
         dp_rank, dp_size: this rank's data-parallel coordinates (each epoch's order is split over dp).
@@ -254,19 +267,19 @@ class TokenWindows:
         UserError: fewer windows than one micro-batch per dp rank.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, *, batch: int, dp_rank: int, dp_size: int,
+    def __init__(self, tokens: Any, seq_len: int, *, batch: int, dp_rank: int, dp_size: int,
                  seed: int) -> None:
         n = len(tokens) // seq_len
         if n < batch * dp_size:
             raise UserError(f"the fine-tuning data has {len(tokens)} tokens: fewer than {batch * dp_size} sequences "
                             f"of {seq_len} (train.micro_batch_size × dp); add data or shorten recipe.target_len")
-        self.windows = torch.as_tensor(tokens[:n * seq_len]).view(n, seq_len)  # [n, seq_len]
+        self.tokens, self.num_windows, self.seq_len = tokens, n, seq_len
         self.batch, self.dp_rank, self.dp_size, self.seed = batch, dp_rank, dp_size, seed
         self.epoch = 0
         self.index = 0  # batches drawn in this epoch
 
     def _mine(self) -> np.ndarray:
-        n = self.windows.shape[0]
+        n = self.num_windows
         order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
         per = n // self.dp_size
         return order[self.dp_rank * per:(self.dp_rank + 1) * per]
@@ -283,7 +296,9 @@ class TokenWindows:
             self.epoch, self.index, start = self.epoch + 1, 0, 0
             mine = self._mine()
         self.index += 1
-        ids = self.windows[torch.as_tensor(mine[start:start + self.batch])]  # [batch, seq_len]
+        s = self.seq_len
+        ids = torch.stack([torch.as_tensor(np.asarray(self.tokens[w * s:(w + 1) * s], dtype=np.int64))
+                           for w in mine[start:start + self.batch].tolist()])  # [batch, seq_len]
         return {"input_ids": ids, "labels": shift_labels(ids)}
 
     def state_dict(self) -> dict[str, int]:
@@ -350,7 +365,7 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
             return built[-1]
 
         def build_data(job: FinetuneConfig, *, dp_rank: int, dp_size: int) -> TokenWindows:
-            tokens = tokenize_corpus(job.data, tokenizer)
+            tokens = tokenize_corpus(job.data, tokenizer, trust_remote_code=job.hf.trust_remote_code)
             return TokenWindows(tokens, job.recipe.target_len, batch=job.train.micro_batch_size, dp_rank=dp_rank,
                                 dp_size=dp_size, seed=job.data.seed)
 
