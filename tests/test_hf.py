@@ -464,3 +464,36 @@ def test_lean_finetune_checkpoint_and_changed_base(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
     with pytest.raises(UserError, match="hf.base_hash: the files in hf.path=.* not the pinned 0123"):
         finetune(job(3, base_hash="0123" * 16))
+
+
+def test_finetune_corpus_streams_through_shared_shards(tmp_run_dir, monkeypatch):
+    """Fine-tuning text is tokenized by the shared streaming path with the checkpoint's HF tokenizer (in
+    worker processes, cached) into the same stream as encoding each document and appending eos; windows
+    are read from the memory-mapped shards, only the ones this rank draws."""
+    from transformers import AutoTokenizer
+
+    import longreach.data.stream as stream
+    from longreach.data.corpus import corpus_documents
+    from longreach.data.config import DataConfig
+    from longreach.data.tokenizer import train_tokenizer
+    from longreach.hf.cli import FTData, TokenWindows, tokenize_corpus
+    from longreach.hf.convert import save_tokenizer
+
+    data = FTData(source="synthetic", synthetic_documents=30, task_chars=600, tokenize_workers=1)
+    docs = corpus_documents(DataConfig(source="synthetic", synthetic_documents=30, task_chars=600,
+                                       passkey_fraction=data.passkey_fraction, recall_fraction=0.0, seed=0))
+    train_tokenizer(docs, 320, tmp_run_dir / "sp.model")
+    save_tokenizer(tmp_run_dir / "sp.model", tmp_run_dir / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_run_dir / "hf")
+    tokens = tokenize_corpus(data, tok)
+    want = np.concatenate([tok(d, add_special_tokens=False).input_ids + [tok.eos_token_id] for d in docs])
+    assert isinstance(tokens, stream.TokenStream) and np.array_equal(tokens[0:len(tokens)], want)
+    assert tokens.shards.folder.parent == tmp_run_dir / "cache" / "shards-v2"
+    monkeypatch.setattr(stream, "_build", lambda *a, **k: pytest.fail("the cached shards must be reused"))
+    again = tokenize_corpus(FTData(source="synthetic", synthetic_documents=30, task_chars=600, tokenize_workers=0), tok)
+    assert again.shards.folder == tokens.shards.folder
+    win = TokenWindows(again, 64, batch=2, dp_rank=1, dp_size=2, seed=0)
+    ids = next(win)["input_ids"]  # [2, 64]
+    order = np.random.default_rng([0, 0]).permutation(len(want) // 64)
+    mine = order[len(order) // 2:][:2]
+    assert torch.equal(ids, torch.as_tensor(np.stack([want[w * 64:(w + 1) * 64] for w in mine])))
