@@ -396,6 +396,7 @@ def test_bf16_finetune_keeps_fp32_master_weights(tmp_path, monkeypatch, caplog):
     base = {n: p.float() for n, p in LlamaForCausalLM.from_pretrained(tmp_path / "base").named_parameters()}
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 4))
     master, summary = _bf16_finetune(tmp_path, monkeypatch, "master")
+    assert "no fp32 master weights" not in caplog.text
     assert all(np.isfinite(summary["losses"])) and len(summary["losses"]) == 2
     norms = [n for n in base if "norm" in n]
     assert len(norms) == 5
@@ -409,7 +410,7 @@ def test_bf16_finetune_keeps_fp32_master_weights(tmp_path, monkeypatch, caplog):
     assert torch.equal(master[frozen], base[frozen])
     with caplog.at_level(logging.WARNING, logger="longreach.hf.model"):
         pure, _ = _bf16_finetune(tmp_path, monkeypatch, "pure", pure_bf16=True)
-    assert "hf.pure_bf16" in caplog.text
+    assert "hf.pure_bf16" in caplog.text and "no fp32 master weights" in caplog.text  # builder and optimizer
     for n in norms:
         assert torch.equal(pure[n], base[n]), n  # the bug master weights fix: updates rounded away
     # pure bf16 embeddings move only where |w| is small enough for a 2e-5 step to round to a new value
