@@ -151,7 +151,7 @@ def test_file_format_errors(tmp_path) -> None:
     (tmp_path / "ds" / "dataset_info.json").write_text("{}")
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"other": "b"}\n')
     for path, match in [("x.parquet", r"x.parquet: reading .parquet files needs pyarrow|x.parquet: not a readable"),
-                        ("ds", r"ds: reading a saved HuggingFace dataset needs the datasets package|ds: not a dataset"),
+                        ("ds", r"ds: reading a saved HuggingFace dataset needs datasets, which is not installed|ds: not a dataset"),
                         ("bad.jsonl", r"bad.jsonl:2: .* string 'text' field \(data.text_field\)")]:
         cfg = DataConfig(source="files", paths=[str(tmp_path / path)], cache_dir=str(tmp_path / "c"))
         with pytest.raises(UserError, match=match):

@@ -8,6 +8,7 @@ one per row; needs datasets). :func:`corpus_content_hash` keys token shards by w
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -78,12 +79,15 @@ def _column_texts(rows: Iterable[Any], where: str, field: str) -> Iterator[str]:
             yield text
 
 
-def _iter_parquet(path: Path, field: str) -> Iterator[str]:
+def _optional_import(module: str, path: Path, what: str, package: str) -> Any:
     try:
-        import pyarrow.parquet as pq
+        return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"{path}: reading .parquet files needs pyarrow, which is not installed "
-                        "(pip install pyarrow)") from None
+        raise UserError(f"{path}: reading {what} needs {package}, which is not installed (pip install {package})") from None
+
+
+def _iter_parquet(path: Path, field: str) -> Iterator[str]:
+    pq = _optional_import("pyarrow.parquet", path, ".parquet files", "pyarrow")
     try:
         pf = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises its own error types
@@ -95,11 +99,7 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
 
 
 def _iter_hf_dataset(folder: Path, field: str) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise UserError(f"{folder}: reading a saved HuggingFace dataset needs the datasets package, which is not "
-                        "installed (pip install datasets)") from None
+    datasets = _optional_import("datasets", folder, "a saved HuggingFace dataset", "datasets")
     try:
         ds = datasets.load_from_disk(str(folder))
     except Exception as exc:  # noqa: BLE001 - datasets raises many types
