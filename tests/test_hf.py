@@ -498,3 +498,19 @@ def test_finetune_corpus_streams_through_shared_shards(tmp_run_dir, monkeypatch)
     order = np.random.default_rng([0, 0]).permutation(len(want) // 64)
     mine = order[len(order) // 2:][:2]
     assert torch.equal(ids, torch.as_tensor(np.stack([want[w * 64:(w + 1) * 64] for w in mine])))
+
+
+def test_finetune_cli_refuses_target_not_longer(tmp_path, capsys):
+    """``longreach finetune`` with recipe.target_len ≤ the checkpoint's context: exit 2, one line naming the
+    settings, no run folder written."""
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.cli import finetune_main
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    capsys.readouterr()
+    rc = finetune_main(["longlora_tiny_cpu", f"--hf.path={tmp_path / 'base'}", "--recipe.target_len=16",
+                        "--parallel.cp=1", f"--run.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "recipe.target_len=16 is not longer than the original context 16" in err[0]
+    assert not (tmp_path / "run").exists()

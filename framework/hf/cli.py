@@ -351,6 +351,13 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
         raise ConfigError("hf.path: set the HF checkpoint folder to fine-tune")
     if not (Path(cfg.hf.path) / "config.json").is_file():
         raise UserError(f"hf.path: {cfg.hf.path} is not a HuggingFace checkpoint folder (no config.json)")
+    from transformers import AutoConfig
+
+    from longreach.hf.rope import rope_parameters_for
+
+    # RoPE settings are checked before anything is written (a target not longer than the original context)
+    rope_parameters_for(AutoConfig.from_pretrained(cfg.hf.path, trust_remote_code=cfg.hf.trust_remote_code,
+                                                   local_files_only=True), cfg.recipe.rope, target_len=cfg.recipe.target_len)
     # the group outlives train(): probe and export use it
     rank, _, device, owned = setup_distributed(timeout_s=cfg.faults.collective_timeout_s)
     try:
