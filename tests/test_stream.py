@@ -163,3 +163,13 @@ def test_file_format_errors(tmp_path) -> None:
         load_or_train_tokenizer(cfg)
     with pytest.raises(ValueError, match="data.tokenize_workers"):
         DataConfig(tokenize_workers=-1)
+
+
+def test_waiting_ranks_never_build(corpus, tmp_path) -> None:
+    """A non-zero local rank only waits for the index (here: times out, naming the lock); it builds nothing."""
+    cfg, tok, docs = corpus
+    spec = S.tokenizer_spec(tok, bos=True, eos=True)
+    with pytest.raises(UserError, match="timed out after .* waiting for another process"):
+        S.build_token_shards(lambda: iter(docs), spec, tmp_path / "w", shard_tokens=3000, workers=0, wait=True,
+                             timeout=0.3)
+    assert list(tmp_path.iterdir()) == []
