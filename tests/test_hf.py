@@ -514,3 +514,42 @@ def test_finetune_cli_refuses_target_not_longer(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "recipe.target_len=16 is not longer than the original context 16" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_bf16_master_weights_on_every_engine(tmp_path):
+    """2 gloo ranks (dp 2): a bf16 checkpoint fine-tuned for 2 steps at lr 2e-5 moves every norm weight under
+    DDP, FSDP2 (MixedPrecisionPolicy), accelerate and DeepSpeed ZeRO-0/2 in bf16 (DeepSpeed's fp32 masters
+    are handed back to the module at the end); frozen weights stay as loaded."""
+    from transformers import LlamaForCausalLM
+
+    from longreach.testing import run_ranks
+    from longreach.workers.hf import bf16_engines
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = {n: p.detach().float().numpy() for n, p in LlamaForCausalLM.from_pretrained(tmp_path / "base").named_parameters()}
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 8))
+    engines = {"ddp": {"kind": "native"}, "fsdp2": {"kind": "native", "options": {"fsdp": True}},
+               "accelerate": {"kind": "accelerate"}, "zero0": {"kind": "deepspeed", "options": {"zero_stage": 0}},
+               "zero2": {"kind": "deepspeed", "options": {"zero_stage": 2}}}
+    res = run_ranks(bf16_engines, 2, timeout=900, args=(str(tmp_path / "base"), str(tmp_path / "tokens.npy"),
+                                                         str(tmp_path / "runs"), engines))
+    failures = []
+    norms = [n for n in base if "norm" in n]
+    for name in engines:
+        got = res[0][name]
+        if isinstance(got, str):
+            failures.append(f"{name}: {got[-1500:]}")
+            continue
+        for n in norms:
+            delta = np.abs(got[n] - base[n])
+            if not ((delta > 0).all() and delta.max() < 1e-4):
+                failures.append(f"{name}: {n} moved {int((delta > 0).sum())}/{delta.size}, max {delta.max():.3g}")
+        frozen = "model.layers.0.mlp.up_proj.weight"
+        if not np.array_equal(got[frozen], base[frozen]):
+            failures.append(f"{name}: frozen {frozen} changed")
+    assert not failures, "\n".join(failures)
+    ddp, fsdp = res[0]["ddp"], res[0]["fsdp2"]
+    for n in norms:  # the same fp32 master-weight update, replicated or sharded
+        np.testing.assert_allclose(fsdp[n], ddp[n], rtol=0, atol=2e-6)

@@ -386,7 +386,10 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
         summary["rope_parameters"] = getattr(model.hf.config, "rope_parameters", None)
         model.eval()
         if probe_ids is not None:
-            summary["probe_logits"] = probe_logits(model, probe_ids.to(next(model.parameters()).device))
+            dev = next(model.parameters()).device
+            # bf16 compute as in training (fp32 trainable parameters beside a bf16 frozen base)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+                summary["probe_logits"] = probe_logits(model, probe_ids.to(dev))
         if rank == 0:
             out = Path(summary["run_dir"])
             export_hf(model.model, out / "export", tokenizer_dir=cfg.hf.path)
