@@ -347,7 +347,8 @@ class CheckpointManager:
 
         maybe_inject("kill_in_save", step)  # fault tests: die with the checkpoint half written
         for name, engine in ds_engines.items():
-            engine.save_checkpoint(str(tmp / f"deepspeed-{name}"), tag="ds")
+            engine.save_checkpoint(str(tmp / f"deepspeed-{name}"), tag="ds",
+                                   exclude_frozen_parameters=self.cfg.trainable_only)
 
         if modules or optims:
             sd = self._dcp_state(modules, optims)
@@ -484,6 +485,7 @@ class CheckpointManager:
         # ---- load
         for name, engine in ds_engines.items():
             load_path, _ = engine.load_checkpoint(str(ckpt / f"deepspeed-{name}"), tag="ds",
+                                                  load_module_strict=not self.cfg.trainable_only,
                                                   load_optimizer_states=self.cfg.load_optimizer)
             if load_path is None:
                 raise UserError(f"checkpoint {ckpt}: DeepSpeed could not load deepspeed-{name}")

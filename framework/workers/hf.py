@@ -181,3 +181,26 @@ def bf16_engines(rank: int, world_size: int, checkpoint: str, tokens_path: str, 
     finally:
         hf_model.build_hf_model = real
     return out
+
+
+def deepspeed_lean_resume(rank: int, world_size: int, checkpoint: str, tokens_path: str, out_dir: str,
+                          trainable_only: bool) -> dict[str, Any]:
+    """DeepSpeed ZeRO-2 bf16 fine-tune (dp over all ranks): 3 steps straight, and 2 steps then resumed to 3
+    from the step-2 checkpoint; returns both loss lists and the resumed run's checkpoint folder."""
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTCheckpoint, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.job import EngineConfig
+    from longreach.parallel.config import ParallelConfig
+
+    def job(name: str, steps: int) -> FinetuneConfig:
+        return FinetuneConfig(hf=HFSource(path=checkpoint, dtype="bfloat16"), recipe=RecipeConfig(target_len=64),
+                              attention=FTAttention(backend="cpu"), parallel=ParallelConfig(dp=world_size, cp=1),
+                              data=FTData(source="tokens", tokens_path=tokens_path),
+                              run=FTRun(out_dir=f"{out_dir}/{name}", steps=steps, save_every=1),
+                              train=FTTrain(lr=1e-3, warmup_steps=0), checkpoint=FTCheckpoint(trainable_only=trainable_only),
+                              engine=EngineConfig(kind="deepspeed", options={"zero_stage": 2}))
+
+    straight = finetune(job("straight", 3))
+    finetune(job("resumed", 2))
+    resumed = finetune(job("resumed", 3))
+    return {"straight": straight["losses"], "resumed": resumed["losses"], "checkpoint": resumed["checkpoint"]}
