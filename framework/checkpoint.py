@@ -82,7 +82,8 @@ class CheckpointConfig:
     trainable_only: bool = False
     """Save and restore only parameters with ``requires_grad`` (and buffers): a LoRA fine-tune's
     checkpoint then holds the adapters, not the frozen base weights, which come from the model builder
-    (the base model) on resume. Frozen parameters keep whatever the builder loaded."""
+    (the base model) on resume. Frozen parameters keep whatever the builder loaded. Under DeepSpeed its
+    ``exclude_frozen_parameters`` (and a non-strict module load)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep_last, int) or self.keep_last < 0:
