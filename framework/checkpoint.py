@@ -86,7 +86,8 @@ class CheckpointConfig:
     trainable_only: bool = False
     """Save and restore only parameters with ``requires_grad`` (and buffers): a LoRA fine-tune's
     checkpoint then holds the adapters, not the frozen base weights, which come from the model builder
-    (the base model) on resume. Frozen parameters keep whatever the builder loaded."""
+    (the base model) on resume. Frozen parameters keep whatever the builder loaded. Under DeepSpeed its
+    ``exclude_frozen_parameters`` (and a non-strict module load)."""
 
     def __post_init__(self) -> None:
         if self.init_from and self.load_path:
@@ -354,7 +355,8 @@ class CheckpointManager:
 
         maybe_inject("kill_in_save", step)  # fault tests: die with the checkpoint half written
         for name, engine in ds_engines.items():
-            engine.save_checkpoint(str(tmp / f"deepspeed-{name}"), tag="ds")
+            engine.save_checkpoint(str(tmp / f"deepspeed-{name}"), tag="ds",
+                                   exclude_frozen_parameters=self.cfg.trainable_only)
 
         if modules or optims:
             sd = self._dcp_state(modules, optims)
@@ -491,6 +493,7 @@ class CheckpointManager:
         # ---- load
         for name, engine in ds_engines.items():
             load_path, _ = engine.load_checkpoint(str(ckpt / f"deepspeed-{name}"), tag="ds",
+                                                  load_module_strict=not self.cfg.trainable_only,
                                                   load_optimizer_states=self.cfg.load_optimizer)
             if load_path is None:
                 raise UserError(f"checkpoint {ckpt}: DeepSpeed could not load deepspeed-{name}")

@@ -1,6 +1,7 @@
 """AdamW with decoupled weight decay on matrices only, and a warm-up + cosine/linear/constant schedule."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -8,6 +9,8 @@ from typing import Iterable
 
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(model: nn.Module | Iterable[nn.Parameter], *, lr: float, weight_decay: float, betas: tuple[float, float]
@@ -25,6 +28,11 @@ def build_optimizer(model: nn.Module | Iterable[nn.Parameter], *, lr: float, wei
     for p in (model.parameters() if isinstance(model, nn.Module) else model):
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
+    low = [p for p in decay + no_decay if p.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        # no fp32 master weights: AdamW updates below half a bf16 step of a weight round away
+        log.warning("optimizer: %d of %d trainable parameters are %s (no fp32 master weights): updates smaller "
+                    "than ~1/256 of a weight are lost", len(low), len(decay) + len(no_decay), low[0].dtype)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # foreach=False: identical arithmetic on every device count, so resumed runs match bit for bit
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False)

@@ -406,7 +406,7 @@ def test_two_ranks_build_concurrently_and_shard(tmp_path: Path) -> None:
     assert res[0]["tokenizer"] == res[1]["tokenizer"] and res[0]["fingerprint"] == res[1]["fingerprint"]
     assert res[0]["shards"] == res[1]["shards"]
     assert [p.name for p in (tmp_path / "cache" / "tokenizers").iterdir()] == [Path(res[0]["tokenizer"]).name]
-    assert not [p for p in (tmp_path / "cache" / "shards").iterdir() if p.name.startswith(".")]
+    assert [p.suffix for p in (tmp_path / "cache" / "shards-v2").iterdir()] == [""]  # no .partial, no .lock left
     batch = res[0]["batch"]
     for key in ("input_ids", "labels", "position_ids"):
         assert np.array_equal(batch[key], res[1]["batch"][key])

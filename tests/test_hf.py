@@ -53,6 +53,46 @@ def test_rope_errors():
         apply_rope_scaling(cfg, RopeScaling(type="yarn"), target_len=128)
 
 
+@pytest.mark.parametrize("params", [
+    dict(factor=8.0, original=4096, theta=10000.0, head_dim=128),
+    dict(factor=4.0, original=2048, theta=500000.0, head_dim=64, beta_fast=16.0, beta_slow=2.0),
+    dict(factor=16.0, original=8192, theta=1e6, head_dim=96, truncate=False),
+    dict(factor=2.0, original=16, theta=10000.0, head_dim=8, attention_factor=1.3),
+    dict(factor=32.0, original=4096, theta=10000.0, head_dim=128, mscale=0.707, mscale_all_dim=1.0),
+])
+def test_yarn_frequencies_equal_transformers(params):
+    """Our YaRN frequencies and cos/sin factor equal transformers' own YaRN init function."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from longreach.models.rope import rope_frequencies
+
+    p = dict(params)
+    factor, original, theta, head_dim = p.pop("factor"), p.pop("original"), p.pop("theta"), p.pop("head_dim")
+    scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original, **p}
+    cfg = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                      max_position_embeddings=int(original * factor), rope_parameters={"rope_theta": theta, **scaling})
+    want, want_att = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    got, att = rope_frequencies(head_dim, theta, scaling, max_seq_len=original)
+    torch.testing.assert_close(got.float(), want, rtol=2e-6, atol=0)  # transformers computes in float32
+    assert att == pytest.approx(want_att, rel=1e-12)
+    base = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    assert torch.equal(got[:1], base[:1]) and torch.allclose(got[-1:], base[-1:] / factor)  # both ends of the ramp
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3", "static_ntk"])
+def test_rope_target_not_longer_is_an_error(kind):
+    cfg = tiny_llama_config()  # context 16
+    for target in (8, 16):
+        with pytest.raises(ConfigError, match=rf"recipe.target_len={target} is not longer than the original "
+                                              r"context 16 \(the checkpoint's max_position_embeddings\)"):
+            apply_rope_scaling(cfg, RopeScaling(type=kind), target_len=target)
+    with pytest.raises(ConfigError, match="rope.original_max_position_embeddings"):
+        apply_rope_scaling(cfg, RopeScaling(type=kind, original_max_position_embeddings=32), target_len=24)
+    assert read_rope(cfg)["rope_type"] == "default" and cfg.max_position_embeddings == 16  # nothing written
+    assert apply_rope_scaling(cfg, RopeScaling(type="none"), target_len=8)["rope_type"] == "default"
+
+
 def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -154,7 +194,7 @@ def test_softcap_reference_path():
 
 
 @pytest.mark.parametrize("scaling", [None, {"type": "linear", "factor": 2.0}, {"type": "ntk", "factor": 4.0},
-                                     {"type": "llama3", "factor": 4.0}])
+                                     {"type": "llama3", "factor": 4.0}, {"type": "yarn", "factor": 4.0}])
 def test_convert_both_ways(tmp_path, scaling):
     from transformers import AutoModelForCausalLM
 
@@ -318,3 +358,219 @@ def test_finetune_activation_checkpointing_matches(tmp_path):
     assert sorted(plain) == sorted(wrapped)
     for name, w in plain.items():
         assert torch.equal(w, wrapped[name]), name
+
+
+def _bf16_finetune(tmp_path, monkeypatch, name: str, **hf_kw) -> tuple[dict, dict]:
+    """Fine-tune the bf16 tiny Llama in ``tmp_path/base`` for 2 steps at lr 2e-5 on one rank; returns the
+    trained HF parameters (as float32) and the trainer summary."""
+    import longreach.hf.model as hf_model
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
+
+    built = []
+    real = hf_model.build_hf_model
+    monkeypatch.setattr(hf_model, "build_hf_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    cfg = FinetuneConfig(hf=HFSource(path=str(tmp_path / "base"), dtype="bfloat16", **hf_kw),
+                         recipe=RecipeConfig(target_len=64), attention=FTAttention(backend="cpu"),
+                         parallel=ParallelConfig(cp=1),
+                         data=FTData(source="tokens", tokens_path=str(tmp_path / "tokens.npy")),
+                         run=FTRun(out_dir=str(tmp_path / name), steps=2), train=FTTrain(lr=2e-5, warmup_steps=0))
+    summary = finetune(cfg)
+    assert cfg.train.precision == "bf16"  # bf16 weights compute in bf16
+    params = {n: p.detach().float().clone() for n, p in built[-1].hf.named_parameters()}
+    return params, summary
+
+
+def test_bf16_finetune_keeps_fp32_master_weights(tmp_path, monkeypatch, caplog):
+    """A bf16 checkpoint fine-tuned at lr 2e-5 moves its norms and embeddings (fp32 master weights and
+    optimizer state, bf16 compute); with hf.pure_bf16 the norms stay bit-identical, with a warning."""
+    import logging
+
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.model import keep_master_weights
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = {n: p.float() for n, p in LlamaForCausalLM.from_pretrained(tmp_path / "base").named_parameters()}
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 4))
+    master, summary = _bf16_finetune(tmp_path, monkeypatch, "master")
+    assert "no fp32 master weights" not in caplog.text
+    assert all(np.isfinite(summary["losses"])) and len(summary["losses"]) == 2
+    norms = [n for n in base if "norm" in n]
+    assert len(norms) == 5
+    for n in norms:  # every norm weight moved by about lr per step (Adam), far below bf16's spacing at 1.0
+        delta = (master[n] - base[n]).abs()
+        assert bool((delta > 0).all()) and 1e-5 < float(delta.max()) < 1e-4, (n, delta)
+    emb = "model.embed_tokens.weight"
+    moved_rows = int(((master[emb] - base[emb]).abs().amax(dim=1) > 1e-5).sum())
+    assert moved_rows > 97 // 2  # the rows of the tokens the 2 steps saw (128 tokens of 97 kinds)
+    frozen = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(master[frozen], base[frozen])
+    with caplog.at_level(logging.WARNING, logger="longreach.hf.model"):
+        pure, _ = _bf16_finetune(tmp_path, monkeypatch, "pure", pure_bf16=True)
+    assert "hf.pure_bf16" in caplog.text and "no fp32 master weights" in caplog.text  # builder and optimizer
+    for n in norms:
+        assert torch.equal(pure[n], base[n]), n  # the bug master weights fix: updates rounded away
+    # pure bf16 embeddings move only where |w| is small enough for a 2e-5 step to round to a new value
+    changed_master, changed_pure = (int(((w[emb] - base[emb]) != 0).sum()) for w in (master, pure))
+    assert changed_pure < changed_master // 2, (changed_pure, changed_master)
+    # tied weights stay tied when upcast
+    tied = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).to(torch.bfloat16)
+    tied.model.embed_tokens.weight.requires_grad_(True)
+    for n, p in tied.named_parameters():
+        p.requires_grad_("embed" in n)
+    assert keep_master_weights(tied) == ["model.embed_tokens.weight"]
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.dtype == torch.float32
+
+
+def test_lean_finetune_checkpoint_and_changed_base(tmp_path):
+    """A LoRA fine-tune's checkpoint holds the trainable parameters and their optimizer state only (not the
+    frozen base); a resume against changed base files is one clear error, with nothing of the run lost."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.cli import (FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, base_files_hash,
+                                  finetune)
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 4))
+
+    def job(steps: int, base_hash: str = "") -> FinetuneConfig:
+        return FinetuneConfig(hf=HFSource(path=str(tmp_path / "base"), base_hash=base_hash),
+                              recipe=RecipeConfig(target_len=64), attention=FTAttention(backend="cpu"),
+                              parallel=ParallelConfig(cp=1),
+                              data=FTData(source="tokens", tokens_path=str(tmp_path / "tokens.npy")),
+                              run=FTRun(out_dir=str(tmp_path / "run"), steps=steps, save_every=1),
+                              train=FTTrain(lr=1e-3, warmup_steps=0))
+
+    cfg = job(2)
+    summary = finetune(cfg)
+    assert cfg.hf.base_hash == base_files_hash(tmp_path / "base") and len(cfg.hf.base_hash) == 64
+    saved = FileSystemReader(f"{summary['checkpoint']}/model").read_metadata().state_dict_metadata
+    names = {k.split(".", 1)[1] for k in saved if k.startswith("model.")}
+    trainable = {n for n in names if "lora_" in n or "embed" in n or "norm" in n}
+    assert names == trainable and len(trainable) == 2 * 2 * 4 + 1 + 5  # LoRA A, B on q k v o of 2 layers
+    assert any(k.startswith("optim.state.") for k in saved)
+    # changed base files: refused at the start, naming hf.path; the run's checkpoints and metrics stay
+    LlamaForCausalLM(tiny_llama_config(rms_norm_eps=1e-5)).save_pretrained(tmp_path / "base")
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(UserError, match=r"hf.path: the base checkpoint .*base changed since the checkpoints in"):
+        finetune(job(3))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
+    with pytest.raises(UserError, match="hf.base_hash: the files in hf.path=.* not the pinned 0123"):
+        finetune(job(3, base_hash="0123" * 16))
+
+
+def test_finetune_corpus_streams_through_shared_shards(tmp_run_dir, monkeypatch):
+    """Fine-tuning text is tokenized by the shared streaming path with the checkpoint's HF tokenizer (in
+    worker processes, cached) into the same stream as encoding each document and appending eos; windows
+    are read from the memory-mapped shards, only the ones this rank draws."""
+    from transformers import AutoTokenizer
+
+    import longreach.data.stream as stream
+    from longreach.data.corpus import corpus_documents
+    from longreach.data.config import DataConfig
+    from longreach.data.tokenizer import train_tokenizer
+    from longreach.hf.cli import FTData, TokenWindows, tokenize_corpus
+    from longreach.hf.convert import save_tokenizer
+
+    data = FTData(source="synthetic", synthetic_documents=30, task_chars=600, tokenize_workers=1)
+    docs = corpus_documents(DataConfig(source="synthetic", synthetic_documents=30, task_chars=600,
+                                       passkey_fraction=data.passkey_fraction, recall_fraction=0.0, seed=0))
+    train_tokenizer(docs, 320, tmp_run_dir / "sp.model")
+    save_tokenizer(tmp_run_dir / "sp.model", tmp_run_dir / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_run_dir / "hf")
+    tokens = tokenize_corpus(data, tok)
+    want = np.concatenate([tok(d, add_special_tokens=False).input_ids + [tok.eos_token_id] for d in docs])
+    assert isinstance(tokens, stream.TokenStream) and np.array_equal(tokens[0:len(tokens)], want)
+    assert tokens.shards.folder.parent == tmp_run_dir / "cache" / "shards-v2"
+    monkeypatch.setattr(stream, "_build", lambda *a, **k: pytest.fail("the cached shards must be reused"))
+    again = tokenize_corpus(FTData(source="synthetic", synthetic_documents=30, task_chars=600, tokenize_workers=0), tok)
+    assert again.shards.folder == tokens.shards.folder
+    win = TokenWindows(again, 64, batch=2, dp_rank=1, dp_size=2, seed=0)
+    ids = next(win)["input_ids"]  # [2, 64]
+    order = np.random.default_rng([0, 0]).permutation(len(want) // 64)
+    mine = order[len(order) // 2:][:2]
+    assert torch.equal(ids, torch.as_tensor(np.stack([want[w * 64:(w + 1) * 64] for w in mine])))
+
+
+def test_finetune_cli_refuses_target_not_longer(tmp_path, capsys):
+    """``longreach finetune`` with recipe.target_len ≤ the checkpoint's context: exit 2, one line naming the
+    settings, no run folder written."""
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.cli import finetune_main
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
+    capsys.readouterr()
+    rc = finetune_main(["longlora_tiny_cpu", f"--hf.path={tmp_path / 'base'}", "--recipe.target_len=16",
+                        "--parallel.cp=1", f"--run.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "recipe.target_len=16 is not longer than the original context 16" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_bf16_master_weights_on_every_engine(tmp_path):
+    """2 gloo ranks (dp 2): a bf16 checkpoint fine-tuned for 2 steps at lr 2e-5 moves every norm weight under
+    DDP, FSDP2 (MixedPrecisionPolicy), accelerate and DeepSpeed ZeRO-0/2 in bf16 (DeepSpeed's fp32 masters
+    are handed back to the module at the end); frozen weights stay as loaded."""
+    from transformers import LlamaForCausalLM
+
+    from longreach.testing import run_ranks
+    from longreach.workers.hf import bf16_engines
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base = {n: p.detach().float().numpy() for n, p in LlamaForCausalLM.from_pretrained(tmp_path / "base").named_parameters()}
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 8))
+    engines = {"ddp": {"kind": "native"}, "fsdp2": {"kind": "native", "options": {"fsdp": True}},
+               "accelerate": {"kind": "accelerate"}, "zero0": {"kind": "deepspeed", "options": {"zero_stage": 0}},
+               "zero2": {"kind": "deepspeed", "options": {"zero_stage": 2}}}
+    res = run_ranks(bf16_engines, 2, timeout=900, args=(str(tmp_path / "base"), str(tmp_path / "tokens.npy"),
+                                                         str(tmp_path / "runs"), engines))
+    failures = []
+    norms = [n for n in base if "norm" in n]
+    for name in engines:
+        got = res[0][name]
+        if isinstance(got, str):
+            failures.append(f"{name}: {got[-1500:]}")
+            continue
+        for n in norms:
+            delta = np.abs(got[n] - base[n])
+            if not ((delta > 0).all() and delta.max() < 1e-4):
+                failures.append(f"{name}: {n} moved {int((delta > 0).sum())}/{delta.size}, max {delta.max():.3g}")
+        frozen = "model.layers.0.mlp.up_proj.weight"
+        if not np.array_equal(got[frozen], base[frozen]):
+            failures.append(f"{name}: frozen {frozen} changed")
+    assert not failures, "\n".join(failures)
+    ddp, fsdp = res[0]["ddp"], res[0]["fsdp2"]
+    for n in norms:  # the same fp32 master-weight update, replicated or sharded
+        np.testing.assert_allclose(fsdp[n], ddp[n], rtol=0, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_deepspeed_lean_checkpoint_resumes_exactly(tmp_path):
+    """2 gloo ranks, DeepSpeed ZeRO-2 bf16: the lean checkpoint's module state holds no frozen weight, and a
+    run resumed from it at step 2 gives the uninterrupted run's losses bit for bit."""
+    from transformers import LlamaForCausalLM
+
+    from longreach.testing import run_ranks
+    from longreach.workers.hf import deepspeed_lean_resume
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, 64 * 8))
+    res = run_ranks(deepspeed_lean_resume, 2, timeout=900, args=(str(tmp_path / "base"), str(tmp_path / "tokens.npy"),
+                                                                 str(tmp_path / "runs"), True))
+    assert len(res[0]["straight"]) == 3 and res[0]["resumed"] == res[0]["straight"] == res[1]["resumed"]
+    state = torch.load(f"{res[0]['checkpoint']}/deepspeed-engine/ds/mp_rank_00_model_states.pt", weights_only=False)
+    names = set(state["module"])
+    assert any("lora_A" in n for n in names) and any("embed_tokens" in n for n in names)
+    assert not any("up_proj.base_layer" in n or n.endswith("up_proj.weight") or "lm_head" in n for n in names), names

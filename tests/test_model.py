@@ -207,10 +207,13 @@ def test_rope_yarn():
     s = 8.0
     f, att = rope_frequencies(D, THETA, {"type": "yarn", "factor": s, "original_max_position_embeddings": 4096},
                               max_seq_len=L)
+    # the reference YaRN form (transformers'): a ramp over pair indices between the indices where the
+    # rotation count L·θ_i/2π equals β_fast = 32 and β_slow = 1, rounded outwards
+    low = math.floor(D * math.log(4096 / (32 * 2 * math.pi)) / (2 * math.log(THETA)))
+    high = math.ceil(D * math.log(4096 / (1 * 2 * math.pi)) / (2 * math.log(THETA)))
     want = []
-    for t in _base():
-        r = 4096 / (2 * math.pi / t)
-        gamma = min(1.0, max(0.0, (r - 1.0) / (32.0 - 1.0)))
+    for i, t in enumerate(_base()):
+        gamma = 1.0 - min(1.0, max(0.0, (i - low) / (high - low)))
         want.append(t * gamma + (t / s) * (1 - gamma))
     _close(f, want)
     assert att == pytest.approx(0.1 * math.log(s) + 1)

@@ -14,7 +14,14 @@ class DataConfig:
     bit-identical on every machine) or ``files`` (``paths``)."""
     paths: list[str] = field(default_factory=list)
     """For ``source: files``: text files (one document per file), ``.jsonl`` files (one document per
-    line, in its ``text`` field) or folders (every ``.txt``/``.md``/``.jsonl`` below them, sorted)."""
+    line, in its ``text_field``), ``.parquet`` files (one per row; needs pyarrow), HF ``datasets`` folders
+    written by ``save_to_disk`` (one per row; needs datasets) or folders (every ``.txt``/``.md``/``.jsonl``/
+    ``.parquet`` below them, sorted)."""
+    text_field: str = "text"
+    """The jsonl field / parquet or dataset column that holds each document's text."""
+    tokenize_workers: int | None = None
+    """Processes that tokenize the corpus into shards (0: in this process); None: one per core (up to 8)
+    for file corpora over 8 MB, else 0."""
     vocab_size: int = 1024
     """Vocabulary size of the trained sentencepiece tokenizer (ignored when ``tokenizer`` is given)."""
     tokenizer: str | None = None
@@ -50,6 +57,8 @@ class DataConfig:
             raise ValueError(f"data.vocab_size must be >= 300 (256 byte-fallback pieces + specials), got {self.vocab_size}")
         if self.vocab_size > 1 << 20:
             raise ValueError(f"data.vocab_size is too large: {self.vocab_size}")
+        if self.tokenize_workers is not None and self.tokenize_workers < 0:
+            raise ValueError(f"data.tokenize_workers must be >= 0 (or null for automatic), got {self.tokenize_workers}")
         if self.shard_tokens < 1:
             raise ValueError(f"data.shard_tokens must be >= 1, got {self.shard_tokens}")
         for name in ("passkey_fraction", "recall_fraction", "val_fraction"):

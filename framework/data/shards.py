@@ -20,11 +20,14 @@ import numpy as np
 from longreach.data.config import DataConfig
 from longreach.errors import UserError
 
-__all__ = ["TokenShards", "build_shards", "shards_key", "write_shards"]
+__all__ = ["TokenShards", "build_shards", "shards_key", "stream_shards", "write_shards"]
 
 _FORMAT = "longreach-shards-v1"
 _INDEX = "index.json"
 _BATCH_DOCS = 256
+# Streamed builds live in their own folder: caches of the in-memory builder (``shards/``) never clash.
+_CACHE_DIR = "shards-v2"
+_AUTO_WORKERS_BYTES = 8 << 20
 
 
 class TokenShards:
@@ -166,19 +169,43 @@ def write_shards(docs: list[str] | list[list[int]], tokenizer, folder: str | Pat
 
 
 def build_shards(cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None) -> TokenShards:
-    """The token shards of ``cfg``'s corpus with ``tokenizer``: cached under ``<cache>/shards/<hash>``.
+    """The token shards of ``cfg``'s corpus with ``tokenizer``: cached under ``<cache>/shards-v2/<hash>``.
 
-    Local rank 0 tokenizes on a cache miss; other local ranks wait for its index file.
+    The corpus is tokenized once per (corpus content, tokenizer file, shard size), streaming, by worker
+    processes (:mod:`longreach.data.stream`); local rank 0 builds (one process per host, under a lock),
+    the other local ranks wait for the index. Every document is framed as ``[bos] + ids + [eos]``.
     """
-    from longreach.data.corpus import corpus_documents, corpus_fingerprint
-    from longreach.data.tokenizer import cache_root, local_rank, wait_for_file
+    from longreach.data.tokenizer import cache_root, local_rank
 
     root = Path(cache_dir) if cache_dir is not None else cache_root(cfg.cache_dir)
-    key = shards_key(corpus_fingerprint(cfg), tokenizer.fingerprint(), cfg.shard_tokens)
-    folder = root / "shards" / key
-    if (folder / _INDEX).is_file():
-        return TokenShards(folder)
-    if local_rank() != 0:
-        wait_for_file(folder / _INDEX, what="the token shards")
-        return TokenShards(folder)
-    return write_shards(corpus_documents(cfg), tokenizer, folder, shard_tokens=cfg.shard_tokens)
+    folder = stream_shards(cfg, tokenizer, root, bos=True, eos=True, wait=local_rank() != 0)
+    return TokenShards(folder)
+
+
+def stream_shards(cfg: DataConfig, tokenizer, root: Path, *, bos: bool, eos: bool, wait: bool = False,
+                  trust_remote_code: bool = False) -> Path:
+    """Build (or find) the shard folder of ``cfg``'s documents with ``tokenizer`` under ``root/shards-v2``.
+
+    Args:
+        cfg: the corpus (source, paths, text field) and ``shard_tokens``, ``tokenize_workers``.
+        tokenizer: a longreach ``Tokenizer`` or an HF tokenizer loaded from a local folder.
+        root: the cache folder.
+        bos, eos: frame each document with the tokenizer's bos / eos.
+        wait: only wait for another process's build (non-zero local ranks).
+        trust_remote_code: for an HF tokenizer reloaded in the worker processes.
+
+    Returns:
+        The complete shard folder.
+    """
+    from longreach.data.corpus import corpus_bytes, corpus_content_hash, iter_documents
+    from longreach.data.stream import build_token_shards, tokenizer_spec
+
+    spec = tokenizer_spec(tokenizer, bos=bos, eos=eos, trust_remote_code=trust_remote_code)
+    key = shards_key(corpus_content_hash(cfg, root), spec.fingerprint(), cfg.shard_tokens)
+    size = corpus_bytes(cfg)
+    workers = cfg.tokenize_workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if size is not None and size > _AUTO_WORKERS_BYTES else 0
+    what = ", ".join(cfg.paths) if cfg.source == "files" else f"the {cfg.source} corpus"
+    return build_token_shards(lambda: iter_documents(cfg), spec, root / _CACHE_DIR / key, shard_tokens=cfg.shard_tokens,
+                              workers=workers, total_bytes=size, what=what, wait=wait)

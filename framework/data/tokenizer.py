@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from longreach.data.config import DataConfig
 from longreach.errors import UserError
@@ -182,6 +182,33 @@ def load_or_train_tokenizer(cfg: DataConfig, cache_dir: str | Path | None = None
     if local_rank() != 0:
         wait_for_file(path, what="the tokenizer")
         return Tokenizer(path)
-    from longreach.data.corpus import corpus_documents
+    from longreach.data.corpus import iter_documents
 
-    return train_tokenizer(corpus_documents(cfg), cfg.vocab_size, path, split_digits=cfg.split_digits)
+    lines = sample_lines(lambda: iter_documents(cfg))
+    if not lines:
+        where = ", ".join(cfg.paths) if cfg.source == "files" else f"source {cfg.source!r}"
+        raise UserError(f"data: the corpus is empty (0 tokens) — {where}")
+    return train_tokenizer(lines, cfg.vocab_size, path, split_digits=cfg.split_digits)
+
+
+def sample_lines(documents: Callable[[], Iterable[str]], limit: int = _MAX_SENTENCES) -> list[str]:
+    """The non-blank lines of the documents, every ``n/limit``-th one when there are more than ``limit``
+    (the same lines :func:`train_tokenizer` would pick), in two streaming passes: memory holds the sample,
+    never the corpus."""
+    def lines() -> Iterator[str]:
+        return (line for text in documents() for line in text.split("\n") if line.strip())
+
+    count = sum(1 for _ in lines())
+    if count <= limit:
+        return list(lines())
+    step = count / limit
+    wanted = iter(int(i * step) for i in range(limit))
+    out: list[str] = []
+    nxt = next(wanted)
+    for i, line in enumerate(lines()):
+        if i == nxt:
+            out.append(line)
+            nxt = next(wanted, -1)
+            if nxt < 0:
+                break
+    return out

@@ -17,17 +17,19 @@ trainer's two seams:
 After the last step rank 0 merges LoRA and exports a plain HF checkpoint with the tokenizer files to
 ``<run.out_dir>/export``.
 
-**Checkpoints** hold the whole model through DCP (frozen base weights included), its optimizer state
-(trainable parameters only), the LR schedule, the data position and the RNG states: resume is exact and
-reshards across world sizes, at the cost of storing the frozen base weights each time (``checkpoint.
-keep_last`` bounds it). For LoRA on a 7B model that is ~14 GB (bf16) per checkpoint against a few
-hundred MB of trainable state; saving only trainable state needs ``ignore_frozen_params`` in the
-checkpoint manager (not there yet).
+**Checkpoints** are lean by default (``checkpoint.trainable_only: true``): the trainable parameters
+(LoRA adapters, embeddings, norms — fp32 master weights), their optimizer state, the LR schedule, the data
+position and the RNG states, through DCP (resume is exact and reshards across world sizes; under DeepSpeed
+its own checkpoint, without the frozen parameters). The frozen base
+is re-read from ``hf.path`` on resume; ``hf.base_hash`` (a sha256 of the files in ``hf.path``, filled in at
+start) makes a resume against changed base files a clear error instead of a silently different model. Set
+``checkpoint.trainable_only: false`` to store the whole model in every checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,8 @@ from longreach.hf.recipes import RecipeConfig
 from longreach.job import EngineConfig, RunConfig, TrainConfig
 from longreach.parallel.config import ParallelConfig
 
+log = logging.getLogger(__name__)
+
 DTYPES = ("auto", "float32", "bfloat16", "float64")
 _SEQ_LEN_DEFAULT = TrainConfig().seq_len
 
@@ -58,11 +62,24 @@ class HFSource:
     trust_remote_code: bool = False
     """Let transformers run code shipped with the checkpoint."""
     dtype: str = "auto"
-    """Weights: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float64``."""
+    """Weights as loaded: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float64``.
+    With bf16 the frozen weights stay bf16 and compute runs in bf16 (``train.precision`` becomes bf16),
+    while the trainable parameters are kept in fp32 — master weights, so the optimizer state is fp32 and
+    updates far below bf16's resolution (lr 2e-5 on a norm weight of 1.0) are not lost."""
+    base_hash: str = ""
+    """sha256 of the files in ``path``, filled in by ``longreach finetune`` when checkpoints are lean
+    (``checkpoint.trainable_only``): part of the run's config, so resuming against changed base files is an
+    error. Set it to pin the base: a different folder content is then refused at start."""
+    pure_bf16: bool = False
+    """Keep the trainable parameters (and so the optimizer state) in bf16 too, without fp32 master
+    weights: saves memory, but small updates round away (logged as a warning). Only with ``dtype: bfloat16``
+    or ``auto`` on GPU."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"hf.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.pure_bf16 and self.dtype not in ("auto", "bfloat16"):
+            raise ConfigError(f"hf.pure_bf16 needs hf.dtype bfloat16 or auto (got hf.dtype={self.dtype!r})")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -72,7 +89,7 @@ class FTData:
     source: str = "synthetic"
     """``embedded``, ``synthetic`` or ``files`` (longreach's corpus sources), or ``tokens`` (``tokens_path``)."""
     paths: list[str] = field(default_factory=list)
-    """For ``files``: text / jsonl files or folders."""
+    """For ``files``: text, jsonl or parquet files, saved HF ``datasets`` folders, or folders of files."""
     tokens_path: str | None = None
     """For ``tokens``: a ``.npy`` of token ids or a token-shard folder."""
     synthetic_documents: int = 200
@@ -83,6 +100,10 @@ class FTData:
     """Longest generated task document, in characters."""
     seed: int = 0
     """Seed of generated documents and of the sequence order."""
+    text_field: str = "text"
+    """The jsonl field / parquet or dataset column holding each document's text."""
+    tokenize_workers: int | None = None
+    """Tokenizer processes (0: in this process; None: automatic, as ``data.tokenize_workers``)."""
 
     def __post_init__(self) -> None:
         if self.source not in ("embedded", "synthetic", "files", "tokens"):
@@ -139,6 +160,15 @@ class FTRun(RunConfig):
 
 
 @dataclass(kw_only=True, slots=True)
+class FTCheckpoint(CheckpointConfig):
+    """The trainer's ``checkpoint:`` section, lean by default: trainable parameters and optimizer state only."""
+
+    trainable_only: bool = True
+    """Save only the trainable parameters (and optimizer state); the frozen base is re-read from
+    ``hf.path`` on resume, checked against ``hf.base_hash``. False stores the whole model every time."""
+
+
+@dataclass(kw_only=True, slots=True)
 class FinetuneConfig:
     """A long-context fine-tuning job of an HF checkpoint (the trainer's sections plus hf/recipe/data)."""
 
@@ -156,7 +186,7 @@ class FinetuneConfig:
     """Optimisation (``seq_len`` follows ``recipe.target_len``)."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """dp × cp degrees, context-parallel strategy and layout."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: FTCheckpoint = field(default_factory=FTCheckpoint)
     """Checkpoint saving and resuming (see the module docstring for what a checkpoint holds)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Training engine: native (DDP, or FSDP2 with ``options: {fsdp: true}``), deepspeed, accelerate."""
@@ -188,27 +218,33 @@ class FinetuneConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def tokenize_corpus(data: FTData, tokenizer: Any) -> np.ndarray:
-    """All fine-tuning tokens, documents joined with the tokenizer's eos (``[N]`` int64)."""
+def tokenize_corpus(data: FTData, tokenizer: Any, *, trust_remote_code: bool = False) -> Any:
+    """All fine-tuning tokens as one flat sequence, each document followed by the tokenizer's eos.
+
+    Text sources go through the shared streaming path (:func:`longreach.data.shards.stream_shards`):
+    tokenized once per (corpus content, tokenizer files) by worker processes into cached, memory-mapped
+    shards, which every rank, restart and run reuses; local rank 0 builds, the other local ranks wait.
+
+    Returns:
+        A :class:`~longreach.data.stream.TokenStream` (``len``, ``[a:b]`` → int64 ``[b − a]``; nothing
+        loaded), or for ``source: tokens`` the loaded ``[N]`` int64 array.
+    """
     if data.source == "tokens":
         from longreach.evaluation.perplexity import load_tokens
 
         return np.asarray(load_tokens(data.tokens_path, tokenizer), dtype=np.int64)
     from longreach.data.config import DataConfig
-    from longreach.data.corpus import corpus_documents
-    from longreach.evaluation.common import TextCodec
+    from longreach.data.shards import TokenShards, stream_shards
+    from longreach.data.stream import TokenStream
+    from longreach.data.tokenizer import cache_root, local_rank
 
     dcfg = DataConfig(source=data.source, paths=list(data.paths), synthetic_documents=data.synthetic_documents,
                       passkey_fraction=data.passkey_fraction, recall_fraction=0.0, task_chars=data.task_chars,
-                      seed=data.seed, tokenizer=None, vocab_size=1024)
-    codec = TextCodec(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None) if codec.hf else tokenizer.eos_id
-    out: list[int] = []
-    for doc in corpus_documents(dcfg):
-        out += codec.encode(doc)
-        if eos is not None:
-            out.append(int(eos))
-    return np.asarray(out, dtype=np.int64)
+                      seed=data.seed, tokenizer=None, vocab_size=1024, text_field=data.text_field,
+                      tokenize_workers=data.tokenize_workers)
+    folder = stream_shards(dcfg, tokenizer, cache_root(None), bos=False, eos=True, wait=local_rank() != 0,
+                           trust_remote_code=trust_remote_code)
+    return TokenStream(TokenShards(folder))
 
 
 class TokenWindows:
@@ -218,8 +254,11 @@ class TokenWindows:
     sequence (the last position ignored). Its position (epoch, batch index) is its ``state_dict``, which
     the trainer checkpoints per rank, so a resumed run draws exactly the batches it would have drawn.
 
+    Only the windows this rank draws are read (``tokens`` may be a memory-mapped
+    :class:`~longreach.data.stream.TokenStream`).
+
     Args:
-        tokens: ``[N]`` the whole token stream.
+        tokens: ``[N]`` the whole token stream (anything with ``len`` and ``[a:b]`` slicing).
         seq_len: tokens per window (``recipe.target_len``).
         batch: windows per micro-batch (``train.micro_batch_size``).
         dp_rank, dp_size: this rank's data-parallel coordinates (each epoch's order is split over dp).
@@ -229,19 +268,19 @@ class TokenWindows:
         UserError: fewer windows than one micro-batch per dp rank.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, *, batch: int, dp_rank: int, dp_size: int,
+    def __init__(self, tokens: Any, seq_len: int, *, batch: int, dp_rank: int, dp_size: int,
                  seed: int) -> None:
         n = len(tokens) // seq_len
         if n < batch * dp_size:
             raise UserError(f"the fine-tuning data has {len(tokens)} tokens: fewer than {batch * dp_size} sequences "
                             f"of {seq_len} (train.micro_batch_size × dp); add data or shorten recipe.target_len")
-        self.windows = torch.as_tensor(tokens[:n * seq_len]).view(n, seq_len)  # [n, seq_len]
+        self.tokens, self.num_windows, self.seq_len = tokens, n, seq_len
         self.batch, self.dp_rank, self.dp_size, self.seed = batch, dp_rank, dp_size, seed
         self.epoch = 0
         self.index = 0  # batches drawn in this epoch
 
     def _mine(self) -> np.ndarray:
-        n = self.windows.shape[0]
+        n = self.num_windows
         order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
         per = n // self.dp_size
         return order[self.dp_rank * per:(self.dp_rank + 1) * per]
@@ -258,7 +297,9 @@ class TokenWindows:
             self.epoch, self.index, start = self.epoch + 1, 0, 0
             mine = self._mine()
         self.index += 1
-        ids = self.windows[torch.as_tensor(mine[start:start + self.batch])]  # [batch, seq_len]
+        s = self.seq_len
+        ids = torch.stack([torch.as_tensor(np.asarray(self.tokens[w * s:(w + 1) * s], dtype=np.int64))
+                           for w in mine[start:start + self.batch].tolist()])  # [batch, seq_len]
         return {"input_ids": ids, "labels": shift_labels(ids)}
 
     def state_dict(self) -> dict[str, int]:
@@ -311,9 +352,19 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
         raise ConfigError("hf.path: set the HF checkpoint folder to fine-tune")
     if not (Path(cfg.hf.path) / "config.json").is_file():
         raise UserError(f"hf.path: {cfg.hf.path} is not a HuggingFace checkpoint folder (no config.json)")
+    from transformers import AutoConfig
+
+    from longreach.hf.rope import rope_parameters_for
+
+    # RoPE settings are checked before anything is written (a target not longer than the original context)
+    rope_parameters_for(AutoConfig.from_pretrained(cfg.hf.path, trust_remote_code=cfg.hf.trust_remote_code,
+                                                   local_files_only=True), cfg.recipe.rope, target_len=cfg.recipe.target_len)
     # the group outlives train(): probe and export use it
-    rank, _, _, owned = setup_distributed(timeout_s=cfg.faults.collective_timeout_s)
+    rank, _, device, owned = setup_distributed(timeout_s=cfg.faults.collective_timeout_s)
     try:
+        _bf16_compute(cfg, device)
+        if cfg.checkpoint.trainable_only:
+            _check_base(cfg, rank)
         tokenizer = load_tokenizer(cfg)
         built: list[torch.nn.Module] = []
 
@@ -322,7 +373,7 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
             return built[-1]
 
         def build_data(job: FinetuneConfig, *, dp_rank: int, dp_size: int) -> TokenWindows:
-            tokens = tokenize_corpus(job.data, tokenizer)
+            tokens = tokenize_corpus(job.data, tokenizer, trust_remote_code=job.hf.trust_remote_code)
             return TokenWindows(tokens, job.recipe.target_len, batch=job.train.micro_batch_size, dp_rank=dp_rank,
                                 dp_size=dp_size, seed=job.data.seed)
 
@@ -336,7 +387,11 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
         summary["rope_parameters"] = getattr(model.hf.config, "rope_parameters", None)
         model.eval()
         if probe_ids is not None:
-            summary["probe_logits"] = probe_logits(model, probe_ids.to(next(model.parameters()).device))
+            dev = next(model.parameters()).device
+            # bf16 compute as in training (fp32 trainable parameters beside a bf16 frozen base)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+                summary["probe_logits"] = probe_logits(model, probe_ids.to(dev))
+
         def write_export() -> None:  # rank 0; the others wait without the step-sized collective timeout
             out = Path(summary["run_dir"])
             export_hf(model.model, out / "export", tokenizer_dir=cfg.hf.path, dtype=checkpoint_dtype(cfg.hf.path))
@@ -349,6 +404,84 @@ def finetune(cfg: FinetuneConfig, *, probe_ids: torch.Tensor | None = None) -> d
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def base_files_hash(folder: str | Path) -> str:
+    """sha256 over the names and contents of the files in an HF checkpoint folder (hidden files skipped).
+
+    Raises:
+        UserError: the folder cannot be read.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        for f in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+    except OSError as exc:
+        raise UserError(f"hf.path: cannot read {folder}: {exc.strerror or exc}") from None
+    return h.hexdigest()
+
+
+def _check_base(cfg: FinetuneConfig, rank: int) -> None:
+    """Fill ``hf.base_hash`` (rank 0 hashes, every rank receives it) and refuse a base that changed since
+    ``hf.base_hash`` was pinned or this run folder's checkpoints were written; collective."""
+    import yaml
+
+    from longreach.checkpoint import find_checkpoint
+
+    err, digest = None, ""
+    if rank == 0:
+        try:
+            log.info("hashing the base checkpoint's files in %s (lean checkpoints re-read them on resume)", cfg.hf.path)
+            digest = base_files_hash(cfg.hf.path)
+            if cfg.hf.base_hash and cfg.hf.base_hash != digest:
+                raise UserError(f"hf.base_hash: the files in hf.path={cfg.hf.path} hash to {digest[:16]}…, not the "
+                                f"pinned {cfg.hf.base_hash[:16]}…: the base checkpoint changed")
+            old = Path(cfg.run.out_dir) / "config.yaml"
+            saved = (yaml.safe_load(old.read_text()) or {}).get("hf", {}).get("base_hash") if old.is_file() else None
+            has_ckpt = (Path(cfg.run.out_dir) / "checkpoints").is_dir() and cfg.checkpoint.resume
+            if has_ckpt:
+                try:
+                    find_checkpoint(Path(cfg.run.out_dir) / "checkpoints")
+                except UserError:
+                    has_ckpt = False
+            if has_ckpt and saved and saved != digest and not cfg.run.overwrite:
+                raise UserError(
+                    f"hf.path: the base checkpoint {cfg.hf.path} changed since the checkpoints in {cfg.run.out_dir} "
+                    f"were written (its files hash to {digest[:16]}…, the run's hf.base_hash is {saved[:16]}…); lean "
+                    "checkpoints (checkpoint.trainable_only) hold only the trained parameters and need the same "
+                    "frozen base: restore the original files, or start a new run (another run.out_dir)")
+        except UserError as exc:
+            err = str(exc)
+    err, digest = _broadcast_object((err, digest))
+    if err is not None:
+        raise UserError(err)
+    cfg.hf.base_hash = digest
+
+
+def _broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (as is without a process group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _bf16_compute(cfg: FinetuneConfig, device: torch.device) -> None:
+    """Weights loaded in bf16 compute in bf16: ``train.precision`` fp32 becomes bf16 (autocast, or the
+    engine's bf16 mode), which the fp32 trainable parameters of :func:`~longreach.hf.model.build_hf_model`
+    need beside a bf16 frozen base."""
+    from longreach.hf.model import resolve_dtype
+
+    if resolve_dtype(cfg.hf.dtype, device) == torch.bfloat16 and cfg.train.precision == "fp32":
+        log.info("hf.dtype %s loads bf16 weights: training with train.precision=bf16 (bf16 compute, fp32 "
+                 "master weights%s)", cfg.hf.dtype, "" if cfg.hf.pure_bf16 else " and optimizer state")
+        cfg.train.precision = "bf16"
 
 
 def _gather_full_parameters(model: torch.nn.Module) -> None:

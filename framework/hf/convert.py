@@ -39,9 +39,6 @@ def _rope_parameters(cfg: Any) -> dict[str, Any]:
     if kind == "llama3":  # our defaults, explicit (transformers requires them)
         params.setdefault("low_freq_factor", 1.0)
         params.setdefault("high_freq_factor", 4.0)
-    if kind == "yarn":
-        # ours ramps on the rotation count itself (METHODS.md); transformers' untruncated ramp is closest
-        params.setdefault("truncate", False)
     return params
 
 
@@ -90,7 +87,7 @@ def model_config_from(hf_config: Any) -> Any:
     if kind != "default":
         if kind not in ("linear", "dynamic", "yarn", "llama3"):
             raise UserError(f"rope_type={kind!r} has no longreach equivalent")
-        scaling = {"type": kind, **{k: v for k, v in rope.items() if k not in ("partial_rotary_factor", "truncate")}}
+        scaling = {"type": kind, **{k: v for k, v in rope.items() if k != "partial_rotary_factor"}}
         if kind in ("linear",):
             max_seq = int(round(max_seq / float(rope.get("factor", 1.0))))
         elif kind in ("yarn", "llama3"):

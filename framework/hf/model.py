@@ -20,6 +20,7 @@ patch attention, wrap.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,8 @@ from torch import nn
 
 from longreach.attention import AttentionContext
 from longreach.hf.patch import HFAttention, base_model, prime_dynamic_rope
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -126,5 +129,32 @@ def build_hf_model(cfg: Any, device: torch.device) -> HFCausalLM:
         att.pattern, ("full", "varlen"))
     patch = AttentionPatch(pattern=pattern, s2_variant=variant, sinks=att.sinks, backend=att.backend)
     model, attention = apply_recipe(model, cfg.recipe, attention=patch)
+    keep_master_weights(model, pure_bf16=getattr(cfg.hf, "pure_bf16", False))
     model.train()
     return HFCausalLM(model, attention)
+
+
+def keep_master_weights(model: nn.Module, *, pure_bf16: bool = False) -> list[str]:
+    """Upcast trainable bf16/fp16 parameters to fp32 in place (the master weights; frozen ones stay).
+
+    The optimizer then keeps fp32 state and applies updates in fp32; compute stays in bf16 under
+    autocast or the engine's mixed precision. Parameters are converted in place (``.data``), so tied
+    weights stay tied.
+
+    Args:
+        model: the model after the recipe marked its trainable parameters.
+        pure_bf16: keep them as they are (``hf.pure_bf16``): logged as a warning.
+
+    Returns:
+        The names of the low-precision trainable parameters (upcast unless ``pure_bf16``).
+    """
+    low = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)]
+    if pure_bf16:
+        if low:
+            log.warning("hf.pure_bf16: %d trainable parameters (%s, ...) and their optimizer state stay in %s: "
+                        "updates below ~1/256 of a weight are lost (at lr 2e-5 norm weights do not move)",
+                        len(low), low[0][0], low[0][1].dtype)
+        return [n for n, _ in low]
+    for _, p in low:
+        p.data = p.data.float()
+    return [n for n, _ in low]

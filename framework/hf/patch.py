@@ -246,6 +246,7 @@ class HFAttention:
         q = query.transpose(1, 2)  # [B, Sq, H, D]
         k = key.transpose(1, 2)  # [B, Sk, Hkv, D]
         v = value.transpose(1, 2)  # [B, Sk, Hkv, D]
+        q, k, v = _common_dtype(q, k, v)
         parallel = self.config.parallel
         if q.shape[1] != k.shape[1]:
             if parallel:
@@ -273,6 +274,20 @@ class HFAttention:
         if softcap is not None:
             return softcap_attention(q, k, v, mask=placed, scale=scaling, softcap=float(softcap))
         return local_attention(q, k, v, mask=placed, scale=scaling, backend=self.config.backend)
+
+
+def _common_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in one dtype: autocast's (as sdpa would run under it), else the widest of the three.
+
+    A bf16 model whose trainable norms are fp32 master weights (``hf.model.keep_master_weights``) hands
+    over fp32 q, k (rotated with fp32 cos/sin) and a bf16 v.
+    """
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: M.PlacedMask,

@@ -96,6 +96,10 @@ def rope_parameters_for(config: Any, scaling: RopeScaling, *, target_len: int) -
 
     Returns:
         ``(rope_parameters, max_position_embeddings)``; nothing is modified.
+
+    Raises:
+        ConfigError: the checkpoint's RoPE is already scaled, or ``target_len`` is not longer than the
+            original context (a scaling of factor ≤ 1 would be written silently).
     """
     current = read_rope(config)
     if scaling.type == "none":
@@ -106,6 +110,13 @@ def rope_parameters_for(config: Any, scaling: RopeScaling, *, target_len: int) -
             "to keep it, or start from an unscaled checkpoint"
         )
     original = int(scaling.original_max_position_embeddings or config.max_position_embeddings)
+    if target_len <= original:
+        source = ("rope.original_max_position_embeddings" if scaling.original_max_position_embeddings
+                  else "the checkpoint's max_position_embeddings")
+        raise ConfigError(
+            f"recipe.target_len={target_len} is not longer than the original context {original} ({source}): "
+            f"rope.type={scaling.type!r} would extend nothing; raise recipe.target_len, or set rope.type: none "
+            "to fine-tune at this length without RoPE scaling")
     factor = float(scaling.factor) if scaling.factor is not None else interpolation_factor(target_len, original)
     theta = float(current["rope_theta"])
     out: dict[str, Any] = {"rope_theta": theta}

@@ -6,10 +6,13 @@ Frequencies are θ_i = b^(−2i/d) for i < d/2 (d = head_dim, b = ``rope_theta``
 * ``ntk`` (static NTK-aware): base b′ = b·s^(d/(d−2)).
 * ``dynamic`` (dynamic NTK): for a current length L_cur > L, b′ = b·((s·L_cur/L) − (s−1))^(d/(d−2));
   unchanged for L_cur ≤ L.
-* ``yarn``: per pair i, wavelength λ_i = 2π/θ_i and rotations r_i = L/λ_i; θ′ = θγ + (θ/s)(1−γ) with
-  γ ramping linearly from 1 (r ≥ β_fast, default 32) to 0 (r ≤ β_slow, default 1); cos and sin are
-  multiplied by the attention factor (default 0.1·ln s + 1). The ramp is on r_i directly, as METHODS.md
-  states it (HF rounds the ramp ends to whole dimension indices; ours does not).
+* ``yarn``: per pair i, θ′_i = θ_i·γ_i + (θ_i/s)(1−γ_i), where γ is 1 for pairs that turn more than
+  β_fast (default 32) times over L, 0 for those turning fewer than β_slow (default 1) times, and linear
+  in the pair index i in between: the ramp ends are the (fractional) pair indices where the rotation
+  count r_i = L·θ_i/(2π) equals β_fast and β_slow, rounded outwards to whole indices unless
+  ``truncate: false``. This is the reference YaRN code's form, which transformers implements, so a
+  converted model rotates exactly as ours. cos and sin are multiplied by the attention factor (default
+  0.1·ln s + 1; with ``mscale`` and ``mscale_all_dim`` their ratio of such terms).
 * ``llama3``: wavelengths shorter than L/high_freq_factor keep θ, longer than L/low_freq_factor use θ/s,
   in between blend with smooth = (L/λ − low)/(high − low): θ′ = (1−smooth)·θ/s + smooth·θ.
 
@@ -70,13 +73,8 @@ def rope_frequencies(
         b = theta * ((s * cur / length) - (s - 1)) ** (d / (d - 2))
         return b ** (-idx), 1.0
     if kind == "yarn":
-        beta_fast = float(scaling.get("beta_fast", 32.0))
-        beta_slow = float(scaling.get("beta_slow", 1.0))
-        factor = scaling.get("attention_factor")
-        att = float(factor) if factor is not None else (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
-        rotations = length * base_freq / (2 * math.pi)  # r_i = L / λ_i
-        gamma = ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
-        return base_freq * gamma + (base_freq / s) * (1 - gamma), att
+        gamma = _yarn_ramp(scaling, d, theta, length)  # [d/2]
+        return base_freq * gamma + (base_freq / s) * (1 - gamma), _yarn_attention_factor(scaling, s)
     if kind == "llama3":
         low = float(scaling.get("low_freq_factor", 1.0))
         high = float(scaling.get("high_freq_factor", 4.0))
@@ -87,6 +85,36 @@ def rope_frequencies(
         out = torch.where(wavelen > length / low, base_freq / s, out)
         return out, 1.0
     raise ValueError(f"model.rope_scaling.type {kind!r} is not one of linear, ntk, dynamic, yarn, llama3")
+
+
+def _yarn_attention_factor(scaling: dict[str, Any], s: float) -> float:
+    """YaRN's cos/sin multiplier: ``attention_factor``, else 0.1·ln s + 1 (or the mscale ratio)."""
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
+    return mscale()
+
+
+def _yarn_ramp(scaling: dict[str, Any], d: int, theta: float, length: int) -> torch.Tensor:
+    """γ ``[d/2]`` float64: 1 keeps θ_i (fast pairs), 0 interpolates to θ_i/s (slow pairs)."""
+    beta_fast = float(scaling.get("beta_fast") or 32.0)
+    beta_slow = float(scaling.get("beta_slow") or 1.0)
+
+    def pair_index(rotations: float) -> float:  # the fractional i at which r_i = rotations
+        return d * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # as the reference code: no zero-width ramp
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0.0, 1.0)  # [d/2]
+    return 1.0 - ramp
 
 
 class RotaryEmbedding(nn.Module):

@@ -150,3 +150,57 @@ def eval_cp(rank: int, world_size: int, checkpoint: str, tokens_path: str, lengt
     patch_attention(model, AttentionPatch(strategy="ring", layout="zigzag", backend="cpu"))
     res = perplexity(model, np.load(tokens_path), length=length, stride=length // 2)
     return {"ppl": res.ppl, "windows": res.windows, "decoded": greedy_decode(model, prompt, n_new)}
+
+
+def bf16_engines(rank: int, world_size: int, checkpoint: str, tokens_path: str, out_dir: str,
+                 engines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Fine-tune the bf16 ``checkpoint`` for 2 steps at lr 2e-5 (dp over all ranks) under each engine;
+    returns per engine the trained HF parameters (float32 numpy, full on every rank) or the error text."""
+    import longreach.hf.model as hf_model
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.job import EngineConfig
+    from longreach.parallel.config import ParallelConfig
+
+    built: list[Any] = []
+    real = hf_model.build_hf_model
+    hf_model.build_hf_model = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    out: dict[str, Any] = {}
+    try:
+        for name, engine in engines.items():
+            cfg = FinetuneConfig(hf=HFSource(path=checkpoint, dtype="bfloat16"), recipe=RecipeConfig(target_len=64),
+                                 attention=FTAttention(backend="cpu"), parallel=ParallelConfig(dp=world_size, cp=1),
+                                 data=FTData(source="tokens", tokens_path=tokens_path),
+                                 run=FTRun(out_dir=f"{out_dir}/{name}", steps=2),
+                                 train=FTTrain(lr=2e-5, warmup_steps=0), engine=EngineConfig(**engine))
+            try:
+                finetune(cfg)
+                out[name] = {n: p.detach().float().numpy().copy() for n, p in built[-1].hf.named_parameters()}
+            except Exception as exc:  # noqa: BLE001 - reported per engine in the test
+                out[name] = f"{type(exc).__name__}: {exc}"
+    finally:
+        hf_model.build_hf_model = real
+    return out
+
+
+def deepspeed_lean_resume(rank: int, world_size: int, checkpoint: str, tokens_path: str, out_dir: str,
+                          trainable_only: bool) -> dict[str, Any]:
+    """DeepSpeed ZeRO-2 bf16 fine-tune (dp over all ranks): 3 steps straight, and 2 steps then resumed to 3
+    from the step-2 checkpoint; returns both loss lists and the resumed run's checkpoint folder."""
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTCheckpoint, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.job import EngineConfig
+    from longreach.parallel.config import ParallelConfig
+
+    def job(name: str, steps: int) -> FinetuneConfig:
+        return FinetuneConfig(hf=HFSource(path=checkpoint, dtype="bfloat16"), recipe=RecipeConfig(target_len=64),
+                              attention=FTAttention(backend="cpu"), parallel=ParallelConfig(dp=world_size, cp=1),
+                              data=FTData(source="tokens", tokens_path=tokens_path),
+                              run=FTRun(out_dir=f"{out_dir}/{name}", steps=steps, save_every=1),
+                              train=FTTrain(lr=1e-3, warmup_steps=0), checkpoint=FTCheckpoint(trainable_only=trainable_only),
+                              engine=EngineConfig(kind="deepspeed", options={"zero_stage": 2}))
+
+    straight = finetune(job("straight", 3))
+    finetune(job("resumed", 2))
+    resumed = finetune(job("resumed", 3))
+    return {"straight": straight["losses"], "resumed": resumed["losses"], "checkpoint": resumed["checkpoint"]}
