@@ -33,6 +33,7 @@ BENCH: dict[str, tuple[str, str]] = {
     "cp": ("longreach.bench.cp:main", "context-parallel strategies: communication, work balance, time"),
     "kernels": ("longreach.bench.kernels:main", "local attention kernels and masks: FLOPs skipped, time"),
     "sweep": ("longreach.bench.sweep:main", "sweep sequence lengths / configs and record results"),
+    "memory": ("longreach.bench.memory:main", "saved bytes per token per layer; peak memory per rank against S"),
 }
 
 _EXIT_USER = 2
