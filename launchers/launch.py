@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true",
                    help="with --dry-run: build mesh and model on the meta device for --world-size ranks")
     p.add_argument("--world-size", type=int, default=None, help="ranks to validate for (--validate)")
+    p.add_argument("--hardware", default="h100_sxm",
+                   help="device profile --validate checks memory against (h100_sxm, h200, a100_80g, cpu_gloo)")
     return p
 
 
@@ -130,8 +132,12 @@ def main(argv: list[str]) -> int:
     if args.validate:
         from longreach.launchers.dryrun import validate_config
 
-        report = validate_config(str(config_path), args.world_size, overrides)
+        report = validate_config(str(config_path), args.world_size, overrides, hardware=args.hardware)
         print("\n".join(report.lines()))
+        if not report.fits:
+            raise UserError(f"{args.config}: the estimated memory per rank does not fit {args.hardware} (breakdown "
+                            "above); shard the states (engine.fsdp / engine.zero_stage=3), raise parallel.cp, or set "
+                            "model.sequence_tile / model.checkpoint_offload / engine.cpu_offload")
         return 0
     # strict load now: a typo fails here, before any process starts
     load_config(JobConfig, config_path, overrides)

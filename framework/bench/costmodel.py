@@ -469,7 +469,8 @@ def _states_bytes(params: float, zero: int, shards: int, layer_params: float, *,
 
 
 def memory_per_rank(model: ModelShape, *, tokens: float, opts: MemoryOptions, zero: int, shards: int,
-                    attention_buffers: float = 0.0, dtype_bytes: int = 2) -> dict[str, float]:
+                    attention_buffers: float = 0.0, dtype_bytes: int = 2, params: float | None = None
+                    ) -> dict[str, float]:
     """Peak bytes per rank of one training step, by part, and the host bytes it offloads.
 
     The saved-for-backward terms are the measured ones (:meth:`ModelShape.saved_bytes_per_token`). The
@@ -485,13 +486,15 @@ def memory_per_rank(model: ModelShape, *, tokens: float, opts: MemoryOptions, ze
         opts: :class:`MemoryOptions`.
         zero: ZeRO stage (FSDP = 3) of the 16 B/param states, sharded over ``shards`` ranks.
         attention_buffers: the strategy's transient communication buffers (:class:`AttentionCost`).
+        params: the real parameter count (default :meth:`ModelShape.params`; a dry run counts the model).
 
     Returns:
         bytes by part (``states``, ``checkpoints``, ``per_model``, ``phase_*``, ``activation_bytes``,
         ``total``) and ``host`` (offloaded checkpoints and optimizer state per rank).
     """
     n, e, h, L = tokens, dtype_bytes, model.hidden, model.layers
-    params, layer_params = float(model.params()), float(model.layer_matmul_params())
+    params = float(model.params()) if params is None else params
+    layer_params = float(model.layer_matmul_params())
     states = _states_bytes(params, zero, shards, layer_params, optimizer_offload=opts.optimizer_offload)
     block = model.saved_bytes_per_token(e, tiled=opts.tiled)
     per_model = n * sum(model.model_saved_bytes_per_token(e, tiled=opts.tiled).values())
