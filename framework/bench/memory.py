@@ -96,15 +96,19 @@ class SavedBytesMeter:
                         if p.device.type != "meta"}
         self._hooks: Any = None
         self._offload: Any = None
+        # a decoder trunk below the root (HF's LlamaModel) checkpoints its layers itself, outside their hooks
+        self._trunks = {name for name, m in model.named_modules()
+                        if name and isinstance(getattr(m, "layers", None), nn.ModuleList)}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device.type != "meta" and t.numel() > 0:
+        # only what the forward keeps: tensors saved while backward runs (a recompute's own) are transient
+        if torch._C._current_graph_task_id() == -1 and t.device.type != "meta" and t.numel() > 0:
             st = t.untyped_storage()
             key = (str(t.device), st.data_ptr())
             if key not in self._seen and key not in self._params:
                 self._seen.add(key)
                 name, wrapped = self._stack[-1] if self._stack else ("", False)
-                comp = component_of(name, wrapped)
+                comp = component_of(name, wrapped or name in self._trunks)
                 if comp == "checkpoint" and not t.requires_grad:
                     comp = "rope"  # a constant every block receives (the RoPE tables), kept once
                 self.bytes[comp] += st.nbytes()
@@ -170,7 +174,7 @@ def _job(shape: Shape, *, seq_len: int, cp: int, strategy: str, checkpointing: b
                         n_kv_heads=shape.kv_heads, ffn_hidden=shape.ffn, max_seq_len=seq_len, sequence_tile=tile,
                         checkpoint_offload=offload)
     par = ParallelConfig(cp=cp, strategy=strategy if cp > 1 else "ring", layout="zigzag",
-                         ulysses_degree=(cp // 2 if strategy == "hybrid" else None))
+                         ulysses_degree=(2 if strategy == "hybrid" else None))
     cfg = JobConfig(model=model, parallel=par)
     train = dataclasses.replace(cfg.train, seq_len=seq_len, activation_checkpointing=checkpointing,
                                 loss_chunk_size=loss_chunk, micro_batch_size=1)
@@ -243,6 +247,9 @@ def alst_worker(rank: int, world_size: int, shape: dict[str, int], seq_len: int,
     from deepspeed.runtime.sequence_parallel.ulysses_sp import (TiledFusedLogitsLoss, TiledMLP,
                                                                 UlyssesSPAttentionHF)
 
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm layer over our gloo group
     sh = Shape(**shape)
     model = _hf_llama(sh, seq_len, _DTYPES[dtype])
     UlyssesSPAttentionHF.register_with_transformers(model, core_attn_implementation="sdpa",
@@ -349,7 +356,7 @@ def _saved_table(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]]
 
     tile = args.tile or max(1, args.seq_len // 8)
     runs: list[tuple[str, int, list[dict[str, Any]]]] = [("single", 1, _cases(1))]
-    runs += [(s, args.cp, _cases(args.cp)) for s in args.strategies if s in ("ring", "ulysses", "hybrid")]
+    runs += [(s, _world(s, args.cp), _cases(args.cp)) for s in args.strategies if s in ("ring", "ulysses", "hybrid")]
     rows = []
     for strategy, world, cases in runs:
         cases = [{**c, "strategy": strategy, **({"tile": tile} if "tile" in c else {})} for c in cases]
@@ -401,12 +408,19 @@ def _print_saved(rows: list[dict[str, Any]], shape: Shape, dtype: str, seq_len: 
     print(f"{'floor':<26} {'one hidden state':<24}" + "".join(f"{'':>11}" for _ in cols) + f"{floor:>10.1f} {1.0:>7.2f}")
 
 
+def _world(strategy: str, cp: int) -> int:
+    """Ranks a strategy runs on: one for ``single``/``hf``; hybrid needs U=2 × at least 2 ring groups (4)."""
+    if strategy in ("single", "hf"):
+        return 1
+    return max(cp, 4) if strategy == "hybrid" else cp
+
+
 def _peak_table(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]]:
     from longreach.testing import run_ranks
 
     rows = []
     for strategy in args.strategies:
-        world = 1 if strategy in ("single", "hf") else args.cp
+        world = _world(strategy, args.cp)
         for ckpt in (False, True):
             recs = run_ranks(peak_worker, world, args=(dataclasses.asdict(shape), strategy, ckpt, args.seq_lens,
                                                        args.dtype, 256), timeout=1800)
@@ -454,7 +468,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="--saved: global sequence length (default 512)")
     p.add_argument("--seq-lens", default="1k,2k,4k", help="--peak: comma-separated lengths (k suffix)")
     p.add_argument("--tile", type=int, default=0, help="sequence tile in tokens (default S/8)")
-    p.add_argument("--cp", type=int, default=2, help="context-parallel ranks (default 2; hybrid uses U=cp/2)")
+    p.add_argument("--cp", type=int, default=2, help="context-parallel ranks (default 2; hybrid: U=2 on max(cp, 4))")
     p.add_argument("--strategies", default="single,ring,ulysses,hybrid,hf",
                    help=f"comma-separated, from {', '.join(STRATEGIES)}")
     p.add_argument("--dtype", default="bfloat16", choices=tuple(_DTYPES))
@@ -490,8 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = Shape(dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, ffn=args.ffn,
                       vocab=args.vocab)
         for s in [args.seq_len, *args.seq_lens]:
-            if s % (2 * args.cp):
-                raise UserError(f"bench memory: sequence length {s} must divide by 2·cp = {2 * args.cp} (zigzag)")
+            if s % (2 * max(args.cp, 4)):
+                raise UserError(f"bench memory: sequence length {s} must divide by 2·cp = {2 * max(args.cp, 4)} "
+                                "(zigzag; hybrid runs on at least 4 ranks)")
     except ValueError as e:
         raise UserError(f"bench memory: {e}") from None
     out: dict[str, Any] = {"shape": dataclasses.asdict(shape), "dtype": args.dtype}
