@@ -172,6 +172,8 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
         profile = get_profile(hardware)
     except ValueError as e:
         raise UserError(f"--hardware: {e}") from None
+    if _is_finetune_recipe(config):
+        return _validate_finetune(config, world_size, list(overrides), profile)
     cfg = load_config(JobConfig, config, list(overrides))
     engine = as_engine_config(cfg.engine)
     par = cfg.parallel
@@ -236,3 +238,94 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
             hardware=hardware, capacity=profile.memory_bytes, host_capacity=profile.host_memory_bytes)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ HF fine-tuning recipes
+def _is_finetune_recipe(config: str) -> bool:
+    import yaml
+
+    try:
+        with open(config) as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports it
+    return isinstance(data, dict) and "hf" in data
+
+
+def _hf_shape(path: str, notes: list[str]) -> Any:
+    """The planner's shape of the HF model at ``path``: its ``config.json``, else the preset its name matches."""
+    import json
+    import os
+
+    from longreach.bench.costmodel import MODELS, ModelShape
+
+    cfg_file = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as fh:
+            c = json.load(fh)
+        notes.append(f"model shape from {cfg_file}")
+        return ModelShape(name=c.get("model_type", "hf"), layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+                          heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads"),
+                          head_dim=c.get("head_dim"), ffn=c["intermediate_size"], vocab=c["vocab_size"],
+                          tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+    key = os.path.basename(os.path.normpath(path)).lower().replace("-", "").replace("_", "").replace("meta", "")
+    for name, shape in MODELS.items():
+        if name.replace("_", "") in key.replace("hf", "").replace("chat", ""):
+            notes.append(f"{cfg_file} not found here: shape of the {shape.name} preset (matched by name)")
+            return shape
+    raise UserError(f"hf.path={path}: no config.json there and the name matches no preset "
+                    f"({', '.join(MODELS)}); the dry run needs the model's shape")
+
+
+def _validate_finetune(config: str, world_size: int, overrides: list[str], profile: Any) -> DryRunReport:
+    """An HF fine-tuning recipe: degrees checked, memory from the planner's model (frozen base + LoRA).
+
+    The base weights are frozen bf16 copies (2 B/param, sharded only by ZeRO-3); the trainable part (LoRA
+    adapters and the recipe's ``trainable`` embeddings/norms) carries 16 B/param sharded per the stage.
+    """
+    from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
+    from longreach.config import load_config
+    from longreach.engines import as_engine_config
+    from longreach.hf.cli import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, config, overrides)
+    engine = as_engine_config(cfg.engine)
+    par, tr, rec = cfg.parallel, cfg.train, cfg.recipe
+    if world_size % par.cp:
+        raise UserError(f"parallel.cp={par.cp} does not divide --world-size {world_size}")
+    dp = par.dp if par.dp != -1 else world_size // par.cp
+    if dp * par.cp != world_size:
+        raise UserError(f"parallel.dp ({par.dp}) × parallel.cp ({par.cp}) must equal --world-size ({world_size})")
+    notes: list[str] = []
+    shape = _hf_shape(cfg.hf.path, notes)
+    zero = engine.zero_stage if engine.kind == "deepspeed" else (3 if engine.fsdp else 0)
+    h, qd, kvd = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    dims = {"q_proj": h + qd, "k_proj": h + kvd, "v_proj": h + kvd, "o_proj": qd + h,
+            "gate_proj": h + shape.ffn, "up_proj": h + shape.ffn, "down_proj": shape.ffn + h}
+    lora = shape.layers * rec.lora_r * sum(dims.get(t, 2 * h) for t in rec.lora_targets)
+    trainable = float(lora)
+    if "embed" in rec.trainable:
+        trainable += shape.vocab * h
+    if "norm" in rec.trainable:
+        trainable += (2 * shape.layers + 1) * h
+    base = float(shape.params())
+    shards = world_size if zero else 1
+    tokens = tr.micro_batch_size * tr.seq_len // par.cp
+    opts = MemoryOptions(checkpointing=tr.activation_checkpointing, optimizer_offload=engine.cpu_offload,
+                         loss_chunk=tr.loss_chunk_size)
+    buffers = attention_cost(strategy=par.strategy, layout=par.layout, world=par.cp, seq_len=tr.seq_len,
+                             heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, profile=profile,
+                             ulysses_degree=par.ulysses_degree or None).buffer_bytes if par.cp > 1 else 0.0
+    mem = memory_per_rank(shape, tokens=tokens, opts=opts, zero=zero, shards=shards, attention_buffers=buffers,
+                          params=trainable)
+    frozen = 2.0 * base / (shards if zero >= 3 else 1)
+    mem["states"] += frozen
+    mem["total"] += frozen * 1.05
+    keep = ("states", "checkpoints", "per_model", "phase_loss", "phase_mlp", "phase_attention", "total", "host")
+    notes.append(f"{trainable / 1e6:.1f}M trainable (LoRA r={rec.lora_r} on {', '.join(rec.lora_targets)} + "
+                 f"{', '.join(rec.trainable) or 'nothing else'}) at 16 B/param; {base / 1e9:.2f}B frozen at 2 B/param")
+    return DryRunReport(world_size=world_size, dp=dp, cp=par.cp, mesh=f"(dp={dp}, cp={par.cp}) (not built: HF recipe)",
+                        engine=engine.kind + (f" ZeRO-{engine.zero_stage}" if engine.kind == "deepspeed" else ""),
+                        params=int(base + lora), params_per_rank=int((base + lora) / (shards if zero >= 3 else 1)),
+                        tokens_per_rank=tokens, memory={k: mem[k] for k in keep}, notes=notes,
+                        hardware=profile.name, capacity=profile.memory_bytes, host_capacity=profile.host_memory_bytes)

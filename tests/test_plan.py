@@ -290,3 +290,21 @@ def test_dry_run_estimate_is_memory_per_rank() -> None:
                            opts=MemoryOptions(checkpointing=True, offload=True, tiled=True, tile_tokens=16,
                                               loss_chunk=cfg.train.loss_chunk_size))
     assert got["total"] == want["total"] and got["host"] == want["host"] > 0
+
+
+@pytest.mark.parametrize("recipe,world", [("longlora_llama2_7b_32k", 8), ("sinklora_llama3_8b_64k", 16)])
+def test_hf_recipes_validate_within_h100(recipe: str, world: int) -> None:
+    from longreach.launchers.dryrun import validate_config
+
+    rep = validate_config(f"configs/{recipe}.yaml", world)
+    assert rep.fits and rep.memory["total"] <= rep.capacity and rep.dp * rep.cp == world
+    assert any("frozen at 2 B/param" in n for n in rep.notes)
+    # the same recipe squeezed onto a 16 GB device is refused, with the breakdown in the report
+    small = dataclasses.replace(H100, name="gpu16", memory_bytes=16e9)
+    PROFILES["gpu16"] = small
+    try:
+        assert not validate_config(f"configs/{recipe}.yaml", world, hardware="gpu16").fits
+    finally:
+        del PROFILES["gpu16"]
+    with pytest.raises(UserError, match="--world-size"):
+        validate_config(f"configs/{recipe}.yaml", world + 1)
