@@ -5,8 +5,12 @@
    ``parallelize_context(cp_group, parallel_cfg)`` hook (linear-attention layers, custom layers) is
    called to swap its own seam. This must come before the wrappers below: they copy or hide the module
    tree, and a wrapper applied first would checkpoint / replicate the old callable.
+   Then **sequence tiling** (``model.sequence_tile``): each block's MLP (or MoE experts) and norms run
+   over token tiles recomputed in backward (:func:`apply_sequence_tiling`), inside the block so that the
+   checkpoint below recomputes the tiled block.
 2. **Activation checkpointing** wraps each decoder block, so recomputation in backward reruns the
-   already-swapped (possibly context-parallel) attention.
+   already-swapped (possibly context-parallel) attention. With ``model.checkpoint_offload`` the block
+   inputs it keeps wait in pinned host memory (:class:`CheckpointOffload`).
 3. **DDP last**, over the whole dp × cp group: parameters are replicated on every cp rank too, so their
    gradients are reduced across both. Gradients are *summed* (not averaged): the trainer divides each
    rank's summed token loss by the global count of non-ignored tokens, so the sum over ranks of the local
@@ -137,9 +141,10 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
              f"{job_cfg.parallel.layout}", f", {hooked} modules through parallelize_context" if hooked else "")
     # 1b. sequence tiling of the token-wise parts (MLP or MoE experts, norms): inside each block, so the
     #     checkpoint of step 2 recomputes the tiled block
-    apply_sequence_tiling(model, getattr(job_cfg.model, "sequence_tile", 0))
+    model_cfg = getattr(job_cfg, "model", None)  # HF fine-tuning jobs have no model section
+    apply_sequence_tiling(model, getattr(model_cfg, "sequence_tile", 0))
     # 2. activation checkpointing, per decoder block (its inputs optionally offloaded to host memory)
-    offload = bool(getattr(job_cfg.model, "checkpoint_offload", False))
+    offload = bool(getattr(model_cfg, "checkpoint_offload", False))
     if offload and not job_cfg.train.activation_checkpointing:
         raise UserError("model.checkpoint_offload moves the checkpointed block inputs to host memory: it needs "
                         "train.activation_checkpointing=true")
