@@ -251,7 +251,7 @@ class CheckpointOffload:
         return self._stream
 
     def _pack(self, t: torch.Tensor) -> Any:
-        if not t.requires_grad or isinstance(t, nn.Parameter):
+        if not t.requires_grad or isinstance(t, nn.Parameter) or t.numel() == 0:
             if self.observer is not None:
                 self.observer(t)
             return t
