@@ -99,6 +99,9 @@ class SavedBytesMeter:
         # a decoder trunk below the root (HF's LlamaModel) checkpoints its layers itself, outside their hooks
         self._trunks = {name for name, m in model.named_modules()
                         if name and isinstance(getattr(m, "layers", None), nn.ModuleList)}
+        # ... or inside the block's call before its forward (HF's GradientCheckpointingLayer): the block itself
+        self._blocks = {f"{name}.layers.{i}".lstrip(".") for name, m in model.named_modules()
+                        if isinstance(getattr(m, "layers", None), nn.ModuleList) for i in range(len(m.layers))}
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         # only what the forward keeps: tensors saved while backward runs (a recompute's own) are transient
@@ -108,7 +111,7 @@ class SavedBytesMeter:
             if key not in self._seen and key not in self._params:
                 self._seen.add(key)
                 name, wrapped = self._stack[-1] if self._stack else ("", False)
-                comp = component_of(name, wrapped or name in self._trunks)
+                comp = component_of(name, wrapped or name in self._trunks or name in self._blocks)
                 if comp == "checkpoint" and not t.requires_grad:
                     comp = "rope"  # a constant every block receives (the RoPE tables), kept once
                 self.bytes[comp] += st.nbytes()
@@ -435,6 +438,9 @@ def _peak_table(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]]:
                 a, b = fit_line([float(x) for x in xs], [float(per_s[x][key]) for x in xs])
                 row[key] = {"a": a, "b": b, "max_seq_len": (args.budget - a) / b if b > 0 else float("inf")}
             rows.append(row)
+            print(f"  measured {strategy} cp={world} ckpt={ckpt}: " + ", ".join(
+                f"S={x} live {per_s[x]['peak_live'] / 2 ** 20:.1f} MiB RSS {per_s[x]['rss'] / 2 ** 20:.0f} MiB" for x in xs),
+                flush=True)
     return rows
 
 
