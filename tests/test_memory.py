@@ -147,7 +147,8 @@ def test_offload_needs_checkpointing() -> None:
 
 # ------------------------------------------------------------------------------ context parallelism
 def cp_modes_worker(rank: int, world_size: int) -> list[str]:
-    """Each (strategy, memory mode) against the plain single-rank model, float64, on 4 ranks."""
+    """Each (strategy, memory mode) against the plain single-rank model, float64, on 4 ranks (and one
+    combination through the FSDP2 engine)."""
     from longreach.models.config import ModelConfig as MC
     from longreach.parallel.config import ParallelConfig
     from longreach.parallelize import parallelize
@@ -162,23 +163,40 @@ def cp_modes_worker(rank: int, world_size: int) -> list[str]:
     ref = parallelize(copy.deepcopy(base), ref_cfg, None)
     ref_loss, _, _ = forward_backward(ref, [batch], cfg=ref_cfg, mesh=None, step=0, device=torch.device("cpu"))
     mesh = build_mesh(ParallelConfig(cp=world_size), world_size, torch.device("cpu"))[0]
-    for strategy, u in (("ring", None), ("ulysses", None), ("hybrid", 2)):
-        for name, (tile, ckpt, offload) in MODES.items():
-            tag = f"{strategy} {name}"
-            cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7,
-                              "parallel.cp": world_size, "parallel.strategy": strategy, "parallel.ulysses_degree": u,
-                              "parallel.backend": "reference", "train.activation_checkpointing": ckpt,
-                              "model.sequence_tile": tile, "model.checkpoint_offload": offload})
-            assert isinstance(cfg.model, MC)
+    runs = [(strategy, u, name, None) for strategy, u in (("ring", None), ("ulysses", None), ("hybrid", 2))
+            for name in MODES]
+    runs.append(("ring", None, "ckpt+offload+tiled", {"kind": "native", "options": {"fsdp": True}}))
+    for strategy, u, name, engine_cfg in runs:
+        tile, ckpt, offload = MODES[name]
+        tag = f"{strategy} {name}" + (" FSDP2" if engine_cfg else "")
+        cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7,
+                          "parallel.cp": world_size, "parallel.strategy": strategy, "parallel.ulysses_degree": u,
+                          "parallel.backend": "reference", "train.activation_checkpointing": ckpt,
+                          "model.sequence_tile": tile, "model.checkpoint_offload": offload})
+        assert isinstance(cfg.model, MC)
+        engine = None
+        if engine_cfg is None:
             model = parallelize(copy.deepcopy(base), cfg, mesh)
-            loss, _, _ = forward_backward(model, [batch], cfg=cfg, mesh=mesh, step=0, device=torch.device("cpu"))
-            if abs(loss - ref_loss) > 1e-12 * abs(ref_loss):
-                failures.append(f"[{tag}] loss {loss!r} != {ref_loss!r}")
-            got = {n.replace("._checkpoint_wrapped_module", ""): p for n, p in model.module.named_parameters()}
-            for pname, p in ref.named_parameters():
-                msg = _close(pname + ".grad", got[pname].grad, p.grad, 1e-9)
-                if msg:
-                    failures.append(f"[{tag}] {msg}")
+        else:  # through longreach.engines: FSDP2 shards the tiled, offloaded, checkpointed blocks
+            from longreach.engines import as_engine_config, build_engine
+            from longreach.parallelize import dp_cp_group
+
+            model = parallelize(copy.deepcopy(base), cfg, mesh, data_parallel=False)
+            engine = build_engine(as_engine_config(engine_cfg), model, lambda ps: torch.optim.SGD(ps, lr=0.0),
+                                  group=dp_cp_group(mesh), mesh=mesh)
+            model = engine.model
+        loss, _, _ = forward_backward(model, [batch], cfg=cfg, mesh=mesh, step=0, device=torch.device("cpu"),
+                                      engine=engine)
+        if abs(loss - ref_loss) > 1e-12 * abs(ref_loss):
+            failures.append(f"[{tag}] loss {loss!r} != {ref_loss!r}")
+        inner = getattr(model, "module", model)
+        got = {n.replace("._checkpoint_wrapped_module", ""): p for n, p in inner.named_parameters()}
+        for pname, p in ref.named_parameters():
+            g = got[pname].grad
+            g = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2 shards
+            msg = _close(pname + ".grad", g, p.grad, 1e-9)
+            if msg:
+                failures.append(f"[{tag}] {msg}")
     return failures
 
 
