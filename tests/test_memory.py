@@ -7,6 +7,7 @@ backward and moved to host are exact figures, checked against what the shapes sa
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -254,3 +255,16 @@ def test_offload_on_cuda_is_exact_and_frees_device_memory() -> None:
     for n, g in results["ckpt"][1].items():
         torch.testing.assert_close(results["ckpt+offload"][1][n], g)
     assert held["ckpt"] - held["ckpt+offload"] >= 6 * 8192 * 256 * 4  # at most two block inputs stay
+
+
+def test_peak_worker_live_bytes_grow_with_length_and_checkpointing_lowers_them() -> None:
+    from longreach.bench.memory import Shape, peak_worker
+
+    shape = dataclasses.asdict(Shape(dim=32, layers=2, ffn=64, vocab=64))
+    plain = peak_worker(0, 1, shape, "single", False, [64, 256], "float32", 64)
+    ckpt = peak_worker(0, 1, shape, "single", True, [64, 256], "float32", 64)
+    hf = peak_worker(0, 1, shape, "hf", False, [256], "float32", 64)
+    assert [r["seq_len"] for r in plain] == [64, 256]
+    assert 0 < plain[0]["peak_live"] < plain[1]["peak_live"] and plain[1]["rss"] >= plain[0]["rss"] > 0
+    assert ckpt[1]["peak_live"] < plain[1]["peak_live"]
+    assert hf[0]["peak_live"] > 0
