@@ -5,8 +5,12 @@
    ``parallelize_context(cp_group, parallel_cfg)`` hook (linear-attention layers, custom layers) is
    called to swap its own seam. This must come before the wrappers below: they copy or hide the module
    tree, and a wrapper applied first would checkpoint / replicate the old callable.
+   Then **sequence tiling** (``model.sequence_tile``): each block's MLP (or MoE experts) and norms run
+   over token tiles recomputed in backward (:func:`apply_sequence_tiling`), inside the block so that the
+   checkpoint below recomputes the tiled block.
 2. **Activation checkpointing** wraps each decoder block, so recomputation in backward reruns the
-   already-swapped (possibly context-parallel) attention.
+   already-swapped (possibly context-parallel) attention. With ``model.checkpoint_offload`` the block
+   inputs it keeps wait in pinned host memory (:class:`CheckpointOffload`).
 3. **DDP last**, over the whole dp × cp group: parameters are replicated on every cp rank too, so their
    gradients are reduced across both. Gradients are *summed* (not averaged): the trainer divides each
    rank's summed token loss by the global count of non-ignored tokens, so the sum over ranks of the local
@@ -49,8 +53,9 @@ from longreach.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExpertShards", "build_inner_attention", "clip_grad_norm", "cp_group", "dp_cp_group", "expert_optimizer_hooks", "expert_shards",
-           "parallelize", "reduce_expert_gradients", "unwrap"]
+__all__ = ["CheckpointOffload", "ExpertShards", "apply_activation_checkpointing", "apply_sequence_tiling",
+           "build_inner_attention", "clip_grad_norm", "cp_group", "decoder_layers", "dp_cp_group",
+           "expert_optimizer_hooks", "expert_shards", "parallelize", "reduce_expert_gradients", "unwrap"]
 
 _SHARDS_ATTR = "_longreach_expert_shards"
 
@@ -142,16 +147,17 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
     log.info("parallelize: %d attention seams -> %s%s", swapped,
              "local" if group is None else f"cp={dist.get_world_size(group)} {job_cfg.parallel.strategy}/"
              f"{job_cfg.parallel.layout}", f", {hooked} modules through parallelize_context" if hooked else "")
-    # 2. activation checkpointing, per decoder block
+    # 1b. sequence tiling of the token-wise parts (MLP or MoE experts, norms): inside each block, so the
+    #     checkpoint of step 2 recomputes the tiled block
+    model_cfg = getattr(job_cfg, "model", None)  # HF fine-tuning jobs have no model section
+    apply_sequence_tiling(model, getattr(model_cfg, "sequence_tile", 0))
+    # 2. activation checkpointing, per decoder block (its inputs optionally offloaded to host memory)
+    offload = bool(getattr(model_cfg, "checkpoint_offload", False))
+    if offload and not job_cfg.train.activation_checkpointing:
+        raise UserError("model.checkpoint_offload moves the checkpointed block inputs to host memory: it needs "
+                        "train.activation_checkpointing=true")
     if job_cfg.train.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (CheckpointImpl,
-                                                                                 checkpoint_wrapper)
-
-        layers = getattr(model, "layers", None)
-        if not isinstance(layers, nn.ModuleList):
-            raise ValueError("train.activation_checkpointing needs a model with a `layers` ModuleList")
-        for i, block in enumerate(layers):
-            layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        apply_activation_checkpointing(model, offload=CheckpointOffload() if offload else None)
     shards = expert_shards(model)
     if shards is not None:  # names after activation checkpointing: DDP and checkpoints see these FQNs
         from longreach.mixtures import expert_parameter_names
@@ -168,6 +174,175 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
         model, process_group=replicas, device_ids=[dev.index] if dev.type == "cuda" else None)
     ddp.register_comm_hook(replicas, _sum_allreduce_hook)
     return ddp
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder blocks: ``model.layers`` (longreach models) or ``model.model.layers`` (HF causal LMs)."""
+    for owner in (model, getattr(model, "model", None)):
+        layers = getattr(owner, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    return None
+
+
+def apply_sequence_tiling(model: nn.Module, tile_tokens: int) -> int:
+    """Tile every block's MLP (or its MoE experts) and RMSNorms over ``tile_tokens``-token tiles.
+
+    Blocks are found as :func:`decoder_layers`; inside each, ``mlp`` is tiled along the sequence
+    (:func:`longreach.models.base.tile_sequence`), except a mixture of experts (an ``mlp`` with an
+    ``experts`` submodule), whose router keeps the whole sequence and whose experts are tiled over rows
+    (:func:`~longreach.models.base.tile_experts`); ``input_layernorm`` / ``post_attention_layernorm``
+    are tiled too, and so is the final ``norm`` (which our decoders then checkpoint together with the
+    loss). HF Llama-style decoders use the same names. Returns the number of modules tiled.
+    """
+    if tile_tokens <= 0:
+        return 0
+    from longreach.models.base import tile_experts, tile_sequence
+
+    layers = decoder_layers(model)
+    if layers is None:
+        raise UserError("model.sequence_tile needs a model with a `layers` ModuleList of decoder blocks")
+    n = 0
+    for block in layers:
+        block = getattr(block, "_checkpoint_wrapped_module", block)
+        mlp = getattr(block, "mlp", None)
+        experts = getattr(mlp, "experts", None)
+        if isinstance(experts, nn.Module):
+            tile_experts(experts, tile_tokens)
+            n += 1
+        elif isinstance(mlp, nn.Module):
+            tile_sequence(mlp, tile_tokens)
+            n += 1
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(block, name, None)
+            if isinstance(norm, nn.Module):
+                tile_sequence(norm, tile_tokens)
+                n += 1
+    final = getattr(model, "norm", None) or getattr(getattr(model, "model", None), "norm", None)
+    if isinstance(final, nn.Module):  # the model checkpoints it together with the loss (DecoderLM._finish)
+        tile_sequence(final, tile_tokens)
+        n += 1
+    log.info("parallelize: %d MLP/expert/norm modules run over %d-token tiles (recomputed in backward)", n,
+             tile_tokens)
+    return n
+
+
+class CheckpointOffload:
+    """Checkpointed block inputs kept in host memory between forward and backward.
+
+    Used as the ``checkpoint_fn`` of each block's checkpoint wrapper: the block runs under non-reentrant
+    checkpointing inside a ``saved_tensors_hooks`` pair that sees only what the checkpoint itself saves —
+    the block's inputs (the recomputed interior has its own hooks). Inputs that require grad (the hidden
+    state; not the shared, constant RoPE tables) are copied to pinned host memory on a side stream and
+    the device copy is released; in backward, unpacking block i's input first starts the copy back of
+    block i−1's (the next one autograd needs) on the side stream, so it overlaps block i's recompute.
+    On CPU the "host" copy is a plain copy: the path, its exactness and its byte counts are the same.
+
+    Attributes:
+        bytes_offloaded: bytes moved to host since construction (forward).
+        bytes_restored: bytes brought back (backward).
+        prefetched: restores that were started ahead of their use.
+    """
+
+    def __init__(self) -> None:
+        self.bytes_offloaded = 0
+        self.bytes_restored = 0
+        self.prefetched = 0
+        self.observer: Any = None
+        """Called with each saved input that stays on the device (a saved-bytes meter sets it)."""
+        self._last: Any = None  # weak reference to the newest packed input (the chain for prefetching)
+        self._stream: Any = None
+
+    def _side_stream(self, device: torch.device) -> Any:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        return self._stream
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if not t.requires_grad or isinstance(t, nn.Parameter) or t.numel() == 0:
+            if self.observer is not None:
+                self.observer(t)
+            return t
+        import weakref
+
+        entry = _Offloaded(device=t.device, prev=self._last)
+        if t.is_cuda:
+            side = self._side_stream(t.device)
+            side.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(side):
+                entry.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                entry.host.copy_(t, non_blocking=True)
+                entry.ready = torch.cuda.Event()
+                entry.ready.record(side)
+            t.record_stream(side)  # the allocator must not reuse t's memory before the copy ends
+        else:
+            entry.host = t.detach().clone()
+        self.bytes_offloaded += t.numel() * t.element_size()
+        self._last = weakref.ref(entry)
+        return entry
+
+    def _fetch(self, entry: "_Offloaded") -> None:
+        """Start bringing ``entry`` back to its device (side stream on CUDA)."""
+        if entry.back is not None or entry.host is None:
+            return
+        if entry.device.type == "cuda":
+            side = self._side_stream(entry.device)
+            with torch.cuda.stream(side):
+                if entry.ready is not None:
+                    side.wait_event(entry.ready)
+                entry.back = entry.host.to(entry.device, non_blocking=True)
+                entry.ready = torch.cuda.Event()
+                entry.ready.record(side)
+        else:
+            entry.back = entry.host.clone()
+        self.bytes_restored += entry.back.numel() * entry.back.element_size()
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _Offloaded):
+            return packed
+        if packed.back is not None:
+            self.prefetched += 1
+        self._fetch(packed)
+        prev = packed.prev() if packed.prev is not None else None
+        if prev is not None:
+            self._fetch(prev)  # overlaps this block's recompute and backward
+        out = packed.back
+        if packed.device.type == "cuda":
+            torch.cuda.current_stream(packed.device).wait_event(packed.ready)
+            out.record_stream(torch.cuda.current_stream(packed.device))
+        packed.host = packed.back = None  # unpacked once per backward (non-reentrant checkpoint)
+        return out
+
+    def checkpoint(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)`` with the inputs offloaded."""
+        from torch.utils.checkpoint import checkpoint
+
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+
+
+@dataclasses.dataclass(slots=True, eq=False, weakref_slot=True)
+class _Offloaded:
+    """One offloaded tensor: its host copy, the copy brought back, and the previous entry (weakly)."""
+
+    device: torch.device
+    prev: Any = None
+    host: torch.Tensor | None = None
+    back: torch.Tensor | None = None
+    ready: Any = None
+
+
+def apply_activation_checkpointing(model: nn.Module, *, offload: CheckpointOffload | None = None) -> None:
+    """Wrap each decoder block in non-reentrant activation checkpointing (inputs offloaded with ``offload``)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    layers = decoder_layers(model)
+    if layers is None:
+        raise ValueError("train.activation_checkpointing needs a model with a `layers` ModuleList")
+    kw: dict[str, Any] = {"checkpoint_fn": offload.checkpoint} if offload is not None else {}
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **kw)
+    model.checkpoint_offload = offload  # the bench reads its byte counts
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -37,6 +37,7 @@ BENCH: dict[str, tuple[str, str]] = {
     "mixtures": ("longreach.bench.mixtures:main", "MoE / MoH / SQA / BAM MoA layers vs dense of equal active size"),
     "gpu": ("longreach.bench.gpu_check:main", "one-GPU check: gpu tests, 1B Llama tokens/s and MFU, mask kernels (--dry: CPU)"),
     "sweep": ("longreach.bench.sweep:main", "sweep sequence lengths / configs and record results"),
+    "memory": ("longreach.bench.memory:main", "saved bytes per token per layer; peak memory per rank against S"),
 }
 
 _EXIT_USER = 2

@@ -21,7 +21,7 @@ from torch import nn
 
 from longreach.errors import UserError
 
-__all__ = ["DryRunReport", "validate_config", "estimate_memory"]
+__all__ = ["DryRunReport", "validate_config", "estimate_memory", "model_shape"]
 
 _GIB = 1024 ** 3
 
@@ -48,45 +48,83 @@ class DryRunReport:
     """Estimated bytes per rank by kind (params, grads, optimizer, activations, logits)."""
     notes: list[str] = field(default_factory=list)
     """What was recorded rather than run, warnings."""
+    hardware: str = "h100_sxm"
+    """Device profile the memory is checked against (``longreach.bench.hardware.PROFILES``)."""
+    capacity: float = 0.0
+    """That device's memory, bytes."""
+    host_capacity: float = 0.0
+    """Host memory per device for offloaded state, bytes."""
+
+    @property
+    def fits(self) -> bool:
+        """The estimated peak fits the device, and what it offloads fits the host."""
+        return (self.memory.get("total", 0.0) <= self.capacity
+                and self.memory.get("host", 0.0) <= self.host_capacity)
 
     def lines(self) -> list[str]:
         out = [f"world size {self.world_size}: dp {self.dp} × cp {self.cp}; mesh {self.mesh}",
                f"engine: {self.engine}",
                f"parameters: {self.params / 1e6:.2f}M total, {self.params_per_rank / 1e6:.2f}M per rank",
                f"tokens per rank per micro-batch: {self.tokens_per_rank}",
-               "memory estimate per rank:"]
+               f"memory estimate per rank (longreach plan's model; peak = (states + kept + per-model + largest "
+               f"phase) × 1.05 + 1.5 GB):"]
         for k, v in self.memory.items():
-            out.append(f"  {k:<12} {v / _GIB:10.3f} GiB")
+            out.append(f"  {k:<16} {v / _GIB:10.3f} GiB")
+        out.append(f"{self.hardware}: {self.memory.get('total', 0.0) / _GIB:.1f} GiB of {self.capacity / _GIB:.1f} GiB "
+                   f"per device, {self.memory.get('host', 0.0) / _GIB:.1f} GiB of {self.host_capacity / _GIB:.1f} GiB "
+                   f"host memory per device: {'fits' if self.fits else 'DOES NOT FIT'}")
         out += [f"note: {n}" for n in self.notes]
         return out
 
 
-def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any, n_shards: int) -> dict[str, float]:
-    """Rough bytes per rank: fp32 parameters/gradients/AdamW states (sharded as the engine shards) and
-    activations of one micro-batch (bf16 or fp32; with activation checkpointing only block inputs plus
-    one block's internals are kept), plus one loss chunk of logits."""
+def model_shape(model_cfg: Any) -> Any:
+    """The planner's :class:`~longreach.bench.costmodel.ModelShape` of a ``model:`` section."""
+    from longreach.bench.costmodel import ModelShape
+
+    return ModelShape(name=model_cfg.arch, layers=model_cfg.n_layers, hidden=model_cfg.dim, heads=model_cfg.n_heads,
+                      kv_heads=model_cfg.n_kv_heads, head_dim=model_cfg.head_dim,
+                      ffn=model_cfg.ffn_hidden or 4 * model_cfg.dim, vocab=model_cfg.vocab_size,
+                      attention="linear" if model_cfg.arch == "transnormer" else "softmax",
+                      tied_embeddings=model_cfg.tie_embeddings)
+
+
+def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any, n_shards: int,
+                    hardware: str = "h100_sxm") -> dict[str, float]:
+    """Bytes per rank from the planner's memory model (``longreach.bench.costmodel.memory_per_rank``).
+
+    The same model ``longreach plan`` uses, fed with this config: the real parameter count, states at
+    16 B/param (weights, gradients, Adam) sharded as the engine shards (DDP: replicated; FSDP2 or
+    ZeRO-3: over all ranks; ZeRO-1/2: optimizer / + gradients), optimizer state on the host with
+    ``engine.cpu_offload``; activations of one micro-batch as measured by ``longreach bench memory``
+    (checkpointing, ``model.sequence_tile``, ``model.checkpoint_offload``); the strategy's
+    communication buffers; one loss chunk of logits. ``host`` is what it offloads per rank.
+    """
+    from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
+    from longreach.bench.hardware import get_profile
+
     m, tr, par = cfg.model, cfg.train, cfg.parallel
-    act_bytes = 2 if (tr.precision == "bf16" or engine.mixed_precision in ("bf16", "fp16")) else 4
+    dtype_bytes = 2 if (tr.precision == "bf16" or engine.mixed_precision in ("bf16", "fp16")) else 4
     zero = engine.zero_stage if engine.kind == "deepspeed" else (3 if engine.fsdp else 0)
-    p_params = params_per_rank if engine.fsdp else (params / n_shards if zero >= 3 else params)
-    p_grads = params_per_rank if engine.fsdp else (params / n_shards if zero >= 2 else params)
-    p_optim = params_per_rank if engine.fsdp else (params / n_shards if zero >= 1 else params)
+    shards = n_shards if zero else 1
+    if engine.fsdp and params_per_rank:
+        shards = max(1, round(params / params_per_rank))
+    shape = model_shape(m)
     tokens = tr.micro_batch_size * tr.seq_len // par.cp
-    dim = m.dim
-    ffn = getattr(m, "ffn_hidden", None) or 4 * dim
-    # per token per block: norms 2·dim, q/k/v/out ~4·dim, attention out + residuals ~2·dim, SwiGLU 3·ffn
-    per_block = (8 * dim + 3 * ffn) * act_bytes
-    if tr.activation_checkpointing:
-        acts = tokens * (dim * act_bytes * m.n_layers + per_block)
-    else:
-        acts = tokens * per_block * m.n_layers
-    logits = min(tr.loss_chunk_size, tokens) * m.vocab_size * 4 * 2  # chunk logits + their gradient, fp32
-    mem = {"params": 4.0 * p_params, "grads": 4.0 * p_grads, "optimizer": 8.0 * p_optim,
-           "activations": float(acts), "logits": float(logits)}
-    if engine.cpu_offload:
-        mem["optimizer"] = 0.0
-    mem["total"] = sum(mem.values())
-    return mem
+    opts = MemoryOptions(checkpointing=tr.activation_checkpointing, offload=m.checkpoint_offload,
+                         tiled=m.sequence_tile > 0, tile_tokens=m.sequence_tile or 8192,
+                         optimizer_offload=engine.cpu_offload, loss_chunk=tr.loss_chunk_size)
+    linear = shape.attention == "linear"
+    buffers = 0.0
+    if par.cp > 1:
+        buffers = attention_cost(strategy="lasp2" if linear else par.strategy, layout=par.layout, world=par.cp,
+                                 seq_len=tr.seq_len, batch=tr.micro_batch_size, heads=shape.heads,
+                                 kv_heads=shape.kv_heads, head_dim=shape.head_dim, dtype_bytes=dtype_bytes,
+                                 profile=get_profile(hardware), ulysses_degree=par.ulysses_degree or None,
+                                 linear=linear).buffer_bytes
+    mem = memory_per_rank(shape, tokens=tokens, opts=opts, zero=zero, shards=shards, attention_buffers=buffers,
+                          dtype_bytes=dtype_bytes, params=float(params))
+    keep = ("states", "checkpoints", "per_model", "phase_loss", "phase_mlp", "phase_attention", "total", "host")
+    return {k: mem[k] for k in keep}
 
 
 @contextlib.contextmanager
@@ -111,8 +149,11 @@ def _recorded_ddp(notes: list[str]) -> Iterator[None]:
         nn.parallel.DistributedDataParallel = orig  # type: ignore[misc]
 
 
-def validate_config(config: str, world_size: int, overrides: list[str] | tuple[str, ...] = ()) -> DryRunReport:
+def validate_config(config: str, world_size: int, overrides: list[str] | tuple[str, ...] = (),
+                    hardware: str = "h100_sxm") -> DryRunReport:
     """Validate ``config`` for ``world_size`` ranks on the meta device with a fake process group.
+
+    The memory estimate is checked against ``hardware`` (:attr:`DryRunReport.fits`).
 
     Raises:
         UserError: a config error, or degrees that do not fit ``world_size``.
@@ -125,6 +166,14 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
 
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {world_size}")
+    from longreach.bench.hardware import get_profile
+
+    try:
+        profile = get_profile(hardware)
+    except ValueError as e:
+        raise UserError(f"--hardware: {e}") from None
+    if _is_finetune_recipe(config):
+        return _validate_finetune(config, world_size, list(overrides), profile)
     cfg = load_config(JobConfig, config, list(overrides))
     engine = as_engine_config(cfg.engine)
     par = cfg.parallel
@@ -179,12 +228,104 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
         elif engine.kind == "deepspeed":
             notes.append(f"DeepSpeed ZeRO-{engine.zero_stage} partitioning estimated over {world_size} ranks")
         mem = estimate_memory(params=params, params_per_rank=params_per_rank, cfg=cfg, engine=engine,
-                              n_shards=n_shards)
+                              n_shards=n_shards, hardware=hardware)
         return DryRunReport(
             world_size=world_size, dp=dp, cp=par.cp, mesh=str(mesh),
             engine=engine.kind + (" (FSDP2)" if engine.fsdp else f" ZeRO-{engine.zero_stage}"
                                   if engine.kind == "deepspeed" else " (DDP)" if engine.kind == "native" else ""),
             params=params, params_per_rank=params_per_rank,
-            tokens_per_rank=cfg.train.micro_batch_size * cfg.train.seq_len // par.cp, memory=mem, notes=notes)
+            tokens_per_rank=cfg.train.micro_batch_size * cfg.train.seq_len // par.cp, memory=mem, notes=notes,
+            hardware=hardware, capacity=profile.memory_bytes, host_capacity=profile.host_memory_bytes)
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ HF fine-tuning recipes
+def _is_finetune_recipe(config: str) -> bool:
+    import yaml
+
+    try:
+        with open(config) as fh:
+            data = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        return False  # load_config reports it
+    return isinstance(data, dict) and "hf" in data
+
+
+def _hf_shape(path: str, notes: list[str]) -> Any:
+    """The planner's shape of the HF model at ``path``: its ``config.json``, else the preset its name matches."""
+    import json
+    import os
+
+    from longreach.bench.costmodel import MODELS, ModelShape
+
+    cfg_file = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as fh:
+            c = json.load(fh)
+        notes.append(f"model shape from {cfg_file}")
+        return ModelShape(name=c.get("model_type", "hf"), layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+                          heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads"),
+                          head_dim=c.get("head_dim"), ffn=c["intermediate_size"], vocab=c["vocab_size"],
+                          tied_embeddings=bool(c.get("tie_word_embeddings", False)))
+    key = os.path.basename(os.path.normpath(path)).lower().replace("-", "").replace("_", "").replace("meta", "")
+    for name, shape in MODELS.items():
+        if name.replace("_", "") in key.replace("hf", "").replace("chat", ""):
+            notes.append(f"{cfg_file} not found here: shape of the {shape.name} preset (matched by name)")
+            return shape
+    raise UserError(f"hf.path={path}: no config.json there and the name matches no preset "
+                    f"({', '.join(MODELS)}); the dry run needs the model's shape")
+
+
+def _validate_finetune(config: str, world_size: int, overrides: list[str], profile: Any) -> DryRunReport:
+    """An HF fine-tuning recipe: degrees checked, memory from the planner's model (frozen base + LoRA).
+
+    The base weights are frozen bf16 copies (2 B/param, sharded only by ZeRO-3); the trainable part (LoRA
+    adapters and the recipe's ``trainable`` embeddings/norms) carries 16 B/param sharded per the stage.
+    """
+    from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
+    from longreach.config import load_config
+    from longreach.engines import as_engine_config
+    from longreach.hf.cli import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, config, overrides)
+    engine = as_engine_config(cfg.engine)
+    par, tr, rec = cfg.parallel, cfg.train, cfg.recipe
+    if world_size % par.cp:
+        raise UserError(f"parallel.cp={par.cp} does not divide --world-size {world_size}")
+    dp = par.dp if par.dp != -1 else world_size // par.cp
+    if dp * par.cp != world_size:
+        raise UserError(f"parallel.dp ({par.dp}) × parallel.cp ({par.cp}) must equal --world-size ({world_size})")
+    notes: list[str] = []
+    shape = _hf_shape(cfg.hf.path, notes)
+    zero = engine.zero_stage if engine.kind == "deepspeed" else (3 if engine.fsdp else 0)
+    h, qd, kvd = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    dims = {"q_proj": h + qd, "k_proj": h + kvd, "v_proj": h + kvd, "o_proj": qd + h,
+            "gate_proj": h + shape.ffn, "up_proj": h + shape.ffn, "down_proj": shape.ffn + h}
+    lora = shape.layers * rec.lora_r * sum(dims.get(t, 2 * h) for t in rec.lora_targets)
+    trainable = float(lora)
+    if "embed" in rec.trainable:
+        trainable += shape.vocab * h
+    if "norm" in rec.trainable:
+        trainable += (2 * shape.layers + 1) * h
+    base = float(shape.params())
+    shards = world_size if zero else 1
+    tokens = tr.micro_batch_size * tr.seq_len // par.cp
+    opts = MemoryOptions(checkpointing=tr.activation_checkpointing, optimizer_offload=engine.cpu_offload,
+                         loss_chunk=tr.loss_chunk_size)
+    buffers = attention_cost(strategy=par.strategy, layout=par.layout, world=par.cp, seq_len=tr.seq_len,
+                             heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, profile=profile,
+                             ulysses_degree=par.ulysses_degree or None).buffer_bytes if par.cp > 1 else 0.0
+    mem = memory_per_rank(shape, tokens=tokens, opts=opts, zero=zero, shards=shards, attention_buffers=buffers,
+                          params=trainable)
+    frozen = 2.0 * base / (shards if zero >= 3 else 1)
+    mem["states"] += frozen
+    mem["total"] += frozen * 1.05
+    keep = ("states", "checkpoints", "per_model", "phase_loss", "phase_mlp", "phase_attention", "total", "host")
+    notes.append(f"{trainable / 1e6:.1f}M trainable (LoRA r={rec.lora_r} on {', '.join(rec.lora_targets)} + "
+                 f"{', '.join(rec.trainable) or 'nothing else'}) at 16 B/param; {base / 1e9:.2f}B frozen at 2 B/param")
+    return DryRunReport(world_size=world_size, dp=dp, cp=par.cp, mesh=f"(dp={dp}, cp={par.cp}) (not built: HF recipe)",
+                        engine=engine.kind + (f" ZeRO-{engine.zero_stage}" if engine.kind == "deepspeed" else ""),
+                        params=int(base + lora), params_per_rank=int((base + lora) / (shards if zero >= 3 else 1)),
+                        tokens_per_rank=tokens, memory={k: mem[k] for k in keep}, notes=notes,
+                        hardware=profile.name, capacity=profile.memory_bytes, host_capacity=profile.host_memory_bytes)

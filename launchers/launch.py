@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true",
                    help="with --dry-run: build mesh and model on the meta device for --world-size ranks")
     p.add_argument("--world-size", type=int, default=None, help="ranks to validate for (--validate)")
+    p.add_argument("--hardware", default="h100_sxm",
+                   help="device profile --validate checks memory against (h100_sxm, h200, a100_80g, cpu_gloo)")
     return p
 
 
@@ -160,18 +162,21 @@ def main(argv: list[str]) -> int:
         overrides = split_overrides(cmd_args[1:], "longreach launch")
         config_path = resolve_config_path(cmd_args[0])
         args.config = str(config_path)
+        if args.validate:
+            # one validator for train and finetune configs (it recognises an HF recipe by its hf section)
+            from longreach.launchers.dryrun import validate_config
+
+            report = validate_config(str(config_path), args.world_size, overrides, hardware=args.hardware)
+            print("\n".join(report.lines()))
+            if not report.fits:
+                raise UserError(f"{args.config}: the estimated memory per rank does not fit {args.hardware} "
+                                "(breakdown above); shard the states (engine.fsdp / engine.zero_stage=3), raise "
+                                "parallel.cp, or set model.sequence_tile / model.checkpoint_offload / engine.cpu_offload")
+            return 0
         if args.command == "finetune":
             from longreach.hf.cli import FinetuneConfig as config_cls
         else:
             from longreach.job import JobConfig as config_cls
-        if args.validate:
-            if args.command == "finetune":
-                from longreach.launchers.finetune_check import validate_finetune as validate
-            else:
-                from longreach.launchers.dryrun import validate_config as validate
-            report = validate(str(config_path), args.world_size, overrides)
-            print("\n".join(report.lines()))
-            return 0
         # strict load now: a typo fails here, before any process starts
         load_config(config_cls, config_path, overrides)
         args.program = train_args(str(config_path), overrides, args.command)

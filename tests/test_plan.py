@@ -177,3 +177,134 @@ def test_peak_flops_lookup() -> None:
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 80GB HBM3", torch.float32) == 989e12 / 2
     assert peak_flops(None) is None and peak_flops("AMD EPYC") is None
+
+
+# ------------------------------------------------------------------------------------- memory model
+def _measured_per_token(shape: dict, layers: int, dtype, tile: int, seq: int = 32) -> dict[str, float]:
+    import torch
+
+    from longreach.bench.memory import SavedBytesMeter
+    from longreach.models import ModelConfig, build_model
+    from longreach.parallelize import apply_sequence_tiling
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=64, n_layers=layers, max_seq_len=64, **shape)).to(dtype)
+    apply_sequence_tiling(model, tile)
+    ids = torch.randint(0, 64, (1, seq))
+    with SavedBytesMeter(model) as meter:
+        model(ids, labels=ids, loss_chunk_size=16)[0].backward()
+    return {k: v / seq for k, v in meter.bytes.items()}
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_memory_terms_are_the_measured_saved_bytes(dtype_name: str) -> None:
+    """The planner's per-token terms equal what autograd keeps on our Llama (two depths separate the
+    per-layer from the per-model part), on shapes that move every coefficient."""
+    import torch
+
+    from longreach.bench.costmodel import ModelShape
+
+    dtype = getattr(torch, dtype_name)
+    e = torch.tensor([], dtype=dtype).element_size()
+    for shp in ({"dim": 32, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 48},
+                {"dim": 64, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 48},
+                {"dim": 32, "n_heads": 2, "n_kv_heads": 1, "ffn_hidden": 96}):
+        ms = ModelShape(layers=1, hidden=shp["dim"], heads=shp["n_heads"], kv_heads=shp["n_kv_heads"],
+                        ffn=shp["ffn_hidden"], vocab=64)
+        for tile in (0, 8):
+            one, two = (_measured_per_token(shp, n, dtype, tile) for n in (1, 2))
+            per_layer = {k: two[k] - one[k] for k in one}
+            per_model = {k: 2 * one[k] - two[k] for k in one}
+            want_layer = ms.saved_bytes_per_token(e, tiled=bool(tile))
+            want_model = ms.model_saved_bytes_per_token(e, tiled=bool(tile))
+            # RoPE tables are saved inside attention; the model counts them per model
+            rope = want_model.pop("rope")
+            want_model_as_measured = {**want_model, "attention": rope}
+            got_layer = {k: v for k, v in per_layer.items() if v}
+            got_model = {k: v for k, v in per_model.items() if v}
+            assert got_layer == want_layer, (shp, tile, got_layer, want_layer)
+            assert got_model == want_model_as_measured, (shp, tile, got_model, want_model_as_measured)
+
+
+def test_plan_reaches_4m_on_8_and_16m_on_32_h100(capsys: pytest.CaptureFixture) -> None:
+    from longreach.bench.plan import plan_table
+
+    m = MODELS["llama3_8b"]
+    for gpus, s in ((8, 4 << 20), (32, 16 << 20)):
+        row = plan_table(m, H100, [s], [gpus], zero=3)[0]
+        b = row["best"]
+        assert b is not None and b.fits and b.memory_bytes <= H100.memory_bytes
+        assert b.memory.checkpointing and b.memory.offload and b.memory.tiled  # what gets it there
+        assert b.breakdown["mem_host"] <= H100.host_memory_bytes
+    assert main(["--model", "llama3_8b", "--gpus", "8", "--seq-len", "4M"]) == 0
+    out = capsys.readouterr().out
+    assert "ckpt+offload+tiled" in out and "offloads" in out and "pinned host memory" in out
+    assert "states" in out and "largest backward phase" in out
+
+
+def test_offload_and_tiling_lower_memory_and_cost_time() -> None:
+    from longreach.bench.costmodel import MemoryOptions
+
+    m = MODELS["llama3_8b"]
+    kw = dict(gpus=8, seq_len=1 << 20, strategy="ring", cp=8)
+    plain = step_cost(m, H100, memory=MemoryOptions(checkpointing=True), **kw)
+    tiled = step_cost(m, H100, memory=MemoryOptions(checkpointing=True, tiled=True), **kw)
+    off = step_cost(m, H100, memory=MemoryOptions(checkpointing=True, tiled=True, offload=True), **kw)
+    assert plain.memory_bytes > tiled.memory_bytes > off.memory_bytes
+    assert plain.step_s < tiled.step_s <= off.step_s
+    n = (1 << 20) / 8
+    # offload keeps two block inputs on the device and the rest on the host
+    assert off.breakdown["mem_checkpoints"] == pytest.approx(2 * n * m.hidden * 2)
+    assert off.breakdown["mem_host"] == pytest.approx(m.layers * n * m.hidden * 2)
+
+
+def test_validate_shares_the_plan_memory_model_and_refuses_what_does_not_fit() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONSAFEPATH="1", OMP_NUM_THREADS="1")
+    ok = subprocess.run([sys.executable, "-m", "longreach.launchers.cli", "launch", "configs/tnl_7b.yaml", "--validate",
+                         "--dry-run", "--world-size", "128"], env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "h100_sxm:" in ok.stdout and ": fits" in ok.stdout and "FSDP2" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "longreach.launchers.cli", "launch", "configs/tnl_7b.yaml", "--validate",
+                          "--dry-run", "--world-size", "128", "--engine.options={fsdp: false}"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "DOES NOT FIT" in bad.stdout and "states" in bad.stdout
+    assert "does not fit h100_sxm" in bad.stderr
+
+
+def test_dry_run_estimate_is_memory_per_rank() -> None:
+    from longreach.bench.costmodel import MemoryOptions, memory_per_rank
+    from longreach.engines import as_engine_config
+    from longreach.launchers.dryrun import estimate_memory, model_shape
+    from longreach.workers.trainer import tiny_job
+
+    cfg = tiny_job(**{"train.activation_checkpointing": True, "model.sequence_tile": 16,
+                      "model.checkpoint_offload": True, "train.seq_len": 64})
+    engine = as_engine_config({"kind": "native", "options": {"fsdp": True}})
+    got = estimate_memory(params=1000, params_per_rank=250, cfg=cfg, engine=engine, n_shards=4)
+    want = memory_per_rank(model_shape(cfg.model), tokens=64, zero=3, shards=4, params=1000.0, dtype_bytes=4,
+                           opts=MemoryOptions(checkpointing=True, offload=True, tiled=True, tile_tokens=16,
+                                              loss_chunk=cfg.train.loss_chunk_size))
+    assert got["total"] == want["total"] and got["host"] == want["host"] > 0
+
+
+@pytest.mark.parametrize("recipe,world", [("longlora_llama2_7b_32k", 8), ("sinklora_llama3_8b_64k", 16)])
+def test_hf_recipes_validate_within_h100(recipe: str, world: int) -> None:
+    from longreach.launchers.dryrun import validate_config
+
+    rep = validate_config(f"configs/{recipe}.yaml", world)
+    assert rep.fits and rep.memory["total"] <= rep.capacity and rep.dp * rep.cp == world
+    assert any("frozen at 2 B/param" in n for n in rep.notes)
+    # the same recipe squeezed onto a 16 GB device is refused, with the breakdown in the report
+    small = dataclasses.replace(H100, name="gpu16", memory_bytes=16e9)
+    PROFILES["gpu16"] = small
+    try:
+        assert not validate_config(f"configs/{recipe}.yaml", world, hardware="gpu16").fits
+    finally:
+        del PROFILES["gpu16"]
+    with pytest.raises(UserError, match="--world-size"):
+        validate_config(f"configs/{recipe}.yaml", world + 1)

@@ -37,12 +37,14 @@ __all__ = [
     "ATTN_BWD_FACTOR",
     "AttentionCost",
     "MODELS",
+    "MemoryOptions",
     "ModelShape",
     "StepCost",
     "attention_cost",
     "attention_flops",
     "causal_density",
     "collective_time",
+    "memory_per_rank",
     "step_cost",
 ]
 
@@ -121,17 +123,42 @@ class ModelShape:
         """Forward matmul FLOPs per token over all blocks plus the LM head (attention scores excluded)."""
         return 2.0 * (self.layers * self.layer_matmul_params() + self.vocab * self.hidden)
 
-    def activation_bytes_per_token(self, dtype_bytes: int = 2) -> float:
-        """Bytes one block keeps for backward per token without checkpointing (flash attention: no S² scores).
+    def saved_bytes_per_token(self, dtype_bytes: int = 2, *, tiled: bool = False) -> dict[str, float]:
+        """Bytes one block keeps for backward per token, by component, without checkpointing.
 
-        Saved: both norm inputs and outputs (4h), q/k/v (h + 2·kv·d), attention output (h) and its fp32
-        lse per head, FFN gate/up outputs and the activation product (3·ffn; 2·ffn without gating),
-        the down-projection input counted with them.
+        MEASURED, not assumed: these are the exact counts ``longreach bench memory`` takes with
+        ``saved_tensors_hooks`` on our Llama block (``tests/test_plan.py`` re-measures them on several
+        shapes, bf16 and fp32, and requires equality). With ``e`` = element bytes:
+
+        * attention: its input, the rotated q and k, v and the output ``e·(h + 2·H·d + 2·Hkv·d)``, plus
+          the fp32 log-sum-exp ``4·H`` (RoPE tables are per model: :meth:`model_saved_bytes_per_token`);
+        * MLP: its input and four ``ffn``-wide tensors (gate, up, SiLU, product) ``e·(h + 4·ffn)``
+          (``e·(h + 2·ffn)`` ungated); sequence-tiled: its input only, ``e·h``;
+        * norms, two per block: input, float32 copy, rsqrt ``(e + 4)·h + 4`` each; tiled: ``e·h`` each.
         """
-        h, ffn = self.hidden, self.ffn
-        kv = self.kv_heads * self.head_dim  # type: ignore[operator]
-        elems = 4 * h + (self.heads * self.head_dim + 2 * kv) + h + (3 if self.gated_ffn else 2) * ffn  # type: ignore[operator]
-        return elems * dtype_bytes + 4 * self.heads
+        h, e = self.hidden, dtype_bytes
+        qd, kvd = self.heads * self.head_dim, self.kv_heads * self.head_dim  # type: ignore[operator]
+        attn = e * (h + 2 * qd + 2 * kvd) + 4 * self.heads
+        if tiled:
+            return {"attention": attn, "mlp": e * h, "norms": 2 * e * h}
+        return {"attention": attn, "mlp": e * (h + (4 if self.gated_ffn else 2) * self.ffn),
+                "norms": 2 * ((e + 4) * h + 4)}
+
+    def model_saved_bytes_per_token(self, dtype_bytes: int = 2, *, tiled: bool = False) -> dict[str, float]:
+        """Bytes kept per token once per model (measured like :meth:`saved_bytes_per_token`): the float32
+        RoPE cos/sin tables ``4·d``, the token ids ``8``, and the final norm and loss input — with
+        tiling one checkpointed region that keeps only the last hidden state ``e·h``."""
+        h, e = self.hidden, dtype_bytes
+        out = {"rope": 4.0 * self.head_dim, "embedding": 8.0}  # type: ignore[operator]
+        if tiled:
+            out["loss"] = e * h
+        else:
+            out.update(norms=(e + 4) * h + 4, loss=e * h + 4)
+        return out
+
+    def activation_bytes_per_token(self, dtype_bytes: int = 2) -> float:
+        """Bytes one block keeps for backward per token without checkpointing (sum of the measured parts)."""
+        return sum(self.saved_bytes_per_token(dtype_bytes).values())
 
 
 MODELS: dict[str, ModelShape] = {
@@ -364,6 +391,30 @@ def attention_cost(
 # a whole training step
 # ------------------------------------------------------------------------------------------------
 @dataclass(kw_only=True, slots=True)
+class MemoryOptions:
+    """What a configuration keeps, recomputes, tiles and offloads (one memory model for plan and --validate)."""
+
+    checkpointing: bool = True
+    """Activation checkpointing per block: only block inputs are kept between forward and backward."""
+    offload: bool = False
+    """Checkpointed block inputs in host memory (``model.checkpoint_offload``); two in flight on the device."""
+    tiled: bool = False
+    """Sequence-tiled MLP/norms and the final norm + loss region (``model.sequence_tile``)."""
+    tile_tokens: int = 8192
+    """Tokens per tile when ``tiled``."""
+    optimizer_offload: bool = False
+    """Adam state (fp32 master, m, v) in host memory (``engine.cpu_offload``)."""
+    loss_chunk: int = 4096
+    """Tokens per logits chunk of the loss."""
+
+    @property
+    def label(self) -> str:
+        parts = [p for p, on in (("ckpt", self.checkpointing), ("offload", self.offload), ("tiled", self.tiled),
+                                 ("opt→host", self.optimizer_offload)) if on]
+        return "+".join(parts) or "none"
+
+
+@dataclass(kw_only=True, slots=True)
 class StepCost:
     """Predicted training step of ``gpus`` devices, each data-parallel replica holding one sequence."""
 
@@ -391,6 +442,8 @@ class StepCost:
     """memory_bytes ≤ the device's memory."""
     breakdown: dict[str, float]
     """Seconds (attention, dense, exposed comm) and bytes (states, activations, buffers) behind the totals."""
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    """What is checkpointed, tiled and offloaded."""
 
     @property
     def label(self) -> str:
@@ -401,15 +454,72 @@ class StepCost:
         return self.strategy
 
 
-def _states_bytes(params: float, zero: int, shards: int, layer_params: float) -> float:
-    """Weights (bf16) + grads (bf16) + Adam (fp32 master, m, v) = 16 B/param, sharded per ZeRO stage."""
+def _states_bytes(params: float, zero: int, shards: int, layer_params: float, *,
+                  optimizer_offload: bool = False) -> float:
+    """Weights (bf16) + grads (bf16) + Adam (fp32 master, m, v) = 16 B/param, sharded per ZeRO stage;
+    with ``optimizer_offload`` the 12 B/param of Adam live in host memory."""
+    opt = 0.0 if optimizer_offload else 12.0
     if zero == 0:
-        return 16 * params
+        return (4 + opt) * params
     if zero == 1:
-        return 4 * params + 12 * params / shards
+        return 4 * params + opt * params / shards
     if zero == 2:
-        return 2 * params + 14 * params / shards
-    return 16 * params / shards + 2 * 2 * layer_params  # ZeRO-3/FSDP: two gathered blocks in flight
+        return 2 * params + (2 + opt) * params / shards
+    return (4 + opt) * params / shards + 2 * 2 * layer_params  # ZeRO-3/FSDP: two gathered blocks in flight
+
+
+def memory_per_rank(model: ModelShape, *, tokens: float, opts: MemoryOptions, zero: int, shards: int,
+                    attention_buffers: float = 0.0, dtype_bytes: int = 2, params: float | None = None
+                    ) -> dict[str, float]:
+    """Peak bytes per rank of one training step, by part, and the host bytes it offloads.
+
+    The saved-for-backward terms are the measured ones (:meth:`ModelShape.saved_bytes_per_token`). The
+    peak is the resident part (states, kept block inputs, per-model tensors) plus the largest of the
+    backward phases, which do not coexist: the loss (a logits chunk and its gradient, fp32), the MLP of
+    one recomputed block (the block's saved tensors, the ``[tile, ffn]`` working set) and its attention
+    (its saved q/k/v/out, their gradients with an fp32 dq accumulator, the strategy's communication
+    buffers). Without checkpointing every block's saved tensors are resident instead. Two flowing
+    hidden-state gradients are always counted. Then 5% fragmentation and 1.5 GB of context/NCCL.
+
+    Args:
+        tokens: tokens per rank (sequence / cp × micro-batch).
+        opts: :class:`MemoryOptions`.
+        zero: ZeRO stage (FSDP = 3) of the 16 B/param states, sharded over ``shards`` ranks.
+        attention_buffers: the strategy's transient communication buffers (:class:`AttentionCost`).
+        params: the real parameter count (default :meth:`ModelShape.params`; a dry run counts the model).
+
+    Returns:
+        bytes by part (``states``, ``checkpoints``, ``per_model``, ``phase_*``, ``activation_bytes``,
+        ``total``) and ``host`` (offloaded checkpoints and optimizer state per rank).
+    """
+    n, e, h, L = tokens, dtype_bytes, model.hidden, model.layers
+    params = float(model.params()) if params is None else params
+    layer_params = float(model.layer_matmul_params())
+    states = _states_bytes(params, zero, shards, layer_params, optimizer_offload=opts.optimizer_offload)
+    block = model.saved_bytes_per_token(e, tiled=opts.tiled)
+    per_model = n * sum(model.model_saved_bytes_per_token(e, tiled=opts.tiled).values())
+    flowing = 2 * n * e * h  # gradient of the hidden state in and out of a block
+    qd, kvd = model.heads * model.head_dim, model.kv_heads * model.head_dim  # type: ignore[operator]
+    tile = min(n, opts.tile_tokens) if opts.tiled else n
+    ffn_work = tile * e * (4 if model.gated_ffn else 2) * model.ffn * 2  # recomputed tile and its gradients
+    attn_work = n * (e * (qd + 2 * kvd) + 4 * qd)  # dq, dk, dv and an fp32 dq accumulator
+    if opts.checkpointing:
+        ckpt = n * e * h * (2 if opts.offload else L)
+        acts = ckpt + n * sum(block.values())  # kept inputs + one block recomputed
+        phases = {"phase_loss": min(n, opts.loss_chunk) * model.vocab * 4 * 2,
+                  "phase_mlp": n * sum(block.values()) + ffn_work,
+                  "phase_attention": n * block["attention"] + attn_work + attention_buffers}
+    else:
+        ckpt = 0.0
+        acts = L * n * sum(block.values())
+        phases = {"phase_loss": min(n, opts.loss_chunk) * model.vocab * 4 * 2, "phase_mlp": ffn_work,
+                  "phase_attention": attn_work + attention_buffers}
+    resident = states + (ckpt if opts.checkpointing else acts) + per_model + flowing
+    total = (resident + max(phases.values())) * 1.05 + 1.5e9
+    host = (n * e * h * L if opts.checkpointing and opts.offload else 0.0)
+    host += 12.0 * params / max(shards if zero >= 1 else 1, 1) if opts.optimizer_offload else 0.0
+    return {"states": states, "checkpoints": ckpt, "per_model": per_model + flowing, **phases,
+            "activation_bytes": acts, "total": total, "host": host}
 
 
 def step_cost(
@@ -425,6 +535,7 @@ def step_cost(
     checkpointing: bool = True,
     zero: int = 3,
     dtype_bytes: int = 2,
+    memory: MemoryOptions | None = None,
 ) -> StepCost:
     """Predict one training step (forward+backward+optimizer) of ``model`` on ``gpus`` devices.
 
@@ -433,9 +544,15 @@ def step_cost(
     ``zero`` (parameters are replicated across cp, so the gradient group is dp × cp); their
     collectives overlap with compute except when they take longer than it.
 
+    ``memory`` (default: ``MemoryOptions(checkpointing=checkpointing)``) says what is checkpointed,
+    tiled and offloaded; tiling costs one more MLP forward per block, offload costs the host copies
+    where they outlast a block's compute.
+
     Returns:
         :class:`StepCost`.
     """
+    opts = memory if memory is not None else MemoryOptions(checkpointing=checkpointing)
+    checkpointing = opts.checkpointing
     if gpus % cp:
         raise ValueError(f"step_cost: cp ({cp}) must divide gpus ({gpus})")
     dp = gpus // cp
@@ -450,7 +567,17 @@ def step_cost(
     recompute = 1.0 if checkpointing else 0.0
     attn_s = model.layers * (attn.fwd_s * (1 + recompute) + attn.bwd_s)
     dense_s = model.layers * layer_dense_fwd * (3 + recompute) + 3 * n * 2.0 * model.vocab * model.hidden / dense_flops
-    compute = attn_s + dense_s
+    if opts.tiled:  # each MLP tile is recomputed once more; final norm + loss region once more
+        mlp_fwd = n * 2.0 * (3 if model.gated_ffn else 2) * model.hidden * model.ffn / dense_flops
+        dense_s += model.layers * mlp_fwd + n * 2.0 * model.vocab * model.hidden / dense_flops
+    offload_s = 0.0
+    if checkpointing and opts.offload:  # out in forward, back in backward, overlapped with each block
+        copy = n * model.hidden * dtype_bytes / profile.host_bw
+        block = (attn_s + dense_s) / model.layers / 2
+        offload_s = 2 * model.layers * max(0.0, copy - block)
+    if opts.optimizer_offload:  # gradients out, parameters back, Adam on the host
+        offload_s += 2 * 2 * model.params() / gpus / profile.host_bw + model.params() / gpus / profile.host_adam
+    compute = attn_s + dense_s + offload_s
     params = float(model.params())
     layer_params = float(model.layer_matmul_params())
     n_coll = 3 if zero == 3 else 2  # ZeRO-3: gather (fwd), gather (bwd), reduce-scatter; else RS + gather
@@ -465,19 +592,15 @@ def step_cost(
             batch=1, seq_len=seq_len, heads=model.heads, head_dim=model.head_dim, density=causal_density(seq_len))  # type: ignore[arg-type]
     model_flops = dp * (3 * model.dense_flops_per_token() * seq_len + attn_model_flops)
     mfu = model_flops / (step * gpus * profile.peak_flops) if profile.peak_flops else None
-    # memory per device
-    states = _states_bytes(params, zero, gpus, layer_params)
-    per_tok = model.activation_bytes_per_token(dtype_bytes)
-    if checkpointing:
-        acts = n * (model.layers * model.hidden * dtype_bytes + per_tok)  # block inputs + one block recomputed
-    else:
-        acts = n * model.layers * per_tok
-    logits = min(n, 4096) * model.vocab * 4 * 2  # chunked loss: one chunk of fp32 logits and their grad
-    mem = (states + acts + attn.buffer_bytes + logits) * 1.05 + 1.5e9  # fragmentation, CUDA context, NCCL
+    # memory per device: the one model (also behind `longreach launch --validate`)
+    mem = memory_per_rank(model, tokens=n, opts=opts, zero=zero, shards=gpus, attention_buffers=attn.buffer_bytes,
+                          dtype_bytes=dtype_bytes)
+    fits = mem["total"] <= profile.memory_bytes and mem["host"] <= profile.host_memory_bytes
     return StepCost(strategy=strategy if cp > 1 else "none", layout=layout, cp=cp, ulysses_degree=ulysses_degree,
                     dp=dp, checkpointing=checkpointing, step_s=step, tokens_per_s=tokens / step, mfu=mfu,
-                    memory_bytes=mem, fits=mem <= profile.memory_bytes,
+                    memory_bytes=mem["total"], fits=fits, memory=opts,
                     breakdown={"attention_s": attn_s, "dense_s": dense_s, "fsdp_comm_s": fsdp,
-                               "exposed_comm_s": exposed, "attn_comm_fwd_s": attn.comm_fwd_s,
-                               "states_bytes": states, "activation_bytes": acts, "buffer_bytes": attn.buffer_bytes,
-                               "imbalance": attn.imbalance})
+                               "exposed_comm_s": exposed, "attn_comm_fwd_s": attn.comm_fwd_s, "offload_s": offload_s,
+                               "states_bytes": mem["states"], "activation_bytes": mem["activation_bytes"],
+                               "buffer_bytes": attn.buffer_bytes, "imbalance": attn.imbalance,
+                               **{f"mem_{k}": v for k, v in mem.items()}})

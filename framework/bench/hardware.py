@@ -68,6 +68,14 @@ class DeviceProfile:
     """Fixed seconds per attention call (Python, launch, planning); calibrated on CPU."""
     overlap: float = 1.0
     """How much of the ring's communication hides behind compute (1: all that fits, 0: none)."""
+    host_memory_bytes: float = 2e12 / 8
+    """Host (CPU) memory available per device for offloaded checkpoints and optimizer state (assumed:
+    an 8-GPU node with 2 TB, the DGX H100/H200 figure; 1 TB for A100 nodes)."""
+    host_bw: float = 25e9
+    """Device↔host copy bandwidth per device, one direction, bytes/s (PCIe Gen5 x16 ≈ 50 GB/s nominal,
+    about half achieved with 8 GPUs sharing the host; assumed)."""
+    host_adam: float = 1e9
+    """Parameters per second one device's share of the host cores steps with Adam (assumed)."""
     concurrency: float | None = None
     """Ranks that compute at full speed at once (CPU ranks sharing one host's cores; fitted by the
     calibration); with P ranks each gets ``min(1, concurrency / P)`` of its speed. None: a device per rank."""
@@ -120,7 +128,7 @@ PROFILES: dict[str, DeviceProfile] = {
     "a100_80g": DeviceProfile(
         name="a100_80g", description="NVIDIA A100 SXM4 80GB, NVLink 3 + 200G HDR IB per GPU, 8 per node",
         peak_flops=312e12, memory_bytes=80 * GB, gpus_per_node=8, intra_bw=300 * GB, inter_bw=25 * GB,
-        latency_inter=15e-6,
+        latency_inter=15e-6, host_memory_bytes=1e12 / 8, host_bw=12e9,
     ),
     # Calibrated on this 2-core AMD EPYC VM (shared with other jobs), float32, 1 torch thread per rank,
     # gloo over localhost: `longreach bench sweep bench_cpu_sweep` then `longreach plan --calibrate`

@@ -38,7 +38,7 @@ import numpy as np
 
 from longreach.errors import UserError
 
-from .costmodel import MODELS, ModelShape, StepCost, attention_cost, step_cost
+from .costmodel import MODELS, MemoryOptions, ModelShape, StepCost, attention_cost, step_cost
 from .hardware import PROFILES, DeviceProfile, get_profile
 
 __all__ = ["PUBLISHED", "calibrate", "candidates", "main", "parse_tokens", "plan_table", "split_halves"]
@@ -109,10 +109,44 @@ def plan_point_options(model: ModelShape, profile: DeviceProfile, gpus: int, seq
                                                                     and "zigzag" in strategies)
         if not label_ok:
             continue
-        for ckpt in (False, True):
+        for opts in MEMORY_MODES:
             res.append(step_cost(model, profile, gpus=gpus, seq_len=seq_len, strategy=strategy, cp=cp, layout=layout,
-                                 ulysses_degree=u, checkpointing=ckpt, zero=zero))
+                                 ulysses_degree=u, checkpointing=opts.checkpointing, zero=zero, memory=opts))
     return res
+
+
+MEMORY_MODES = (
+    MemoryOptions(checkpointing=False),
+    MemoryOptions(checkpointing=True),
+    MemoryOptions(checkpointing=True, tiled=True),
+    MemoryOptions(checkpointing=True, tiled=True, offload=True),
+    MemoryOptions(checkpointing=True, tiled=True, offload=True, optimizer_offload=True),
+)
+"""What the planner tries per strategy, from keeping everything to keeping one hidden state per layer on the
+host: the fastest that fits wins (each costs time: recompute, host copies, a host optimizer)."""
+
+
+def memory_lines(o: StepCost, profile: DeviceProfile) -> list[str]:
+    """The memory breakdown of one configuration, and what it offloads where."""
+    b = o.breakdown
+    gb = 1e9
+    phases = {k[len("mem_phase_"):]: v for k, v in b.items() if k.startswith("mem_phase_")}
+    peak = max(phases, key=phases.get)  # type: ignore[arg-type]
+    lines = [f"memory {o.memory.label}: {b['mem_total'] / gb:.1f} GB per GPU of {profile.memory_bytes / gb:.0f} = "
+             f"states {b['mem_states'] / gb:.1f} + kept block inputs {b['mem_checkpoints'] / gb:.1f} + per-model "
+             f"tensors and flowing gradients {b['mem_per_model'] / gb:.1f} + largest backward phase ({peak}) "
+             f"{phases[peak] / gb:.1f}, ×1.05 + 1.5 GB context"]
+    where = []
+    if o.memory.checkpointing and o.memory.offload:
+        where.append("checkpointed block inputs → pinned host memory (2 blocks in flight on the GPU)")
+    if o.memory.optimizer_offload:
+        where.append("Adam state (fp32 master, m, v) → host memory, stepped there")
+    if where:
+        lines.append(f"offloads {b['mem_host'] / gb:.1f} GB per GPU to the host (of {profile.host_memory_bytes / gb:.0f} "
+                     f"GB per GPU assumed): " + "; ".join(where))
+    if o.memory.tiled:
+        lines.append(f"MLP and norms run over {o.memory.tile_tokens}-token tiles, recomputed in backward")
+    return lines
 
 
 def best(options: list[StepCost]) -> StepCost | None:
@@ -155,7 +189,7 @@ def _print_plan(rows: list[dict], model: ModelShape, profile: DeviceProfile, zer
           f"{model.params() / 1e9:.2f}B parameters, {model.attention} attention")
     print(f"hardware {profile.name}: {profile.description}; ZeRO-{zero} over all GPUs; bf16; one sequence per "
           f"data-parallel replica. PREDICTIONS of the analytic model, not measurements.")
-    head = (f"{'tokens':>8} {'GPUs':>5} {'strategy':<16} {'cp':>5} {'dp':>5} {'ckpt':>4} {'step s':>9} "
+    head = (f"{'tokens':>8} {'GPUs':>5} {'strategy':<16} {'cp':>5} {'dp':>5} {'memory':<24} {'step s':>9} "
             f"{'tokens/s':>11} {'MFU':>6} {'GB/GPU':>7}   runner-up")
     print(head)
     print("-" * len(head))
@@ -167,16 +201,20 @@ def _print_plan(rows: list[dict], model: ModelShape, profile: DeviceProfile, zer
             sm = row.get("smallest")
             extra = f" (smallest: {sm.label} cp={sm.cp} needs {sm.memory_bytes / 1e9:.0f} GB)" if sm else ""
             print(f"{tok:>8} {row['gpus']:>5} no configuration fits in {profile.memory_bytes / 1e9:.0f} GB{extra}")
+            for line in memory_lines(sm, profile) if sm else []:
+                print(f"{'':>15} {line}")
             continue
         others = sorted((o for k, o in row["per_strategy"].items() if o is not b and k != b.label.split(" U")[0]),
                         key=lambda o: -o.tokens_per_s)
         ru = f"{others[0].label} cp={others[0].cp} {others[0].tokens_per_s:,.0f} tok/s" if others else "-"
         mfu = f"{b.mfu:.0%}" if b.mfu is not None else "-"
-        print(f"{tok:>8} {row['gpus']:>5} {b.label:<16} {b.cp:>5} {b.dp:>5} {'yes' if b.checkpointing else 'no':>4} "
+        print(f"{tok:>8} {row['gpus']:>5} {b.label:<16} {b.cp:>5} {b.dp:>5} {b.memory.label:<24} "
               f"{b.step_s:>9.2f} {b.tokens_per_s:>11,.0f} {mfu:>6} {b.memory_bytes / 1e9:>7.1f}   {ru}")
+        for line in memory_lines(b, profile):
+            print(f"{'':>15} {line}")
         if show_all:
             for k, o in sorted(row["per_strategy"].items(), key=lambda kv: -kv[1].tokens_per_s):
-                print(f"{'':>15} · {o.label:<16} cp={o.cp:<5} ckpt={'y' if o.checkpointing else 'n'} "
+                print(f"{'':>15} · {o.label:<16} cp={o.cp:<5} {o.memory.label:<24} "
                       f"{o.step_s:9.2f} s {o.tokens_per_s:11,.0f} tok/s {o.memory_bytes / 1e9:6.1f} GB "
                       f"imbalance {o.breakdown['imbalance']:.2f}")
 

@@ -1,7 +1,9 @@
 """What longreach's decoders share: output weight, weight init, default positions and the loss head."""
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,15 +47,26 @@ class DecoderLM(nn.Module):
             position_ids = pos.to(input_ids.device).view(1, s).expand(b, s)
         return ctx, position_ids
 
-    def _finish(self, h: torch.Tensor, labels: torch.Tensor | None, loss_chunk_size: int
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Collect the layers' auxiliary losses; return ``h`` or the chunked loss of the normalised ``h``."""
+    def _finish(self, h: torch.Tensor, labels: torch.Tensor | None, loss_chunk_size: int,
+                norm: nn.Module | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Collect the layers' auxiliary losses; return ``norm(h)`` or the chunked loss of it.
+
+        ``norm`` None: ``h`` is already normalised. When the final norm runs over sequence tiles
+        (``model.sequence_tile``), norm and loss are one checkpointed region: only the last hidden state
+        is kept for backward (not also the normalised copy the loss would save), at the price of one
+        more pass of the chunked logits in backward.
+        """
         self.aux_loss = collect_aux_loss(self)
         if labels is None:
-            return h
+            return norm(h) if norm is not None else h
         from longreach.loss import chunked_cross_entropy
 
-        return chunked_cross_entropy(h, self.output_weight(), labels, chunk_size=loss_chunk_size)
+        weight = self.output_weight()
+        if norm is None:
+            return chunked_cross_entropy(h, weight, labels, chunk_size=loss_chunk_size)
+        if not getattr(norm, "sequence_tile", 0):
+            return chunked_cross_entropy(norm(h), weight, labels, chunk_size=loss_chunk_size)
+        return _checkpointed(lambda x: chunked_cross_entropy(norm(x), weight, labels, chunk_size=loss_chunk_size), h)
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
@@ -66,3 +79,82 @@ def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
         if isinstance(aux, torch.Tensor):
             total = aux if total is None else total + aux
     return total
+
+
+# ------------------------------------------------------------------------------------ sequence tiling
+def _checkpointed(fn, *args: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _tiled_forward(forward: Callable[..., torch.Tensor], tile: int, dim: int,
+                   x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``forward(x)`` computed tile by tile along ``dim``, each tile recomputed in backward.
+
+    Each tile runs under non-reentrant checkpointing, so it keeps only its input (a view of ``x``) for
+    backward; the tile's intermediates (e.g. the ``[B, tile, ffn]`` SwiGLU product) live only while
+    that tile runs, forward or backward. ``torch.split`` makes one backward node that concatenates
+    the tiles' input gradients once.
+    """
+    if x.shape[dim] <= tile and not torch.is_grad_enabled():
+        return forward(x, *args, **kwargs)
+    step = (lambda t: forward(t, *args, **kwargs)) if args or kwargs else forward
+    outs = [_checkpointed(step, t) for t in torch.split(x, tile, dim=dim)]
+    return torch.cat(outs, dim=dim)
+
+
+def _tiled_rows_forward(forward: Callable[..., torch.Tensor], tile: int, x: torch.Tensor, counts: list[int],
+                        *args: Any) -> torch.Tensor:
+    """Grouped-expert ``forward(x [M, D], counts, *args)`` over row tiles of at most ``tile`` rows.
+
+    Row ``m`` belongs to the segment ``e`` with ``sum(counts[:e]) <= m < sum(counts[:e+1])``; a tile
+    gets the counts of the segments' rows that fall in it, so every row meets the same expert.
+    """
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + int(c))
+    outs = []
+    for start in range(0, x.shape[0], tile):
+        stop = min(start + tile, x.shape[0])
+        part = [max(0, min(stop, hi) - max(start, lo)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        outs.append(_checkpointed(lambda t, part=part: forward(t, part, *args), x[start:stop]))
+    if not outs:
+        return forward(x, counts, *args)
+    return torch.cat(outs)  # [M, D]
+
+
+def tile_sequence(module: nn.Module, tile_tokens: int, *, dim: int = 1) -> nn.Module:
+    """Make a token-wise module (MLP, norm) run over sequence tiles, recomputing each tile in backward.
+
+    The module is patched in place (its ``forward`` is replaced on the instance), so parameter names,
+    state dicts and hooks are unchanged. Its first argument ``x [B, S, ...]`` is split along ``dim``
+    into tiles of ``tile_tokens``; outputs, losses and gradients equal the untiled module's, while its
+    intermediates (``[B, tile, ffn]`` instead of ``[B, S, ffn]`` for a SwiGLU MLP) never exist whole.
+    Works for any module that treats tokens independently (not for a router whose balance term needs
+    the whole sequence: tile its experts with :func:`tile_experts`).
+
+    Returns:
+        ``module`` itself.
+    """
+    if tile_tokens < 1:
+        raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}")
+    forward = type(module).forward.__get__(module)
+    module.forward = functools.partial(_tiled_forward, forward, tile_tokens, dim)  # type: ignore[method-assign]
+    module.sequence_tile = tile_tokens
+    return module
+
+
+def tile_experts(experts: nn.Module, tile_tokens: int) -> nn.Module:
+    """Tile a grouped-expert module ``forward(x [M, D], counts, *args) -> [M, D]`` over rows of ``x``.
+
+    The hook for mixtures of experts: routing (and its balance loss) still sees the whole sequence;
+    only the experts' ``[rows, ffn]`` intermediates are computed ``tile_tokens`` rows at a time and
+    recomputed in backward. Patched in place like :func:`tile_sequence`.
+    """
+    if tile_tokens < 1:
+        raise ValueError(f"tile_tokens must be >= 1, got {tile_tokens}")
+    forward = type(experts).forward.__get__(experts)
+    experts.forward = functools.partial(_tiled_rows_forward, forward, tile_tokens)  # type: ignore[method-assign]
+    experts.sequence_tile = tile_tokens
+    return experts

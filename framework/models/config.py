@@ -45,6 +45,12 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Per-type options (e.g. MoE experts/top-k, MoH shared/routed heads)."""
+    sequence_tile: int = 0
+    """Tokens per tile of the MLP (or MoE experts) and the RMSNorms, each tile recomputed in backward so
+    the ``[S, ffn]`` intermediate never exists whole (0: off). Applied by ``longreach.parallelize``."""
+    checkpoint_offload: bool = False
+    """With ``train.activation_checkpointing``: keep each block's checkpointed input in (pinned) host
+    memory between forward and backward, brought back ahead of use on a side stream (CUDA)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
@@ -68,6 +74,8 @@ class ModelConfig:
             self.ffn_hidden = 64 * ((int(8 * self.dim / 3) + 63) // 64)
         if self.ffn_hidden < 1:
             raise ValueError(f"model.ffn_hidden must be >= 1, got {self.ffn_hidden}")
+        if self.sequence_tile < 0:
+            raise ValueError(f"model.sequence_tile must be >= 0 (0: no tiling), got {self.sequence_tile}")
         if self.norm_eps <= 0:
             raise ValueError(f"model.norm_eps must be > 0, got {self.norm_eps}")
         if self.rope_theta <= 0:

@@ -148,7 +148,7 @@ class Llama(DecoderLM):
                                dtype=torch.promote_types(h.dtype, torch.float32))  # [B, S, hd/2]
         for layer in self.layers:
             h = layer(h, cos, sin, ctx)
-        return self._finish(self.norm(h), labels, loss_chunk_size)  # h [B, S, dim]
+        return self._finish(h, labels, loss_chunk_size, norm=self.norm)  # h [B, S, dim]
 
 
 @register_model("llama")
