@@ -294,10 +294,21 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     if world_size % par.cp:
         raise UserError(f"parallel.cp={par.cp} does not divide --world-size {world_size}")
     dp = par.dp if par.dp != -1 else world_size // par.cp
-    if dp * par.cp != world_size:
-        raise UserError(f"parallel.dp ({par.dp}) × parallel.cp ({par.cp}) must equal --world-size ({world_size})")
-    notes: list[str] = []
+    from longreach.parallel.mesh import ParallelDims
+
+    try:  # the one validator of the degrees
+        ParallelDims(world_size=world_size, dp=dp, cp=par.cp,
+                     ulysses_degree=par.ulysses_degree if par.strategy == "hybrid" else None)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    notes: list[str] = [f"recipe {rec.method}: target length {rec.target_len}, attention pattern "
+                        f"{cfg.attention.pattern}"]
     shape = _hf_shape(cfg.hf.path, notes)
+    if par.strategy in ("ulysses", "hybrid"):
+        u = par.cp if par.strategy == "ulysses" else (par.ulysses_degree or 1)
+        if shape.heads % u:
+            raise UserError(f"parallel.strategy={par.strategy} splits the {shape.heads} heads of {cfg.hf.path} "
+                            f"over {u} ranks: they must divide evenly")
     zero = engine.zero_stage if engine.kind == "deepspeed" else (3 if engine.fsdp else 0)
     h, qd, kvd = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     dims = {"q_proj": h + qd, "k_proj": h + kvd, "v_proj": h + kvd, "o_proj": qd + h,
