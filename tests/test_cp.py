@@ -71,7 +71,10 @@ def test_work_balance(world: int) -> None:
     for strategy in ("ring", "allgather"):
         assert balance((strategy, "zigzag"), "computed") == pytest.approx(1.0)
         assert balance((strategy, "zigzag"), "allowed") == pytest.approx(1.0)
-        assert balance((strategy, "stripe"), "computed") == pytest.approx(1.0)
+        # stripe: a step whose keys all follow their queries drops the first query and last key
+        # (ring-flash-attn's striped call), so ranks differ by about 2/n of a block
+        n = 10  # local tokens of the suite
+        assert 1.0 <= balance((strategy, "stripe"), "computed") <= 1 + 3 / n
         # stripe: diagonal in or out gives ranks n tokens' difference; shrinks as n grows
         assert balance((strategy, "stripe"), "allowed") < balance((strategy, "contiguous"), "allowed")
         assert balance((strategy, "contiguous"), "computed") == pytest.approx(2 * world / (world + 1))
