@@ -19,7 +19,7 @@ WORLDS = (2, 3, 4)
 
 @lru_cache(maxsize=None)
 def _suite(world: int) -> list[dict]:
-    extras = ("errors",) if world == 3 else ()
+    extras = {2: ("memory",), 3: ("errors",), 4: ("memory_hybrid",)}[world]
     return run_ranks(W.suite_worker, world, args=(10 * world, extras), timeout=600)
 
 
@@ -159,3 +159,38 @@ def test_inner_attention_seam_matches_local_attention() -> None:
         out = ContextParallelAttention(strategy=strategy, layout="zigzag",
                                        ulysses_degree=1 if strategy == "hybrid" else None)(q, k, v, ctx)
         assert (out - ref).abs().max() < 1e-10, strategy
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_p2p_transfers_match_by_order_alone(world: int) -> None:
+    """NCCL pairs point-to-point messages by posting order only: for every ordered pair of ranks, the
+    sizes a sends to b, in order, are the sizes b posts receives for from a, in order (bf16 K/V and
+    float32 dK/dV messages differ in size, so a swap shows). Every message carries the one ring tag,
+    so the matrix above already ran with order-only matching on gloo."""
+    from longreach.parallel.cp.ring import TAG
+
+    logs = [r["p2p_order"] for r in _suite(world)]
+    for case in range(len(logs[0])):
+        tags = {op[2] for rank_log in logs for op in rank_log[case]}
+        assert tags <= {TAG}, tags
+        for a in range(world):
+            for b in range(world):
+                sent = [op[3] for op in logs[a][case] if op[0] == "send" and op[1] == b]
+                posted = [op[3] for op in logs[b][case] if op[0] == "recv" and op[1] == a]
+                assert sent == posted, (case, a, b, sent, posted)
+        assert sum(len(x[case]) for x in logs) > 0
+
+
+@pytest.mark.parametrize("world", (2, 4))
+def test_attention_memory_is_linear_in_sequence_length(world: int) -> None:
+    """The largest tensor any op allocates during a CP forward + backward (plans included) grows as
+    S, never as (S/P)×S: documents and window masks included, every strategy (hybrid at P=4, U=2)."""
+    mem = _suite(world)[0]["memory"]
+    assert mem
+    for (strategy, mask, s), (numel, op) in mem.items():
+        if s != 1024:
+            continue
+        half = mem[(strategy, mask, 512)][0]
+        # (S/P)×S elements would be 1024·1024/P; the O(S) tensors here hold at most 32 values per token
+        assert numel < 1024 * 1024 / world / 8, (strategy, mask, numel, op)
+        assert numel <= 2.2 * half, (strategy, mask, half, numel, op)

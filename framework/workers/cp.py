@@ -212,6 +212,11 @@ def suite_worker(rank: int, world: int, seq_len: int, extras: tuple[str, ...] = 
     res["roundtrips"] = trips
     if "errors" in extras:
         res["errors"] = error_worker(rank, world)
+    res["p2p_order"] = order_worker(rank, world, 4 * world)
+    if "memory" in extras:
+        res["memory"] = memory_worker(rank, world, (512, 1024))
+    if "memory_hybrid" in extras:
+        res["memory"] = memory_worker(rank, world, (512, 1024), ("hybrid",))
     return res
 
 
@@ -411,3 +416,64 @@ def _deepspeed(rank: int, world: int, q: torch.Tensor, k: torch.Tensor, v: torch
     except Exception as e:  # noqa: BLE001 - DeepSpeed is a comparison, not a requirement
         rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# point-to-point order and per-rank memory
+# ------------------------------------------------------------------------------------------------
+
+
+def order_worker(rank: int, world: int, seq_len: int) -> list[list[tuple[str, int, int, int]]]:
+    """Ring forward + backward in bf16 (K/V messages and float32 dK/dV messages differ in size) under
+    layouts and masks that give sources routes of different lengths; returns, per case, every
+    point-to-point op this rank posted, in order."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, seq_len, 2, 8, generator=g) for _ in range(3))
+    cases = [("contiguous", None), ("zigzag", None), ("stripe", None), ("zigzag", Lagged(seq_len // world + 1)),
+             ("contiguous", M.sliding_window(seq_len // world // 2 + 1))]
+    logs = []
+    for layout, mask in cases:
+        ql, kl, vl = (shard_sequence(t, layout=layout).bfloat16().requires_grad_(True) for t in (q, k, v))
+        with CommRecorder() as rec:
+            out = cp_attention(ql, kl, vl, strategy="ring", layout=layout, mask=mask)
+            out.float().sum().backward()
+        logs.append(list(rec.p2p_ops))
+    return logs
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op outputs while active (elements, and the op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+def memory_worker(rank: int, world: int, lengths: tuple[int, ...], strategies: tuple[str, ...] = STRATEGIES) -> dict:
+    """Largest tensor allocated during one cp_attention forward + backward (plans included), per
+    (strategy, mask, sequence length): what O(S/P) memory is checked against."""
+    res: dict = {}
+    h, hkv, d = 4, 2, 8
+    for seq_len in lengths:
+        cu = [0, seq_len // 8 + 3, seq_len // 2 - 5, 3 * seq_len // 4 + 1, seq_len]
+        masks = {"documents": M.documents(cu), "window": M.sliding_window(seq_len // 16 + 3), "causal": None}
+        g = torch.Generator().manual_seed(seq_len)
+        n = seq_len // world
+        for strategy in strategies:
+            for mname, mask in masks.items():
+                q = torch.randn(1, n, h, d, generator=g, requires_grad=True)
+                k, v = (torch.randn(1, n, hkv, d, generator=g, requires_grad=True) for _ in range(2))
+                with LargestTensor() as big:
+                    out = cp_attention(q, k, v, strategy=strategy, layout="zigzag", mask=mask,
+                                       ulysses_degree=_degree(strategy, world))
+                    out.backward(torch.ones_like(out))
+                res[(strategy, mname, seq_len)] = (big.numel, big.op)
+    return res

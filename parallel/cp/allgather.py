@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_into, reduce_scatter_into
-from .blocks import Job, MaskSpec, backward_jobs, forward_jobs, plan, prefill_out, schedule
+from .blocks import Job, MaskSpec, backward_jobs, forward_jobs, plan, prefill_out, schedule, tile_size
 from .ring import acc_dtype
 
 
@@ -36,7 +36,7 @@ class AllGatherPlan:
     def build(cls, *, rank: int, positions: list[torch.Tensor], seq_len: int, num_heads: int, mask,
               starts: torch.Tensor | None = None) -> "AllGatherPlan":
         spec = MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(num_heads), num_heads=num_heads,
-                        starts=starts)
+                        starts=starts, tile=tile_size(positions[rank].numel()))
         size = len(positions)
         jobs = [plan(spec, positions[rank], positions[j]) for j in range(size)]
         order = _order(rank, size)

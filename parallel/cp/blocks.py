@@ -142,13 +142,20 @@ class MaskSpec:
     """Global query head count."""
     starts: torch.Tensor | None = None
     """bool ``[seq_len]``: True where a layout chunk begins (see :func:`runs`)."""
+    tile: int = MAX_TILE
+    """Tile of PARTIAL pairs and of every classification (:func:`tile_size` of the local query count)."""
 
     def classify(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
-        """EMPTY if no head allows any pair, FULL if every head allows every pair, else PARTIAL."""
-        c = self.mask.classify(q_pos, k_pos, heads=self.heads, num_heads=self.num_heads, seq_len=self.seq_len)
-        if int(c.max()) == EMPTY:
+        """EMPTY if no head allows any pair, FULL if every head allows every pair, else PARTIAL.
+
+        Decided from tile classes, so a mask without an analytic answer for the whole block (``&``,
+        ``|`` of partial masks) evaluates its pattern one tile row at a time, never over the block."""
+        if q_pos.numel() == 0 or k_pos.numel() == 0:
             return EMPTY
-        return FULL if int(c.min()) == FULL else PARTIAL
+        cls = self.tiles(q_pos, k_pos, self.tile)  # [nQ, nK]
+        if bool((cls == EMPTY).all()):
+            return EMPTY
+        return FULL if bool((cls == FULL).all()) else PARTIAL
 
     def tiles(self, q_pos: torch.Tensor, k_pos: torch.Tensor, tile: int) -> torch.Tensor:
         """Tile classes over every head, int8 ``[nQ, nK]`` (EMPTY / FULL only when all heads agree)."""
@@ -265,7 +272,7 @@ def plan(spec: MaskSpec, q_pos: torch.Tensor, k_pos: torch.Tensor, *, tile: int 
     sq, sk = q_pos.numel(), k_pos.numel()
     if sq == 0 or sk == 0:
         return []
-    tile = tile or tile_size(sq)
+    tile = tile or spec.tile
     whole = spec.classify(q_pos, k_pos)
     if whole == EMPTY:
         return []

@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from .blocks import MaskSpec
+from .blocks import MaskSpec, tile_size
 from .ring import Ring, acc_dtype, ring_backward, ring_forward
 from .ulysses import TokenOrder, heads_to_seq, seq_to_heads
 
@@ -50,7 +50,7 @@ class HybridPlan:
         sorted_pos = [torch.sort(torch.cat(m)).values for m in members]
         hl = num_heads // degree
         spec = MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(u * hl, (u + 1) * hl), num_heads=num_heads,
-                        starts=starts)
+                        starts=starts, tile=tile_size(sorted_pos[g].numel()))
         ring = Ring(peers=[peers[gg * degree + u] for gg in range(rings)], index=g, positions=sorted_pos, spec=spec)
         replicate = degree // kv_heads if degree > kv_heads else 1
         return cls(degree=degree, replicate=replicate, ring=ring, order=order)
