@@ -477,3 +477,138 @@ def memory_worker(rank: int, world: int, lengths: tuple[int, ...], strategies: t
                     out.backward(torch.ones_like(out))
                 res[(strategy, mname, seq_len)] = (big.numel, big.op)
     return res
+
+
+# ------------------------------------------------------------------------------------------------
+# side by side with peer implementations (longreach bench cp --peers)
+# ------------------------------------------------------------------------------------------------
+
+
+class CallCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten calls, and calls of the CPU flash kernel (forward or backward), while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aten = 0
+        self.kernel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        self.aten += 1
+        if "_scaled_dot_product_flash_attention_for_cpu" in str(func):
+            self.kernel += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _peer_impls(world: int, cfg: dict) -> dict:
+    """name -> (layout of its inputs, dtype, callable(q, k, v) -> out) for longreach and every peer that
+    imports here; or name -> error string."""
+    import os
+    import sys
+
+    impls: dict = {}
+    scale = cfg["head_dim"] ** -0.5
+    uly = {"dtype": torch.float32}
+    impls["longreach ring zigzag"] = ("zigzag", torch.bfloat16, lambda q, k, v: cp_attention(
+        q, k, v, strategy="ring", layout="zigzag", scale=scale))
+    impls["longreach ulysses"] = ("contiguous", uly["dtype"], lambda q, k, v: cp_attention(
+        q, k, v, strategy="ulysses", layout="contiguous", scale=scale))
+    if world >= 4:
+        impls["longreach hybrid u=2"] = ("zigzag", torch.bfloat16, lambda q, k, v: cp_attention(
+            q, k, v, strategy="hybrid", layout="zigzag", ulysses_degree=2, scale=scale))
+    if cfg.get("peers_path") and cfg["peers_path"] not in sys.path:
+        sys.path.insert(0, cfg["peers_path"])
+    try:
+        from longreach.parallel.ring_flash_adapter import _module
+
+        zz = _module("zigzag_ring_flash_attn").zigzag_ring_flash_attn_func
+        impls["ring-flash-attn zigzag"] = ("zigzag", torch.bfloat16, lambda q, k, v: zz(
+            q, k, v, softmax_scale=scale, causal=True, group=None))
+    except Exception as e:  # noqa: BLE001 - a peer that does not import is reported, not fatal
+        impls["ring-flash-attn zigzag"] = f"{type(e).__name__}: {str(e)[:120]}"
+    try:
+        import yunchang  # noqa: F401
+
+        impls["yunchang"] = "installed, but no stand-in call is wired for it yet"
+    except Exception as e:  # noqa: BLE001
+        impls["yunchang"] = f"not importable ({type(e).__name__})"
+    try:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from deepspeed.sequence.layer import DistributedAttention
+
+        from longreach.kernels import attention
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        ds = DistributedAttention(lambda qq, kk, vv, *a, **kw: attention(qq, kk, vv, mask=M.causal(), scale=scale,
+                                                                          backend="cpu"),
+                                  dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        impls["DeepSpeed Ulysses"] = ("contiguous", uly["dtype"], lambda q, k, v: ds(q, k, v, 0))
+    except Exception as e:  # noqa: BLE001
+        impls["DeepSpeed Ulysses"] = f"{type(e).__name__}: {str(e)[:120]}"
+    return impls
+
+
+PEER_PAIRS = (("longreach ring zigzag", "ring-flash-attn zigzag"), ("longreach ring zigzag", "yunchang"),
+              ("longreach ulysses", "DeepSpeed Ulysses"), ("longreach hybrid u=2", "yunchang"))
+
+
+def _pass(fn, q, k, v, do) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return out.detach(), (q.grad, k.grad, v.grad)
+
+
+def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
+    """Interleaved rounds of each (longreach, peer) pair on identical inputs; one record per pair and length."""
+    impls = _peer_impls(world, cfg)
+    recs: list[dict] = []
+    h, d = cfg["heads"], cfg["head_dim"]
+    for seq_len in cfg["seq_lens"]:
+        g = torch.Generator().manual_seed(cfg["seed"])
+        full = [torch.randn(1, seq_len, h, d, generator=g, dtype=torch.float64) for _ in range(4)]  # q, k, v, dout
+        ref = get_backend("cpu")
+        out_r, lse_r = ref.forward(*full[:3], mask=M.causal())
+        grads_r = ref.backward(full[3], *full[:3], out_r, lse_r, mask=M.causal())
+        for ours, peer in PEER_PAIRS:
+            rec: dict = {"pair": f"{ours} ÷ {peer}", "world": world, "seq_len": seq_len, "rank": rank}
+            recs.append(rec)
+            missing = [n for n in (ours, peer) if n not in impls or isinstance(impls[n], str)]
+            if missing:
+                rec["error"] = "; ".join(f"{n}: {impls.get(n, 'needs 4 ranks')}" for n in missing)
+                continue
+            sides = {}
+            for name in (ours, peer):
+                layout, dtype, fn = impls[name]
+                pos = layout_positions(layout, seq_len, rank, world)
+                local = [_shard_positions(t, pos, 1).to(dtype) for t in full]
+                try:
+                    _pass(fn, *local)  # warm-up (plans, buffers)
+                    with CallCounter() as calls:
+                        out, grads = _pass(fn, *local)
+                except Exception as e:  # noqa: BLE001 - a peer failing on this shape is reported
+                    rec["error"] = f"{name}: {type(e).__name__}: {str(e)[:160]}"
+                    break
+                errs = [_relerr(out, _shard_positions(out_r, pos, 1))]
+                errs += [_relerr(gr, _shard_positions(gw, pos, 1)) for gr, gw in zip(grads, grads_r)]
+                sides[name] = (fn, local)
+                side = "ours" if name == ours else "peer"
+                rec[f"{side}_dtype"] = str(dtype).replace("torch.", "")
+                rec[f"{side}_kernel_calls"] = calls.kernel
+                rec[f"{side}_aten_calls"] = calls.aten
+                rec[f"{side}_out_err"], rec[f"{side}_grad_err"] = errs[0], max(errs[1:])
+            if "error" in rec:
+                continue
+            times: dict[str, list[float]] = {ours: [], peer: []}
+            for r in range(cfg["rounds"]):
+                order = (ours, peer) if r % 2 == 0 else (peer, ours)  # alternate who goes first
+                for name in order:
+                    fn, local = sides[name]
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    _pass(fn, *local)
+                    el = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                    dist.all_reduce(el, op=dist.ReduceOp.MAX)  # a pass takes as long as its slowest rank
+                    times[name].append(float(el))
+            rec["ours_s"], rec["peer_s"] = times[ours], times[peer]
+    return recs
