@@ -97,6 +97,9 @@ def test_bad_inputs_raise_before_communication() -> None:
     }
     for name, fragment in expect.items():
         assert fragment in m[name], (name, m[name])
+    # strategy='ulysses' takes no ulysses_degree: the heads error points to hybrid or ring instead
+    assert "strategy='hybrid'" in m["heads"] and "strategy='ring'" in m["heads"], m["heads"]
+    assert "choose ulysses_degree" not in m["heads"]
 
 
 def test_world_size_one_without_process_group() -> None:

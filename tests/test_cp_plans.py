@@ -154,3 +154,53 @@ def test_bf16_gradients_accumulate_in_float32() -> None:
         err = (ours.double() - want).abs().max() / want.abs().max()
         base = (single.double() - want).abs().max() / want.abs().max()
         assert err <= 2 * base, (float(err), float(base))
+
+
+def test_peers_standin_computes_what_the_cpu_backend_computes(monkeypatch) -> None:
+    """The flash-attn stand-in that ring-flash-attn runs on in ``bench cp --peers`` is the same kernel:
+    its forward and backward match longreach's ``cpu`` backend (flash-attn's [B, S, H, D] layout)."""
+    from longreach.bench.cp import peers_path
+
+    path = peers_path(None)
+    assert path is not None and path.endswith("peers")
+    monkeypatch.syspath_prepend(path)
+    from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 24, 2, 8, generator=g) for _ in range(4))
+    out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, 0.3, True)
+    want_o, want_l = get_backend("cpu").forward(q, k, v, mask=M.causal(), scale=0.3)
+    assert torch.allclose(out, want_o, atol=1e-6) and torch.allclose(lse, want_l, atol=1e-5)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    _flash_attn_backward(do, q, k, v, out, lse, dq, dk, dv, 0.0, 0.3, True)
+    for got, want in zip((dq, dk, dv), get_backend("cpu").backward(do, q, k, v, want_o, want_l, mask=M.causal(),
+                                                                   scale=0.3)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bench_cp_peers_rejects_bad_settings(tmp_path) -> None:
+    from longreach.bench import cp as bench
+    from longreach.errors import UserError
+
+    with pytest.raises(UserError, match="--peers-path"):
+        bench.main(["--peers", "--peers-path", str(tmp_path)])
+    with pytest.raises(UserError, match="--seq-lens"):
+        bench.main(["--peers", "--world-sizes", "4", "--seq-lens", "100"])
+    with pytest.raises(UserError, match="--rounds"):
+        bench.main(["--peers", "--rounds", "0"])
+
+
+def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:
+    from longreach.bench.cp import format_peers, summarize_peers
+
+    rec = {"pair": "a ÷ b", "world": 2, "seq_len": 64, "rank": 0, "ours_s": [1.0, 3.0, 2.0],
+           "peer_s": [2.0, 2.0, 4.0]}
+    for side in ("ours", "peer"):
+        rec.update({f"{side}_dtype": "bfloat16", f"{side}_kernel_calls": 4, f"{side}_aten_calls": 9,
+                    f"{side}_out_err": 1e-3, f"{side}_grad_err": 2e-3})
+    rows = summarize_peers([rec, {**rec, "rank": 1}, {"pair": "c ÷ d", "world": 2, "seq_len": 64, "rank": 0,
+                                                         "error": "d: not importable"}])
+    assert len(rows) == 2
+    assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["ratio_max"] == pytest.approx(1.5)
+    assert rows[0]["ours_ms"] == pytest.approx(2000.0) and rows[0]["peer_ms"] == pytest.approx(2000.0)
+    assert "not run: d: not importable" in format_peers(rows)
