@@ -126,6 +126,15 @@ def _rotate_kv(ring: Ring, t: int, kv: torch.Tensor | None, free: list[torch.Ten
     return p2p(sends, recvs), nxt
 
 
+def _single_call(ring: Ring, sq: int) -> Job | None:
+    """The one job of a one-member ring when it covers every query row (Ulysses, causal or full): then
+    the kernel's results are the results, with no buffers, copies or merges around them."""
+    if ring.size != 1 or len(ring.jobs[0]) != 1:
+        return None
+    job = ring.jobs[0][0]
+    return job if job.q == slice(0, sq) and job.k == [slice(0, job.sk)] else None
+
+
 def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward over the ring.
@@ -139,6 +148,10 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
     b, sq, h, _ = q.shape
     d = k.shape[-1]
     ad = acc_dtype(q.dtype)
+    job = _single_call(ring, sq)
+    if job is not None:
+        out, lse = backend.forward(q, k, v, mask=job.placed, scale=scale)
+        return out.to(ad), lse.to(ad)
     out = torch.empty(b, sq, h, v.shape[-1], dtype=ad, device=q.device)  # [B, Sq, H, E]
     lse = torch.empty((b, h, sq), dtype=ad, device=q.device)  # [B, H, Sq]
     prefill_out(out, lse, ring.q_prefill)
@@ -166,10 +179,14 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
         dout: ``[B, Sq, H, E]``; out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` are the *global* results.
 
     Returns:
-        dq ``[B, Sq, H, D]``, dk ``[B, Sk, Hkv, D]``, dv ``[B, Sk, Hkv, E]`` in the accumulation dtype.
+        dq ``[B, Sq, H, D]``, dk ``[B, Sk, Hkv, D]``, dv ``[B, Sk, Hkv, E]`` in the accumulation dtype
+        (in the input dtype when one kernel call computes them all).
     """
     d = k.shape[-1]
     ad = acc_dtype(q.dtype)
+    job = _single_call(ring, q.shape[1])
+    if job is not None:
+        return backend.backward(dout, q, k, v, out, lse, mask=job.placed, scale=scale)
     dq = torch.empty(q.shape, dtype=ad, device=q.device)
     for s in ring.q_prefill:
         dq[:, s].zero_()
