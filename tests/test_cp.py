@@ -190,10 +190,20 @@ def test_attention_memory_is_linear_in_sequence_length(world: int) -> None:
     S, never as (S/P)×S: documents and window masks included, every strategy (hybrid at P=4, U=2)."""
     mem = _suite(world)[0]["memory"]
     assert mem
-    for (strategy, mask, s), (numel, op) in mem.items():
+    for (strategy, mask, s), (numel, op, _) in mem.items():
         if s != 1024:
             continue
         half = mem[(strategy, mask, 512)][0]
         # (S/P)×S elements would be 1024·1024/P; the O(S) tensors here hold at most 32 values per token
         assert numel < 1024 * 1024 / world / 8, (strategy, mask, numel, op)
         assert numel <= 2.2 * half, (strategy, mask, half, numel, op)
+
+
+def test_hybrid_saves_no_more_than_ring() -> None:
+    """Bytes kept for the backward beyond the caller's own q, k, v and output: hybrid (P=4, U=2)
+    within 1.2× of ring at the same shape (it saves the local tensors and redoes their all-to-alls)."""
+    mem = _suite(4)[0]["memory"]
+    for (strategy, mask, s), (_, _, extra) in mem.items():
+        if strategy == "hybrid":
+            ring = mem[("ring", mask, s)][2]
+            assert 0 < extra <= 1.2 * ring, (mask, s, extra, ring)

@@ -102,11 +102,25 @@ class HybridEngine:
         if self.want_lse:
             l = self._scatter(lse.transpose(1, 2).unsqueeze(-1))  # [B, n, H, 1]
             lse_local = l.squeeze(-1).transpose(1, 2).contiguous()  # [B, H, n]
+        if self.regather:
+            # keep the sequence-split tensors the caller holds anyway, not head-split copies of them
+            return out_local, lse_local, (q, k, v, out_local, lse)
         return out_local, lse_local, (qh, kh, vh, out_h, lse)
 
+    @property
+    def regather(self) -> bool:
+        """Hybrid (1 < U < P) saves the local q, k, v, out and redoes their all-to-alls in the backward, so
+        its saved memory is ring's (the head-split copies would add q + k + v + out per layer). Ulysses
+        (U = P) keeps the head-split tensors, as DeepSpeed's Ulysses does: its backward stays 4 all-to-alls."""
+        return self.plan.degree > 1 and self.plan.ring.size > 1
+
     def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qh, kh, vh, out_h, lse = saved
         rep = self.plan.replicate
+        if self.regather:
+            q, k, v, out_local, lse = saved
+            qh, kh, vh, out_h = self._gather(q), self._gather(k, rep), self._gather(v, rep), self._gather(out_local)
+        else:
+            qh, kh, vh, out_h, lse = saved
         dh = self._gather(dout)  # [B, U·n, H/U, E]
         dq, dk, dv = ring_backward(self.plan.ring, self.backend, dh, qh, kh, vh, out_h, lse, scale=self.scale)
         dq = self._scatter(dq.to(qh.dtype))
