@@ -121,18 +121,18 @@ def format_peers(rows: list[dict]) -> str:
     head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
             f"{'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
             f"{'grad err ours/peer':>19}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6} not run: {r['error']}")
-            continue
-        lines.append(
-            f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6} {r['ours_dtype']:<8} {r['ours_ms']:>8.1f} "
-            f"{r['peer_ms']:>8.1f} {r['ratio']:>6.2f} {r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f} "
-            f"{r['ours_kernel_calls']:>5}/{r['peer_kernel_calls']:<6} {r['ours_aten_calls']:>5}/{r['peer_aten_calls']:<5} "
-            f"{r['ours_out_err']:>9.1e}/{r['peer_out_err']:<9.1e} {r['ours_grad_err']:>9.1e}/{r['peer_grad_err']:<9.1e}"
-        )
-    return "\n".join(lines)
+
+    cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
+            ("peer_ms", ">8.1f"), ("ratio", ">6.2f"))
+    sides = (("kernel_calls", ">5", "<6"), ("aten_calls", ">5", "<5"), ("out_err", ">9.1e", "<9.1e"),
+             ("grad_err", ">9.1e", "<9.1e"))
+
+    def line(r: dict) -> str:
+        spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f}"
+        both = [f"{format(r['ours_' + k], a)}/{format(r['peer_' + k], b)}" for k, a, b in sides]
+        return " ".join([*(format(r[k], f) for k, f in cols), spread, *both])
+
+    return _lines(head, rows, lambda r: f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6}", line)
 
 
 def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
@@ -149,22 +149,14 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
                                           "ring-flash-attn and yunchang will not run"))
     cfg = {"seq_lens": seq_lens, "rounds": args.rounds, "heads": args.heads, "head_dim": args.head_dim,
            "seed": args.seed, "peers_path": path}
-    from longreach.testing import run_ranks
     from longreach.workers.cp import peers_worker
 
-    records: list[dict] = []
-    for w in worlds:
-        for recs in run_ranks(peers_worker, w, args=(cfg,), timeout=3600, threads=args.threads):
-            records.extend(recs)
+    records = _run(peers_worker, worlds, cfg, args.threads, 3600)
     rows = summarize_peers(records)
-    print(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
+    _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
           f"gloo on CPU, {args.threads} thread(s)/rank; ratio = longreach ÷ peer per round "
-          f"(median of {args.rounds}, interleaved); calls are per pass on rank 0")
-    print(format_peers(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"config": cfg, "worlds": worlds, "rows": rows, "records": records}, fh, indent=1, default=str)
-        print(f"wrote {args.json}")
+          f"(median of {args.rounds}, interleaved); calls are per pass on rank 0",
+          format_peers(rows), args.json, {"config": cfg, "worlds": worlds, "rows": rows, "records": records})
     return 0
 
 
@@ -207,26 +199,51 @@ def summarize(records: list[dict]) -> list[dict]:
     return out
 
 
+def _lines(head: str, rows: list[dict], key, line) -> str:
+    """A table: ``head``, a rule, then ``line(row)`` per row, or ``key(row)`` and why a row did not run."""
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{key(r)} not run: {r['error']}" if "error" in r else line(r))
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     head = (f"{'P':>2} {'strategy':<18} {'layout':<10} {'U':>2} {'fwd B/rank max':>14} {'minimum':>12} "
             f"{'max/min':>7} {'mean/min':>8} {'work max/mean':>13} {'allowed max/mean':>16} {'fwd ms':>8} "
             f"{'bwd ms':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {'':>2} not run: {r['error']}")
-            continue
+
+    def line(r: dict) -> str:
         def f(key, fmt):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         u = r.get("ulysses_degree") or ""
-        lines.append(
+        return (
             f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {u!s:>2} {f('fwd_bytes_max', ',.0f'):>14} "
             f"{f('min_bytes', ',.0f'):>12} {f('ratio_max', '.2f'):>7} {f('ratio_mean', '.2f'):>8} "
             f"{f('work_max_over_mean', '.3f'):>13} {f('allowed_max_over_mean', '.3f'):>16} "
             f"{f('time_fwd_ms', '.1f'):>8} {f('time_bwd_ms', '.1f'):>8}"
         )
-    return "\n".join(lines)
+
+    return _lines(head, rows, lambda r: f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {'':>2}", line)
+
+
+def _run(worker, worlds: list[int], cfg: dict, threads: int, timeout: int) -> list[dict]:
+    from longreach.testing import run_ranks
+
+    records: list[dict] = []
+    for w in worlds:
+        for recs in run_ranks(worker, w, args=(cfg,), timeout=timeout, threads=threads):
+            records.extend(recs)
+    return records
+
+
+def _emit(title: str, table: str, path: str | None, payload: dict) -> None:
+    print(title)
+    print(table)
+    if path:
+        with open(path, "w") as fh:
+            json.dump(payload, fh, indent=1, default=str)
+        print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,23 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.heads % args.kv_heads != 0:
         raise UserError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    from longreach.testing import run_ranks
     from longreach.workers.cp import bench_worker
 
-    records: list[dict] = []
-    for w in worlds:
-        per_rank = run_ranks(bench_worker, w, args=(cfg,), timeout=1800, threads=args.threads)
-        for recs in per_rank:
-            records.extend(recs)
+    records = _run(bench_worker, worlds, cfg, args.threads, 1800)
     rows = summarize(records)
     shape = (f"B={args.batch} S={args.seq_len} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} "
              f"{'causal' if args.causal else 'full'}; gloo on CPU, {args.threads} thread(s)/rank")
-    print(f"longreach bench cp — {shape}")
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"config": cfg, "worlds": worlds, "rows": rows, "records": records}, fh, indent=1, default=str)
-        print(f"wrote {args.json}")
+    _emit(f"longreach bench cp — {shape}", format_table(rows), args.json,
+          {"config": cfg, "worlds": worlds, "rows": rows, "records": records})
     return 0
 
 
