@@ -62,6 +62,8 @@ class CommRecorder:
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    p2p_ops: list[tuple[str, int, int, int]] = field(default_factory=list)
+    """Every point-to-point op in posting order: ("send" | "recv", global peer, tag, bytes)."""
 
     def __enter__(self) -> "CommRecorder":
         _RECORDERS.append(self)
@@ -147,6 +149,9 @@ def p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tens
     if not ops:
         return []
     record("p2p", sum(_nbytes(t) for t, _, _ in sends), sum(_nbytes(t) for t, _, _ in recvs))
+    for r in _RECORDERS:
+        r.p2p_ops += [("send", peer, tag, _nbytes(t)) for t, peer, tag in sends]
+        r.p2p_ops += [("recv", peer, tag, _nbytes(t)) for t, peer, tag in recvs]
     return dist.batch_isend_irecv(ops)
 
 

@@ -14,6 +14,17 @@ strategy × layout on the same seeded full sequence. Per (world size, strategy, 
 * DeepSpeed's Ulysses ``DistributedAttention`` on the same shapes, where it runs.
 
     longreach bench cp --world-sizes 2,4 --seq-len 1024 --json cp.json
+
+``--peers`` runs longreach side by side with peer implementations instead: ring zigzag against
+ring-flash-attn's zigzag ring (bf16) and yunchang's, Ulysses against DeepSpeed's Ulysses (fp32),
+hybrid (U = 2) against yunchang's USP (bf16), causal, forward + backward, on identical inputs. Rounds
+are interleaved (the first to run alternates), each pass timed as its slowest rank; per pair it prints
+the median time of each side, the median and spread of the per-round ratio longreach ÷ peer, kernel
+calls and aten calls per pass, and errors against the float64 reference. ring-flash-attn and yunchang
+need flash-attn: a checkout's ``tests/peers`` holds a CPU stand-in for the two flash-attn functions
+they call (the same aten CPU flash kernel longreach calls), put on the ranks' path when found.
+
+    longreach bench cp --peers --world-sizes 2,4 --seq-lens 2048,8192 --rounds 7
 """
 from __future__ import annotations
 
@@ -59,7 +70,94 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the per-row results here")
+    p.add_argument("--peers", action="store_true",
+                   help="compare with peer implementations (ring-flash-attn, yunchang, DeepSpeed Ulysses)")
+    p.add_argument("--seq-lens", default="2048,8192", help="--peers: comma-separated global sequence lengths")
+    p.add_argument("--rounds", type=int, default=7, help="--peers: interleaved timing rounds (default 7)")
+    p.add_argument("--peers-path", default=None,
+                   help="--peers: folder with the flash-attn CPU stand-in (default: the checkout's tests/peers)")
     return p
+
+
+def peers_path(explicit: str | None) -> str | None:
+    """The folder of the flash-attn CPU stand-in: ``explicit``, else ``tests/peers`` of the checkout this
+    module runs from or of the working directory; None when there is none."""
+    from pathlib import Path
+
+    if explicit:
+        path = Path(explicit)
+        if not (path / "flash_attn").is_dir():
+            raise UserError(f"--peers-path {explicit}: no flash_attn stand-in folder there")
+        return str(path.resolve())
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        path = root / "tests" / "peers"
+        if (path / "flash_attn").is_dir():
+            return str(path)
+    return None
+
+
+def summarize_peers(records: list[dict]) -> list[dict]:
+    """Per (pair, world, seq_len): median times, ratio median / min / max over rounds, calls, errors."""
+    rows = []
+    for r in records:
+        if r["rank"] != 0:
+            continue
+        row = {k: r[k] for k in ("pair", "world", "seq_len")}
+        if "error" in r:
+            row["error"] = r["error"]
+            rows.append(row)
+            continue
+        ratios = [a / b for a, b in zip(r["ours_s"], r["peer_s"])]
+        row.update(ours_ms=1e3 * statistics.median(r["ours_s"]), peer_ms=1e3 * statistics.median(r["peer_s"]),
+                   ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                   rounds=len(ratios))
+        for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err"):
+            row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
+        rows.append(row)
+    return rows
+
+
+def format_peers(rows: list[dict]) -> str:
+    head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
+            f"{'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
+            f"{'grad err ours/peer':>19}")
+
+    cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
+            ("peer_ms", ">8.1f"), ("ratio", ">6.2f"))
+    sides = (("kernel_calls", ">5", "<6"), ("aten_calls", ">5", "<5"), ("out_err", ">9.1e", "<9.1e"),
+             ("grad_err", ">9.1e", "<9.1e"))
+
+    def line(r: dict) -> str:
+        spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f}"
+        both = [f"{format(r['ours_' + k], a)}/{format(r['peer_' + k], b)}" for k, a, b in sides]
+        return " ".join([*(format(r[k], f) for k, f in cols), spread, *both])
+
+    return _lines(head, rows, lambda r: f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6}", line)
+
+
+def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
+    seq_lens = [int(x) for x in _csv(args.seq_lens, None, "seq-lens")]
+    if args.rounds < 1:
+        raise UserError("--rounds must be >= 1")
+    for w in worlds:
+        bad = [s for s in seq_lens if s % (2 * w) or (s // w) % 2]
+        if bad or args.heads % w:
+            raise UserError(f"--seq-lens must divide by 2·P and --heads ({args.heads}) by P for every world size; "
+                            f"P={w} fails")
+    path = peers_path(args.peers_path)
+    print("flash-attn CPU stand-in: " + (path if path else "not found (run from a checkout with tests/peers); "
+                                          "ring-flash-attn and yunchang will not run"))
+    cfg = {"seq_lens": seq_lens, "rounds": args.rounds, "heads": args.heads, "head_dim": args.head_dim,
+           "seed": args.seed, "peers_path": path}
+    from longreach.workers.cp import peers_worker
+
+    records = _run(peers_worker, worlds, cfg, args.threads, 3600)
+    rows = summarize_peers(records)
+    _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
+          f"gloo on CPU, {args.threads} thread(s)/rank; ratio = longreach ÷ peer per round "
+          f"(median of {args.rounds}, interleaved); calls are per pass on rank 0",
+          format_peers(rows), args.json, {"config": cfg, "worlds": worlds, "rows": rows, "records": records})
+    return 0
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -101,26 +199,51 @@ def summarize(records: list[dict]) -> list[dict]:
     return out
 
 
+def _lines(head: str, rows: list[dict], key, line) -> str:
+    """A table: ``head``, a rule, then ``line(row)`` per row, or ``key(row)`` and why a row did not run."""
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{key(r)} not run: {r['error']}" if "error" in r else line(r))
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     head = (f"{'P':>2} {'strategy':<18} {'layout':<10} {'U':>2} {'fwd B/rank max':>14} {'minimum':>12} "
             f"{'max/min':>7} {'mean/min':>8} {'work max/mean':>13} {'allowed max/mean':>16} {'fwd ms':>8} "
             f"{'bwd ms':>8}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {'':>2} not run: {r['error']}")
-            continue
+
+    def line(r: dict) -> str:
         def f(key, fmt):
             v = r.get(key)
             return format(v, fmt) if isinstance(v, (int, float)) else "-"
         u = r.get("ulysses_degree") or ""
-        lines.append(
+        return (
             f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {u!s:>2} {f('fwd_bytes_max', ',.0f'):>14} "
             f"{f('min_bytes', ',.0f'):>12} {f('ratio_max', '.2f'):>7} {f('ratio_mean', '.2f'):>8} "
             f"{f('work_max_over_mean', '.3f'):>13} {f('allowed_max_over_mean', '.3f'):>16} "
             f"{f('time_fwd_ms', '.1f'):>8} {f('time_bwd_ms', '.1f'):>8}"
         )
-    return "\n".join(lines)
+
+    return _lines(head, rows, lambda r: f"{r['world']:>2} {r['strategy']:<18} {r['layout']:<10} {'':>2}", line)
+
+
+def _run(worker, worlds: list[int], cfg: dict, threads: int, timeout: int) -> list[dict]:
+    from longreach.testing import run_ranks
+
+    records: list[dict] = []
+    for w in worlds:
+        for recs in run_ranks(worker, w, args=(cfg,), timeout=timeout, threads=threads):
+            records.extend(recs)
+    return records
+
+
+def _emit(title: str, table: str, path: str | None, payload: dict) -> None:
+    print(title)
+    print(table)
+    if path:
+        with open(path, "w") as fh:
+            json.dump(payload, fh, indent=1, default=str)
+        print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     worlds = [int(w) for w in _csv(args.world_sizes, None, "world-sizes")]
     if any(w < 1 for w in worlds):
         raise UserError("--world-sizes: every world size must be >= 1")
+    if args.peers:
+        return _main_peers(args, worlds)
     cfg = {
         "strategies": _csv(args.strategies, STRATEGIES, "strategies"),
         "layouts": _csv(args.layouts, LAYOUTS, "layouts"),
@@ -138,23 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.heads % args.kv_heads != 0:
         raise UserError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    from longreach.testing import run_ranks
     from longreach.workers.cp import bench_worker
 
-    records: list[dict] = []
-    for w in worlds:
-        per_rank = run_ranks(bench_worker, w, args=(cfg,), timeout=1800, threads=args.threads)
-        for recs in per_rank:
-            records.extend(recs)
+    records = _run(bench_worker, worlds, cfg, args.threads, 1800)
     rows = summarize(records)
     shape = (f"B={args.batch} S={args.seq_len} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} "
              f"{'causal' if args.causal else 'full'}; gloo on CPU, {args.threads} thread(s)/rank")
-    print(f"longreach bench cp — {shape}")
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"config": cfg, "worlds": worlds, "rows": rows, "records": records}, fh, indent=1, default=str)
-        print(f"wrote {args.json}")
+    _emit(f"longreach bench cp — {shape}", format_table(rows), args.json,
+          {"config": cfg, "worlds": worlds, "rows": rows, "records": records})
     return 0
 
 

@@ -212,6 +212,11 @@ def suite_worker(rank: int, world: int, seq_len: int, extras: tuple[str, ...] = 
     res["roundtrips"] = trips
     if "errors" in extras:
         res["errors"] = error_worker(rank, world)
+    res["p2p_order"] = order_worker(rank, world, 4 * world)
+    if "memory" in extras:
+        res["memory"] = memory_worker(rank, world, (512, 1024))
+    if "memory_hybrid" in extras:
+        res["memory"] = memory_worker(rank, world, (512, 1024), ("hybrid", "ring"))
     return res
 
 
@@ -411,3 +416,208 @@ def _deepspeed(rank: int, world: int, q: torch.Tensor, k: torch.Tensor, v: torch
     except Exception as e:  # noqa: BLE001 - DeepSpeed is a comparison, not a requirement
         rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# point-to-point order and per-rank memory
+# ------------------------------------------------------------------------------------------------
+
+
+def order_worker(rank: int, world: int, seq_len: int) -> list[list[tuple[str, int, int, int]]]:
+    """Ring forward + backward in bf16 (K/V messages and float32 dK/dV messages differ in size) under
+    layouts and masks that give sources routes of different lengths; returns, per case, every
+    point-to-point op this rank posted, in order."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, seq_len, 2, 8, generator=g) for _ in range(3))
+    cases = [("contiguous", None), ("zigzag", None), ("stripe", None), ("zigzag", Lagged(seq_len // world + 1)),
+             ("contiguous", M.sliding_window(seq_len // world // 2 + 1))]
+    logs = []
+    for layout, mask in cases:
+        ql, kl, vl = (shard_sequence(t, layout=layout).bfloat16().requires_grad_(True) for t in (q, k, v))
+        with CommRecorder() as rec:
+            out = cp_attention(ql, kl, vl, strategy="ring", layout=layout, mask=mask)
+            out.float().sum().backward()
+        logs.append(list(rec.p2p_ops))
+    return logs
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op outputs while active (elements, and the op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numel = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.op = t.numel(), str(func)
+        return out
+
+
+def memory_worker(rank: int, world: int, lengths: tuple[int, ...], strategies: tuple[str, ...] = STRATEGIES) -> dict:
+    """Largest tensor allocated during one cp_attention forward + backward (plans included), per
+    (strategy, mask, sequence length): what O(S/P) memory is checked against."""
+    res: dict = {}
+    h, hkv, d = 4, 2, 8
+    for seq_len in lengths:
+        cu = [0, seq_len // 8 + 3, seq_len // 2 - 5, 3 * seq_len // 4 + 1, seq_len]
+        masks = {"documents": M.documents(cu), "window": M.sliding_window(seq_len // 16 + 3), "causal": None}
+        g = torch.Generator().manual_seed(seq_len)
+        n = seq_len // world
+        for strategy in strategies:
+            for mname, mask in masks.items():
+                q = torch.randn(1, n, h, d, generator=g, requires_grad=True)
+                k, v = (torch.randn(1, n, hkv, d, generator=g, requires_grad=True) for _ in range(2))
+                saved: list[tuple[int, int]] = []  # (data_ptr, bytes) of every tensor kept for the backward
+
+                def pack(t: torch.Tensor) -> torch.Tensor:
+                    saved.append((t.data_ptr(), t.numel() * t.element_size()))
+                    return t
+
+                with LargestTensor() as big, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = cp_attention(q, k, v, strategy=strategy, layout="zigzag", mask=mask,
+                                       ulysses_degree=_degree(strategy, world))
+                    out.backward(torch.ones_like(out))
+                # beyond the inputs and the output, which the caller holds anyway
+                held = {t.data_ptr() for t in (q, k, v, out)}
+                extra = sum(nb for ptr, nb in dict(saved).items() if ptr not in held)
+                res[(strategy, mname, seq_len)] = (big.numel, big.op, extra)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# side by side with peer implementations (longreach bench cp --peers)
+# ------------------------------------------------------------------------------------------------
+
+
+class CallCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts aten calls, and calls of the CPU flash kernel (forward or backward), while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aten = 0
+        self.kernel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+        self.aten += 1
+        if "_scaled_dot_product_flash_attention_for_cpu" in str(func):
+            self.kernel += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _peer_impls(world: int, cfg: dict) -> dict:
+    """name -> (layout of its inputs, dtype, callable(q, k, v) -> out) for longreach and every peer that
+    imports here; or name -> error string."""
+    import os
+    import sys
+
+    impls: dict = {}
+    scale = cfg["head_dim"] ** -0.5
+    uly = {"dtype": torch.float32}
+    impls["longreach ring zigzag"] = ("zigzag", torch.bfloat16, lambda q, k, v: cp_attention(
+        q, k, v, strategy="ring", layout="zigzag", scale=scale))
+    impls["longreach ulysses"] = ("contiguous", uly["dtype"], lambda q, k, v: cp_attention(
+        q, k, v, strategy="ulysses", layout="contiguous", scale=scale))
+    if world >= 4:
+        impls["longreach hybrid u=2"] = ("zigzag", torch.bfloat16, lambda q, k, v: cp_attention(
+            q, k, v, strategy="hybrid", layout="zigzag", ulysses_degree=2, scale=scale))
+    if cfg.get("peers_path") and cfg["peers_path"] not in sys.path:
+        sys.path.insert(0, cfg["peers_path"])
+    try:
+        from longreach.parallel.ring_flash_adapter import _module
+
+        zz = _module("zigzag_ring_flash_attn").zigzag_ring_flash_attn_func
+        impls["ring-flash-attn zigzag"] = ("zigzag", torch.bfloat16, lambda q, k, v: zz(
+            q, k, v, softmax_scale=scale, causal=True, group=None))
+    except Exception as e:  # noqa: BLE001 - a peer that does not import is reported, not fatal
+        impls["ring-flash-attn zigzag"] = f"{type(e).__name__}: {str(e)[:120]}"
+    try:
+        import yunchang  # noqa: F401
+
+        impls["yunchang"] = "installed, but no stand-in call is wired for it yet"
+    except Exception as e:  # noqa: BLE001
+        impls["yunchang"] = f"not importable ({type(e).__name__})"
+    try:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from deepspeed.sequence.layer import DistributedAttention
+
+        from longreach.kernels import attention
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        ds = DistributedAttention(lambda qq, kk, vv, *a, **kw: attention(qq, kk, vv, mask=M.causal(), scale=scale,
+                                                                          backend="cpu"),
+                                  dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        impls["DeepSpeed Ulysses"] = ("contiguous", uly["dtype"], lambda q, k, v: ds(q, k, v, 0))
+    except Exception as e:  # noqa: BLE001
+        impls["DeepSpeed Ulysses"] = f"{type(e).__name__}: {str(e)[:120]}"
+    return impls
+
+
+PEER_PAIRS = (("longreach ring zigzag", "ring-flash-attn zigzag"), ("longreach ring zigzag", "yunchang"),
+              ("longreach ulysses", "DeepSpeed Ulysses"), ("longreach hybrid u=2", "yunchang"))
+
+
+def _pass(fn, q, k, v, do) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return out.detach(), (q.grad, k.grad, v.grad)
+
+
+def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
+    """Interleaved rounds of each (longreach, peer) pair on identical inputs; one record per pair and length."""
+    impls = _peer_impls(world, cfg)
+    recs: list[dict] = []
+    h, d = cfg["heads"], cfg["head_dim"]
+    for seq_len in cfg["seq_lens"]:
+        g = torch.Generator().manual_seed(cfg["seed"])
+        full = [torch.randn(1, seq_len, h, d, generator=g, dtype=torch.float64) for _ in range(4)]  # q, k, v, dout
+        ref = get_backend("cpu")
+        out_r, lse_r = ref.forward(*full[:3], mask=M.causal())
+        grads_r = ref.backward(full[3], *full[:3], out_r, lse_r, mask=M.causal())
+        for ours, peer in PEER_PAIRS:
+            rec: dict = {"pair": f"{ours} ÷ {peer}", "world": world, "seq_len": seq_len, "rank": rank}
+            recs.append(rec)
+            missing = [n for n in (ours, peer) if n not in impls or isinstance(impls[n], str)]
+            if missing:
+                rec["error"] = "; ".join(f"{n}: {impls.get(n, 'needs 4 ranks')}" for n in missing)
+                continue
+            sides = {}
+            for name in (ours, peer):
+                layout, dtype, fn = impls[name]
+                pos = layout_positions(layout, seq_len, rank, world)
+                local = [_shard_positions(t, pos, 1).to(dtype) for t in full]
+                try:
+                    _pass(fn, *local)  # warm-up (plans, buffers)
+                    with CallCounter() as calls:
+                        out, grads = _pass(fn, *local)
+                except Exception as e:  # noqa: BLE001 - a peer failing on this shape is reported
+                    rec["error"] = f"{name}: {type(e).__name__}: {str(e)[:160]}"
+                    break
+                errs = [_relerr(out, _shard_positions(out_r, pos, 1))]
+                errs += [_relerr(gr, _shard_positions(gw, pos, 1)) for gr, gw in zip(grads, grads_r)]
+                sides[name] = (fn, local)
+                side = "ours" if name == ours else "peer"
+                rec[f"{side}_dtype"] = str(dtype).replace("torch.", "")
+                rec[f"{side}_kernel_calls"] = calls.kernel
+                rec[f"{side}_aten_calls"] = calls.aten
+                rec[f"{side}_out_err"], rec[f"{side}_grad_err"] = errs[0], max(errs[1:])
+            if "error" in rec:
+                continue
+            times: dict[str, list[float]] = {ours: [], peer: []}
+            for r in range(cfg["rounds"]):
+                order = (ours, peer) if r % 2 == 0 else (peer, ours)  # alternate who goes first
+                for name in order:
+                    fn, local = sides[name]
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    _pass(fn, *local)
+                    el = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                    dist.all_reduce(el, op=dist.ReduceOp.MAX)  # a pass takes as long as its slowest rank
+                    times[name].append(float(el))
+            rec["ours_s"], rec["peer_s"] = times[ours], times[peer]
+    return recs

@@ -15,28 +15,61 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_into, reduce_scatter_into
-from .blocks import Job, MaskSpec, backward_jobs, forward_jobs, plan
+from .blocks import Job, MaskSpec, backward_jobs, forward_jobs, plan, prefill_out, schedule, tile_size
 from .ring import acc_dtype
+
+
+@dataclass
+class AllGatherPlan:
+    """Block plans of one rank for every call with the same shapes, layout and mask (cached)."""
+
+    rank: int
+    size: int
+    jobs: list[list[Job]]
+    """jobs[j]: kernel calls of the local queries against rank j's keys."""
+    q_prefill: list[slice]
+    """Local query rows no call initialises."""
+    k_prefill: list[list[slice]]
+    """k_prefill[j]: rows of rank j's dK/dV block no first-write call covers."""
+
+    @classmethod
+    def build(cls, *, rank: int, positions: list[torch.Tensor], seq_len: int, num_heads: int, mask,
+              starts: torch.Tensor | None = None) -> "AllGatherPlan":
+        spec = MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(num_heads), num_heads=num_heads,
+                        starts=starts, tile=tile_size(positions[rank].numel()))
+        size = len(positions)
+        jobs = [plan(spec, positions[rank], positions[j]) for j in range(size)]
+        order = _order(rank, size)
+        q_pre, k_pre = schedule([jobs[j] for j in order], positions[rank].numel(), positions[rank].numel())
+        k_prefill: list[list[slice]] = [[] for _ in range(size)]
+        for j, pre in zip(order, k_pre):
+            k_prefill[j] = pre
+        return cls(rank=rank, size=size, jobs=jobs, q_prefill=q_pre, k_prefill=k_prefill)
+
+
+def _order(rank: int, size: int) -> list[int]:
+    # local source first: it needs no communication, so it overlaps the gather
+    return [rank] + [j for j in range(size) if j != rank]
 
 
 @dataclass
 class AllGatherEngine:
     group: dist.ProcessGroup | None
-    rank: int
-    size: int
-    jobs: list[list[Job]]
-    """jobs[j]: kernel calls of the local queries against rank j's keys."""
+    plan: AllGatherPlan
     backend: ModuleType
     scale: float
 
-    @classmethod
-    def build(cls, *, group: dist.ProcessGroup | None, rank: int, positions: list[torch.Tensor], seq_len: int,
-              num_heads: int, mask, backend: ModuleType, scale: float, k_tile: int | None,
-              starts: torch.Tensor | None = None) -> "AllGatherEngine":
-        spec = MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(num_heads), num_heads=num_heads,
-                        starts=starts)
-        jobs = [plan(spec, positions[rank], positions[j], k_tile=k_tile) for j in range(len(positions))]
-        return cls(group=group, rank=rank, size=len(positions), jobs=jobs, backend=backend, scale=scale)
+    @property
+    def rank(self) -> int:
+        return self.plan.rank
+
+    @property
+    def size(self) -> int:
+        return self.plan.size
+
+    @property
+    def jobs(self) -> list[list[Job]]:
+        return self.plan.jobs
 
     def _gather(self, kv: torch.Tensor) -> tuple[torch.Tensor, dist.Work | None]:
         if self.size == 1:
@@ -46,8 +79,7 @@ class AllGatherEngine:
         return buf.view((self.size,) + tuple(kv.shape)), work  # [P, B, n, Hkv, D+E]
 
     def _order(self) -> list[int]:
-        # local source first: it needs no communication, so it overlaps the gather
-        return [self.rank] + [j for j in range(self.size) if j != self.rank]
+        return _order(self.rank, self.size)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -56,8 +88,9 @@ class AllGatherEngine:
         ad = acc_dtype(q.dtype)
         kv = torch.cat([k, v], dim=-1).contiguous()  # [B, n, Hkv, D+E]
         full, work = self._gather(kv)
-        out = torch.zeros(b, n, h, v.shape[-1], dtype=ad, device=q.device)  # [B, n, H, E]
-        lse = torch.full((b, h, n), float("-inf"), dtype=ad, device=q.device)  # [B, H, n]
+        out = torch.empty(b, n, h, v.shape[-1], dtype=ad, device=q.device)  # [B, n, H, E]
+        lse = torch.empty((b, h, n), dtype=ad, device=q.device)  # [B, H, n]
+        prefill_out(out, lse, self.plan.q_prefill)
         for j in self._order():
             if j != self.rank and work is not None:
                 work.wait()
@@ -75,9 +108,13 @@ class AllGatherEngine:
         ad = acc_dtype(q.dtype)
         kv = torch.cat([k, v], dim=-1).contiguous()  # [B, n, Hkv, D+E]
         full, work = self._gather(kv)
-        dq = torch.zeros(q.shape, dtype=ad, device=q.device)
-        dkv = torch.zeros((self.size,) + tuple(kv.shape), dtype=ad, device=q.device)  # [P, B, n, Hkv, D+E]
-        dout = dout.contiguous()
+        dq = torch.empty(q.shape, dtype=ad, device=q.device)
+        for s in self.plan.q_prefill:
+            dq[:, s].zero_()
+        dkv = torch.empty((self.size,) + tuple(kv.shape), dtype=ad, device=q.device)  # [P, B, n, Hkv, D+E]
+        for j in range(self.size):
+            for s in self.plan.k_prefill[j]:
+                dkv[j][:, s].zero_()
         for j in self._order():
             if j != self.rank and work is not None:
                 work.wait()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from types import ModuleType
 
 import torch
@@ -13,8 +14,8 @@ from longreach.kernels.api import resolve_backend
 
 from ..comm import group_ranks
 from ..layouts import LAYOUTS, DocumentZigzag, group_rank_size, layout_multiple, positions_for
-from .allgather import AllGatherEngine
-from .hybrid import HybridEngine
+from .allgather import AllGatherEngine, AllGatherPlan
+from .hybrid import HybridEngine, HybridPlan
 
 STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
 
@@ -123,6 +124,10 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: st
         )
     degree = _degree(strategy, ulysses_degree, world)
     if degree > 1:
+        if h % degree != 0 and strategy == "ulysses":
+            raise ValueError(f"strategy='ulysses' needs the query heads ({h}) to divide by the context-parallel "
+                             f"group size ({degree}); use strategy='hybrid' with a ulysses_degree dividing {h} "
+                             "(and the group size), or strategy='ring'")
         if h % degree != 0:
             raise ValueError(f"strategy={strategy!r} needs the query heads ({h}) to divide by the Ulysses degree "
                              f"({degree}); choose ulysses_degree dividing {h}")
@@ -138,6 +143,38 @@ def _effective_mask(causal: bool, mask: M.Mask | None) -> M.Mask:
     if causal and not mask.is_causal:
         return mask & M.causal()
     return mask
+
+
+# Plans keyed by everything they depend on: (kind, group ranks or size, rank, [degree,] layout, seq_len,
+# heads, [kv heads,] user mask, causal). Masks without value equality (documents) hit while the caller reuses the object (every
+# layer of one step); the cache keeps the few most recent.
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 16
+
+
+def _layout_key(layout: Layout) -> object:
+    if isinstance(layout, DocumentZigzag):
+        return ("doc_zigzag", tuple(layout.cu_seqlens.tolist()))
+    return layout
+
+
+def _cached(key: tuple, build):
+    try:
+        hash(key)
+    except TypeError:  # a mask without a hash: plan every call
+        return build()
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    value = build()
+    _PLANS[key] = value
+    while len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return value
+
+
+def _all_positions(layout: Layout, seq_len: int, world: int) -> list[torch.Tensor]:
+    return [layout_positions(layout, seq_len, r, world) for r in range(world)]
 
 
 def _backend(name: str, q: torch.Tensor, mask: M.Mask) -> ModuleType:
@@ -226,20 +263,19 @@ def cp_attention(
         if routed is not None:
             return routed
     backend_mod = _backend(backend, q, eff)
-    positions = [layout_positions(layout, seq_len, r, world) for r in range(world)]
-    starts = chunk_starts(layout, seq_len, world)
-    # user masks (documents, windows, …) skip finer key tiles than whole chunks
-    k_tile = None if mask is None else max(16, n // 8)
     if strategy == "allgather":
-        engine = AllGatherEngine.build(group=group, rank=rank, positions=positions, seq_len=seq_len, num_heads=h,
-                                       mask=eff, backend=backend_mod, scale=scale, k_tile=k_tile,
-                                       starts=starts)
+        key = ("allgather", rank, world, _layout_key(layout), seq_len, h, mask, causal)
+        agplan = _cached(key, lambda: AllGatherPlan.build(
+            rank=rank, positions=_all_positions(layout, seq_len, world), seq_len=seq_len, num_heads=h, mask=eff,
+            starts=chunk_starts(layout, seq_len, world)))
+        engine = AllGatherEngine(group=group, plan=agplan, backend=backend_mod, scale=scale)
     else:
         ranks = group_ranks(group) if world > 1 else [0]
-        engine = HybridEngine.build(
-            group=group, ulysses_group=_ulysses_group(group, ranks, rank, degree), peers=ranks, rank=rank,
-            degree=degree, positions=positions, seq_len=seq_len, num_heads=h, kv_heads=k.shape[2], mask=eff,
-            backend=backend_mod, scale=scale, want_lse=return_lse, k_tile=k_tile, starts=starts,
-        )
+        key = ("hybrid", tuple(ranks), rank, degree, _layout_key(layout), seq_len, h, k.shape[2], mask, causal)
+        hplan = _cached(key, lambda: HybridPlan.build(
+            peers=ranks, rank=rank, degree=degree, positions=_all_positions(layout, seq_len, world),
+            seq_len=seq_len, num_heads=h, kv_heads=k.shape[2], mask=eff, starts=chunk_starts(layout, seq_len, world)))
+        engine = HybridEngine(ulysses_group=_ulysses_group(group, ranks, rank, degree), plan=hplan,
+                              backend=backend_mod, scale=scale, want_lse=return_lse)
     out, lse = _CPAttention.apply(q, k, v, engine)
     return (out, lse) if return_lse else out

@@ -3,10 +3,17 @@
 The group of P ranks is split into R = P/U ring groups of U consecutive ranks each (Ulysses
 groups); ``ring`` is U = 1, ``ulysses`` is U = P. Order (METHODS.md "Hybrid"): all-to-all inside the
 Ulysses group (heads ↔ sequence), ring across the strided ring group (members with the same
-Ulysses index hold the same heads), inverse all-to-all. Every rank consumes the same global layout;
-after the all-to-all a Ulysses group holds the union of its members' positions, which this engine
-sorts into global order so runs of consecutive positions (a zigzag pair across ring groups under
-global zigzag) are visible to the block plans.
+Ulysses index hold the same heads), inverse all-to-all.
+
+Layout under hybrid. Every rank consumes the same global layout over the whole group (DESIGN.md §2),
+and that layout is what the names mean under hybrid too. Because Ulysses groups are consecutive
+ranks, a group's tokens are then, in global order: ``contiguous`` — one span (U chunks);
+``zigzag`` — global chunks gU … gU+U−1 and their mirrors, i.e. exactly chunks g and 2R−1−g of a
+zigzag over the R ring groups (USP's layout: each Ulysses group holds its two zigzag chunks, in
+order); ``stripe`` — every token ≡ gU … gU+U−1 (mod P), a stripe over ring groups. The all-to-all
+writes the gathered tokens straight into that global order (:class:`~.ulysses.TokenOrder`), so the
+ring sees sorted positions and the block plans give it one causal call per step, with no reorder
+copy of q, k, v, out or their gradients.
 """
 from __future__ import annotations
 
@@ -16,9 +23,37 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from .blocks import MaskSpec
-from .ring import Ring, ring_backward, ring_forward
-from .ulysses import heads_to_seq, seq_to_heads
+from .blocks import MaskSpec, tile_size
+from .ring import Ring, acc_dtype, ring_backward, ring_forward
+from .ulysses import TokenOrder, heads_to_seq, seq_to_heads
+
+
+@dataclass
+class HybridPlan:
+    """What one rank needs for every call with the same shapes, layout and mask (cached by ``cp_attention``)."""
+
+    degree: int
+    replicate: int
+    """K/V head replication factor in the all-to-all (U / Hkv when U > Hkv, else 1)."""
+    ring: Ring
+    order: TokenOrder | None
+    """How the Ulysses group's gathered tokens are placed in global order (None when U = 1)."""
+
+    @classmethod
+    def build(cls, *, peers: list[int], rank: int, degree: int, positions: list[torch.Tensor], seq_len: int,
+              num_heads: int, kv_heads: int, mask, starts: torch.Tensor | None = None) -> "HybridPlan":
+        p = len(positions)
+        u, g = rank % degree, rank // degree
+        rings = p // degree
+        members = [[positions[gg * degree + i] for i in range(degree)] for gg in range(rings)]
+        order = TokenOrder.build(members[g]) if degree > 1 else None
+        sorted_pos = [torch.sort(torch.cat(m)).values for m in members]
+        hl = num_heads // degree
+        spec = MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(u * hl, (u + 1) * hl), num_heads=num_heads,
+                        starts=starts, tile=tile_size(sorted_pos[g].numel()))
+        ring = Ring(peers=[peers[gg * degree + u] for gg in range(rings)], index=g, positions=sorted_pos, spec=spec)
+        replicate = degree // kv_heads if degree > kv_heads else 1
+        return cls(degree=degree, replicate=replicate, ring=ring, order=order)
 
 
 @dataclass
@@ -27,83 +62,70 @@ class HybridEngine:
 
     Attributes:
         ulysses_group: process group of this rank's Ulysses group (None when U = 1).
-        degree: U.
-        replicate: K/V head replication factor in the all-to-all (U / Hkv when U > Hkv, else 1).
-        ring: the ring across Ulysses groups, with this rank's block plans.
-        perm: order that sorts the Ulysses group's gathered tokens by global position (None: already sorted).
+        plan: the cached plan (degree, ring with its block plans, token order).
     """
 
     ulysses_group: dist.ProcessGroup | None
-    degree: int
-    replicate: int
-    ring: Ring
-    perm: torch.Tensor | None
+    plan: HybridPlan
     backend: ModuleType
     scale: float
     want_lse: bool
 
-    @classmethod
-    def build(cls, *, group: dist.ProcessGroup | None, ulysses_group: dist.ProcessGroup | None, peers: list[int],
-              rank: int, degree: int, positions: list[torch.Tensor], seq_len: int, num_heads: int,
-              kv_heads: int, mask, backend: ModuleType, scale: float, want_lse: bool,
-              k_tile: int | None, starts: torch.Tensor | None = None) -> "HybridEngine":
-        p = len(positions)
-        u, g = rank % degree, rank // degree
-        rings = p // degree
-        unions = [torch.cat([positions[gg * degree + i] for i in range(degree)]) for gg in range(rings)]
-        mine = unions[g]
-        perm = torch.argsort(mine)
-        if bool((perm == torch.arange(perm.numel())).all()):
-            perm = None
-        sorted_pos = [torch.sort(x).values for x in unions]
-        hl = num_heads // degree
-        spec = MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(u * hl, (u + 1) * hl), num_heads=num_heads,
-                        starts=starts)
-        ring = Ring(peers=[peers[gg * degree + u] for gg in range(rings)], index=g, positions=sorted_pos,
-                    spec=spec, k_tile=k_tile)
-        replicate = degree // kv_heads if degree > kv_heads else 1
-        return cls(ulysses_group=ulysses_group, degree=degree, replicate=replicate, ring=ring, perm=perm,
-                   backend=backend, scale=scale, want_lse=want_lse)
-
     # -- layout changes ---------------------------------------------------------------------------
     def _gather(self, x: torch.Tensor, replicate: int = 1) -> torch.Tensor:
-        """[B, n, Hx, D] sequence-split → [B, U·n, hl, D] head-split, sorted by global position."""
-        if self.degree > 1:
-            x = heads_to_seq(x, group=self.ulysses_group, degree=self.degree, replicate=replicate)
-        if self.perm is not None:
-            x = x.index_select(1, self.perm.to(x.device))
-        return x
+        """[B, n, Hx, D] sequence-split → [B, U·n, hl, D] head-split, in global order."""
+        if self.plan.degree == 1:
+            return x
+        return heads_to_seq(x, group=self.ulysses_group, degree=self.plan.degree, replicate=replicate,
+                            order=self.plan.order)
 
     def _scatter(self, x: torch.Tensor, replicate: int = 1) -> torch.Tensor:
         """Inverse of :meth:`_gather`."""
-        if self.perm is not None:
-            inv = torch.argsort(self.perm).to(x.device)
-            x = x.index_select(1, inv)
-        if self.degree > 1:
-            x = seq_to_heads(x, group=self.ulysses_group, degree=self.degree, replicate=replicate)
-        return x
+        if self.plan.degree == 1:
+            return x
+        return seq_to_heads(x, group=self.ulysses_group, degree=self.plan.degree, replicate=replicate,
+                            order=self.plan.order)
 
     # -- passes -----------------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """q ``[B, n, H, D]``, k/v ``[B, n, Hkv, D|E]`` → out ``[B, n, H, E]``, lse ``[B, H, n]`` (or empty), saved."""
+        rep = self.plan.replicate
         qh = self._gather(q)  # [B, U·n, H/U, D]
-        kh = self._gather(k, self.replicate)  # [B, U·n, Hkv/U or 1, D]
-        vh = self._gather(v, self.replicate)
-        out, lse = ring_forward(self.ring, self.backend, qh, kh, vh, scale=self.scale)
+        kh = self._gather(k, rep)  # [B, U·n, Hkv/U or 1, D]
+        vh = self._gather(v, rep)
+        out, lse = ring_forward(self.plan.ring, self.backend, qh, kh, vh, scale=self.scale)
         out_h = out.to(q.dtype)  # [B, U·n, H/U, E]
+        del out
         out_local = self._scatter(out_h)  # [B, n, H, E]
         lse_local = torch.empty(0, dtype=lse.dtype, device=lse.device)
         if self.want_lse:
-            l = self._scatter(lse.transpose(1, 2).unsqueeze(-1).contiguous())  # [B, n, H, 1]
+            l = self._scatter(lse.transpose(1, 2).unsqueeze(-1))  # [B, n, H, 1]
             lse_local = l.squeeze(-1).transpose(1, 2).contiguous()  # [B, H, n]
+        if self.regather:
+            # keep the sequence-split tensors the caller holds anyway, not head-split copies of them
+            return out_local, lse_local, (q, k, v, out_local, lse)
         return out_local, lse_local, (qh, kh, vh, out_h, lse)
 
+    @property
+    def regather(self) -> bool:
+        """Hybrid (1 < U < P) saves the local q, k, v, out and redoes their all-to-alls in the backward, so
+        its saved memory is ring's (the head-split copies would add q + k + v + out per layer). Ulysses
+        (U = P) keeps the head-split tensors, as DeepSpeed's Ulysses does: its backward stays 4 all-to-alls."""
+        return self.plan.degree > 1 and self.plan.ring.size > 1
+
     def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qh, kh, vh, out_h, lse = saved
-        dh = self._gather(dout.contiguous())  # [B, U·n, H/U, E]
-        dq, dk, dv = ring_backward(self.ring, self.backend, dh, qh, kh, vh, out_h, lse, scale=self.scale)
+        rep = self.plan.replicate
+        if self.regather:
+            q, k, v, out_local, lse = saved
+            qh, kh, vh, out_h = self._gather(q), self._gather(k, rep), self._gather(v, rep), self._gather(out_local)
+        else:
+            qh, kh, vh, out_h, lse = saved
+        dh = self._gather(dout)  # [B, U·n, H/U, E]
+        dq, dk, dv = ring_backward(self.plan.ring, self.backend, dh, qh, kh, vh, out_h, lse, scale=self.scale)
         dq = self._scatter(dq.to(qh.dtype))
-        dk = self._scatter(dk.to(kh.dtype), self.replicate)
-        dv = self._scatter(dv.to(vh.dtype), self.replicate)
+        # replicated K/V heads: sum the replicas' gradients in float32, round once
+        kv_dtype = acc_dtype(kh.dtype) if rep > 1 else kh.dtype
+        dk = self._scatter(dk.to(kv_dtype), rep).to(kh.dtype)
+        dv = self._scatter(dv.to(kv_dtype), rep).to(vh.dtype)
         return dq, dk, dv

@@ -1,0 +1,206 @@
+"""Block plans of context parallelism, without process groups: kernel calls per ring step, the size
+of every explicit mask, the plan cache, the hybrid token order, and in-place merging."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longreach.kernels import attention, get_backend
+from longreach.kernels import masks as M
+from longreach.kernels.merge import merge_attention
+from longreach.parallel import cp_attention
+from longreach.parallel.cp import api, blocks
+from longreach.parallel.cp.api import _all_positions, chunk_starts
+from longreach.parallel.cp.hybrid import HybridPlan
+from longreach.parallel.cp.ulysses import TokenOrder, _to_members, _to_sequence
+
+
+def _plans(layout: str, world: int, degree: int, seq_len: int, mask: M.Mask) -> list[HybridPlan]:
+    return [HybridPlan.build(peers=list(range(world)), rank=r, degree=degree,
+                             positions=_all_positions(layout, seq_len, world), seq_len=seq_len, num_heads=8,
+                             kv_heads=4, mask=mask, starts=chunk_starts(layout, seq_len, world))
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "stripe", "contiguous"])
+@pytest.mark.parametrize("world, degree", [(2, 1), (3, 1), (4, 1), (4, 2)])
+def test_causal_plans_make_one_kernel_call_per_ring_step(layout: str, world: int, degree: int) -> None:
+    if layout == "stripe" and degree > 1:
+        pytest.skip("stripe under hybrid interleaves ring groups token by token (tile plans)")
+    for p in _plans(layout, world, degree, 48 * world, M.causal()):
+        ring = p.ring
+        calls = [len(ring.jobs[ring.source(t)]) for t in range(ring.size) if ring.holds(t)]
+        assert calls[0] == 1 and ring.jobs[ring.index][0].kind == "causal"
+        assert max(calls) == 1, calls
+        if layout != "contiguous":
+            assert calls == [1] * ring.size  # every step computes (balanced), one call each
+        # every query row is written by some call first: nothing to pre-fill
+        assert ring.q_prefill == []
+
+
+def test_masked_calls_never_exceed_one_tile_pair() -> None:
+    seq_len = 512
+    cu = [0, 5, seq_len // 3, seq_len // 2 + 1, seq_len]
+    masks = {"documents": M.documents(cu), "sinks|window": M.sinks(4) | M.sliding_window(9)}
+    for name, mask in masks.items():
+        for layout, world, degree in (("zigzag", 2, 1), ("zigzag", 4, 2), ("stripe", 2, 1)):
+            for p in _plans(layout, world, degree, seq_len, mask & M.causal())[:1]:
+                for jobs in p.ring.jobs:
+                    for j in jobs:
+                        if j.kind == "masked":
+                            assert j.sq <= blocks.MAX_TILE and j.sk <= blocks.MAX_TILE, (name, layout, j.sq, j.sk)
+                            assert j.placed.q_pos.numel() == j.sq and j.placed.k_pos.numel() == j.sk
+                        else:
+                            assert j.placed is None or (j.kind == "causal" and j.sq == j.sk)
+
+
+def test_plans_follow_the_mask_exactly() -> None:
+    """Union of a plan's calls = the allowed pairs of the mask, each pair once (causal calls in local indices)."""
+    seq_len, world = 256, 2
+    cu = [0, 3, 70, 129, seq_len]
+    for mask in (M.documents(cu), M.sliding_window(21), M.causal()):
+        for layout in ("zigzag", "stripe", "contiguous"):
+            pos = _all_positions(layout, seq_len, world)
+            spec = blocks.MaskSpec(mask=mask, seq_len=seq_len, heads=torch.arange(2), num_heads=2,
+                                   starts=chunk_starts(layout, seq_len, world))
+            for j in range(world):
+                cover = torch.zeros(pos[0].numel(), pos[j].numel(), dtype=torch.int32)
+                for job in blocks.plan(spec, pos[0], pos[j], tile=16):
+                    kidx = torch.cat([torch.arange(s.start, s.stop) for s in job.k])
+                    qidx = torch.arange(job.q.start, job.q.stop)
+                    if job.kind == "full":
+                        allowed = torch.ones(job.sq, job.sk, dtype=torch.bool)
+                    else:
+                        allowed = job.placed.dense(2).all(0)
+                    cover[qidx[:, None], kidx[None, :]] += allowed.int()
+                want = mask.dense(pos[0], pos[j], seq_len=seq_len)[0]
+                assert torch.equal(cover, want.int()), (mask, layout, j)
+
+
+def test_plans_are_cached_per_shape_layout_mask_and_group(monkeypatch) -> None:
+    built = []
+    real = HybridPlan.build.__func__
+
+    def spy(cls, **kw):
+        built.append(kw["seq_len"])
+        return real(cls, **kw)
+
+    monkeypatch.setattr(HybridPlan, "build", classmethod(spy))
+    api._PLANS.clear()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 32, 2, 8, generator=g)
+    docs = M.documents([0, 5, 32])
+    for _ in range(3):
+        cp_attention(q, q, q, strategy="ring", layout="zigzag")
+        cp_attention(q, q, q, strategy="ring", layout="zigzag", mask=docs)
+    cp_attention(q[:, :16], q[:, :16], q[:, :16], strategy="ring", layout="zigzag")
+    assert built == [32, 32, 16]
+
+
+@pytest.mark.parametrize("layout, kind", [("contiguous", "members"), ("stripe", "interleave"),
+                                          ("zigzag", "segments")])
+def test_hybrid_token_order_needs_no_reorder_pass(layout: str, kind: str) -> None:
+    """A Ulysses group's gathered tokens land in global order straight from the all-to-all buffer."""
+    world, degree, seq_len = 8, 4, 64
+    pos = _all_positions(layout, seq_len, world)
+    for g in range(world // degree):
+        members = pos[g * degree:(g + 1) * degree]
+        order = TokenOrder.build(members)
+        assert order.kind == kind
+        if kind == "segments":
+            assert len(order.segments) <= 2 * degree  # each member's two zigzag chunks (the middle two touch)
+        recv = torch.stack([m.double() for m in members])[:, None, :, None, None]  # [U, B, n, 1, 1]
+        seq = _to_sequence(recv, order)  # [B, U·n, 1, 1]
+        assert torch.equal(seq.flatten(), torch.sort(torch.cat(members)).values.double())
+        assert torch.equal(_to_members(seq, degree, order), recv)
+
+
+def test_in_place_merge_matches_merge_attention() -> None:
+    g = torch.Generator().manual_seed(1)
+    out, blk = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)
+    lse, blse = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    lse[0, 0, :2] = float("-inf")
+    out[0, :2, 0] = 0
+    blse[0, 0, 1:3] = float("-inf")
+    blk[0, 1:3, 0] = 0
+    want_o, want_l = merge_attention(out, lse, blk, blse)
+    o, l = out.clone(), lse.clone()
+    blocks.merge_into(o, l, blk, blse, guard=True)
+    assert torch.allclose(o, want_o, atol=1e-6) and torch.equal(torch.isneginf(l), torch.isneginf(want_l))
+    assert torch.allclose(l[torch.isfinite(l)], want_l[torch.isfinite(want_l)], atol=1e-6)
+
+
+def test_bf16_gradients_accumulate_in_float32() -> None:
+    """bf16 gradients computed in many kernel calls (documents in tiles) and summed in float32 stay within
+    2× the error of one call of the same CPU kernel over the whole sequence (each call still returns
+    bf16 partial gradients: the backend interface rounds them before the float32 sum)."""
+    seq_len = 512
+    g = torch.Generator().manual_seed(2)
+    q, k, v, do = (torch.randn(1, seq_len, 2, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    cu = [0, 100, 230, 380, seq_len]
+    mask = M.documents(cu)
+    pos = torch.arange(seq_len)
+    placed = mask.place(pos, pos, seq_len=seq_len)
+    ref = get_backend("reference")
+    out_r, lse_r = ref.forward(q, k, v, mask=placed)
+    grads_r = ref.backward(do, q, k, v, out_r, lse_r, mask=placed)
+    qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    out = cp_attention(qb, kb, vb, strategy="ring", layout="contiguous", mask=mask)
+    out.backward(do.bfloat16())
+    # one bf16 kernel call on the same inputs, rounded once
+    qs, ks, vs = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    attention(qs, ks, vs, mask=placed, backend="cpu").backward(do.bfloat16())
+    for ours, single, want in zip((qb.grad, kb.grad, vb.grad), (qs.grad, ks.grad, vs.grad), grads_r):
+        err = (ours.double() - want).abs().max() / want.abs().max()
+        base = (single.double() - want).abs().max() / want.abs().max()
+        assert err <= 2 * base, (float(err), float(base))
+
+
+def test_peers_standin_computes_what_the_cpu_backend_computes(monkeypatch) -> None:
+    """The flash-attn stand-in that ring-flash-attn runs on in ``bench cp --peers`` is the same kernel:
+    its forward and backward match longreach's ``cpu`` backend (flash-attn's [B, S, H, D] layout)."""
+    from longreach.bench.cp import peers_path
+
+    path = peers_path(None)
+    assert path is not None and path.endswith("peers")
+    monkeypatch.syspath_prepend(path)
+    from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 24, 2, 8, generator=g) for _ in range(4))
+    out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, 0.3, True)
+    want_o, want_l = get_backend("cpu").forward(q, k, v, mask=M.causal(), scale=0.3)
+    assert torch.allclose(out, want_o, atol=1e-6) and torch.allclose(lse, want_l, atol=1e-5)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    _flash_attn_backward(do, q, k, v, out, lse, dq, dk, dv, 0.0, 0.3, True)
+    for got, want in zip((dq, dk, dv), get_backend("cpu").backward(do, q, k, v, want_o, want_l, mask=M.causal(),
+                                                                   scale=0.3)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bench_cp_peers_rejects_bad_settings(tmp_path) -> None:
+    from longreach.bench import cp as bench
+    from longreach.errors import UserError
+
+    with pytest.raises(UserError, match="--peers-path"):
+        bench.main(["--peers", "--peers-path", str(tmp_path)])
+    with pytest.raises(UserError, match="--seq-lens"):
+        bench.main(["--peers", "--world-sizes", "4", "--seq-lens", "100"])
+    with pytest.raises(UserError, match="--rounds"):
+        bench.main(["--peers", "--rounds", "0"])
+
+
+def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:
+    from longreach.bench.cp import format_peers, summarize_peers
+
+    rec = {"pair": "a ÷ b", "world": 2, "seq_len": 64, "rank": 0, "ours_s": [1.0, 3.0, 2.0],
+           "peer_s": [2.0, 2.0, 4.0]}
+    for side in ("ours", "peer"):
+        rec.update({f"{side}_dtype": "bfloat16", f"{side}_kernel_calls": 4, f"{side}_aten_calls": 9,
+                    f"{side}_out_err": 1e-3, f"{side}_grad_err": 2e-3})
+    rows = summarize_peers([rec, {**rec, "rank": 1}, {"pair": "c ÷ d", "world": 2, "seq_len": 64, "rank": 0,
+                                                         "error": "d: not importable"}])
+    assert len(rows) == 2
+    assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["ratio_max"] == pytest.approx(1.5)
+    assert rows[0]["ours_ms"] == pytest.approx(2000.0) and rows[0]["peer_ms"] == pytest.approx(2000.0)
+    assert "not run: d: not importable" in format_peers(rows)
