@@ -193,6 +193,35 @@ class DeepSpeedEngine(Engine):
                 "expert_optimizer": self.expert_optimizer}
 
 
+    def close(self) -> None:
+        """Hand the module back with the fp32 master weights in its trainable parameters.
+
+        DeepSpeed's bf16 modes keep bf16 copies in the module and the fp32 masters in the optimizer: an
+        update at lr 2e-5 moves the master of a norm weight of 1.0 but not its bf16 copy, so whatever
+        reads the module after training (probe, export) would silently drop it. ZeRO-3 parameters stay
+        partitioned (the export gathers them).
+        """
+        if not self.model.bfloat16_enabled() or self.cfg.zero_stage == 3:
+            return
+        opt = self.model.optimizer
+        if hasattr(opt, "fp16_groups"):  # ZeRO-0: DeepSpeed's fp16 wrappers (fused: flat masters; unfused: lists)
+            from torch._utils import _unflatten_dense_tensors
+
+            flat = getattr(opt, "fp32_groups_flat", None)
+            masters = ([_unflatten_dense_tensors(f, ps) for f, ps in zip(flat, opt.fp16_groups)] if flat is not None
+                       else opt.fp32_groups)
+            for params, group in zip(opt.fp16_groups, masters):
+                for p, master in zip(params, group):
+                    p.data = master.detach().clone()
+            return
+        from deepspeed.utils import safe_get_full_fp32_param  # ZeRO 1/2: linked high-precision partitions
+
+        for p in self.module.parameters():
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if master is not None:
+                p.data = master.detach().to(p.device).clone()
+
+
 class _PlainExpertsEngine:
     """A DeepSpeed engine's save/load with the model's expert weights as plain local tensors."""
 
@@ -225,34 +254,6 @@ def _with_expert_norm(eng: DeepSpeedEngine, zero_optimizer: Any) -> None:
         return torch.sqrt(dense.double() ** 2 + eng._expert_sq * float(zero_optimizer.loss_scale) ** 2).to(dense.dtype)
 
     zero_optimizer.scaled_global_norm = scaled_global_norm
-
-    def close(self) -> None:
-        """Hand the module back with the fp32 master weights in its trainable parameters.
-
-        DeepSpeed's bf16 modes keep bf16 copies in the module and the fp32 masters in the optimizer: an
-        update at lr 2e-5 moves the master of a norm weight of 1.0 but not its bf16 copy, so whatever
-        reads the module after training (probe, export) would silently drop it. ZeRO-3 parameters stay
-        partitioned (the export gathers them).
-        """
-        if not self.model.bfloat16_enabled() or self.cfg.zero_stage == 3:
-            return
-        opt = self.model.optimizer
-        if hasattr(opt, "fp16_groups"):  # ZeRO-0: DeepSpeed's fp16 wrappers (fused: flat masters; unfused: lists)
-            from torch._utils import _unflatten_dense_tensors
-
-            flat = getattr(opt, "fp32_groups_flat", None)
-            masters = ([_unflatten_dense_tensors(f, ps) for f, ps in zip(flat, opt.fp16_groups)] if flat is not None
-                       else opt.fp32_groups)
-            for params, group in zip(opt.fp16_groups, masters):
-                for p, master in zip(params, group):
-                    p.data = master.detach().clone()
-            return
-        from deepspeed.utils import safe_get_full_fp32_param  # ZeRO 1/2: linked high-precision partitions
-
-        for p in self.module.parameters():
-            master = safe_get_full_fp32_param(p) if p.requires_grad else None
-            if master is not None:
-                p.data = master.detach().to(p.device).clone()
 
 
 def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: OptimizerFactory, *,

@@ -39,13 +39,16 @@ class RecurrentSeam:
         self.backend, self.chunk_size = backend, chunk_size
         self.state: torch.Tensor | None = None  # [B, H, D, E]
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
+                 cu_seqlens: object = None) -> torch.Tensor:
+        """``cu_seqlens``: packed-document offsets of the prompt (the state kept is its last document's)."""
         from longreach.kernels import lightning_attention
         from longreach.kernels.lightning.recurrent import decode_step
 
         if self.state is None:
             out, self.state = lightning_attention(q, k, v, decay, backend=self.backend, chunk_size=self.chunk_size,
-                                                  initial_state=None, return_state=True)  # [B, S, H, E]
+                                                  initial_state=None, return_state=True,
+                                                  cu_seqlens=cu_seqlens)  # [B, S, H, E]
             return out
         out, self.state = decode_step(q, k, v, decay, self.state)  # q [B, 1, H, D] -> [B, 1, H, E]
         return out

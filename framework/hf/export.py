@@ -154,12 +154,17 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: Any = N
         hf.set_attn_implementation("sdpa")
         if hasattr(hf, "_longreach_attention"):
             object.__delattr__(hf, "_longreach_attention")
+    # cast a copy of the weights, not the module: the caller's fp32 master weights stay as they are
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in hf.state_dict().items()}
+    n_bytes = sum(v.numel() * v.element_size() for v in state.values())
+    saved_dtype = dtype or next(hf.parameters()).dtype
+    _say(f"writing {len(state)} tensors, {n_bytes / 2**20:,.1f} MiB "
+         f"({str(saved_dtype).removeprefix('torch.')}) to {out}")
+    hf.save_pretrained(str(out), state_dict=state)
     if dtype is not None:
-        hf = hf.to(dtype)
-    n_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    _say(f"writing {sum(1 for _ in hf.parameters())} tensors, {n_bytes / 2**20:,.1f} MiB "
-         f"({str(next(hf.parameters()).dtype).removeprefix('torch.')}) to {out}")
-    hf.save_pretrained(str(out))
+        hf.config.dtype = dtype  # the config.json written above names the saved dtype
+        hf.config.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     elif sp_model_file is not None:
