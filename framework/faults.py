@@ -500,15 +500,23 @@ def install_signal_handlers() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 
+    first: list[float] = []
+
     def handler(signum: int, frame: Any) -> None:
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        if first:
+            if time.monotonic() - first[0] < 2.0:
+                return  # the same stop delivered twice (terminal + launcher): still unwinding
+            signal.signal(signum, signal.SIG_DFL)  # asked again later: end at once
+            os.kill(os.getpid(), signum)
+            return
+        first.append(time.monotonic())
         raise Interrupted(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
 
 
-def exit_with_parent(sig: int = signal.SIGTERM, poll_s: float = 1.0, grace_s: float = 30.0) -> None:
+def exit_with_parent(sig: int = signal.SIGTERM, poll_s: float = 1.0, grace_s: float = 10.0) -> None:
     """End this process with ``sig`` when its parent (the torchrun agent) dies, even by SIGKILL.
 
     A daemon thread polls the parent pid (the agent's heartbeat, in effect): when the parent is gone
