@@ -610,7 +610,9 @@ def _name_stalls(rank: int, step: int, timeout_s: float) -> Iterator[None]:
         text = str(e).strip()
         if isinstance(e, CollectiveTimeoutError) or not any(k in text.lower() for k in _PEER_FAILURE):
             raise
-        first = text.splitlines()[0][:160] if text else type(e).__name__
+        first = text.splitlines()[0] if text else type(e).__name__
+        first = first.split("] ", 1)[1] if first.startswith("[") and "] " in first else first  # gloo's source path
+        first = first[:160]
         raise CollectiveTimeoutError(
             f"rank {rank}: step {step}: a collective in the train step (forward/backward/optimizer) failed after "
             f"waiting up to faults.collective_timeout_s={timeout_s:g}s: {first}; another rank is probably dead "
@@ -627,7 +629,8 @@ def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     # The watchdog guards each step but the first of this process (compilation/autotuning may take
     # long there): a step stuck past collective_timeout_s is reported naming rank and step (with a stack
     # dump), and the process exits (code 124) another timeout later so torchrun restarts the job.
-    watchdog = (CollectiveWatchdog(faults.collective_timeout_s) if faults.watchdog and dist.is_initialized()
+    # (at twice the timeout: the backend's own timeout, turned into one line by _name_stalls, comes first)
+    watchdog = (CollectiveWatchdog(2 * faults.collective_timeout_s) if faults.watchdog and dist.is_initialized()
                 else None)
     first = True
 
