@@ -96,8 +96,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.min_lr is None:
             self.min_lr = self.lr / 10
-        if self.lr > 1e3:  # AdamW's step size lr / (1 - beta1**t) must stay a float32; no usable lr is this large
-            raise ValueError(f"train.lr={self.lr:g} is not a usable learning rate (at most 1e3)")
+        if self.lr > 1e30:  # AdamW's step size lr / (1 - beta1**t) must stay a float32 (it overflows near 1e37)
+            raise ValueError(f"train.lr={self.lr:g} is not a usable learning rate (at most 1e30)")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr; got {self.lr}, {self.min_lr}")
         if self.schedule not in SCHEDULES:
