@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from longreach.errors import ConfigError
 
@@ -106,6 +107,54 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:240] if lines else type(e).__name__
 
 
+def _join_timeout(rdzv_conf: str) -> float:
+    for item in (rdzv_conf or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "join_timeout":
+            return float(value)
+    return 600.0  # torchrun's default
+
+
+def _bound_rendezvous(endpoint: str, timeout_s: float) -> None:
+    """End the agent with one line when a rendezvous round does not finish within ``timeout_s``.
+
+    torchrun's own timeouts do not cover every wait: with the endpoint's port held by a program that is
+    not a c10d store, creating the store waits forever. The first round is timed from this call (store
+    creation included); later rounds (restarts) from their start. Adapter over
+    ``SimpleElasticAgent._rendezvous`` (torch 2.x), the one call every rendezvous round goes through.
+    """
+    import os
+    import threading
+
+    from torch.distributed.elastic.agent.server.api import SimpleElasticAgent
+
+    original = SimpleElasticAgent._rendezvous
+
+    def give_up() -> None:
+        sys.stderr.write(f"longreach: error: rendezvous at {endpoint} did not complete within {timeout_s:g}s; check "
+                         "that every node was started with the same --rdzv-endpoint and --rdzv-id and that no other "
+                         "program holds that port\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    def arm() -> threading.Timer:
+        timer = threading.Timer(timeout_s, give_up)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    first = [arm()]  # from now: creating the rendezvous store is part of the wait
+
+    def bounded(self: Any, worker_group: Any) -> Any:
+        timer = first.pop() if first else arm()
+        try:
+            return original(self, worker_group)
+        finally:
+            timer.cancel()
+
+    SimpleElasticAgent._rendezvous = bounded
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun's agent with ``argv`` (torchrun's arguments); returns the exit status.
 
@@ -119,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     args = tdr.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not args.standalone and args.rdzv_backend == "c10d":
+        _bound_rendezvous(args.rdzv_endpoint, _join_timeout(args.rdzv_conf) + 10.0)
     try:
         tdr.run(args)
     except SignalException as e:

@@ -95,6 +95,9 @@ CASES: list[tuple[str, list[str], str]] = [
      r"LONGREACH_CACHE=afile: afile is a file, not a folder"),
     ("busy --master-port", ["launch", "tiny.yaml", "--nproc-per-node", "2", "--master-port", "{busy_port}",
                             "--run.out_dir=o_port"], r"--master-port \d+ is in use by another program"),
+    ("rendezvous endpoint held by another program",
+     ["launch", "tiny.yaml", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", "127.0.0.1:{busy_port}",
+      "--rdzv-timeout", "3", "--run.out_dir=o_rdzv"], r"rendezvous at 127\.0\.0\.1:\d+ did not complete within 13s"),
     ("--master-port out of range", ["launch", "tiny.yaml", "--master-port", "70000", "--run.out_dir=o_port2"],
      r"--master-port must be in 1\.\.65535, got 70000"),
     ("unbounded rendezvous", ["launch", "tiny.yaml", "--nnodes", "2", "--rdzv-endpoint", "n0:29400",
@@ -208,7 +211,7 @@ def test_bad_inputs_one_line_error_nothing_overwritten(workdir, held):
     print("\n| case | command | message |\n|---|---|---|\n" + "\n".join(table))
     assert not changed, f"files modified by failing commands: {changed}"
     assert not failures, "\n".join(failures)
-    assert len(CASES) >= 38
+    assert len(CASES) >= 39
     leftovers = [p for p in workdir.rglob("*") if p.name.endswith((".tmp", ".damaged")) or p.name == ".longreach.lock"
                  and p.parent.name != "locked"]
     assert not leftovers, leftovers  # no partial checkpoint, nothing moved aside, no lock left by a failed run
