@@ -392,6 +392,20 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write a checkpoint of ``state`` at ``step``; collective. Returns the final folder.
 
+        See :meth:`_save`; interrupted (Ctrl-C, or SIGTERM through ``longreach.faults.Interrupted``)
+        mid-save, rank 0 removes the partial folder before the interruption goes on.
+        """
+        try:
+            return self._save(step, state)
+        except KeyboardInterrupt:
+            if _rank(self.group) == 0:
+                for partial in self.root.glob("step-*.tmp"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    def _save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write a checkpoint of ``state`` at ``step``; collective. Returns the final folder.
+
         Nothing appears under the final name until every rank has finished writing (atomic rename).
         With ``async_save`` the model/optimizer write continues in the background and the rename
         happens at the next save/load/:meth:`close`.
