@@ -286,3 +286,15 @@ def test_disk_space_and_write_failures_leave_no_tmp(tmp_path, monkeypatch):
                                         r"removed \(the last complete checkpoint, step-00000002, is intact\)"):
         mgr.save(3, {"model": torch.nn.Linear(3, 2)})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
+    mgr, _ = _two_saves(tmp_path)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through longreach.faults.Interrupted
+
+    monkeypatch.setattr(mgr, "_dcp_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(3, {"model": torch.nn.Linear(3, 2)})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
