@@ -23,9 +23,19 @@ Why this shape:
 * Every check that can fail on one rank (a corrupt file) is agreed on by all ranks before any
   collective load starts, so a bad checkpoint gives one :class:`~longreach.errors.UserError` on every
   rank instead of a hang.
+* Nothing non-finite is saved: before writing, all ranks agree that every parameter and optimizer
+  state tensor is finite (:class:`NonFiniteStateError` otherwise, and nothing is written).
+* Integrity: ``meta.json`` lists every file of the checkpoint with its size and sha256 (``files``);
+  resuming verifies them. A damaged newest checkpoint is moved aside to ``step-XXXXXXXX.damaged`` and the
+  previous complete one is used, with a warning naming both; an explicitly given damaged checkpoint is
+  an error.
+* Disk: the expected size (the previous checkpoint's, else this rank's state bytes) is checked against
+  free space before writing; any write failure removes the ``.tmp`` folder and names it, the bytes
+  needed and the bytes free.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +46,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -46,7 +56,8 @@ from torch import nn
 from longreach.errors import UserError
 from longreach.faults import maybe_inject
 
-__all__ = ["CheckpointConfig", "CheckpointManager", "find_checkpoint", "read_meta"]
+__all__ = ["CheckpointConfig", "CheckpointManager", "NonFiniteStateError", "find_checkpoint", "read_meta",
+           "verify_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,7 @@ _META = "meta.json"
 _DCP_DIR = "model"
 _COMMON = "common.pt"
 _RNG_KEY = "_rng"
+_DAMAGED = ".damaged"
 # Config sections that may change between a save and a resume without invalidating the checkpoint:
 # DCP reshards across world sizes and parallel layouts; run length/logging/checkpoint policy and the
 # engine wrapper do not change the model or the data order.
@@ -122,17 +134,17 @@ def _barrier(group: Any) -> None:
         dist.barrier(group=group)
 
 
-def _all_agree(ok: bool, message: str, group: Any) -> None:
-    """Raise the same UserError on every rank if any rank saw a problem (no rank left in a collective)."""
+def _all_agree(ok: bool, message: str, group: Any, *, error: type[UserError] = UserError) -> None:
+    """Raise the same ``error`` on every rank if any rank saw a problem (no rank left in a collective)."""
     if _is_dist(group):
         msgs: list[Any] = [None] * _world(group)
         dist.all_gather_object(msgs, None if ok else message, group=group)
         bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
         if bad:
             r, m = bad[0]
-            raise UserError(m if len(bad) == len(msgs) else f"{m} (seen on rank {r})")
+            raise error(m if len(bad) == len(msgs) else f"{m} (seen on rank {r})")
     elif not ok:
-        raise UserError(message)
+        raise error(message)
 
 
 def _broadcast(obj: Any, group: Any) -> Any:
@@ -207,6 +219,75 @@ def read_meta(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or "step" not in meta:
         raise UserError(f"checkpoint {path}: {_META} is corrupted (no step)")
     return meta
+
+
+class NonFiniteStateError(UserError):
+    """Parameters or optimizer state hold NaN/inf at a save: the run stops, nothing is written."""
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, list[Any]]:
+    """``{relative path: [size, sha256]}`` of every file under ``folder`` except ``meta.json``."""
+    return {str(f.relative_to(folder)): [f.stat().st_size, _file_digest(f)]
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != _META}
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Read ``meta.json`` and check every listed file's size and sha256; returns the meta.
+
+    Checkpoints written before ``files`` was recorded are accepted as they are.
+
+    Raises:
+        UserError: naming the checkpoint and the first missing, resized or altered file.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return meta
+    for rel, (size, digest) in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise UserError(f"checkpoint {path}: missing file {rel} (incomplete or damaged checkpoint)")
+        actual = f.stat().st_size
+        if actual != size:
+            raise UserError(f"checkpoint {path}: {rel} has {actual} bytes, {size} were written (damaged checkpoint)")
+        if _file_digest(f) != digest:
+            raise UserError(f"checkpoint {path}: {rel} fails its sha256 check (damaged checkpoint)")
+    return meta
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _local_tensors(objs: list[Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, this rank's local tensor) of every parameter/buffer and optimizer state tensor in ``objs``."""
+    for obj in objs:
+        if isinstance(obj, nn.Module):
+            items = [*obj.named_parameters(), *obj.named_buffers()]
+        elif isinstance(obj, torch.optim.Optimizer):
+            items = [(f"optimizer state {k}", v) for st in obj.state.values() for k, v in st.items()]
+        else:
+            continue
+        for name, t in items:
+            if isinstance(t, torch.Tensor):
+                yield name, (t.to_local() if hasattr(t, "to_local") else t)
+
+
+def _first_nonfinite(objs: list[Any]) -> str | None:
+    """Name of the first floating tensor holding NaN/inf (None: all finite); one pass, no copies kept."""
+    for name, t in _local_tensors(objs):
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            return name
+    return None
 
 
 def _complete_steps(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -319,9 +400,28 @@ class CheckpointManager:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write a checkpoint of ``state`` at ``step``; collective. Returns the final folder.
 
+        See :meth:`_save`; interrupted (Ctrl-C, or SIGTERM through ``longreach.faults.Interrupted``)
+        mid-save, rank 0 removes the partial folder before the interruption goes on.
+        """
+        try:
+            return self._save(step, state)
+        except KeyboardInterrupt:
+            if _rank(self.group) == 0:
+                for partial in self.root.glob("step-*.tmp"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    def _save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write a checkpoint of ``state`` at ``step``; collective. Returns the final folder.
+
         Nothing appears under the final name until every rank has finished writing (atomic rename).
         With ``async_save`` the model/optimizer write continues in the background and the rename
         happens at the next save/load/:meth:`close`.
+
+        Raises:
+            NonFiniteStateError: some rank's parameters or optimizer state hold NaN/inf (nothing written).
+            UserError: not enough free space, or a write failed (the ``.tmp`` folder is removed) — on
+                every rank.
         """
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
@@ -329,47 +429,108 @@ class CheckpointManager:
         rank, world = _rank(self.group), _world(self.group)
         final = self.root / _step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
-        if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob("step-*.tmp"):  # left by a crash mid-save
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier(self.group)
-
         modules, optims, ds_engines, per_rank, common = self._split(state)
-        rank_payload: dict[str, Any] = {_RNG_KEY: _rng_state()}
-        for name, obj in per_rank.items():
-            rank_payload[name] = _to_safe(obj.state_dict())
-        torch.save(rank_payload, tmp / f"rank-{rank:05d}.pt")
+
+        # never save garbage: every rank's weights and optimizer state must be finite
+        bad = _first_nonfinite([*modules.values(), *optims.values()])
+        _all_agree(bad is None, f"step {step}: non-finite values in {bad}; not saving checkpoint {final.name} "
+                   f"(the last complete checkpoint is {self._last_name()}); the run diverged: lower train.lr or "
+                   "check the data", self.group, error=NonFiniteStateError)
+
+        need = self._expected_bytes(modules, optims)
+        problem = None
         if rank == 0:
-            common_payload = {name: _to_safe(obj if isinstance(obj, dict) else obj.state_dict())
-                              for name, obj in common.items()}
-            torch.save(common_payload, tmp / _COMMON)
-            meta = {
-                "step": step, "config_hash": self.config_hash, "world_size": world,
-                "time": time.time(), "modules": sorted(modules), "optimizers": sorted(optims),
-                "deepspeed": sorted(ds_engines), "per_rank": sorted(per_rank), "common": sorted(common),
-                "torch": torch.__version__, "config": self._config_dict(),
-            }
-            (tmp / _META).write_text(json.dumps(meta, indent=1, default=str))
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in self.root.glob("step-*.tmp"):  # left by a crash mid-save
+                    shutil.rmtree(stale, ignore_errors=True)
+                free = shutil.disk_usage(self.root).free
+                if free < need:
+                    problem = (f"not enough free space to save checkpoint {tmp}: about {need} bytes needed, "
+                               f"{free} free (the last complete checkpoint, {self._last_name()}, is intact)")
+                else:
+                    tmp.mkdir(parents=True)
+            except OSError as e:
+                problem = self._write_error(tmp, e, need)
+        _all_agree(problem is None, problem or "", self.group)
+
+        try:
+            rank_payload: dict[str, Any] = {_RNG_KEY: _rng_state()}
+            for name, obj in per_rank.items():
+                rank_payload[name] = _to_safe(obj.state_dict())
+            torch.save(rank_payload, tmp / f"rank-{rank:05d}.pt")
+            if rank == 0:
+                common_payload = {name: _to_safe(obj if isinstance(obj, dict) else obj.state_dict())
+                                  for name, obj in common.items()}
+                torch.save(common_payload, tmp / _COMMON)
+                meta = {
+                    "step": step, "config_hash": self.config_hash, "world_size": world,
+                    "time": time.time(), "modules": sorted(modules), "optimizers": sorted(optims),
+                    "deepspeed": sorted(ds_engines), "per_rank": sorted(per_rank), "common": sorted(common),
+                    "torch": torch.__version__, "config": self._config_dict(),
+                }
+                (tmp / _META).write_text(json.dumps(meta, indent=1, default=str))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            problem = self._write_error(tmp, e, need)
+        self._agree_or_clean(problem, tmp)
 
         maybe_inject("kill_in_save", step)  # fault tests: die with the checkpoint half written
-        for name, engine in ds_engines.items():
-            engine.save_checkpoint(str(tmp / f"deepspeed-{name}"), tag="ds",
-                                   exclude_frozen_parameters=self.cfg.trainable_only)
+        try:
+            for name, engine in ds_engines.items():
+                engine.save_checkpoint(str(tmp / f"deepspeed-{name}"), tag="ds",
+                                       exclude_frozen_parameters=self.cfg.trainable_only)
+            if modules or optims:
+                sd = self._dcp_state(modules, optims)
+                if self.cfg.async_save:
+                    import torch.distributed.checkpoint as dcp
 
-        if modules or optims:
-            sd = self._dcp_state(modules, optims)
-            if self.cfg.async_save:
-                import torch.distributed.checkpoint as dcp
-
-                fut = dcp.async_save(sd, checkpoint_id=str(tmp / _DCP_DIR), process_group=self.group,
-                                     no_dist=not _is_dist(self.group))
-                self._pending = (fut, tmp, final)
-                return final
-            self._dcp_save(sd, tmp / _DCP_DIR)
+                    fut = dcp.async_save(sd, checkpoint_id=str(tmp / _DCP_DIR), process_group=self.group,
+                                         no_dist=not _is_dist(self.group))
+                    self._pending = (fut, tmp, final)
+                    return final
+                self._dcp_save(sd, tmp / _DCP_DIR)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
+            problem = self._write_error(tmp, e, need)
+        self._agree_or_clean(problem, tmp)
         self._finalize(tmp, final)
         return final
+
+    def _last_name(self) -> str:
+        steps = _complete_steps(self.root)
+        return steps[-1][1].name if steps else "none yet"
+
+    def _expected_bytes(self, modules: dict[str, nn.Module], optims: dict[str, torch.optim.Optimizer]) -> int:
+        """Bytes a save is expected to need: the previous checkpoint's size, else this rank's state bytes."""
+        steps = _complete_steps(self.root)
+        if steps:
+            return _folder_bytes(steps[-1][1])
+        return sum(t.numel() * t.element_size() for _, t in _local_tensors([*modules.values(), *optims.values()]))
+
+    def _write_error(self, tmp: Path, e: BaseException, need: int) -> str:
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = -1
+        text = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        why = next((ln.strip() for ln in text if "Errno" in ln or "space" in ln.lower()), text[-1] if text else "")
+        return (f"cannot write checkpoint {tmp} ({type(e).__name__}: {why[:200]}); about {need} bytes needed, "
+                f"{free} free; the partial folder was removed (the last complete checkpoint, {self._last_name()}, "
+                "is intact)")
+
+    def _agree_or_clean(self, problem: str | None, tmp: Path) -> None:
+        """Raise ``problem`` on every rank if any rank had one, after rank 0 removed the partial folder."""
+        if _is_dist(self.group):
+            msgs: list[Any] = [None] * _world(self.group)
+            dist.all_gather_object(msgs, problem, group=self.group)
+            problem = next((m for m in msgs if m is not None), None)
+        if problem is None:
+            return
+        if _rank(self.group) == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(self.group)
+        raise UserError(problem)
 
     def wait(self) -> None:
         """Finish a pending async save (wait for the background write, then rename); collective."""
@@ -377,9 +538,16 @@ class CheckpointManager:
             return
         fut, tmp, final = self._pending
         self._pending = None
-        result = fut.result()
-        if hasattr(result, "upload_completion"):  # AsyncSaveResponse in newer torch
-            result.upload_completion.result()
+        problem = None
+        try:
+            result = fut.result()
+            if hasattr(result, "upload_completion"):  # AsyncSaveResponse in newer torch
+                result.upload_completion.result()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a failed background write (e.g. a full disk)
+            problem = self._write_error(tmp, e, _folder_bytes(tmp) if tmp.is_dir() else 0)
+        self._agree_or_clean(problem, tmp)
         self._finalize(tmp, final)
 
     def close(self) -> None:
@@ -389,6 +557,17 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path) -> None:
         # Every rank has finished its files when the barrier returns; only then does rank 0 publish.
         _barrier(self.group)
+        problem = None
+        if _rank(self.group) == 0:
+            try:
+                meta = read_meta(tmp)
+                meta["files"] = _manifest(tmp)  # sizes + sha256, verified on resume
+                part = tmp / (_META + ".part")
+                part.write_text(json.dumps(meta, indent=1, default=str))
+                os.replace(part, tmp / _META)
+            except (OSError, UserError) as e:
+                problem = self._write_error(tmp, e, _folder_bytes(tmp) if tmp.is_dir() else 0)
+        self._agree_or_clean(problem, tmp)
         if _rank(self.group) == 0:
             if final.exists():  # re-saving the same step (e.g. final save == periodic save)
                 shutil.rmtree(final)
@@ -447,7 +626,7 @@ class CheckpointManager:
         err: str | None = None
         if _rank(self.group) == 0:
             try:
-                p = find_checkpoint(path) if path is not None else self.resume_path()
+                p = self._choose_verified(path)
                 chosen = None if p is None else str(p)
             except UserError as e:
                 err = str(e)
@@ -509,6 +688,45 @@ class CheckpointManager:
         log.info("resumed from %s (step %d, written by %d ranks, now %d)", ckpt, step,
                  int(meta.get("world_size", 1)), world)
         return step
+
+    def _choose_verified(self, path: Path | None) -> Path | None:
+        """Rank 0: the checkpoint to load, its files verified against their sizes and checksums.
+
+        The run's own checkpoints fall back, newest first, past damaged ones (each moved aside to
+        ``step-XXXXXXXX.damaged`` and named in a warning) once an intact one is found; an explicit
+        ``path`` or ``load_path`` must be intact itself.
+        """
+        if path is not None:
+            p = find_checkpoint(path)
+            verify_checkpoint(p)
+            return p
+        if self.cfg.resume:
+            damaged: list[tuple[Path, str]] = []
+            for _, p in reversed(_complete_steps(self.root)):
+                try:
+                    verify_checkpoint(p)
+                except UserError as e:
+                    damaged.append((p, str(e)))
+                    continue
+                for bad, why in damaged:
+                    aside = bad.with_name(bad.name + _DAMAGED)
+                    n = 1
+                    while aside.exists():
+                        aside, n = bad.with_name(f"{bad.name}{_DAMAGED}-{n}"), n + 1
+                    os.replace(bad, aside)
+                    log.warning("%s; moved it aside to %s and resuming from the previous complete checkpoint %s",
+                                why, aside.name, p.name)
+                return p
+            if damaged:
+                raise UserError(f"no intact checkpoint in {self.root}: " + "; ".join(w for _, w in damaged))
+        if self.cfg.load_path:
+            try:
+                p = find_checkpoint(self.cfg.load_path)
+                verify_checkpoint(p)
+            except UserError as e:
+                raise UserError(f"checkpoint.load_path: {e}") from None
+            return p
+        return None
 
     def _check_config(self, ckpt: Path, meta: dict[str, Any]) -> None:
         saved_hash = meta.get("config_hash")

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import tempfile
 import types
@@ -70,6 +71,41 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
+MAX_YAML_NODES = 100_000
+"""Bound on the nodes a YAML document expands to once aliases are followed (a config has hundreds;
+an alias bomb — anchors referring to anchors — reaches billions and would hang every later step)."""
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes under ``node`` counting each alias use as a full copy (memoised per node: linear time)."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias (&a [*a]) counts once instead of looping
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_expanded_nodes(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    memo[key] = min(total, MAX_YAML_NODES + 1)
+    return memo[key]
+
+
+def _load_yaml_text(text: str, where: str) -> Any:
+    """``yaml.load`` with the strict loader, refusing documents whose alias expansion exceeds
+    :data:`MAX_YAML_NODES` (checked on the composed node graph, before anything is constructed)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: YAML expands to more than {MAX_YAML_NODES} values through aliases "
+                              "(&anchor/*alias); refusing to load it")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
 
 def _read_yaml(path: Path) -> dict:
     try:
@@ -79,7 +115,7 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = _load_yaml_text(text, str(path))  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -167,6 +203,14 @@ def _coerce(value: Any, tp: Any, key: str, src: str, choices: tuple | None = Non
     return out
 
 
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text.strip().replace("_", ""))
+    except ValueError:
+        return False
+    return True
+
+
 def _fail(value: Any, tp: Any, key: str, src: str) -> typing.NoReturn:
     raise ConfigError(f"{src}: {key} expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
@@ -241,31 +285,31 @@ def _coerce_inner(value: Any, tp: Any, key: str, src: str) -> Any:
             _fail(value, tp, key, src)
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         if isinstance(value, str):
-            text = value.strip().replace("_", "")
             try:
-                return int(text, 0)
+                return int(value.strip().replace("_", ""), 0)
             except ValueError:
-                try:
-                    f = float(text)
-                except ValueError:
-                    _fail(value, tp, key, src)
-                if f.is_integer():
-                    return int(f)
+                pass
+        if isinstance(value, float) or (isinstance(value, str) and _is_float_text(value)):
+            # 1e30 or 4.0 for a count is a mistake, not an integer: say so instead of truncating
+            raise ConfigError(f"{src}: {key} expects int, got {value!r} (a float; write a whole number "
+                              "without a decimal point or exponent)")
         _fail(value, tp, key, src)
     if tp is float:
         if isinstance(value, bool):
             _fail(value, tp, key, src)
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            out = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip().replace("_", ""))
+                out = float(value.strip().replace("_", ""))
             except ValueError:
                 _fail(value, tp, key, src)
-        _fail(value, tp, key, src)
+        else:
+            _fail(value, tp, key, src)
+        if not math.isfinite(out):
+            raise ConfigError(f"{src}: {key} expects a finite float, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -393,7 +437,7 @@ def parse_override(text: str) -> tuple[str, Any, str]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key; write --section.field=value")
     try:
-        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""  # noqa: S506
+        value = _load_yaml_text(raw, f"override {text!r}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value, raw

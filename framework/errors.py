@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config file or override that does not fit the typed config."""
+
+
+class JobError(Exception):
+    """The job failed for a reason outside the user's input (a dead or stalled rank). The CLI prints it
+    as one line and exits with status 1."""

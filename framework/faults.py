@@ -11,6 +11,13 @@
   ``collective_timeout_s`` fails with :class:`CollectiveTimeoutError` naming the rank and the
   operation; the watchdog thread is the backstop for a wait that cannot be interrupted (it reports
   the rank and operation, dumps stacks, and exits the process so torchrun can restart the job).
+* :class:`RunFolderLock` — one job per run folder: rank 0 holds ``<run>/.longreach.lock`` (host, pid,
+  process start time); a second job gets one line naming the holder; a lock whose process is gone
+  (same host: pid dead, or reused by another process) is stale and taken over with a warning.
+* :func:`exit_with_parent` — a worker ends when its launcher (the torchrun agent) dies, even by
+  SIGKILL: a thread notices the parent changing and sends SIGTERM.
+* :func:`install_signal_handlers` — SIGTERM/SIGINT become :class:`Interrupted` (exit 143/130 with one
+  line per rank from the CLI), so ``finally`` blocks (lock release, pending checkpoint) run.
 * Fault injection for tests: the environment variable ``LONGREACH_FAULT_INJECT`` (or
   ``FaultConfig.inject``) holds ``kind@step=N[,rank=R]`` items separated by ``;``. Kinds: ``kill``
   (SIGKILL this rank at the start of step N), ``kill_in_save`` (SIGKILL while the checkpoint of step N
@@ -21,26 +28,30 @@
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from longreach.errors import ConfigError, UserError
+from longreach.errors import ConfigError, JobError, UserError
 
 __all__ = [
     "FaultConfig", "FaultPolicy", "NonFiniteLossError", "CollectiveTimeoutError", "CollectiveWatchdog",
     "check_finite", "timed_collective", "parse_injections", "maybe_inject", "init_distributed", "INJECT_ENV",
+    "Interrupted", "RunFolderLock", "exit_with_parent", "install_signal_handlers",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,8 +92,8 @@ class NonFiniteLossError(UserError, RuntimeError):
     """
 
 
-class CollectiveTimeoutError(RuntimeError):
-    """A collective did not complete within the configured timeout."""
+class CollectiveTimeoutError(JobError, RuntimeError):
+    """A collective did not complete within the configured timeout (the CLI prints it as one line, exit 1)."""
 
 
 def _rank() -> int:
@@ -378,3 +389,152 @@ def maybe_inject(kind: str, step: int, spec: str | None = None) -> None:
         secs = next(i.seconds for i in injections if i.kind == "hang" and i.step == step)
         log.error("fault injection: rank %d hangs for %gs at step %d", _rank(), secs, step)
         time.sleep(secs)
+
+
+# ------------------------------------------------------------------------------------ run-folder lock
+
+
+def _proc_start(pid: int) -> str | None:
+    """A stable identity of process ``pid``: boot id + start time in ticks (None if it does not exist)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22: starttime
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunFolderLock:
+    """``<run_dir>/.longreach.lock``, created exclusively by rank 0 of the job training in ``run_dir``.
+
+    Args:
+        run_dir: the run folder (created if missing).
+
+    Raises (from :meth:`acquire`):
+        UserError: another live job holds the lock (the message names host, pid and start time).
+    """
+
+    NAME = ".longreach.lock"
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        self.held = False
+        self._me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
+                    "started": datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[:8]}
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written by a process killed while creating it
+        return data if isinstance(data, dict) else {}
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if not holder:
+            return True
+        if holder.get("host") != self._me["host"]:
+            return False  # another machine's process: cannot be checked from here
+        pid = int(holder.get("pid", -1))
+        if pid <= 0 or not _alive(pid):
+            return True
+        start = _proc_start(pid)
+        return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                if not self._stale(holder):
+                    raise UserError(
+                        f"run folder {self.path.parent} is in use by another job: pid {holder.get('pid')} on host "
+                        f"{holder.get('host')} since {holder.get('started')} (lock {self.path}; delete it only if "
+                        "that job is gone)") from None
+                log.warning("taking over the stale lock %s of pid %s on %s (started %s), which is no longer running",
+                            self.path, holder.get("pid"), holder.get("host"), holder.get("started"))
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(json.dumps(self._me))
+            self.held = True
+            return
+        raise UserError(f"run folder {self.path.parent}: could not take the lock {self.path} (another job raced "
+                        "for it); try again")
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it (idempotent)."""
+        if self.held and (self._holder() or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+
+# ----------------------------------------------------------------------------------- signals, parent death
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived: unwinds like Ctrl-C (``finally`` blocks run); the CLI exits 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread (no-op outside it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    first: list[float] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if first:
+            if time.monotonic() - first[0] < 2.0:
+                return  # the same stop delivered twice (terminal + launcher): still unwinding
+            signal.signal(signum, signal.SIG_DFL)  # asked again later: end at once
+            os.kill(os.getpid(), signum)
+            return
+        first.append(time.monotonic())
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def exit_with_parent(sig: int = signal.SIGTERM, poll_s: float = 1.0, grace_s: float = 10.0) -> None:
+    """End this process with ``sig`` when its parent (the torchrun agent) dies, even by SIGKILL.
+
+    A daemon thread polls the parent pid (the agent's heartbeat, in effect): when the parent is gone
+    the process is re-parented and ``getppid`` changes. Linux's ``PR_SET_PDEATHSIG`` is not used: it
+    fires when the *thread* that started the child exits, which a launcher's worker threads may do.
+    If ``sig``'s handler cannot run within ``grace_s`` (the main thread is stuck in a collective), the
+    process exits with status 128 + ``sig``.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        msg = f"rank {_rank()}: the launcher (pid {parent}) is gone; stopping this rank"
+        log.error(msg)
+        print(f"longreach: error: {msg}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), sig)
+        time.sleep(grace_s)
+        os._exit(128 + int(sig))
+
+    threading.Thread(target=watch, name="longreach-parent-watch", daemon=True).start()

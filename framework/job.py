@@ -44,8 +44,9 @@ class RunConfig:
     """Log a line every this many steps (metrics.jsonl gets every step)."""
     save_every: int = 0
     """Checkpoint every this many steps (0: only at the end)."""
-    overwrite: bool = False
-    """Reuse a run folder that holds a run with a different config (its checkpoints are removed)."""
+    overwrite: bool | str = False
+    """Reuse a run folder that holds a run with a different config: ``true`` moves the old run aside to
+    ``<out_dir>.replaced-<time>``; ``delete`` deletes it; ``false`` refuses."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -55,6 +56,10 @@ class RunConfig:
         for name in ("steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.overwrite, str) and self.overwrite not in ("delete", "move"):
+            raise ValueError(f"run.overwrite must be true/false (move aside), or delete; got {self.overwrite!r}")
+        if self.overwrite == "move":
+            self.overwrite = True
         if self.log_every < 1:
             raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
 
@@ -91,6 +96,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.min_lr is None:
             self.min_lr = self.lr / 10
+        if self.lr > 1e30:  # AdamW's step size lr / (1 - beta1**t) must stay a float32 (it overflows near 1e37)
+            raise ValueError(f"train.lr={self.lr:g} is not a usable learning rate (at most 1e30)")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr; got {self.lr}, {self.min_lr}")
         if self.schedule not in SCHEDULES:

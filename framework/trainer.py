@@ -37,7 +37,8 @@ from torch import nn
 
 from longreach.attention import AttentionContext
 from longreach.errors import UserError
-from longreach.faults import CollectiveWatchdog, FaultConfig, FaultPolicy, maybe_inject
+from longreach.faults import (CollectiveTimeoutError, CollectiveWatchdog, FaultConfig, FaultPolicy, RunFolderLock,
+                              maybe_inject)
 from longreach.loss import global_token_count
 from longreach.metrics import MetricsWriter, Throughput, memory_mb
 from longreach.parallel.layouts import layout_multiple
@@ -58,7 +59,8 @@ DataBuilder = Callable[..., Any]
 """``build_data(cfg, *, dp_rank, dp_size) -> loader`` (see :func:`train`)."""
 
 _CONTINUABLE = ("run.steps", "run.log_every", "run.save_every", "run.overwrite", "checkpoint.", "engine.",
-                "parallel.", "attention.backend", "data.cache_dir", "faults.")
+                "parallel.", "attention.backend", "data.cache_dir", "faults.",
+                "run.out_dir", "run.name")  # a moved, copied or renamed run folder is a continuation
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -375,12 +377,14 @@ def _continuable(line: str) -> bool:
     return any(key == p or key.startswith(p) for p in _CONTINUABLE)
 
 
-def prepare_run_dir(cfg: Any, rank: int) -> tuple[Path, str]:
+def prepare_run_dir(cfg: Any, rank: int, lock: RunFolderLock | None = None) -> tuple[Path, str]:
     """Create or reuse the run folder; write ``config.yaml`` and ``config_hash`` (rank 0).
 
-    A folder holding a run with a different config (beyond settings a continued run may change, such
-    as ``run.steps`` or the parallel layout) is refused unless ``run.overwrite``; with it, the old
-    checkpoints and metrics are removed. Nothing is written before that decision.
+    Rank 0 first takes ``lock`` (one job per run folder) and removes partial ``step-*.tmp`` checkpoints
+    left by a crash. A folder holding a run with a different config (beyond settings a continued run
+    may change, such as ``run.steps``, the parallel layout or the folder's own path) is refused unless
+    ``run.overwrite``: then the old run is moved aside to ``<run_dir>.replaced-<time>`` (or deleted
+    with ``run.overwrite=delete``), and a warning says which. Nothing is written before that decision.
 
     Returns:
         ``(run_dir, config_hash)``.
@@ -393,6 +397,11 @@ def prepare_run_dir(cfg: Any, rank: int) -> tuple[Path, str]:
     err = None
     if rank == 0:
         try:
+            if lock is not None:
+                lock.acquire()
+            for partial in (run_dir / "checkpoints").glob("step-*.tmp"):  # this job holds the folder
+                log.info("removing the partial checkpoint %s left by an interrupted save", partial)
+                shutil.rmtree(partial, ignore_errors=True)
             old_file, hash_file = run_dir / "config.yaml", run_dir / "config_hash"
             old_hash = hash_file.read_text().strip() if hash_file.is_file() else None
             if old_file.is_file() and old_hash != chash:
@@ -403,11 +412,10 @@ def prepare_run_dir(cfg: Any, rank: int) -> tuple[Path, str]:
                 if diff and not cfg.run.overwrite:
                     shown = "; ".join(diff[:5]) + (" …" if len(diff) > 5 else "")
                     raise UserError(f"run folder {run_dir} holds a run with a different config ({shown}); "
-                                    "set run.overwrite=true to replace it, or choose another run.name/run.out_dir")
+                                    "set run.overwrite=true to move it aside (run.overwrite=delete deletes it), "
+                                    "or choose another run.name/run.out_dir")
                 if diff:
-                    log.warning("run.overwrite: replacing the run in %s (%s)", run_dir, "; ".join(diff[:5]))
-                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                    _replace_run(run_dir, cfg.run.overwrite, "; ".join(diff[:5]), keep=lock.path.name if lock else None)
             run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, run_dir / "config.yaml")
             (run_dir / "config_hash").write_text(chash + "\n")
@@ -415,8 +423,31 @@ def prepare_run_dir(cfg: Any, rank: int) -> tuple[Path, str]:
             err = str(e)
         except OSError as e:
             err = f"run.out_dir: cannot write the run folder {run_dir}: {e}"
+        if err is not None and lock is not None:
+            lock.release()
     _broadcast_error(err)
     return run_dir, chash
+
+
+def _replace_run(run_dir: Path, how: Any, why: str, *, keep: str | None) -> None:
+    """``run.overwrite``: move the old run's files to ``<run_dir>.replaced-<time>`` ("delete": remove them)."""
+    import time
+
+    entries = [p for p in run_dir.iterdir() if p.name != keep]
+    if how == "delete":
+        log.warning("run.overwrite=delete: deleting the previous run in %s (%s)", run_dir, why)
+        for p in entries:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return
+    aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"), n + 1
+    aside.mkdir()
+    for p in entries:
+        os.replace(p, aside / p.name)
+    log.warning("run.overwrite: moved the previous run in %s (%s) aside to %s (run.overwrite=delete deletes "
+                "instead)", run_dir, why, aside)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -478,6 +509,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
     fcfg: FaultConfig = getattr(cfg, "faults", None) or FaultConfig()
     rank, world, device, owned = setup_distributed(timeout_s=fcfg.collective_timeout_s)
     _setup_logging(rank)
+    lock = RunFolderLock(cfg.run.out_dir) if rank == 0 else None  # one job per run folder
     try:
         check_config(cfg, world)
         mesh, dp_rank, dp_size = build_mesh(cfg.parallel, world, device)
@@ -489,7 +521,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         if vocab is not None and vocab != cfg.model.vocab_size:
             log.info("model.vocab_size set to the tokenizer's %d (was %d)", vocab, cfg.model.vocab_size)
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))
-        run_dir, chash = prepare_run_dir(cfg, rank)
+        run_dir, chash = prepare_run_dir(cfg, rank, lock)
 
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         if build_model is not None:
@@ -563,8 +595,32 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         log.info("done: metrics %s, checkpoint %s", summary["metrics"], summary["checkpoint"])
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         if owned:
             dist.destroy_process_group()
+
+
+_PEER_FAILURE = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connectfullmesh")
+
+
+@contextlib.contextmanager
+def _name_stalls(rank: int, step: int, timeout_s: float) -> Iterator[None]:
+    """Turn the backend's words for a dead or stalled peer (gloo: "Timed out waiting …", "Connection closed
+    by peer") into one :class:`CollectiveTimeoutError` naming this rank, the step and the operation."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e).strip()
+        if isinstance(e, CollectiveTimeoutError) or not any(k in text.lower() for k in _PEER_FAILURE):
+            raise
+        first = text.splitlines()[0] if text else type(e).__name__
+        first = first.split("] ", 1)[1] if first.startswith("[") and "] " in first else first  # gloo's source path
+        first = first[:160]
+        raise CollectiveTimeoutError(
+            f"rank {rank}: step {step}: a collective in the train step (forward/backward/optimizer) failed after "
+            f"waiting up to faults.collective_timeout_s={timeout_s:g}s: {first}; another rank is probably dead "
+            "or stuck") from None
 
 
 def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any, mesh: Any,
@@ -577,7 +633,8 @@ def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     # The watchdog guards each step but the first of this process (compilation/autotuning may take
     # long there): a step stuck past collective_timeout_s is reported naming rank and step (with a stack
     # dump), and the process exits (code 124) another timeout later so torchrun restarts the job.
-    watchdog = (CollectiveWatchdog(faults.collective_timeout_s) if faults.watchdog and dist.is_initialized()
+    # (at twice the timeout: the backend's own timeout, turned into one line by _name_stalls, comes first)
+    watchdog = (CollectiveWatchdog(2 * faults.collective_timeout_s) if faults.watchdog and dist.is_initialized()
                 else None)
     first = True
 
@@ -601,7 +658,7 @@ def _loop(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
             lr = optimizer.param_groups[0]["lr"]
             guard = (watchdog.guard(f"in train step {n} (forward/backward/optimizer)")
                      if watchdog is not None and not first else contextlib.nullcontext())
-            with guard:
+            with guard, _name_stalls(rank, n, faults.collective_timeout_s):
                 maybe_inject("hang", n, faults.inject)  # fault tests: this rank stalls, the others wait
                 res = train_step(model, optimizer, micro, cfg=cfg, mesh=mesh, step=state.step, device=device,
                                  scheduler=scheduler, engine=engine, policy=policy)

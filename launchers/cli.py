@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from longreach.errors import UserError
+from longreach.errors import JobError, UserError
 
 # command -> ("module:function", one-line help). "bench" has its own sub-commands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -121,9 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         sys.stderr.write(f"longreach: error: {exc}\n")
         return _EXIT_USER
-    except KeyboardInterrupt:
-        sys.stderr.write("longreach: interrupted\n")
-        return _EXIT_INTERRUPT
+    except JobError as exc:
+        sys.stderr.write(f"longreach: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT through longreach.faults.Interrupted
+        signum = getattr(exc, "signum", _EXIT_INTERRUPT - 128)
+        who = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+        sys.stderr.write(f"longreach: {who}interrupted by {'SIGTERM' if signum == 15 else 'SIGINT'}\n")
+        return 128 + signum
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -169,8 +174,12 @@ def train_main(argv: list[str]) -> int:
 
         sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    from longreach.faults import exit_with_parent, install_signal_handlers
     from longreach.trainer import train
 
+    install_signal_handlers()  # SIGTERM/SIGINT unwind (lock released) and exit 143/130 with one line
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        exit_with_parent()  # under torchrun: end with the agent, never train unsupervised
     summary = train(cfg)
     if summary and os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary.get(k) for k in ("run_dir", "metrics", "checkpoint") if k in summary}))

@@ -34,6 +34,8 @@ __all__ = ["main", "build_plan", "split_command"]
 LAUNCHABLE = ("train", "finetune", "eval", "generate", "export", "upcycle", "bench", "report", "plan")
 _CONFIG_COMMANDS = ("train", "finetune")  # CONFIG + --section.key=value overrides, loaded strictly here
 
+_DEFAULT_PORT = 29500
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longreach launch", allow_abbrev=False,
@@ -56,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-ranks", default="0", help="local ranks whose output is shown ('all' for every rank)")
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile ('host slots=N' lines)")
     p.add_argument("--master-addr", default=None, help="DeepSpeed/accelerate: address of the first node")
-    p.add_argument("--master-port", type=int, default=29500, help="DeepSpeed/accelerate: port on the first node")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="port on the first node (torchrun single node: default a free port; DeepSpeed/accelerate: "
+                        "default 29500)")
+    p.add_argument("--rdzv-timeout", type=int, default=300,
+                   help="seconds a multi-node torchrun rendezvous waits for every node before failing (default 300)")
     p.add_argument("--output", default=None, help="where to write the Slurm script / accelerate config")
     p.add_argument("--job-name", default="longreach", help="Slurm job name")
     p.add_argument("--partition", default=None, help="Slurm partition")
@@ -83,7 +89,8 @@ def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[lis
     if args.launcher == "torchrun":
         spec = TorchrunSpec(nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, node_rank=args.node_rank,
                             rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                            max_restarts=args.max_restarts, log_ranks=None if args.log_ranks == "all" else args.log_ranks)
+                            max_restarts=args.max_restarts, log_ranks=None if args.log_ranks == "all" else args.log_ranks,
+                            master_port=args.master_port, rdzv_timeout_s=args.rdzv_timeout)
         return [torchrun_command(spec, program)], files
     if args.launcher == "slurm":
         from longreach.launchers.slurm import SlurmSpec, sbatch_script
@@ -91,7 +98,7 @@ def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[lis
         spec = SlurmSpec(job_name=args.job_name, nodes=args.nnodes, gpus_per_node=args.gpus_per_node,
                          procs_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
                          partition=args.partition, account=args.account, max_restarts=max(args.max_restarts, 0),
-                         port=args.master_port)
+                         port=args.master_port or _DEFAULT_PORT)
         out = args.output or f"{args.job_name}.sbatch"
         files[out] = sbatch_script(spec, program, python=sys.executable)
         return [["sbatch", out]], files
@@ -102,14 +109,15 @@ def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[lis
             raise UserError("--launcher deepspeed with --nnodes > 1 needs --hostfile")
         return [deepspeed_command(program, hostfile=args.hostfile, num_nodes=args.nnodes if args.hostfile else None,
                                   num_gpus=args.nproc_per_node if not args.hostfile else None,
-                                  master_addr=args.master_addr, master_port=args.master_port)], files
+                                  master_addr=args.master_addr, master_port=args.master_port or _DEFAULT_PORT)], files
     from longreach.launchers.accelerate import accelerate_command, accelerate_config, write_accelerate_config
 
     if args.nnodes > 1 and not args.master_addr:
         raise UserError("--launcher accelerate with --nnodes > 1 needs --master-addr")
     conf = accelerate_config(num_machines=args.nnodes, num_processes=args.nnodes * args.nproc_per_node,
                              machine_rank=args.node_rank or 0, main_process_ip=args.master_addr,
-                             main_process_port=args.master_port, mixed_precision=args.mixed_precision)
+                             main_process_port=args.master_port or _DEFAULT_PORT,
+                             mixed_precision=args.mixed_precision)
     out = args.output or "accelerate_config.yaml"
     import yaml
 
@@ -199,11 +207,46 @@ def main(argv: list[str]) -> int:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
         print(f"wrote {p}", file=sys.stderr)
+    if args.launcher == "torchrun" and args.master_port is not None and args.nnodes == 1:
+        _check_port_free(args.master_port)
     for cmd in commands:
         if shutil.which(cmd[0]) is None and not Path(cmd[0]).exists():
             raise UserError(f"{cmd[0]} not found on PATH (the {args.launcher} launcher needs it)")
         print(shlex.join(cmd), file=sys.stderr)
-        rc = subprocess.run(cmd, env=env, check=False).returncode
+        if cmd[1:3] == ["-m", "torch.distributed.run"]:  # the same agent, ending with one line per signal/failure
+            cmd = [cmd[0], "-m", "longreach.launchers.torchrun", *cmd[3:]]
+        rc = _run_forwarding_signals(cmd, env)
         if rc != 0:
             return rc
     return 0
+
+
+def _check_port_free(port: int) -> None:
+    """A single-node torchrun store port taken by another program fails here with one line."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise UserError(f"--master-port {port} is in use by another program ({e.strerror}); pick another port "
+                            "or leave --master-port out to use a free one") from None
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd``; SIGTERM sent to this launcher is passed on, SIGINT (Ctrl-C reaches the whole terminal
+    process group, the child included) is not sent twice; the child's exit status is returned."""
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM and proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longreach.checkpoint import CheckpointConfig, CheckpointManager, find_checkpoint
+from longreach.checkpoint import (CheckpointConfig, CheckpointManager, NonFiniteStateError, find_checkpoint,
+                                  verify_checkpoint)
 from longreach.errors import UserError
 from longreach.testing import run_ranks
 from longreach.workers import faults as w
@@ -39,6 +40,8 @@ def test_rng_matters_so_resume_test_is_meaningful(tmp_path):
     payload = torch.load(rank_file, weights_only=True)
     payload["_rng"]["torch"] = torch.manual_seed(123).get_state()
     torch.save(payload, rank_file)
+    meta_file = rank_file.parent / "meta.json"  # a deliberate edit: drop the checksums so it still loads
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "files"}))
     shutil.rmtree(tmp_path / "a" / "checkpoints" / "step-00000004")
     again = w.train_loop(tmp_path / "a", steps=4, save_every=2)
     assert _losses(again) != _losses(full[2:])
@@ -126,7 +129,7 @@ def test_corrupted_checkpoint_is_user_error(tmp_path, damage):
     else:
         (path / "model" / ".metadata").write_bytes(b"\x00\x01")
     mgr = CheckpointManager(CheckpointConfig(), tmp_path, config_hash="h")
-    with pytest.raises(UserError, match=r"step-00000001.*(corrupted|not a longreach)"):
+    with pytest.raises(UserError, match=r"step-00000001.*(corrupted|damaged|not a longreach)"):
         mgr.load({"model": torch.nn.Linear(3, 2), "trainer": {}})
 
 
@@ -206,3 +209,92 @@ def test_trainable_only_saves_adapters_and_keeps_base_weights(tmp_path):
     assert CheckpointManager(cfg, tmp_path, config_hash="lora").load({"model": fresh, "optimizer": fresh_opt}) == 1
     assert torch.equal(fresh.out.weight, model.out.weight) and torch.equal(fresh.inp.weight, base)
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def _two_saves(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    mgr = CheckpointManager(CheckpointConfig(), tmp_path, config_hash="h")
+    mgr.save(1, {"model": model, "trainer": {"step": 1}})
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    mgr.save(2, {"model": model, "trainer": {"step": 2}})
+    return mgr, first
+
+
+def test_same_size_damage_falls_back_to_previous_checkpoint(tmp_path, caplog):
+    """A .distcp file altered in place (same size) fails its sha256; resuming uses step 1, loudly."""
+    mgr, first = _two_saves(tmp_path)
+    ck = tmp_path / "checkpoints"
+    f = next((ck / "step-00000002" / "model").glob("*.distcp"))
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=r"step-00000002: model/.*\.distcp fails its sha256 check"):
+        verify_checkpoint(ck / "step-00000002")
+    with pytest.raises(UserError, match="fails its sha256 check"):  # an explicit path never falls back
+        mgr.load({"model": torch.nn.Linear(3, 2), "trainer": {}}, path=ck / "step-00000002")
+    model, trainer = torch.nn.Linear(3, 2), {}
+    with caplog.at_level("WARNING", logger="longreach.checkpoint"):
+        assert mgr.load({"model": model, "trainer": trainer}) == 1
+    assert trainer == {"step": 1} and all(torch.equal(model.state_dict()[k], v) for k, v in first.items())
+    assert "moved it aside to step-00000002.damaged" in caplog.text and "step-00000001" in caplog.text
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000001", "step-00000002.damaged"]
+    # both damaged: one error naming the run's checkpoints, nothing moved
+    (ck / "step-00000001" / "rank-00000.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*checkpoints: .*rank-00000\.pt has 1 bytes"):
+        mgr.load({"model": model, "trainer": trainer})
+    assert (ck / "step-00000001").is_dir()
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+    mgr, _ = _two_saves(tmp_path)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    next(iter(opt.state.values()))["exp_avg_sq"][0, 0] = float("inf")
+    with pytest.raises(NonFiniteStateError, match=r"step 3: non-finite values in optimizer state exp_avg_sq; "
+                                                  r"not saving .*last complete checkpoint is step-00000002"):
+        mgr.save(3, {"model": model, "optimizer": opt})
+    with torch.no_grad():
+        model.bias[1] = float("nan")
+    with pytest.raises(NonFiniteStateError, match="non-finite values in bias"):
+        mgr.save(3, {"model": model})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_disk_space_and_write_failures_leave_no_tmp(tmp_path, monkeypatch):
+    import longreach.checkpoint as ck
+
+    mgr, _ = _two_saves(tmp_path)
+    need = sum(f.stat().st_size for f in (tmp_path / "checkpoints" / "step-00000002").rglob("*") if f.is_file())
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=100))
+    with pytest.raises(UserError, match=rf"not enough free space to save checkpoint .*step-00000003\.tmp: "
+                                        rf"about {need} bytes needed, 100 free"):
+        mgr.save(3, {"model": torch.nn.Linear(3, 2)})
+    monkeypatch.setattr(ck.shutil, "disk_usage", real_usage)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(UserError, match=r"cannot write checkpoint .*step-00000003\.tmp \(OSError: \[Errno 28\] No space "
+                                        r"left on device\); about \d+ bytes needed, \d+ free; the partial folder was "
+                                        r"removed \(the last complete checkpoint, step-00000002, is intact\)"):
+        mgr.save(3, {"model": torch.nn.Linear(3, 2)})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
+    mgr, _ = _two_saves(tmp_path)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through longreach.faults.Interrupted
+
+    monkeypatch.setattr(mgr, "_dcp_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(3, {"model": torch.nn.Linear(3, 2)})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]

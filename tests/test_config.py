@@ -62,7 +62,7 @@ def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
 
 def test_load_and_coerce(tmp_path: Path) -> None:
     p = _write(tmp_path, "model:\n  dim: 128\n  kv_heads: 2\n  tied: yes\n  layers: [3, '4']\n  path: /x/y\n"
-                         "  extra: {a: 1}\noptim:\n  lr: 2e-5\n  betas: [0.8, 0.99]\n  warmup: 1e2\n")
+                         "  extra: {a: 1}\noptim:\n  lr: 2e-5\n  betas: [0.8, 0.99]\n  warmup: 1_00\n")
     # PyYAML 1.1 reads 2e-5 (no dot) as a string; the loader must coerce it by the field's type.
     assert isinstance(yaml.safe_load("x: 2e-5")["x"], str)
     cfg = load_config(Job, p)
@@ -191,3 +191,30 @@ def test_job_config_demo_recipe_loads() -> None:
         load_config(JobConfig, "demo", ["--train.seqlen=64"])
     with pytest.raises(ConfigError, match="packaged recipes: .*demo"):
         resolve_config_path("no-such-recipe")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("optim:\n  warmup: 1e30\n", r"optim\.warmup expects int, got '1e30' \(a float"),
+    ("optim:\n  warmup: 4.0\n", r"optim\.warmup expects int, got 4\.0 \(a float"),
+    ("optim:\n  lr: .nan\n", r"optim\.lr expects a finite float, got nan"),
+    ("optim:\n  lr: -.inf\n", r"optim\.lr expects a finite float, got -inf"),
+    ("optim:\n  lr: inf\n", r"optim\.lr expects a finite float, got 'inf'"),
+])
+def test_integers_reject_floats_and_floats_are_finite(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(Job, _write(tmp_path, text))
+    key, _, value = text.split("\n")[1].strip().partition(": ")
+    with pytest.raises(ConfigError, match=match):
+        load_config(Job, None, [f"--optim.{key}={value}"])
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    """Nine levels of nine aliases expand to 9**9 values: refused from the node graph before construction."""
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    p = _write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: YAML expands to more than 100000 values through aliases"):
+        load_config(Job, p)
+    # small alias use stays allowed
+    ok = _write(tmp_path, "optim: &o {lr: 0.5}\n", "ok.yaml")
+    assert load_config(Job, ok).optim.lr == 0.5

@@ -5,12 +5,19 @@ uint32) and ``index.json`` (dtype, special ids, and per shard the document offse
 stored as ``[bos] + ids + [eos]`` and never split across shards. A folder is written under a temporary
 name and renamed into place in one step, so a reader never sees a partial folder and an existing folder
 is never overwritten. The reader maps shards with ``np.memmap`` and never loads them whole.
+
+Opening a folder validates it (:func:`validate_shards`: index consistency, file sizes, dtype, every
+id below the vocabulary size — one streaming pass over the tokens), so a truncated or overwritten
+shard is one error naming the file, never a crash steps later; :func:`build_shards` rebuilds a cached
+folder that fails it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 import shutil
 import uuid
 from pathlib import Path
@@ -20,7 +27,9 @@ import numpy as np
 from longreach.data.config import DataConfig
 from longreach.errors import UserError
 
-__all__ = ["TokenShards", "build_shards", "shards_key", "stream_shards", "write_shards"]
+__all__ = ["TokenShards", "build_shards", "shards_key", "stream_shards", "validate_shards", "write_shards"]
+
+log = logging.getLogger(__name__)
 
 _FORMAT = "longreach-shards-v1"
 _INDEX = "index.json"
@@ -28,6 +37,7 @@ _BATCH_DOCS = 256
 # Streamed builds live in their own folder: caches of the in-memory builder (``shards/``) never clash.
 _CACHE_DIR = "shards-v2"
 _AUTO_WORKERS_BYTES = 8 << 20
+_SCAN_TOKENS = 1 << 24  # ids checked against the vocabulary this many at a time
 
 
 class TokenShards:
@@ -47,8 +57,10 @@ class TokenShards:
             self.index = json.loads(index_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"{index_file}: unreadable shard index ({exc})") from None
-        if self.index.get("format") != _FORMAT:
-            raise UserError(f"{index_file}: unknown shard format {self.index.get('format')!r}")
+        if not isinstance(self.index, dict) or self.index.get("format") != _FORMAT:
+            got = self.index.get("format") if isinstance(self.index, dict) else self.index
+            raise UserError(f"{index_file}: unknown shard format {got!r}")
+        validate_shards(self.folder, self.index)
         self.dtype = np.dtype(self.index["dtype"])
         self.bos_id: int = self.index["bos_id"]
         self.eos_id: int = self.index["eos_id"]
@@ -84,6 +96,55 @@ class TokenShards:
 
     def __repr__(self) -> str:
         return f"TokenShards({str(self.folder)!r}, documents={self.num_documents}, tokens={self.num_tokens})"
+
+
+def validate_shards(folder: Path, index: dict) -> None:
+    """Check a shard folder against its index: fields, dtype, each file's size, document offsets
+    (from 0, non-decreasing, ending at the shard's token count), totals, and every id < ``vocab_size``.
+
+    Raises:
+        UserError: one line naming the index or the shard file and what is wrong.
+    """
+    index_file = folder / _INDEX
+    try:
+        dtype = np.dtype(index["dtype"])
+        vocab = int(index["vocab_size"])
+        special = (int(index["bos_id"]), int(index["eos_id"]))
+        shards = list(index["shards"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{index_file}: damaged shard index ({type(exc).__name__}: {exc})") from None
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise UserError(f"{index_file}: shard dtype {dtype} is not uint16 or uint32")
+    if vocab < 1 or vocab > np.iinfo(dtype).max + 1 or any(not 0 <= t < vocab for t in special):
+        raise UserError(f"{index_file}: vocab_size {vocab} / bos, eos {special} do not fit the dtype {dtype}")
+    total_tokens = total_docs = 0
+    for shard in shards:
+        try:
+            file, tokens = folder / str(shard["file"]), int(shard["tokens"])
+            off = np.asarray(shard["doc_offsets"], dtype=np.int64)  # [n_docs + 1]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{index_file}: damaged shard entry ({type(exc).__name__}: {exc})") from None
+        if not file.is_file():
+            raise UserError(f"{file}: token shard missing (listed in {index_file})")
+        size, expected = file.stat().st_size, tokens * dtype.itemsize
+        if size != expected:
+            raise UserError(f"{file}: token shard has {size} bytes, the index says {tokens} {dtype} tokens "
+                            f"({expected} bytes): truncated or overwritten")
+        if off.ndim != 1 or off.size < 1 or off[0] != 0 or off[-1] != tokens or np.any(np.diff(off) < 0):
+            raise UserError(f"{index_file}: document offsets of {file.name} are inconsistent with its {tokens} tokens")
+        data = np.memmap(file, dtype=dtype, mode="r", shape=(tokens,)) if tokens else np.zeros(0, dtype)
+        for a in range(0, tokens, _SCAN_TOKENS):
+            hi = int(data[a:a + _SCAN_TOKENS].max())
+            if hi >= vocab:
+                pos = a + int(np.argmax(data[a:a + _SCAN_TOKENS] >= vocab))
+                raise UserError(f"{file}: token id {int(data[pos])} at position {pos} is not below the vocabulary "
+                                f"size {vocab}: damaged shard")
+        del data
+        total_tokens += tokens
+        total_docs += off.size - 1
+    for key, actual in (("num_tokens", total_tokens), ("num_documents", total_docs)):
+        if key in index and int(index[key]) != actual:
+            raise UserError(f"{index_file}: {key} is {index[key]} but the shards hold {actual}")
 
 
 def shards_key(corpus_fp: str, tokenizer_fp: str, shard_tokens: int) -> str:
@@ -178,8 +239,18 @@ def build_shards(cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None
     from longreach.data.tokenizer import cache_root, local_rank
 
     root = Path(cache_dir) if cache_dir is not None else cache_root(cfg.cache_dir)
-    folder = stream_shards(cfg, tokenizer, root, bos=True, eos=True, wait=local_rank() != 0)
-    return TokenShards(folder)
+    wait = local_rank() != 0
+    folder = stream_shards(cfg, tokenizer, root, bos=True, eos=True, wait=wait)
+    try:
+        return TokenShards(folder)
+    except UserError as exc:  # a cached folder damaged since it was built: rebuild it, never trust it
+        if wait:
+            return _wait_for_valid(folder, exc)
+        log.warning("%s; rebuilding the cached token shards", exc)
+        bad = folder.parent / f".{folder.name}.bad-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(folder, bad)  # out of the way at once, so no reader picks it up again
+        shutil.rmtree(bad, ignore_errors=True)
+        return TokenShards(stream_shards(cfg, tokenizer, root, bos=True, eos=True))
 
 
 def stream_shards(cfg: DataConfig, tokenizer, root: Path, *, bos: bool, eos: bool, wait: bool = False,
@@ -209,3 +280,16 @@ def stream_shards(cfg: DataConfig, tokenizer, root: Path, *, bos: bool, eos: boo
     what = ", ".join(cfg.paths) if cfg.source == "files" else f"the {cfg.source} corpus"
     return build_token_shards(lambda: iter_documents(cfg), spec, root / _CACHE_DIR / key, shard_tokens=cfg.shard_tokens,
                               workers=workers, total_bytes=size, what=what, wait=wait)
+
+
+def _wait_for_valid(folder: Path, first: UserError, timeout: float = 1800.0) -> TokenShards:
+    """Other local ranks: wait while local rank 0 rebuilds a cached shard folder that failed validation."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if (folder / _INDEX).is_file():
+            try:
+                return TokenShards(folder)
+            except UserError:
+                continue
+    raise UserError(f"{first}; local rank 0 did not rebuild it within {timeout:.0f} s")

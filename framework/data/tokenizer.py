@@ -31,11 +31,14 @@ _MAX_SENTENCES = 200_000
 def cache_root(cfg_cache_dir: str | None = None) -> Path:
     """The cache folder: the config field, else ``$LONGREACH_CACHE``, else ``~/.cache/longreach``."""
     if cfg_cache_dir:
-        return Path(cfg_cache_dir).expanduser()
-    env = os.environ.get("LONGREACH_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "longreach"
+        root, what = Path(cfg_cache_dir).expanduser(), f"data.cache_dir={cfg_cache_dir}"
+    elif os.environ.get("LONGREACH_CACHE"):
+        root, what = Path(os.environ["LONGREACH_CACHE"]).expanduser(), f"LONGREACH_CACHE={os.environ['LONGREACH_CACHE']}"
+    else:
+        root, what = Path.home() / ".cache" / "longreach", "the cache folder"
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{what}: {root} is a file, not a folder; point it at a folder for tokenizers and shards")
+    return root
 
 
 def local_rank() -> int:
