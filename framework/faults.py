@@ -495,6 +495,19 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []  # the stop signal this process received (set by the handler below)
+
+
+def received_signal() -> int | None:
+    """The SIGINT/SIGTERM this process received, if any.
+
+    A signal that arrives while the main thread waits inside a collective is handled only when the call
+    returns, and a peer that already stopped makes that call fail first: the CLI reports such a failure
+    as the interrupt it is, not as the collective's error.
+    """
+    return _RECEIVED[0] if _RECEIVED else None
+
+
 def install_signal_handlers() -> None:
     """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread (no-op outside it)."""
     if threading.current_thread() is not threading.main_thread():
@@ -510,6 +523,7 @@ def install_signal_handlers() -> None:
             os.kill(os.getpid(), signum)
             return
         first.append(time.monotonic())
+        _RECEIVED.append(signum)
         raise Interrupted(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -122,13 +123,42 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"longreach: error: {exc}\n")
         return _EXIT_USER
     except JobError as exc:
+        if _stop_signal() is not None:  # a peer stopped by the same signal broke our collective
+            return _interrupted(_stop_signal())
         sys.stderr.write(f"longreach: error: {exc}\n")
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGINT through longreach.faults.Interrupted
-        signum = getattr(exc, "signum", _EXIT_INTERRUPT - 128)
-        who = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
-        sys.stderr.write(f"longreach: {who}interrupted by {'SIGTERM' if signum == 15 else 'SIGINT'}\n")
-        return 128 + signum
+        return _interrupted(getattr(exc, "signum", _EXIT_INTERRUPT - 128))
+    except Exception:
+        try:
+            signum = _stop_signal(grace_s=2.0)
+        except KeyboardInterrupt as exc:  # the stop signal arrived during the grace period
+            signum = getattr(exc, "signum", _EXIT_INTERRUPT - 128)
+        if signum is not None:
+            return _interrupted(signum)
+        raise
+
+
+def _stop_signal(grace_s: float = 0.0) -> int | None:
+    """The SIGINT/SIGTERM this rank received, if its handlers are installed (``longreach.faults``).
+
+    With ``grace_s`` (a failure under torchrun), wait that long for one: when the agent stops the ranks one
+    after another, a rank blocked in a collective sees its stopped peer's closed connection before its
+    own signal arrives.
+    """
+    faults = sys.modules.get("longreach.faults")  # imported only by commands that install the handlers
+    if faults is None:
+        return None
+    deadline = time.monotonic() + (grace_s if "RANK" in os.environ else 0.0)
+    while faults.received_signal() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return faults.received_signal()
+
+
+def _interrupted(signum: int) -> int:
+    who = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+    sys.stderr.write(f"longreach: {who}interrupted by {'SIGTERM' if signum == 15 else 'SIGINT'}\n")
+    return 128 + signum
 
 
 # ------------------------------------------------------------------------------------------ train

@@ -259,7 +259,7 @@ def test_reliability_scenarios_through_the_cli(tmp_path):
                                             limit_bytes=64 << 10)))
         # a truncated and an overwritten cached token shard are rebuilt
         sh.copytree(tmp_path / "cache", tmp_path / "cache2")
-        shard = next((tmp_path / "cache2" / "shards").rglob("shard_00000.bin"))
+        shard = next((tmp_path / "cache2").rglob("shard_00000.bin"))
         shard.write_bytes(shard.read_bytes()[:1000])
         shards = ex.submit(lambda: _done(_cli(tmp_path, "train", "tiny.yaml", "--run.out_dir=sh", "--run.steps=1",
                                               env={"LONGREACH_CACHE": str(tmp_path / "cache2")})))

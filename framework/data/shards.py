@@ -109,7 +109,8 @@ def validate_shards(folder: Path, index: dict) -> None:
     try:
         dtype = np.dtype(index["dtype"])
         vocab = int(index["vocab_size"])
-        special = (int(index["bos_id"]), int(index["eos_id"]))
+        # documents framed without bos / eos (fine-tuning corpora) record None for them
+        special = tuple(int(index[k]) for k in ("bos_id", "eos_id") if index[k] is not None)
         shards = list(index["shards"])
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{index_file}: damaged shard index ({type(exc).__name__}: {exc})") from None
