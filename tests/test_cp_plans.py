@@ -130,10 +130,17 @@ def test_in_place_merge_matches_merge_attention() -> None:
     assert torch.allclose(l[torch.isfinite(l)], want_l[torch.isfinite(want_l)], atol=1e-6)
 
 
+def _errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(max abs error / max abs, L2 error / L2 norm) of ``got`` against float64 ``want``."""
+    diff = got.double() - want
+    return float(diff.abs().max() / want.abs().max()), float(diff.norm() / want.norm())
+
+
 def test_bf16_gradients_accumulate_in_float32() -> None:
-    """bf16 gradients computed in many kernel calls (documents in tiles) and summed in float32 stay within
-    2× the error of one call of the same CPU kernel over the whole sequence (each call still returns
-    bf16 partial gradients: the backend interface rounds them before the float32 sum)."""
+    """bf16 gradients computed in many kernel calls (documents in tiles) are no further from the float64
+    gradients (L2 error) than one bf16 call of the same CPU kernel over the whole sequence: every call hands
+    its partial gradients over in float32 and the sum is rounded to bf16 once. (With bf16 partials dq was
+    ~4% worse.) The max error, decided by how a few of the largest elements round, stays within 2×."""
     seq_len = 512
     g = torch.Generator().manual_seed(2)
     q, k, v, do = (torch.randn(1, seq_len, 2, 16, generator=g, dtype=torch.float64) for _ in range(4))
@@ -147,13 +154,83 @@ def test_bf16_gradients_accumulate_in_float32() -> None:
     qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
     out = cp_attention(qb, kb, vb, strategy="ring", layout="contiguous", mask=mask)
     out.backward(do.bfloat16())
+    spec = blocks.MaskSpec(mask=mask & M.causal(), seq_len=seq_len, heads=torch.arange(2), num_heads=2,
+                           tile=blocks.tile_size(seq_len))
+    assert len(blocks.plan(spec, pos, pos)) >= 8  # many partial results per gradient row
     # one bf16 kernel call on the same inputs, rounded once
     qs, ks, vs = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
     attention(qs, ks, vs, mask=placed, backend="cpu").backward(do.bfloat16())
     for ours, single, want in zip((qb.grad, kb.grad, vb.grad), (qs.grad, ks.grad, vs.grad), grads_r):
-        err = (ours.double() - want).abs().max() / want.abs().max()
-        base = (single.double() - want).abs().max() / want.abs().max()
-        assert err <= 2 * base, (float(err), float(base))
+        assert ours.dtype == torch.bfloat16
+        err, base = _errors(ours, want), _errors(single, want)
+        assert err[1] <= base[1] and err[0] <= 2 * base[0], (err, base)
+
+
+BF16_CASES = {  # name -> (strategy, layout, user mask): ring steps, replicated K/V heads, gathered tiles
+    "ring zigzag causal": ("ring", "zigzag", None),
+    "ulysses contiguous causal, K/V heads replicated": ("ulysses", "contiguous", None),
+    "allgather zigzag documents": ("allgather", "zigzag", M.documents([0, 70, 150, 256])),
+}
+
+
+def _bf16_inputs(seed: int, seq_len: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, seq_len, h, 16, generator=g, dtype=torch.float64) for h in (4, 1, 1, 4)]  # q, k, v, do
+
+
+def bf16_gradients_worker(rank: int, world: int, seed: int, seq_len: int) -> dict:
+    """Each case's bf16 dq/dk/dv of this rank's tokens, with their global positions."""
+    from longreach.parallel.cp.api import layout_positions
+
+    q, k, v, do = _bf16_inputs(seed, seq_len)
+    res = {}
+    for name, (strategy, layout, mask) in BF16_CASES.items():
+        pos = layout_positions(layout, seq_len, rank, world)
+        ql, kl, vl = (t[:, pos].bfloat16().requires_grad_(True) for t in (q, k, v))
+        cp_attention(ql, kl, vl, strategy=strategy, layout=layout, mask=mask).backward(do[:, pos].bfloat16())
+        res[name] = (pos, ql.grad, kl.grad, vl.grad)
+    return res
+
+
+def test_bf16_gradients_over_ranks_are_no_worse_than_one_call() -> None:
+    """Two gloo ranks, bf16: ring steps, Ulysses with replicated K/V heads and all-gather over documents give
+    gradients no further from float64 (L2 error; max within 2×) than one bf16 kernel call on one rank."""
+    from longreach.testing import run_ranks
+
+    seed, seq_len = 4, 256
+    per_rank = run_ranks(bf16_gradients_worker, 2, args=(seed, seq_len), timeout=300)
+    q, k, v, do = _bf16_inputs(seed, seq_len)
+    ref = get_backend("reference")
+    for name, (_, _, mask) in BF16_CASES.items():
+        eff = M.causal() if mask is None else mask & M.causal()
+        out_r, lse_r = ref.forward(q, k, v, mask=eff)
+        want = ref.backward(do, q, k, v, out_r, lse_r, mask=eff)
+        qs, ks, vs = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+        attention(qs, ks, vs, mask=eff, backend="cpu").backward(do.bfloat16())
+        ours = [torch.full_like(t, float("nan"), dtype=torch.bfloat16) for t in (q, k, v)]
+        for r in per_rank:
+            pos, *grads = r[name]
+            for full, part in zip(ours, grads):
+                full[:, pos] = part
+        for got, single, w in zip(ours, (qs.grad, ks.grad, vs.grad), want):
+            err, base = _errors(got, w), _errors(single, w)
+            assert err[1] <= base[1] and err[0] <= 2 * base[0], (name, err, base)
+
+
+def test_cp_asks_for_float32_partials_where_the_backend_gives_them() -> None:
+    """bf16 on CPU: float32 partials from every backend that takes ``grad_dtype``; float32 inputs and backends
+    without the keyword keep today's call."""
+    from types import SimpleNamespace
+
+    x = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+    for name in ("cpu", "reference", "slices", "cpu_sparse"):
+        assert blocks.partial_grad_dtype(get_backend(name), x) == torch.float32
+    assert blocks.partial_grad_dtype(get_backend("cpu"), x.float()) is None
+
+    def backward(dout, q, k, v, out, lse, *, mask=None, scale=None):  # the contract without the keyword
+        return q, k, v
+
+    assert blocks.partial_grad_dtype(SimpleNamespace(backward=backward), x) is None
 
 
 def test_peers_standin_computes_what_the_cpu_backend_computes(monkeypatch) -> None:

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..masks import Mask, PlacedMask, _Causal, place
-from .reference import check_shapes
+from .reference import check_shapes, grad_compute_dtype
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -63,15 +63,21 @@ def forward(
 
 def backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, mask: Mask | PlacedMask | None = None, scale: float | None = None,
+    *, mask: Mask | PlacedMask | None = None, scale: float | None = None, grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one block given the *global* out and lse of its query rows."""
+    """Gradients of one block given the *global* out and lse of its query rows.
+
+    Returns dq ``[B, Sq, H, D]``, dk ``[B, Sk, Hkv, D]``, dv ``[B, Sk, Hkv, E]`` in ``grad_dtype`` (None: the
+    input dtype). The aten kernel returns gradients in its input dtype (bf16 for bf16, although it
+    accumulates in float32 inside), so float32 gradients of bf16 inputs run it on float32 copies of the
+    inputs (exact: every bf16 value is a float32 value).
+    """
     d, e = q.shape[-1], v.shape[-1]
     if d != e:
         width = max(d, e)
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         dq, dk, dv = backward(_pad_to(dout, width), _pad_to(q, width), _pad_to(k, width), _pad_to(v, width),
-                              _pad_to(out, width), lse, mask=mask, scale=scale)
+                              _pad_to(out, width), lse, mask=mask, scale=scale, grad_dtype=grad_dtype)
         return dq[..., :d], dk[..., :d], dv[..., :e]
     b, sq, h, d = q.shape
     sk = k.shape[1]
@@ -81,7 +87,9 @@ def backward(
     if is_causal is None or sq == 0 or sk == 0:
         from ..slices import cpu as slices_cpu
 
-        return slices_cpu.backward(dout, q, k, v, out, lse, mask=placed, scale=scale)
+        return slices_cpu.backward(dout, q, k, v, out, lse, mask=placed, scale=scale, grad_dtype=grad_dtype)
+    cd = grad_compute_dtype(q.dtype, grad_dtype)
+    q, k, v = q.to(cd), k.to(cd), v.to(cd)
     # exp(s - lse) with lse = -inf would be NaN; such rows have no allowed key anywhere, so any
     # finite lse gives them zero probability.
     lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
@@ -93,5 +101,6 @@ def backward(
         q.transpose(1, 2), expand_kv(k.transpose(1, 2), h), expand_kv(v.transpose(1, 2), h),
         out.transpose(1, 2).to(q.dtype).contiguous(), lse_k, 0.0, is_causal, scale=scale,
     )
-    hkv = k.shape[2]
-    return dq.transpose(1, 2), reduce_kv(dk, hkv).transpose(1, 2), reduce_kv(dv, hkv).transpose(1, 2)
+    hkv, gd = k.shape[2], grad_dtype or cd
+    return (dq.transpose(1, 2).to(gd), reduce_kv(dk, hkv).transpose(1, 2).to(gd),
+            reduce_kv(dv, hkv).transpose(1, 2).to(gd))

@@ -151,5 +151,6 @@ RUNNER = FlashRunner()
 
 #: ``forward(q, k, v, *, mask, scale) -> (out [B, Sq, H, E], lse [B, H, Sq] float32)``.
 forward = partial(slices_cpu.forward, runner=RUNNER)
-#: ``backward(dout, q, k, v, out, lse, *, mask, scale) -> (dq, dk, dv)`` given the *global* out and lse.
+#: ``backward(dout, q, k, v, out, lse, *, mask, scale, grad_dtype=None) -> (dq, dk, dv)`` given the *global* out
+#: and lse (float32 ``grad_dtype`` of bf16 inputs runs every unit in float32: SDPA, not flash-attn).
 backward = partial(slices_cpu.backward, runner=RUNNER)

@@ -3,6 +3,10 @@
 Shapes: q ``[B, Sq, H, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, E]``, H a multiple of Hkv;
 out ``[B, Sq, H, E]``; lse ``[B, H, Sq]`` (float32, float64 for float64 inputs). Rows with no
 allowed key give out = 0 and lse = −inf.
+
+Every backend's ``backward`` also takes ``grad_dtype`` (default None: gradients in the input dtypes).
+A caller that sums the gradients of several calls (context parallelism) asks for float32 partials of
+bf16 inputs, computed and returned without rounding to bf16, and rounds once after the sum.
 """
 from __future__ import annotations
 
@@ -15,6 +19,12 @@ from ..masks import Mask, PlacedMask, place
 
 def _compute_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def grad_compute_dtype(dtype: torch.dtype, grad_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a kernel runs in for inputs of ``dtype`` when ``grad_dtype`` gradients are asked for: the
+    wider of the two (bf16 inputs, float32 gradients: float32, exact for every bf16 value)."""
+    return dtype if grad_dtype is None else torch.promote_types(dtype, grad_dtype)
 
 
 def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -64,13 +74,17 @@ def forward(
 
 def backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, mask: Mask | PlacedMask | None = None, scale: float | None = None,
+    *, mask: Mask | PlacedMask | None = None, scale: float | None = None, grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one block given the *global* out and lse of its query rows."""
+    """Gradients of one block given the *global* out and lse of its query rows.
+
+    Returns dq ``[B, Sq, H, D]``, dk ``[B, Sk, Hkv, D]``, dv ``[B, Sk, Hkv, E]`` in ``grad_dtype``
+    (None: the dtypes of q, k, v); computed in float32 (float64 for float64 inputs or gradients).
+    """
     b, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    cd = _compute_dtype(q)
+    cd = grad_compute_dtype(_compute_dtype(q), grad_dtype)
     qf = q.to(cd).transpose(1, 2)
     kf = _expand_kv(k.to(cd), h).transpose(1, 2)
     vf = _expand_kv(v.to(cd), h).transpose(1, 2)
@@ -94,7 +108,7 @@ def backward(
         dk = dk.view(b, hkv, rep, sk, d).sum(2)
         dv = dv.view(b, hkv, rep, sk, dv.shape[-1]).sum(2)
     return (
-        dq.transpose(1, 2).to(q.dtype),
-        dk.transpose(1, 2).to(k.dtype),
-        dv.transpose(1, 2).to(v.dtype),
+        dq.transpose(1, 2).to(grad_dtype or q.dtype),
+        dk.transpose(1, 2).to(grad_dtype or k.dtype),
+        dv.transpose(1, 2).to(grad_dtype or v.dtype),
     )

@@ -101,14 +101,19 @@ def forward(
 def backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     *, mask: Mask | PlacedMask | None = None, scale: float | None = None, runner=RUNNER, tiles: bool = False,
+    grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows."""
+    """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows.
+
+    Returns dq, dk, dv shaped like q, k, v, in ``grad_dtype`` (None: the input dtypes); float32 gradients
+    of bf16 inputs run every unit on float32 inputs and sum them unrounded (:func:`executor.backward`).
+    """
     b, sq, h, d = q.shape
     sk, e = k.shape[1], v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if sq == 0 or sk == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return tuple(torch.zeros_like(x, dtype=grad_dtype or x.dtype) for x in (q, k, v))  # type: ignore[return-value]
     w = max(d, e)
     dq, dk, dv = executor.backward(_pad(dout, w), _pad(q, w), _pad(k, w), _pad(v, w), _pad(out, w), lse,
-                                   placed_or_full(mask, sq, sk, h), scale, runner, tiles=tiles)
+                                   placed_or_full(mask, sq, sk, h), scale, runner, tiles=tiles, grad_dtype=grad_dtype)
     return dq[..., :d].contiguous(), dk[..., :d].contiguous(), dv[..., :e].contiguous()

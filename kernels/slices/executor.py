@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from ..dense.reference import grad_compute_dtype
 from ..masks import PlacedMask
 from ..merge import merge_attention
 from .plan import CAUSAL_KIND, Bucket, get_plan
@@ -104,22 +105,29 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, placed: PlacedMask, scale: float, runner: Runner, *, tiles: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows."""
+             lse: torch.Tensor, placed: PlacedMask, scale: float, runner: Runner, *, tiles: bool = False,
+             grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients given the *global* out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` of the query rows.
+
+    Returns dq, dk, dv shaped like q, k, v, in ``grad_dtype`` (None: the input dtypes). The runner returns
+    gradients in its input dtype, so for ``grad_dtype`` wider than the inputs (float32 for bf16) every
+    unit runs on inputs converted to it: no partial gradient is rounded to bf16 before the sum.
+    """
     b, sq, h, d = q.shape
     sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    gdq, gdk, gdv = (grad_dtype or x.dtype for x in (q, k, v))
+    cd = grad_compute_dtype(q.dtype, grad_dtype)
+    q, k, v, dout, out = (x.to(cd) for x in (q, k, v, dout, out))
     acc = _acc_dtype(q)
     plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles)
     # rows with no allowed key anywhere belong to no full/causal unit; a finite lse keeps masked tiles finite
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(acc)
-    dout, out = dout.to(q.dtype), out.to(q.dtype)
     if len(plan.buckets) == 1 and plan.buckets[0].identity:
         gq, gk, gv = runner.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                      out.transpose(1, 2), lse.contiguous(),
                                      causal=plan.buckets[0].kind == CAUSAL_KIND, mask=None, scale=scale)
-        return (gq.transpose(1, 2).to(q.dtype).contiguous(), gk.transpose(1, 2).to(k.dtype).contiguous(),
-                gv.transpose(1, 2).to(v.dtype).contiguous())
+        return (gq.transpose(1, 2).to(gdq).contiguous(), gk.transpose(1, 2).to(gdk).contiguous(),
+                gv.transpose(1, 2).to(gdv).contiguous())
     dq = torch.zeros(sq * h, b, d, dtype=acc, device=q.device)  # cells [Sq·H, B, D]
     dk = torch.zeros(sk * hkv, b, d, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, D]
     dv = torch.zeros(sk * hkv, b, e, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, E]
@@ -137,6 +145,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dq.index_add_(0, qi, _cells_of(gq, u).to(acc))
         dk.index_add_(0, ki, _cells_of(gk, u).to(acc))
         dv.index_add_(0, ki, _cells_of(gv, u).to(acc))
-    return (dq.view(sq, h, b, d).movedim(2, 0).to(q.dtype).contiguous(),
-            dk.view(sk, hkv, b, d).movedim(2, 0).to(k.dtype).contiguous(),
-            dv.view(sk, hkv, b, e).movedim(2, 0).to(v.dtype).contiguous())
+    return (dq.view(sq, h, b, d).movedim(2, 0).to(gdq).contiguous(),
+            dk.view(sk, hkv, b, d).movedim(2, 0).to(gdk).contiguous(),
+            dv.view(sk, hkv, b, e).movedim(2, 0).to(gdv).contiguous())

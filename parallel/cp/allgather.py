@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_into, reduce_scatter_into
-from .blocks import Job, MaskSpec, backward_jobs, forward_jobs, plan, prefill_out, schedule, tile_size
+from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, partial_grad_dtype, plan, prefill_out, schedule,
+                     tile_size)
 from .ring import acc_dtype
 
 
@@ -108,6 +109,7 @@ class AllGatherEngine:
         ad = acc_dtype(q.dtype)
         kv = torch.cat([k, v], dim=-1).contiguous()  # [B, n, Hkv, D+E]
         full, work = self._gather(kv)
+        grad_dtype = partial_grad_dtype(self.backend, q)
         dq = torch.empty(q.shape, dtype=ad, device=q.device)
         for s in self.plan.q_prefill:
             dq[:, s].zero_()
@@ -121,7 +123,7 @@ class AllGatherEngine:
                 work = None
             src = kv if j == self.rank else full[j]
             backward_jobs(self.jobs[j], self.backend, dout, q, src[..., :d], src[..., d:], out, lse, dq,
-                          dkv[j][..., :d], dkv[j][..., d:], scale=self.scale)
+                          dkv[j][..., :d], dkv[j][..., d:], scale=self.scale, grad_dtype=grad_dtype)
         if work is not None:
             work.wait()
         if self.size > 1:

@@ -122,7 +122,8 @@ class HybridEngine:
         else:
             qh, kh, vh, out_h, lse = saved
         dh = self._gather(dout)  # [B, U·n, H/U, E]
-        dq, dk, dv = ring_backward(self.plan.ring, self.backend, dh, qh, kh, vh, out_h, lse, scale=self.scale)
+        dq, dk, dv = ring_backward(self.plan.ring, self.backend, dh, qh, kh, vh, out_h, lse, scale=self.scale,
+                                   kv_summed=rep > 1)
         dq = self._scatter(dq.to(qh.dtype))
         # replicated K/V heads: sum the replicas' gradients in float32, round once
         kv_dtype = acc_dtype(kh.dtype) if rep > 1 else kh.dtype

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import p2p
-from .blocks import Job, MaskSpec, backward_jobs, forward_jobs, needs, plan, prefill_out, schedule
+from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, needs, partial_grad_dtype, plan, prefill_out,
+                     schedule)
 
 #: The one tag of every ring message (matching is by order, as under NCCL).
 TAG = 0
@@ -171,22 +172,29 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
 
 
 def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, scale: float
+                  v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, *, scale: float, kv_summed: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward over the ring: K/V go round again, each source's dK/dV accumulator travels with them.
 
+    Every kernel call's partial gradients reach the float32 accumulators unrounded where the backend can
+    give them (:func:`~.blocks.partial_grad_dtype`), so bf16 gradients are rounded once, by the caller.
+
     Args:
         dout: ``[B, Sq, H, E]``; out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` are the *global* results.
+        kv_summed: the caller sums the returned dK/dV with others (replicated K/V heads), so they are
+            partial even when one kernel call computes them all.
 
     Returns:
         dq ``[B, Sq, H, D]``, dk ``[B, Sk, Hkv, D]``, dv ``[B, Sk, Hkv, E]`` in the accumulation dtype
-        (in the input dtype when one kernel call computes them all).
+        (in the input dtype when one kernel call computes them all and ``kv_summed`` is False).
     """
     d = k.shape[-1]
     ad = acc_dtype(q.dtype)
+    grad_dtype = partial_grad_dtype(backend, q)
     job = _single_call(ring, q.shape[1])
     if job is not None:
-        return backend.backward(dout, q, k, v, out, lse, mask=job.placed, scale=scale)
+        extra = {"grad_dtype": grad_dtype} if kv_summed and grad_dtype is not None else {}
+        return backend.backward(dout, q, k, v, out, lse, mask=job.placed, scale=scale, **extra)
     dq = torch.empty(q.shape, dtype=ad, device=q.device)
     for s in ring.q_prefill:
         dq[:, s].zero_()
@@ -208,7 +216,7 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
             for s in ring.k_prefill[src]:
                 acc[:, s].zero_()
             backward_jobs(ring.jobs[src], backend, dout, q, kv[..., :d], kv[..., d:], out, lse, dq,
-                          acc[..., :d], acc[..., d:], scale=scale)
+                          acc[..., :d], acc[..., d:], scale=scale, grad_dtype=grad_dtype)
         # the accumulator for this step's source arrives from the previous member (sent last step)
         _wait(dkv_works)
         if in_flight is not None:
