@@ -298,3 +298,81 @@ def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mgr.save(3, {"model": torch.nn.Linear(3, 2)})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+class _TiedLM(torch.nn.Module):
+    """Embedding → linear → LM head whose weight *is* the embedding's (tied, as in small LMs)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.mid = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids ``[B, S]`` → mean cross-entropy of predicting each id itself."""
+        logits = self.head(torch.tanh(self.mid(self.emb(ids))))  # [B, S, V]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+
+@pytest.mark.parametrize("trainable_only", [False, True])
+def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatch, trainable_only):
+    """A tied weight is saved under one name only (its bytes once, one optimizer state); a fresh model
+    resumes bit for bit with the tie intact; a checkpoint that holds both names (written before) still loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    import longreach.checkpoint as ckpt_mod
+
+    ids = torch.randint(0, 11, (4, 2, 5), generator=torch.Generator().manual_seed(0))  # 4 steps of [2, 5]
+
+    def build(seed: int) -> tuple[_TiedLM, torch.optim.Optimizer]:
+        torch.manual_seed(0)  # the frozen "base" is the same in every build
+        model = _TiedLM()
+        model.mid.requires_grad_(not trainable_only)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.emb.weight.normal_()
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def steps(model: _TiedLM, opt: torch.optim.Optimizer, batches: torch.Tensor) -> list[float]:
+        out = []
+        for x in batches:
+            loss = model(x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    cfg = CheckpointConfig(trainable_only=trainable_only)
+    model, opt = build(0)
+    steps(model, opt, ids[:2])
+    path = CheckpointManager(cfg, tmp_path / "new", config_hash="t").save(2, {"model": model, "optimizer": opt})
+    with monkeypatch.context() as m:  # the same state written as before: both names of the tied weight
+        m.setattr(ckpt_mod, "_untie", lambda msd: {})
+        old = CheckpointManager(cfg, tmp_path / "old", config_hash="t").save(2, {"model": model, "optimizer": opt})
+    ref = steps(model, opt, ids[2:])
+
+    saved = dcp.FileSystemReader(str(path / "model")).read_metadata().state_dict_metadata
+    tensors = {k: m for k, m in saved.items() if isinstance(m, TensorStorageMetadata)}
+    model_keys = {k for k in tensors if k.startswith("model.")}
+    assert model_keys == ({"model.emb.weight"} if trainable_only else {"model.emb.weight", "model.mid.weight",
+                                                                        "model.mid.bias"})
+    assert not any("head" in k for k in saved), sorted(saved)
+    assert {k for k in tensors if k.startswith("optim.state.") and k.endswith(".exp_avg")} == \
+        {f"optim.state.{k.removeprefix('model.')}.exp_avg" for k in model_keys}
+    unique = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    assert sum(math.prod(tensors[k].size) for k in model_keys) == sum(p.numel() for p in unique.values())
+    old_keys = dcp.FileSystemReader(str(old / "model")).read_metadata().state_dict_metadata
+    assert "model.head.weight" in old_keys  # the older layout, for the compatibility load below
+
+    for src in (tmp_path / "new", tmp_path / "old"):
+        fresh, fresh_opt = build(1)
+        assert not torch.equal(fresh.emb.weight, model.emb.weight)
+        assert CheckpointManager(cfg, src, config_hash="t").load({"model": fresh, "optimizer": fresh_opt}) == 2
+        assert fresh.head.weight is fresh.emb.weight  # still tied
+        assert steps(fresh, fresh_opt, ids[2:]) == ref, src.name  # bit for bit
+        for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), (src.name, name)
