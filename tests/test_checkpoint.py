@@ -300,21 +300,6 @@ def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
 
 
-class _TiedLM(torch.nn.Module):
-    """Embedding → linear → LM head whose weight *is* the embedding's (tied, as in small LMs)."""
-
-    def __init__(self, vocab: int = 11, dim: int = 6) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(vocab, dim)
-        self.mid = torch.nn.Linear(dim, dim)
-        self.head = torch.nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids ``[B, S]`` → mean cross-entropy of predicting each id itself."""
-        logits = self.head(torch.tanh(self.mid(self.emb(ids))))  # [B, S, V]
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten())
-
 
 @pytest.mark.parametrize("trainable_only", [False, True])
 def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatch, trainable_only):
@@ -324,36 +309,17 @@ def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatc
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     import longreach.checkpoint as ckpt_mod
+    from longreach.workers.tied import batches, build, train_steps
 
-    ids = torch.randint(0, 11, (4, 2, 5), generator=torch.Generator().manual_seed(0))  # 4 steps of [2, 5]
-
-    def build(seed: int) -> tuple[_TiedLM, torch.optim.Optimizer]:
-        torch.manual_seed(0)  # the frozen "base" is the same in every build
-        model = _TiedLM()
-        model.mid.requires_grad_(not trainable_only)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            model.emb.weight.normal_()
-        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-
-    def steps(model: _TiedLM, opt: torch.optim.Optimizer, batches: torch.Tensor) -> list[float]:
-        out = []
-        for x in batches:
-            loss = model(x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            out.append(loss.item())
-        return out
-
+    ids = batches()  # [4 steps, 2, 5]
     cfg = CheckpointConfig(trainable_only=trainable_only)
-    model, opt = build(0)
-    steps(model, opt, ids[:2])
+    model, opt = build(0, trainable_only=trainable_only)
+    train_steps(model, opt, ids[:2])
     path = CheckpointManager(cfg, tmp_path / "new", config_hash="t").save(2, {"model": model, "optimizer": opt})
     with monkeypatch.context() as m:  # the same state written as before: both names of the tied weight
         m.setattr(ckpt_mod, "_untie", lambda msd: {})
         old = CheckpointManager(cfg, tmp_path / "old", config_hash="t").save(2, {"model": model, "optimizer": opt})
-    ref = steps(model, opt, ids[2:])
+    ref = train_steps(model, opt, ids[2:])
 
     saved = dcp.FileSystemReader(str(path / "model")).read_metadata().state_dict_metadata
     tensors = {k: m for k, m in saved.items() if isinstance(m, TensorStorageMetadata)}
@@ -369,10 +335,24 @@ def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatc
     assert "model.head.weight" in old_keys  # the older layout, for the compatibility load below
 
     for src in (tmp_path / "new", tmp_path / "old"):
-        fresh, fresh_opt = build(1)
+        fresh, fresh_opt = build(1, trainable_only=trainable_only)
         assert not torch.equal(fresh.emb.weight, model.emb.weight)
         assert CheckpointManager(cfg, src, config_hash="t").load({"model": fresh, "optimizer": fresh_opt}) == 2
         assert fresh.head.weight is fresh.emb.weight  # still tied
-        assert steps(fresh, fresh_opt, ids[2:]) == ref, src.name  # bit for bit
+        assert train_steps(fresh, fresh_opt, ids[2:]) == ref, src.name  # bit for bit
         for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
             assert torch.equal(a, b), (src.name, name)
+
+
+def test_tied_parameter_under_fsdp2_is_written_once_and_resumes_exactly(tmp_path):
+    """2 FSDP2-sharded ranks (DTensor state): the tied weight is saved once, lean and full, and a fresh
+    sharded model resumes with the reference losses bit for bit, the tie intact."""
+    from longreach.workers.tied import fsdp_resume
+
+    res = run_ranks(fsdp_resume, 2, args=(str(tmp_path),))
+    for rank, got in enumerate(res):
+        for lean, r in got.items():
+            assert r["ref"] == r["got"] and len(r["ref"]) == 2, (rank, lean, r)
+            assert r["tied"], (rank, lean)
+            assert r["saved"] == (["model.emb.weight"] if lean else
+                                  ["model.emb.weight", "model.mid.bias", "model.mid.weight"]), (rank, lean, r)
