@@ -14,6 +14,8 @@ Why this shape:
 * Model and optimizer go through DCP with ``get_state_dict``/``set_state_dict`` (flattened optimizer
   keys), so a checkpoint written by N ranks under one parallel layout loads on M ranks under another
   (DDP replicas are de-duplicated; FSDP2 DTensor shards are resharded by DCP's planner).
+* A tied parameter (an LM head sharing the embedding's weight) is written once, under its first name;
+  on load the tie restores its other names. Checkpoints that hold both names still load.
 * Everything is written into ``step-XXXXXXXX.tmp`` and renamed to ``step-XXXXXXXX`` by rank 0 only
   after a barrier proves every rank finished writing. A crash (SIGKILL) mid-save leaves a ``.tmp``
   folder that :meth:`CheckpointManager.latest` never returns and the next save removes: the last good
