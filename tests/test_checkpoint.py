@@ -304,7 +304,7 @@ def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize("trainable_only", [False, True])
 def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatch, trainable_only):
     """A tied weight is saved under one name only (its bytes once, one optimizer state); a fresh model
-    resumes bit for bit with the tie intact; a checkpoint that holds both names (written before) still loads."""
+    resumes bit for bit with the tie intact; a checkpoint holding both names (written before) still loads."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -315,10 +315,11 @@ def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatc
     cfg = CheckpointConfig(trainable_only=trainable_only)
     model, opt = build(0, trainable_only=trainable_only)
     train_steps(model, opt, ids[:2])
-    path = CheckpointManager(cfg, tmp_path / "new", config_hash="t").save(2, {"model": model, "optimizer": opt})
+    state = {"model": model, "optimizer": opt}
+    path = CheckpointManager(cfg, tmp_path / "new", config_hash="t").save(2, state)
     with monkeypatch.context() as m:  # the same state written as before: both names of the tied weight
         m.setattr(ckpt_mod, "_untie", lambda msd: {})
-        old = CheckpointManager(cfg, tmp_path / "old", config_hash="t").save(2, {"model": model, "optimizer": opt})
+        old = CheckpointManager(cfg, tmp_path / "old", config_hash="t").save(2, state)
     ref = train_steps(model, opt, ids[2:])
 
     saved = dcp.FileSystemReader(str(path / "model")).read_metadata().state_dict_metadata
@@ -337,7 +338,8 @@ def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatc
     for src in (tmp_path / "new", tmp_path / "old"):
         fresh, fresh_opt = build(1, trainable_only=trainable_only)
         assert not torch.equal(fresh.emb.weight, model.emb.weight)
-        assert CheckpointManager(cfg, src, config_hash="t").load({"model": fresh, "optimizer": fresh_opt}) == 2
+        mgr = CheckpointManager(cfg, src, config_hash="t")
+        assert mgr.load({"model": fresh, "optimizer": fresh_opt}) == 2
         assert fresh.head.weight is fresh.emb.weight  # still tied
         assert train_steps(fresh, fresh_opt, ids[2:]) == ref, src.name  # bit for bit
         for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):

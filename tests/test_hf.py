@@ -502,7 +502,8 @@ def test_lean_checkpoint_of_tied_embeddings_holds_them_once_and_resumes_exactly(
 
     ckpt = tmp_path / "straight" / "checkpoints" / "step-00000002"
     saved = FileSystemReader(f"{ckpt}/model").read_metadata().state_dict_metadata
-    model_keys = [k for k, m in saved.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)]
+    model_keys = [k for k, m in saved.items()
+                  if k.startswith("model.") and isinstance(m, TensorStorageMetadata)]
     assert not any("lm_head" in k for k in saved), [k for k in saved if "lm_head" in k]
     assert sum("embed_tokens" in k for k in model_keys) == 1
     n_trainable = runs["straight"]["trainable"]["trainable"]  # tied parameters counted once

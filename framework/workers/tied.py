@@ -36,8 +36,9 @@ def batches() -> torch.Tensor:
 
 
 def build(seed: int, *, trainable_only: bool, fsdp: bool = False) -> tuple[TiedLM, torch.optim.Optimizer]:
-    """A :class:`TiedLM` whose tied embedding is drawn from ``seed``; ``mid`` is the same in every build and
-    frozen under ``trainable_only`` (the "base" a lean checkpoint leaves out). AdamW over the trainable ones."""
+    """A :class:`TiedLM` whose tied embedding is drawn from ``seed``; ``mid`` is the same in every build
+    and frozen under ``trainable_only`` (the "base" a lean checkpoint leaves out). AdamW over the trainable
+    parameters."""
     torch.manual_seed(0)
     model = TiedLM()
     model.mid.requires_grad_(not trainable_only)
