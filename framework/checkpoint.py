@@ -14,6 +14,8 @@ Why this shape:
 * Model and optimizer go through DCP with ``get_state_dict``/``set_state_dict`` (flattened optimizer
   keys), so a checkpoint written by N ranks under one parallel layout loads on M ranks under another
   (DDP replicas are de-duplicated; FSDP2 DTensor shards are resharded by DCP's planner).
+* A tied parameter (an LM head sharing the embedding's weight) is written once, under its first name;
+  on load the tie restores its other names. Checkpoints that hold both names still load.
 * Everything is written into ``step-XXXXXXXX.tmp`` and renamed to ``step-XXXXXXXX`` by rank 0 only
   after a barrier proves every rank finished writing. A crash (SIGKILL) mid-save leaves a ``.tmp``
   folder that :meth:`CheckpointManager.latest` never returns and the next save removes: the last good
@@ -480,7 +482,7 @@ class CheckpointManager:
                 engine.save_checkpoint(str(tmp / f"deepspeed-{name}"), tag="ds",
                                        exclude_frozen_parameters=self.cfg.trainable_only)
             if modules or optims:
-                sd = self._dcp_state(modules, optims)
+                sd, _ = self._dcp_state(modules, optims)
                 if self.cfg.async_save:
                     import torch.distributed.checkpoint as dcp
 
@@ -663,7 +665,7 @@ class CheckpointManager:
             if missing:
                 raise UserError(f"checkpoint {ckpt} has no saved state for {', '.join(sorted(missing))}")
             if modules or optims:
-                sd = self._dcp_state(modules, optims)
+                sd, tied = self._dcp_state(modules, optims)
                 self._check_dcp_metadata(ckpt, sd)
         except UserError as e:
             problem = str(e)
@@ -677,7 +679,7 @@ class CheckpointManager:
             if load_path is None:
                 raise UserError(f"checkpoint {ckpt}: DeepSpeed could not load deepspeed-{name}")
         if modules or optims:
-            self._dcp_load(sd, ckpt, modules, optims)
+            self._dcp_load(sd, ckpt, modules, optims, tied=tied)
         for name, obj in common.items():
             _restore(obj, common_payload[name])
         for name, obj in per_rank.items():
@@ -782,7 +784,14 @@ class CheckpointManager:
                              f"got {sorted(modules)}")
         return modules, optims, ds_engines, per_rank, common
 
-    def _dcp_state(self, modules: dict[str, nn.Module], optims: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    def _dcp_state(self, modules: dict[str, nn.Module], optims: dict[str, torch.optim.Optimizer]
+                   ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
+        """The DCP state dict of ``modules`` and ``optims`` with every tied parameter once.
+
+        Returns:
+            ``(sd, tied)``: ``sd`` as saved and loaded (second and later names of a tied parameter left
+            out), and ``tied`` — per module, ``{left-out name: kept name}`` (see :func:`_untie`).
+        """
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         opts = self._sd_options()
@@ -795,7 +804,8 @@ class CheckpointManager:
         else:
             for mname, model in modules.items():
                 sd[mname] = get_model_state_dict(model, options=opts)
-        return sd
+        tied = {mname: _untie(sd[mname]) for mname in modules}
+        return sd, {m: t for m, t in tied.items() if t}
 
     def _sd_options(self) -> Any:
         """DCP state-dict options: flattened optimizer keys; with ``trainable_only`` frozen parameters are
@@ -851,7 +861,7 @@ class CheckpointManager:
                                 f"{list(m.size)} in the checkpoint but {list(shape)} in this model")
 
     def _dcp_load(self, sd: dict[str, Any], ckpt: Path, modules: dict[str, nn.Module],
-                  optims: dict[str, torch.optim.Optimizer]) -> None:
+                  optims: dict[str, torch.optim.Optimizer], *, tied: dict[str, dict[str, str]]) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                              set_state_dict)
@@ -869,6 +879,9 @@ class CheckpointManager:
             msg = [ln for ln in str(e).strip().splitlines() if "Error" in ln] or str(e).strip().splitlines()
             raise UserError(f"checkpoint {ckpt}: cannot read model/optimizer data: corrupted checkpoint "
                             f"({type(e).__name__}: {msg[-1][:200] if msg else ''})") from None
+        for mname, aliases in tied.items():  # a tied name gets the tensor its kept name was read into
+            for alias, kept in aliases.items():
+                sd[mname][alias] = sd[mname][kept]
         opts = self._sd_options()
         if optims and "optim" in sd:
             (mname, model), = modules.items()
@@ -877,6 +890,38 @@ class CheckpointManager:
         else:
             for mname, model in modules.items():
                 set_model_state_dict(model, sd[mname], options=opts)
+
+
+def _untie(msd: dict[str, Any]) -> dict[str, str]:
+    """Remove from a model state dict, in place, every entry that is a second name of a tensor already in it.
+
+    Tied parameters (an LM head sharing the input embedding's weight) appear under each of their names
+    in ``state_dict()``, as views of one storage; DCP would write each name's bytes. Only the first name
+    is kept; on load the tie itself restores the others (:meth:`CheckpointManager._dcp_load` maps them to
+    the kept entry for a strict load). Entries are matched by storage address, offset, shape, stride and
+    dtype of this rank's local tensor; an empty storage is never matched (every rank agrees, since the
+    tie is part of the model's structure and FSDP2 shards keep a padded storage of their own).
+
+    Returns:
+        ``{removed name: kept name}``.
+    """
+    kept: dict[tuple[Any, ...], str] = {}
+    tied: dict[str, str] = {}
+    for name, value in list(msd.items()):
+        if not isinstance(value, torch.Tensor):
+            continue
+        local = value.to_local() if hasattr(value, "to_local") else value
+        storage = local.untyped_storage()
+        if local.device.type == "meta" or storage.nbytes() == 0:
+            continue
+        key = (local.device, storage.data_ptr(), local.storage_offset(), tuple(local.shape), local.stride(),
+               local.dtype)
+        if key in kept:
+            tied[name] = kept[key]
+            del msd[name]
+        else:
+            kept[key] = name
+    return tied
 
 
 def _flatten_sd(d: Any, prefix: str) -> dict[str, Any]:

@@ -298,3 +298,63 @@ def test_interrupted_save_leaves_no_partial_folder(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mgr.save(3, {"model": torch.nn.Linear(3, 2)})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+
+@pytest.mark.parametrize("trainable_only", [False, True])
+def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatch, trainable_only):
+    """A tied weight is saved under one name only (its bytes once, one optimizer state); a fresh model
+    resumes bit for bit with the tie intact; a checkpoint holding both names (written before) still loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    import longreach.checkpoint as ckpt_mod
+    from longreach.workers.tied import batches, build, train_steps
+
+    ids = batches()  # [4 steps, 2, 5]
+    cfg = CheckpointConfig(trainable_only=trainable_only)
+    model, opt = build(0, trainable_only=trainable_only)
+    train_steps(model, opt, ids[:2])
+    state = {"model": model, "optimizer": opt}
+    path = CheckpointManager(cfg, tmp_path / "new", config_hash="t").save(2, state)
+    with monkeypatch.context() as m:  # the same state written as before: both names of the tied weight
+        m.setattr(ckpt_mod, "_untie", lambda msd: {})
+        old = CheckpointManager(cfg, tmp_path / "old", config_hash="t").save(2, state)
+    ref = train_steps(model, opt, ids[2:])
+
+    saved = dcp.FileSystemReader(str(path / "model")).read_metadata().state_dict_metadata
+    tensors = {k: m for k, m in saved.items() if isinstance(m, TensorStorageMetadata)}
+    model_keys = {k for k in tensors if k.startswith("model.")}
+    assert model_keys == ({"model.emb.weight"} if trainable_only else {"model.emb.weight", "model.mid.weight",
+                                                                        "model.mid.bias"})
+    assert not any("head" in k for k in saved), sorted(saved)
+    assert {k for k in tensors if k.startswith("optim.state.") and k.endswith(".exp_avg")} == \
+        {f"optim.state.{k.removeprefix('model.')}.exp_avg" for k in model_keys}
+    unique = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    assert sum(math.prod(tensors[k].size) for k in model_keys) == sum(p.numel() for p in unique.values())
+    old_keys = dcp.FileSystemReader(str(old / "model")).read_metadata().state_dict_metadata
+    assert "model.head.weight" in old_keys  # the older layout, for the compatibility load below
+
+    for src in (tmp_path / "new", tmp_path / "old"):
+        fresh, fresh_opt = build(1, trainable_only=trainable_only)
+        assert not torch.equal(fresh.emb.weight, model.emb.weight)
+        mgr = CheckpointManager(cfg, src, config_hash="t")
+        assert mgr.load({"model": fresh, "optimizer": fresh_opt}) == 2
+        assert fresh.head.weight is fresh.emb.weight  # still tied
+        assert train_steps(fresh, fresh_opt, ids[2:]) == ref, src.name  # bit for bit
+        for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+            assert torch.equal(a, b), (src.name, name)
+
+
+def test_tied_parameter_under_fsdp2_is_written_once_and_resumes_exactly(tmp_path):
+    """2 FSDP2-sharded ranks (DTensor state): the tied weight is saved once, lean and full, and a fresh
+    sharded model resumes with the reference losses bit for bit, the tie intact."""
+    from longreach.workers.tied import fsdp_resume
+
+    res = run_ranks(fsdp_resume, 2, args=(str(tmp_path),))
+    for rank, got in enumerate(res):
+        for lean, r in got.items():
+            assert r["ref"] == r["got"] and len(r["ref"]) == 2, (rank, lean, r)
+            assert r["tied"], (rank, lean)
+            assert r["saved"] == (["model.emb.weight"] if lean else
+                                  ["model.emb.weight", "model.mid.bias", "model.mid.weight"]), (rank, lean, r)

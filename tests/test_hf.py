@@ -467,6 +467,50 @@ def test_lean_finetune_checkpoint_and_changed_base(tmp_path):
         finetune(job(3, base_hash="0123" * 16))
 
 
+def test_lean_checkpoint_of_tied_embeddings_holds_them_once_and_resumes_exactly(tmp_path):
+    """A tied-embedding Llama's lean fine-tune checkpoint holds the shared embedding once (no lm_head entry:
+    its model tensors are exactly the trainable parameters' elements); a run stopped after step 1 and
+    resumed from that checkpoint gives the uninterrupted run's losses and exported weights bit for bit."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from transformers import LlamaForCausalLM
+
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    base.save_pretrained(tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(1).integers(0, 97, 64 * 4))
+    runs = {}
+    for out, steps in (("straight", 3), ("resumed", 1), ("resumed", 3)):
+        runs[out] = finetune(FinetuneConfig(
+            hf=HFSource(path=str(tmp_path / "base")), recipe=RecipeConfig(target_len=64),
+            attention=FTAttention(backend="cpu"), parallel=ParallelConfig(cp=1), train=FTTrain(lr=1e-3),
+            data=FTData(source="tokens", tokens_path=str(tmp_path / "tokens.npy")),
+            run=FTRun(out_dir=str(tmp_path / out), steps=steps, save_every=1)))
+    assert len(runs["straight"]["losses"]) == 3 and runs["resumed"]["losses"] == runs["straight"]["losses"]
+    assert runs["resumed"]["first_loss"] == runs["straight"]["losses"][1]  # the second call began at step 2
+    exported = {k: load_file(f"{tmp_path / k}/export/model.safetensors") for k in runs}
+    assert sorted(exported["straight"]) == sorted(exported["resumed"])
+    for name, t in exported["straight"].items():
+        assert torch.equal(t, exported["resumed"][name]), name
+    assert not torch.equal(exported["straight"]["model.embed_tokens.weight"], base.model.embed_tokens.weight)
+
+    ckpt = tmp_path / "straight" / "checkpoints" / "step-00000002"
+    saved = FileSystemReader(f"{ckpt}/model").read_metadata().state_dict_metadata
+    model_keys = [k for k, m in saved.items()
+                  if k.startswith("model.") and isinstance(m, TensorStorageMetadata)]
+    assert not any("lm_head" in k for k in saved), [k for k in saved if "lm_head" in k]
+    assert sum("embed_tokens" in k for k in model_keys) == 1
+    n_trainable = runs["straight"]["trainable"]["trainable"]  # tied parameters counted once
+    n_saved = sum(math.prod(saved[k].size) for k in model_keys)
+    assert n_saved == n_trainable, (n_saved, n_trainable)
+
+
 def test_finetune_corpus_streams_through_shared_shards(tmp_run_dir, monkeypatch):
     """Fine-tuning text is tokenized by the shared streaming path with the checkpoint's HF tokenizer (in
     worker processes, cached) into the same stream as encoding each document and appending eos; windows

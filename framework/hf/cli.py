@@ -18,9 +18,9 @@ After the last step rank 0 merges LoRA and exports a plain HF checkpoint with th
 ``<run.out_dir>/export``.
 
 **Checkpoints** are lean by default (``checkpoint.trainable_only: true``): the trainable parameters
-(LoRA adapters, embeddings, norms — fp32 master weights), their optimizer state, the LR schedule, the data
-position and the RNG states, through DCP (resume is exact and reshards across world sizes; under DeepSpeed
-its own checkpoint, without the frozen parameters). The frozen base
+(LoRA adapters, embeddings, norms — fp32 master weights; tied embeddings once), their optimizer state, the
+LR schedule, the data position and the RNG states, through DCP (resume is exact and reshards across world
+sizes; under DeepSpeed its own checkpoint, without the frozen parameters). The frozen base
 is re-read from ``hf.path`` on resume; ``hf.base_hash`` (a sha256 of the files in ``hf.path``, filled in at
 start) makes a resume against changed base files a clear error instead of a silently different model. Set
 ``checkpoint.trainable_only: false`` to store the whole model in every checkpoint.
