@@ -145,6 +145,22 @@ class FTTrain(TrainConfig):
     """AdamW decoupled weight decay (matrices only)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    sequence_tile: int = 0
+    """Tokens per tile of each decoder block's MLP and RMSNorms (and the final norm), each tile recomputed in
+    backward so the ``[S, intermediate_size]`` MLP product never exists whole (0: off). What
+    ``model.sequence_tile`` is for longreach's own models, applied by the same ``longreach.parallelize`` step."""
+    checkpoint_offload: bool = False
+    """With ``activation_checkpointing``: keep each decoder block's checkpointed input in (pinned) host memory
+    between forward and backward, brought back ahead of use on a side stream (CUDA). What
+    ``model.checkpoint_offload`` is for longreach's own models."""
+
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
+        if self.sequence_tile < 0:
+            raise ValueError(f"train.sequence_tile must be >= 0 (0: no tiling), got {self.sequence_tile}")
+        if self.checkpoint_offload and not self.activation_checkpointing:
+            raise ValueError("train.checkpoint_offload moves the checkpointed block inputs to host memory: it "
+                             "needs train.activation_checkpointing=true")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,0 +1,183 @@
+"""Memory at the floor on the HF fine-tuning path: ``train.sequence_tile`` and ``train.checkpoint_offload``.
+
+A tiny HF Llama under the LongLoRA recipe (LoRA also inside the MLP, trainable embeddings and norms) is
+parallelized by the same ``longreach.parallelize`` step ``longreach finetune`` uses; every memory mode gives
+the plain fine-tune's loss and LoRA / embedding / norm gradients in float64, in one process and under a
+2-rank ring (zigzag), and a whole fine-tune with both modes gives the plain run's losses step by step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from longreach.testing import run_ranks  # noqa: E402
+
+TARGET = 32  # tokens per sequence: twice the tiny Llama's context of 16
+MODES = {  # name -> (train.sequence_tile, train.activation_checkpointing, train.checkpoint_offload)
+    "tiled": (5, False, False),
+    "ckpt+offload": (0, True, True),
+    "ckpt+offload+tiled": (7, True, True),
+}
+LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # LoRA inside the tiled MLP too
+
+
+def _save_base(folder: Path) -> str:
+    from transformers import LlamaForCausalLM
+
+    from longreach.workers.hf import tiny_llama_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
+    return str(folder)
+
+
+def _job(base: str, *, cp: int, tile: int = 0, ckpt: bool = False, offload: bool = False, **kw: Any) -> Any:
+    from longreach.hf.cli import FinetuneConfig, FTAttention, FTTrain, HFSource
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.parallel.config import ParallelConfig
+
+    return FinetuneConfig(
+        hf=HFSource(path=base, dtype="float64"), recipe=RecipeConfig(target_len=TARGET, lora_targets=LORA_TARGETS),
+        attention=FTAttention(backend="reference"),
+        parallel=ParallelConfig(cp=cp, strategy="ring", layout="zigzag", backend="reference"),
+        train=FTTrain(lr=5e-3, warmup_steps=1, loss_chunk_size=7, sequence_tile=tile, activation_checkpointing=ckpt,
+                      checkpoint_offload=offload), **kw)
+
+
+def _loss_and_grads(cfg: Any, mesh: Any, batch: Any) -> tuple[float, dict[str, torch.Tensor], Any]:
+    """One forward/backward of the fine-tune model built and parallelized as ``longreach finetune`` does."""
+    from longreach.hf.model import build_hf_model
+    from longreach.parallelize import parallelize, unwrap
+    from longreach.trainer import forward_backward
+
+    torch.manual_seed(1)  # LoRA initialisation
+    model = build_hf_model(cfg, torch.device("cpu"))
+    with torch.no_grad():  # LoRA B starts at zero: make it non-zero so LoRA A gets a gradient as well
+        gen = torch.Generator().manual_seed(2)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    model = parallelize(model, cfg, mesh)
+    loss, _, _ = forward_backward(model, [batch], cfg=cfg, mesh=mesh, step=0, device=torch.device("cpu"))
+    inner = unwrap(model)
+    grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in inner.named_parameters()
+             if p.requires_grad}
+    return loss, grads, inner
+
+
+def _compare(tag: str, got: tuple[float, dict], want: tuple[float, dict]) -> list[str]:
+    failures = []
+    if abs(got[0] - want[0]) > 1e-12 * abs(want[0]):
+        failures.append(f"[{tag}] loss {got[0]!r} != {want[0]!r}")
+    if got[1].keys() != want[1].keys():
+        failures.append(f"[{tag}] trainable parameters differ: {sorted(got[1].keys() ^ want[1].keys())}")
+    for name, g in want[1].items():
+        h = got[1].get(name)
+        if h is None or g is None or not torch.allclose(h, g, rtol=1e-10, atol=1e-13):
+            err = None if h is None or g is None else float((h - g).abs().max())
+            failures.append(f"[{tag}] {name}.grad differs (max abs diff {err}; ref norm "
+                            f"{None if g is None else float(g.norm())})")
+    return failures
+
+
+def _modes_against_plain(base: str, cp: int, mesh: Any) -> list[str]:
+    """Every memory mode on ``cp`` ranks against the plain one-rank fine-tune; also checks what each mode did."""
+    from longreach.hf.patch import shift_labels
+    from longreach.trainer import Batch
+
+    ids = torch.randint(0, 97, (2, TARGET), generator=torch.Generator().manual_seed(3))
+    batch = Batch(input_ids=ids, labels=shift_labels(ids))
+    batch.labels[0, 5] = -100
+    loss, grads, _ = _loss_and_grads(_job(base, cp=1), None, batch)
+    want = (loss, grads)
+    failures = []
+    kinds = {"lora_A", "lora_B", "embed_tokens", "norm"}
+    seen = {k for k in kinds if any(k in n for n in grads)}
+    if seen != kinds or any(float(g.abs().max()) == 0 for g in grads.values()):
+        failures.append(f"reference: trainable kinds {sorted(seen)}; zero gradients "
+                        f"{[n for n, g in grads.items() if float(g.abs().max()) == 0]}")
+    for name, (tile, ckpt, offload) in MODES.items():
+        loss, grads, inner = _loss_and_grads(_job(base, cp=cp, tile=tile, ckpt=ckpt, offload=offload), mesh, batch)
+        failures += _compare(f"cp={cp} {name}", (loss, grads), want)
+        layers = inner.layers
+        tiled = [m for m in inner.modules() if getattr(m, "sequence_tile", 0) == tile and tile]
+        if tile and len(tiled) != 3 * len(layers) + 1:  # mlp + 2 norms per block, and the final norm
+            failures.append(f"[cp={cp} {name}] {len(tiled)} modules tiled, want {3 * len(layers) + 1}")
+        off = inner.checkpoint_offload if ckpt else None
+        local = TARGET // cp
+        # one float64 hidden state [2, S/cp, 32] per block, out and back once; block 0's brought back ahead
+        if offload and not (off.bytes_offloaded == off.bytes_restored == len(layers) * 2 * local * 32 * 8
+                            and off.prefetched == 1):
+            failures.append(f"[cp={cp} {name}] offloaded {off.bytes_offloaded} B, restored {off.bytes_restored} B, "
+                            f"prefetched {off.prefetched}")
+    return failures
+
+
+def test_hf_memory_modes_match_plain_finetune_one_rank(tmp_path: Path) -> None:
+    failures = _modes_against_plain(_save_base(tmp_path / "base"), 1, None)
+    assert not failures, "\n".join(failures)
+
+
+def ring_modes_worker(rank: int, world_size: int, base: str) -> list[str]:
+    from longreach.parallel.config import ParallelConfig
+    from longreach.trainer import build_mesh
+
+    mesh = build_mesh(ParallelConfig(cp=world_size), world_size, torch.device("cpu"))[0]
+    return _modes_against_plain(base, world_size, mesh)
+
+
+def test_hf_memory_modes_match_plain_finetune_ring_cp2(tmp_path: Path) -> None:
+    base = _save_base(tmp_path / "base")
+    failures = [f for per_rank in run_ranks(ring_modes_worker, 2, args=(base,), timeout=600) for f in per_rank]
+    assert not failures, "\n".join(failures)
+
+
+def test_finetune_with_tiling_and_offload_matches_plain_run(tmp_path: Path) -> None:
+    """``longreach finetune`` end to end (two optimizer steps, one rank): the same losses and exported weights."""
+    from transformers import AutoModelForCausalLM
+
+    from longreach.hf.cli import FTData, FTRun, finetune
+
+    base = _save_base(tmp_path / "base")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, TARGET * 4))
+    runs = {}
+    for name, (tile, ckpt, offload) in {"plain": (0, False, False), "both": MODES["ckpt+offload+tiled"]}.items():
+        cfg = _job(base, cp=1, tile=tile, ckpt=ckpt, offload=offload,
+                   data=FTData(source="tokens", tokens_path=str(tmp_path / "tokens.npy")),
+                   run=FTRun(out_dir=str(tmp_path / name), steps=2))
+        runs[name] = finetune(cfg)
+    assert len(runs["plain"]["losses"]) == 2
+    np.testing.assert_allclose(runs["both"]["losses"], runs["plain"]["losses"], rtol=1e-12, atol=0)
+    plain, both = (AutoModelForCausalLM.from_pretrained(runs[n]["export"], torch_dtype=torch.float64).state_dict()
+                   for n in ("plain", "both"))
+    assert sorted(plain) == sorted(both)  # no wrapper names in the export
+    for name, w in plain.items():
+        torch.testing.assert_close(both[name], w, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(plain["model.norm.weight"], torch.ones_like(plain["model.norm.weight"]))  # it trained
+
+
+def test_offload_without_checkpointing_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from longreach.config import load_config
+    from longreach.errors import ConfigError
+    from longreach.hf.cli import FinetuneConfig, finetune_main
+
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(f"hf: {{path: {tmp_path}}}\nrecipe: {{target_len: 64}}\ntrain: {{checkpoint_offload: true}}\n")
+    with pytest.raises(ConfigError, match=r"train\.checkpoint_offload .*train\.activation_checkpointing=true"):
+        load_config(FinetuneConfig, cfg)
+    assert finetune_main([str(cfg), f"--run.out_dir={tmp_path / 'run'}"]) == 2  # the command: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.checkpoint_offload" in err[0] and "Traceback" not in err[0], err
+    assert not (tmp_path / "run").exists()
+    cfg.write_text(f"hf: {{path: {tmp_path}}}\nrecipe: {{target_len: 64}}\ntrain: {{activation_checkpointing: true}}\n")
+    with pytest.raises(ConfigError, match=r"train\.sequence_tile must be >= 0"):
+        load_config(FinetuneConfig, cfg, ["--train.sequence_tile=-1"])
+    ok = load_config(FinetuneConfig, cfg, ["--train.checkpoint_offload=true", "--train.sequence_tile=256"])
+    assert ok.train.checkpoint_offload and ok.train.sequence_tile == 256
