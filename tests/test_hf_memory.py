@@ -125,6 +125,36 @@ def test_hf_memory_modes_match_plain_finetune_one_rank(tmp_path: Path) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("dtype,pure_bf16", [("bfloat16", False), ("bfloat16", True)])
+def test_hf_saved_bytes_at_the_floor(tmp_path: Path, dtype: str, pure_bf16: bool) -> None:
+    """What the HF fine-tune keeps for backward with checkpointing + tiling (exact counts, per token): one
+    hidden state per block (none on the device with offload), nothing of attention or MLP, the tiled final
+    norm's input, the loss's input, log-sum-exp and label, the token id. Hidden states are in the residual
+    stream's precision: fp32 under bf16 compute when the embeddings train as fp32 master weights (what
+    ``launch --validate`` assumes for HF recipes), bf16 with ``hf.pure_bf16``."""
+    from longreach.bench.memory import SavedBytesMeter
+    from longreach.hf.model import build_hf_model
+    from longreach.hf.patch import shift_labels
+    from longreach.parallelize import parallelize
+
+    base = _save_base(tmp_path / "base")
+    ids = torch.randint(0, 97, (1, TARGET), generator=torch.Generator().manual_seed(3))
+    e, h, layers = (2 if pure_bf16 else 4), 32, 2
+    for offload in (False, True):
+        cfg = _job(base, cp=1, tile=8, ckpt=True, offload=offload)
+        cfg.hf.dtype, cfg.hf.pure_bf16 = dtype, pure_bf16
+        model = parallelize(build_hf_model(cfg, torch.device("cpu")), cfg, None)
+        # bf16 compute beside the trainable parameters, as the trainer runs it (train.precision=bf16)
+        with SavedBytesMeter(model) as meter, torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss, _ = model(ids, None, None, labels=shift_labels(ids), loss_chunk_size=7)
+        loss.backward()
+        per_token = {k: v / TARGET for k, v in meter.bytes.items() if v}
+        assert per_token == {**({} if offload else {"checkpoint": layers * e * h}), "norms": e * h,
+                             "loss": e * h + 4 + 8, "embedding": 8}, (dtype, offload, per_token)
+        if offload:
+            assert model.checkpoint_offload.bytes_offloaded == layers * e * h * TARGET
+
+
 def ring_modes_worker(rank: int, world_size: int, base: str) -> list[str]:
     from longreach.parallel.config import ParallelConfig
     from longreach.trainer import build_mesh
@@ -181,3 +211,43 @@ def test_offload_without_checkpointing_is_a_config_error(tmp_path: Path, capsys:
         load_config(FinetuneConfig, cfg, ["--train.sequence_tile=-1"])
     ok = load_config(FinetuneConfig, cfg, ["--train.checkpoint_offload=true", "--train.sequence_tile=256"])
     assert ok.train.checkpoint_offload and ok.train.sequence_tile == 256
+
+
+# ------------------------------------------------------------------------------ longreach launch --validate
+def test_validate_accounts_for_tiling_and_offload(capsys: pytest.CaptureFixture[str]) -> None:
+    """``launch --validate`` of an HF recipe feeds train.sequence_tile / train.checkpoint_offload to the planner's
+    memory model: the tiled MLP working set, two checkpointed inputs on the device and the rest on the host,
+    hidden states at 4 B/element under fp32 trainable embeddings and 2 with hf.pure_bf16 (as measured above)."""
+    from longreach.bench.costmodel import MODELS, MemoryOptions, memory_per_rank
+    from longreach.launchers.cli import main
+    from longreach.launchers.dryrun import validate_config
+
+    recipe, world, tile = "configs/sinklora_llama3_8b_64k.yaml", 16, 4096
+    shape, n = MODELS["llama3_8b"], 65536 // 4  # tokens per rank: target_len / parallel.cp
+    h, layers = shape.hidden, shape.layers
+    modes = {"ckpt": [], "ckpt+tiled": [f"--train.sequence_tile={tile}"],
+             "ckpt+offload+tiled": [f"--train.sequence_tile={tile}", "--train.checkpoint_offload=true"]}
+    for pure in (False, True):
+        stream = 2 if pure else 4  # bytes per element of the residual stream (trainable embeddings: fp32)
+        reps = {name: validate_config(recipe, world, over + [f"--hf.pure_bf16={str(pure).lower()}"])
+                for name, over in modes.items()}
+        for name, rep in reps.items():
+            tiled, offload = "tiled" in name, "offload" in name
+            opts = MemoryOptions(checkpointing=True, tiled=tiled, offload=offload, tile_tokens=tile, loss_chunk=4096)
+            want = memory_per_rank(shape, tokens=n, opts=opts, zero=2, shards=world, params=1.0)  # bf16 stream
+            for part in ("phase_mlp", "phase_loss"):
+                assert rep.memory[part] == want[part], (name, part)
+            assert rep.memory["checkpoints"] == (2 if offload else layers) * n * stream * h, (pure, name)
+            assert rep.memory["host"] == (layers * n * stream * h if offload else 0), (pure, name)
+            # final norm and loss inputs, the two flowing gradients; the tiled final norm keeps its own input
+            extra = n * h * ((stream - 2) * 4 + (stream if tiled else 0))
+            assert rep.memory["per_model"] == want["per_model"] + extra, (pure, name)
+            assert any(n.startswith(f"activations: {name} ") for n in rep.notes), rep.notes
+        assert reps["ckpt+tiled"].memory["phase_mlp"] < reps["ckpt"].memory["phase_mlp"]
+        assert len({rep.memory["phase_attention"] for rep in reps.values()}) == 1  # the ring's buffers: unchanged
+        assert reps["ckpt"].memory["total"] > reps["ckpt+tiled"].memory["total"] > reps["ckpt+offload+tiled"].memory["total"]
+    # a user error: one line, exit 2
+    assert main(["launch", "--validate", "--dry-run", "--world-size", str(world), "finetune", recipe,
+                 "--train.activation_checkpointing=false", "--train.checkpoint_offload=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.checkpoint_offload" in err[0] and "train.activation_checkpointing" in err[0], err
