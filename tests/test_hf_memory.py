@@ -51,10 +51,12 @@ def _job(base: str, *, cp: int, tile: int = 0, ckpt: bool = False, offload: bool
                       checkpoint_offload=offload), **kw)
 
 
-def _loss_and_grads(cfg: Any, mesh: Any, batch: Any) -> tuple[float, dict[str, torch.Tensor], Any]:
-    """One forward/backward of the fine-tune model built and parallelized as ``longreach finetune`` does."""
+def _loss_and_grads(cfg: Any, mesh: Any, batch: Any, engine_cfg: dict | None = None
+                    ) -> tuple[float, dict[str, torch.Tensor], Any]:
+    """One forward/backward of the fine-tune model built and parallelized as ``longreach finetune`` does
+    (through ``longreach.engines`` when ``engine_cfg`` is given)."""
     from longreach.hf.model import build_hf_model
-    from longreach.parallelize import parallelize, unwrap
+    from longreach.parallelize import dp_cp_group, parallelize, unwrap
     from longreach.trainer import forward_backward
 
     torch.manual_seed(1)  # LoRA initialisation
@@ -64,11 +66,21 @@ def _loss_and_grads(cfg: Any, mesh: Any, batch: Any) -> tuple[float, dict[str, t
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    model = parallelize(model, cfg, mesh)
-    loss, _, _ = forward_backward(model, [batch], cfg=cfg, mesh=mesh, step=0, device=torch.device("cpu"))
+    engine = None
+    if engine_cfg is None:
+        model = parallelize(model, cfg, mesh)
+    else:
+        from longreach.engines import as_engine_config, build_engine
+
+        model = parallelize(model, cfg, mesh, data_parallel=False)
+        engine = build_engine(as_engine_config(engine_cfg), model, lambda ps: torch.optim.SGD(ps, lr=0.0),
+                              group=dp_cp_group(mesh), mesh=mesh)
+        model = engine.model
+    loss, _, _ = forward_backward(model, [batch], cfg=cfg, mesh=mesh, step=0, device=torch.device("cpu"), engine=engine)
     inner = unwrap(model)
     grads = {n.replace("._checkpoint_wrapped_module", ""): p.grad for n, p in inner.named_parameters()
              if p.requires_grad}
+    grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}  # FSDP2 shards
     return loss, grads, inner
 
 
@@ -87,8 +99,9 @@ def _compare(tag: str, got: tuple[float, dict], want: tuple[float, dict]) -> lis
     return failures
 
 
-def _modes_against_plain(base: str, cp: int, mesh: Any) -> list[str]:
-    """Every memory mode on ``cp`` ranks against the plain one-rank fine-tune; also checks what each mode did."""
+def _modes_against_plain(base: str, cp: int, mesh: Any, runs: list[tuple[str, str, dict | None]]) -> list[str]:
+    """Each (strategy, memory mode, engine) on ``cp`` ranks against the plain one-rank fine-tune; also checks
+    what each mode did (modules tiled, bytes offloaded)."""
     from longreach.hf.patch import shift_labels
     from longreach.trainer import Batch
 
@@ -103,25 +116,29 @@ def _modes_against_plain(base: str, cp: int, mesh: Any) -> list[str]:
     if seen != kinds or any(float(g.abs().max()) == 0 for g in grads.values()):
         failures.append(f"reference: trainable kinds {sorted(seen)}; zero gradients "
                         f"{[n for n, g in grads.items() if float(g.abs().max()) == 0]}")
-    for name, (tile, ckpt, offload) in MODES.items():
-        loss, grads, inner = _loss_and_grads(_job(base, cp=cp, tile=tile, ckpt=ckpt, offload=offload), mesh, batch)
-        failures += _compare(f"cp={cp} {name}", (loss, grads), want)
+    for strategy, name, engine_cfg in runs:
+        tile, ckpt, offload = MODES[name]
+        tag = f"cp={cp} {strategy} {name}" + (f" {engine_cfg}" if engine_cfg else "")
+        cfg = _job(base, cp=cp, tile=tile, ckpt=ckpt, offload=offload)
+        cfg.parallel.strategy = strategy
+        loss, grads, inner = _loss_and_grads(cfg, mesh, batch, engine_cfg)
+        failures += _compare(tag, (loss, grads), want)
         layers = inner.layers
         tiled = [m for m in inner.modules() if getattr(m, "sequence_tile", 0) == tile and tile]
         if tile and len(tiled) != 3 * len(layers) + 1:  # mlp + 2 norms per block, and the final norm
-            failures.append(f"[cp={cp} {name}] {len(tiled)} modules tiled, want {3 * len(layers) + 1}")
+            failures.append(f"[{tag}] {len(tiled)} modules tiled, want {3 * len(layers) + 1}")
         off = inner.checkpoint_offload if ckpt else None
         local = TARGET // cp
         # one float64 hidden state [2, S/cp, 32] per block, out and back once; block 0's brought back ahead
         if offload and not (off.bytes_offloaded == off.bytes_restored == len(layers) * 2 * local * 32 * 8
                             and off.prefetched == 1):
-            failures.append(f"[cp={cp} {name}] offloaded {off.bytes_offloaded} B, restored {off.bytes_restored} B, "
+            failures.append(f"[{tag}] offloaded {off.bytes_offloaded} B, restored {off.bytes_restored} B, "
                             f"prefetched {off.prefetched}")
     return failures
 
 
 def test_hf_memory_modes_match_plain_finetune_one_rank(tmp_path: Path) -> None:
-    failures = _modes_against_plain(_save_base(tmp_path / "base"), 1, None)
+    failures = _modes_against_plain(_save_base(tmp_path / "base"), 1, None, [("ring", name, None) for name in MODES])
     assert not failures, "\n".join(failures)
 
 
@@ -160,10 +177,13 @@ def ring_modes_worker(rank: int, world_size: int, base: str) -> list[str]:
     from longreach.trainer import build_mesh
 
     mesh = build_mesh(ParallelConfig(cp=world_size), world_size, torch.device("cpu"))[0]
-    return _modes_against_plain(base, world_size, mesh)
+    runs = [("ring", name, None) for name in MODES] + [
+        ("ulysses", "ckpt+offload+tiled", None),
+        ("ring", "ckpt+offload+tiled", {"kind": "native", "options": {"fsdp": True}})]
+    return _modes_against_plain(base, world_size, mesh, runs)
 
 
-def test_hf_memory_modes_match_plain_finetune_ring_cp2(tmp_path: Path) -> None:
+def test_hf_memory_modes_match_plain_finetune_cp2(tmp_path: Path) -> None:
     base = _save_base(tmp_path / "base")
     failures = [f for per_rank in run_ranks(ring_modes_worker, 2, args=(base,), timeout=600) for f in per_rank]
     assert not failures, "\n".join(failures)
