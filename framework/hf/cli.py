@@ -10,7 +10,9 @@ trainer's two seams:
 * the model (:func:`longreach.hf.model.build_hf_model`): load ``hf.path``, apply ``recipe`` (RoPE
   scaling written into the config; LoRA via peft plus trainable embeddings and norms, or full),
   patch attention through transformers' registry; ``parallelize`` then installs the same local /
-  context-parallel inner attention it installs in our own models, from ``attention`` and ``parallel``;
+  context-parallel inner attention it installs in our own models, from ``attention`` and ``parallel``,
+  and applies the same memory steps to the HF decoder blocks: ``train.sequence_tile`` (MLP and norms over
+  token tiles), ``train.activation_checkpointing`` and ``train.checkpoint_offload`` (see :class:`FTTrain`);
 * the data (:class:`TokenWindows`): the corpus tokenized with the checkpoint's tokenizer, cut into
   ``recipe.target_len`` windows, labels shifted on the global sequence; its position is checkpointed.
 
