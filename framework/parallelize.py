@@ -149,13 +149,15 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: boo
              f"{job_cfg.parallel.layout}", f", {hooked} modules through parallelize_context" if hooked else "")
     # 1b. sequence tiling of the token-wise parts (MLP or MoE experts, norms): inside each block, so the
     #     checkpoint of step 2 recomputes the tiled block
-    model_cfg = getattr(job_cfg, "model", None)  # HF fine-tuning jobs have no model section
-    apply_sequence_tiling(model, getattr(model_cfg, "sequence_tile", 0))
+    # HF fine-tuning jobs have no model section: their train section holds sequence_tile / checkpoint_offload
+    section = "model" if getattr(job_cfg, "model", None) is not None else "train"
+    memory_cfg = getattr(job_cfg, section)
+    apply_sequence_tiling(model, getattr(memory_cfg, "sequence_tile", 0))
     # 2. activation checkpointing, per decoder block (its inputs optionally offloaded to host memory)
-    offload = bool(getattr(model_cfg, "checkpoint_offload", False))
+    offload = bool(getattr(memory_cfg, "checkpoint_offload", False))
     if offload and not job_cfg.train.activation_checkpointing:
-        raise UserError("model.checkpoint_offload moves the checkpointed block inputs to host memory: it needs "
-                        "train.activation_checkpointing=true")
+        raise UserError(f"{section}.checkpoint_offload moves the checkpointed block inputs to host memory: it "
+                        "needs train.activation_checkpointing=true")
     if job_cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model, offload=CheckpointOffload() if offload else None)
     shards = expert_shards(model)
@@ -193,7 +195,8 @@ def apply_sequence_tiling(model: nn.Module, tile_tokens: int) -> int:
     ``experts`` submodule), whose router keeps the whole sequence and whose experts are tiled over rows
     (:func:`~longreach.models.base.tile_experts`); ``input_layernorm`` / ``post_attention_layernorm``
     are tiled too, and so is the final ``norm`` (which our decoders then checkpoint together with the
-    loss). HF Llama-style decoders use the same names. Returns the number of modules tiled.
+    loss). HF Llama-style decoders use the same names (their final norm is the decoder's, found through
+    ``model.hf.get_decoder()``). Returns the number of modules tiled.
     """
     if tile_tokens <= 0:
         return 0
@@ -218,8 +221,10 @@ def apply_sequence_tiling(model: nn.Module, tile_tokens: int) -> int:
             if isinstance(norm, nn.Module):
                 tile_sequence(norm, tile_tokens)
                 n += 1
-    final = getattr(model, "norm", None) or getattr(getattr(model, "model", None), "norm", None)
-    if isinstance(final, nn.Module):  # the model checkpoints it together with the loss (DecoderLM._finish)
+    hf_decoder = getattr(getattr(model, "hf", None), "get_decoder", None)  # an HF model (longreach.hf.model)
+    owners = (model, getattr(model, "model", None), hf_decoder() if callable(hf_decoder) else None)
+    final = next((m for m in (getattr(o, "norm", None) for o in owners) if isinstance(m, nn.Module)), None)
+    if final is not None:  # the model checkpoints it together with the loss (DecoderLM._finish)
         tile_sequence(final, tile_tokens)
         n += 1
     log.info("parallelize: %d MLP/expert/norm modules run over %d-token tiles (recomputed in backward)", n,

@@ -282,6 +282,8 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
 
     The base weights are frozen bf16 copies (2 B/param, sharded only by ZeRO-3); the trainable part (LoRA
     adapters and the recipe's ``trainable`` embeddings/norms) carries 16 B/param sharded per the stage.
+    Activations follow ``train.activation_checkpointing``, ``train.sequence_tile`` and
+    ``train.checkpoint_offload`` (the fine-tune's names for ``model.sequence_tile`` / ``model.checkpoint_offload``).
     """
     from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
     from longreach.config import load_config
@@ -322,16 +324,41 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     base = float(shape.params())
     shards = world_size if zero else 1
     tokens = tr.micro_batch_size * tr.seq_len // par.cp
-    opts = MemoryOptions(checkpointing=tr.activation_checkpointing, optimizer_offload=engine.cpu_offload,
-                         loss_chunk=tr.loss_chunk_size)
+    opts = MemoryOptions(checkpointing=tr.activation_checkpointing, offload=tr.checkpoint_offload,
+                         tiled=tr.sequence_tile > 0, tile_tokens=tr.sequence_tile or 8192,
+                         optimizer_offload=engine.cpu_offload, loss_chunk=tr.loss_chunk_size)
     buffers = attention_cost(strategy=par.strategy, layout=par.layout, world=par.cp, seq_len=tr.seq_len,
                              heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, profile=profile,
                              ulysses_degree=par.ulysses_degree or None).buffer_bytes if par.cp > 1 else 0.0
     mem = memory_per_rank(shape, tokens=tokens, opts=opts, zero=zero, shards=shards, attention_buffers=buffers,
                           params=trainable)
     frozen = 2.0 * base / (shards if zero >= 3 else 1)
+    # bf16 compute beside fp32 master embeddings (trainable, hf.pure_bf16 off) makes the residual stream fp32
+    # (measured: tests/test_hf_memory.py): each hidden state kept for backward is 4 B/element, not the
+    # planner's 2 — block inputs (checkpointed or offloaded), the final norm's and loss's inputs, and the two
+    # flowing gradients. And an HF decoder's tiled final norm is not one checkpointed region with the loss
+    # (as in longreach's own models): it keeps its input beside the loss's, one more hidden state.
+    fp32_stream = not cfg.hf.pure_bf16 and (rec.method == "full" or any("embed" in t for t in rec.trainable))
+    stream = 4.0 if fp32_stream else 2.0
+    block_input = (stream - 2.0) * tokens * shape.hidden  # beyond the planner's bf16 one
+    ckpt_extra = block_input * (2 if opts.offload else shape.layers) if opts.checkpointing else 0.0
+    model_extra = tokens * shape.hidden * ((stream - 2.0) * 4 + (stream if opts.tiled else 0.0))
     mem["states"] += frozen
-    mem["total"] += frozen * 1.05
+    mem["checkpoints"] += ckpt_extra
+    mem["per_model"] += model_extra
+    mem["total"] += (frozen + ckpt_extra + model_extra) * 1.05
+    if opts.checkpointing and opts.offload:
+        mem["host"] += block_input * shape.layers
+    notes.append(f"activations: {opts.label} (train.activation_checkpointing={tr.activation_checkpointing}, "
+                 f"train.sequence_tile={tr.sequence_tile}, train.checkpoint_offload={tr.checkpoint_offload}); "
+                 f"hidden states kept in {'fp32 (fp32 trainable embeddings)' if fp32_stream else 'bf16'}"
+                 + (f"; checkpointed block inputs in host memory: {mem['host'] / _GIB:.2f} GiB per rank"
+                    if opts.checkpointing and opts.offload else ""))
+    unset = [k for k, on in (("train.activation_checkpointing=true", opts.checkpointing),
+                             ("train.sequence_tile=8192", opts.tiled), ("train.checkpoint_offload=true", opts.offload))
+             if not on]
+    if mem["total"] > profile.memory_bytes and unset:
+        notes.append(f"this HF recipe's activations shrink with {', '.join(unset)}")
     keep = ("states", "checkpoints", "per_model", "phase_loss", "phase_mlp", "phase_attention", "total", "host")
     notes.append(f"{trainable / 1e6:.1f}M trainable (LoRA r={rec.lora_r} on {', '.join(rec.lora_targets)} + "
                  f"{', '.join(rec.trainable) or 'nothing else'}) at 16 B/param; {base / 1e9:.2f}B frozen at 2 B/param")

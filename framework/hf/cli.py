@@ -10,7 +10,9 @@ trainer's two seams:
 * the model (:func:`longreach.hf.model.build_hf_model`): load ``hf.path``, apply ``recipe`` (RoPE
   scaling written into the config; LoRA via peft plus trainable embeddings and norms, or full),
   patch attention through transformers' registry; ``parallelize`` then installs the same local /
-  context-parallel inner attention it installs in our own models, from ``attention`` and ``parallel``;
+  context-parallel inner attention it installs in our own models, from ``attention`` and ``parallel``,
+  and applies the same memory steps to the HF decoder blocks: ``train.sequence_tile`` (MLP and norms over
+  token tiles), ``train.activation_checkpointing`` and ``train.checkpoint_offload`` (see :class:`FTTrain`);
 * the data (:class:`TokenWindows`): the corpus tokenized with the checkpoint's tokenizer, cut into
   ``recipe.target_len`` windows, labels shifted on the global sequence; its position is checkpointed.
 
@@ -145,6 +147,22 @@ class FTTrain(TrainConfig):
     """AdamW decoupled weight decay (matrices only)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
+    sequence_tile: int = 0
+    """Tokens per tile of each decoder block's MLP and RMSNorms (and the final norm), each tile recomputed in
+    backward so the ``[S, intermediate_size]`` MLP product never exists whole (0: off). What
+    ``model.sequence_tile`` is for longreach's own models, applied by the same ``longreach.parallelize`` step."""
+    checkpoint_offload: bool = False
+    """With ``activation_checkpointing``: keep each decoder block's checkpointed input in (pinned) host memory
+    between forward and backward, brought back ahead of use on a side stream (CUDA). What
+    ``model.checkpoint_offload`` is for longreach's own models."""
+
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
+        if self.sequence_tile < 0:
+            raise ValueError(f"train.sequence_tile must be >= 0 (0: no tiling), got {self.sequence_tile}")
+        if self.checkpoint_offload and not self.activation_checkpointing:
+            raise ValueError("train.checkpoint_offload moves the checkpointed block inputs to host memory: it "
+                             "needs train.activation_checkpointing=true")
 
 
 @dataclass(kw_only=True, slots=True)
