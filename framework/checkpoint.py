@@ -44,6 +44,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -350,6 +351,18 @@ def _is_deepspeed_engine(obj: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
+def _unless_stopping(e: BaseException) -> BaseException:
+    """``e`` as a write error, unless this rank received SIGINT/SIGTERM (``longreach.faults``): then the
+    failure is the stop — DCP wraps the interrupt it caught into its own exception, and treating it as
+    a write error would start a collective that a stopping peer never joins — and it is re-raised as
+    ``Interrupted`` (the caller removes the partial folder)."""
+    faults = sys.modules.get("longreach.faults")  # loaded by the commands that install the handlers
+    signum = faults.received_signal() if faults is not None else None
+    if signum is not None:
+        raise faults.Interrupted(signum) from e
+    return e
+
+
 class CheckpointManager:
     """Save and restore a training state; every method is collective over ``group`` (default: WORLD).
 
@@ -403,11 +416,12 @@ class CheckpointManager:
         """Write a checkpoint of ``state`` at ``step``; collective. Returns the final folder.
 
         See :meth:`_save`; interrupted (Ctrl-C, or SIGTERM through ``longreach.faults.Interrupted``)
-        mid-save, rank 0 removes the partial folder before the interruption goes on.
+        mid-save, or failing because a peer stopped mid-save (its collective breaks before this rank's own
+        signal arrives), rank 0 removes the partial folder before the error goes on.
         """
         try:
             return self._save(step, state)
-        except KeyboardInterrupt:
+        except BaseException:
             if _rank(self.group) == 0:
                 for partial in self.root.glob("step-*.tmp"):
                     shutil.rmtree(partial, ignore_errors=True)
@@ -453,7 +467,7 @@ class CheckpointManager:
                 else:
                     tmp.mkdir(parents=True)
             except OSError as e:
-                problem = self._write_error(tmp, e, need)
+                problem = self._write_error(tmp, _unless_stopping(e), need)
         _all_agree(problem is None, problem or "", self.group)
 
         try:
@@ -473,7 +487,7 @@ class CheckpointManager:
                 }
                 (tmp / _META).write_text(json.dumps(meta, indent=1, default=str))
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            problem = self._write_error(tmp, e, need)
+            problem = self._write_error(tmp, _unless_stopping(e), need)
         self._agree_or_clean(problem, tmp)
 
         maybe_inject("kill_in_save", step)  # fault tests: die with the checkpoint half written
@@ -494,7 +508,7 @@ class CheckpointManager:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
-            problem = self._write_error(tmp, e, need)
+            problem = self._write_error(tmp, _unless_stopping(e), need)
         self._agree_or_clean(problem, tmp)
         self._finalize(tmp, final)
         return final

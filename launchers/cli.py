@@ -158,6 +158,16 @@ def _stop_signal(grace_s: float = 0.0) -> int | None:
 def _interrupted(signum: int) -> int:
     who = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     sys.stderr.write(f"longreach: {who}interrupted by {'SIGTERM' if signum == 15 else 'SIGINT'}\n")
+    if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        # a torchrun worker whose peers are stopping too: the process-group destructors at interpreter exit
+        # can wait on a peer that is already gone (until the agent SIGKILLs us), so leave now; the run
+        # folder's lock and partial checkpoints were handled by the finally blocks that already ran
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
     return 128 + signum
 
 
