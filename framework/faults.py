@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from longreach.errors import ConfigError, JobError, UserError
+from longreach.procs import pid_alive
 
 __all__ = [
     "FaultConfig", "FaultPolicy", "NonFiniteLossError", "CollectiveTimeoutError", "CollectiveWatchdog",
@@ -404,16 +405,6 @@ def _proc_start(pid: int) -> str | None:
     return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22: starttime
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunFolderLock:
     """``<run_dir>/.longreach.lock``, created exclusively by rank 0 of the job training in ``run_dir``.
 
@@ -447,7 +438,7 @@ class RunFolderLock:
         if holder.get("host") != self._me["host"]:
             return False  # another machine's process: cannot be checked from here
         pid = int(holder.get("pid", -1))
-        if pid <= 0 or not _alive(pid):
+        if pid <= 0 or not pid_alive(pid):
             return True
         start = _proc_start(pid)
         return holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from longreach.errors import UserError
+from longreach.procs import pid_alive
 
 __all__ = ["TokenStream", "TokenizerSpec", "build_token_shards", "tokenizer_spec"]
 
@@ -164,16 +165,6 @@ def _encoded(docs: Iterator[str], spec: TokenizerSpec, workers: int) -> Iterator
 
 
 # ------------------------------------------------------------------------------------------ locking
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _try_lock(lock: Path) -> bool:
     """Take ``lock`` (O_EXCL); a lock left by a dead process of this host is removed first."""
     me = f"{socket.gethostname()} {os.getpid()}"
@@ -185,7 +176,7 @@ def _try_lock(lock: Path) -> bool:
                 host, pid = lock.read_text().split()
             except (OSError, ValueError):
                 return False  # being written right now
-            if host == socket.gethostname() and not _pid_alive(int(pid)):
+            if host == socket.gethostname() and not pid_alive(int(pid)):
                 log.warning("token shards: removing the stale lock %s of dead process %s", lock, pid)
                 lock.unlink(missing_ok=True)
                 continue
