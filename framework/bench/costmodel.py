@@ -579,7 +579,6 @@ def step_cost(
         offload_s += 2 * 2 * model.params() / gpus / profile.host_bw + model.params() / gpus / profile.host_adam
     compute = attn_s + dense_s + offload_s
     params = float(model.params())
-    layer_params = float(model.layer_matmul_params())
     n_coll = 3 if zero == 3 else 2  # ZeRO-3: gather (fwd), gather (bwd), reduce-scatter; else RS + gather
     fsdp = n_coll * collective_time(profile, 2 * params, gpus) if gpus > 1 else 0.0
     exposed = max(fsdp - compute, fsdp / model.layers / n_coll if gpus > 1 else 0.0)

@@ -160,7 +160,6 @@ def run_kernels(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> list[
     """Every mask vs dense causal on the ``auto`` backend, forward + backward, interleaved rounds."""
     from longreach.bench.kernels import MASK_NAMES, build_mask, interleaved, mask_density, target_ratio
     from longreach.kernels import attention
-    from longreach.kernels import masks as M
 
     s, h, d = sizes.mask_seq_len, sizes.mask_heads, sizes.mask_head_dim
     torch.manual_seed(0)
