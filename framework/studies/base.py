@@ -1,0 +1,160 @@
+"""Result types, the registry and the resumable step cache shared by every study.
+
+A study is a function ``run(cfg, ctx) -> StudyResult`` over a typed config dataclass (loaded from
+``configs/study_NAME.yaml`` by the strict loader). It does its work in named **steps**
+(:meth:`StudyContext.step`): each step's JSON-serialisable result is written to ``steps/KEY.json`` inside
+the run folder, so a rerun of an interrupted study skips every finished step. Its result is tables (rendered
+as markdown), **findings** (the paper's published effect beside ours, and whether its direction was
+reproduced) and plots written into the run folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["STUDIES", "Finding", "Study", "StudyContext", "StudyResult", "Table", "markdown", "register"]
+
+T = TypeVar("T")
+
+
+@dataclass(kw_only=True, slots=True)
+class Finding:
+    """One published effect, checked at small scale."""
+
+    claim: str
+    """The effect in words, e.g. "SinkLoRA's perplexity at 4L is below LongLoRA's"."""
+    published: str
+    """The paper's figure(s) behind the claim, with the setting (model, length, data set)."""
+    ours: str
+    """Our figure(s) for the same comparison."""
+    reproduced: bool | None
+    """Whether the effect's direction holds here; None when this scale cannot tell."""
+    why: str = ""
+    """Caveats, or why the effect was not reproduced."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Table:
+    """A markdown table: ``rows`` are lists of cells in ``columns`` order (floats are printed with 4
+    significant digits)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    note: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class StudyResult:
+    """What a study hands back to the runner."""
+
+    tables: list[Table]
+    findings: list[Finding]
+    plots: list[str] = field(default_factory=list)
+    """File names (relative to the run folder) of the plots the study wrote."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Raw numbers, written into ``study.json``."""
+
+
+class StudyContext:
+    """The run folder, the size setting and progress output of one study run."""
+
+    def __init__(self, out: Path, *, quick: bool = False, log: Callable[[str], None] | None = None) -> None:
+        self.out = Path(out)
+        self.quick = quick
+        """True for the smallest setting (tests): a few steps of everything."""
+        self._log = log or (lambda msg: print(msg, flush=True))
+        self._t0 = time.perf_counter()
+        self.resumed: list[str] = []
+        """Keys of the steps read back from an earlier run."""
+
+    def log(self, msg: str) -> None:
+        """One progress line, prefixed with the seconds since the study started."""
+        self._log(f"[{time.perf_counter() - self._t0:7.1f}s] {msg}")
+
+    def path(self, *parts: str) -> Path:
+        """A folder inside the run folder (created)."""
+        p = self.out.joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def step(self, key: str, fn: Callable[[], T]) -> T:
+        """Run ``fn`` once per run folder: its JSON-serialisable result is kept in ``steps/KEY.json``
+        (written atomically) and read back on a rerun, so an interrupted study resumes after its last
+        finished step."""
+        f = self.path("steps") / f"{key}.json"
+        if f.exists():
+            self.resumed.append(key)
+            self.log(f"{key}: done in an earlier run (steps/{f.name})")
+            return json.loads(f.read_text())
+        self.log(f"{key} ...")
+        t = time.perf_counter()
+        value = fn()
+        tmp = f.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(value, indent=1, default=float))
+        os.replace(tmp, f)
+        self.log(f"{key}: {time.perf_counter() - t:.1f}s")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Study:
+    """A registered study."""
+
+    name: str
+    config: type
+    """Its typed config dataclass (the recipe ``configs/study_NAME.yaml`` fills it)."""
+    run: Callable[[Any, StudyContext], StudyResult]
+    description: str
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def register(name: str, config: type, description: str) -> Callable[[Callable], Callable]:
+    """Decorator registering ``run(cfg, ctx) -> StudyResult`` as study ``name``."""
+
+    def deco(fn: Callable) -> Callable:
+        STUDIES[name] = Study(name=name, config=config, run=fn, description=description)
+        return fn
+
+    return deco
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return "–" if v is None else str(v)
+
+
+def markdown(name: str, result: StudyResult, seconds: float | None = None) -> str:
+    """The study's report: every table, then the findings table (published vs ours)."""
+    lines = [f"# Study: {name}", ""]
+    if seconds is not None:
+        lines += [f"Wall time: {seconds:.0f} s", ""]
+    for t in result.tables:
+        lines += [f"## {t.title}", "", "| " + " | ".join(t.columns) + " |",
+                  "|" + "---|" * len(t.columns)]
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t.rows]
+        lines += ["", t.note, ""] if t.note else [""]
+    lines += ["## Published effects", "", "| claim | published | ours | reproduced | why |",
+              "|---|---|---|---|---|"]
+    for f in result.findings:
+        rep = {True: "yes", False: "**no**", None: "n/a"}[f.reproduced]
+        lines.append(f"| {f.claim} | {f.published} | {f.ours} | {rep} | {f.why} |")
+    for p in result.plots:
+        lines += ["", f"![{p}]({p})"]
+    return "\n".join(lines) + "\n"
+
+
+def as_json(result: StudyResult) -> dict[str, Any]:
+    """``study.json``'s body."""
+    return {"tables": [asdict(t) for t in result.tables], "findings": [asdict(f) for f in result.findings],
+            "plots": result.plots, "data": result.data}
