@@ -134,7 +134,7 @@ class HFAttention:
       positions) arrives per forward as the ``longreach_ctx`` keyword, which transformers forwards
       to attention functions (so activation-checkpoint recomputation sees the same context);
     * otherwise built from :attr:`config` (an :class:`AttentionPatch`) per global length, through
-      :func:`longreach.parallelize.build_inner_attention` (evaluation, ``patch_attention`` users).
+      :func:`longreach.model_setup.build_inner_attention` (evaluation, ``patch_attention`` users).
 
     Attributes:
         config: the :class:`AttentionPatch` in force (strategy/layout read by the evaluation helpers).
@@ -177,7 +177,7 @@ class HFAttention:
     def _from_config(self, seq_len: int | None) -> Any:
         """The inner attention of :attr:`config` (``seq_len`` None: evaluation, no training pattern)."""
         if seq_len not in self._built:
-            from longreach.parallelize import build_inner_attention
+            from longreach.model_setup import build_inner_attention
 
             c = self.config
             group = (self.group if self.group is not None else dist.group.WORLD) if c.parallel else None
