@@ -40,7 +40,7 @@ from longreach import data as D
 from longreach.attention import AttentionContext
 from longreach.checkpoint import CheckpointManager, config_diff
 from longreach.config import config_hash, save_resolved, to_dict
-from longreach.data.sharding import shard_batch
+from longreach.data.cp_batch import shard_batch
 from longreach.engines import as_engine_config, build_engine
 from longreach.engines.native import DDPEngine
 from longreach.errors import UserError

@@ -129,3 +129,25 @@ def test_fsdp2_cpu_offload_on_gpu():
         assert next(model.parameters()).to_local().device.type == "cpu"
     finally:
         dist.destroy_process_group()
+
+
+def test_engine_option_typo_is_rejected_when_the_config_loads(tmp_path):
+    """engine.options is typed: the strict loader names a misspelt option (file and key) before any work,
+    and the recipes' engine sections load into the same typed options."""
+    from longreach.config import load_config
+    from longreach.job import JobConfig
+
+    bad = tmp_path / "job.yaml"
+    bad.write_text("engine:\n  kind: deepspeed\n  options:\n    zero_stag: 2\n")
+    with pytest.raises(ConfigError, match=r"job\.yaml: unknown config key 'engine\.options\.zero_stag'; "
+                                          r"did you mean 'engine\.options\.zero_stage'"):
+        load_config(JobConfig, str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text("engine:\n  kind: deepspeed\n")
+    with pytest.raises(ConfigError, match=r"engine\.options\.mixed_precision must be one of"):
+        load_config(JobConfig, str(good), ["--engine.options={mixed_precision: fp8}"])
+    cfg = load_config(JobConfig, str(good), ["--engine.options={zero_stage: 2, mixed_precision: bf16}"])
+    assert cfg.engine == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=2, mixed_precision="bf16"))
+    assert (cfg.engine.zero_stage, cfg.engine.splits_experts()) == (2, False)  # bf16: experts stay replicated
+    recipe = load_config(JobConfig, "tnl_7b")
+    assert recipe.engine.kind == "native" and recipe.engine.fsdp and recipe.engine.splits_experts()
