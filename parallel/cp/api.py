@@ -12,7 +12,7 @@ from longreach.kernels import get_backend
 from longreach.kernels import masks as M
 from longreach.kernels.api import resolve_backend
 
-from .. import ring_flash_adapter
+from ..ring_flash_adapter import try_attention as ring_flash_attention
 from ..comm import CPGroup, group_ranks
 from ..layouts import LAYOUTS, DocumentZigzag, group_rank_size, layout_multiple, positions_for
 from .allgather import AllGatherEngine, AllGatherPlan
@@ -264,8 +264,8 @@ def cp_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     eff = _effective_mask(causal, mask)
     if q.device.type == "cuda" and backend in ("auto", "flash"):
-        routed = ring_flash_adapter.try_attention(q, k, v, strategy=strategy, layout=layout, group=group,
-                                                  causal=causal, mask=mask, scale=scale, return_lse=return_lse)
+        routed = ring_flash_attention(q, k, v, strategy=strategy, layout=layout, group=group, causal=causal,
+                                      mask=mask, scale=scale, return_lse=return_lse)
         if routed is not None:
             return routed
     backend_mod = _backend(backend, q, eff)
