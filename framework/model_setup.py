@@ -3,14 +3,14 @@
 :func:`parallelize` runs them in this order (torchtitan's ``parallelize.py`` recipe); the order matters
 because every later step copies or hides the module tree the earlier ones changed:
 
-1. :func:`apply_attention_seam` — every module with an ``inner_attention`` gets the configured inner
-   attention (local, or context-parallel through ``longreach.parallel.cp_attention``), and every module
-   with a ``parallelize_context(cp_group, parallel_cfg)`` hook (linear-attention layers, MoE layers in
-   their replicated-parameter mode) swaps its own seam.
-2. :func:`apply_expert_parallel` (``longreach.mixtures.expert_parallel``) — MoE layers with
+1. :func:`~longreach.mixtures.expert_parallel.apply_expert_parallel` — MoE layers with
    ``model.extra.moe_expert_parallel`` under cp > 1 keep only this rank's ``E / cp`` experts, when the
    configured engine reduces split experts itself (:meth:`~longreach.engines.EngineConfig.splits_experts`);
    before the optimizer exists, so it only ever holds this rank's experts.
+2. :func:`apply_attention_seam` — every module with an ``inner_attention`` gets the configured inner
+   attention (local, or context-parallel through ``longreach.parallel.cp_attention``), and every module
+   with a ``parallelize_context(cp_group, parallel_cfg)`` hook (linear-attention layers, MoE layers left
+   in their replicated-parameter mode) swaps its own seam; the layers split in step 1 are skipped.
 3. :func:`apply_sequence_tiling` (``model.sequence_tile``) — each block's MLP (or MoE experts) and norms
    run over token tiles recomputed in backward; inside the block, so step 4 recomputes the tiled block.
 4. :func:`apply_activation_checkpointing` — each decoder block is recomputed in backward, rerunning the
@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -81,8 +81,8 @@ def build_inner_attention(attention: Any, *, seq_len: int, group: dist.ProcessGr
                                     train_mask=train_mask, mask=mask)
 
 
-def apply_attention_seam(model: nn.Module, job_cfg: Any, mesh: Any, *, skip: list[nn.Module] = ()) -> None:
-    """Step 1: install the configured inner attention in every seam (``skip``: modules already split)."""
+def apply_attention_seam(model: nn.Module, job_cfg: Any, mesh: Any, *, skip: Sequence[nn.Module] = ()) -> None:
+    """Step 2: install the configured inner attention in every seam (``skip``: MoE layers already split)."""
     group = cp_group(mesh)
     par = job_cfg.parallel
     inner = build_inner_attention(job_cfg.attention, seq_len=job_cfg.train.seq_len,
@@ -105,7 +105,7 @@ def apply_attention_seam(model: nn.Module, job_cfg: Any, mesh: Any, *, skip: lis
 
 
 def parallelize(model: nn.Module, job_cfg: Any, mesh: Any) -> nn.Module:
-    """Apply the attention seam, expert parallelism, sequence tiling and activation checkpointing, in order.
+    """Apply expert parallelism, the attention seam, sequence tiling and activation checkpointing, in order.
 
     Args:
         model: a model built for one device (``longreach.models.build_model``), already on its device.
@@ -119,21 +119,20 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any) -> nn.Module:
         data parallelism.
     """
     group = cp_group(mesh)
-    # 2 before 1: a split MoE layer must not also take its replicated-parameter hook in step 1
     engine = as_engine_config(getattr(job_cfg, "engine", None) or "native")
     split = group is not None and engine.splits_experts() and bool(expert_parallel_layers(model))
-    ep_layers = apply_expert_parallel(model, mesh, group) if split else []
-    apply_attention_seam(model, job_cfg, mesh, skip=ep_layers)
+    ep_layers = apply_expert_parallel(model, mesh, group) if split else []  # 1
+    apply_attention_seam(model, job_cfg, mesh, skip=ep_layers)  # 2
     # HF fine-tuning jobs have no model section: their train section holds sequence_tile / checkpoint_offload
     section = "model" if getattr(job_cfg, "model", None) is not None else "train"
     memory_cfg = getattr(job_cfg, section)
-    apply_sequence_tiling(model, getattr(memory_cfg, "sequence_tile", 0))
+    apply_sequence_tiling(model, getattr(memory_cfg, "sequence_tile", 0))  # 3
     offload = bool(getattr(memory_cfg, "checkpoint_offload", False))
     if offload and not job_cfg.train.activation_checkpointing:
         raise UserError(f"{section}.checkpoint_offload moves the checkpointed block inputs to host memory: it "
                         "needs train.activation_checkpointing=true")
     if job_cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model, offload=CheckpointOffload() if offload else None)
+        apply_activation_checkpointing(model, offload=CheckpointOffload() if offload else None)  # 4
     rename_expert_parameters(model)  # after checkpointing: the names DDP and checkpoints see
     return model
 
