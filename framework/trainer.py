@@ -53,6 +53,7 @@ from longreach.mixtures.expert_parallel import expert_shards
 from longreach.model_setup import cp_group, dp_cp_group, parallelize
 from longreach.models import build_model as build_registered
 from longreach.optim import build_optimizer, build_scheduler
+from longreach.parallel.comm import all_reduce
 from longreach.parallel.layouts import layout_multiple
 from longreach.parallel.mesh import ParallelDims
 from longreach.sources import init_weights
@@ -283,7 +284,8 @@ def _forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: An
             loss = loss_sum / denom
             aux = module.aux_loss
             if aux is not None:
-                # the per-rank auxiliary loss is averaged over micro-batches and replicas (gradients are summed)
+                # the per-rank auxiliary loss is averaged over micro-batches and replicas (the backward scale
+                # below undoes the engine's average, so each replica's term counts 1 / n_replicas)
                 aux = aux.float() / (len(prepared) * n_replicas)
                 loss = loss + aux
                 aux_total += aux.detach().double()
@@ -303,7 +305,7 @@ def _forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: An
         model.zero_grad(set_to_none=True)
     totals = torch.stack([loss_sum_total, aux_total])
     if replicas is not None:
-        dist.all_reduce(totals, group=replicas)
+        all_reduce(totals, group=replicas)
     return float(totals[0] / denom), float(totals[1]), n_global, apply
 
 
