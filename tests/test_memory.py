@@ -138,7 +138,7 @@ def test_fit_line_recovers_a_line() -> None:
 
 def test_offload_needs_checkpointing() -> None:
     from longreach.errors import UserError
-    from longreach.parallelize import parallelize
+    from longreach.model_setup import parallelize
     from longreach.workers.trainer import tiny_job
 
     cfg = tiny_job(**{"model.checkpoint_offload": True})
