@@ -117,28 +117,24 @@ def _setup_logging(rank: int) -> None:
 
 
 def build_mesh(parallel_cfg: Any, world_size: int, device: torch.device) -> tuple[Any, int, int]:
-    """The ("dp", "cp") DeviceMesh and this rank's data-parallel coordinates.
+    """The job's DeviceMesh (:class:`~longreach.parallel.mesh.ParallelDims`, which validates the degrees)
+    and this rank's data-parallel coordinates.
 
     Returns:
         ``(mesh or None (single process), dp_rank, dp_size)``.
 
     Raises:
-        UserError: parallel.dp × parallel.cp does not match the world size.
+        UserError: parallel.dp × parallel.cp does not match the world size (or a bad Ulysses degree).
     """
-    cp = parallel_cfg.cp
-    dp = parallel_cfg.dp if parallel_cfg.dp != -1 else world_size // cp
-    if dp < 1 or dp * cp != world_size:
-        raise UserError(f"parallel.dp ({parallel_cfg.dp}) × parallel.cp ({cp}) must equal the world size "
-                        f"({world_size}); set parallel.dp=-1 to use every rank not taken by cp")
-    if world_size == 1 and not dist.is_initialized():
-        return None, 0, 1
     try:
-        dims = ParallelDims(world_size=world_size, dp=dp, cp=cp,
+        dims = ParallelDims(world_size=world_size, dp=parallel_cfg.dp, cp=parallel_cfg.cp,
                             ulysses_degree=parallel_cfg.ulysses_degree if parallel_cfg.strategy == "hybrid" else None)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if world_size == 1 and not dist.is_initialized():
+        return None, 0, 1
     mesh = dims.build_mesh(device.type)
-    return mesh, mesh["dp"].get_local_rank(), dp
+    return mesh, mesh["dp"].get_local_rank(), dims.dp
 
 
 def check_config(cfg: Any, world_size: int) -> None:
