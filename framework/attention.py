@@ -14,6 +14,8 @@ import torch
 
 from longreach.kernels import attention as local_attention_op
 from longreach.kernels import masks as M
+from longreach.parallel import cp_attention
+from longreach.parallel.comm import CPGroup
 
 
 @dataclass(frozen=True)
@@ -136,16 +138,18 @@ class ContextParallelAttention(LocalAttention):
 
     def __init__(self, *, strategy: str, layout: str, group: Any = None, ulysses_degree: int | None = None,
                  backend: str = "auto", train_mask: M.Mask | None = None, mask: M.Mask | None = None) -> None:
+        """``group``: the cp process group, or a :class:`~longreach.parallel.comm.CPGroup` with the mesh's
+        Ulysses sub-group (``ParallelDims.cp_groups``); :attr:`group` is always the whole cp group."""
         super().__init__(backend, train_mask, mask)
-        self.strategy, self.layout, self.group, self.ulysses_degree = strategy, layout, group, ulysses_degree
+        self.strategy, self.layout, self.ulysses_degree = strategy, layout, ulysses_degree
+        self.groups = group  # what cp_attention gets
+        self.group = group.group if isinstance(group, CPGroup) else group
 
     def _one(self, q, k, v, ctx: AttentionContext) -> torch.Tensor:
-        from longreach.parallel import cp_attention
-
         extra = self.extra_mask(ctx)
         mask = None if ctx.cu_seqlens is None and extra is None else base_mask(ctx, extra)
         causal = mask is None or mask.is_causal  # a non-causal pattern (s2 roll) applies as it is
-        return cp_attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.group, causal=causal,
+        return cp_attention(q, k, v, strategy=self.strategy, layout=self.layout, group=self.groups, causal=causal,
                             mask=mask, scale=ctx.scale, ulysses_degree=self.ulysses_degree, backend=self.backend)
 
 

@@ -12,11 +12,11 @@ Sections: ``run`` (:class:`RunConfig`), ``model`` (:class:`~longreach.models.Mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from longreach.attention import AttentionConfig
 from longreach.checkpoint import CheckpointConfig
 from longreach.data.config import DataConfig
+from longreach.engines.base import EngineConfig
 from longreach.faults import FaultConfig
 from longreach.models.config import ModelConfig
 from longreach.parallel.config import ParallelConfig
@@ -24,7 +24,6 @@ from longreach.parallel.layouts import layout_multiple
 
 SCHEDULES = ("cosine", "constant", "linear")
 PRECISIONS = ("fp32", "bf16")
-ENGINES = ("native", "deepspeed", "accelerate")
 
 __all__ = ["AttentionConfig", "CheckpointConfig", "DataConfig", "EngineConfig", "FaultConfig", "JobConfig",
            "ModelConfig", "ParallelConfig", "RunConfig", "TrainConfig"]
@@ -116,18 +115,6 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class EngineConfig:
-    kind: str = field(default="native", metadata={"choices": ENGINES})
-    """Training engine: native (torch.distributed DDP), deepspeed or accelerate."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Engine-specific settings (e.g. DeepSpeed ``zero_stage``), read by the engine's adapter."""
-
-    def __post_init__(self) -> None:
-        if self.kind not in ENGINES:
-            raise ValueError(f"engine.kind must be one of {', '.join(ENGINES)}; got {self.kind!r}")
-
-
-@dataclass(kw_only=True, slots=True)
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """Run folder, seed, length, logging and checkpoint cadence."""
@@ -144,7 +131,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint saving and resuming."""
     engine: EngineConfig = field(default_factory=EngineConfig)
-    """Training engine."""
+    """Training engine and its typed options (:class:`~longreach.engines.EngineConfig`)."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Non-finite loss policy (skip/stop), collective timeout (also the process group's), watchdog."""
 

@@ -8,8 +8,9 @@ inside an already initialised process group (tests). Per optimizer step:
 2. shard input ids, labels and position ids with the configured layout over the cp group, and pass the
    global positions of the local tokens to attention through :class:`AttentionContext`;
 3. all-reduce the count of non-ignored labels of the whole step over dp × cp; each micro-batch's loss is
-   its local token-loss *sum* divided by that global count, and DDP sums gradients (see
-   :mod:`longreach.parallelize`), so gradients equal the single-rank gradient of the global mean loss;
+   its local token-loss *sum* divided by that global count, times the dp × cp group size, and the
+   engine (:mod:`longreach.engines`) averages gradients over that group, so gradients equal the
+   single-rank gradient of the global mean loss;
 4. agree on all ranks (one all-reduced flag, :class:`~longreach.faults.FaultPolicy`) whether the loss is
    finite; if not, skip the optimizer step (gradients discarded, data position and LR schedule still
    advance, the record says ``"skipped": true``) or stop the run, per ``faults.on_nonfinite``;
@@ -35,15 +36,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longreach import data as D
 from longreach.attention import AttentionContext
+from longreach.checkpoint import CheckpointManager, config_diff
+from longreach.config import config_hash, save_resolved, to_dict
+from longreach.data.cp_batch import shard_batch
+from longreach.engines import as_engine_config, build_engine
+from longreach.engines.native import DDPEngine
 from longreach.errors import UserError
 from longreach.faults import (CollectiveTimeoutError, CollectiveWatchdog, FaultConfig, FaultPolicy, RunFolderLock,
-                              maybe_inject)
+                              init_distributed, maybe_inject)
 from longreach.loss import global_token_count
 from longreach.metrics import MetricsWriter, Throughput, memory_mb
+from longreach.mixtures import EXTRA_KEYS
+from longreach.mixtures.expert_parallel import expert_shards
+from longreach.model_setup import cp_group, dp_cp_group, parallelize
+from longreach.models import build_model as build_registered
+from longreach.optim import build_optimizer, build_scheduler
+from longreach.parallel.comm import all_reduce
 from longreach.parallel.layouts import layout_multiple
-from longreach.parallelize import (clip_grad_norm, cp_group, dp_cp_group, expert_optimizer_hooks, expert_shards,
-                                   parallelize, reduce_expert_gradients, unwrap)
+from longreach.parallel.mesh import ParallelDims
+from longreach.sources import init_weights
 
 log = logging.getLogger("longreach.trainer")
 
@@ -76,8 +89,6 @@ def setup_distributed(*, timeout_s: float = 600.0) -> tuple[int, int, torch.devi
     Returns:
         ``(rank, world_size, device, owned)``; ``owned`` is True when this call created the group.
     """
-    from longreach.faults import init_distributed
-
     owned = False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -106,30 +117,24 @@ def _setup_logging(rank: int) -> None:
 
 
 def build_mesh(parallel_cfg: Any, world_size: int, device: torch.device) -> tuple[Any, int, int]:
-    """The ("dp", "cp") DeviceMesh and this rank's data-parallel coordinates.
+    """The job's DeviceMesh (:class:`~longreach.parallel.mesh.ParallelDims`, which validates the degrees)
+    and this rank's data-parallel coordinates.
 
     Returns:
         ``(mesh or None (single process), dp_rank, dp_size)``.
 
     Raises:
-        UserError: parallel.dp × parallel.cp does not match the world size.
+        UserError: parallel.dp × parallel.cp does not match the world size (or a bad Ulysses degree).
     """
-    cp = parallel_cfg.cp
-    dp = parallel_cfg.dp if parallel_cfg.dp != -1 else world_size // cp
-    if dp < 1 or dp * cp != world_size:
-        raise UserError(f"parallel.dp ({parallel_cfg.dp}) × parallel.cp ({cp}) must equal the world size "
-                        f"({world_size}); set parallel.dp=-1 to use every rank not taken by cp")
-    if world_size == 1 and not dist.is_initialized():
-        return None, 0, 1
-    from longreach.parallel.mesh import ParallelDims
-
     try:
-        dims = ParallelDims(world_size=world_size, dp=dp, cp=cp,
+        dims = ParallelDims(world_size=world_size, dp=parallel_cfg.dp, cp=parallel_cfg.cp,
                             ulysses_degree=parallel_cfg.ulysses_degree if parallel_cfg.strategy == "hybrid" else None)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if world_size == 1 and not dist.is_initialized():
+        return None, 0, 1
     mesh = dims.build_mesh(device.type)
-    return mesh, mesh["dp"].get_local_rank(), dp
+    return mesh, mesh["dp"].get_local_rank(), dims.dp
 
 
 def check_config(cfg: Any, world_size: int) -> None:
@@ -146,8 +151,6 @@ def check_config(cfg: Any, world_size: int) -> None:
         raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={cp}, "
                         f"got {par.ulysses_degree}")
     if getattr(getattr(cfg, "model", None), "ffn_type", None) == "moe" and cp > 1:
-        from longreach.mixtures import EXTRA_KEYS
-
         extra = {**EXTRA_KEYS["moe"], **cfg.model.extra}
         if extra["moe_expert_parallel"] and int(extra["moe_experts"]) % cp != 0:
             raise UserError(f"model.extra.moe_experts={extra['moe_experts']} does not divide by parallel.cp={cp}, "
@@ -196,8 +199,6 @@ def prepare_batch(batch: Batch, *, layout: str, group: dist.ProcessGroup | None,
     Returns:
         ``(input_ids [B, S/P], position_ids [B, S/P], labels [B, S/P], ctx)`` on ``device``.
     """
-    from longreach.data.sharding import shard_batch
-
     b, s = batch.input_ids.shape
     if batch.labels.shape != (b, s):
         raise ValueError(f"labels {tuple(batch.labels.shape)} do not match input_ids {(b, s)}")
@@ -229,9 +230,11 @@ def forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: Any
     """Accumulate the gradients of one step's micro-batches (collective over dp × cp).
 
     After it, every rank's ``p.grad`` is the gradient of the global mean token loss (plus the averaged
-    auxiliary losses) over all micro-batches of all dp ranks — the single-rank gradient of that batch.
-    With an ``engine`` (``longreach.engines``: FSDP2, DeepSpeed, accelerate), which *averages*
-    gradients over the dp × cp group, the backward loss is multiplied by the group size to match.
+    auxiliary losses) over all micro-batches of all dp ranks — the single-rank gradient of that batch
+    (split experts included: :meth:`~longreach.engines.Engine.sync_gradients`). The ``engine``
+    (``longreach.engines``: DDP, FSDP2, DeepSpeed, accelerate) *averages* gradients over the dp × cp
+    group, so the backward loss is multiplied by the group size. Without an engine the model's own
+    backward runs and gradients stay this rank's (single-process references, measurements).
 
     Returns:
         ``(loss, aux_loss, n_tokens)``: global mean token loss, summed auxiliary term, global label count.
@@ -262,55 +265,43 @@ def _forward_backward(model: nn.Module, micro_batches: Iterable[Any], *, cfg: An
     local_count = sum(int((lab != IGNORE_INDEX).sum()) for _, _, lab, _ in prepared)
     n_global = int(global_token_count(local_count, replicas)) if replicas is not None else local_count
     denom = max(n_global, 1)
-    def autocast() -> Any:
-        if engine is not None:
-            return engine.forward_context()
-        return (torch.autocast(device.type, dtype=torch.bfloat16) if tr.precision == "bf16"
-                else contextlib.nullcontext())
-
-    def no_sync() -> Any:
-        if engine is not None:
-            return engine.no_sync()
-        return model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
-
-    module = engine.module if engine is not None else unwrap(model)
-    backward_scale = n_replicas if engine is not None else 1
+    if engine is None:  # one process: the model and its own backward
+        engine = DDPEngine(as_engine_config("native").with_precision(tr.precision), model, model, None, replicas=1)
+    module = engine.module
     loss_sum_total = torch.zeros((), dtype=torch.float64, device=device)
     aux_total = torch.zeros((), dtype=torch.float64, device=device)
     check_total = torch.zeros((), dtype=torch.float64, device=device)  # this rank's losses: NaN/inf propagate
     apply = True
     for i, (ids, pos, labels, ctx) in enumerate(prepared):
         last = i == len(prepared) - 1
-        with (no_sync() if not last else contextlib.nullcontext()):
-            with autocast():
+        with (engine.no_sync() if not last else contextlib.nullcontext()):
+            with engine.forward_context():
                 loss_sum, _ = model(ids, pos, ctx, labels=labels, loss_chunk_size=tr.loss_chunk_size)
             loss = loss_sum / denom
             aux = module.aux_loss
             if aux is not None:
-                # the per-rank auxiliary loss is averaged over micro-batches and replicas (gradients are summed)
+                # the per-rank auxiliary loss is averaged over micro-batches and replicas (the backward scale
+                # below undoes the engine's average, so each replica's term counts 1 / n_replicas)
                 aux = aux.float() / (len(prepared) * n_replicas)
                 loss = loss + aux
                 aux_total += aux.detach().double()
             check_total += loss.detach().double()
             if last and policy is not None:
                 apply = policy.check(check_total, step + 1)  # collective; raises on "stop"
-            if not apply and engine is not None and getattr(engine, "kind", "") == "deepspeed":
+            if not apply and engine.kind == "deepspeed":
                 pass  # its backward would step the optimizer with the bad gradients
-            elif engine is not None:
-                engine.backward(loss * backward_scale)
             else:
-                loss.backward()
+                engine.backward(loss * engine.replicas)  # the engine averages over its replicas
         loss_sum_total += loss_sum.detach().double()
-    if engine is None:
-        reduce_expert_gradients(model)  # split experts: DDP ignores them; sum over their dp replicas
-    if not apply:
-        if engine is not None:
-            engine.skip_step()
-        else:
-            model.zero_grad(set_to_none=True)
+    if apply:
+        engine.sync_gradients()  # split experts: complete over their dp replicas
+    elif engine.optimizer is not None:
+        engine.skip_step()
+    else:
+        model.zero_grad(set_to_none=True)
     totals = torch.stack([loss_sum_total, aux_total])
     if replicas is not None:
-        dist.all_reduce(totals, group=replicas)
+        all_reduce(totals, group=replicas)
     return float(totals[0] / denom), float(totals[1]), n_global, apply
 
 
@@ -321,7 +312,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     """One optimizer step over ``micro_batches`` (gradient accumulation), collective over dp × cp.
 
     Args:
-        model: the parallelized model (:func:`longreach.parallelize.parallelize`).
+        model: the engine's model (:func:`longreach.model_setup.parallelize`, then the engine's wrapper).
         optimizer: its optimizer; ``scheduler`` is stepped after it when given.
         micro_batches: global micro-batches of this dp rank (``train.grad_accum`` of them): :class:`Batch`
             or dicts with the same keys.
@@ -329,7 +320,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         mesh: the ("dp", "cp") mesh or None.
         step: the step index (reaches random masks through the context).
         device: where the model lives.
-        engine: a ``longreach.engines.Engine`` owning backward/clip/step (None: plain DDP from parallelize).
+        engine: the ``longreach.engines.Engine`` owning backward/clip/step (None: one process, ``optimizer``).
         policy: the NaN/inf policy (:class:`~longreach.faults.FaultPolicy` over the dp × cp group; it sees
             step ``step + 1``, the metrics' numbering). None: no check.
 
@@ -347,15 +338,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
         if scheduler is not None:
             scheduler.step()  # the step index advances, so does the schedule
         return StepResult(loss=loss + aux, grad_norm=math.nan, tokens=n_global, skipped=True)
-    if engine is not None:
-        grad_norm = engine.clip_grad_norm(cfg.train.grad_clip or None)
-        engine.step()
-    else:
-        params = [p for p in model.parameters() if p.grad is not None]
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(model, params, clip)  # global norm, split experts counted once
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    if engine is None:
+        engine = DDPEngine(as_engine_config("native"), model, model, optimizer, replicas=1)
+    grad_norm = engine.clip_grad_norm(cfg.train.grad_clip or None)
+    engine.step()
     if scheduler is not None:
         scheduler.step()
     return StepResult(loss=loss + aux, grad_norm=grad_norm, tokens=n_global)
@@ -389,9 +375,6 @@ def prepare_run_dir(cfg: Any, rank: int, lock: RunFolderLock | None = None) -> t
     Returns:
         ``(run_dir, config_hash)``.
     """
-    from longreach.checkpoint import config_diff
-    from longreach.config import config_hash, save_resolved, to_dict
-
     run_dir = Path(cfg.run.out_dir)
     chash = config_hash(cfg)
     err = None
@@ -453,8 +436,6 @@ def _replace_run(run_dir: Path, how: Any, why: str, *, keep: str | None) -> None
 # ---------------------------------------------------------------------------------------------- data
 def _build_data(cfg: Any, *, dp_rank: int, dp_size: int) -> tuple[Any, int]:
     """The data loader of this dp rank (foundation A's pipeline) and the tokenizer's vocabulary size."""
-    from longreach import data as D
-
     tokenizer = D.load_or_train_tokenizer(cfg.data)
     loader = D.build_train_data(cfg.data, tokenizer, seq_len=cfg.train.seq_len,
                                 micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -503,9 +484,6 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         ``steps`` (final step), ``config_hash``, ``local_params`` (parameters held by this rank) and
         ``expert_params`` (of which split experts: this rank's share, 0 without expert parallelism).
     """
-    from longreach.checkpoint import CheckpointManager
-    from longreach.optim import build_optimizer, build_scheduler
-
     fcfg: FaultConfig = getattr(cfg, "faults", None) or FaultConfig()
     rank, world, device, owned = setup_distributed(timeout_s=fcfg.collective_timeout_s)
     _setup_logging(rank)
@@ -528,37 +506,26 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
             model = build_model(cfg, device).to(device)
             arch = type(model).__name__
         else:
-            from longreach.models import build_model as build_registered
-
             model = build_registered(cfg.model).to(device)
             arch = cfg.model.arch
             if getattr(cfg.checkpoint, "init_from", None):  # weights only; a resume below overrides them
-                from longreach.sources import init_weights
-
                 log.info("initial weights from %s", init_weights(model, cfg.checkpoint.init_from).describe())
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tr = cfg.train
-        engine = None
-        use_engine = cfg.engine.kind != "native" or bool(cfg.engine.options)
-        model = parallelize(model, cfg, mesh, data_parallel=not use_engine)
+        # the model for one device → seams, expert parallelism, checkpointing → the engine's data parallelism
+        model = parallelize(model, cfg, mesh)
 
         def make_optimizer(params: Any) -> torch.optim.Optimizer:
             return build_optimizer(params, lr=tr.lr, weight_decay=tr.weight_decay, betas=tr.betas)
 
-        if use_engine:
-            from longreach.engines import as_engine_config, build_engine
-
-            ecfg = as_engine_config(cfg.engine)
-            if tr.precision == "bf16" and ecfg.mixed_precision == "fp32":
-                ecfg.mixed_precision = "bf16"
-            engine = build_engine(ecfg, model, make_optimizer, group=dp_cp_group(mesh), mesh=mesh,
-                                  grad_accum=tr.grad_accum, micro_batch_size=tr.micro_batch_size,
-                                  grad_clip=tr.grad_clip or None)
-            model, optimizer = engine.model, engine.optimizer
-        else:
-            optimizer = make_optimizer(model)  # after parallelize: holds only this rank's experts
-            expert_optimizer_hooks(model, optimizer)
+        ecfg = as_engine_config(cfg.engine)
+        if tr.precision == "bf16" and ecfg.mixed_precision == "fp32":
+            ecfg = ecfg.with_precision("bf16")
+        engine = build_engine(ecfg, model, make_optimizer, group=dp_cp_group(mesh), mesh=mesh,
+                              grad_accum=tr.grad_accum, micro_batch_size=tr.micro_batch_size,
+                              grad_clip=tr.grad_clip or None)
+        model, optimizer = engine.model, engine.optimizer  # the optimizer holds only this rank's experts
         shards = expert_shards(model)
         local_params = sum(p.numel() for p in model.parameters())
         expert_params = sum(p.numel() for p in shards.params) if shards is not None else 0
@@ -566,12 +533,9 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
                                     schedule=tr.schedule, lr=tr.lr, min_lr=tr.min_lr)
         state = _TrainerState()
         policy = FaultPolicy(fcfg, group=dp_cp_group(mesh))  # NaN/inf: skip or stop, agreed on all ranks
-        from longreach.config import to_dict
-
         ckpt = CheckpointManager(cfg.checkpoint, run_dir, config_hash=chash, config=to_dict(cfg))
-        ckpt_state: dict[str, Any] = {**(engine.checkpoint_state() if engine is not None else
-                                         {"model": model, "optimizer": optimizer}),
-                                      "scheduler": scheduler, "trainer": state, "faults": policy}
+        ckpt_state: dict[str, Any] = {**engine.checkpoint_state(), "scheduler": scheduler, "trainer": state,
+                                      "faults": policy}
         if hasattr(data, "state_dict") and hasattr(data, "load_state_dict"):
             ckpt_state["data_loader"] = data
         start = ckpt.load(ckpt_state)
@@ -587,8 +551,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         latest = ckpt.latest()
         if hasattr(ckpt, "close"):
             ckpt.close()
-        if engine is not None:
-            engine.close()
+        engine.close()
         summary.update(run_dir=str(run_dir), metrics=str(run_dir / "metrics.jsonl"),
                        checkpoint=str(latest) if latest else None, config_hash=chash,
                        local_params=local_params, expert_params=expert_params, trainable_params=n_trainable)

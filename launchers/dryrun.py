@@ -3,21 +3,20 @@
 ``longreach launch --dry-run --validate CONFIG --world-size N`` (a) checks the parallel degrees
 against N, (b) starts torch's *fake* process group (``FakeStore`` + backend ``"fake"``: every
 collective returns immediately) as rank 0 of N, (c) builds the ("dp", "cp") DeviceMesh, (d) builds the
-model on the meta device (no memory) and applies the real ``parallelize`` step, then FSDP2 when the
-engine shards, and (e) estimates the memory per rank. Nothing touches a GPU or the network.
+model on the meta device (no memory) and applies the real ``longreach.model_setup.parallelize`` step
+(which never wraps for data parallelism), then FSDP2 when the engine shards, and (e) estimates the memory
+per rank. Nothing touches a GPU or the network.
 
 DDP cannot wrap meta tensors (it verifies parameter shapes across ranks with real values), so for a
-replicated native engine the DDP wrap is recorded instead of performed; FSDP2's ``fully_shard`` runs
-for real on the meta parameters, so the printed shard sizes are what each rank would hold.
+replicated engine the replication is estimated, not performed; FSDP2's ``fully_shard`` runs for real on
+the meta parameters, so the printed shard sizes are what each rank would hold.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch import nn
 
 from longreach.errors import UserError
 
@@ -127,28 +126,6 @@ def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any,
     return {k: mem[k] for k in keep}
 
 
-@contextlib.contextmanager
-def _recorded_ddp(notes: list[str]) -> Iterator[None]:
-    """Replace DDP by a recording wrapper while ``parallelize`` runs on meta tensors."""
-
-    class _DryDDP(nn.Module):
-        def __init__(self, module: nn.Module, process_group: Any = None, **kwargs: Any) -> None:
-            super().__init__()
-            self.module = module
-            size = torch.distributed.get_world_size(process_group) if process_group is not None else "all"
-            notes.append(f"DDP over {size} ranks recorded (not run on meta tensors)")
-
-        def register_comm_hook(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-    orig = nn.parallel.DistributedDataParallel
-    nn.parallel.DistributedDataParallel = _DryDDP  # type: ignore[misc]
-    try:
-        yield
-    finally:
-        nn.parallel.DistributedDataParallel = orig  # type: ignore[misc]
-
-
 def validate_config(config: str, world_size: int, overrides: list[str] | tuple[str, ...] = (),
                     hardware: str = "h100_sxm") -> DryRunReport:
     """Validate ``config`` for ``world_size`` ranks on the meta device with a fake process group.
@@ -202,15 +179,14 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
     notes: list[str] = []
     try:
         from longreach.models import build_model
-        from longreach.parallelize import parallelize
+        from longreach.model_setup import parallelize
         from longreach.parallel.mesh import ParallelDims
 
         mesh = ParallelDims(dp=dp, cp=par.cp, world_size=world_size).build_mesh("cpu")
         with torch.device("meta"):
             model = build_model(cfg.model)
         params = sum(p.numel() for p in model.parameters())
-        with _recorded_ddp(notes):
-            model = parallelize(model, cfg, mesh)
+        model = parallelize(model, cfg, mesh)  # seams, experts, checkpointing; the engine wraps for dp
         params_per_rank = params
         n_shards = world_size
         if engine.kind == "native" and engine.fsdp:
@@ -223,10 +199,12 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
                 fully_shard(block, mesh=shard_mesh)
             fully_shard(inner, mesh=shard_mesh)
             params_per_rank = sum(p.to_local().numel() for p in inner.parameters())
-            notes[:] = [n for n in notes if not n.startswith("DDP")]  # FSDP2 replaces the DDP wrap
             notes.append(f"FSDP2 fully_shard over {shard_mesh.size()} ranks applied on the meta device")
         elif engine.kind == "deepspeed":
             notes.append(f"DeepSpeed ZeRO-{engine.zero_stage} partitioning estimated over {world_size} ranks")
+        elif world_size > 1:  # the engine's DDP needs real collectives: replication is estimated, not run
+            notes.append(f"{'DDP' if engine.kind == 'native' else 'accelerate (DDP)'} over {world_size} ranks "
+                         "estimated (not run on meta tensors)")
         mem = estimate_memory(params=params, params_per_rank=params_per_rank, cfg=cfg, engine=engine,
                               n_shards=n_shards, hardware=hardware)
         return DryRunReport(

@@ -178,8 +178,9 @@ def main(argv: list[str]) -> int:
             print("\n".join(report.lines()))
             if not report.fits:
                 raise UserError(f"{args.config}: the estimated memory per rank does not fit {args.hardware} "
-                                "(breakdown above); shard the states (engine.fsdp / engine.zero_stage=3), raise "
-                                "parallel.cp, or set model.sequence_tile / model.checkpoint_offload / engine.cpu_offload")
+                                "(breakdown above); shard the states (engine.options.fsdp / engine.options.zero_stage=3), "
+                                "raise parallel.cp, or set model.sequence_tile / model.checkpoint_offload / "
+                                "engine.options.cpu_offload")
             return 0
         if args.command == "finetune":
             from longreach.hf.cli import FinetuneConfig as config_cls

@@ -32,11 +32,11 @@ from .lasp import linear_cp_attention  # noqa: E402
 __all__ += ["linear_cp_attention"]
 
 from .layouts import DocumentZigzag, pad_documents, shard_documents, unshard_documents  # noqa: E402
-from .comm import CommRecorder, WorkCounter  # noqa: E402
+from .comm import CommRecorder, CPGroup, WorkCounter  # noqa: E402
 from .cp import STRATEGIES, cp_attention  # noqa: E402
-from .mesh import ParallelDims  # noqa: E402
+from .mesh import GROUP_NAMES, ParallelDims  # noqa: E402
 
-__all__ += ["DocumentZigzag", "pad_documents", "shard_documents", "unshard_documents", "CommRecorder",
-            "WorkCounter", "STRATEGIES", "cp_attention", "ParallelDims"]
+__all__ += ["DocumentZigzag", "pad_documents", "shard_documents", "unshard_documents", "CommRecorder", "CPGroup",
+            "WorkCounter", "STRATEGIES", "cp_attention", "GROUP_NAMES", "ParallelDims"]
 
 from .expert import ExpertDispatch, all_to_all_variable, combine_tokens, dispatch_tokens, exchange_counts  # noqa: E402

@@ -1,8 +1,9 @@
 """Communication helpers with a recorder, and a per-rank attention work counter.
 
-Every collective or point-to-point call the context-parallel strategies make goes through the small
-functions here, so a :class:`CommRecorder` sees all of it: calls and bytes sent / received per
-collective kind on this rank. :class:`WorkCounter` counts the attention score elements each rank
+Every collective or point-to-point call longreach makes across ranks (context-parallel strategies,
+sequence layouts, expert dispatch, expert gradient reduction) goes through the small functions here,
+so a :class:`CommRecorder` sees all of it: calls and bytes sent / received per collective kind on this
+rank. (Gradient reduction inside DDP / FSDP2 / DeepSpeed belongs to those libraries.) :class:`WorkCounter` counts the attention score elements each rank
 computes (forward and backward separately), which is how load balance is measured without timing.
 
 Bytes *sent* per call follow the bandwidth-optimal algorithm of each collective (what DESIGN.md §4's
@@ -11,7 +12,8 @@ minima are written against):
 * ``p2p``: the bytes of every tensor sent;
 * ``all_to_all``: the input minus the part this rank keeps ((P−1)/P of it for even splits);
 * ``all_gather``: (P−1) × the local input (every other rank needs it);
-* ``reduce_scatter``: (P−1)/P × the input (each other rank's shard, once).
+* ``reduce_scatter``: (P−1)/P × the input (each other rank's shard, once);
+* ``all_reduce``: 2 (P−1)/P × the tensor (ring reduce-scatter then all-gather).
 
     with CommRecorder() as rec, WorkCounter() as work:
         out = cp_attention(q, k, v, strategy="ring", layout="zigzag")
@@ -19,30 +21,40 @@ minima are written against):
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "CPGroup",
     "CommRecorder",
     "WorkCounter",
+    "all_gather",
     "all_gather_into",
+    "all_reduce",
     "all_to_all_single",
     "group_ranks",
     "p2p",
     "record",
     "record_work",
-    "recording",
     "reduce_scatter_into",
     "work_wanted",
 ]
 
 _RECORDERS: list["CommRecorder"] = []
 _COUNTERS: list["WorkCounter"] = []
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CPGroup:
+    """A context-parallel group with the hybrid strategy's Ulysses sub-group, as
+    :meth:`longreach.parallel.ParallelDims.cp_groups` hands it out (``cp_attention``'s ``group`` may be one)."""
+
+    group: dist.ProcessGroup
+    """The whole context-parallel group."""
+    ulysses: dist.ProcessGroup | None = None
+    """This rank's Ulysses group inside it (consecutive ranks); None: the strategy creates none."""
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -156,11 +168,37 @@ def p2p(sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tens
 
 
 def all_to_all_single(output: torch.Tensor, inp: torch.Tensor, *, group: dist.ProcessGroup | None,
-                      async_op: bool = False) -> dist.Work | None:
-    """Even all-to-all along dim 0 (``inp`` ``[P, ...]`` → ``output`` ``[P, ...]``)."""
+                      async_op: bool = False, output_split_sizes: list[int] | None = None,
+                      input_split_sizes: list[int] | None = None) -> dist.Work | None:
+    """All-to-all along dim 0: even (``inp`` ``[P, ...]`` → ``output`` ``[P, ...]``), or with per-rank
+    row counts (``input_split_sizes`` rows to each rank, ``output_split_sizes`` rows from each)."""
     p = dist.get_world_size(group)
-    record("all_to_all", _nbytes(inp) * (p - 1) // p, _nbytes(output) * (p - 1) // p)
-    return dist.all_to_all_single(output, inp.contiguous(), group=group, async_op=async_op)
+    if input_split_sizes is None:
+        sent, received = _nbytes(inp) * (p - 1) // p, _nbytes(output) * (p - 1) // p
+    else:  # rows to / from this rank itself stay local
+        me = dist.get_rank(group)
+        row_in = _nbytes(inp) // max(inp.shape[0], 1)
+        row_out = _nbytes(output) // max(output.shape[0], 1)
+        sent = row_in * (sum(input_split_sizes) - input_split_sizes[me])
+        received = row_out * (sum(output_split_sizes or []) - (output_split_sizes or [0] * p)[me])
+    record("all_to_all", sent, received)
+    return dist.all_to_all_single(output, inp.contiguous(), output_split_sizes=output_split_sizes,
+                                  input_split_sizes=input_split_sizes, group=group, async_op=async_op)
+
+
+def all_gather(parts: list[torch.Tensor], inp: torch.Tensor, *, group: dist.ProcessGroup | None) -> None:
+    """All-gather into a list: ``parts[r]`` receives rank r's ``inp`` (shapes may differ per rank)."""
+    p = dist.get_world_size(group)
+    record("all_gather", _nbytes(inp) * (p - 1), sum(_nbytes(t) for t in parts) - _nbytes(inp))
+    dist.all_gather(parts, inp.contiguous(), group=group)
+
+
+def all_reduce(t: torch.Tensor, *, group: dist.ProcessGroup | None, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
+               ) -> None:
+    """In-place all-reduce of ``t`` over ``group`` (default SUM)."""
+    p = dist.get_world_size(group)
+    record("all_reduce", 2 * _nbytes(t) * (p - 1) // p, 2 * _nbytes(t) * (p - 1) // p)
+    dist.all_reduce(t, op=op, group=group)
 
 
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -181,10 +219,3 @@ def reduce_scatter_into(output: torch.Tensor, inp: torch.Tensor, *, group: dist.
     p = dist.get_world_size(group)
     record("reduce_scatter", _nbytes(inp) * (p - 1) // p, _nbytes(inp) * (p - 1) // p)
     _REDUCE_SCATTER(output, inp.contiguous(), group=group)
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[CommRecorder]:
-    """Shorthand: ``with recording() as rec: ...``."""
-    with CommRecorder() as rec:
-        yield rec

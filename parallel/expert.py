@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .comm import all_to_all_single
+
 __all__ = ["all_to_all_variable", "exchange_counts", "ExpertDispatch", "dispatch_tokens", "combine_tokens"]
 
 
@@ -36,15 +38,15 @@ class _AllToAllVariable(torch.autograd.Function):
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
         x = x.contiguous()
         out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))  # [sum(recv), ...]
-        dist.all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
+        all_to_all_single(out, x, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_out = grad_out.contiguous()
         grad_in = grad_out.new_empty((sum(ctx.send_splits),) + tuple(grad_out.shape[1:]))  # [sum(send), ...]
-        dist.all_to_all_single(grad_in, grad_out, output_split_sizes=ctx.send_splits,
-                               input_split_sizes=ctx.recv_splits, group=ctx.group)
+        all_to_all_single(grad_in, grad_out, output_split_sizes=ctx.send_splits,
+                          input_split_sizes=ctx.recv_splits, group=ctx.group)
         return grad_in, None, None, None
 
 
@@ -88,7 +90,7 @@ def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None =
         return send_counts.clone()
     send = send_counts.to(torch.int64).contiguous()
     recv = torch.empty_like(send)  # [P, E_local]
-    dist.all_to_all_single(recv, send, group=group)
+    all_to_all_single(recv, send, group=group)
     return recv
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .comm import all_gather
+
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
 __all__ = [
@@ -95,7 +97,7 @@ def unshard_sequence(x_local: torch.Tensor, *, layout: str, group: dist.ProcessG
     if size == 1:
         return x_local
     parts = [torch.empty_like(x_local) for _ in range(size)]
-    dist.all_gather(parts, x_local.contiguous(), group=group)
+    all_gather(parts, x_local, group=group)
     n = x_local.shape[dim]
     seq_len = n * size
     shape = list(x_local.shape)
@@ -228,7 +230,7 @@ def unshard_documents(x_local: torch.Tensor, cu_seqlens: torch.Tensor | list[int
     if size == 1:
         return x_local
     parts = [torch.empty_like(x_local) for _ in range(size)]
-    dist.all_gather(parts, x_local.contiguous(), group=group)
+    all_gather(parts, x_local, group=group)
     shape = list(x_local.shape)
     shape[dim] = layout.seq_len
     out = x_local.new_empty(shape)

@@ -8,6 +8,11 @@ all-to-all stays on the fastest links) and ring groups are strided.
     dims = ParallelDims(dp=-1, cp=4, world_size=8, ulysses_degree=2)
     mesh = dims.build_mesh("cpu")               # dims ("dp", "cp_ring", "cp_ulysses") + flattened "cp"
     cp_group = dims.group(mesh, "cp")
+    ParallelDims.get_group(mesh, "ep")          # None for an axis of size 1 (or without a mesh)
+    cp_attention(q, k, v, group=ParallelDims.cp_groups(mesh), strategy="hybrid", ulysses_degree=2, ...)
+
+Named groups: ``dp``, ``cp``, ``cp_ring``, ``cp_ulysses`` (mesh dimensions), ``ep`` (the ranks MoE experts
+are split over: the cp dimension) and ``dp_cp`` (all ranks that replicate parameters).
 """
 from __future__ import annotations
 
@@ -16,7 +21,11 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-__all__ = ["ParallelDims"]
+from .comm import CPGroup
+
+__all__ = ["GROUP_NAMES", "ParallelDims"]
+
+GROUP_NAMES = ("dp", "cp", "cp_ring", "cp_ulysses", "ep", "dp_cp")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,8 +84,8 @@ class ParallelDims:
     def build_mesh(self, device_type: str = "cpu") -> DeviceMesh:
         """The job's DeviceMesh (``torch.distributed`` must be initialized with ``world_size`` ranks).
 
-        Dims ``("dp", "cp")``, or ``("dp", "cp_ring", "cp_ulysses")`` plus a flattened ``"cp"`` for hybrid.
-        The hybrid Ulysses groups are registered with ``cp_attention`` so it reuses them.
+        Dims ``("dp", "cp")``, or ``("dp", "cp_ring", "cp_ulysses")`` plus a flattened ``"cp"`` for hybrid
+        (whose Ulysses groups :meth:`cp_groups` hands to ``cp_attention``).
         """
         if dist.get_world_size() != self.world_size:
             raise ValueError(f"ParallelDims.world_size={self.world_size} but torch.distributed has "
@@ -86,11 +95,6 @@ class ParallelDims:
         u = int(self.ulysses_degree)  # type: ignore[arg-type]
         mesh = init_device_mesh(device_type, (self.dp, self.cp // u, u), mesh_dim_names=self.dim_names)
         mesh["cp_ring", "cp_ulysses"]._flatten("cp")
-        from .cp import register_ulysses_group
-
-        cp_ranks = dist.get_process_group_ranks(mesh["cp"].get_group())
-        ug = mesh["cp_ulysses"].get_group()
-        register_ulysses_group(cp_ranks, u, dist.get_process_group_ranks(ug), ug)
         return mesh
 
     @staticmethod
@@ -105,3 +109,35 @@ class ParallelDims:
     def ranks(mesh: DeviceMesh, name: str) -> list[int]:
         """Global ranks in this rank's group of dimension ``name``."""
         return list(dist.get_process_group_ranks(ParallelDims.group(mesh, name)))
+
+    @staticmethod
+    def get_group(mesh: DeviceMesh | None, name: str) -> dist.ProcessGroup | None:
+        """This rank's group named ``name`` (:data:`GROUP_NAMES`), or None for an unused axis.
+
+        ``dp``, ``cp``, ``cp_ring``, ``cp_ulysses``, ``ep``: None without a mesh or when the axis has one
+        rank (``cp_ring``/``cp_ulysses`` exist only for the hybrid strategy). ``dp_cp``: every rank of the
+        mesh (WORLD when it spans the world); None only without a mesh or a process group.
+        """
+        if name not in GROUP_NAMES:
+            raise ValueError(f"no parallel group {name!r}; choose one of {', '.join(GROUP_NAMES)}")
+        if mesh is None:
+            return None
+        if name == "dp_cp":
+            if not dist.is_initialized():
+                return None
+            if mesh.size() == dist.get_world_size():
+                return dist.group.WORLD
+            return mesh._flatten("dp_cp").get_group()
+        dim = "cp" if name == "ep" else name
+        if dim not in (mesh.mesh_dim_names or ()) and dim != "cp":
+            return None
+        sub = mesh[dim]
+        return None if sub.size() == 1 else sub.get_group()
+
+    @staticmethod
+    def cp_groups(mesh: DeviceMesh | None) -> CPGroup | None:
+        """The cp group with its Ulysses sub-group (hybrid meshes), for ``cp_attention``; None: cp = 1."""
+        group = ParallelDims.get_group(mesh, "cp")
+        if group is None:
+            return None
+        return CPGroup(group=group, ulysses=ParallelDims.get_group(mesh, "cp_ulysses"))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from longreach.engines import EngineConfig, as_engine_config, build_engine
+from longreach.engines import EngineConfig, EngineOptions, as_engine_config, build_engine
 from longreach.errors import ConfigError
 from longreach.testing import run_ranks
 from longreach.workers import engines as w
@@ -42,7 +42,7 @@ def test_single_process_native_and_activation_offload_match():
     grads = []
     for offload in (False, True):
         model = w.make_model()
-        eng = build_engine(EngineConfig(activation_offload=offload), model, lambda ps: torch.optim.SGD(ps, lr=0.1))
+        eng = build_engine(EngineConfig(options=EngineOptions(activation_offload=offload)), model, lambda ps: torch.optim.SGD(ps, lr=0.1))
         with eng.forward_context():
             loss = eng.model(x).pow(2).mean()
         eng.backward(loss)
@@ -52,7 +52,7 @@ def test_single_process_native_and_activation_offload_match():
 
 def test_bf16_autocast_is_applied():
     model = w.make_model()
-    eng = build_engine(EngineConfig(mixed_precision="bf16"), model, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    eng = build_engine(as_engine_config({"mixed_precision": "bf16"}), model, lambda ps: torch.optim.SGD(ps, lr=0.1))
     with eng.forward_context():
         out = eng.model(torch.randn(2, 8))
     assert out.dtype == torch.bfloat16
@@ -61,24 +61,21 @@ def test_bf16_autocast_is_applied():
 @pytest.mark.parametrize("kwargs,msg", [
     ({"kind": "megatron"}, "engine.kind"),
     ({"kind": "native", "zero_stage": 2}, "needs engine.kind=deepspeed"),
-    ({"kind": "deepspeed", "zero_stage": 4}, "engine.zero_stage"),
-    ({"kind": "accelerate", "fsdp": True}, "engine.fsdp=true needs engine.kind=native"),
+    ({"kind": "deepspeed", "zero_stage": 4}, r"engine\.options\.zero_stage"),
+    ({"kind": "accelerate", "fsdp": True}, r"engine\.options\.fsdp=true needs engine\.kind=native"),
     ({"kind": "native", "mixed_precision": "fp16"}, "loss scaler"),
-    ({"kind": "native", "cpu_offload": True}, "needs engine.fsdp=true"),
-    ({"kind": "native", "mixed_precision": "fp8"}, "engine.mixed_precision"),
+    ({"kind": "native", "cpu_offload": True}, r"needs engine\.options\.fsdp=true"),
+    ({"kind": "native", "mixed_precision": "fp8"}, r"engine\.options\.mixed_precision"),
 ])
 def test_engine_config_errors(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
-        EngineConfig(**kwargs)
+        as_engine_config(kwargs)
 
 
 def test_as_engine_config_from_job_section():
-    class Section:
-        kind = "deepspeed"
-        options = {"zero_stage": 3, "mixed_precision": "bf16"}
-
-    cfg = as_engine_config(Section())
+    cfg = as_engine_config({"kind": "deepspeed", "options": {"zero_stage": 3, "mixed_precision": "bf16"}})
     assert cfg.kind == "deepspeed" and cfg.zero_stage == 3 and cfg.mixed_precision == "bf16"
+    assert cfg == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=3, mixed_precision="bf16"))
     with pytest.raises(ConfigError, match="did you mean 'zero_stage'"):
         as_engine_config({"kind": "deepspeed", "options": {"zero_stag": 2}})
 
@@ -86,7 +83,7 @@ def test_as_engine_config_from_job_section():
 def test_generated_deepspeed_config(tmp_path):
     from longreach.engines.deepspeed import deepspeed_config
 
-    cfg = EngineConfig(kind="deepspeed", zero_stage=3, mixed_precision="bf16", cpu_offload=True)
+    cfg = as_engine_config({"kind": "deepspeed", "zero_stage": 3, "mixed_precision": "bf16", "cpu_offload": True})
     conf = deepspeed_config(cfg, world_size=4, grad_accum=2, micro_batch_size=3, grad_clip=1.0)
     assert conf["train_batch_size"] == 24 and conf["gradient_accumulation_steps"] == 2
     assert conf["zero_optimization"]["stage"] == 3
@@ -95,9 +92,9 @@ def test_generated_deepspeed_config(tmp_path):
     assert conf["bf16"] == {"enabled": True} and conf["gradient_clipping"] == 1.0
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}}))
-    cfg2 = EngineConfig(kind="deepspeed", zero_stage=2, deepspeed_config=str(user))
+    cfg2 = as_engine_config({"kind": "deepspeed", "zero_stage": 2, "deepspeed_config": str(user)})
     conf2 = deepspeed_config(cfg2, world_size=2)
-    assert conf2["zero_optimization"] == {**deepspeed_config(EngineConfig(kind="deepspeed", zero_stage=2),
+    assert conf2["zero_optimization"] == {**deepspeed_config(as_engine_config({"kind": "deepspeed", "zero_stage": 2}),
                                                              world_size=2)["zero_optimization"],
                                           "reduce_bucket_size": 1000}
     user.write_text("{oops")
@@ -118,7 +115,7 @@ def test_fsdp2_cpu_offload_on_gpu():
         ref = w.make_model().cuda()
         opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
         model = w.make_model().cuda()
-        eng = build_engine(EngineConfig(fsdp=True, cpu_offload=True), model,
+        eng = build_engine(as_engine_config({"fsdp": True, "cpu_offload": True}), model,
                            lambda ps: torch.optim.AdamW(ps, lr=1e-2))
         for _ in range(2):
             ref_loss = ref(x).pow(2).mean()
@@ -132,3 +129,25 @@ def test_fsdp2_cpu_offload_on_gpu():
         assert next(model.parameters()).to_local().device.type == "cpu"
     finally:
         dist.destroy_process_group()
+
+
+def test_engine_option_typo_is_rejected_when_the_config_loads(tmp_path):
+    """engine.options is typed: the strict loader names a misspelt option (file and key) before any work,
+    and the recipes' engine sections load into the same typed options."""
+    from longreach.config import load_config
+    from longreach.job import JobConfig
+
+    bad = tmp_path / "job.yaml"
+    bad.write_text("engine:\n  kind: deepspeed\n  options:\n    zero_stag: 2\n")
+    with pytest.raises(ConfigError, match=r"job\.yaml: unknown config key 'engine\.options\.zero_stag'; "
+                                          r"did you mean 'engine\.options\.zero_stage'"):
+        load_config(JobConfig, str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text("engine:\n  kind: deepspeed\n")
+    with pytest.raises(ConfigError, match=r"engine\.options\.mixed_precision must be one of"):
+        load_config(JobConfig, str(good), ["--engine.options={mixed_precision: fp8}"])
+    cfg = load_config(JobConfig, str(good), ["--engine.options={zero_stage: 2, mixed_precision: bf16}"])
+    assert cfg.engine == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=2, mixed_precision="bf16"))
+    assert (cfg.engine.zero_stage, cfg.engine.splits_experts()) == (2, False)  # bf16: experts stay replicated
+    recipe = load_config(JobConfig, "tnl_7b")
+    assert recipe.engine.kind == "native" and recipe.engine.fsdp and recipe.engine.splits_experts()

@@ -1,7 +1,7 @@
 """Memory at the floor on the HF fine-tuning path: ``train.sequence_tile`` and ``train.checkpoint_offload``.
 
 A tiny HF Llama under the LongLoRA recipe (LoRA also inside the MLP, trainable embeddings and norms) is
-parallelized by the same ``longreach.parallelize`` step ``longreach finetune`` uses; every memory mode gives
+parallelized by the same ``longreach.model_setup.parallelize`` step ``longreach finetune`` uses; every memory mode gives
 the plain fine-tune's loss and LoRA / embedding / norm gradients in float64, in one process and under a
 2-rank ring (zigzag), and a whole fine-tune with both modes gives the plain run's losses step by step.
 """
@@ -56,7 +56,8 @@ def _loss_and_grads(cfg: Any, mesh: Any, batch: Any, engine_cfg: dict | None = N
     """One forward/backward of the fine-tune model built and parallelized as ``longreach finetune`` does
     (through ``longreach.engines`` when ``engine_cfg`` is given)."""
     from longreach.hf.model import build_hf_model
-    from longreach.parallelize import dp_cp_group, parallelize, unwrap
+    from longreach.engines import as_engine_config, build_engine, unwrap
+    from longreach.model_setup import dp_cp_group, parallelize
     from longreach.trainer import forward_backward
 
     torch.manual_seed(1)  # LoRA initialisation
@@ -66,14 +67,10 @@ def _loss_and_grads(cfg: Any, mesh: Any, batch: Any, engine_cfg: dict | None = N
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    model = parallelize(model, cfg, mesh)
     engine = None
-    if engine_cfg is None:
-        model = parallelize(model, cfg, mesh)
-    else:
-        from longreach.engines import as_engine_config, build_engine
-
-        model = parallelize(model, cfg, mesh, data_parallel=False)
-        engine = build_engine(as_engine_config(engine_cfg), model, lambda ps: torch.optim.SGD(ps, lr=0.0),
+    if mesh is not None:  # DDP, or the configured engine
+        engine = build_engine(as_engine_config(engine_cfg or "native"), model, lambda ps: torch.optim.SGD(ps, lr=0.0),
                               group=dp_cp_group(mesh), mesh=mesh)
         model = engine.model
     loss, _, _ = forward_backward(model, [batch], cfg=cfg, mesh=mesh, step=0, device=torch.device("cpu"), engine=engine)
@@ -152,7 +149,7 @@ def test_hf_saved_bytes_at_the_floor(tmp_path: Path, dtype: str, pure_bf16: bool
     from longreach.bench.memory import SavedBytesMeter
     from longreach.hf.model import build_hf_model
     from longreach.hf.patch import shift_labels
-    from longreach.parallelize import parallelize
+    from longreach.model_setup import parallelize
 
     base = _save_base(tmp_path / "base")
     ids = torch.randint(0, 97, (1, TARGET), generator=torch.Generator().manual_seed(3))

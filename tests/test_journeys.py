@@ -153,7 +153,8 @@ def expert_parallel_checkpoint(rank: int, world: int, root: str) -> None:
 
     from longreach.job import JobConfig, TrainConfig
     from longreach.parallel.config import ParallelConfig
-    from longreach.parallelize import expert_shards, parallelize
+    from longreach.mixtures.expert_parallel import expert_shards
+    from longreach.model_setup import parallelize
     from longreach.trainer import build_mesh
 
     cfg = ModelConfig(**MOE)
@@ -193,13 +194,13 @@ def gather_worker(rank: int, world: int, spec: dict, root: str) -> dict:
 
     import torch.distributed as dist
 
-    from longreach.engines import EngineConfig, build_engine
+    from longreach.engines import as_engine_config, build_engine
     from longreach.hf.export import gather_full_parameters, run_on_rank0
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(**LLAMA))
     ref = {k: v.clone() for k, v in model.state_dict().items()}
-    eng = build_engine(EngineConfig(**spec), model, lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    eng = build_engine(as_engine_config(spec), model, lambda ps: torch.optim.AdamW(ps, lr=1e-3))
     module = eng.module if hasattr(eng, "module") else eng.model
     # the engine's own checkpoint (DCP for FSDP2, DeepSpeed's format for ZeRO-3) is an export source too
     CheckpointManager(CheckpointConfig(), Path(root), config_hash="h",

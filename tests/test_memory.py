@@ -15,7 +15,7 @@ import torch
 
 from longreach.bench.memory import COMPONENTS, SavedBytesMeter, fit_line
 from longreach.models import ModelConfig, build_model
-from longreach.parallelize import CheckpointOffload, apply_activation_checkpointing, apply_sequence_tiling
+from longreach.model_setup import CheckpointOffload, apply_activation_checkpointing, apply_sequence_tiling
 from longreach.testing import run_ranks
 
 MODES = {  # name -> (sequence_tile, activation_checkpointing, checkpoint_offload)
@@ -138,7 +138,7 @@ def test_fit_line_recovers_a_line() -> None:
 
 def test_offload_needs_checkpointing() -> None:
     from longreach.errors import UserError
-    from longreach.parallelize import parallelize
+    from longreach.model_setup import parallelize
     from longreach.workers.trainer import tiny_job
 
     cfg = tiny_job(**{"model.checkpoint_offload": True})
@@ -152,7 +152,8 @@ def cp_modes_worker(rank: int, world_size: int) -> list[str]:
     combination through the FSDP2 engine)."""
     from longreach.models.config import ModelConfig as MC
     from longreach.parallel.config import ParallelConfig
-    from longreach.parallelize import parallelize
+    from longreach.engines import as_engine_config, build_engine
+    from longreach.model_setup import dp_cp_group, parallelize
     from longreach.trainer import build_mesh, forward_backward
     from longreach.workers.trainer import SyntheticBatches, _close, tiny_job
 
@@ -175,17 +176,11 @@ def cp_modes_worker(rank: int, world_size: int) -> list[str]:
                           "parallel.backend": "reference", "train.activation_checkpointing": ckpt,
                           "model.sequence_tile": tile, "model.checkpoint_offload": offload})
         assert isinstance(cfg.model, MC)
-        engine = None
-        if engine_cfg is None:
-            model = parallelize(copy.deepcopy(base), cfg, mesh)
-        else:  # through longreach.engines: FSDP2 shards the tiled, offloaded, checkpointed blocks
-            from longreach.engines import as_engine_config, build_engine
-            from longreach.parallelize import dp_cp_group
-
-            model = parallelize(copy.deepcopy(base), cfg, mesh, data_parallel=False)
-            engine = build_engine(as_engine_config(engine_cfg), model, lambda ps: torch.optim.SGD(ps, lr=0.0),
-                                  group=dp_cp_group(mesh), mesh=mesh)
-            model = engine.model
+        # DDP, or FSDP2 sharding the tiled, offloaded, checkpointed blocks
+        model = parallelize(copy.deepcopy(base), cfg, mesh)
+        engine = build_engine(as_engine_config(engine_cfg or "native"), model, lambda ps: torch.optim.SGD(ps, lr=0.0),
+                              group=dp_cp_group(mesh), mesh=mesh)
+        model = engine.model
         loss, _, _ = forward_backward(model, [batch], cfg=cfg, mesh=mesh, step=0, device=torch.device("cpu"),
                                       engine=engine)
         if abs(loss - ref_loss) > 1e-12 * abs(ref_loss):

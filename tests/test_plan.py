@@ -185,7 +185,7 @@ def _measured_per_token(shape: dict, layers: int, dtype, tile: int, seq: int = 3
 
     from longreach.bench.memory import SavedBytesMeter
     from longreach.models import ModelConfig, build_model
-    from longreach.parallelize import apply_sequence_tiling
+    from longreach.model_setup import apply_sequence_tiling
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=64, n_layers=layers, max_seq_len=64, **shape)).to(dtype)

@@ -192,13 +192,13 @@ def _batch(vocab: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _build(cfg: Any, world_size: int, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from longreach.models import build_model
-    from longreach.parallelize import parallelize
+    from longreach.model_setup import parallelize
     from longreach.trainer import build_mesh
 
     mesh = build_mesh(cfg.parallel, world_size, torch.device("cpu"))[0] if world_size > 1 else None
     torch.manual_seed(0)
     model = build_model(cfg.model).to(dtype)
-    return parallelize(model, cfg, mesh, data_parallel=False), mesh
+    return parallelize(model, cfg, mesh), mesh
 
 
 def saved_bytes_worker(rank: int, world_size: int, shape: dict[str, int], cases: list[dict[str, Any]],
@@ -208,7 +208,7 @@ def saved_bytes_worker(rank: int, world_size: int, shape: dict[str, int], cases:
     ``world_size`` 1 runs without a process group. Returns one record per case: bytes per component,
     local tokens, layers, and the offloader's host bytes.
     """
-    from longreach.parallelize import unwrap
+    from longreach.engines import unwrap
     from longreach.trainer import forward_backward
 
     out = []

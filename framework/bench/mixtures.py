@@ -238,7 +238,7 @@ def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts:
     from longreach.models.config import ModelConfig
     from longreach.parallel.config import ParallelConfig
     from longreach.parallel.mesh import ParallelDims
-    from longreach.parallelize import parallelize
+    from longreach.model_setup import parallelize
 
     out: dict[str, dict[str, int]] = {}
     mesh = ParallelDims(world_size=world_size, dp=1, cp=world_size).build_mesh("cpu")
@@ -248,15 +248,12 @@ def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts:
                                 extra={"moe_experts": experts, "moe_top_k": 2, "moe_hidden": hidden,
                                        "moe_expert_parallel": True})
         job = JobConfig(model=model_cfg, parallel=ParallelConfig(cp=world_size, layout="contiguous"))
-        if name != "ddp":
-            ecfg = {"fsdp2": EngineConfig(kind="native", fsdp=True),
-                    "deepspeed": EngineConfig(kind="deepspeed", zero_stage=1)}[name]
-            job = dataclasses.replace(job, engine=dataclasses.replace(
-                job.engine, kind=ecfg.kind, options={"fsdp": True} if name == "fsdp2" else {"zero_stage": 1}))
-        model = parallelize(build_model(model_cfg), job, mesh, data_parallel=name == "ddp")
-        if name != "ddp":
-            engine = build_engine(ecfg, model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), mesh=mesh)
-            model = engine.module
+        ecfg = {"ddp": EngineConfig(), "fsdp2": EngineConfig(kind="native", options={"fsdp": True}),
+                "deepspeed": EngineConfig(kind="deepspeed", options={"zero_stage": 1})}[name]
+        job = dataclasses.replace(job, engine=ecfg)
+        model = parallelize(build_model(model_cfg), job, mesh)
+        engine = build_engine(ecfg, model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), mesh=mesh)
+        model = engine.module
         expert = total = 0
         for pname, p in model.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p

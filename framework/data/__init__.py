@@ -13,7 +13,7 @@ from longreach.data.tokenizer import Tokenizer, cache_root, load_or_train_tokeni
 # The torch-backed parts load on first use: tokenizer worker processes (longreach.data.stream) import
 # this package and must not pay for torch (seconds and ~250 MB each).
 _LAZY = {"TokenBatches": "loader", "build_train_data": "loader", "build_val_data": "loader",
-         "split_documents": "loader", "shard_batch": "sharding"}
+         "split_documents": "loader", "shard_batch": "cp_batch"}
 
 
 def __getattr__(name: str) -> Any:

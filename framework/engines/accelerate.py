@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longreach.engines import Engine, EngineConfig, OptimizerFactory
+from longreach.errors import ConfigError
+
+from .base import Engine, EngineConfig, OptimizerFactory
 
 
 class AccelerateEngine(Engine):
@@ -45,8 +47,6 @@ def build_accelerate(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opt
     from accelerate import Accelerator
 
     if group is not None and dist.is_initialized() and dist.get_world_size(group) != dist.get_world_size():
-        from longreach.errors import ConfigError
-
         raise ConfigError("engine.kind=accelerate reduces gradients over all ranks; a sub-group is not supported")
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,

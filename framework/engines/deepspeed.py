@@ -9,6 +9,7 @@ before DeepSpeed's communication layer starts (gloo does the reductions; the op 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,8 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longreach.engines import Engine, EngineConfig, OptimizerFactory
 from longreach.errors import ConfigError
+from longreach.mixtures.expert_parallel import (expert_norm_sq, expert_optimizer_hooks, expert_shards,
+                                                finish_expert_gradients)
+
+from .base import Engine, EngineConfig, OptimizerFactory
 
 
 def deepspeed_config(cfg: EngineConfig, *, world_size: int, grad_accum: int = 1, micro_batch_size: int = 1,
@@ -92,21 +96,13 @@ def init_deepspeed_distributed() -> None:
     ds.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def splits_experts(cfg: EngineConfig) -> bool:
-    """Whether split experts (``model.extra.moe_expert_parallel``) stay split under this DeepSpeed config.
-
-    ZeRO 1 and 2 in fp32: DeepSpeed shards the dense part and never sees the experts (see
-    :class:`DeepSpeedEngine`). Other stages and precisions keep the layer's replicated-parameter mode.
-    """
-    return cfg.kind == "deepspeed" and cfg.zero_stage in (1, 2) and cfg.mixed_precision == "fp32"
-
-
 class DeepSpeedEngine(Engine):
-    """DeepSpeed's engine; with split experts (ZeRO 1/2, fp32) it owns them beside DeepSpeed.
+    """DeepSpeed's engine; with split experts (ZeRO 1/2, fp32: ``EngineConfig.splits_experts``) it owns
+    them beside DeepSpeed.
 
     DeepSpeed is given the dense parameters only (ZeRO shards their optimizer state and gradients). The
-    expert parameters, split over cp by ``parallelize``, have their own torch optimizer here: at each
-    accumulation boundary their gradients are SUM-reduced over the dp replicas (``reduce_expert_gradients``),
+    expert parameters, split over cp by ``longreach.model_setup``, have their own torch optimizer here: at
+    each accumulation boundary their gradients are completed over the dp replicas (``finish_expert_gradients``),
     their squared norm joins DeepSpeed's global norm (one clip coefficient for everything), and they are
     stepped with the LR DeepSpeed's optimizer uses. Checkpoints: DeepSpeed's own files hold the dense part;
     the expert weights and moments go through DCP as ``Shard(0)`` DTensors over cp (:meth:`checkpoint_state`).
@@ -134,25 +130,15 @@ class DeepSpeedEngine(Engine):
     def _take_expert_gradients(self) -> list[torch.Tensor]:
         """Complete the expert gradients (undo the trainer's replica scale, sum over dp replicas), record
         their squared norm over the cp group, and keep them away from DeepSpeed's step."""
-        from longreach.parallelize import expert_shards, reduce_expert_gradients
-
-        shards = expert_shards(self.module)
-        n = dist.get_world_size()  # the trainer scales the loss by the dp × cp replica count for engines
-        for p in shards.params:
-            if p.grad is not None:
-                p.grad.div_(n)
-        reduce_expert_gradients(self.module)
+        # the trainer scales the loss by the dp × cp replica count: all ranks under DeepSpeed
+        shards = finish_expert_gradients(self.module, dist.get_world_size())
         grads = [p.grad for p in shards.params]
-        sq = torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum().view(1)
-        dist.all_reduce(sq, group=shards.ep_mesh.get_group())  # each expert lives on one cp rank
-        self._expert_sq = float(sq)
+        self._expert_sq = float(expert_norm_sq(shards))
         for p in shards.params:
             p.grad = None
         return grads
 
     def _step_experts(self, grads: list[torch.Tensor]) -> None:
-        from longreach.parallelize import expert_shards
-
         max_norm = self.grad_clip or 0.0
         total = self.model.get_global_grad_norm()  # DeepSpeed's norm, experts included (see build)
         coef = 1.0
@@ -180,8 +166,6 @@ class DeepSpeedEngine(Engine):
         self.model.zero_grad()
 
     def no_sync(self) -> Any:
-        from contextlib import nullcontext
-
         return nullcontext()  # DeepSpeed defers reduction to the boundary on its own
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -229,8 +213,6 @@ class _PlainExpertsEngine:
         self.engine, self.module = engine, module
 
     def _plain(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        from longreach.parallelize import expert_shards
-
         shards = expert_shards(self.module)
         shards.dtensor_state = False
         try:
@@ -267,8 +249,6 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
     init_deepspeed_distributed()
     conf = deepspeed_config(cfg, world_size=dist.get_world_size(), grad_accum=grad_accum,
                             micro_batch_size=micro_batch_size, grad_clip=grad_clip)
-    from longreach.parallelize import expert_optimizer_hooks, expert_shards
-
     shards = expert_shards(model)
     if shards is None:
         optimizer = optimizer_factory(model.parameters())

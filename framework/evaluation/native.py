@@ -84,7 +84,7 @@ class NativeLM:
         from longreach.job import JobConfig, TrainConfig
         from longreach.parallel.config import ParallelConfig
         from longreach.parallel.layouts import layout_multiple
-        from longreach.parallelize import cp_group, parallelize
+        from longreach.model_setup import cp_group, parallelize
         from longreach.trainer import build_mesh
 
         try:
@@ -94,7 +94,7 @@ class NativeLM:
             raise UserError(str(e)) from None
         job = JobConfig(model=model.cfg, parallel=par, train=TrainConfig(seq_len=layout_multiple(layout, world)))
         mesh, _, _ = build_mesh(par, world, next(model.parameters()).device)
-        model = parallelize(model, job, mesh, data_parallel=False)
+        model = parallelize(model, job, mesh)
         return cls(model, group=cp_group(mesh), layout=layout)
 
     def _shard(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[Any, ...]:
@@ -187,7 +187,7 @@ class NativeLM:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from longreach.parallelize import unwrap
+    from longreach.engines import unwrap
 
     return unwrap(model)
 

@@ -150,7 +150,7 @@ class FTTrain(TrainConfig):
     sequence_tile: int = 0
     """Tokens per tile of each decoder block's MLP and RMSNorms (and the final norm), each tile recomputed in
     backward so the ``[S, intermediate_size]`` MLP product never exists whole (0: off). What
-    ``model.sequence_tile`` is for longreach's own models, applied by the same ``longreach.parallelize`` step."""
+    ``model.sequence_tile`` is for longreach's own models, applied by the same ``longreach.model_setup.parallelize`` step."""
     checkpoint_offload: bool = False
     """With ``activation_checkpointing``: keep each decoder block's checkpointed input in (pinned) host memory
     between forward and backward, brought back ahead of use on a side stream (CUDA). What

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from longreach.attention import AttentionContext, base_mask
+from longreach.data.cp_batch import shard_batch
 from longreach.errors import ConfigError, UserError
 from longreach.kernels import attention as local_attention
 from longreach.loss import chunked_cross_entropy, global_token_count
@@ -134,7 +135,7 @@ class HFAttention:
       positions) arrives per forward as the ``longreach_ctx`` keyword, which transformers forwards
       to attention functions (so activation-checkpoint recomputation sees the same context);
     * otherwise built from :attr:`config` (an :class:`AttentionPatch`) per global length, through
-      :func:`longreach.parallelize.build_inner_attention` (evaluation, ``patch_attention`` users).
+      :func:`longreach.model_setup.build_inner_attention` (evaluation, ``patch_attention`` users).
 
     Attributes:
         config: the :class:`AttentionPatch` in force (strategy/layout read by the evaluation helpers).
@@ -177,7 +178,7 @@ class HFAttention:
     def _from_config(self, seq_len: int | None) -> Any:
         """The inner attention of :attr:`config` (``seq_len`` None: evaluation, no training pattern)."""
         if seq_len not in self._built:
-            from longreach.parallelize import build_inner_attention
+            from longreach.model_setup import build_inner_attention
 
             c = self.config
             group = (self.group if self.group is not None else dist.group.WORLD) if c.parallel else None
@@ -398,7 +399,8 @@ class ShardedBatch:
 
 def sharded_batch(input_ids: torch.Tensor, *, fn: HFAttention | None, labels: torch.Tensor | None = None
                   ) -> ShardedBatch:
-    """Shift labels globally, then shard tokens, labels and positions with the patch's layout.
+    """Shift labels globally, then shard tokens, labels and positions with the patch's layout
+    (:func:`longreach.data.shard_batch`, the one batch-sharding function).
 
     Args:
         input_ids: ``[B, S]`` the full sequence (identical on every context-parallel rank).
@@ -407,16 +409,11 @@ def sharded_batch(input_ids: torch.Tensor, *, fn: HFAttention | None, labels: to
     """
     b, s = input_ids.shape
     labels = shift_labels(input_ids) if labels is None else labels
-    if fn is None or not fn.config.parallel:
-        pos = torch.arange(s, device=input_ids.device)
-        return ShardedBatch(input_ids, pos[None].expand(b, s), labels, s, pos)
-    from longreach.parallel import sequence_positions, shard_sequence
-
-    layout, group = fn.config.layout, fn.group
-    pos = sequence_positions(s, layout=layout, group=group).to(input_ids.device)  # [S/P]
-    ids = shard_sequence(input_ids, layout=layout, group=group, dim=1)  # [B, S/P]
-    lab = shard_sequence(labels, layout=layout, group=group, dim=1)  # [B, S/P]
-    return ShardedBatch(ids, pos[None].expand(b, -1), lab, s, pos)
+    parallel = fn is not None and fn.config.parallel
+    part = shard_batch({"input_ids": input_ids, "labels": labels}, fn.config.layout if parallel else "contiguous",
+                       fn.group if parallel else None, context_parallel=parallel)  # [B, S/P] each
+    pos = part["positions"].to(input_ids.device)  # [S/P] global positions of this rank's tokens
+    return ShardedBatch(part["input_ids"], pos[None].expand(b, -1), part["labels"], s, pos)
 
 
 def prime_dynamic_rope(model: torch.nn.Module, seq_len: int, local_positions: torch.Tensor) -> None:

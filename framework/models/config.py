@@ -47,7 +47,7 @@ class ModelConfig:
     """Per-type options (e.g. MoE experts/top-k, MoH shared/routed heads)."""
     sequence_tile: int = 0
     """Tokens per tile of the MLP (or MoE experts) and the RMSNorms, each tile recomputed in backward so
-    the ``[S, ffn]`` intermediate never exists whole (0: off). Applied by ``longreach.parallelize``."""
+    the ``[S, ffn]`` intermediate never exists whole (0: off). Applied by ``longreach.model_setup``."""
     checkpoint_offload: bool = False
     """With ``train.activation_checkpointing``: keep each block's checkpointed input in (pinned) host
     memory between forward and backward, brought back ahead of use on a side stream (CUDA)."""

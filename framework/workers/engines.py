@@ -43,9 +43,9 @@ def batch(step: int, rank: int, world: int, global_batch: int = 8) -> tuple[torc
 
 def run_engine(spec: dict[str, Any], steps: int = 4) -> list[float]:
     """Train TinyNet for ``steps`` steps on the engine in ``spec``; return the global mean loss per step."""
-    from longreach.engines import EngineConfig, build_engine
+    from longreach.engines import as_engine_config, build_engine
 
-    cfg = EngineConfig(**spec)
+    cfg = as_engine_config(spec)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model()
     eng = build_engine(cfg, model, lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0),

@@ -63,7 +63,7 @@ def train_loop(run_dir: str | Path, *, steps: int, save_every: int, engine: dict
                load_path: str | None = None) -> list[dict[str, Any]]:
     """Train and checkpoint; resume from the run folder's latest checkpoint first. Returns this run's records."""
     from longreach.checkpoint import CheckpointConfig, CheckpointManager
-    from longreach.engines import EngineConfig, build_engine
+    from longreach.engines import as_engine_config, build_engine
     from longreach.faults import FaultConfig, FaultPolicy, maybe_inject
 
     run_dir = Path(run_dir)
@@ -72,7 +72,7 @@ def train_loop(run_dir: str | Path, *, steps: int, save_every: int, engine: dict
     world = dist.get_world_size() if distributed else 1
     torch.manual_seed(0)
     model = DropNet(dropout=dropout)
-    eng = build_engine(EngineConfig(**(engine or {})), model,
+    eng = build_engine(as_engine_config(engine or {}), model,
                        lambda ps: torch.optim.AdamW(ps, lr=5e-3, weight_decay=0.01))
     sched = torch.optim.lr_scheduler.LambdaLR(eng.optimizer, lambda s: min(1.0, (s + 1) / 3))
     loader = StepLoader(rank, world)

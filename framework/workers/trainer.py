@@ -137,7 +137,7 @@ def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -
             # reference: everything on this rank, no process group involved
             ref = copy.deepcopy(base)
             ref_cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7})
-            from longreach.parallelize import parallelize
+            from longreach.model_setup import parallelize
             parallelize(ref, ref_cfg, None)
             flat = [mb for per_rank in batches for mb in per_rank]
             ref_loss, _, ref_n = forward_backward(ref, flat, cfg=ref_cfg, mesh=None, step=0, device=torch.device("cpu"))
@@ -145,17 +145,13 @@ def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -
             if (dp, cp) not in meshes:
                 meshes[(dp, cp)] = build_mesh(ParallelConfig(dp=dp, cp=cp), world_size, torch.device("cpu"))
             mesh, dp_rank, _ = meshes[(dp, cp)]
-            engine = None
-            if "engine" in case:  # through longreach.engines (which averages gradients) instead of our DDP
-                from longreach.engines import as_engine_config, build_engine
-                from longreach.parallelize import dp_cp_group
+            from longreach.engines import as_engine_config, build_engine
+            from longreach.model_setup import dp_cp_group
 
-                model = parallelize(copy.deepcopy(base), cfg, mesh, data_parallel=False)
-                engine = build_engine(as_engine_config(case["engine"]), model,
-                                      lambda ps: torch.optim.SGD(ps, lr=0.0), group=dp_cp_group(mesh), mesh=mesh)
-                model = engine.model
-            else:
-                model = parallelize(copy.deepcopy(base), cfg, mesh)
+            model = parallelize(copy.deepcopy(base), cfg, mesh)  # DDP unless the case names another engine
+            engine = build_engine(as_engine_config(case.get("engine", "native")), model,
+                                  lambda ps: torch.optim.SGD(ps, lr=0.0), group=dp_cp_group(mesh), mesh=mesh)
+            model = engine.model
             loss, _, n = forward_backward(model, batches[dp_rank], cfg=cfg, mesh=mesh, step=0,
                                           device=torch.device("cpu"), engine=engine)
             if n != ref_n:
@@ -345,7 +341,8 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
     """
     from longreach.models import build_model
     from longreach.parallel.config import ParallelConfig
-    from longreach.parallelize import expert_shards, parallelize
+    from longreach.mixtures.expert_parallel import expert_shards
+    from longreach.model_setup import parallelize
     from longreach.trainer import build_mesh
 
     failures = grad_match_worker(rank, world_size, [dict(dp=2, cp=2, strategy="ring", layout="zigzag", moe=True)])

@@ -2,6 +2,6 @@
 
 The public entry point is :func:`cp_attention` (re-exported by ``longreach.parallel``).
 """
-from .api import STRATEGIES, cp_attention, layout_positions, register_ulysses_group
+from .api import STRATEGIES, cp_attention, layout_positions
 
-__all__ = ["STRATEGIES", "cp_attention", "layout_positions", "register_ulysses_group"]
+__all__ = ["STRATEGIES", "cp_attention", "layout_positions"]

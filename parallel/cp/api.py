@@ -12,41 +12,46 @@ from longreach.kernels import get_backend
 from longreach.kernels import masks as M
 from longreach.kernels.api import resolve_backend
 
-from ..comm import group_ranks
+from ..ring_flash_adapter import try_attention as ring_flash_attention
+from ..comm import CPGroup, group_ranks
 from ..layouts import LAYOUTS, DocumentZigzag, group_rank_size, layout_multiple, positions_for
 from .allgather import AllGatherEngine, AllGatherPlan
 from .hybrid import HybridEngine, HybridPlan
 
 STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
 
-__all__ = ["STRATEGIES", "cp_attention", "layout_positions", "register_ulysses_group"]
+__all__ = ["STRATEGIES", "cp_attention", "layout_positions"]
 
 Layout = str | DocumentZigzag
 
-# Ulysses sub-groups of a context-parallel group, keyed by (global ranks of the group, degree). Filled
-# by ParallelDims.build_mesh with the mesh's own groups, or created on first use.
-_ULYSSES_GROUPS: dict[tuple[tuple[int, ...], int], dist.ProcessGroup] = {}
+# Ulysses groups created for direct calls with a plain group, keyed by their global ranks (_ulysses_group)
+_CREATED_ULYSSES: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
-def register_ulysses_group(cp_ranks: list[int], degree: int, members: list[int], group: dist.ProcessGroup) -> None:
-    """Make ``cp_attention`` use ``group`` (this rank's Ulysses group, global ``members``) for hybrid
-    calls over the cp group whose global ranks are ``cp_ranks``."""
-    _ULYSSES_GROUPS[(tuple(cp_ranks), degree, tuple(members))] = group  # type: ignore[index]
+def _ulysses_group(group: dist.ProcessGroup | None, given: dist.ProcessGroup | None, ranks: list[int], rank: int,
+                   degree: int) -> dist.ProcessGroup | None:
+    """This rank's Ulysses group of ``degree`` consecutive ranks of ``group``.
 
-
-def _ulysses_group(group: dist.ProcessGroup | None, ranks: list[int], rank: int, degree: int
-                   ) -> dist.ProcessGroup | None:
+    The mesh's own group when the caller passed a :class:`~longreach.parallel.comm.CPGroup` (what
+    ``ParallelDims.cp_groups`` hands out, and what training uses). Direct calls with a plain group get
+    one created on first use and kept in :data:`_CREATED_ULYSSES` (a cache of this module's own making,
+    never filled from outside), so repeated calls do not create a group each.
+    """
     if degree == 1:
         return None
     if degree == len(ranks):
         return group
+    if given is not None:
+        if dist.get_world_size(given) != degree:
+            raise ValueError(f"cp_attention: the Ulysses group of the given CPGroup has {dist.get_world_size(given)} "
+                             f"ranks, but ulysses_degree={degree}")
+        return given
     g = rank // degree
-    members = ranks[g * degree:(g + 1) * degree]
-    key = (tuple(ranks), degree, tuple(members))
-    if key not in _ULYSSES_GROUPS:
+    members = tuple(ranks[g * degree:(g + 1) * degree])
+    if members not in _CREATED_ULYSSES:
         # only the members create (and rendezvous on) their own group
-        _ULYSSES_GROUPS[key] = dist.new_group(members, use_local_synchronization=True)  # type: ignore[index]
-    return _ULYSSES_GROUPS[key]  # type: ignore[index]
+        _CREATED_ULYSSES[members] = dist.new_group(list(members), use_local_synchronization=True)
+    return _CREATED_ULYSSES[members]
 
 
 def layout_positions(layout: Layout, seq_len: int, rank: int, world_size: int) -> torch.Tensor:
@@ -214,7 +219,7 @@ def cp_attention(
     *,
     strategy: str,
     layout: Layout,
-    group: dist.ProcessGroup | None = None,
+    group: dist.ProcessGroup | CPGroup | None = None,
     causal: bool = True,
     mask: M.Mask | None = None,
     scale: float | None = None,
@@ -231,7 +236,8 @@ def cp_attention(
             multiple of Hkv; K/V are communicated with their own heads, never expanded).
         strategy: ``"ring"``, ``"ulysses"``, ``"hybrid"`` or ``"allgather"``.
         layout: ``"contiguous"``, ``"zigzag"``, ``"stripe"`` or a :class:`DocumentZigzag`.
-        group: the whole context-parallel group (default WORLD).
+        group: the whole context-parallel group (default WORLD), or a :class:`~longreach.parallel.comm.CPGroup`
+            carrying the mesh's Ulysses sub-group for ``hybrid`` (``ParallelDims.cp_groups(mesh)``).
         causal: intersect ``mask`` with causal; False applies ``mask`` exactly as given (None: full).
         mask: a :mod:`longreach.kernels.masks` mask over *global* positions and heads.
         scale: softmax scale, default ``1/sqrt(D)``.
@@ -246,6 +252,8 @@ def cp_attention(
     Raises:
         ValueError/TypeError naming the setting, on every rank, before any communication.
     """
+    ulysses = group.ulysses if isinstance(group, CPGroup) else None
+    group = group.group if isinstance(group, CPGroup) else group
     rank, world = group_rank_size(group)
     if rank < 0:
         raise ValueError("cp_attention: this rank is not a member of the given group")
@@ -256,10 +264,8 @@ def cp_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     eff = _effective_mask(causal, mask)
     if q.device.type == "cuda" and backend in ("auto", "flash"):
-        from .. import ring_flash_adapter
-
-        routed = ring_flash_adapter.try_attention(q, k, v, strategy=strategy, layout=layout, group=group,
-                                                  causal=causal, mask=mask, scale=scale, return_lse=return_lse)
+        routed = ring_flash_attention(q, k, v, strategy=strategy, layout=layout, group=group, causal=causal,
+                                      mask=mask, scale=scale, return_lse=return_lse)
         if routed is not None:
             return routed
     backend_mod = _backend(backend, q, eff)
@@ -275,7 +281,7 @@ def cp_attention(
         hplan = _cached(key, lambda: HybridPlan.build(
             peers=ranks, rank=rank, degree=degree, positions=_all_positions(layout, seq_len, world),
             seq_len=seq_len, num_heads=h, kv_heads=k.shape[2], mask=eff, starts=chunk_starts(layout, seq_len, world)))
-        engine = HybridEngine(ulysses_group=_ulysses_group(group, ranks, rank, degree), plan=hplan,
+        engine = HybridEngine(ulysses_group=_ulysses_group(group, ulysses, ranks, rank, degree), plan=hplan,
                               backend=backend_mod, scale=scale, want_lse=return_lse)
     out, lse = _CPAttention.apply(q, k, v, engine)
     return (out, lse) if return_lse else out

@@ -1,5 +1,5 @@
-"""Sharding a packed batch over the context-parallel group — the one implementation (the trainer's
-``prepare_batch`` calls it after loading)."""
+"""Splitting a packed batch over the context-parallel group — the one implementation, used by the
+trainer's ``prepare_batch``, the HF patch's ``sharded_batch`` and the evaluation helpers through them."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,0 +1,236 @@
+"""What every training engine shares: the typed ``engine:`` config and the :class:`Engine` interface.
+
+The engines are the only place a model is wrapped for data parallelism (DDP, FSDP2, DeepSpeed,
+accelerate); ``longreach.model_setup.parallelize`` applies the attention seam, expert parallelism and
+activation checkpointing before them. Every engine *averages* gradients over its dp × cp group, as the
+libraries do; the trainer multiplies each rank's loss (its summed token loss over the global token count)
+by the group size, so the averaged gradient is the gradient of the global mean loss. Split experts are
+left out of the library's reduction: the engine divides their gradients by the group size and SUMs them
+over the ranks holding the same experts (``longreach.mixtures.expert_parallel``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from longreach.errors import ConfigError
+
+__all__ = ["ENGINES", "Engine", "EngineConfig", "EngineOptions", "OptimizerFactory", "PRECISIONS",
+           "as_engine_config", "unwrap"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+ENGINES = ("native", "deepspeed", "accelerate")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineOptions:
+    """The ``engine.options:`` section: typed, so a misspelt option is rejected when the config loads."""
+
+    fsdp: bool = False
+    """native only: shard parameters, gradients and optimizer state with FSDP2 (``fully_shard``)
+    over the dp × cp ranks instead of replicating them with DDP."""
+    zero_stage: int = 0
+    """deepspeed only: ZeRO stage 0-3 (1: optimizer state, 2: + gradients, 3: + parameters)."""
+    mixed_precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
+    """fp32, bf16 or fp16 (fp16 only with deepspeed/accelerate on GPU: it needs a loss scaler)."""
+    cpu_offload: bool = False
+    """Offload parameters/optimizer state to host memory: FSDP2 ``CPUOffloadPolicy`` (needs an
+    accelerator) or DeepSpeed ZeRO ``offload_optimizer`` (stage >= 1)."""
+    activation_offload: bool = False
+    """Keep saved activations in host memory between forward and backward
+    (``torch.autograd.graph.save_on_cpu``)."""
+    reshard_after_forward: bool = True
+    """FSDP2: free the gathered parameters after forward (ZeRO-3 style); False keeps them (ZeRO-2 style)."""
+    deepspeed_config: str | None = None
+    """deepspeed only: a JSON file whose keys override the generated DeepSpeed config."""
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"engine.options.mixed_precision must be one of {', '.join(PRECISIONS)}; "
+                              f"got {self.mixed_precision!r}")
+        if isinstance(self.zero_stage, bool) or not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"engine.options.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}")
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(EngineOptions))
+
+
+def _options(value: Any) -> EngineOptions:
+    """``engine.options`` given as a dict (Python callers, tests) → :class:`EngineOptions`, naming a typo."""
+    if isinstance(value, EngineOptions):
+        return value
+    if value is None:
+        return EngineOptions()
+    if not isinstance(value, dict):
+        raise ConfigError(f"engine.options must be a mapping of engine settings, got {type(value).__name__}")
+    for key in value:
+        if key not in _OPTION_NAMES:
+            near = difflib.get_close_matches(str(key), _OPTION_NAMES, n=1)
+            raise ConfigError(f"engine.options.{key} is not an engine setting"
+                              + (f"; did you mean {near[0]!r}?" if near else f" (valid: {', '.join(_OPTION_NAMES)})"))
+    return EngineOptions(**value)
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """The ``engine:`` section of a job: which engine, and its typed options.
+
+    The options read as attributes too (``cfg.fsdp``, ``cfg.zero_stage``, …).
+    """
+
+    kind: str = field(default="native", metadata={"choices": ENGINES})
+    """native (torch DDP / FSDP2), deepspeed (ZeRO) or accelerate."""
+    options: EngineOptions = field(default_factory=EngineOptions)
+    """The engine's settings (:class:`EngineOptions`); a mapping is accepted from Python."""
+
+    def __post_init__(self) -> None:
+        self.options = _options(self.options)
+        o = self.options
+        if self.kind not in ENGINES:
+            raise ConfigError(f"engine.kind must be one of {', '.join(ENGINES)}; got {self.kind!r}")
+        if o.zero_stage and self.kind != "deepspeed":
+            raise ConfigError(f"engine.options.zero_stage={o.zero_stage} needs engine.kind=deepspeed "
+                              f"(kind is {self.kind!r}; for native sharding set engine.options.fsdp=true)")
+        if o.fsdp and self.kind != "native":
+            raise ConfigError(f"engine.options.fsdp=true needs engine.kind=native (kind is {self.kind!r})")
+        if o.mixed_precision == "fp16" and self.kind == "native":
+            raise ConfigError("engine.options.mixed_precision=fp16 needs a loss scaler: use bf16 with "
+                              "engine.kind=native, or engine.kind=deepspeed/accelerate")
+        if o.cpu_offload and self.kind == "native" and not o.fsdp:
+            raise ConfigError("engine.options.cpu_offload with engine.kind=native needs engine.options.fsdp=true")
+        if o.cpu_offload and self.kind == "deepspeed" and o.zero_stage == 0:
+            raise ConfigError("engine.options.cpu_offload with deepspeed needs engine.options.zero_stage >= 1")
+
+    # the options as attributes: what the engines read
+    fsdp = property(lambda self: self.options.fsdp)
+    zero_stage = property(lambda self: self.options.zero_stage)
+    mixed_precision = property(lambda self: self.options.mixed_precision)
+    cpu_offload = property(lambda self: self.options.cpu_offload)
+    activation_offload = property(lambda self: self.options.activation_offload)
+    reshard_after_forward = property(lambda self: self.options.reshard_after_forward)
+    deepspeed_config = property(lambda self: self.options.deepspeed_config)
+
+    def with_precision(self, precision: str) -> "EngineConfig":
+        """A copy with ``options.mixed_precision`` set (``train.precision=bf16`` on an fp32 engine)."""
+        return EngineConfig(kind=self.kind, options=dataclasses.replace(self.options, mixed_precision=precision))
+
+    def splits_experts(self) -> bool:
+        """Whether this engine keeps split experts (``model.extra.moe_expert_parallel``) out of its own
+        data parallelism and reduces them itself: native DDP and FSDP2, and DeepSpeed ZeRO 1/2 in fp32
+        (DeepSpeed shards the dense part, the engine steps the experts beside it). Otherwise experts stay
+        in the layer's replicated-parameter mode (each rank computes only its experts but holds all)."""
+        if self.kind == "native":
+            return True
+        return self.kind == "deepspeed" and self.zero_stage in (1, 2) and self.mixed_precision == "fp32"
+
+
+def as_engine_config(section: Any) -> EngineConfig:
+    """An :class:`EngineConfig` from itself, a kind name, or a mapping.
+
+    Mappings may nest the options (``{kind, options: {...}}``, the YAML shape) or list them flat
+    (``{kind: "deepspeed", zero_stage: 2}``). Unknown option names are a ConfigError naming them.
+    """
+    if isinstance(section, EngineConfig):
+        return section
+    if isinstance(section, str):
+        return EngineConfig(kind=section)
+    if not isinstance(section, dict):
+        raise ConfigError(f"engine: expected an EngineConfig or a mapping, got {type(section).__name__}")
+    data = dict(section)
+    kind = data.pop("kind", "native")
+    options = dict(data.pop("options", None) or {})
+    options.update(data)
+    return EngineConfig(kind=kind, options=options)
+
+
+class Engine:
+    """What the trainer calls; subclasses fill in the distribution mechanics.
+
+    Attributes:
+        model: the module to call in forward (possibly wrapped: DDP, DeepSpeedEngine, ...).
+        module: the unwrapped model (attribute access, ``output_weight()``, ...).
+        optimizer: the optimizer the LR scheduler drives.
+    """
+
+    kind: str = "base"
+
+    def __init__(self, cfg: EngineConfig, model: nn.Module, module: nn.Module,
+                 optimizer: torch.optim.Optimizer | None, group: Any = None, *, replicas: int | None = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.module = module
+        self.optimizer = optimizer
+        self.group = group
+        if replicas is None:
+            replicas = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        self.replicas = replicas
+        """Ranks gradients are averaged over (``group``, WORLD when None): the trainer's loss scale."""
+
+    # -- forward
+    def autocast(self) -> Any:
+        if self.cfg.mixed_precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device_type=device, dtype=dtype)
+
+    @contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """Autocast (mixed precision) and activation offload around forward + loss."""
+        with ExitStack() as stack:
+            stack.enter_context(self.autocast())
+            if self.cfg.activation_offload:
+                stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
+            yield
+
+    def no_sync(self) -> Any:
+        """Skip gradient reduction for a micro-batch that is not the last of an accumulation."""
+        return nullcontext()
+
+    # -- backward / step
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def sync_gradients(self) -> None:
+        """Complete what the library's reduction left out (split experts); once per step, after the last
+        backward. Collective."""
+
+    def clip_grad_norm(self, max_norm: float | None) -> float:
+        """Clip gradients to ``max_norm`` (None/0: only measure). Returns the global gradient norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def skip_step(self) -> None:
+        """Discard this step's gradients (non-finite loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # -- checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The entries this engine contributes to ``CheckpointManager.save/load``'s state dict."""
+        return {"model": self.model, "optimizer": self.optimizer}
+
+    def close(self) -> None:
+        pass
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
