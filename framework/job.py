@@ -1,6 +1,6 @@
 """The job config: one typed dataclass per component, loaded strictly from YAML (DESIGN.md §2 "Config").
 
-    from longreach.config import load_config
+    from longreach.configio import load_config
     cfg = load_config(JobConfig, "configs/demo.yaml", ["--train.lr=3e-4", "--parallel.cp=2"])
 
 Sections: ``run`` (:class:`RunConfig`), ``model`` (:class:`~longreach.models.ModelConfig`), ``data``

@@ -16,7 +16,7 @@
    rank's summed token loss by the global count of non-ignored tokens, so the sum over ranks of the local
    gradients is exactly the gradient of the global mean loss, whatever the token counts per rank.
 
-**Expert parallelism** (MoE layers with ``model.extra.moe_expert_parallel`` under cp > 1) happens in step 1,
+**Expert parallelism** (MoE layers with ``model.moe.expert_parallel`` under cp > 1) happens in step 1,
 before any wrapper and before the trainer builds its optimizer: ``longreach.mixtures.shard_experts`` over
 the **cp** group keeps only this rank's ``E / cp`` experts (parameters and, later, optimizer state). The
 expert parameters are left out of DDP (``_set_params_and_buffers_to_ignore_for_model``); the ranks that
@@ -394,7 +394,7 @@ def _engine_splits_experts(job_cfg: Any) -> bool:
 
 
 def _expert_parallel_layers(model: nn.Module) -> list[nn.Module]:
-    """MoE layers configured for expert parallelism (``model.extra.moe_expert_parallel``)."""
+    """MoE layers configured for expert parallelism (``model.moe.expert_parallel``)."""
     layers = [m for m in model.modules() if callable(getattr(m, "shard_experts", None))
               and getattr(getattr(m, "cfg", None), "expert_parallel", False)]
     if not layers:
@@ -410,12 +410,12 @@ def _shard_experts(model: nn.Module, mesh: Any, group: dist.ProcessGroup) -> Non
 
     moe = [m for m in model.modules() if isinstance(m, MoEFFN)]
     if not all(m.cfg.expert_parallel for m in moe):
-        raise UserError("model.extra.moe_expert_parallel must be set for every MoE layer or for none")
+        raise UserError("model.moe.expert_parallel must be set for every MoE layer or for none")
     cp = dist.get_world_size(group)
     bad = sorted({m.cfg.num_experts for m in moe if m.cfg.num_experts % cp})
     if bad:
-        raise UserError(f"model.extra.moe_experts={bad[0]} does not divide by parallel.cp={cp}, which "
-                        "model.extra.moe_expert_parallel splits the experts over; use a multiple of parallel.cp")
+        raise UserError(f"model.moe.experts={bad[0]} does not divide by parallel.cp={cp}, which "
+                        "model.moe.expert_parallel splits the experts over; use a multiple of parallel.cp")
     shard_experts(model, group)
     params = [p for p in model.parameters() if _is_expert(p)]  # same order on every rank
     dp_dim = mesh["dp"]

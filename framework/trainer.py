@@ -145,13 +145,10 @@ def check_config(cfg: Any, world_size: int) -> None:
     if par.strategy == "hybrid" and (par.ulysses_degree is None or cp % par.ulysses_degree != 0):
         raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={cp}, "
                         f"got {par.ulysses_degree}")
-    if getattr(getattr(cfg, "model", None), "ffn_type", None) == "moe" and cp > 1:
-        from longreach.mixtures import EXTRA_KEYS
-
-        extra = {**EXTRA_KEYS["moe"], **cfg.model.extra}
-        if extra["moe_expert_parallel"] and int(extra["moe_experts"]) % cp != 0:
-            raise UserError(f"model.extra.moe_experts={extra['moe_experts']} does not divide by parallel.cp={cp}, "
-                            "which model.extra.moe_expert_parallel splits the experts over")
+    moe = getattr(getattr(cfg, "model", None), "moe", None)
+    if moe is not None and moe.expert_parallel and cp > 1 and moe.experts % cp != 0:
+        raise UserError(f"model.moe.experts={moe.experts} does not divide by parallel.cp={cp}, "
+                        "which model.moe.expert_parallel splits the experts over")
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -390,7 +387,7 @@ def prepare_run_dir(cfg: Any, rank: int, lock: RunFolderLock | None = None) -> t
         ``(run_dir, config_hash)``.
     """
     from longreach.checkpoint import config_diff
-    from longreach.config import config_hash, save_resolved, to_dict
+    from longreach.configio import config_hash, save_resolved, to_dict
 
     run_dir = Path(cfg.run.out_dir)
     chash = config_hash(cfg)
@@ -566,7 +563,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
                                     schedule=tr.schedule, lr=tr.lr, min_lr=tr.min_lr)
         state = _TrainerState()
         policy = FaultPolicy(fcfg, group=dp_cp_group(mesh))  # NaN/inf: skip or stop, agreed on all ranks
-        from longreach.config import to_dict
+        from longreach.configio import to_dict
 
         ckpt = CheckpointManager(cfg.checkpoint, run_dir, config_hash=chash, config=to_dict(cfg))
         ckpt_state: dict[str, Any] = {**(engine.checkpoint_state() if engine is not None else

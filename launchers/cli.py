@@ -205,7 +205,7 @@ def train_main(argv: list[str]) -> int:
                         help="print the resolved config as YAML and exit without training")
     args, extra = parser.parse_known_args(argv)
     overrides = split_overrides(extra, "longreach train")
-    from longreach.config import load_config, to_dict
+    from longreach.configio import load_config, to_dict
     from longreach.job import JobConfig
 
     cfg = load_config(JobConfig, args.config, overrides)
@@ -259,7 +259,7 @@ def demo_main(argv: list[str]) -> int:
     overrides = split_overrides(extra, "longreach demo")
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
-    from longreach.config import load_config, resolve_config_path
+    from longreach.configio import load_config, resolve_config_path
     from longreach.job import JobConfig
 
     config = resolve_config_path(args.config)

@@ -160,7 +160,7 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
     """
     import torch.distributed as dist
 
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.engines import as_engine_config
     from longreach.job import JobConfig
 
@@ -286,7 +286,7 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     ``train.checkpoint_offload`` (the fine-tune's names for ``model.sequence_tile`` / ``model.checkpoint_offload``).
     """
     from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.engines import as_engine_config
     from longreach.hf.cli import FinetuneConfig
 

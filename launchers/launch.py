@@ -165,7 +165,7 @@ def main(argv: list[str]) -> int:
 
     overrides: list[str] = []
     if args.command in _CONFIG_COMMANDS:
-        from longreach.config import load_config, resolve_config_path
+        from longreach.configio import load_config, resolve_config_path
 
         overrides = split_overrides(cmd_args[1:], "longreach launch")
         config_path = resolve_config_path(cmd_args[0])

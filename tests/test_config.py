@@ -8,7 +8,7 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from longreach.config import (apply_overrides, config_hash, load_config, resolve_config_path, save_resolved,
+from longreach.configio import (apply_overrides, config_hash, load_config, resolve_config_path, save_resolved,
                               to_dict)
 from longreach.errors import ConfigError, UserError
 

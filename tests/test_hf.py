@@ -254,7 +254,7 @@ def test_recipe_trainable_parameters():
 
 def test_finetune_config_sections(tmp_path):
     """A finetune YAML loads into the trainer's sections; the recipe picks the pattern; bad input is refused."""
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.hf.cli import FinetuneConfig
 
     f = tmp_path / "ft.yaml"

@@ -214,7 +214,7 @@ def test_finetune_with_tiling_and_offload_matches_plain_run(tmp_path: Path) -> N
 
 
 def test_offload_without_checkpointing_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.errors import ConfigError
     from longreach.hf.cli import FinetuneConfig, finetune_main
 

@@ -138,7 +138,7 @@ def _header_commands() -> list[tuple[str, list[str]]]:
     ``  (…)`` / ``  # …`` remarks dropped)."""
     import re
 
-    from longreach.config import _packaged_configs
+    from longreach.configio import _packaged_configs
 
     found = []
     for name, path in sorted(_packaged_configs().items()):
@@ -167,7 +167,7 @@ def _as_dry_run(words: list[str]) -> tuple[str, list[str]]:
 
 
 def test_every_recipe_has_a_header_command():
-    from longreach.config import _packaged_configs
+    from longreach.configio import _packaged_configs
 
     assert {name for name, _ in HEADERS} == set(_packaged_configs())
 

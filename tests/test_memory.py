@@ -15,6 +15,7 @@ import torch
 
 from longreach.bench.memory import COMPONENTS, SavedBytesMeter, fit_line
 from longreach.models import ModelConfig, build_model
+from longreach.models.config import MoEOptions
 from longreach.parallelize import CheckpointOffload, apply_activation_checkpointing, apply_sequence_tiling
 from longreach.testing import run_ranks
 
@@ -48,9 +49,9 @@ def _assert_same(name: str, got: tuple[torch.Tensor, dict], want: tuple[torch.Te
 
 @pytest.mark.parametrize("ffn_type", ["swiglu", "moe"])
 def test_memory_modes_match_plain_model_float64(ffn_type: str) -> None:
-    extra = {"moe_experts": 4, "moe_top_k": 2} if ffn_type == "moe" else {}
+    moe = MoEOptions(experts=4, top_k=2) if ffn_type == "moe" else None
     torch.manual_seed(0)
-    base = build_model(_cfg(ffn_type=ffn_type, extra=extra)).double()
+    base = build_model(_cfg(ffn_type=ffn_type, moe=moe)).double()
     ids, labels = torch.randint(0, 37, (2, 23)), torch.randint(0, 37, (2, 23))  # 23: ragged last tile
     labels[0, 3] = -100
     want = _loss_and_grads(copy.deepcopy(base), ids, labels)

@@ -123,13 +123,13 @@ def test_bad_sequence_length_for_layout():
         check_config(cfg, world_size=4)
     with pytest.raises(UserError, match="parallel.cp=4 does not divide the world size 6"):
         check_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=32)), world_size=6)
-    moe = W.moe_job(extra={"moe_experts": 6, "moe_expert_parallel": True}, **{"train.seq_len": 32, "parallel.cp": 4})
-    with pytest.raises(UserError, match=r"model.extra.moe_experts=6 does not divide by parallel.cp=4"):
+    moe = W.moe_job(moe={"experts": 6, "expert_parallel": True}, **{"train.seq_len": 32, "parallel.cp": 4})
+    with pytest.raises(UserError, match=r"model.moe.experts=6 does not divide by parallel.cp=4"):
         check_config(moe, world_size=4)
 
 
 def test_config_file_errors_name_the_setting(tmp_path):
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.errors import ConfigError
     from longreach.job import JobConfig
 

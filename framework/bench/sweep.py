@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if a.startswith("--sweep.")]
     rest = [a for a in argv if not a.startswith("--sweep.")]
     args = _parser().parse_args(rest)
-    from longreach.config import load_config, to_dict
+    from longreach.configio import load_config, to_dict
 
     try:
         cfg = load_config(SweepFile, args.config, overrides).sweep

@@ -93,7 +93,7 @@ def init_deepspeed_distributed() -> None:
 
 
 def splits_experts(cfg: EngineConfig) -> bool:
-    """Whether split experts (``model.extra.moe_expert_parallel``) stay split under this DeepSpeed config.
+    """Whether split experts (``model.moe.expert_parallel``) stay split under this DeepSpeed config.
 
     ZeRO 1 and 2 in fp32: DeepSpeed shards the dense part and never sees the experts (see
     :class:`DeepSpeedEngine`). Other stages and precisions keep the layer's replicated-parameter mode.

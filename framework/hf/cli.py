@@ -539,7 +539,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="--section.field=value overrides")
     args, extra = p.parse_known_args(argv)
     try:
-        from longreach.config import load_config
+        from longreach.configio import load_config
 
         cfg = load_config(FinetuneConfig, args.config, list(args.overrides) + extra)
         finetune(cfg)

@@ -30,13 +30,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from longreach.models.config import MOE_ROUTINGS
+from longreach.models.rope import apply_rotary
 from longreach.parallel.expert import combine_tokens, dispatch_tokens
 
 from .routing import at_least_f32, RoutingTap, attention_mix, balance_loss, similarity_mix, top_k_gates, z_loss
 
 __all__ = ["MoEConfig", "MoEFFN", "StackedLinear", "SwiGLUExperts", "is_expert_parameter", "expert_parameter_names", "ROUTINGS"]
 
-ROUTINGS = ("token", "attention", "similarity")
+ROUTINGS = MOE_ROUTINGS
 _EXPERT_ATTR = "_longreach_expert_parallel"
 
 
@@ -218,11 +220,15 @@ class MoEFFN(nn.Module):
     def bind_attention(self, attn: nn.Module) -> None:
         """Read the preceding attention layer's q, k (post-RoPE), context and inner attention.
 
+        A decoder block calls it once, when it builds its feed-forward next to its attention; with
+        ``routing="token"`` it does nothing.
         Our attention layers (MoH, SQA, MoA) record them on a :class:`RoutingTap`; any other layer
         with ``q_proj``/``k_proj``, ``n_heads``, ``n_kv_heads``, ``head_dim`` (the Llama ``mha``) gets a
         forward hook that recomputes q, k from its input (with gradient unless ``routing_grad`` is off,
         so routing's gradient reaches q_proj and k_proj as it does through our own layers' taps).
         """
+        if self.cfg.routing == "token":
+            return  # token routing reads nothing of the attention layer
         tap = RoutingTap()
         self.routing_tap = tap
         if hasattr(attn, "routing_tap"):
@@ -237,8 +243,6 @@ class MoEFFN(nn.Module):
             old.remove()
 
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            from longreach.models.rope import apply_rotary
-
             x, cos, sin, ctx = args[:4]
             b, s, _ = x.shape
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.routing_grad):
@@ -261,7 +265,7 @@ class MoEFFN(nn.Module):
             if tap is None or not tap.ready:
                 raise RuntimeError(
                     f"MoE layer {self.layer_idx}: routing='attention' needs the preceding attention layer's q, k; "
-                    "link them with longreach.mixtures.link_attention_routing(model)")
+                    "a block built from a config binds them (MoEFFN.bind_attention(attn) for a hand-built one)")
             q, k = (tap.q, tap.k) if self.cfg.routing_grad else (tap.q.detach(), tap.k.detach())
             mixed = attention_mix(p3, q, k, inner=inner, ctx=ctx)  # [B, S, E]
         else:

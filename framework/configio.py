@@ -39,6 +39,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "parse_override",
+    "read_yaml",
     "resolve_config_path",
     "save_resolved",
     "to_dict",
@@ -107,7 +108,9 @@ def _load_yaml_text(text: str, where: str) -> Any:
         loader.dispose()
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML file's top-level mapping, read strictly (duplicate keys, alias bombs and malformed YAML are
+    ConfigErrors naming the file and line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -229,6 +232,10 @@ def _coerce_inner(value: Any, tp: Any, key: str, src: str) -> Any:
             _fail(value, tp, key, src)
         errors = []
         members = [a for a in args if a is not type(None)]
+        sections = [a for a in members if dataclasses.is_dataclass(a) and isinstance(a, type)]
+        if isinstance(value, dict) and len(sections) == 1:
+            # an optional section (``model.moe``): its own errors name the misspelt key inside it
+            return _coerce_inner(value, sections[0], key, src)
         # exact type matches first so that ``int | str`` keeps 3 an int and "a" a str
         for a in members:
             if isinstance(a, type) and not typing.get_args(a) and type(value) is a:
@@ -587,7 +594,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Iterable[str] 
         src = "defaults"
     else:
         file = resolve_config_path(path)
-        data = _read_yaml(file)
+        data = read_yaml(file)
         src = str(file)
     overrides = list(overrides)
     if overrides:
