@@ -348,7 +348,12 @@ def _suggest_suffix(word: str, options: Iterable[str]) -> str:
     return ""
 
 
-def _unknown_key(src: str, key: str, name: str, valid: list[str]) -> ConfigError:
+def _unknown_key(src: str, key: str, name: str, valid: list[str], cls: type | None = None) -> ConfigError:
+    """The error for a key ``cls`` does not have: a removed key (``cls.__removed_keys__``: name → the setting
+    that replaced it) names its replacement, any other the nearest valid key."""
+    removed = getattr(cls, "__removed_keys__", {}) if cls is not None else {}
+    if name in removed:
+        return ConfigError(f"{src}: config key {key!r} was removed; use {removed[name]}")
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     prefix = key[: -len(name)]
     if close:
@@ -370,7 +375,7 @@ def _build(cls: type[T], data: dict, src: str, prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if not isinstance(name, str) or name not in fields:
-            raise _unknown_key(src, key, str(name), list(fields))
+            raise _unknown_key(src, key, str(name), list(fields), cls)
         f = fields[name]
         kwargs[name] = _coerce(value, hints.get(name, f.type), key, src, _choices(f))
     for name, f in fields.items():
@@ -493,7 +498,7 @@ def _set_override(cls: type, data: dict, key: str, value: Any, raw: str, src: st
         found = _field_type(node_cls, part)
         if found is None:
             valid = [f.name for f in dataclasses.fields(node_cls) if f.init]
-            raise _unknown_key(src, dotted, part, valid)
+            raise _unknown_key(src, dotted, part, valid, node_cls)
         tp, _f = found
         inner = _strip_optional(tp)
         if last:

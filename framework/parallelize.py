@@ -109,8 +109,7 @@ def build_inner_attention(attention: Any, *, seq_len: int, group: dist.ProcessGr
 def _inner_attention(job_cfg: Any, mesh: Any) -> LocalAttention:
     par = job_cfg.parallel
     return build_inner_attention(job_cfg.attention, seq_len=job_cfg.train.seq_len, group=cp_group(mesh),
-                                 strategy=par.strategy, layout=par.layout, ulysses_degree=par.ulysses_degree,
-                                 backend=par.backend)
+                                 strategy=par.strategy, layout=par.layout, ulysses_degree=par.ulysses_degree)
 
 
 def parallelize(model: nn.Module, job_cfg: Any, mesh: Any, *, data_parallel: bool = True) -> nn.Module:

@@ -36,12 +36,12 @@ import torch.distributed as dist
 from torch import nn
 
 from longreach.attention import AttentionContext
-from longreach.errors import UserError
+from longreach.errors import ConfigError, UserError
 from longreach.faults import (CollectiveTimeoutError, CollectiveWatchdog, FaultConfig, FaultPolicy, RunFolderLock,
                               maybe_inject)
 from longreach.loss import global_token_count
 from longreach.metrics import MetricsWriter, Throughput, memory_mb
-from longreach.parallel.layouts import layout_multiple
+from longreach.parallel.config import check_divisible
 from longreach.parallelize import (clip_grad_norm, cp_group, dp_cp_group, expert_optimizer_hooks, expert_shards,
                                    parallelize, reduce_expert_gradients, unwrap)
 
@@ -112,39 +112,27 @@ def build_mesh(parallel_cfg: Any, world_size: int, device: torch.device) -> tupl
         ``(mesh or None (single process), dp_rank, dp_size)``.
 
     Raises:
-        UserError: parallel.dp × parallel.cp does not match the world size.
+        ConfigError: parallel.dp × parallel.cp does not match the world size.
     """
-    cp = parallel_cfg.cp
-    dp = parallel_cfg.dp if parallel_cfg.dp != -1 else world_size // cp
-    if dp < 1 or dp * cp != world_size:
-        raise UserError(f"parallel.dp ({parallel_cfg.dp}) × parallel.cp ({cp}) must equal the world size "
-                        f"({world_size}); set parallel.dp=-1 to use every rank not taken by cp")
+    try:
+        dims = parallel_cfg.dims(world_size)  # the one validator of the degrees
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if world_size == 1 and not dist.is_initialized():
         return None, 0, 1
-    from longreach.parallel.mesh import ParallelDims
-
-    try:
-        dims = ParallelDims(world_size=world_size, dp=dp, cp=cp,
-                            ulysses_degree=parallel_cfg.ulysses_degree if parallel_cfg.strategy == "hybrid" else None)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     mesh = dims.build_mesh(device.type)
-    return mesh, mesh["dp"].get_local_rank(), dp
+    return mesh, mesh["dp"].get_local_rank(), dims.dp
 
 
 def check_config(cfg: Any, world_size: int) -> None:
     """Every check that needs no data: raise one UserError naming the setting, before any work."""
     par, tr = cfg.parallel, cfg.train
     cp = par.cp
-    if world_size % cp != 0:
-        raise UserError(f"parallel.cp={cp} does not divide the world size {world_size}")
-    m = layout_multiple(par.layout, cp)
-    if tr.seq_len % m != 0:
-        raise UserError(f"train.seq_len={tr.seq_len} does not divide by {m}, as parallel.layout={par.layout!r} needs "
-                        f"on parallel.cp={cp} ranks; use a multiple of {m}")
-    if par.strategy == "hybrid" and (par.ulysses_degree is None or cp % par.ulysses_degree != 0):
-        raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={cp}, "
-                        f"got {par.ulysses_degree}")
+    try:
+        par.dims(world_size)
+        check_divisible(tr.seq_len, layout=par.layout, cp=cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     moe = getattr(getattr(cfg, "model", None), "moe", None)
     if moe is not None and moe.expert_parallel and cp > 1 and moe.experts % cp != 0:
         raise UserError(f"model.moe.experts={moe.experts} does not divide by parallel.cp={cp}, "
@@ -547,8 +535,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
             from longreach.engines import as_engine_config, build_engine
 
             ecfg = as_engine_config(cfg.engine)
-            if tr.precision == "bf16" and ecfg.mixed_precision == "fp32":
-                ecfg.mixed_precision = "bf16"
+            ecfg = dataclasses.replace(ecfg, mixed_precision=tr.precision)  # train.precision is the one knob
             engine = build_engine(ecfg, model, make_optimizer, group=dp_cp_group(mesh), mesh=mesh,
                                   grad_accum=tr.grad_accum, micro_batch_size=tr.micro_batch_size,
                                   grad_clip=tr.grad_clip or None)

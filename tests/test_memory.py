@@ -173,7 +173,7 @@ def cp_modes_worker(rank: int, world_size: int) -> list[str]:
         tag = f"{strategy} {name}" + (" FSDP2" if engine_cfg else "")
         cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7,
                           "parallel.cp": world_size, "parallel.strategy": strategy, "parallel.ulysses_degree": u,
-                          "parallel.backend": "reference", "train.activation_checkpointing": ckpt,
+                          "train.activation_checkpointing": ckpt,
                           "model.sequence_tile": tile, "model.checkpoint_offload": offload})
         assert isinstance(cfg.model, MC)
         engine = None

@@ -232,7 +232,7 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
 
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
-              "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
+              "parallel.layout": "zigzag", "attention.backend": "cpu"}
     split_over, resume_over = ENGINE_RUNS[engine]
     failures: list[str] = []
 

@@ -126,7 +126,7 @@ def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -
             cfg = tiny_job(**{"train.seq_len": 24, "train.grad_accum": accum, "attention.backend": "reference",
                               "parallel.dp": dp, "parallel.cp": cp,
                               "parallel.strategy": case.get("strategy", "ring"),
-                              "parallel.layout": case.get("layout", "zigzag"), "parallel.backend": "reference",
+                              "parallel.layout": case.get("layout", "zigzag"),
                               "train.loss_chunk_size": 7,
                               "train.activation_checkpointing": case.get("activation_checkpointing", False),
                               **(_MOE_GRAD_MODEL if case.get("moe") else {})})
@@ -311,7 +311,7 @@ def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tupl
 
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
-              "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
+              "parallel.layout": "zigzag", "attention.backend": "cpu"}
     failures, summaries, cfg, split = _split_vs_replicated(rank, out_dir, common)
     # final weights: the split experts gathered from the checkpoint equal the replicated ones
     if rank == 0:
@@ -364,6 +364,6 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
                         f"want the ranks with the same cp coordinate {[rank % 2, rank % 2 + 2]}")
     common = {"run.steps": 3, "train.seq_len": 32, "train.micro_batch_size": 2, "train.lr": 1e-2,
               "train.warmup_steps": 1, "parallel.dp": 2, "parallel.cp": 2, "parallel.layout": "zigzag",
-              "attention.backend": "cpu", "parallel.backend": "cpu"}
+              "attention.backend": "cpu"}
     more, summaries, _, _ = _split_vs_replicated(rank, out_dir, common, dp_rank=dp_rank, dp_size=2)
     return failures + more, summaries

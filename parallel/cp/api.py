@@ -13,11 +13,10 @@ from longreach.kernels import masks as M
 from longreach.kernels.api import resolve_backend
 
 from ..comm import group_ranks
+from ..config import STRATEGIES
 from ..layouts import LAYOUTS, DocumentZigzag, group_rank_size, layout_multiple, positions_for
 from .allgather import AllGatherEngine, AllGatherPlan
 from .hybrid import HybridEngine, HybridPlan
-
-STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
 
 __all__ = ["STRATEGIES", "cp_attention", "layout_positions", "register_ulysses_group"]
 
