@@ -470,7 +470,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         cfg: the job config. With ``build_model``, any config with the trainer's sections (``run``,
             ``train``, ``parallel``, ``attention``, ``checkpoint``, ``engine``; ``model`` and ``faults``
             optional — without ``faults``, :class:`~longreach.faults.FaultConfig`'s defaults), such as
-            ``longreach.hf.cli.FinetuneConfig``.
+            ``longreach.hf.config.FinetuneConfig``.
         data: optional data loader to use instead of the configured pipeline (tests): an iterator of
             :class:`Batch`-like dicts for this dp rank, optionally with ``state_dict``/``load_state_dict``
             (then it is checkpointed per rank and a resumed run continues where it stopped).

@@ -287,7 +287,7 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
     from longreach.configio import load_config
     from longreach.engines import as_engine_config
-    from longreach.hf.cli import FinetuneConfig
+    from longreach.hf.config import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, config, overrides)
     engine = as_engine_config(cfg.engine)

@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
                                 "parallel.cp, or set model.sequence_tile / model.checkpoint_offload / engine.cpu_offload")
             return 0
         if args.command == "finetune":
-            from longreach.hf.cli import FinetuneConfig as config_cls
+            from longreach.hf.config import FinetuneConfig as config_cls
         else:
             from longreach.job import JobConfig as config_cls
         # strict load now: a typo fails here, before any process starts
