@@ -364,15 +364,15 @@ def test_finetune_activation_checkpointing_matches(tmp_path):
 def _bf16_finetune(tmp_path, monkeypatch, name: str, **hf_kw) -> tuple[dict, dict]:
     """Fine-tune the bf16 tiny Llama in ``tmp_path/base`` for 2 steps at lr 2e-5 on one rank; returns the
     trained HF parameters (as float32) and the trainer summary."""
-    import longreach.hf.model as hf_model
+    import longreach.hf.train as hf_train
     from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
-    from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
+    from longreach.hf.train import finetune
     from longreach.parallel.config import ParallelConfig
 
     built = []
-    real = hf_model.build_hf_model
-    monkeypatch.setattr(hf_model, "build_hf_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    real = hf_train.build_hf_model
+    monkeypatch.setattr(hf_train, "build_hf_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     cfg = FinetuneConfig(hf=HFSource(path=str(tmp_path / "base"), dtype="bfloat16", **hf_kw),
                          recipe=RecipeConfig(target_len=64), attention=FTAttention(backend="cpu"),
                          parallel=ParallelConfig(cp=1),

@@ -30,6 +30,7 @@ from longreach.attention import AttentionContext
 from longreach.hf.load import default_dtype, load_hf
 from longreach.hf.patch import AttentionPatch, HFAttention, base_model, prime_dynamic_rope
 from longreach.hf.recipes import apply_recipe
+from longreach.loss import chunked_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ class HFCausalLM(nn.Module):
             ``[B, S_local, hidden]`` without labels; else ``(loss_sum, n_tokens)``: this rank's summed
             token loss (float32 scalar) and its count of labelled tokens.
         """
-        from longreach.loss import chunked_cross_entropy
-
         if ctx is not None and self.attention.config.parallel and ctx.positions is not None:
             prime_dynamic_rope(self.model, int(ctx.seq_len), ctx.positions)
         kwargs = {} if ctx is None else {"longreach_ctx": ctx}

@@ -21,6 +21,8 @@ import torch
 from longreach.configio import from_dict, read_yaml, to_dict
 from longreach.errors import ConfigError, UserError
 from longreach.models.config import ModelConfig
+from longreach.models import build_model
+from longreach.sources import load_tokenizer, read_state_dict, resolve_source
 
 from .bam import upcycle_state_dicts
 
@@ -96,8 +98,6 @@ def _seed_info(seed: Path) -> tuple[ModelConfig | None, str]:
     if _is_state_file(seed):
         cfg_path = _seed_config(seed)
         return (load_model_config(cfg_path) if cfg_path is not None else None), str(_state_file(seed))
-    from longreach.sources import resolve_source
-
     src = resolve_source(seed)
     return src.model_config(), str(src.path)
 
@@ -105,8 +105,6 @@ def _seed_info(seed: Path) -> tuple[ModelConfig | None, str]:
 def _load_seed(seed: Path) -> dict[str, torch.Tensor]:
     if _is_state_file(seed):
         return load_state(_state_file(seed))
-    from longreach.sources import read_state_dict, resolve_source
-
     return {k.removeprefix("module."): v for k, v in read_state_dict(resolve_source(seed)).items()}
 
 
@@ -133,8 +131,6 @@ def upcycle(seeds: list[Path], out_dir: Path, *, model_config: Path | None = Non
     states = [_load_seed(Path(p)) for p in seeds]
     cfg, state = upcycle_state_dicts(states, dense, share_kv=share_kv, top_k=top_k, capacity_factor=capacity_factor,
                                      names=[str(f) for f in files], seed=seed)
-    from longreach.models import build_model
-
     model = build_model(cfg)  # the mixture must load into our model exactly
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -152,8 +148,6 @@ def _copy_tokenizer(seed: Path, out_dir: Path) -> None:
 
     if _is_state_file(seed):
         return
-    from longreach.sources import load_tokenizer, resolve_source
-
     tok = load_tokenizer(resolve_source(seed))
     if tok is not None and hasattr(tok, "sp"):
         shutil.copyfile(tok.path, out_dir / "tokenizer.model")
