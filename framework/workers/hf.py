@@ -157,7 +157,7 @@ def bf16_engines(rank: int, world_size: int, checkpoint: str, tokens_path: str, 
                  engines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Fine-tune the bf16 ``checkpoint`` for 2 steps at lr 2e-5 (dp over all ranks) under each engine;
     returns per engine the trained HF parameters (float32 numpy, full on every rank) or the error text."""
-    import longreach.hf.model as hf_model
+    import longreach.hf.train as hf_train
     from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
     from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
@@ -165,8 +165,8 @@ def bf16_engines(rank: int, world_size: int, checkpoint: str, tokens_path: str, 
     from longreach.parallel.config import ParallelConfig
 
     built: list[Any] = []
-    real = hf_model.build_hf_model
-    hf_model.build_hf_model = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    real = hf_train.build_hf_model
+    hf_train.build_hf_model = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
     out: dict[str, Any] = {}
     try:
         for name, engine in engines.items():
@@ -181,7 +181,7 @@ def bf16_engines(rank: int, world_size: int, checkpoint: str, tokens_path: str, 
             except Exception as exc:  # noqa: BLE001 - reported per engine in the test
                 out[name] = f"{type(exc).__name__}: {exc}"
     finally:
-        hf_model.build_hf_model = real
+        hf_train.build_hf_model = real
     return out
 
 
