@@ -1,10 +1,13 @@
 """MoH (mixture-of-head attention) and SQA (sparse query attention) against dense attention."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from longreach.attention import AttentionContext
+from longreach.errors import ConfigError
 from longreach.mixtures import convert_to_moh, moh_config
 from longreach.mixtures.moh import MoHAttention, MoHConfig, moh_from_dense
 from longreach.mixtures.routing import balance_loss
@@ -123,6 +126,8 @@ def test_moh_registered_in_model_and_convert_keeps_weights():
     torch.testing.assert_close(dense(ids), y0, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="moh.top_k"):
         MoHConfig(dim=8, n_heads=4, n_kv_heads=1, head_dim=2, n_shared=2, top_k=3)
+    with pytest.raises(ConfigError, match=r"moh.top_k must be in 1..2"):  # a config error, not a traceback
+        build_model(dataclasses.replace(cfg, moh=MoHOptions(shared=2, top_k=3)))
 
 
 def test_sqa_full_heads_equals_mha_and_fewer_heads_shapes():

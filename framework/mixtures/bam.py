@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
-from longreach.errors import UserError
+from longreach.errors import ConfigError, UserError
 from longreach.models.config import MoAOptions, MoEOptions, ModelConfig
 from longreach.models.rope import apply_rotary
 
@@ -48,9 +48,9 @@ class MoAConfig:
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
-            raise ValueError(f"moa.experts must be >= 1, got {self.n_experts}")
+            raise ConfigError(f"moa.experts must be >= 1, got {self.n_experts}")
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"moa: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+            raise ConfigError(f"moa: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
 
 class MoAttention(nn.Module):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from longreach.errors import ConfigError
 from longreach.models.config import MOE_ROUTINGS
 from longreach.models.rope import apply_rotary
 from longreach.parallel.expert import combine_tokens, dispatch_tokens
@@ -78,21 +79,21 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.hidden < 1:
-            raise ValueError(f"moe.dim and moe.hidden must be >= 1, got {self.dim}, {self.hidden}")
+            raise ConfigError(f"moe.dim and moe.hidden must be >= 1, got {self.dim}, {self.hidden}")
         if self.num_experts < 1:
-            raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
+            raise ConfigError(f"moe.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe.top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
+            raise ConfigError(f"moe.top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
+            raise ConfigError(f"moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
         if self.routing not in ROUTINGS:
-            raise ValueError(f"moe.routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}")
+            raise ConfigError(f"moe.routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}")
         if self.similarity_tau <= 0:
-            raise ValueError(f"moe.similarity_tau must be > 0, got {self.similarity_tau}")
+            raise ConfigError(f"moe.similarity_tau must be > 0, got {self.similarity_tau}")
         if self.similarity_heads < 1 or (self.routing == "similarity" and self.dim % self.similarity_heads):
-            raise ValueError(f"moe.similarity_heads={self.similarity_heads} must be >= 1 and divide dim={self.dim}")
+            raise ConfigError(f"moe.similarity_heads={self.similarity_heads} must be >= 1 and divide dim={self.dim}")
         if self.balance_coef < 0 or self.z_coef < 0 or self.router_init_std < 0 or self.init_std < 0:
-            raise ValueError("moe.balance_coef, z_coef, router_init_std and init_std must be >= 0")
+            raise ConfigError("moe.balance_coef, z_coef, router_init_std and init_std must be >= 0")
 
 
 def is_expert_parameter(p: torch.Tensor) -> bool:

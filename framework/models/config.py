@@ -56,6 +56,12 @@ class MoEOptions:
             raise ConfigError(f"model.moe.top_k must be in 1..model.moe.experts={self.experts}, got {self.top_k}")
         if self.routing not in MOE_ROUTINGS:
             raise ConfigError(f"model.moe.routing must be one of {', '.join(MOE_ROUTINGS)}; got {self.routing!r}")
+        _at_least(self, "moe", hidden=1, similarity_heads=1)
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
+        if self.tau <= 0 or self.balance_coef < 0 or self.z_coef < 0:
+            raise ConfigError("model.moe.tau must be > 0 and model.moe.balance_coef, z_coef >= 0; got "
+                              f"{self.tau}, {self.balance_coef}, {self.z_coef}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -73,6 +79,9 @@ class MoHOptions:
     execution: str = field(default="routed", metadata={"choices": MOH_EXECUTIONS})
     """routed (compute only the routed (token, head) pairs) or masked (every head, unrouted ones zeroed)."""
 
+    def __post_init__(self) -> None:
+        _at_least(self, "moh", shared=0, top_k=0, balance_coef=0)
+
 
 @dataclass(kw_only=True, slots=True)
 class SQAOptions:
@@ -83,6 +92,9 @@ class SQAOptions:
     kv_heads: int | None = None
     """Key/value heads; None = min(``model.n_kv_heads``, q_heads)."""
 
+    def __post_init__(self) -> None:
+        _at_least(self, "sqa", q_heads=1, kv_heads=1)
+
 
 @dataclass(kw_only=True, slots=True)
 class MoAOptions:
@@ -92,6 +104,17 @@ class MoAOptions:
     """Attention experts (the number of upcycled seeds)."""
     share_kv: bool = False
     """One K/V projection shared by every expert."""
+
+    def __post_init__(self) -> None:
+        _at_least(self, "moa", experts=1)
+
+
+def _at_least(options: Any, section: str, **bounds: int) -> None:
+    """``model.<section>.<name> >= bound`` for each given option that is set (None: derived later)."""
+    for name, bound in bounds.items():
+        value = getattr(options, name)
+        if value is not None and value < bound:
+            raise ConfigError(f"model.{section}.{name} must be >= {bound}, got {value}")
 
 
 #: mixture sub-section → (its options class, the model setting that selects it, the value that does)
