@@ -273,6 +273,10 @@ def test_finetune_config_sections(tmp_path):
         load_config(FinetuneConfig, f, ["--train.seq_len=32"])
     with pytest.raises(ConfigError, match="divide by 4"):
         load_config(FinetuneConfig, f, ["--recipe.target_len=66"])
+    with pytest.raises(ConfigError, match="attention.window must be >= 1"):  # checked once auto is resolved
+        load_config(FinetuneConfig, f, ["--attention.window=0"])
+    with pytest.raises(ConfigError, match="engine.options.mixed_precision was removed; use train.precision"):
+        load_config(FinetuneConfig, f, ["--engine.kind=deepspeed", "--engine.options={mixed_precision: bf16}"])
 
 
 def test_load_hf_errors(tmp_path):

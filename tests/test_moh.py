@@ -165,7 +165,6 @@ def test_moh_routed_execution_equals_masked_forward_backward(backend, heads):
     """Routed-only execution (shared heads one call, routed heads on gathered queries) equals computing
     every head and masking: output, input gradient and every parameter gradient (router included)."""
     import copy
-    import dataclasses
 
     from longreach.attention import LocalAttention
 
