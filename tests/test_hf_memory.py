@@ -46,7 +46,7 @@ def _job(base: str, *, cp: int, tile: int = 0, ckpt: bool = False, offload: bool
     return FinetuneConfig(
         hf=HFSource(path=base, dtype="float64"), recipe=RecipeConfig(target_len=TARGET, lora_targets=LORA_TARGETS),
         attention=FTAttention(backend="reference"),
-        parallel=ParallelConfig(cp=cp, strategy="ring", layout="zigzag", backend="reference"),
+        parallel=ParallelConfig(cp=cp, strategy="ring", layout="zigzag"),
         train=FTTrain(lr=5e-3, warmup_steps=1, loss_chunk_size=7, sequence_tile=tile, activation_checkpointing=ckpt,
                       checkpoint_offload=offload), **kw)
 
