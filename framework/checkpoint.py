@@ -75,7 +75,7 @@ _DAMAGED = ".damaged"
 # engine wrapper do not change the model or the data order.
 _RESHARDABLE = ("parallel", "checkpoint", "engine", "faults", "run.steps", "run.log_every",
                 "run.save_every", "run.overwrite", "run.out_dir", "run.name", "data.cache_dir",
-                "attention.backend", "parallel.backend")
+                "attention.backend")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,8 +5,10 @@ class UserError(Exception):
     """A mistake in the user's input (config, data path, command line). The CLI prints it as one line."""
 
 
-class ConfigError(UserError):
-    """A config file or override that does not fit the typed config."""
+class ConfigError(UserError, ValueError):
+    """A config file, override or config value that does not fit the typed config: the one error every
+    config class and the loader raise (the CLI exits with status 2). A ``ValueError`` too, so code that
+    builds a config directly may catch either."""
 
 
 class JobError(Exception):

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from longreach.errors import UserError
+from longreach.parallel.config import LAYOUTS, STRATEGIES
 
 __all__ = ["main"]
 
@@ -38,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--decode", default="auto", choices=("auto", "full", "recurrent"),
                    help="full recomputation, recurrent state (TransNormerLLM), or auto")
-    p.add_argument("--strategy", default="none", choices=("none", "ring", "ulysses", "hybrid", "allgather"),
+    p.add_argument("--strategy", default="none", choices=("none", *STRATEGIES),
                    help="context parallelism over all launched ranks")
-    p.add_argument("--layout", default="zigzag", choices=("contiguous", "zigzag", "stripe"))
+    p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
     p.add_argument("--ulysses-degree", type=int, default=None)
     p.add_argument("--backend", default="auto", help="local attention backend (HF models)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "float64"))

@@ -1,6 +1,6 @@
 """The job config: one typed dataclass per component, loaded strictly from YAML (DESIGN.md §2 "Config").
 
-    from longreach.config import load_config
+    from longreach.configio import load_config
     cfg = load_config(JobConfig, "configs/demo.yaml", ["--train.lr=3e-4", "--parallel.cp=2"])
 
 Sections: ``run`` (:class:`RunConfig`), ``model`` (:class:`~longreach.models.ModelConfig`), ``data``
@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from longreach.attention import AttentionConfig
 from longreach.checkpoint import CheckpointConfig
 from longreach.data.config import DataConfig
-from longreach.engines.base import EngineConfig
+from longreach.engines.base import PRECISIONS, EngineConfig
 from longreach.faults import FaultConfig
 from longreach.models.config import ModelConfig
-from longreach.parallel.config import ParallelConfig
-from longreach.parallel.layouts import layout_multiple
+from longreach.errors import ConfigError
+from longreach.parallel.config import ParallelConfig, check_divisible
 
 SCHEDULES = ("cosine", "constant", "linear")
-PRECISIONS = ("fp32", "bf16")
 
 __all__ = ["AttentionConfig", "CheckpointConfig", "DataConfig", "EngineConfig", "FaultConfig", "JobConfig",
            "ModelConfig", "ParallelConfig", "RunConfig", "TrainConfig"]
@@ -49,18 +48,18 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
-            raise ValueError(f"run.name must be a non-empty name without '/', got {self.name!r}")
+            raise ConfigError(f"run.name must be a non-empty name without '/', got {self.name!r}")
         if self.out_dir is None:
             self.out_dir = f"runs/{self.name}"
         for name in ("steps", "save_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"run.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"run.{name} must be >= 0, got {getattr(self, name)}")
         if isinstance(self.overwrite, str) and self.overwrite not in ("delete", "move"):
-            raise ValueError(f"run.overwrite must be true/false (move aside), or delete; got {self.overwrite!r}")
+            raise ConfigError(f"run.overwrite must be true/false (move aside), or delete; got {self.overwrite!r}")
         if self.overwrite == "move":
             self.overwrite = True
         if self.log_every < 1:
-            raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
+            raise ConfigError(f"run.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -86,7 +85,8 @@ class TrainConfig:
     seq_len: int = 2048
     """Global sequence length (each context-parallel rank holds seq_len / cp tokens)."""
     precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
-    """fp32, or bf16 autocast (parameters, gradients and optimizer state stay float32)."""
+    """fp32, or bf16/fp16 mixed precision (parameters, gradients and optimizer state stay float32; fp16 needs
+    a loss scaler: engine.kind deepspeed or accelerate). The one precision setting: the engine follows it."""
     activation_checkpointing: bool = False
     """Recompute each decoder block in backward instead of keeping its activations."""
     loss_chunk_size: int = 1024
@@ -96,22 +96,22 @@ class TrainConfig:
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         if self.lr > 1e30:  # AdamW's step size lr / (1 - beta1**t) must stay a float32 (it overflows near 1e37)
-            raise ValueError(f"train.lr={self.lr:g} is not a usable learning rate (at most 1e30)")
+            raise ConfigError(f"train.lr={self.lr:g} is not a usable learning rate (at most 1e30)")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr; got {self.lr}, {self.min_lr}")
+            raise ConfigError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr; got {self.lr}, {self.min_lr}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+            raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         for name in ("grad_accum", "micro_batch_size", "seq_len", "loss_chunk_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -136,9 +136,15 @@ class JobConfig:
     """Non-finite loss policy (skip/stop), collective timeout (also the process group's), watchdog."""
 
     def __post_init__(self) -> None:
-        m = layout_multiple(self.parallel.layout, self.parallel.cp)
-        if self.train.seq_len % m != 0:
-            raise ValueError(
-                f"train.seq_len={self.train.seq_len} does not divide by {m}, as parallel.layout="
-                f"{self.parallel.layout!r} needs on parallel.cp={self.parallel.cp} ranks; use a multiple of {m}"
-            )
+        check_job_sections(self.train, self.parallel, self.engine)
+
+
+def check_job_sections(train: TrainConfig, parallel: ParallelConfig, engine: EngineConfig) -> None:
+    """Checks across the train, parallel and engine sections (a job's and a fine-tuning job's alike)."""
+    try:
+        check_divisible(train.seq_len, layout=parallel.layout, cp=parallel.cp)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if train.precision == "fp16" and engine.kind == "native":
+        raise ConfigError("train.precision=fp16 needs a loss scaler: use bf16 with engine.kind=native, or "
+                          "engine.kind=deepspeed/accelerate")

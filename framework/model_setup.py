@@ -4,7 +4,7 @@
 because every later step copies or hides the module tree the earlier ones changed:
 
 1. :func:`~longreach.mixtures.expert_parallel.apply_expert_parallel` — MoE layers with
-   ``model.extra.moe_expert_parallel`` under cp > 1 keep only this rank's ``E / cp`` experts, when the
+   ``model.moe.expert_parallel`` under cp > 1 keep only this rank's ``E / cp`` experts, when the
    configured engine reduces split experts itself (:meth:`~longreach.engines.EngineConfig.splits_experts`);
    before the optimizer exists, so it only ever holds this rank's experts.
 2. :func:`apply_attention_seam` — every module with an ``inner_attention`` gets the configured inner
@@ -87,7 +87,7 @@ def apply_attention_seam(model: nn.Module, job_cfg: Any, mesh: Any, *, skip: Seq
     par = job_cfg.parallel
     inner = build_inner_attention(job_cfg.attention, seq_len=job_cfg.train.seq_len,
                                   group=ParallelDims.cp_groups(mesh), strategy=par.strategy, layout=par.layout,
-                                  ulysses_degree=par.ulysses_degree, backend=par.backend)
+                                  ulysses_degree=par.ulysses_degree)
     swapped = hooked = 0
     for module in model.modules():
         hook = getattr(module, "parallelize_context", None)
@@ -120,6 +120,8 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any) -> nn.Module:
     """
     group = cp_group(mesh)
     engine = as_engine_config(getattr(job_cfg, "engine", None) or "native")
+    train = getattr(job_cfg, "train", None)
+    engine = engine.with_precision(getattr(train, "precision", None) or "fp32")  # the engine computes in it
     split = group is not None and engine.splits_experts() and bool(expert_parallel_layers(model))
     ep_layers = apply_expert_parallel(model, mesh, group) if split else []  # 1
     apply_attention_seam(model, job_cfg, mesh, skip=ep_layers)  # 2

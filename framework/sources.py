@@ -77,7 +77,7 @@ class ModelSource:
 
     def model_config(self) -> Any:
         """The :class:`~longreach.models.ModelConfig` of the source (an HF Llama folder is converted)."""
-        from longreach.config import from_dict
+        from longreach.configio import from_dict
         from longreach.models.config import ModelConfig
 
         if self.is_hf:
@@ -298,7 +298,7 @@ def load_tokenizer(src: ModelSource) -> Any:
     data = (src.config or {}).get("data")
     if not isinstance(data, dict):
         return None
-    from longreach.config import from_dict
+    from longreach.configio import from_dict
     from longreach.data.config import DataConfig
     from longreach.data.tokenizer import load_or_train_tokenizer
 
@@ -310,7 +310,7 @@ def write_export_config(out: Path, cfg: Any, *, source: ModelSource | None = Non
     """``config.yaml`` of an export: the ``model:`` section, plus where it came from."""
     import yaml
 
-    from longreach.config import to_dict
+    from longreach.configio import to_dict
 
     meta: dict[str, Any] = dict(extra or {})
     if source is not None:

@@ -39,23 +39,21 @@ from torch import nn
 from longreach import data as D
 from longreach.attention import AttentionContext
 from longreach.checkpoint import CheckpointManager, config_diff
-from longreach.config import config_hash, save_resolved, to_dict
+from longreach.configio import config_hash, save_resolved, to_dict
 from longreach.data.cp_batch import shard_batch
 from longreach.engines import as_engine_config, build_engine
 from longreach.engines.native import DDPEngine
-from longreach.errors import UserError
+from longreach.errors import ConfigError, UserError
 from longreach.faults import (CollectiveTimeoutError, CollectiveWatchdog, FaultConfig, FaultPolicy, RunFolderLock,
                               init_distributed, maybe_inject)
 from longreach.loss import global_token_count
 from longreach.metrics import MetricsWriter, Throughput, memory_mb
-from longreach.mixtures import EXTRA_KEYS
 from longreach.mixtures.expert_parallel import expert_shards
 from longreach.model_setup import cp_group, dp_cp_group, parallelize
 from longreach.models import build_model as build_registered
 from longreach.optim import build_optimizer, build_scheduler
 from longreach.parallel.comm import all_reduce
-from longreach.parallel.layouts import layout_multiple
-from longreach.parallel.mesh import ParallelDims
+from longreach.parallel.config import check_divisible
 from longreach.sources import init_weights
 
 log = logging.getLogger("longreach.trainer")
@@ -124,13 +122,12 @@ def build_mesh(parallel_cfg: Any, world_size: int, device: torch.device) -> tupl
         ``(mesh or None (single process), dp_rank, dp_size)``.
 
     Raises:
-        UserError: parallel.dp × parallel.cp does not match the world size (or a bad Ulysses degree).
+        ConfigError: parallel.dp × parallel.cp does not match the world size.
     """
     try:
-        dims = ParallelDims(world_size=world_size, dp=parallel_cfg.dp, cp=parallel_cfg.cp,
-                            ulysses_degree=parallel_cfg.ulysses_degree if parallel_cfg.strategy == "hybrid" else None)
+        dims = parallel_cfg.dims(world_size)  # the one validator of the degrees
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise ConfigError(str(e)) from None
     if world_size == 1 and not dist.is_initialized():
         return None, 0, 1
     mesh = dims.build_mesh(device.type)
@@ -141,20 +138,15 @@ def check_config(cfg: Any, world_size: int) -> None:
     """Every check that needs no data: raise one UserError naming the setting, before any work."""
     par, tr = cfg.parallel, cfg.train
     cp = par.cp
-    if world_size % cp != 0:
-        raise UserError(f"parallel.cp={cp} does not divide the world size {world_size}")
-    m = layout_multiple(par.layout, cp)
-    if tr.seq_len % m != 0:
-        raise UserError(f"train.seq_len={tr.seq_len} does not divide by {m}, as parallel.layout={par.layout!r} needs "
-                        f"on parallel.cp={cp} ranks; use a multiple of {m}")
-    if par.strategy == "hybrid" and (par.ulysses_degree is None or cp % par.ulysses_degree != 0):
-        raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={cp}, "
-                        f"got {par.ulysses_degree}")
-    if getattr(getattr(cfg, "model", None), "ffn_type", None) == "moe" and cp > 1:
-        extra = {**EXTRA_KEYS["moe"], **cfg.model.extra}
-        if extra["moe_expert_parallel"] and int(extra["moe_experts"]) % cp != 0:
-            raise UserError(f"model.extra.moe_experts={extra['moe_experts']} does not divide by parallel.cp={cp}, "
-                            "which model.extra.moe_expert_parallel splits the experts over")
+    try:
+        par.dims(world_size)
+        check_divisible(tr.seq_len, layout=par.layout, cp=cp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    moe = getattr(getattr(cfg, "model", None), "moe", None)
+    if moe is not None and moe.expert_parallel and cp > 1 and moe.experts % cp != 0:
+        raise UserError(f"model.moe.experts={moe.experts} does not divide by parallel.cp={cp}, "
+                        "which model.moe.expert_parallel splits the experts over")
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -466,7 +458,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         cfg: the job config. With ``build_model``, any config with the trainer's sections (``run``,
             ``train``, ``parallel``, ``attention``, ``checkpoint``, ``engine``; ``model`` and ``faults``
             optional — without ``faults``, :class:`~longreach.faults.FaultConfig`'s defaults), such as
-            ``longreach.hf.cli.FinetuneConfig``.
+            ``longreach.hf.config.FinetuneConfig``.
         data: optional data loader to use instead of the configured pipeline (tests): an iterator of
             :class:`Batch`-like dicts for this dp rank, optionally with ``state_dict``/``load_state_dict``
             (then it is checkpointed per rank and a resumed run continues where it stopped).
@@ -519,9 +511,7 @@ def train(cfg: Any, *, data: Any = None, build_model: ModelBuilder | None = None
         def make_optimizer(params: Any) -> torch.optim.Optimizer:
             return build_optimizer(params, lr=tr.lr, weight_decay=tr.weight_decay, betas=tr.betas)
 
-        ecfg = as_engine_config(cfg.engine)
-        if tr.precision == "bf16" and ecfg.mixed_precision == "fp32":
-            ecfg = ecfg.with_precision("bf16")
+        ecfg = as_engine_config(cfg.engine).with_precision(tr.precision)  # train.precision is the one knob
         engine = build_engine(ecfg, model, make_optimizer, group=dp_cp_group(mesh), mesh=mesh,
                               grad_accum=tr.grad_accum, micro_batch_size=tr.micro_batch_size,
                               grad_clip=tr.grad_clip or None)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from longreach import __version__
+from longreach.configio import load_config, resolve_config_path, to_dict
 from longreach.errors import JobError, UserError
 
 # command -> ("module:function", one-line help). "bench" has its own sub-commands.
@@ -85,8 +87,6 @@ def _dispatch(argv: list[str]) -> int:
         sys.stdout.write(_top_help())
         return 0 if argv else _EXIT_USER
     if argv[0] == "--version":
-        from longreach import __version__
-
         print(f"longreach {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
@@ -205,7 +205,6 @@ def train_main(argv: list[str]) -> int:
                         help="print the resolved config as YAML and exit without training")
     args, extra = parser.parse_known_args(argv)
     overrides = split_overrides(extra, "longreach train")
-    from longreach.config import load_config, to_dict
     from longreach.job import JobConfig
 
     cfg = load_config(JobConfig, args.config, overrides)
@@ -259,7 +258,6 @@ def demo_main(argv: list[str]) -> int:
     overrides = split_overrides(extra, "longreach demo")
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
-    from longreach.config import load_config, resolve_config_path
     from longreach.job import JobConfig
 
     config = resolve_config_path(args.config)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from longreach.errors import UserError
+from longreach.errors import ConfigError, UserError
 
 __all__ = ["DryRunReport", "validate_config", "estimate_memory", "model_shape"]
 
@@ -102,7 +102,7 @@ def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any,
     from longreach.bench.hardware import get_profile
 
     m, tr, par = cfg.model, cfg.train, cfg.parallel
-    dtype_bytes = 2 if (tr.precision == "bf16" or engine.mixed_precision in ("bf16", "fp16")) else 4
+    dtype_bytes = 2 if (tr.precision in ("bf16", "fp16")) else 4
     zero = engine.zero_stage if engine.kind == "deepspeed" else (3 if engine.fsdp else 0)
     shards = n_shards if zero else 1
     if engine.fsdp and params_per_rank:
@@ -137,7 +137,7 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
     """
     import torch.distributed as dist
 
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.engines import as_engine_config
     from longreach.job import JobConfig
 
@@ -154,22 +154,13 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
     cfg = load_config(JobConfig, config, list(overrides))
     engine = as_engine_config(cfg.engine)
     par = cfg.parallel
-    if world_size % par.cp:
-        raise UserError(f"parallel.cp={par.cp} does not divide --world-size {world_size}")
-    dp = par.dp if par.dp != -1 else world_size // par.cp
-    if dp * par.cp != world_size:
-        raise UserError(f"parallel.dp ({par.dp}) × parallel.cp ({par.cp}) must equal --world-size ({world_size})")
+    dp = _degrees(par, world_size).dp
     if par.strategy in ("ulysses", "hybrid"):
-        u = par.cp if par.strategy == "ulysses" else (par.ulysses_degree or 0)
-        if par.strategy == "hybrid" and (not u or par.cp % u):
-            raise UserError(f"parallel.strategy=hybrid needs parallel.ulysses_degree dividing parallel.cp={par.cp}, "
-                            f"got {par.ulysses_degree}")
+        u = par.cp if par.strategy == "ulysses" else par.ulysses_degree
         if cfg.model.n_heads % u:
             raise UserError(f"parallel.strategy={par.strategy} splits the {cfg.model.n_heads} heads (model.n_heads) "
                             f"over {u} ranks: they must divide evenly")
         # fewer K/V heads than ranks are replicated (DeepSpeed-style), so there is no check on them
-    if engine.kind == "deepspeed" and par.cp > 1 and par.strategy not in ("ulysses", "ring", "allgather", "hybrid"):
-        raise UserError(f"parallel.strategy={par.strategy!r} is not available with engine.kind=deepspeed")
 
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -219,6 +210,14 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
 
 
 # ------------------------------------------------------------------------------------ HF fine-tuning recipes
+def _degrees(par: Any, world_size: int) -> Any:
+    """The ``parallel:`` section's degrees on ``--world-size`` ranks, validated once (``ParallelDims``)."""
+    try:
+        return par.dims(world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _is_finetune_recipe(config: str) -> bool:
     import yaml
 
@@ -264,23 +263,14 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     ``train.checkpoint_offload`` (the fine-tune's names for ``model.sequence_tile`` / ``model.checkpoint_offload``).
     """
     from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.engines import as_engine_config
-    from longreach.hf.cli import FinetuneConfig
+    from longreach.hf.config import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, config, overrides)
     engine = as_engine_config(cfg.engine)
     par, tr, rec = cfg.parallel, cfg.train, cfg.recipe
-    if world_size % par.cp:
-        raise UserError(f"parallel.cp={par.cp} does not divide --world-size {world_size}")
-    dp = par.dp if par.dp != -1 else world_size // par.cp
-    from longreach.parallel.mesh import ParallelDims
-
-    try:  # the one validator of the degrees
-        ParallelDims(world_size=world_size, dp=dp, cp=par.cp,
-                     ulysses_degree=par.ulysses_degree if par.strategy == "hybrid" else None)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    dp = _degrees(par, world_size).dp
     notes: list[str] = [f"recipe {rec.method}: target length {rec.target_len}, attention pattern "
                         f"{cfg.attention.pattern}"]
     shape = _hf_shape(cfg.hf.path, notes)

@@ -165,7 +165,7 @@ def main(argv: list[str]) -> int:
 
     overrides: list[str] = []
     if args.command in _CONFIG_COMMANDS:
-        from longreach.config import load_config, resolve_config_path
+        from longreach.configio import load_config, resolve_config_path
 
         overrides = split_overrides(cmd_args[1:], "longreach launch")
         config_path = resolve_config_path(cmd_args[0])
@@ -183,7 +183,7 @@ def main(argv: list[str]) -> int:
                                 "engine.options.cpu_offload")
             return 0
         if args.command == "finetune":
-            from longreach.hf.cli import FinetuneConfig as config_cls
+            from longreach.hf.config import FinetuneConfig as config_cls
         else:
             from longreach.job import JobConfig as config_cls
         # strict load now: a typo fails here, before any process starts

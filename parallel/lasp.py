@@ -32,11 +32,12 @@ from longreach.kernels.lightning import document_ids, lightning_by_document_ids
 from longreach.kernels.lightning.documents import CuSeqlens
 
 from .comm import all_gather_into, group_ranks, p2p
+from .config import LINEAR_VARIANTS
 from .layouts import group_rank_size
 
 __all__ = ["LASP_VARIANTS", "chunk_owner", "linear_cp_attention", "local_chunks"]
 
-LASP_VARIANTS = ("lasp1", "lasp2")
+LASP_VARIANTS = LINEAR_VARIANTS
 
 
 def local_chunks(layout: str, rank: int, world_size: int) -> list[int]:

@@ -56,7 +56,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("missing data file", ["train", "tiny.yaml", "--data.source=files", "--data.paths=[/nonexistent/c.txt]",
                            "--run.out_dir=o_data"], r"data\.paths: /nonexistent/c\.txt does not exist"),
     ("impossible parallel degrees", ["train", "tiny.yaml", "--parallel.cp=2"],
-     r"parallel\.cp=2 does not divide the world size 1"),
+     r"parallel\.cp=2 does not divide WORLD_SIZE \(1\)"),
     ("unknown strategy", ["train", "tiny.yaml", "--parallel.strategy=spiral"], r"parallel\.strategy must be one of"),
     ("sequence not divisible", ["train", "tiny.yaml", "--parallel.cp=2", "--train.seq_len=62"],
      r"train\.seq_len=62 does not divide by 4"),
@@ -121,7 +121,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("malformed hostfile", ["launch", "tiny.yaml", "--launcher", "deepspeed", "--hostfile", "hosts"],
      r"--hostfile hosts:2: expected 'HOSTNAME slots=N'"),
     ("validate: degrees vs world size", ["launch", "--dry-run", "--validate", "tiny.yaml", "--world-size", "3",
-                                         "--parallel.cp=2"], r"parallel\.cp=2 does not divide --world-size 3"),
+                                         "--parallel.cp=2"], r"parallel\.cp=2 does not divide WORLD_SIZE \(3\)"),
     ("unknown engine option", ["launch", "--dry-run", "--validate", "tiny.yaml", "--world-size", "2",
                                "--engine.options={zero_stag: 2}"], r"'engine\.options\.zero_stag'; did you mean 'engine\.options\.zero_stage'"),
 ]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from longreach.configio import from_dict
 from longreach.errors import UserError
 from longreach.mixtures import upcycle_state_dicts
 from longreach.mixtures.bam import MoAttention
@@ -92,7 +93,8 @@ def test_upcycle_cli_round_trip_and_bad_input(tmp_path):
     assert upcycle_main(["--seeds", *map(str, paths), "--out", str(out), "--share-kv", "--top-k", "1"]) == 0
     mix_cfg = yaml.safe_load((out / "config.yaml").read_text())["model"]
     assert mix_cfg["attention_type"] == "moa" and mix_cfg["ffn_type"] == "moe" and mix_cfg["parallel_block"]
-    model = build_model(ModelConfig(**mix_cfg))
+    assert mix_cfg["moa"] == {"experts": 2, "share_kv": True} and mix_cfg["moe"]["experts"] == 2
+    model = build_model(from_dict(ModelConfig, mix_cfg))
     model.load_state_dict(load_state(out / "model.safetensors"))
     _zero_routers(model)
     dense, _ = _dense_model(0)

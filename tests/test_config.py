@@ -8,8 +8,8 @@ from typing import Any, Literal
 import pytest
 import yaml
 
-from longreach.config import (apply_overrides, config_hash, load_config, resolve_config_path, save_resolved,
-                              to_dict)
+from longreach.configio import (apply_overrides, config_hash, load_config, resolve_config_path, save_resolved,
+                                to_dict)
 from longreach.errors import ConfigError, UserError
 
 
@@ -218,3 +218,34 @@ def test_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
     # small alias use stays allowed
     ok = _write(tmp_path, "optim: &o {lr: 0.5}\n", "ok.yaml")
     assert load_config(Job, ok).optim.lr == 0.5
+
+
+def test_one_knob_per_concept_and_one_error_type(tmp_path: Path) -> None:
+    """Removed duplicate knobs name the kept key (from a file and as an override); every config check raises
+    ConfigError, which is both the CLI's UserError (exit 2) and a ValueError."""
+    from longreach.job import JobConfig, TrainConfig
+    from longreach.parallel.config import ParallelConfig
+
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+    with pytest.raises(ConfigError, match=r"config key 'parallel.backend' was removed; use attention.backend"):
+        load_config(JobConfig, "demo", ["--parallel.backend=cpu"])
+    f = tmp_path / "job.yaml"
+    f.write_text("parallel:\n  cp: 1\n  backend: cpu\n")
+    with pytest.raises(ConfigError, match=rf"{f}: config key 'parallel.backend' was removed"):
+        load_config(JobConfig, f)
+    with pytest.raises(ConfigError, match=r"engine.options.mixed_precision.? was removed; use train.precision"):
+        load_config(JobConfig, "demo", ["--engine.kind=deepspeed", "--engine.options={mixed_precision: bf16}"])
+    with pytest.raises(ConfigError, match=r"train.precision=fp16 needs a loss scaler"):
+        load_config(JobConfig, "demo", ["--train.precision=fp16"])
+    assert load_config(JobConfig, "demo", ["--train.precision=fp16", "--engine.kind=deepspeed"]).train.precision == "fp16"
+    with pytest.raises(ConfigError, match=r"train.seq_len=62 does not divide by 4"):
+        load_config(JobConfig, "demo", ["--train.seq_len=62"])
+    with pytest.raises(ConfigError, match=r"parallel.strategy=hybrid needs parallel.ulysses_degree dividing"):
+        load_config(JobConfig, "demo", ["--parallel.strategy=hybrid"])
+    with pytest.raises(ConfigError, match=r"parallel.strategy must be one of 'ring', 'ulysses', 'hybrid', 'allgather'"):
+        load_config(JobConfig, "demo", ["--parallel.strategy=rings"])
+    with pytest.raises(ConfigError, match=r"train.lr must be > 0"):
+        TrainConfig(lr=-1.0)
+    assert ParallelConfig(cp=2).dims(4).dp == 2
+    with pytest.raises(ValueError, match=r"dp \* cp != WORLD_SIZE \(1 \* 2 != 4\)"):
+        ParallelConfig(dp=1, cp=2).dims(4)

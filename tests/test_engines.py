@@ -52,7 +52,7 @@ def test_single_process_native_and_activation_offload_match():
 
 def test_bf16_autocast_is_applied():
     model = w.make_model()
-    eng = build_engine(as_engine_config({"mixed_precision": "bf16"}), model, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    eng = build_engine(as_engine_config("native").with_precision("bf16"), model, lambda ps: torch.optim.SGD(ps, lr=0.1))
     with eng.forward_context():
         out = eng.model(torch.randn(2, 8))
     assert out.dtype == torch.bfloat16
@@ -63,9 +63,8 @@ def test_bf16_autocast_is_applied():
     ({"kind": "native", "zero_stage": 2}, "needs engine.kind=deepspeed"),
     ({"kind": "deepspeed", "zero_stage": 4}, r"engine\.options\.zero_stage"),
     ({"kind": "accelerate", "fsdp": True}, r"engine\.options\.fsdp=true needs engine\.kind=native"),
-    ({"kind": "native", "mixed_precision": "fp16"}, "loss scaler"),
     ({"kind": "native", "cpu_offload": True}, r"needs engine\.options\.fsdp=true"),
-    ({"kind": "native", "mixed_precision": "fp8"}, r"engine\.options\.mixed_precision"),
+    ({"kind": "native", "mixed_precision": "bf16"}, r"engine\.options\.mixed_precision was removed; use train\.precision"),
 ])
 def test_engine_config_errors(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -73,9 +72,13 @@ def test_engine_config_errors(kwargs, msg):
 
 
 def test_as_engine_config_from_job_section():
-    cfg = as_engine_config({"kind": "deepspeed", "options": {"zero_stage": 3, "mixed_precision": "bf16"}})
+    cfg = as_engine_config({"kind": "deepspeed", "options": {"zero_stage": 3}}).with_precision("bf16")
     assert cfg.kind == "deepspeed" and cfg.zero_stage == 3 and cfg.mixed_precision == "bf16"
-    assert cfg == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=3, mixed_precision="bf16"))
+    assert cfg == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=3))
+    with pytest.raises(ConfigError, match="loss scaler"):
+        as_engine_config("native").with_precision("fp16")
+    with pytest.raises(ConfigError, match=r"train\.precision must be one of"):
+        as_engine_config("native").with_precision("fp8")
     with pytest.raises(ConfigError, match="did you mean 'zero_stage'"):
         as_engine_config({"kind": "deepspeed", "options": {"zero_stag": 2}})
 
@@ -83,7 +86,7 @@ def test_as_engine_config_from_job_section():
 def test_generated_deepspeed_config(tmp_path):
     from longreach.engines.deepspeed import deepspeed_config
 
-    cfg = as_engine_config({"kind": "deepspeed", "zero_stage": 3, "mixed_precision": "bf16", "cpu_offload": True})
+    cfg = as_engine_config({"kind": "deepspeed", "zero_stage": 3, "cpu_offload": True}).with_precision("bf16")
     conf = deepspeed_config(cfg, world_size=4, grad_accum=2, micro_batch_size=3, grad_clip=1.0)
     assert conf["train_batch_size"] == 24 and conf["gradient_accumulation_steps"] == 2
     assert conf["zero_optimization"]["stage"] == 3
@@ -134,7 +137,7 @@ def test_fsdp2_cpu_offload_on_gpu():
 def test_engine_option_typo_is_rejected_when_the_config_loads(tmp_path):
     """engine.options is typed: the strict loader names a misspelt option (file and key) before any work,
     and the recipes' engine sections load into the same typed options."""
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.job import JobConfig
 
     bad = tmp_path / "job.yaml"
@@ -144,10 +147,12 @@ def test_engine_option_typo_is_rejected_when_the_config_loads(tmp_path):
         load_config(JobConfig, str(bad))
     good = tmp_path / "good.yaml"
     good.write_text("engine:\n  kind: deepspeed\n")
-    with pytest.raises(ConfigError, match=r"engine\.options\.mixed_precision must be one of"):
-        load_config(JobConfig, str(good), ["--engine.options={mixed_precision: fp8}"])
-    cfg = load_config(JobConfig, str(good), ["--engine.options={zero_stage: 2, mixed_precision: bf16}"])
-    assert cfg.engine == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=2, mixed_precision="bf16"))
-    assert (cfg.engine.zero_stage, cfg.engine.splits_experts()) == (2, False)  # bf16: experts stay replicated
+    with pytest.raises(ConfigError, match=r"engine\.options\.mixed_precision'? was removed; use train\.precision"):
+        load_config(JobConfig, str(good), ["--engine.options={mixed_precision: bf16}"])
+    cfg = load_config(JobConfig, str(good), ["--engine.options={zero_stage: 2}", "--train.precision=bf16"])
+    assert cfg.engine == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=2))
+    assert cfg.engine.splits_experts()  # fp32 compute: ZeRO-2 keeps the experts split
+    bf16 = cfg.engine.with_precision(cfg.train.precision)
+    assert (bf16.zero_stage, bf16.splits_experts()) == (2, False)  # bf16: experts stay replicated
     recipe = load_config(JobConfig, "tnl_7b")
     assert recipe.engine.kind == "native" and recipe.engine.fsdp and recipe.engine.splits_experts()

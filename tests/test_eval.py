@@ -203,7 +203,7 @@ def test_eval_of_an_export_and_lengths_beyond_positions(tmp_path, capsys):
     positions are refused without ``--beyond-positions``."""
     from safetensors.torch import save_file
 
-    from longreach.config import to_dict
+    from longreach.configio import to_dict
     from longreach.evaluation.cli import main
     from longreach.models import ModelConfig
 

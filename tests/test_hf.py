@@ -254,8 +254,8 @@ def test_recipe_trainable_parameters():
 
 def test_finetune_config_sections(tmp_path):
     """A finetune YAML loads into the trainer's sections; the recipe picks the pattern; bad input is refused."""
-    from longreach.config import load_config
-    from longreach.hf.cli import FinetuneConfig
+    from longreach.configio import load_config
+    from longreach.hf.config import FinetuneConfig
 
     f = tmp_path / "ft.yaml"
     f.write_text("hf: {path: x}\nrecipe: {method: sinklora, target_len: 64}\ntrain: {steps: 3}\n")
@@ -273,6 +273,10 @@ def test_finetune_config_sections(tmp_path):
         load_config(FinetuneConfig, f, ["--train.seq_len=32"])
     with pytest.raises(ConfigError, match="divide by 4"):
         load_config(FinetuneConfig, f, ["--recipe.target_len=66"])
+    with pytest.raises(ConfigError, match="attention.window must be >= 1"):  # checked once auto is resolved
+        load_config(FinetuneConfig, f, ["--attention.window=0"])
+    with pytest.raises(ConfigError, match="engine.options.mixed_precision.? was removed; use train.precision"):
+        load_config(FinetuneConfig, f, ["--engine.kind=deepspeed", "--engine.options={mixed_precision: bf16}"])
 
 
 def test_load_hf_errors(tmp_path):
@@ -338,7 +342,8 @@ def test_finetune_activation_checkpointing_matches(tmp_path):
     the same exported weights as plain ones (float64), and the export carries no wrapper names."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
+    from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.parallel.config import ParallelConfig
 
@@ -363,14 +368,15 @@ def test_finetune_activation_checkpointing_matches(tmp_path):
 def _bf16_finetune(tmp_path, monkeypatch, name: str, **hf_kw) -> tuple[dict, dict]:
     """Fine-tune the bf16 tiny Llama in ``tmp_path/base`` for 2 steps at lr 2e-5 on one rank; returns the
     trained HF parameters (as float32) and the trainer summary."""
-    import longreach.hf.model as hf_model
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    import longreach.hf.train as hf_train
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
     from longreach.hf.recipes import RecipeConfig
+    from longreach.hf.train import finetune
     from longreach.parallel.config import ParallelConfig
 
     built = []
-    real = hf_model.build_hf_model
-    monkeypatch.setattr(hf_model, "build_hf_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    real = hf_train.build_hf_model
+    monkeypatch.setattr(hf_train, "build_hf_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     cfg = FinetuneConfig(hf=HFSource(path=str(tmp_path / "base"), dtype="bfloat16", **hf_kw),
                          recipe=RecipeConfig(target_len=64), attention=FTAttention(backend="cpu"),
                          parallel=ParallelConfig(cp=1),
@@ -431,8 +437,8 @@ def test_lean_finetune_checkpoint_and_changed_base(tmp_path):
     from torch.distributed.checkpoint import FileSystemReader
     from transformers import LlamaForCausalLM
 
-    from longreach.hf.cli import (FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, base_files_hash,
-                                  finetune)
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
+    from longreach.hf.train import base_files_hash, finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.parallel.config import ParallelConfig
 
@@ -476,7 +482,8 @@ def test_lean_checkpoint_of_tied_embeddings_holds_them_once_and_resumes_exactly(
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from transformers import LlamaForCausalLM
 
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
+    from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.parallel.config import ParallelConfig
 
@@ -521,7 +528,8 @@ def test_finetune_corpus_streams_through_shared_shards(tmp_run_dir, monkeypatch)
     from longreach.data.corpus import corpus_documents
     from longreach.data.config import DataConfig
     from longreach.data.tokenizer import train_tokenizer
-    from longreach.hf.cli import FTData, TokenWindows, tokenize_corpus
+    from longreach.hf.config import FTData
+    from longreach.hf.data import TokenWindows, tokenize_corpus
     from longreach.hf.convert import save_tokenizer
 
     data = FTData(source="synthetic", synthetic_documents=30, task_chars=600, tokenize_workers=1)

@@ -39,14 +39,14 @@ def _save_base(folder: Path) -> str:
 
 
 def _job(base: str, *, cp: int, tile: int = 0, ckpt: bool = False, offload: bool = False, **kw: Any) -> Any:
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTTrain, HFSource
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTTrain, HFSource
     from longreach.hf.recipes import RecipeConfig
     from longreach.parallel.config import ParallelConfig
 
     return FinetuneConfig(
         hf=HFSource(path=base, dtype="float64"), recipe=RecipeConfig(target_len=TARGET, lora_targets=LORA_TARGETS),
         attention=FTAttention(backend="reference"),
-        parallel=ParallelConfig(cp=cp, strategy="ring", layout="zigzag", backend="reference"),
+        parallel=ParallelConfig(cp=cp, strategy="ring", layout="zigzag"),
         train=FTTrain(lr=5e-3, warmup_steps=1, loss_chunk_size=7, sequence_tile=tile, activation_checkpointing=ckpt,
                       checkpoint_offload=offload), **kw)
 
@@ -190,7 +190,8 @@ def test_finetune_with_tiling_and_offload_matches_plain_run(tmp_path: Path) -> N
     """``longreach finetune`` end to end (two optimizer steps, one rank): the same losses and exported weights."""
     from transformers import AutoModelForCausalLM
 
-    from longreach.hf.cli import FTData, FTRun, finetune
+    from longreach.hf.config import FTData, FTRun
+    from longreach.hf.train import finetune
 
     base = _save_base(tmp_path / "base")
     np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 97, TARGET * 4))
@@ -211,9 +212,10 @@ def test_finetune_with_tiling_and_offload_matches_plain_run(tmp_path: Path) -> N
 
 
 def test_offload_without_checkpointing_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.errors import ConfigError
-    from longreach.hf.cli import FinetuneConfig, finetune_main
+    from longreach.hf.config import FinetuneConfig
+    from longreach.hf.cli import finetune_main
 
     cfg = tmp_path / "ft.yaml"
     cfg.write_text(f"hf: {{path: {tmp_path}}}\nrecipe: {{target_len: 64}}\ntrain: {{checkpoint_offload: true}}\n")

@@ -21,15 +21,16 @@ import torch
 pytest.importorskip("transformers")
 
 from longreach.checkpoint import CheckpointConfig, CheckpointManager  # noqa: E402
-from longreach.config import to_dict  # noqa: E402
+from longreach.configio import to_dict  # noqa: E402
 from longreach.errors import UserError  # noqa: E402
 from longreach.launchers.cli import main as cli  # noqa: E402
 from longreach.models import ModelConfig, build_model  # noqa: E402
+from longreach.models.config import MoEOptions  # noqa: E402
 
 torch.set_num_threads(1)
 
 LLAMA = dict(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=64)
-MOE = dict(LLAMA, ffn_type="moe", extra={"moe_experts": 4, "moe_top_k": 2, "moe_expert_parallel": True})
+MOE = dict(LLAMA, ffn_type="moe", moe=MoEOptions(experts=4, top_k=2, expert_parallel=True))
 
 
 def _run_folder(root: Path, model_cfg: ModelConfig, *, seed: int = 0, step: int = 3) -> tuple[Path, torch.nn.Module]:

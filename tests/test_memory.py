@@ -16,6 +16,7 @@ import torch
 from longreach.bench.memory import COMPONENTS, SavedBytesMeter, fit_line
 from longreach.models import ModelConfig, build_model
 from longreach.model_setup import CheckpointOffload, apply_activation_checkpointing, apply_sequence_tiling
+from longreach.models.config import MoEOptions
 from longreach.testing import run_ranks
 
 MODES = {  # name -> (sequence_tile, activation_checkpointing, checkpoint_offload)
@@ -48,9 +49,9 @@ def _assert_same(name: str, got: tuple[torch.Tensor, dict], want: tuple[torch.Te
 
 @pytest.mark.parametrize("ffn_type", ["swiglu", "moe"])
 def test_memory_modes_match_plain_model_float64(ffn_type: str) -> None:
-    extra = {"moe_experts": 4, "moe_top_k": 2} if ffn_type == "moe" else {}
+    moe = MoEOptions(experts=4, top_k=2) if ffn_type == "moe" else None
     torch.manual_seed(0)
-    base = build_model(_cfg(ffn_type=ffn_type, extra=extra)).double()
+    base = build_model(_cfg(ffn_type=ffn_type, moe=moe)).double()
     ids, labels = torch.randint(0, 37, (2, 23)), torch.randint(0, 37, (2, 23))  # 23: ragged last tile
     labels[0, 3] = -100
     want = _loss_and_grads(copy.deepcopy(base), ids, labels)
@@ -173,7 +174,7 @@ def cp_modes_worker(rank: int, world_size: int) -> list[str]:
         tag = f"{strategy} {name}" + (" FSDP2" if engine_cfg else "")
         cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7,
                           "parallel.cp": world_size, "parallel.strategy": strategy, "parallel.ulysses_degree": u,
-                          "parallel.backend": "reference", "train.activation_checkpointing": ckpt,
+                          "train.activation_checkpointing": ckpt,
                           "model.sequence_tile": tile, "model.checkpoint_offload": offload})
         assert isinstance(cfg.model, MC)
         # DDP, or FSDP2 sharding the tiled, offloaded, checkpointed blocks

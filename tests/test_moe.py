@@ -12,6 +12,7 @@ from longreach.mixtures.moe import MoEConfig, MoEFFN
 from longreach.mixtures.routing import (attention_mix, balance_loss, explicit_attention_matrix, similarity_mix,
                                         top_k_gates, z_loss)
 from longreach.models import ModelConfig, build_model
+from longreach.models.config import MoEOptions
 from longreach.testing import run_ranks
 from longreach.workers.moe import ep_and_cp_routing as _ep_and_cp_routing
 
@@ -125,7 +126,7 @@ def test_attention_routed_model_uses_block_attention():
     """In a built model the MoE reads its block's q, k (mha via hook); A = I would give token routing."""
     torch.manual_seed(3)
     cfg = ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_type="moe",
-                      extra={"moe_experts": 4, "moe_top_k": 2, "moe_routing": "attention"})
+                      moe=MoEOptions(experts=4, top_k=2, routing="attention"))
     model = build_model(cfg).double()
     ids = torch.randint(0, 40, (1, 6))
     captured = {}
@@ -146,13 +147,29 @@ def test_attention_routed_model_uses_block_attention():
     assert model.layers[0].mlp.router.weight.grad is not None
 
 
-def test_moe_config_from_model_extra_rejects_typos():
+def test_moe_options_typed_section_and_old_keys():
+    """``model.moe`` is a typed section: a typo names the nearest key, ``--model.moe.top_k=1`` overrides it,
+    an old ``model.extra.moe_*`` key names its new spelling, and the layer config follows the section."""
+    from longreach.configio import from_dict, load_config
     from longreach.errors import ConfigError
+    from longreach.job import JobConfig
 
-    cfg = ModelConfig(dim=16, n_heads=2, extra={"moe_experts": 4, "moe_top_k": 1})
-    assert moe_config(cfg).num_experts == 4
-    with pytest.raises(ConfigError, match="moe_top_k"):
-        moe_config(ModelConfig(dim=16, n_heads=2, extra={"moe_topk": 2}))
+    cfg = ModelConfig(dim=16, n_heads=2, ffn_type="moe", moe=MoEOptions(experts=4, top_k=1, hidden=24))
+    layer = moe_config(cfg)
+    assert (layer.num_experts, layer.top_k, layer.hidden, layer.routing) == (4, 1, 24, "token")
+    assert ModelConfig(ffn_type="moe").moe == MoEOptions()  # choosing the type fills in the defaults
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.moe.topk'; did you mean 'model.moe.top_k'"):
+        from_dict(JobConfig, {"model": {"ffn_type": "moe", "moe": {"topk": 2}}})
+    job = load_config(JobConfig, "moe_tiny_cpu", ["--model.moe.top_k=1", "--model.moe.routing=similarity"])
+    assert (job.model.moe.top_k, job.model.moe.routing, job.model.moe.experts) == (1, "similarity", 4)
+    with pytest.raises(ConfigError, match="model.moe.routing must be one of 'token', 'attention', 'similarity'"):
+        load_config(JobConfig, "moe_tiny_cpu", ["--model.moe.routing=tokens"])
+    with pytest.raises(ConfigError, match=r"model.extra.moe_top_k is no longer read: .* moved to model.moe.top_k"):
+        from_dict(JobConfig, {"model": {"ffn_type": "moe", "extra": {"moe_top_k": 2}}})
+    with pytest.raises(ConfigError, match=r"model.moe is set but model.ffn_type is 'swiglu'"):
+        load_config(JobConfig, "demo", ["--model.moe.top_k=1"])
+    with pytest.raises(ConfigError, match="model.moe.top_k must be in 1..model.moe.experts=2"):
+        MoEOptions(experts=2, top_k=3)
     with pytest.raises(ValueError, match="moe.top_k"):
         MoEConfig(dim=4, hidden=4, num_experts=2, top_k=3)
 
@@ -202,7 +219,7 @@ def test_attention_routing_gradient_reaches_mha_projections_through_hook():
     for flag in (True, False):
         torch.manual_seed(3)
         cfg = ModelConfig(vocab_size=40, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, ffn_type="moe",
-                          extra={"moe_experts": 4, "moe_top_k": 2, "moe_routing": "attention", "moe_routing_grad": flag})
+                          moe=MoEOptions(experts=4, top_k=2, routing="attention", routing_grad=flag))
         model = build_model(cfg).double()
         out = model(ids)
         out.square().sum().backward()
@@ -221,4 +238,5 @@ def test_similarity_routing_multi_head_equals_explicit():
     sc = torch.einsum("bqhd,bkhd->bhqk", xp.view(b, s, heads, 2), x.view(b, s, heads, 2)) / tau
     sc = sc.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
     torch.testing.assert_close(got, sc.softmax(-1).mean(1) @ probs, rtol=1e-10, atol=1e-12)
-    assert moe_config(ModelConfig(dim=16, n_heads=4, extra={"moe_routing": "similarity"})).similarity_heads == 4
+    cfg = ModelConfig(dim=16, n_heads=4, ffn_type="moe", moe=MoEOptions(routing="similarity"))
+    assert moe_config(cfg).similarity_heads == 4

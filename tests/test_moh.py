@@ -1,15 +1,19 @@
 """MoH (mixture-of-head attention) and SQA (sparse query attention) against dense attention."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from longreach.attention import AttentionContext
+from longreach.errors import ConfigError
 from longreach.mixtures import convert_to_moh, moh_config
 from longreach.mixtures.moh import MoHAttention, MoHConfig, moh_from_dense
 from longreach.mixtures.routing import balance_loss
 from longreach.mixtures.sqa import SQAConfig, SQAttention
 from longreach.models import ModelConfig, build_model
+from longreach.models.config import MoHOptions, SQAOptions
 from longreach.models.llama import Attention
 from longreach.models.rope import RotaryEmbedding
 
@@ -109,7 +113,7 @@ def test_moh_balance_loss_equals_k_under_perfect_balance():
 
 def test_moh_registered_in_model_and_convert_keeps_weights():
     cfg = ModelConfig(vocab_size=30, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, attention_type="moh",
-                      extra={"moh_shared": 2, "moh_top_k": 1})
+                      moh=MoHOptions(shared=2, top_k=1))
     torch.manual_seed(0)
     model = build_model(cfg)
     assert isinstance(model.layers[0].self_attn, MoHAttention) and moh_config(cfg).n_routed == 2
@@ -120,8 +124,10 @@ def test_moh_registered_in_model_and_convert_keeps_weights():
     y0 = dense(ids)
     assert convert_to_moh(dense, n_shared=4, top_k=0, variant="qnorm") == 2
     torch.testing.assert_close(dense(ids), y0, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="moh_top_k"):
+    with pytest.raises(ValueError, match="moh.top_k"):
         MoHConfig(dim=8, n_heads=4, n_kv_heads=1, head_dim=2, n_shared=2, top_k=3)
+    with pytest.raises(ConfigError, match=r"moh.top_k must be in 1..2"):  # a config error, not a traceback
+        build_model(dataclasses.replace(cfg, moh=MoHOptions(shared=2, top_k=3)))
 
 
 def test_sqa_full_heads_equals_mha_and_fewer_heads_shapes():
@@ -143,7 +149,7 @@ def test_sqa_full_heads_equals_mha_and_fewer_heads_shapes():
     ref.load_state_dict(small.state_dict())
     torch.testing.assert_close(small(x, cos, sin, ctx), ref(x, cos, sin, ctx), rtol=1e-12, atol=1e-12)
     model = build_model(ModelConfig(vocab_size=30, dim=16, n_layers=1, n_heads=4, attention_type="sqa",
-                                    extra={"sqa_q_heads": 2, "sqa_kv_heads": 1}))
+                                    sqa=SQAOptions(q_heads=2, kv_heads=1)))
     assert model(torch.randint(0, 30, (1, 5))).shape == (1, 5, 16)
 
 
@@ -159,7 +165,6 @@ def test_moh_routed_execution_equals_masked_forward_backward(backend, heads):
     """Routed-only execution (shared heads one call, routed heads on gathered queries) equals computing
     every head and masking: output, input gradient and every parameter gradient (router included)."""
     import copy
-    import dataclasses
 
     from longreach.attention import LocalAttention
 

@@ -87,7 +87,7 @@ def test_wheel_ships_and_imports_every_module(tmp_path: Path) -> None:
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert not report["failed"], "\n".join(f"{k}: {v}" for k, v in report["failed"].items())
     assert report["heavy"] == [], f"'import longreach' pulled in {report['heavy']}"
-    for name in ("longreach.config", "longreach.data.loader", "longreach.launchers.cli", "longreach.parallel",
+    for name in ("longreach.configio", "longreach.data.loader", "longreach.launchers.cli", "longreach.parallel",
                  "longreach.kernels"):
         assert name in report["imported"]
     assert "demo.yaml" in report["configs"]

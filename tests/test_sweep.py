@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longreach.bench.sweep import SweepConfig, SweepFile, enumerate_points, main, run_sweep, summarize_times
-from longreach.config import load_config
+from longreach.configio import load_config
 from longreach.errors import ConfigError
 
 H, HKV, D = 4, 2, 8

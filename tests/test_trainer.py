@@ -121,15 +121,15 @@ def test_bad_sequence_length_for_layout():
     object.__setattr__(cfg.train, "seq_len", 36)  # bypass the config check: the trainer checks again
     with pytest.raises(UserError, match=r"train.seq_len=36 .*parallel.layout"):
         check_config(cfg, world_size=4)
-    with pytest.raises(UserError, match="parallel.cp=4 does not divide the world size 6"):
+    with pytest.raises(UserError, match=r"parallel.cp=4 does not divide WORLD_SIZE \(6\)"):
         check_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=32)), world_size=6)
-    moe = W.moe_job(extra={"moe_experts": 6, "moe_expert_parallel": True}, **{"train.seq_len": 32, "parallel.cp": 4})
-    with pytest.raises(UserError, match=r"model.extra.moe_experts=6 does not divide by parallel.cp=4"):
+    moe = W.moe_job(moe={"experts": 6, "expert_parallel": True}, **{"train.seq_len": 32, "parallel.cp": 4})
+    with pytest.raises(UserError, match=r"model.moe.experts=6 does not divide by parallel.cp=4"):
         check_config(moe, world_size=4)
 
 
 def test_config_file_errors_name_the_setting(tmp_path):
-    from longreach.config import load_config
+    from longreach.configio import load_config
     from longreach.errors import ConfigError
     from longreach.job import JobConfig
 
@@ -179,10 +179,10 @@ GRAD_CASES = [
 def test_two_ranks_gradients_training_and_resume(tmp_path):
     """One 2-rank group: DP/CP gradients equal single-rank ones; training lowers the loss; resume is exact."""
     common = {"run.steps": 24, "train.seq_len": 32, "train.micro_batch_size": 4, "train.lr": 1e-2,
-              "train.warmup_steps": 2, "attention.backend": "cpu", "parallel.backend": "cpu", "run.log_every": 8}
+              "train.warmup_steps": 2, "attention.backend": "cpu", "run.log_every": 8}
     resume = {"run.steps": 6, "run.save_every": 3, "train.seq_len": 16, "train.micro_batch_size": 2,
               "parallel.cp": 2, "parallel.layout": "zigzag", "attention.backend": "reference",
-              "parallel.backend": "reference", "checkpoint.keep_last": 0}
+              "checkpoint.keep_last": 0}
     runs = [
         {"out_dir": str(tmp_path / "dp2"), "over": common},
         {"out_dir": str(tmp_path / "cp2"), "over": {**common, "parallel.cp": 2}},

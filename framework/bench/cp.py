@@ -34,9 +34,7 @@ import statistics
 import sys
 
 from longreach.errors import UserError
-
-STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
-LAYOUTS = ("contiguous", "zigzag", "stripe")
+from longreach.parallel.config import LAYOUTS, STRATEGIES
 
 
 def _csv(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:

@@ -18,7 +18,7 @@ for backward (exact, any device) and, on CUDA, the peak allocated during forward
 
 With ``--expert-bytes`` it also spawns gloo ranks (default 2, all of them the context-parallel group the
 experts are split over) and reports the bytes of expert weights each rank holds under each engine — native
-DDP, FSDP2 and DeepSpeed ZeRO — with ``model.extra.moe_expert_parallel`` on, against the total.
+DDP, FSDP2 and DeepSpeed ZeRO — with ``model.moe.expert_parallel`` on, against the total.
 
     longreach bench mixtures                       # 8k tokens, dim 512, 8 heads of 64, 3 rounds
     longreach bench mixtures --seq-len 2048 --rounds 5 --json out.json
@@ -235,7 +235,7 @@ def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts:
     from longreach.engines import EngineConfig, build_engine
     from longreach.job import JobConfig
     from longreach.models import build_model
-    from longreach.models.config import ModelConfig
+    from longreach.models.config import MoEOptions, ModelConfig
     from longreach.parallel.config import ParallelConfig
     from longreach.parallel.mesh import ParallelDims
     from longreach.model_setup import parallelize
@@ -245,8 +245,7 @@ def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts:
     for name in engines:
         torch.manual_seed(0)
         model_cfg = ModelConfig(vocab_size=64, dim=dim, n_layers=2, n_heads=4, n_kv_heads=4, ffn_type="moe",
-                                extra={"moe_experts": experts, "moe_top_k": 2, "moe_hidden": hidden,
-                                       "moe_expert_parallel": True})
+                                moe=MoEOptions(experts=experts, top_k=2, hidden=hidden, expert_parallel=True))
         job = JobConfig(model=model_cfg, parallel=ParallelConfig(cp=world_size, layout="contiguous"))
         ecfg = {"ddp": EngineConfig(), "fsdp2": EngineConfig(kind="native", options={"fsdp": True}),
                 "deepspeed": EngineConfig(kind="deepspeed", options={"zero_stage": 1})}[name]

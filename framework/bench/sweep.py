@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from longreach.errors import ConfigError, UserError
+from longreach.parallel.config import LAYOUTS, STRATEGIES as CP_STRATEGIES
 
 __all__ = ["SweepConfig", "SweepFile", "enumerate_points", "main", "run_sweep", "summarize_times"]
 
-STRATEGIES = ("ring", "ulysses", "hybrid", "allgather", "lasp2")
-LAYOUTS = ("contiguous", "zigzag", "stripe")
+STRATEGIES = (*CP_STRATEGIES, "lasp2")
 MASKS = ("causal", "full", "sliding_window", "sinks_window", "documents", "power", "s2_varlen", "s2_roll", "sf", "ssa")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if a.startswith("--sweep.")]
     rest = [a for a in argv if not a.startswith("--sweep.")]
     args = _parser().parse_args(rest)
-    from longreach.config import load_config, to_dict
+    from longreach.configio import load_config, to_dict
 
     try:
         cfg = load_config(SweepFile, args.config, overrides).sweep

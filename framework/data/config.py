@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from longreach.errors import ConfigError
+
 SOURCES = ("embedded", "synthetic", "files")
 
 
@@ -50,26 +52,26 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
+            raise ConfigError(f"data.source must be one of {', '.join(SOURCES)}; got {self.source!r}")
         if self.source == "files" and not self.paths:
-            raise ValueError("data.source is 'files' but data.paths is empty; list text/jsonl files or folders")
+            raise ConfigError("data.source is 'files' but data.paths is empty; list text/jsonl files or folders")
         if self.vocab_size < 300 and self.tokenizer is None:
-            raise ValueError(f"data.vocab_size must be >= 300 (256 byte-fallback pieces + specials), got {self.vocab_size}")
+            raise ConfigError(f"data.vocab_size must be >= 300 (256 byte-fallback pieces + specials), got {self.vocab_size}")
         if self.vocab_size > 1 << 20:
-            raise ValueError(f"data.vocab_size is too large: {self.vocab_size}")
+            raise ConfigError(f"data.vocab_size is too large: {self.vocab_size}")
         if self.tokenize_workers is not None and self.tokenize_workers < 0:
-            raise ValueError(f"data.tokenize_workers must be >= 0 (or null for automatic), got {self.tokenize_workers}")
+            raise ConfigError(f"data.tokenize_workers must be >= 0 (or null for automatic), got {self.tokenize_workers}")
         if self.shard_tokens < 1:
-            raise ValueError(f"data.shard_tokens must be >= 1, got {self.shard_tokens}")
+            raise ConfigError(f"data.shard_tokens must be >= 1, got {self.shard_tokens}")
         for name in ("passkey_fraction", "recall_fraction", "val_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ValueError(f"data.{name} must be in [0, 1), got {v}")
+                raise ConfigError(f"data.{name} must be in [0, 1), got {v}")
         if self.passkey_fraction + self.recall_fraction >= 1.0:
-            raise ValueError("data.passkey_fraction + data.recall_fraction must be < 1")
+            raise ConfigError("data.passkey_fraction + data.recall_fraction must be < 1")
         if self.task_chars < 200:
-            raise ValueError(f"data.task_chars must be >= 200, got {self.task_chars}")
+            raise ConfigError(f"data.task_chars must be >= 200, got {self.task_chars}")
         if self.synthetic_documents < 1:
-            raise ValueError(f"data.synthetic_documents must be >= 1, got {self.synthetic_documents}")
+            raise ConfigError(f"data.synthetic_documents must be >= 1, got {self.synthetic_documents}")
         if self.harvest_chars < 10_000:
-            raise ValueError(f"data.harvest_chars must be >= 10000, got {self.harvest_chars}")
+            raise ConfigError(f"data.harvest_chars must be >= 10000, got {self.harvest_chars}")

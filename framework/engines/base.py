@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,15 +33,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass(kw_only=True, slots=True)
 class EngineOptions:
-    """The ``engine.options:`` section: typed, so a misspelt option is rejected when the config loads."""
+    """The ``engine.options:`` section: typed, so a misspelt option is rejected when the config loads.
+    Precision is not an engine option: ``train.precision`` is the one setting, handed to the engine by the
+    trainer (:meth:`EngineConfig.with_precision`)."""
+
+    __removed_keys__: ClassVar[dict[str, str]] = {"mixed_precision": "train.precision (fp32, bf16 or fp16)"}
 
     fsdp: bool = False
     """native only: shard parameters, gradients and optimizer state with FSDP2 (``fully_shard``)
     over the dp × cp ranks instead of replicating them with DDP."""
     zero_stage: int = 0
     """deepspeed only: ZeRO stage 0-3 (1: optimizer state, 2: + gradients, 3: + parameters)."""
-    mixed_precision: str = field(default="fp32", metadata={"choices": PRECISIONS})
-    """fp32, bf16 or fp16 (fp16 only with deepspeed/accelerate on GPU: it needs a loss scaler)."""
     cpu_offload: bool = False
     """Offload parameters/optimizer state to host memory: FSDP2 ``CPUOffloadPolicy`` (needs an
     accelerator) or DeepSpeed ZeRO ``offload_optimizer`` (stage >= 1)."""
@@ -54,9 +56,6 @@ class EngineOptions:
     """deepspeed only: a JSON file whose keys override the generated DeepSpeed config."""
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in PRECISIONS:
-            raise ConfigError(f"engine.options.mixed_precision must be one of {', '.join(PRECISIONS)}; "
-                              f"got {self.mixed_precision!r}")
         if isinstance(self.zero_stage, bool) or not isinstance(self.zero_stage, int) or not 0 <= self.zero_stage <= 3:
             raise ConfigError(f"engine.options.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage!r}")
 
@@ -73,6 +72,8 @@ def _options(value: Any) -> EngineOptions:
     if not isinstance(value, dict):
         raise ConfigError(f"engine.options must be a mapping of engine settings, got {type(value).__name__}")
     for key in value:
+        if key in EngineOptions.__removed_keys__:
+            raise ConfigError(f"engine.options.{key} was removed; use {EngineOptions.__removed_keys__[key]}")
         if key not in _OPTION_NAMES:
             near = difflib.get_close_matches(str(key), _OPTION_NAMES, n=1)
             raise ConfigError(f"engine.options.{key} is not an engine setting"
@@ -80,17 +81,20 @@ def _options(value: Any) -> EngineOptions:
     return EngineOptions(**value)
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True)
 class EngineConfig:
     """The ``engine:`` section of a job: which engine, and its typed options.
 
-    The options read as attributes too (``cfg.fsdp``, ``cfg.zero_stage``, …).
+    The options read as attributes too (``cfg.fsdp``, ``cfg.zero_stage``, …). ``precision`` is not a
+    config key (no dataclass field, so never loaded or saved): the trainer sets it from ``train.precision``
+    with :meth:`with_precision`.
     """
 
     kind: str = field(default="native", metadata={"choices": ENGINES})
     """native (torch DDP / FSDP2), deepspeed (ZeRO) or accelerate."""
     options: EngineOptions = field(default_factory=EngineOptions)
     """The engine's settings (:class:`EngineOptions`); a mapping is accepted from Python."""
+    precision = "fp32"  # class attribute, not a field: set per instance by with_precision
 
     def __post_init__(self) -> None:
         self.options = _options(self.options)
@@ -102,9 +106,6 @@ class EngineConfig:
                               f"(kind is {self.kind!r}; for native sharding set engine.options.fsdp=true)")
         if o.fsdp and self.kind != "native":
             raise ConfigError(f"engine.options.fsdp=true needs engine.kind=native (kind is {self.kind!r})")
-        if o.mixed_precision == "fp16" and self.kind == "native":
-            raise ConfigError("engine.options.mixed_precision=fp16 needs a loss scaler: use bf16 with "
-                              "engine.kind=native, or engine.kind=deepspeed/accelerate")
         if o.cpu_offload and self.kind == "native" and not o.fsdp:
             raise ConfigError("engine.options.cpu_offload with engine.kind=native needs engine.options.fsdp=true")
         if o.cpu_offload and self.kind == "deepspeed" and o.zero_stage == 0:
@@ -113,18 +114,26 @@ class EngineConfig:
     # the options as attributes: what the engines read
     fsdp = property(lambda self: self.options.fsdp)
     zero_stage = property(lambda self: self.options.zero_stage)
-    mixed_precision = property(lambda self: self.options.mixed_precision)
+    mixed_precision = property(lambda self: self.precision)
     cpu_offload = property(lambda self: self.options.cpu_offload)
     activation_offload = property(lambda self: self.options.activation_offload)
     reshard_after_forward = property(lambda self: self.options.reshard_after_forward)
     deepspeed_config = property(lambda self: self.options.deepspeed_config)
 
     def with_precision(self, precision: str) -> "EngineConfig":
-        """A copy with ``options.mixed_precision`` set (``train.precision=bf16`` on an fp32 engine)."""
-        return EngineConfig(kind=self.kind, options=dataclasses.replace(self.options, mixed_precision=precision))
+        """A copy computing in ``precision`` (``train.precision``: fp32, bf16 or fp16; fp16 needs a loss
+        scaler, so not with the native engine)."""
+        if precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        if precision == "fp16" and self.kind == "native":
+            raise ConfigError("train.precision=fp16 needs a loss scaler: use bf16 with engine.kind=native, or "
+                              "engine.kind=deepspeed/accelerate")
+        out = EngineConfig(kind=self.kind, options=dataclasses.replace(self.options))
+        out.precision = precision
+        return out
 
     def splits_experts(self) -> bool:
-        """Whether this engine keeps split experts (``model.extra.moe_expert_parallel``) out of its own
+        """Whether this engine keeps split experts (``model.moe.expert_parallel``) out of its own
         data parallelism and reduces them itself: native DDP and FSDP2, and DeepSpeed ZeRO 1/2 in fp32
         (DeepSpeed shards the dense part, the engine steps the experts beside it). Otherwise experts stay
         in the layer's replicated-parameter mode (each rank computes only its experts but holds all)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from longreach.errors import UserError
+from longreach.parallel.config import LAYOUTS, STRATEGIES
 
 
 def _ints(text: str) -> list[int]:
@@ -54,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-from-length", default="none",
                    choices=["none", "linear", "dynamic", "yarn", "llama3", "static_ntk"],
                    help="for unscaled checkpoints: scale RoPE to each evaluated length (factor ceil(L'/L))")
-    p.add_argument("--strategy", default="none", choices=["none", "ring", "ulysses", "hybrid", "allgather"],
+    p.add_argument("--strategy", default="none", choices=("none", *STRATEGIES),
                    help="context parallelism over all launched ranks")
-    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "stripe"])
+    p.add_argument("--layout", default="zigzag", choices=LAYOUTS)
     p.add_argument("--ulysses-degree", type=int, default=None)
     p.add_argument("--backend", default="auto", help="local attention backend")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

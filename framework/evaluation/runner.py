@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from longreach.errors import UserError
+from longreach.parallel.config import STRATEGIES
 
 
 @dataclass
@@ -83,7 +84,7 @@ def open_model(source: str, *, strategy: str = "none", layout: str = "zigzag", u
     src = resolve_source(source)
     rank, world, device, owned = setup_distributed()
     if world > 1 and strategy == "none":
-        raise UserError(f"{world} ranks were launched but --strategy is none: choose ring, ulysses, hybrid or allgather")
+        raise UserError(f"{world} ranks were launched but --strategy is none: choose one of {', '.join(STRATEGIES)}")
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     opened = OpenModel(source=src, tokenizer=None, rank=rank, world=world, owned=owned)
     if src.is_hf:

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 
 from longreach.errors import UserError
+from longreach.hf.rope import read_rope, rebuild_rotary
+from longreach.models import ModelConfig, build_model
+from longreach.models.rope import RotaryEmbedding
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -70,11 +73,8 @@ def hf_config_from(cfg: Any, *, bos_token_id: int | None = None, eos_token_id: i
     )
 
 
-def model_config_from(hf_config: Any) -> Any:
+def model_config_from(hf_config: Any) -> ModelConfig:
     """A longreach ``ModelConfig`` equivalent to an HF Llama-family config."""
-    from longreach.hf.rope import read_rope
-    from longreach.models import ModelConfig
-
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise UserError("HF checkpoints with attention/MLP biases (e.g. Qwen2) do not convert to longreach's Llama")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -144,8 +144,6 @@ def to_hf(model: torch.nn.Module, **token_ids: int | None) -> Any:
     if cfg.tie_embeddings:
         hf.tie_weights()
     # rotary buffers are not weights: rebuild them on the real device
-    from longreach.hf.rope import rebuild_rotary
-
     rebuild_rotary(hf, device=p.device)
     missing = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
     if missing:
@@ -155,8 +153,6 @@ def to_hf(model: torch.nn.Module, **token_ids: int | None) -> Any:
 
 def from_hf(hf_model: Any) -> torch.nn.Module:
     """A longreach ``Llama`` with an HF Llama-family model's weights (peft adapters must be merged first)."""
-    from longreach.models import build_model
-
     cfg = model_config_from(hf_model.config)
     p = next(hf_model.parameters())
     with torch.device("meta"):
@@ -170,8 +166,6 @@ def from_hf(hf_model: Any) -> torch.nn.Module:
         raise UserError(f"HF checkpoint does not match longreach's Llama: missing {missing[:4]}, "
                         f"unexpected {unexpected[:4]}")
     # our RoPE tables are plain (float64) attributes, not weights: rebuild them off the meta device
-    from longreach.models.rope import RotaryEmbedding
-
     model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
     return model.to(device=p.device, dtype=p.dtype)
 

@@ -27,7 +27,10 @@ import torch
 from torch import nn
 
 from longreach.attention import AttentionContext
-from longreach.hf.patch import HFAttention, base_model, prime_dynamic_rope
+from longreach.hf.load import default_dtype, load_hf
+from longreach.hf.patch import AttentionPatch, HFAttention, base_model, prime_dynamic_rope
+from longreach.hf.recipes import apply_recipe
+from longreach.loss import chunked_cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,6 @@ class HFCausalLM(nn.Module):
             ``[B, S_local, hidden]`` without labels; else ``(loss_sum, n_tokens)``: this rank's summed
             token loss (float32 scalar) and its count of labelled tokens.
         """
-        from longreach.loss import chunked_cross_entropy
-
         if ctx is not None and self.attention.config.parallel and ctx.positions is not None:
             prime_dynamic_rope(self.model, int(ctx.seq_len), ctx.positions)
         kwargs = {} if ctx is None else {"longreach_ctx": ctx}
@@ -105,22 +106,16 @@ class HFCausalLM(nn.Module):
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``hf.dtype``: ``auto`` (bf16 on an accelerator, fp32 on CPU) or a torch dtype name."""
-    from longreach.hf.load import default_dtype
-
     return default_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def build_hf_model(cfg: Any, device: torch.device) -> HFCausalLM:
-    """The trainer's model builder for a fine-tuning job (``longreach.hf.cli.FinetuneConfig``).
+    """The trainer's model builder for a fine-tuning job (``longreach.hf.config.FinetuneConfig``).
 
     Loads ``cfg.hf.path`` once in ``cfg.hf.dtype`` on ``device``, applies ``cfg.recipe`` and patches
     attention (local until ``parallelize`` installs the configured inner attention). Call it after
     seeding: LoRA initialisation draws from torch's generator, identically on every rank.
     """
-    from longreach.hf.load import load_hf
-    from longreach.hf.patch import AttentionPatch
-    from longreach.hf.recipes import apply_recipe
-
     model, _ = load_hf(cfg.hf.path, dtype=resolve_dtype(cfg.hf.dtype, device), device=device,
                        trust_remote_code=cfg.hf.trust_remote_code, with_tokenizer=False)
     att = cfg.attention

@@ -35,10 +35,11 @@ from longreach.data.cp_batch import shard_batch
 from longreach.errors import ConfigError, UserError
 from longreach.kernels import attention as local_attention
 from longreach.loss import chunked_cross_entropy, global_token_count
+from longreach.parallel.config import STRATEGIES as CP_STRATEGIES
 from longreach.kernels import masks as M
 
 PATTERNS = ("full", "s2", "sf")
-STRATEGIES = ("none", "ring", "ulysses", "hybrid", "allgather")
+STRATEGIES = ("none", *CP_STRATEGIES)
 IGNORE_INDEX = -100
 _COUNTER = itertools.count()
 

@@ -8,7 +8,7 @@
 
 ``apply_recipe`` rewrites the model's RoPE config (so the exported checkpoint carries it), wraps the
 model with peft and patches its attention through transformers' registry. The training-time attention
-pattern itself is the job's ``attention:`` section (``longreach finetune``: :mod:`longreach.hf.cli`);
+pattern itself is the job's ``attention:`` section (``longreach finetune``: :mod:`longreach.hf.config`);
 :attr:`RecipeConfig.pattern` is the method's default for it.
 """
 from __future__ import annotations

@@ -157,7 +157,8 @@ def _evaluate(checkpoint: Path, val: np.ndarray, *, lengths: list[int], seeds: i
 
 
 def run_study(out: Path, s: StudySettings | None = None) -> dict[str, Any]:
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
+    from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.hf.rope import RopeScaling
     from longreach.parallel.config import ParallelConfig

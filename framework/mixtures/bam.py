@@ -15,14 +15,14 @@ head), so masks and context parallelism apply unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
-from longreach.errors import UserError
-from longreach.models.config import ModelConfig
+from longreach.errors import ConfigError, UserError
+from longreach.models.config import MoAOptions, MoEOptions, ModelConfig
 from longreach.models.rope import apply_rotary
 
 from .moe import StackedLinear
@@ -48,9 +48,9 @@ class MoAConfig:
 
     def __post_init__(self) -> None:
         if self.n_experts < 1:
-            raise ValueError(f"moa_experts must be >= 1, got {self.n_experts}")
+            raise ConfigError(f"moa.experts must be >= 1, got {self.n_experts}")
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"moa: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+            raise ConfigError(f"moa: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
 
 class MoAttention(nn.Module):
@@ -106,12 +106,10 @@ def bam_model_config(dense: ModelConfig, n_experts: int, *, share_kv: bool = Fal
         raise UserError(f"BAM upcycling needs llama seeds; model.arch is {dense.arch!r}")
     if not 1 <= top_k <= n_experts:
         raise UserError(f"--top-k must be in 1..{n_experts} (the number of seeds), got {top_k}")
-    extra = dict(dense.extra)
-    extra.update({"moa_experts": n_experts, "moa_share_kv": share_kv, "moe_experts": n_experts,
-                  "moe_top_k": top_k, "moe_hidden": dense.ffn_hidden, "moe_capacity_factor": capacity_factor})
-    fields = {f: getattr(dense, f) for f in ModelConfig.__dataclass_fields__}
-    fields.update(parallel_block=True, attention_type="moa", ffn_type="moe", extra=extra)
-    return ModelConfig(**fields)
+    return replace(dense, parallel_block=True, attention_type="moa", ffn_type="moe",
+                   moa=MoAOptions(experts=n_experts, share_kv=share_kv),
+                   moe=MoEOptions(experts=n_experts, top_k=top_k, hidden=dense.ffn_hidden,
+                                  capacity_factor=capacity_factor))
 
 
 def _layer_keys(sd: dict[str, torch.Tensor]) -> int:

@@ -1,6 +1,6 @@
 """Expert parallelism of MoE layers inside a data × context parallel job: split, reduce, clip, save.
 
-With ``model.extra.moe_expert_parallel`` under cp > 1, :func:`apply_expert_parallel` (a step of
+With ``model.moe.expert_parallel`` under cp > 1, :func:`apply_expert_parallel` (a step of
 ``longreach.model_setup.parallelize``, before any wrapper and before the optimizer exists) keeps only this
 rank's ``E / cp`` experts over the **cp** group. The ranks that hold the *same* experts are the ranks
 with the same cp coordinate, i.e. the **dp** dimension of the mesh. The engine (``longreach.engines``)
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from longreach.errors import UserError
+from longreach.errors import ConfigError
 from longreach.parallel.comm import all_reduce
 
 from .moe import MoEFFN, expert_parameter_names, is_expert_parameter
@@ -67,7 +67,7 @@ def expert_shards(model: nn.Module) -> ExpertShards | None:
 
 
 def expert_parallel_layers(model: nn.Module) -> list[MoEFFN]:
-    """MoE layers configured for expert parallelism (``model.extra.moe_expert_parallel``)."""
+    """MoE layers configured for expert parallelism (``model.moe.expert_parallel``)."""
     return [m for m in model.modules() if isinstance(m, MoEFFN) and m.cfg.expert_parallel]
 
 
@@ -87,12 +87,12 @@ def apply_expert_parallel(model: nn.Module, mesh: Any, group: dist.ProcessGroup)
         return []
     moe = [m for m in model.modules() if isinstance(m, MoEFFN)]
     if len(layers) != len(moe):
-        raise UserError("model.extra.moe_expert_parallel must be set for every MoE layer or for none")
+        raise ConfigError("model.moe.expert_parallel must be set for every MoE layer or for none")
     cp = dist.get_world_size(group)
     bad = sorted({m.cfg.num_experts for m in moe if m.cfg.num_experts % cp})
     if bad:
-        raise UserError(f"model.extra.moe_experts={bad[0]} does not divide by parallel.cp={cp}, which "
-                        "model.extra.moe_expert_parallel splits the experts over; use a multiple of parallel.cp")
+        raise ConfigError(f"model.moe.experts={bad[0]} does not divide by parallel.cp={cp}, which "
+                        "model.moe.expert_parallel splits the experts over; use a multiple of parallel.cp")
     for m in moe:
         m.shard_experts(group)
     params = [p for p in model.parameters() if is_expert_parameter(p)]  # same order on every rank

@@ -30,13 +30,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from longreach.errors import ConfigError
+from longreach.models.config import MOE_ROUTINGS
+from longreach.models.rope import apply_rotary
 from longreach.parallel.expert import combine_tokens, dispatch_tokens
 
 from .routing import at_least_f32, RoutingTap, attention_mix, balance_loss, similarity_mix, top_k_gates, z_loss
 
 __all__ = ["MoEConfig", "MoEFFN", "StackedLinear", "SwiGLUExperts", "is_expert_parameter", "expert_parameter_names", "ROUTINGS"]
 
-ROUTINGS = ("token", "attention", "similarity")
+ROUTINGS = MOE_ROUTINGS
 _EXPERT_ATTR = "_longreach_expert_parallel"
 
 
@@ -76,21 +79,21 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.hidden < 1:
-            raise ValueError(f"moe.dim and moe.hidden must be >= 1, got {self.dim}, {self.hidden}")
+            raise ConfigError(f"moe.dim and moe.hidden must be >= 1, got {self.dim}, {self.hidden}")
         if self.num_experts < 1:
-            raise ValueError(f"moe.num_experts must be >= 1, got {self.num_experts}")
+            raise ConfigError(f"moe.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"moe.top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
+            raise ConfigError(f"moe.top_k must be in 1..num_experts={self.num_experts}, got {self.top_k}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
+            raise ConfigError(f"moe.capacity_factor must be > 0 or null, got {self.capacity_factor}")
         if self.routing not in ROUTINGS:
-            raise ValueError(f"moe.routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}")
+            raise ConfigError(f"moe.routing must be one of {', '.join(ROUTINGS)}; got {self.routing!r}")
         if self.similarity_tau <= 0:
-            raise ValueError(f"moe.similarity_tau must be > 0, got {self.similarity_tau}")
+            raise ConfigError(f"moe.similarity_tau must be > 0, got {self.similarity_tau}")
         if self.similarity_heads < 1 or (self.routing == "similarity" and self.dim % self.similarity_heads):
-            raise ValueError(f"moe.similarity_heads={self.similarity_heads} must be >= 1 and divide dim={self.dim}")
+            raise ConfigError(f"moe.similarity_heads={self.similarity_heads} must be >= 1 and divide dim={self.dim}")
         if self.balance_coef < 0 or self.z_coef < 0 or self.router_init_std < 0 or self.init_std < 0:
-            raise ValueError("moe.balance_coef, z_coef, router_init_std and init_std must be >= 0")
+            raise ConfigError("moe.balance_coef, z_coef, router_init_std and init_std must be >= 0")
 
 
 def is_expert_parameter(p: torch.Tensor) -> bool:
@@ -218,11 +221,15 @@ class MoEFFN(nn.Module):
     def bind_attention(self, attn: nn.Module) -> None:
         """Read the preceding attention layer's q, k (post-RoPE), context and inner attention.
 
+        A decoder block calls it once, when it builds its feed-forward next to its attention; with
+        ``routing="token"`` it does nothing.
         Our attention layers (MoH, SQA, MoA) record them on a :class:`RoutingTap`; any other layer
         with ``q_proj``/``k_proj``, ``n_heads``, ``n_kv_heads``, ``head_dim`` (the Llama ``mha``) gets a
         forward hook that recomputes q, k from its input (with gradient unless ``routing_grad`` is off,
         so routing's gradient reaches q_proj and k_proj as it does through our own layers' taps).
         """
+        if self.cfg.routing == "token":
+            return  # token routing reads nothing of the attention layer
         tap = RoutingTap()
         self.routing_tap = tap
         if hasattr(attn, "routing_tap"):
@@ -237,8 +244,6 @@ class MoEFFN(nn.Module):
             old.remove()
 
         def hook(mod: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            from longreach.models.rope import apply_rotary
-
             x, cos, sin, ctx = args[:4]
             b, s, _ = x.shape
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.routing_grad):
@@ -261,7 +266,7 @@ class MoEFFN(nn.Module):
             if tap is None or not tap.ready:
                 raise RuntimeError(
                     f"MoE layer {self.layer_idx}: routing='attention' needs the preceding attention layer's q, k; "
-                    "link them with longreach.mixtures.link_attention_routing(model)")
+                    "a block built from a config binds them (MoEFFN.bind_attention(attn) for a hand-built one)")
             q, k = (tap.q, tap.k) if self.cfg.routing_grad else (tap.q.detach(), tap.k.detach())
             mixed = attention_mix(p3, q, k, inner=inner, ctx=ctx)  # [B, S, E]
         else:

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
+from longreach.errors import ConfigError
+from longreach.models.config import MOH_EXECUTIONS, MOH_VARIANTS
 from longreach.models.rope import apply_rotary
 
 from .routed import routed_attention, supports_routed
@@ -36,8 +38,8 @@ from .routing import at_least_f32, RoutingTap, balance_loss, top_k_gates
 
 __all__ = ["MoHConfig", "MoHAttention", "moh_from_dense", "EXECUTIONS", "VARIANTS"]
 
-VARIANTS = ("router", "qnorm")
-EXECUTIONS = ("routed", "masked")
+VARIANTS = MOH_VARIANTS
+EXECUTIONS = MOH_EXECUTIONS
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,20 +65,20 @@ class MoHConfig:
 
     def __post_init__(self) -> None:
         if self.n_heads < 1 or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"moh: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+            raise ConfigError(f"moh: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if not 0 <= self.n_shared <= self.n_heads:
-            raise ValueError(f"moh_shared must be in 0..n_heads={self.n_heads}, got {self.n_shared}")
+            raise ConfigError(f"moh.shared must be in 0..n_heads={self.n_heads}, got {self.n_shared}")
         routed = self.n_heads - self.n_shared
         if routed == 0 and self.top_k != 0:
-            raise ValueError(f"moh_top_k must be 0 when every head is shared, got {self.top_k}")
+            raise ConfigError(f"moh.top_k must be 0 when every head is shared, got {self.top_k}")
         if routed > 0 and not 1 <= self.top_k <= routed:
-            raise ValueError(f"moh_top_k must be in 1..{routed} (the routed heads), got {self.top_k}")
+            raise ConfigError(f"moh.top_k must be in 1..{routed} (the routed heads), got {self.top_k}")
         if self.variant not in VARIANTS:
-            raise ValueError(f"moh_variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+            raise ConfigError(f"moh.variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
         if self.execution not in EXECUTIONS:
-            raise ValueError(f"moh_execution must be one of {', '.join(EXECUTIONS)}; got {self.execution!r}")
+            raise ConfigError(f"moh.execution must be one of {', '.join(EXECUTIONS)}; got {self.execution!r}")
         if self.balance_coef < 0:
-            raise ValueError(f"moh_balance_coef must be >= 0, got {self.balance_coef}")
+            raise ConfigError(f"moh.balance_coef must be >= 0, got {self.balance_coef}")
 
     @property
     def n_routed(self) -> int:

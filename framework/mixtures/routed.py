@@ -31,6 +31,10 @@ import torch.distributed as dist
 from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention, base_mask
 from longreach.kernels import get_backend
 from longreach.kernels.masks import Mask
+from longreach.kernels import merge_attention
+from longreach.kernels.api import resolve_backend
+from longreach.parallel.comm import all_gather_into, reduce_scatter_into
+from longreach.parallel.layouts import positions_for
 
 __all__ = ["WINDOW", "Job", "RoutedSegments", "plan_jobs", "routed_attention", "supports_routed"]
 
@@ -50,8 +54,6 @@ def _cp(inner: LocalAttention) -> tuple[dist.ProcessGroup | None, str, int, int]
 
 def _backend(name: str, q: torch.Tensor, mask: Any) -> ModuleType:
     """The local backend of one call: the layer's, or for ``auto`` the kernels' own choice for this mask."""
-    from longreach.kernels.api import resolve_backend
-
     return get_backend(resolve_backend(name, q, mask))
 
 
@@ -127,8 +129,6 @@ class _GatheredKV:
     """All-gather of K/V over the cp group into global order, and the inverse reduce-scatter."""
 
     def __init__(self, group: dist.ProcessGroup | None, size: int, layout: str, seq_len: int) -> None:
-        from longreach.parallel.layouts import positions_for
-
         self.group, self.size = group, size
         if size > 1:
             gathered = torch.cat([positions_for(seq_len, layout, r, size) for r in range(size)])  # rank-major
@@ -140,8 +140,6 @@ class _GatheredKV:
         """``[B, S/P, Hkv, W]`` → ``[B, S, Hkv, W]`` in global position order."""
         if self.size == 1:
             return kv
-        from longreach.parallel.comm import all_gather_into
-
         local = kv.transpose(0, 1).contiguous()  # [S/P, B, Hkv, W]
         buf = local.new_empty((self.size * local.shape[0],) + tuple(local.shape[1:]))  # [S, B, Hkv, W] rank-major
         all_gather_into(buf, local, group=self.group)
@@ -151,8 +149,6 @@ class _GatheredKV:
         """Inverse of :meth:`gather` for gradients: ``[B, S, Hkv, W]`` → this rank's summed ``[B, S/P, Hkv, W]``."""
         if self.size == 1:
             return grad
-        from longreach.parallel.comm import reduce_scatter_into
-
         rank_major = torch.empty_like(grad.transpose(0, 1))  # [S, B, Hkv, W]
         rank_major[self.order.to(grad.device)] = grad.transpose(0, 1)
         out = rank_major.new_empty((rank_major.shape[0] // self.size,) + tuple(rank_major.shape[1:]))
@@ -163,8 +159,6 @@ class _GatheredKV:
 class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_packed, k, v, seg: RoutedSegments, kv: _GatheredKV):  # type: ignore[override]
-        from longreach.kernels import merge_attention
-
         d = k.shape[-1]
         full = kv.gather(torch.cat([k, v], dim=-1))  # [B, S, Hkv, D+E]
         acc = torch.float64 if q_packed.dtype == torch.float64 else torch.float32
@@ -230,8 +224,6 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: 
     group, layout, rank, size = _cp(inner)
     seq_len = ctx.seq_len if ctx.seq_len is not None else s * size
     if size > 1:
-        from longreach.parallel.layouts import positions_for
-
         pos = positions_for(seq_len, layout, rank, size)  # [S] global positions of the local tokens
         k_pos = torch.arange(seq_len)
     else:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
+from longreach.errors import ConfigError
 from longreach.models.rope import apply_rotary
 
 from .routing import RoutingTap
@@ -33,9 +34,9 @@ class SQAConfig:
 
     def __post_init__(self) -> None:
         if self.n_q_heads < 1 or self.n_kv_heads < 1 or self.n_q_heads % self.n_kv_heads:
-            raise ValueError(f"sqa_kv_heads={self.n_kv_heads} must be >= 1 and divide sqa_q_heads={self.n_q_heads}")
+            raise ConfigError(f"sqa.kv_heads={self.n_kv_heads} must be >= 1 and divide sqa.q_heads={self.n_q_heads}")
         if self.head_dim < 2 or self.head_dim % 2:
-            raise ValueError(f"sqa head_dim must be even, got {self.head_dim}")
+            raise ConfigError(f"sqa head_dim must be even, got {self.head_dim}")
 
 
 class SQAttention(nn.Module):

@@ -13,15 +13,16 @@ every seed must agree. The output folder receives ``model.safetensors`` and ``co
 from __future__ import annotations
 
 import argparse
-import difflib
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from longreach.errors import UserError
+from longreach.configio import from_dict, read_yaml, to_dict
+from longreach.errors import ConfigError, UserError
 from longreach.models.config import ModelConfig
+from longreach.models import build_model
+from longreach.sources import load_tokenizer, read_state_dict, resolve_source
 
 from .bam import upcycle_state_dicts
 
@@ -58,28 +59,13 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_config(path: Path) -> ModelConfig:
-    """A ModelConfig from a YAML file (``model:`` section or bare fields); unknown keys are errors."""
-    import yaml
-
+    """A ModelConfig from a YAML file (``model:`` section or bare fields), loaded strictly (unknown keys,
+    wrong types and malformed YAML are a :class:`~longreach.errors.ConfigError` naming the file)."""
     if not path.is_file():
-        raise UserError(f"model config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from None
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data = data["model"]
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of model settings")
-    valid = [f.name for f in fields(ModelConfig)]
-    for key in data:
-        if key not in valid:
-            near = difflib.get_close_matches(key, valid, n=1)
-            raise UserError(f"{path}: unknown model setting {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
-    try:
-        return ModelConfig(**data)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: {e}") from None
+        raise ConfigError(f"model config {path} does not exist")
+    data = read_yaml(path)
+    section = data["model"] if isinstance(data.get("model"), dict) else data
+    return from_dict(ModelConfig, section, source=str(path))
 
 
 def _seed_config(seed: Path) -> Path | None:
@@ -94,7 +80,7 @@ def save_mixture(out_dir: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "config.yaml").write_text(yaml.safe_dump({"model": asdict(cfg), "upcycle": meta}, sort_keys=False))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg), "upcycle": meta}, sort_keys=False))
     return out_dir / "model.safetensors"
 
 
@@ -112,8 +98,6 @@ def _seed_info(seed: Path) -> tuple[ModelConfig | None, str]:
     if _is_state_file(seed):
         cfg_path = _seed_config(seed)
         return (load_model_config(cfg_path) if cfg_path is not None else None), str(_state_file(seed))
-    from longreach.sources import resolve_source
-
     src = resolve_source(seed)
     return src.model_config(), str(src.path)
 
@@ -121,8 +105,6 @@ def _seed_info(seed: Path) -> tuple[ModelConfig | None, str]:
 def _load_seed(seed: Path) -> dict[str, torch.Tensor]:
     if _is_state_file(seed):
         return load_state(_state_file(seed))
-    from longreach.sources import read_state_dict, resolve_source
-
     return {k.removeprefix("module."): v for k, v in read_state_dict(resolve_source(seed)).items()}
 
 
@@ -149,8 +131,6 @@ def upcycle(seeds: list[Path], out_dir: Path, *, model_config: Path | None = Non
     states = [_load_seed(Path(p)) for p in seeds]
     cfg, state = upcycle_state_dicts(states, dense, share_kv=share_kv, top_k=top_k, capacity_factor=capacity_factor,
                                      names=[str(f) for f in files], seed=seed)
-    from longreach.models import build_model
-
     model = build_model(cfg)  # the mixture must load into our model exactly
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -168,8 +148,6 @@ def _copy_tokenizer(seed: Path, out_dir: Path) -> None:
 
     if _is_state_file(seed):
         return
-    from longreach.sources import load_tokenizer, resolve_source
-
     tok = load_tokenizer(resolve_source(seed))
     if tok is not None and hasattr(tok, "sp"):
         shutil.copyfile(tok.path, out_dir / "tokenizer.model")

@@ -92,6 +92,8 @@ class Block(nn.Module):
         self.self_attn = lookup(ATTENTION_TYPES, cfg.attention_type, "model.attention_type")(cfg, layer_idx)
         self.post_attention_layernorm = None if cfg.parallel_block else RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = lookup(FFN_TYPES, cfg.ffn_type, "model.ffn_type")(cfg, layer_idx)
+        if hasattr(self.mlp, "bind_attention"):  # a feed-forward that routes by its block's attention (MoE)
+            self.mlp.bind_attention(self.self_attn)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         h = self.input_layernorm(x)  # [B, S, dim]

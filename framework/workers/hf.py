@@ -96,7 +96,8 @@ def finetune_job(rank: int, world_size: int, checkpoint: str, out_dirs: dict[str
         Per recipe: losses, rope_parameters and the probe ids/logits (eval-mode patched model); under
         ``"resumed"``: the losses of the interrupted-and-resumed run and the step each call ended at.
     """
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
+    from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.hf.rope import RopeScaling
     from longreach.parallel.config import ParallelConfig
@@ -156,15 +157,16 @@ def bf16_engines(rank: int, world_size: int, checkpoint: str, tokens_path: str, 
                  engines: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Fine-tune the bf16 ``checkpoint`` for 2 steps at lr 2e-5 (dp over all ranks) under each engine;
     returns per engine the trained HF parameters (float32 numpy, full on every rank) or the error text."""
-    import longreach.hf.model as hf_model
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource, finetune
+    import longreach.hf.train as hf_train
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTData, FTRun, FTTrain, HFSource
+    from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.job import EngineConfig
     from longreach.parallel.config import ParallelConfig
 
     built: list[Any] = []
-    real = hf_model.build_hf_model
-    hf_model.build_hf_model = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
+    real = hf_train.build_hf_model
+    hf_train.build_hf_model = lambda *a, **k: built.append(real(*a, **k)) or built[-1]
     out: dict[str, Any] = {}
     try:
         for name, engine in engines.items():
@@ -179,7 +181,7 @@ def bf16_engines(rank: int, world_size: int, checkpoint: str, tokens_path: str, 
             except Exception as exc:  # noqa: BLE001 - reported per engine in the test
                 out[name] = f"{type(exc).__name__}: {exc}"
     finally:
-        hf_model.build_hf_model = real
+        hf_train.build_hf_model = real
     return out
 
 
@@ -187,7 +189,8 @@ def deepspeed_lean_resume(rank: int, world_size: int, checkpoint: str, tokens_pa
                           trainable_only: bool) -> dict[str, Any]:
     """DeepSpeed ZeRO-2 bf16 fine-tune (dp over all ranks): 3 steps straight, and 2 steps then resumed to 3
     from the step-2 checkpoint; returns both loss lists and the resumed run's checkpoint folder."""
-    from longreach.hf.cli import FinetuneConfig, FTAttention, FTCheckpoint, FTData, FTRun, FTTrain, HFSource, finetune
+    from longreach.hf.config import FinetuneConfig, FTAttention, FTCheckpoint, FTData, FTRun, FTTrain, HFSource
+    from longreach.hf.train import finetune
     from longreach.hf.recipes import RecipeConfig
     from longreach.job import EngineConfig
     from longreach.parallel.config import ParallelConfig

@@ -196,7 +196,7 @@ def tnl_recipe_runs(rank: int, world_size: int, runs: list[list[str]],
     positions). Returns the per-step losses of each run from its ``metrics.jsonl`` (rank 0; other ranks
     return empty lists).
     """
-    from longreach.config import load_config, resolve_config_path
+    from longreach.configio import load_config, resolve_config_path
     from longreach.job import JobConfig
     from longreach.metrics import read_metrics
     from longreach.trainer import train

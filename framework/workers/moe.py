@@ -227,17 +227,17 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
 
     from longreach.metrics import read_metrics
     from longreach.trainer import train
-    from longreach.workers.trainer import MOE_EXTRA, SyntheticBatches, _full_state_from_checkpoint, moe_job
+    from longreach.workers.trainer import MOE_OPTIONS, SyntheticBatches, _full_state_from_checkpoint, moe_job
     from longreach.workers.trainer import _close as _rel_close
 
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
-              "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
+              "parallel.layout": "zigzag", "attention.backend": "cpu"}
     split_over, resume_over = ENGINE_RUNS[engine]
     failures: list[str] = []
 
     def run(name: str, ep: bool, over: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common, **over})
+        cfg = moe_job(moe={"expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common, **over})
         data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0)
         return cfg, train(cfg, data=data)
 
@@ -253,7 +253,7 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
     want = read_metrics(rep["metrics"])
     compare(f"{engine} split experts", read_metrics(split["metrics"]), want)
     m = cfg_rep.model
-    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
+    all_experts = m.n_layers * 3 * MOE_OPTIONS["experts"] * m.dim * m.ffn_hidden
     if split["expert_params"] != all_experts // 2:
         failures.append(f"{engine}: rank {rank} holds {split['expert_params']} expert parameters, want "
                         f"{all_experts // 2}")

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longreach.models.config import MoEOptions
+
 IGNORE = -100
 
 
@@ -98,8 +100,8 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> str 
 
 # MoE with experts split over cp; the load-balancing loss (nonlinear in per-rank token shares) and the
 # capacity limit (per-rank token counts) differ from a single rank by design, so both are off here
-_MOE_GRAD_MODEL = {"model.ffn_type": "moe", "model.extra": {"moe_experts": 4, "moe_top_k": 2,
-                                                           "moe_balance_coef": 0.0, "moe_expert_parallel": True}}
+_MOE_GRAD_MODEL = {"model.ffn_type": "moe",
+                   "model.moe": MoEOptions(experts=4, top_k=2, balance_coef=0.0, expert_parallel=True)}
 
 
 def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[str]:
@@ -124,7 +126,7 @@ def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -
             cfg = tiny_job(**{"train.seq_len": 24, "train.grad_accum": accum, "attention.backend": "reference",
                               "parallel.dp": dp, "parallel.cp": cp,
                               "parallel.strategy": case.get("strategy", "ring"),
-                              "parallel.layout": case.get("layout", "zigzag"), "parallel.backend": "reference",
+                              "parallel.layout": case.get("layout", "zigzag"),
                               "train.loss_chunk_size": 7,
                               "train.activation_checkpointing": case.get("activation_checkpointing", False),
                               **(_MOE_GRAD_MODEL if case.get("moe") else {})})
@@ -225,14 +227,14 @@ def two_rank_suite(rank: int, world_size: int, grad_cases: list[dict[str, Any]],
     return failures, summaries, (straight, again), moe
 
 
-MOE_EXTRA = {"moe_experts": 4, "moe_top_k": 2, "moe_capacity_factor": 2.0, "moe_routing": "attention"}
+MOE_OPTIONS = {"experts": 4, "top_k": 2, "capacity_factor": 2.0, "routing": "attention"}
 
 
 def moe_job(**over: Any):
     """:func:`tiny_job` with configs/moe_tiny_cpu.yaml's MoE FFN (4 SwiGLU experts, top-2, capacity 2,
-    attention-aware routing); ``moe_expert_parallel`` and other ``model.extra`` keys via ``extra``."""
-    extra = {**MOE_EXTRA, **over.pop("extra", {})}
-    return tiny_job(**{"model.ffn_type": "moe", "model.extra": extra, **over})
+    attention-aware routing); ``expert_parallel`` and other ``model.moe`` options via ``moe``."""
+    moe = MoEOptions(**{**MOE_OPTIONS, **over.pop("moe", {})})
+    return tiny_job(**{"model.ffn_type": "moe", "model.moe": moe, **over})
 
 
 def _full_state_from_checkpoint(ckpt: str, cfg: Any) -> dict[str, torch.Tensor]:
@@ -264,7 +266,7 @@ def _split_vs_replicated(rank: int, out_dir: str, common: dict[str, Any], *, dp_
     failures: list[str] = []
     summaries: dict[str, Any] = {}
     for name, ep in (("replicated", False), ("split", True)):
-        cfg = moe_job(extra={"moe_expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common})
+        cfg = moe_job(moe={"expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common})
         data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0,
                                 dp_rank=dp_rank, dp_size=dp_size)
         summaries[name] = train(cfg, data=data)
@@ -275,7 +277,7 @@ def _split_vs_replicated(rank: int, out_dir: str, common: dict[str, Any], *, dp_
                 failures.append(f"step {a['step']} {key}: split experts {b[key]!r} != replicated {a[key]!r}")
     # this rank's share of the expert parameters: half of them
     m = cfg.model
-    all_experts = m.n_layers * 3 * MOE_EXTRA["moe_experts"] * m.dim * m.ffn_hidden
+    all_experts = m.n_layers * 3 * MOE_OPTIONS["experts"] * m.dim * m.ffn_hidden
     want = {"replicated": (summaries["replicated"]["local_params"], 0),
             "split": (summaries["replicated"]["local_params"] - all_experts // 2, all_experts // 2)}
     for name, (local, experts) in want.items():
@@ -305,7 +307,7 @@ def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tupl
 
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
-              "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
+              "parallel.layout": "zigzag", "attention.backend": "cpu"}
     failures, summaries, cfg, split = _split_vs_replicated(rank, out_dir, common)
     # final weights: the split experts gathered from the checkpoint equal the replicated ones
     if rank == 0:
@@ -319,7 +321,7 @@ def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tupl
     if rank == 0:
         shutil.rmtree(sorted(Path(out_dir, "split", "checkpoints").glob("step-*"))[-1])
     dist.barrier()
-    cfg = moe_job(extra={"moe_expert_parallel": True}, **{"run.out_dir": f"{out_dir}/split", **common})
+    cfg = moe_job(moe={"expert_parallel": True}, **{"run.out_dir": f"{out_dir}/split", **common})
     train(cfg, data=SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0))
     again = read_metrics(summaries["split"]["metrics"])
     if [(r["loss"], r["grad_norm"]) for r in again] != [(r["loss"], r["grad_norm"]) for r in split]:
@@ -350,7 +352,7 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
     cfg = tiny_job(**{"train.seq_len": 24, "parallel.dp": 2, "parallel.cp": 2, **_MOE_GRAD_MODEL})
     mesh, dp_rank, _ = build_mesh(ParallelConfig(dp=2, cp=2), world_size, torch.device("cpu"))
     shards = expert_shards(parallelize(build_model(cfg.model), cfg, mesh))
-    if shards is None or any(p.shape[0] != _MOE_GRAD_MODEL["model.extra"]["moe_experts"] // 2 for p in shards.params):
+    if shards is None or any(p.shape[0] != _MOE_GRAD_MODEL["model.moe"].experts // 2 for p in shards.params):
         failures.append(f"rank {rank}: expert shards {None if shards is None else [p.shape for p in shards.params]}"
                         " do not hold E / cp = 2 experts each")
     elif shards.replicas is None or sorted(dist.get_process_group_ranks(shards.replicas)) != [rank % 2, rank % 2 + 2]:
@@ -359,6 +361,6 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
                         f"want the ranks with the same cp coordinate {[rank % 2, rank % 2 + 2]}")
     common = {"run.steps": 3, "train.seq_len": 32, "train.micro_batch_size": 2, "train.lr": 1e-2,
               "train.warmup_steps": 1, "parallel.dp": 2, "parallel.cp": 2, "parallel.layout": "zigzag",
-              "attention.backend": "cpu", "parallel.backend": "cpu"}
+              "attention.backend": "cpu"}
     more, summaries, _, _ = _split_vs_replicated(rank, out_dir, common, dp_rank=dp_rank, dp_size=2)
     return failures + more, summaries

@@ -14,11 +14,10 @@ from longreach.kernels.api import resolve_backend
 
 from ..ring_flash_adapter import try_attention as ring_flash_attention
 from ..comm import CPGroup, group_ranks
+from ..config import STRATEGIES
 from ..layouts import LAYOUTS, DocumentZigzag, group_rank_size, layout_multiple, positions_for
 from .allgather import AllGatherEngine, AllGatherPlan
 from .hybrid import HybridEngine, HybridPlan
-
-STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
 
 __all__ = ["STRATEGIES", "cp_attention", "layout_positions"]
 

@@ -39,6 +39,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "parse_override",
+    "read_yaml",
     "resolve_config_path",
     "save_resolved",
     "to_dict",
@@ -107,7 +108,9 @@ def _load_yaml_text(text: str, where: str) -> Any:
         loader.dispose()
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML file's top-level mapping, read strictly (duplicate keys, alias bombs and malformed YAML are
+    ConfigErrors naming the file and line)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -229,6 +232,10 @@ def _coerce_inner(value: Any, tp: Any, key: str, src: str) -> Any:
             _fail(value, tp, key, src)
         errors = []
         members = [a for a in args if a is not type(None)]
+        sections = [a for a in members if dataclasses.is_dataclass(a) and isinstance(a, type)]
+        if isinstance(value, dict) and len(sections) == 1:
+            # an optional section (``model.moe``): its own errors name the misspelt key inside it
+            return _coerce_inner(value, sections[0], key, src)
         # exact type matches first so that ``int | str`` keeps 3 an int and "a" a str
         for a in members:
             if isinstance(a, type) and not typing.get_args(a) and type(value) is a:
@@ -341,7 +348,12 @@ def _suggest_suffix(word: str, options: Iterable[str]) -> str:
     return ""
 
 
-def _unknown_key(src: str, key: str, name: str, valid: list[str]) -> ConfigError:
+def _unknown_key(src: str, key: str, name: str, valid: list[str], cls: type | None = None) -> ConfigError:
+    """The error for a key ``cls`` does not have: a removed key (``cls.__removed_keys__``: name → the setting
+    that replaced it) names its replacement, any other the nearest valid key."""
+    removed = getattr(cls, "__removed_keys__", {}) if cls is not None else {}
+    if name in removed:
+        return ConfigError(f"{src}: config key {key!r} was removed; use {removed[name]}")
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     prefix = key[: -len(name)]
     if close:
@@ -363,7 +375,7 @@ def _build(cls: type[T], data: dict, src: str, prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if not isinstance(name, str) or name not in fields:
-            raise _unknown_key(src, key, str(name), list(fields))
+            raise _unknown_key(src, key, str(name), list(fields), cls)
         f = fields[name]
         kwargs[name] = _coerce(value, hints.get(name, f.type), key, src, _choices(f))
     for name, f in fields.items():
@@ -486,7 +498,7 @@ def _set_override(cls: type, data: dict, key: str, value: Any, raw: str, src: st
         found = _field_type(node_cls, part)
         if found is None:
             valid = [f.name for f in dataclasses.fields(node_cls) if f.init]
-            raise _unknown_key(src, dotted, part, valid)
+            raise _unknown_key(src, dotted, part, valid, node_cls)
         tp, _f = found
         inner = _strip_optional(tp)
         if last:
@@ -587,7 +599,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: Iterable[str] 
         src = "defaults"
     else:
         file = resolve_config_path(path)
-        data = _read_yaml(file)
+        data = read_yaml(file)
         src = str(file)
     overrides = list(overrides)
     if overrides:
