@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from .masks import Mask, PlacedMask, _Causal
+from .masks import Mask, PlacedMask
+from .masks.algebra import _Causal
 
 # name -> (module path, predicate(device) telling whether the backend can run here)
 _BACKENDS: dict[str, tuple[str, Callable[[torch.device], bool]]] = {}

@@ -23,7 +23,7 @@ from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
 
-from . import register_attention, register_ffn, register_model, lookup, ATTENTION_TYPES, FFN_TYPES
+from .registry import ATTENTION_TYPES, FFN_TYPES, lookup, register_attention, register_ffn, register_model
 from .base import DecoderLM
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary

@@ -36,7 +36,7 @@ from longreach.attention import AttentionContext
 from longreach.kernels.lightning import BACKENDS as LIGHTNING_BACKENDS
 from longreach.kernels.lightning import lightning_attention
 
-from . import ATTENTION_TYPES, lookup, register_model
+from .registry import ATTENTION_TYPES, lookup, register_model
 from .config import ModelConfig
 from .base import DecoderLM
 from .rope import RotaryEmbedding

@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 
 from ..dense.reference import check_shapes
-from ..masks import FULL, PARTIAL, Mask, PlacedMask, _Full, place
+from ..masks import FULL, PARTIAL, Mask, PlacedMask, full, place
 from ..slices.plan import PlanCache
 from ._plan import build_plan
 
@@ -109,7 +109,7 @@ def _placed(q, k, mask) -> PlacedMask:
     sq, sk, h = q.shape[1], k.shape[1], q.shape[2]
     placed = place(mask, sq, sk, num_heads=h)
     if placed is None:
-        placed = _Full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
+        placed = full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
     return placed
 
 

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..dense.reference import check_shapes  # noqa: E402
-from ..masks import Mask, PlacedMask, _Full, place  # noqa: E402
+from ..masks import Mask, PlacedMask, full, place  # noqa: E402
 from ..slices.plan import PlanCache  # noqa: E402
 from ._plan import TilePlan, build_plan  # noqa: E402
 
@@ -253,7 +253,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | Pla
     sk = k.shape[1]
     placed = place(mask, sq, sk, num_heads=h)
     if placed is None:  # full attention: every tile FULL
-        placed = _Full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
+        placed = full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
     bm, bn = block_sizes(q.device, d)
 
     def build() -> TilePlan:

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from ..masks import Mask, PlacedMask, _Causal, place
+from ..masks import Mask, PlacedMask, place
+from ..masks.algebra import _Causal
 from .reference import check_shapes, grad_compute_dtype
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -1,21 +1,7 @@
-"""Mask algebra: attention masks as data over *global* positions (DESIGN.md §2).
+"""The mask algebra: :class:`Mask`, its placement on a call's positions, ``&``/``|``, and the basic factories.
 
-A :class:`Mask` answers, for a set of global query positions × key positions and a set of global
-heads, which (query, key) pairs may attend. Because positions are global, a mask means the same on
-every rank whatever the sequence layout. Three views are offered:
-
-* ``dense(q_pos, k_pos, heads=..., num_heads=..., seq_len=...)`` — the elementwise pattern,
-  ``bool [Hm, Sq, Sk]`` with ``Hm`` = 1 for head-independent masks, else ``len(heads)``;
-* ``classify(...)`` — per head, whether the whole block is EMPTY, PARTIAL or FULL;
-* ``block_map(..., block_q, block_k)`` — the same per tile, ``int8 [Hm, nQ, nK]``.
-
-Classification may be conservative (PARTIAL where the truth is EMPTY or FULL): callers compute
-PARTIAL blocks elementwise, so a conservative answer costs time, never correctness.
-
-Factories are causal unless they say otherwise: ``sliding_window(w)`` keeps 0 ≤ i−j < w,
-``sinks(n)`` keeps j < n and j ≤ i, ``documents(cu)`` keeps same-document j ≤ i.
-Masks combine with ``&`` and ``|``. Random masks (SSA) read the training step and layer through
-:meth:`Mask.at`, so every rank derives the same sample without communicating.
+The sparse patterns of papers (PowerAttention, LongLoRA S2, SinkLoRA SF, SSA) are built on these
+classes in :mod:`longreach.kernels.masks.patterns`; :mod:`longreach.kernels.masks` exports both.
 """
 from __future__ import annotations
 
@@ -24,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ._regions import INF, Region, intersect_lists, union_lists
+from .._regions import INF, Region, intersect_lists, union_lists
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -40,10 +26,6 @@ __all__ = [
     "sliding_window",
     "sinks",
     "documents",
-    "power",
-    "s2",
-    "sf",
-    "ssa",
 ]
 
 
@@ -551,31 +533,3 @@ def sinks(n: int) -> Mask:
 def documents(cu_seqlens: torch.Tensor | Sequence[int]) -> Mask:
     """Causal attention within packed documents; ``cu_seqlens`` are the global document offsets."""
     return _Documents(_as_pos(cu_seqlens))
-
-
-def power(block: int) -> Mask:
-    """PowerAttention: key block j visible to query block i iff i−j ∈ {0} ∪ {2^k} (causal)."""
-    from ._patterns import power as _power
-
-    return _power(block)
-
-
-def s2(group_size: int, variant: str = "varlen") -> Mask:
-    """LongLoRA shifted sparse attention (per head); see :mod:`longreach.kernels._patterns`."""
-    from ._patterns import s2 as _s2
-
-    return _s2(group_size, variant)
-
-
-def sf(group_size: int, sinks: int = 4) -> Mask:
-    """SinkLoRA SF-Attn: shifted groups without wrap-around plus global sink tokens (causal)."""
-    from ._patterns import sf as _sf
-
-    return _sf(group_size, sinks)
-
-
-def ssa(ratio: float, *, window: int, block: int, seed: int, bias: str = "local") -> Mask:
-    """Stochastically subsampled attention (per head, per step, per layer)."""
-    from ._patterns import ssa as _ssa
-
-    return _ssa(ratio, window=window, block=block, seed=seed, bias=bias)

@@ -1,6 +1,6 @@
 """Sparse attention patterns: PowerAttention, LongLoRA S2, SinkLoRA SF, stochastic subsampling (SSA).
 
-:mod:`longreach.kernels.masks` delegates its ``power``/``s2``/``sf``/``ssa`` factories here. Every
+:mod:`longreach.kernels.masks` exports the ``power``/``s2``/``sf``/``ssa`` factories defined here. Every
 pattern is a :class:`~longreach.kernels.masks.Mask` over *global* positions and *global* head ids, so it
 means the same on every rank whatever the sequence layout or Ulysses head split. Where it is cheap,
 a pattern also answers tile classification analytically from each tile's min/max positions; every such
@@ -36,8 +36,8 @@ from functools import lru_cache
 
 import torch
 
-from ._regions import INF, Region
-from .masks import Mask, _as_pos, _Or, _Sinks, _where3
+from .._regions import INF, Region
+from .algebra import Mask, _as_pos, _Or, _Sinks, _where3
 
 __all__ = ["power", "s2", "sf", "ssa", "splitmix64", "ssa_keep_probability"]
 
@@ -103,7 +103,7 @@ class _Power(Mask):
 
 
 def power(block: int) -> Mask:
-    """PowerAttention with blocks of ``block`` tokens (causal)."""
+    """PowerAttention with blocks of ``block`` tokens: key block j visible to query block i iff i−j ∈ {0} ∪ {2^k} (causal)."""
     return _Power(int(block))
 
 
