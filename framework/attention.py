@@ -1,4 +1,4 @@
-"""The model seam: one ``inner_attention(q, k, v, ctx)`` callable per attention layer (DESIGN.md §2).
+"""The model seam: one ``inner_attention(q, k, v, ctx)`` callable per attention layer (ARCHITECTURE.md §3).
 
 Models are written for one device. An attention layer computes q, k, v (``[B, S_local, H, D]``),
 applies positions, then calls ``self.inner_attention(q, k, v, ctx)``. Context parallelism, masks and

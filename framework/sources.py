@@ -1,4 +1,4 @@
-"""Open any model source: a run folder, a ``step-N`` checkpoint, an export or an HF folder (DESIGN.md §2).
+"""Open any model source: run folder, ``step-N`` checkpoint, export or HF folder (ARCHITECTURE.md §4).
 
     src = resolve_source("runs/demo")        # ModelSource(kind="run", path=runs/demo/checkpoints/step-…)
     print(src.describe())                    # "run folder runs/demo → step 100 (…/step-00000100)"

@@ -1,6 +1,6 @@
 """longreach.kernels — local (single-rank) attention operators and the mask algebra.
 
-Public entry points (DESIGN.md §2):
+Public entry points (framework/ARCHITECTURE.md §2):
 
     attention(q, k, v, *, mask=None, scale=None, backend="auto", return_lse=False)
     masks.causal(), masks.sliding_window(w), masks.sinks(n), masks.documents(cu_seqlens), ...

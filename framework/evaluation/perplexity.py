@@ -1,7 +1,7 @@
 """Perplexity with LongLoRA's protocol: independent windows of the target length at a fixed stride.
 
-ppl = exp(mean over windows of the mean next-token loss inside the window) (METHODS.md "Evaluation
-protocols"; windows start every 256 tokens by default). Each window is an independent sequence (no
+ppl = exp(mean over windows of the mean next-token loss inside the window) (LongLoRA's
+protocol; windows start every 256 tokens by default). Each window is an independent sequence (no
 context carried over); under context parallelism it is sharded with the model's patch layout.
 """
 from __future__ import annotations

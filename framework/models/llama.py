@@ -2,7 +2,7 @@
 
 Parameter names follow HF Llama (``embed_tokens``, ``layers.i.self_attn.q_proj`` …, ``norm``,
 ``lm_head``) so checkpoints map one to one. Attention ends in the seam ``inner_attention(q, k, v, ctx)``
-(DESIGN.md §2); context parallelism, masks and kernels are swapped in from outside by
+(framework/ARCHITECTURE.md §3); context parallelism, masks and kernels are swapped in from outside by
 :func:`longreach.parallelize.parallelize`, never by branches here.
 
 Forward::

@@ -1,6 +1,6 @@
 """TransNormerLLM: a decoder of lightning-attention (linear) layers, optionally hybrid with softmax layers.
 
-Written for one device (Qin et al., "TransNormerLLM", 2023; METHODS.md "Linear attention"):
+Written for one device (Qin et al., "TransNormerLLM", 2023; Lightning Attention-2):
 
 * pre-norm blocks ``x + mixer(SRMSNorm(x))`` then ``x + SGLU(SRMSNorm(x))``, where SimpleRMSNorm has no
   weight: ``x / sqrt(mean(x²) + 1e−6)``;

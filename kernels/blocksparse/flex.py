@@ -98,7 +98,7 @@ def _run(q, k, v, placed, scale):
         enable_gqa=hkv != h, return_aux=AuxRequest(lse=True),
     )
     lse = aux.lse.float()  # [B, H, Sq], natural log
-    if empty is not None:  # rows with no allowed key: out 0, lse -inf (DESIGN.md §2)
+    if empty is not None:  # rows with no allowed key: out 0, lse -inf (framework/ARCHITECTURE.md §2)
         e = empty[None].expand(b, h, sq)
         lse = lse.masked_fill(e, float("-inf"))
         out = out.masked_fill(e[..., None], 0.0)

@@ -6,7 +6,8 @@ means the same on every rank whatever the sequence layout or Ulysses head split.
 a pattern also answers tile classification analytically from each tile's min/max positions; every such
 answer is conservative for ANY position set inside those bounds (PARTIAL when unsure).
 
-Definitions (METHODS.md "Attention patterns"):
+Definitions (PowerAttention; LongLoRA, Chen et al., 2023, §3.2; SinkLoRA, 2024; Information
+Pathways, KDD 2023):
 
 * ``power(block)``: key j visible to query i iff j ≤ i and ``i//block − j//block`` ∈ {0} ∪ {2^k}.
 * ``s2(G, "varlen")``: heads h < H//2 attend causally inside groups [mG, (m+1)G); heads h ≥ H//2
@@ -17,8 +18,8 @@ Definitions (METHODS.md "Attention patterns"):
   (the wrap-around), so the mask is NOT causal (use it with ``causal=False``).
 * ``sf(G, sinks=4)``: SinkLoRA SF-Attn. Our exact definition: the shifted heads' groups are
   "segmented and reassembled" back to their un-shifted positions, i.e. no group wraps around: the
-  segments are [0, G/2), [G/2, 3G/2), …, [N−G/2, N) — the same pattern as ``s2(G, "varlen")`` (METHODS.md
-  calls the equivalence unverified; this is the reading we implement). Unshifted heads as in S2.
+  segments are [0, G/2), [G/2, 3G/2), …, [N−G/2, N) — the same pattern as ``s2(G, "varlen")`` (SinkLoRA ships
+  no code, so the equivalence is unverified; this is the reading we implement). Unshifted heads as in S2.
   Plus ``sinks`` global sink tokens on every head: key j < sinks is visible to every query i ≥ j
   (causal sinks; the paper's sinks also see the future, which leaks in a causal LM).
 * ``ssa(ratio, window=, block=, seed=, bias=)``: on blocks of ``block`` tokens, query block a keeps
