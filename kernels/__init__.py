@@ -21,11 +21,9 @@ __all__ = ["attention", "available_backends", "get_backend", "masks", "merge_att
 
 
 def __getattr__(name: str):
-    # lightning attention lives in its own folder and is loaded on first use
+    # lightning attention is loaded on first use, so `import longreach.kernels` stays light
     if name == "lightning_attention":
-        try:
-            from .lightning import lightning_attention
-        except ModuleNotFoundError as e:  # pragma: no cover - while the folder is absent
-            raise AttributeError(name) from e
+        from .lightning import lightning_attention
+
         return lightning_attention
     raise AttributeError(f"module 'longreach.kernels' has no attribute {name!r}")

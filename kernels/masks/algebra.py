@@ -14,20 +14,6 @@ from .._regions import INF, Region, intersect_lists, union_lists
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-__all__ = [
-    "EMPTY",
-    "PARTIAL",
-    "FULL",
-    "Mask",
-    "PlacedMask",
-    "place",
-    "causal",
-    "full",
-    "sliding_window",
-    "sinks",
-    "documents",
-]
-
 
 def _as_pos(x: torch.Tensor | Sequence[int]) -> torch.Tensor:
     t = torch.as_tensor(x, dtype=torch.long)
@@ -256,13 +242,6 @@ def _reduce_tiles(d: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     return out
 
 
-def _exact_block_map(mask: Mask, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
-    q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
-    heads = torch.arange(num_heads) if heads is None else _as_pos(heads)
-    d = mask.dense(q_pos, k_pos, heads=heads, num_heads=num_heads, seq_len=_default_seq_len(seq_len, q_pos, k_pos))
-    return _reduce_tiles(d, block_q, block_k)
-
-
 def _settle_tiles(mask: Mask, res: torch.Tensor, todo: torch.Tensor, q_pos, k_pos, *, block_q, block_k,
                   heads=None, num_heads=1, seq_len=None) -> torch.Tensor:
     """Replace the tiles flagged in ``todo [Hm, nQ, nK]`` by their exact class, evaluating the dense
@@ -415,13 +394,16 @@ class _Documents(Mask):
 
 
 @dataclass(frozen=True, eq=False)
-class _And(Mask):
+class _Combined(Mask):
+    """``a & b`` or ``a | b``: subclasses name the elementwise, tile-class and region operations."""
+
     a: Mask
     b: Mask
 
-    @property
-    def is_causal(self) -> bool:  # type: ignore[override]
-        return self.a.is_causal or self.b.is_causal
+    _name = ""
+    _pairs = staticmethod(torch.logical_and)  # elementwise patterns
+    _classes = staticmethod(torch.minimum)  # tile classes EMPTY < PARTIAL < FULL
+    _region_lists = staticmethod(intersect_lists)
 
     @property
     def per_head(self) -> bool:  # type: ignore[override]
@@ -429,19 +411,19 @@ class _And(Mask):
 
     def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
         kw = dict(heads=heads, num_heads=num_heads, seq_len=seq_len)
-        return self.a.dense(q_pos, k_pos, **kw) & self.b.dense(q_pos, k_pos, **kw)
+        return self._pairs(self.a.dense(q_pos, k_pos, **kw), self.b.dense(q_pos, k_pos, **kw))
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, **kw):
         ra = self.a._classify_ranges(qmin, qmax, kmin, kmax, **kw)
         rb = self.b._classify_ranges(qmin, qmax, kmin, kmax, **kw)
         if ra is None or rb is None:
             return None
-        return torch.minimum(ra, rb)
+        return self._classes(ra, rb)
 
     def block_map(self, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
         kw = dict(block_q=block_q, block_k=block_k, heads=heads, num_heads=num_heads, seq_len=seq_len)
         ra, rb = self.a.block_map(q_pos, k_pos, **kw), self.b.block_map(q_pos, k_pos, **kw)
-        res = torch.minimum(ra, rb)
+        res = self._classes(ra, rb)
         # Two PARTIAL halves may still be exactly EMPTY or FULL: settle those tiles densely.
         both_partial = (ra == PARTIAL) & (rb == PARTIAL)
         if bool(both_partial.any()):
@@ -449,60 +431,36 @@ class _And(Mask):
         return res
 
     def at(self, *, step=0, layer=0):
-        return _And(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
+        return type(self)(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
 
     def regions(self, head, num_heads, seq_len):
         ra = self.a.regions(head, num_heads, seq_len)
         rb = None if ra is None else self.b.regions(head, num_heads, seq_len)
-        return None if rb is None else intersect_lists(ra, rb)
+        return None if rb is None else self._region_lists(ra, rb)
 
     def key(self):
-        return ("and", self.a.key(), self.b.key())
+        return (self._name, self.a.key(), self.b.key())
 
 
 @dataclass(frozen=True, eq=False)
-class _Or(Mask):
-    a: Mask
-    b: Mask
+class _And(_Combined):
+    _name = "and"
+
+    @property
+    def is_causal(self) -> bool:  # type: ignore[override]
+        return self.a.is_causal or self.b.is_causal
+
+
+@dataclass(frozen=True, eq=False)
+class _Or(_Combined):
+    _name = "or"
+    _pairs = staticmethod(torch.logical_or)
+    _classes = staticmethod(torch.maximum)
+    _region_lists = staticmethod(union_lists)
 
     @property
     def is_causal(self) -> bool:  # type: ignore[override]
         return self.a.is_causal and self.b.is_causal
-
-    @property
-    def per_head(self) -> bool:  # type: ignore[override]
-        return self.a.per_head or self.b.per_head
-
-    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        kw = dict(heads=heads, num_heads=num_heads, seq_len=seq_len)
-        return self.a.dense(q_pos, k_pos, **kw) | self.b.dense(q_pos, k_pos, **kw)
-
-    def _classify_ranges(self, qmin, qmax, kmin, kmax, **kw):
-        ra = self.a._classify_ranges(qmin, qmax, kmin, kmax, **kw)
-        rb = self.b._classify_ranges(qmin, qmax, kmin, kmax, **kw)
-        if ra is None or rb is None:
-            return None
-        return torch.maximum(ra, rb)
-
-    def block_map(self, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
-        kw = dict(block_q=block_q, block_k=block_k, heads=heads, num_heads=num_heads, seq_len=seq_len)
-        ra, rb = self.a.block_map(q_pos, k_pos, **kw), self.b.block_map(q_pos, k_pos, **kw)
-        res = torch.maximum(ra, rb)
-        both_partial = (ra == PARTIAL) & (rb == PARTIAL)
-        if bool(both_partial.any()):
-            res = _settle_tiles(self, res, both_partial, q_pos, k_pos, **kw)
-        return res
-
-    def at(self, *, step=0, layer=0):
-        return _Or(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
-
-    def regions(self, head, num_heads, seq_len):
-        ra = self.a.regions(head, num_heads, seq_len)
-        rb = None if ra is None else self.b.regions(head, num_heads, seq_len)
-        return None if rb is None else union_lists(ra, rb)
-
-    def key(self):
-        return ("or", self.a.key(), self.b.key())
 
 
 # --------------------------------------------------------------------------------------------
