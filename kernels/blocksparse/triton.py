@@ -89,6 +89,22 @@ def _store_tile(PTR, val, b, offs, h, s_b, s_s, s_h, cols, ok, WIDTH):
 
 
 @triton.jit
+def _aranges(BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    """Row, column, head-dim and value-dim offsets of one tile pair."""
+    return tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BD), tl.arange(0, BE)
+
+
+@triton.jit
+def _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re, SK, D, E, BN: tl.constexpr):
+    """Key tile ``n`` of K/V head ``hk``: positions, which exist, K ``[BN, BD]`` and V ``[BN, BE]``."""
+    offs_n = n * BN + rn
+    col_ok = offs_n < SK
+    k = _load_tile(K, b, offs_n, hk, s_kb, s_ks, s_kh, rd, col_ok, D)
+    v = _load_tile(V, b, offs_n, hk, s_vb, s_vs, s_vh, re, col_ok, E)
+    return offs_n, col_ok, k, v
+
+
+@triton.jit
 def _tile_pattern(KIND, PIDX, PMASK, at, rm, rn, BM: tl.constexpr, BN: tl.constexpr):
     """The allowed pairs ``[BM, BN]`` of the plan's tile ``at``: all for FULL, its stored mask for PARTIAL."""
     kind = tl.load(KIND + at)
@@ -127,10 +143,7 @@ def _fwd_kernel(
     qt = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h, hk, mh = _heads(bh, H, REP, PER_HEAD)
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    re = tl.arange(0, BE)
+    rm, rn, rd, re = _aranges(BM, BN, BD, BE)
     offs_m = qt * BM + rm
     row_ok = offs_m < SQ
     q = _load_tile(Q, b, offs_m, h, s_qb, s_qs, s_qh, rd, row_ok, D)  # [BM, BD]
@@ -141,10 +154,8 @@ def _fwd_kernel(
     cnt = tl.load(CNT + row)
     for j in range(0, cnt):
         n = tl.load(LIST + row * NK + j).to(tl.int64)
-        offs_n = n * BN + rn
-        col_ok = offs_n < SK
-        k = _load_tile(K, b, offs_n, hk, s_kb, s_ks, s_kh, rd, col_ok, D)  # [BN, BD]
-        v = _load_tile(V, b, offs_n, hk, s_vb, s_vs, s_vh, re, col_ok, E)  # [BN, BE]
+        _, col_ok, k, v = _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re,
+                                   SK, D, E, BN)  # k [BN, BD], v [BN, BE]
         allowed = _tile_pattern(KIND, PIDX, PMASK, row * NK + n, rm, rn, BM, BN) & col_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BM, BN] float32
         s = tl.where(allowed, s, float("-inf"))
@@ -174,10 +185,7 @@ def _bwd_dq_kernel(
     qt = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
     b, h, hk, mh = _heads(bh, H, REP, PER_HEAD)
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    re = tl.arange(0, BE)
+    rm, rn, rd, re = _aranges(BM, BN, BD, BE)
     offs_m = qt * BM + rm
     row_ok = offs_m < SQ
     q = _load_tile(Q, b, offs_m, h, s_qb, s_qs, s_qh, rd, row_ok, D)  # [BM, BD]
@@ -188,10 +196,8 @@ def _bwd_dq_kernel(
     cnt = tl.load(CNT + row)
     for j in range(0, cnt):
         n = tl.load(LIST + row * NK + j).to(tl.int64)
-        offs_n = n * BN + rn
-        col_ok = offs_n < SK
-        k = _load_tile(K, b, offs_n, hk, s_kb, s_ks, s_kh, rd, col_ok, D)  # [BN, BD]
-        v = _load_tile(V, b, offs_n, hk, s_vb, s_vs, s_vh, re, col_ok, E)  # [BN, BE]
+        _, col_ok, k, v = _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re,
+                                   SK, D, E, BN)  # k [BN, BD], v [BN, BE]
         allowed = (_tile_pattern(KIND, PIDX, PMASK, row * NK + n, rm, rn, BM, BN)
                    & col_ok[None, :] & row_ok[:, None])
         p, ds = _probs_and_grads(q, k, v, do, lse, delta, allowed, scale, PREC)
@@ -211,14 +217,9 @@ def _bwd_dkdv_kernel(
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    re = tl.arange(0, BE)
-    offs_n = n * BN + rn
-    col_ok = offs_n < SK
-    k = _load_tile(K, b, offs_n, hk, s_kb, s_ks, s_kh, rd, col_ok, D)  # [BN, BD]
-    v = _load_tile(V, b, offs_n, hk, s_vb, s_vs, s_vh, re, col_ok, E)  # [BN, BE]
+    rm, rn, rd, re = _aranges(BM, BN, BD, BE)
+    offs_n, col_ok, k, v = _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re,
+                                    SK, D, E, BN)  # k [BN, BD], v [BN, BE]
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BE], dtype=tl.float32)
     for g in range(0, REP):  # the query heads sharing this K/V head
