@@ -29,15 +29,8 @@ class Mask:
     per_head: bool = False
 
     # --- elementwise -------------------------------------------------------------------------
-    def dense(
-        self,
-        q_pos: torch.Tensor,
-        k_pos: torch.Tensor,
-        *,
-        heads: torch.Tensor | None = None,
-        num_heads: int = 1,
-        seq_len: int | None = None,
-    ) -> torch.Tensor:
+    def dense(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, heads: torch.Tensor | None = None,
+              num_heads: int = 1, seq_len: int | None = None) -> torch.Tensor:
         """Allowed pairs, ``bool [Hm, Sq, Sk]`` (Hm = 1 unless :attr:`per_head`)."""
         raise NotImplementedError
 
@@ -87,15 +80,8 @@ class Mask:
         d = self.dense(q_pos, k_pos, heads=heads, num_heads=num_heads, seq_len=seq_len)
         return _reduce_tiles(d, block_q, block_k)
 
-    def classify(
-        self,
-        q_pos: torch.Tensor,
-        k_pos: torch.Tensor,
-        *,
-        heads: torch.Tensor | None = None,
-        num_heads: int = 1,
-        seq_len: int | None = None,
-    ) -> torch.Tensor:
+    def classify(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, heads: torch.Tensor | None = None,
+                 num_heads: int = 1, seq_len: int | None = None) -> torch.Tensor:
         """Whole-block classification per head, ``int8 [Hm]``."""
         q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
         if q_pos.numel() == 0 or k_pos.numel() == 0:
@@ -295,13 +281,28 @@ class _Full(Mask):
         return [Region(0, seq_len, 0, seq_len)]
 
 
-@dataclass(frozen=True)
-class _Causal(Mask):
-    is_causal = True
+def _require_at_least(what: str, value: int, low: int) -> None:
+    if int(value) < low:
+        raise ValueError(f"{what} must be >= {low}, got {value}")
+
+
+class _Pairwise(Mask):
+    """A head-independent mask given by a predicate on (query position, key position)."""
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Elementwise on broadcast positions ``q [Sq, 1]``, ``k [1, Sk]``."""
+        raise NotImplementedError
 
     def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        q, k = _as_pos(q_pos), _as_pos(k_pos)
-        return (k[None, :] <= q[:, None])[None]
+        return self.allowed(_as_pos(q_pos)[:, None], _as_pos(k_pos)[None, :])[None]  # [1, Sq, Sk]
+
+
+@dataclass(frozen=True)
+class _Causal(_Pairwise):
+    is_causal = True
+
+    def allowed(self, q, k):
+        return k <= q
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         return _where3(qmax < kmin, qmin >= kmax)[None]
@@ -311,18 +312,15 @@ class _Causal(Mask):
 
 
 @dataclass(frozen=True)
-class _SlidingWindow(Mask):
+class _SlidingWindow(_Pairwise):
     window: int
     is_causal = True
 
     def __post_init__(self):
-        if int(self.window) < 1:
-            raise ValueError(f"sliding_window: window must be >= 1, got {self.window}")
+        _require_at_least("sliding_window: window", self.window, 1)
 
-    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        q, k = _as_pos(q_pos), _as_pos(k_pos)
-        diff = q[:, None] - k[None, :]
-        return ((diff >= 0) & (diff < self.window))[None]
+    def allowed(self, q, k):
+        return (q - k >= 0) & (q - k < self.window)
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         max_diff, min_diff = qmax - kmin, qmin - kmax
@@ -333,17 +331,15 @@ class _SlidingWindow(Mask):
 
 
 @dataclass(frozen=True)
-class _Sinks(Mask):
+class _Sinks(_Pairwise):
     n: int
     is_causal = True
 
     def __post_init__(self):
-        if int(self.n) < 0:
-            raise ValueError(f"sinks: n must be >= 0, got {self.n}")
+        _require_at_least("sinks: n", self.n, 0)
 
-    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        q, k = _as_pos(q_pos), _as_pos(k_pos)
-        return ((k[None, :] < self.n) & (k[None, :] <= q[:, None]))[None]
+    def allowed(self, q, k):
+        return (k < self.n) & (k <= q)
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         return _where3((kmin >= self.n) | (qmax < kmin), (kmax < self.n) & (qmin >= kmax))[None]
