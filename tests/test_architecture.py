@@ -16,6 +16,7 @@ package's ``__init__`` is a cycle edge only if that ``__init__`` imports the sub
 from __future__ import annotations
 
 import ast
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +208,13 @@ def _shortest_cycle(graph: dict[str, dict[str, int]], members: set[str], start: 
     raise AssertionError(f"{start} is in a strongly connected component but on no cycle")
 
 
+@functools.lru_cache(maxsize=1)
+def _package() -> tuple[dict[str, Module], dict[str, dict[str, int]]]:
+    """The modules and the import graph, read once for all the tests below."""
+    modules = load_modules()
+    return modules, import_graph(modules)
+
+
 def _layer(modules: dict[str, Module], name: str) -> int:
     folder = next(f for f, (_, _) in FOLDERS.items() if modules[name].path.is_relative_to(ROOT / f))
     return FOLDERS[folder][1]
@@ -217,8 +225,7 @@ def _where(modules: dict[str, Module], name: str, line: int) -> str:
 
 
 def test_graph_reader_resolves_relative_and_nested_imports() -> None:
-    modules = load_modules()
-    graph = import_graph(modules)
+    modules, graph = _package()
     # kernels/__init__.py: `from .api import attention` (relative, module level)
     assert "longreach.kernels.api" in graph["longreach.kernels"]
     # kernels/__init__.py imports lightning only inside its module-level __getattr__
@@ -230,8 +237,7 @@ def test_graph_reader_resolves_relative_and_nested_imports() -> None:
 
 
 def test_no_import_cycles() -> None:
-    modules = load_modules()
-    graph = import_graph(modules)
+    modules, graph = _package()
     cycles = find_cycles(graph)
     lines = []
     for cycle in cycles:
@@ -240,9 +246,8 @@ def test_no_import_cycles() -> None:
     assert not cycles, f"{len(cycles)} import cycle(s):\n" + "\n".join(lines)
 
 
-def test_imports_point_down_the_stack() -> None:
-    modules = load_modules()
-    graph = import_graph(modules)
+def upward_imports(modules: dict[str, Module], graph: dict[str, dict[str, int]]) -> list[str]:
+    """Every import from a lower layer to a higher one, as ``file:line: …`` lines."""
     upward = []
     for name, deps in graph.items():
         src = _layer(modules, name)
@@ -251,11 +256,26 @@ def test_imports_point_down_the_stack() -> None:
             if dst > src:
                 upward.append(f"{_where(modules, name, line)}: {LAYER_NAMES[src]} module {name} imports "
                               f"{LAYER_NAMES[dst]} module {dep}")
+    return upward
+
+
+def test_imports_point_down_the_stack() -> None:
+    upward = upward_imports(*_package())
     assert not upward, "imports must point launchers -> framework -> parallel -> kernels:\n" + "\n".join(upward)
 
 
+def test_layer_check_reports_a_planted_upward_import() -> None:
+    modules = {n: Module(n, ROOT / path, False) for n, path in [
+        ("longreach.kernels.x", "kernels/x.py"), ("longreach.parallel.y", "parallel/y.py"),
+        ("longreach.z", "framework/z.py")]}
+    graph = {"longreach.kernels.x": {"longreach.parallel.y": 3}, "longreach.parallel.y": {"longreach.kernels.x": 1},
+             "longreach.z": {"longreach.parallel.y": 2}}
+    assert upward_imports(modules, graph) == [
+        "kernels/x.py:3: kernels module longreach.kernels.x imports parallel module longreach.parallel.y"]
+
+
 def test_package_imports_no_test_code() -> None:
-    modules = load_modules()
+    modules, _ = _package()
     bad = []
     for mod in modules.values():
         for target, line, _ in mod.imports:
