@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The working directory must never shadow longreach.kernels / longreach.parallel (DESIGN.md §1).
+# The working directory must never shadow longreach.kernels / longreach.parallel (ARCHITECTURE.md §7).
 export PYTHONSAFEPATH := 1
 # Without a GPU: the CPU build of torch 2.13.0 (a local/mirrored 2.13.0+cpu wheel if pip's configured
 # sources have one, else PyTorch's CPU index), so nothing pulls a multi-GB CUDA build (PyPI's default

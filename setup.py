@@ -1,7 +1,7 @@
 """Packaging: map the top-level folders into the one ``longreach`` namespace.
 
 setuptools does not discover sub-packages under a remapped folder, so the package list is
-generated here by walking the folders (DESIGN.md §1).
+generated here by walking the folders (framework/ARCHITECTURE.md §7).
 """
 from pathlib import Path
 

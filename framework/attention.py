@@ -1,4 +1,4 @@
-"""The model seam: one ``inner_attention(q, k, v, ctx)`` callable per attention layer (DESIGN.md §2).
+"""The model seam: one ``inner_attention(q, k, v, ctx)`` callable per attention layer (ARCHITECTURE.md §3).
 
 Models are written for one device. An attention layer computes q, k, v (``[B, S_local, H, D]``),
 applies positions, then calls ``self.inner_attention(q, k, v, ctx)``. Context parallelism, masks and
@@ -8,7 +8,7 @@ branches inside model code.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
@@ -43,10 +43,6 @@ class AttentionContext:
 
     def for_layer(self, layer: int) -> "AttentionContext":
         return replace(self, layer=layer)
-
-
-class InnerAttention(Protocol):
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor: ...
 
 
 def base_mask(ctx: AttentionContext, extra: M.Mask | None = None) -> M.Mask:
@@ -154,7 +150,6 @@ class ContextParallelAttention(LocalAttention):
 
 
 PATTERNS = ("full", "s2", "s2_roll", "sf", "ssa", "window", "power", "sinks_window")
-TRAIN_ONLY_PATTERNS = ("s2", "s2_roll", "sf", "ssa")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -224,5 +219,3 @@ def pattern_masks(cfg: AttentionConfig, seq_len: int) -> tuple[M.Mask | None, M.
         return None, M.sf(group, sinks=cfg.sinks)
     return None, M.ssa(cfg.ssa_ratio, window=cfg.ssa_window, block=cfg.ssa_block, seed=cfg.ssa_seed, bias=cfg.ssa_bias)
 
-
-InnerAttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext], torch.Tensor]

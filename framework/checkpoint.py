@@ -398,19 +398,6 @@ class CheckpointManager:
         steps = _complete_steps(self.root)
         return steps[-1][1] if steps else None
 
-    def resume_path(self) -> Path | None:
-        """What :meth:`load` starts from by default: the run's latest (if ``resume``), else ``load_path``."""
-        if self.cfg.resume:
-            p = self.latest()
-            if p is not None:
-                return p
-        if self.cfg.load_path:
-            try:
-                return find_checkpoint(self.cfg.load_path)
-            except UserError as e:
-                raise UserError(f"checkpoint.load_path: {e}") from None
-        return None
-
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Write a checkpoint of ``state`` at ``step``; collective. Returns the final folder.
@@ -627,7 +614,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
     def load(self, state: dict[str, Any], path: Path | None = None) -> int:
-        """Restore ``state`` in place from ``path`` (default :meth:`resume_path`); collective.
+        """Restore ``state`` in place from ``path`` (default: the run's newest intact checkpoint if ``resume``,
+        else ``load_path``); collective.
 
         Returns:
             The step stored in the checkpoint (0 when there is nothing to resume from).

@@ -1,6 +1,6 @@
 """Strict, typed configuration: YAML files and ``--section.field=value`` overrides → nested dataclasses.
 
-Every component owns a ``@dataclass(kw_only=True, slots=True)`` config (DESIGN.md §2, "Config"). This
+Every component owns a ``@dataclass(kw_only=True, slots=True)`` config (framework/ARCHITECTURE.md §2). This
 module loads any such class from YAML without knowing it:
 
 * an unknown or misspelt key is a :class:`~longreach.errors.ConfigError` naming the file, the dotted

@@ -31,6 +31,11 @@ from typing import Any
 import torch
 
 from longreach.errors import UserError
+from longreach.hf.convert import save_hf
+from longreach.hf.export import copy_tokenizer_files
+from longreach.models import build_model
+from longreach.sources import (load_tokenizer, load_weights_into, read_state_dict, resolve_source,
+                               source_dtype, write_export_config)
 
 __all__ = ["export", "main"]
 
@@ -50,8 +55,6 @@ def _is_plain_llama(cfg: Any) -> bool:
 
 
 def _tokenizer_file(src: Any) -> Path | None:
-    from longreach.sources import load_tokenizer
-
     if src.is_hf:  # its tokenizer files are copied as they are
         return None
     tok = load_tokenizer(src)
@@ -73,9 +76,6 @@ def export(source: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str
         UserError: an unreadable source, a non-empty ``out`` without ``force``, ``--format hf`` for an
             architecture HF Llama cannot express, an unknown dtype.
     """
-    from longreach.models import build_model
-    from longreach.sources import load_weights_into, read_state_dict, resolve_source, source_dtype, write_export_config
-
     if fmt not in ("auto", "hf", "safetensors"):
         raise UserError(f"--format {fmt!r}: choose hf, safetensors or auto")
     if dtype not in DTYPES:
@@ -112,9 +112,6 @@ def export(source: str | Path, out: str | Path, *, fmt: str = "auto", dtype: str
     try:
         _say(f"writing {fmt} ({str(target).removeprefix('torch.')}) to {dest}")
         if fmt == "hf":
-            from longreach.hf.convert import save_hf
-            from longreach.hf.export import copy_tokenizer_files
-
             save_hf(model, tmp, sp_model_file=tok_file, dtype=target)
             if src.is_hf:  # an HF source keeps its own tokenizer files
                 copy_tokenizer_files(src.path, tmp)

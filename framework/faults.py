@@ -506,7 +506,7 @@ def install_signal_handlers() -> None:
 
     first: list[float] = []
 
-    def handler(signum: int, frame: Any) -> None:
+    def handler(signum: int, _frame: Any) -> None:
         if first:
             if time.monotonic() - first[0] < 2.0:
                 return  # the same stop delivered twice (terminal + launcher): still unwinding

@@ -1,4 +1,4 @@
-"""The job config: one typed dataclass per component, loaded strictly from YAML (DESIGN.md §2 "Config").
+"""The job config: one typed dataclass per component, loaded strictly from YAML (ARCHITECTURE.md §2).
 
     from longreach.configio import load_config
     cfg = load_config(JobConfig, "configs/demo.yaml", ["--train.lr=3e-4", "--parallel.cp=2"])

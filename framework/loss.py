@@ -1,4 +1,4 @@
-"""Chunked cross-entropy: the loss without ever materialising ``[S, V]`` logits (DESIGN.md §2).
+"""Chunked cross-entropy: the loss without ever materialising ``[S, V]`` logits (ARCHITECTURE.md §4).
 
 1M tokens × 128k vocabulary of float32 logits is 512 GB, so logits are formed ``chunk_size`` tokens at a
 time, in forward and again in backward (recomputed, not saved): memory is O(chunk × V). Accumulation is

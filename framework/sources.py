@@ -1,4 +1,4 @@
-"""Open any model source: a run folder, a ``step-N`` checkpoint, an export or an HF folder (DESIGN.md §2).
+"""Open any model source: run folder, ``step-N`` checkpoint, export or HF folder (ARCHITECTURE.md §4).
 
     src = resolve_source("runs/demo")        # ModelSource(kind="run", path=runs/demo/checkpoints/step-…)
     print(src.describe())                    # "run folder runs/demo → step 100 (…/step-00000100)"
@@ -30,12 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from longreach.checkpoint import find_checkpoint, read_meta
+from longreach.configio import from_dict, to_dict
+from longreach.data.config import DataConfig
+from longreach.data.tokenizer import Tokenizer, load_or_train_tokenizer
 from longreach.errors import UserError
+from longreach.hf.convert import from_hf_state_dict, model_config_from
+from longreach.models import build_model
+from longreach.models.config import ModelConfig
 
 __all__ = ["ModelSource", "init_weights", "load_model", "load_weights_into", "load_tokenizer", "read_state_dict", "resolve_source",
            "source_dtype"]
 
-KINDS = ("run", "step", "export", "hf")
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
@@ -77,13 +83,8 @@ class ModelSource:
 
     def model_config(self) -> Any:
         """The :class:`~longreach.models.ModelConfig` of the source (an HF Llama folder is converted)."""
-        from longreach.configio import from_dict
-        from longreach.models.config import ModelConfig
-
         if self.is_hf:
             from transformers import AutoConfig
-
-            from longreach.hf.convert import model_config_from
 
             return model_config_from(AutoConfig.from_pretrained(str(self.path), local_files_only=True))
         section = (self.config or {}).get("model")
@@ -113,8 +114,6 @@ def resolve_source(path: str | Path) -> ModelSource:
     Raises:
         UserError: the path does not exist or is none of the four kinds (naming what was looked for).
     """
-    from longreach.checkpoint import find_checkpoint, read_meta
-
     given = Path(path).expanduser()
     if not given.exists():
         raise UserError(f"model source {given} does not exist")
@@ -153,8 +152,6 @@ def _read_dcp(src: ModelSource, cfg: Any) -> dict[str, torch.Tensor]:
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
-
-    from longreach.models import build_model
 
     folder = src.path / "model"
     try:
@@ -200,8 +197,6 @@ def read_state_dict(src: ModelSource) -> dict[str, torch.Tensor]:
         raise UserError(f"checkpoint {src.path} holds no model weights (no model/ or deepspeed-* folder)")
     if src.is_hf:
         from safetensors.torch import load_file
-
-        from longreach.hf.convert import from_hf_state_dict
 
         files = sorted(src.path.glob("*.safetensors"))
         if not files:
@@ -251,8 +246,6 @@ def load_model(src: ModelSource, *, device: torch.device | str = "cpu", dtype: t
         device: where the model goes.
         dtype: weight dtype (default: the source's).
     """
-    from longreach.models import build_model
-
     cfg = src.model_config()
     state = read_state_dict(src)
     with torch.device("cpu"):
@@ -291,16 +284,12 @@ def load_tokenizer(src: ModelSource) -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(src.path), local_files_only=True)
-    from longreach.data.tokenizer import Tokenizer
 
     if (src.path / TOKENIZER_FILE).is_file():
         return Tokenizer(src.path / TOKENIZER_FILE)
     data = (src.config or {}).get("data")
     if not isinstance(data, dict):
         return None
-    from longreach.configio import from_dict
-    from longreach.data.config import DataConfig
-    from longreach.data.tokenizer import load_or_train_tokenizer
 
     return load_or_train_tokenizer(from_dict(DataConfig, data, source=f"{src.path}/meta.json"))
 
@@ -309,8 +298,6 @@ def write_export_config(out: Path, cfg: Any, *, source: ModelSource | None = Non
                         extra: dict[str, Any] | None = None) -> Path:
     """``config.yaml`` of an export: the ``model:`` section, plus where it came from."""
     import yaml
-
-    from longreach.configio import to_dict
 
     meta: dict[str, Any] = dict(extra or {})
     if source is not None:

@@ -1,6 +1,6 @@
 """longreach.kernels — local (single-rank) attention operators and the mask algebra.
 
-Public entry points (DESIGN.md §2):
+Public entry points (framework/ARCHITECTURE.md §2):
 
     attention(q, k, v, *, mask=None, scale=None, backend="auto", return_lse=False)
     masks.causal(), masks.sliding_window(w), masks.sinks(n), masks.documents(cu_seqlens), ...
@@ -21,11 +21,9 @@ __all__ = ["attention", "available_backends", "get_backend", "masks", "merge_att
 
 
 def __getattr__(name: str):
-    # lightning attention lives in its own folder and is loaded on first use
+    # lightning attention is loaded on first use, so `import longreach.kernels` stays light
     if name == "lightning_attention":
-        try:
-            from .lightning import lightning_attention
-        except ModuleNotFoundError as e:  # pragma: no cover - while the folder is absent
-            raise AttributeError(name) from e
+        from .lightning import lightning_attention
+
         return lightning_attention
     raise AttributeError(f"module 'longreach.kernels' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """``attention(q, k, v, *, mask, scale, backend, return_lse)``: dispatch to a local softmax backend.
 
-Backends are modules offering ``forward``/``backward`` (DESIGN.md §2), registered by name and
-imported on first use so that ``import longreach.kernels`` stays light (no triton import).
+Backends are modules offering ``forward``/``backward`` (framework/ARCHITECTURE.md §2), registered by
+name and imported on first use so that ``import longreach.kernels`` stays light (no triton import).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .masks import Mask, PlacedMask, _Causal
+from .masks import Mask, PlacedMask
 
 # name -> (module path, predicate(device) telling whether the backend can run here)
 _BACKENDS: dict[str, tuple[str, Callable[[torch.device], bool]]] = {}
@@ -57,20 +57,22 @@ def get_backend(name: str) -> ModuleType:
 def resolve_backend(name: str, q: torch.Tensor, mask: Mask | PlacedMask | None) -> str:
     """Pick the backend for ``auto``: the fastest correct one for device, dtype and mask.
 
-    CPU: ``cpu`` (one flash call) for no mask and plain causal masks, else ``slices`` (the mask as batched
-    dense calls of the same kernel). CUDA: ``reference`` for float64, else ``flash`` — flash-attn's varlen
-    API when installed, else PyTorch SDPA, for unmasked, causal and masked attention alike (masks run as
-    slice plans). The Triton block-sparse kernel and ``flex`` are opt-in by name.
+    This is the one meaning of ``auto``, for local attention and for every context-parallel strategy
+    (which asks it once per call, for the mask intersected with causal):
+
+    * CPU: ``cpu`` — PyTorch's CPU flash kernel: one call for no mask and aligned causal masks, any
+      other mask as its slice plan (:mod:`longreach.kernels.slices`: batched dense calls of that kernel);
+    * CUDA: ``reference`` for float64, else ``flash`` — flash-attn's varlen API when installed, else
+      PyTorch SDPA, for unmasked, causal and masked attention alike (masks run as slice plans).
+
+    The block-sparse kernels (``cpu_sparse``, ``triton``, ``flex``) are opt-in by name.
     """
     if name != "auto":
         get_backend(name)
         return name
-    inner = mask.mask if isinstance(mask, PlacedMask) else mask
     if q.device.type == "cuda":
         return "reference" if q.dtype == torch.float64 else "flash"
-    if inner is None or isinstance(inner, _Causal):
-        return "cpu"
-    return "slices"
+    return "cpu"
 
 
 class _Attention(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""The one stable merge of partial attention results (METHODS.md "LSE merge").
+"""The one stable merge of partial attention results (ring-flash-attention's ``_update_out_and_lse`` form).
 
 Every piece of longreach that combines attention over disjoint key sets — ring steps, hybrid
 ring groups, the CPU block-sparse path — calls :func:`merge_attention`.

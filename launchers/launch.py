@@ -24,9 +24,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from longreach.errors import UserError
+from longreach.launchers.accelerate_launcher import accelerate_command, accelerate_config
 from longreach.launchers.cli import split_overrides
-from longreach.launchers.torchrun import train_args
+from longreach.launchers.deepspeed_launcher import deepspeed_command
+from longreach.launchers.slurm import SlurmSpec, sbatch_script
+from longreach.launchers.torchrun import TorchrunSpec, torchrun_command, train_args
 
 __all__ = ["main", "build_plan", "split_command"]
 
@@ -82,8 +87,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[list[str]], dict[str, str]]:
     """The commands to run and the files to write (path -> text) for ``args``; runs nothing."""
-    from longreach.launchers.torchrun import TorchrunSpec, torchrun_command
-
     program = getattr(args, "program", None) or train_args(str(args.config), overrides, args.command or "train")
     files: dict[str, str] = {}
     if args.launcher == "torchrun":
@@ -93,8 +96,6 @@ def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[lis
                             master_port=args.master_port, rdzv_timeout_s=args.rdzv_timeout)
         return [torchrun_command(spec, program)], files
     if args.launcher == "slurm":
-        from longreach.launchers.slurm import SlurmSpec, sbatch_script
-
         spec = SlurmSpec(job_name=args.job_name, nodes=args.nnodes, gpus_per_node=args.gpus_per_node,
                          procs_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
                          partition=args.partition, account=args.account, max_restarts=max(args.max_restarts, 0),
@@ -103,15 +104,11 @@ def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[lis
         files[out] = sbatch_script(spec, program, python=sys.executable)
         return [["sbatch", out]], files
     if args.launcher == "deepspeed":
-        from longreach.launchers.deepspeed import deepspeed_command
-
         if args.nnodes > 1 and not args.hostfile:
             raise UserError("--launcher deepspeed with --nnodes > 1 needs --hostfile")
         return [deepspeed_command(program, hostfile=args.hostfile, num_nodes=args.nnodes if args.hostfile else None,
                                   num_gpus=args.nproc_per_node if not args.hostfile else None,
                                   master_addr=args.master_addr, master_port=args.master_port or _DEFAULT_PORT)], files
-    from longreach.launchers.accelerate import accelerate_command, accelerate_config, write_accelerate_config
-
     if args.nnodes > 1 and not args.master_addr:
         raise UserError("--launcher accelerate with --nnodes > 1 needs --master-addr")
     conf = accelerate_config(num_machines=args.nnodes, num_processes=args.nnodes * args.nproc_per_node,
@@ -119,10 +116,7 @@ def build_plan(args: argparse.Namespace, overrides: list[str]) -> tuple[list[lis
                              main_process_port=args.master_port or _DEFAULT_PORT,
                              mixed_precision=args.mixed_precision)
     out = args.output or "accelerate_config.yaml"
-    import yaml
-
     files[out] = yaml.safe_dump(conf, sort_keys=True)
-    del write_accelerate_config
     return [accelerate_command(program, config_file=out)], files
 
 

@@ -6,8 +6,8 @@ so a :class:`CommRecorder` sees all of it: calls and bytes sent / received per c
 rank. (Gradient reduction inside DDP / FSDP2 / DeepSpeed belongs to those libraries.) :class:`WorkCounter` counts the attention score elements each rank
 computes (forward and backward separately), which is how load balance is measured without timing.
 
-Bytes *sent* per call follow the bandwidth-optimal algorithm of each collective (what DESIGN.md §4's
-minima are written against):
+Bytes *sent* per call follow the bandwidth-optimal algorithm of each collective (what the minima of
+framework/ARCHITECTURE.md §8 are written against):
 
 * ``p2p``: the bytes of every tensor sent;
 * ``all_to_all``: the input minus the part this rank keeps ((P−1)/P of it for even splits);

@@ -1,4 +1,4 @@
-"""Sequence layouts: which global tokens each context-parallel rank holds (DESIGN.md §2).
+"""Sequence layouts: which global tokens each context-parallel rank holds (framework/ARCHITECTURE.md §2).
 
 * ``contiguous`` — rank r holds tokens [r·S/P, (r+1)·S/P).
 * ``zigzag`` — the sequence is cut into 2P chunks; rank r holds chunks r and 2P−1−r (in that order),

@@ -1,4 +1,4 @@
-"""The GPU path: ring-flash-attn behind one adapter with a version check (DESIGN.md STYLE §9).
+"""The GPU path: ring-flash-attn behind one adapter with a version check (framework/ARCHITECTURE.md §5).
 
 Used by ``cp_attention`` on CUDA for what ring-flash-attn covers — fp16/bf16, no extra mask:
 ``ring`` with ``zigzag`` (zigzag ring), ``stripe`` (striped) or ``contiguous`` layouts, causal or not.

@@ -102,11 +102,21 @@ def test_cpu_sparse_global_positions_and_head_subset(small_tiles):
     assert not failures, failures
 
 
+def test_auto_means_one_thing_locally_and_under_context_parallelism():
+    from longreach.kernels import get_backend
+    from longreach.parallel.cp.api import _backend
+
+    q = torch.randn(1, 64, 2, 8)
+    for mask in (None, M.causal(), M.s2(16), M.sliding_window(9) | M.sinks(2)):
+        assert _backend("auto", q, mask) is get_backend(resolve_backend("auto", q, mask)), mask
+    assert _backend("auto", q, M.s2(16)) is get_backend("cpu")
+
+
 def test_autograd_wrapper_and_auto_choice():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 300, 4, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     mask = M.sf(100, 4)
-    assert resolve_backend("auto", q, mask) == "slices"
+    assert resolve_backend("auto", q, mask) == "cpu"  # which runs the mask as its slice plan
     assert resolve_backend("auto", q, M.causal()) == "cpu"
     assert resolve_backend("auto", q, None) == "cpu"
     out = attention(q, k, v, mask=mask, backend="auto")

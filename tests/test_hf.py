@@ -130,7 +130,7 @@ def test_patched_full_equals_unpatched(family):
 
 
 def _s2_mask_4d(n: int, heads: int, g: int, sinks: int | None) -> torch.Tensor:
-    """Independent S2 (varlen) / SF mask from METHODS.md as an additive [1, H, N, N] mask."""
+    """Independent S2 (varlen) / SF mask (LongLoRA §3.2, SinkLoRA) as an additive [1, H, N, N] mask."""
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
     causal = j <= i

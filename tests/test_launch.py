@@ -14,7 +14,7 @@ import pytest
 
 from longreach.errors import ConfigError, UserError
 from longreach.launchers import launch
-from longreach.launchers.deepspeed import deepspeed_command, read_hostfile
+from longreach.launchers.deepspeed_launcher import deepspeed_command, read_hostfile
 from longreach.launchers.slurm import SlurmSpec, sbatch_script
 from longreach.launchers.torchrun import TorchrunSpec, torchrun_command, train_args
 

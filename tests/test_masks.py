@@ -8,7 +8,8 @@ import torch
 from longreach.errors import ConfigError
 from longreach.kernels import attention, get_backend
 from longreach.kernels import masks as M
-from longreach.kernels.masks import EMPTY, FULL, PARTIAL, _reduce_tiles
+from longreach.kernels.masks import EMPTY, FULL, PARTIAL
+from longreach.kernels.masks.algebra import _reduce_tiles
 from longreach.attention import AttentionConfig, pattern_masks
 from longreach.ssa import ensemble_forward
 

@@ -1,4 +1,4 @@
-"""Llama model against a hand-written float64 reference; RoPE scaling against METHODS.md formulas."""
+"""Llama model against a hand-written float64 reference; RoPE scaling against the papers' formulas."""
 from __future__ import annotations
 
 import math

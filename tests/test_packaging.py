@@ -95,7 +95,7 @@ def test_wheel_ships_and_imports_every_module(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("pkg", ["kernels", "parallel", "launchers"])
 def test_bare_folders_refuse_to_import(pkg: str, tmp_path: Path) -> None:
-    # DESIGN.md §1: a bare kernels/ on sys.path must not load as top-level 'kernels'
+    # framework/ARCHITECTURE.md §7: a bare kernels/ on sys.path must not load as top-level 'kernels'
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     res = subprocess.run([sys.executable, "-c", f"import {pkg}"], capture_output=True, text=True, cwd=ROOT,
                          env=env, timeout=120)

@@ -1,4 +1,4 @@
-"""Cost model and ``longreach plan``: bytes against DESIGN.md §4 minima, balance, link levels, memory,
+"""Cost model and ``longreach plan``: bytes against ARCHITECTURE.md §8 minima, balance, link levels, memory,
 candidate rules, and the calibration recovering known parameters from synthetic measurements."""
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def test_micro_sweep_records(micro: tuple[list[dict], Path]) -> None:
             failures.append(("mfu on cpu", c))
         if not all(m and m > 0 for m in r["memory"]["peak_bytes_per_rank"]):
             failures.append(("memory", c))
-        # bytes per rank against the strategies' minima (DESIGN.md §4), float32
+        # bytes per rank against the strategies' minima (framework/ARCHITECTURE.md §8), float32
         n = s // p
         kv_local = 2 * n * HKV * D * 4
         q_local = n * H * D * 4

@@ -3,8 +3,8 @@
 For each world size it spawns gloo ranks once (``longreach.testing.run_ranks``) and runs every
 strategy × layout on the same seeded full sequence. Per (world size, strategy, layout) it prints:
 
-* forward bytes sent per rank (max over ranks) against the strategy's theoretical minimum (DESIGN.md
-  §4: ring (P−1) × local K/V bytes; Ulysses (P−1)/P of the local q, k, v, out bytes, replicated K/V
+* forward bytes sent per rank (max over ranks) against the strategy's theoretical minimum (ARCHITECTURE.md
+  §8: ring (P−1) × local K/V bytes; Ulysses (P−1)/P of the local q, k, v, out bytes, replicated K/V
   heads counted once per replica; hybrid the sum of its Ulysses and ring parts; all-gather
   (P−1) × local K/V bytes), and the mean over ranks;
 * attention work max/mean across ranks — the causal load balance: score elements the local kernels

@@ -43,7 +43,7 @@ from .hardware import PROFILES, DeviceProfile, get_profile
 
 __all__ = ["PUBLISHED", "calibrate", "candidates", "main", "parse_tokens", "plan_table", "split_halves"]
 
-# Published figures the planner's output can be set beside (METHODS.md quotes; not predictions).
+# Published figures the planner's output can be set beside (quoted from the papers; not predictions).
 PUBLISHED: list[dict[str, str]] = [
     {"system": "USP (hybrid Ulysses×ring)", "setup": "Llama3-8B, 208k tokens, 2×8 A800",
      "figure": "47% MFU", "source": "USP paper (Fang & Zhao 2024)"},

@@ -24,6 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from longreach.data import DataConfig, TokenShards, write_shards
+from longreach.data.corpus import iter_documents
+from longreach.data.shards import stream_shards
+from longreach.data.tokenizer import Tokenizer, train_tokenizer
+
 _WORDS = ("the model attention context sequence token layer rank shard memory long range data parallel ring "
           "query key value head block window passkey document training step gradient loss batch window "
           "river mountain city garden music number letter story reader writer history science").split()
@@ -48,11 +53,6 @@ def write_corpus(path: Path, megabytes: float, *, seed: int = 0) -> int:
 
 def _child(args: argparse.Namespace) -> None:
     """One build in this (fresh) process: prints a JSON line with its figures."""
-    from longreach.data import DataConfig, TokenShards, write_shards
-    from longreach.data.corpus import iter_documents
-    from longreach.data.shards import stream_shards
-    from longreach.data.tokenizer import Tokenizer
-
     tok = Tokenizer(args.tokenizer)
     cfg = DataConfig(source="files", paths=[args.corpus], cache_dir=args.cache, tokenizer=args.tokenizer,
                      tokenize_workers=args.workers)
@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(args)
         return 0
-    from longreach.data.tokenizer import train_tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -133,10 +133,6 @@ def _iter_file(f: Path, field: str) -> Iterator[str]:
         raise UserError(f"{f}: cannot read ({exc.strerror})") from None
 
 
-def _read_jsonl(path: Path, field: str = "text") -> list[str]:
-    return list(_iter_jsonl(path, field))
-
-
 def _file_documents(paths: list[str], field: str = "text") -> list[str]:
     return [d for f in list_files(paths) for d in _iter_file(f, field)]
 

@@ -14,7 +14,6 @@ exactly where it stopped.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -204,13 +203,3 @@ def build_val_data(cfg: DataConfig, tokenizer, *, seq_len: int, micro_batch_size
     shards, _, val = _shards(cfg, tokenizer)
     return TokenBatches(shards, val, seq_len=seq_len, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
                         dp_size=dp_size, seed=cfg.seed, shuffle=False, epochs=1, name="validation")
-
-
-def tokens_per_step(seq_len: int, micro_batch_size: int, dp_size: int) -> int:
-    """Tokens one optimizer micro-step consumes over all data-parallel ranks."""
-    return seq_len * micro_batch_size * dp_size
-
-
-def epochs_for(steps: int, batches: TokenBatches) -> float:
-    """How many epochs ``steps`` steps cover."""
-    return steps / batches.steps_per_epoch if batches.steps_per_epoch else math.inf

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from longreach.data.config import DataConfig
+from longreach.data.corpus import corpus_bytes, corpus_content_hash, iter_documents
+from longreach.data.stream import build_token_shards, tokenizer_spec
+from longreach.data.tokenizer import cache_root, local_rank
 from longreach.errors import UserError
 
 __all__ = ["TokenShards", "build_shards", "shards_key", "stream_shards", "validate_shards", "write_shards"]
@@ -237,8 +240,6 @@ def build_shards(cfg: DataConfig, tokenizer, cache_dir: str | Path | None = None
     processes (:mod:`longreach.data.stream`); local rank 0 builds (one process per host, under a lock),
     the other local ranks wait for the index. Every document is framed as ``[bos] + ids + [eos]``.
     """
-    from longreach.data.tokenizer import cache_root, local_rank
-
     root = Path(cache_dir) if cache_dir is not None else cache_root(cfg.cache_dir)
     wait = local_rank() != 0
     folder = stream_shards(cfg, tokenizer, root, bos=True, eos=True, wait=wait)
@@ -269,9 +270,6 @@ def stream_shards(cfg: DataConfig, tokenizer, root: Path, *, bos: bool, eos: boo
     Returns:
         The complete shard folder.
     """
-    from longreach.data.corpus import corpus_bytes, corpus_content_hash, iter_documents
-    from longreach.data.stream import build_token_shards, tokenizer_spec
-
     spec = tokenizer_spec(tokenizer, bos=bos, eos=eos, trust_remote_code=trust_remote_code)
     key = shards_key(corpus_content_hash(cfg, root), spec.fingerprint(), cfg.shard_tokens)
     size = corpus_bytes(cfg)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from longreach.data.tokenizer import Tokenizer
 from longreach.errors import UserError
 from longreach.procs import pid_alive
 
@@ -101,8 +102,6 @@ _WORKER_ENCODE: Callable[[list[str]], list[list[int]]] | None = None
 
 def _load_encoder(spec: TokenizerSpec) -> Callable[[list[str]], list[list[int]]]:
     if spec.kind == "spm":
-        from longreach.data.tokenizer import Tokenizer
-
         return Tokenizer(spec.path).encode_batch
     from transformers import AutoTokenizer
 

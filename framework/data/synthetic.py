@@ -3,7 +3,7 @@
 Everything here is a pure function of a seed (``numpy.random.Generator``), so the same documents
 come out on every machine: tests that must be bit-identical use ``source: synthetic``.
 
-Passkey (METHODS.md "Evaluation protocols"): the filler "The grass is green. The sky is blue. The sun is
+Passkey (Landmark Attention / LongLoRA protocol): the filler "The grass is green. The sky is blue. The sun is
 yellow. Here we go. There and back again." repeated, "The pass key is N. Remember it. N is the pass
 key." inserted at a random depth, N in [1, 50000], then the question and the answer.
 MQAR: key–value pairs ("the amber river is 4821."), then queries of a random subset of the keys,
@@ -75,7 +75,7 @@ def passkey_prompt(num_filler: int, depth: float, key: int) -> PasskeySample:
     Args:
         num_filler: number of filler repeats (sets the length; ~22 tokens each with a small vocabulary).
         depth: where the key sentence goes, as a fraction of the filler repeats (0 = start, 1 = end).
-        key: the pass key (METHODS.md: random in [1, 50000]).
+        key: the pass key (LongLoRA's protocol: random in [1, 50000]).
 
     Returns:
         The sample; ``prompt`` ends with "The pass key is" and ``answer`` is ``str(key)``.

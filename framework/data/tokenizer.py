@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from longreach.data.config import DataConfig
+from longreach.data.corpus import corpus_fingerprint, iter_documents
 from longreach.errors import UserError
 
 __all__ = ["Tokenizer", "cache_root", "load_or_train_tokenizer", "train_tokenizer", "wait_for_file"]
@@ -157,8 +158,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path, *, 
 
 def tokenizer_key(cfg: DataConfig) -> str:
     """Cache key of the tokenizer that ``cfg`` trains: hash of (corpus spec, vocab size, digit splitting, recipe)."""
-    from longreach.data.corpus import corpus_fingerprint
-
     blob = f"{_RECIPE}|{cfg.vocab_size}|split_digits={int(cfg.split_digits)}|{corpus_fingerprint(cfg)}"
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -185,7 +184,6 @@ def load_or_train_tokenizer(cfg: DataConfig, cache_dir: str | Path | None = None
     if local_rank() != 0:
         wait_for_file(path, what="the tokenizer")
         return Tokenizer(path)
-    from longreach.data.corpus import iter_documents
 
     lines = sample_lines(lambda: iter_documents(cfg))
     if not lines:

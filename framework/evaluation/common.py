@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from longreach.hf.patch import HFAttention, base_model, patched, prime_dynamic_rope, sharded_batch
+from longreach.parallel import pad_to_layout
 
 
 def cp_group_of(model: torch.nn.Module) -> tuple[HFAttention | None, dist.ProcessGroup | None, int]:
@@ -30,8 +31,6 @@ def next_token(model: torch.nn.Module, ids: list[int], *, pad_id: int = 0) -> in
     n = len(ids)
     x = torch.tensor([ids], dtype=torch.long, device=next(hf.parameters()).device)  # [1, n]
     if size > 1:
-        from longreach.parallel import pad_to_layout
-
         x = pad_to_layout(x, layout=fn.config.layout, world_size=size, dim=1, value=pad_id)  # [1, n']
     batch = sharded_batch(x, fn=fn)
     if size > 1:

@@ -24,6 +24,16 @@ import torch.distributed as dist
 from torch import nn
 
 from longreach.errors import UserError
+from longreach.evaluation.perplexity import PerplexityResult, window_starts
+from longreach.job import JobConfig, TrainConfig
+from longreach.kernels import lightning_attention
+from longreach.kernels.lightning.recurrent import decode_step
+from longreach.parallel import pad_to_layout
+from longreach.parallel.config import ParallelConfig
+from longreach.parallel.layouts import layout_multiple
+from longreach.engines import unwrap
+from longreach.model_setup import cp_group, parallelize
+from longreach.trainer import Batch, build_mesh, prepare_batch
 
 IGNORE_INDEX = -100
 
@@ -42,9 +52,6 @@ class RecurrentSeam:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
                  cu_seqlens: object = None) -> torch.Tensor:
         """``cu_seqlens``: packed-document offsets of the prompt (the state kept is its last document's)."""
-        from longreach.kernels import lightning_attention
-        from longreach.kernels.lightning.recurrent import decode_step
-
         if self.state is None:
             out, self.state = lightning_attention(q, k, v, decay, backend=self.backend, chunk_size=self.chunk_size,
                                                   initial_state=None, return_state=True,
@@ -81,11 +88,6 @@ class NativeLM:
         """Parallelize ``model`` over all ``world`` ranks (context parallelism only; ``world`` 1: as is)."""
         if world == 1:
             return cls(model, layout=layout)
-        from longreach.job import JobConfig, TrainConfig
-        from longreach.parallel.config import ParallelConfig
-        from longreach.parallel.layouts import layout_multiple
-        from longreach.model_setup import cp_group, parallelize
-        from longreach.trainer import build_mesh
 
         try:
             par = ParallelConfig(dp=1, cp=world, strategy=strategy, layout=layout, ulysses_degree=ulysses_degree,
@@ -99,9 +101,6 @@ class NativeLM:
 
     def _shard(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[Any, ...]:
         """``ids [1, S]`` → this rank's (ids, positions, labels, ctx); padded to the layout multiple."""
-        from longreach.parallel import pad_to_layout
-        from longreach.trainer import Batch, prepare_batch
-
         lab = labels if labels is not None else torch.full_like(ids, IGNORE_INDEX)
         if self.size > 1:
             ids = pad_to_layout(ids, layout=self.layout, world_size=self.size, dim=1, value=0)
@@ -127,7 +126,7 @@ class NativeLM:
         n = len(ids)
         x, pos, _, ctx = self._shard(torch.tensor([ids], dtype=torch.long))
         hidden = self.model(x, pos, ctx)  # [1, S_local, dim]
-        weight = _unwrap(self.model).output_weight()  # [V, dim]
+        weight = unwrap(self.model).output_weight()  # [V, dim]
         logits = torch.zeros(weight.shape[0], dtype=torch.float32, device=self.device)
         where = (ctx.positions == n - 1).nonzero()
         if where.numel():
@@ -160,7 +159,7 @@ class NativeLM:
 
     def _generate_recurrent(self, ids: list[int], n_new: int, return_logits: bool
                             ) -> list[int] | tuple[list[int], list[torch.Tensor]]:
-        model = _unwrap(self.model)
+        model = unwrap(self.model)
         if self.size > 1 or not supports_recurrent(model):
             raise UserError("recurrent decoding needs a TransNormerLLM without softmax layers on one rank; "
                             "use --decode full")
@@ -186,17 +185,9 @@ class NativeLM:
                 m.linear_attention = seam
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from longreach.engines import unwrap
-
-    return unwrap(model)
-
-
 def native_perplexity(lm: NativeLM, tokens: np.ndarray, *, length: int, stride: int = 256,
                       max_windows: int | None = None) -> Any:
     """LongLoRA's windowed perplexity (:func:`longreach.evaluation.perplexity.perplexity`) of a NativeLM."""
-    from longreach.evaluation.perplexity import PerplexityResult, window_starts
-
     toks = torch.as_tensor(np.asarray(tokens), dtype=torch.long).reshape(-1)  # [N]
     losses = [lm.loss(toks[s:s + length][None]) for s in window_starts(toks.numel(), length, stride, max_windows)]
     mean = float(np.mean(losses))

@@ -1,4 +1,4 @@
-"""Passkey retrieval across context lengths × depths (METHODS.md "Evaluation protocols").
+"""Passkey retrieval across context lengths × depths (the LongLoRA / Landmark Attention protocol).
 
 Filler "The grass is green. …" repeated, "The pass key is N. Remember it. N is the pass key." at a
 depth, N random in [1, 50000]; greedy decoding of the answer's token count; exact match. The prompt is

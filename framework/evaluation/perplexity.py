@@ -1,7 +1,7 @@
 """Perplexity with LongLoRA's protocol: independent windows of the target length at a fixed stride.
 
-ppl = exp(mean over windows of the mean next-token loss inside the window) (METHODS.md "Evaluation
-protocols"; windows start every 256 tokens by default). Each window is an independent sequence (no
+ppl = exp(mean over windows of the mean next-token loss inside the window) (LongLoRA's
+protocol; windows start every 256 tokens by default). Each window is an independent sequence (no
 context carried over); under context parallelism it is sharded with the model's patch layout.
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longreach.data.shards import TokenShards
 from longreach.errors import UserError
-from longreach.evaluation.common import cp_group_of
+from longreach.evaluation.common import TextCodec, cp_group_of
 from longreach.hf.patch import causal_lm_loss, sharded_batch
 
 
@@ -74,8 +75,6 @@ def load_tokens(path: str | Path, tokenizer=None) -> np.ndarray:
     (``.txt``/``.md``, tokenized with ``tokenizer``)."""
     p = Path(path)
     if p.is_dir():
-        from longreach.data.shards import TokenShards
-
         shards = TokenShards(p)
         return np.concatenate([np.asarray(shards.document(i)) for i in range(shards.num_documents)])
     if not p.is_file():
@@ -88,7 +87,6 @@ def load_tokens(path: str | Path, tokenizer=None) -> np.ndarray:
     if p.suffix in (".txt", ".md"):
         if tokenizer is None:
             raise UserError(f"{p}: a text file needs the model's tokenizer (none found next to the checkpoint)")
-        from longreach.evaluation.common import TextCodec
 
         return np.asarray(TextCodec(tokenizer).encode(p.read_text()), dtype=np.int64)
     raise UserError(f"{p}: unknown token file type (use .npy, .txt/.md or a token-shard folder)")

@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 
 from longreach.errors import UserError
+from longreach.evaluation.common import greedy_decode
+from longreach.evaluation.native import NativeLM, native_perplexity
+from longreach.evaluation.perplexity import perplexity
+from longreach.hf.load import load_hf
+from longreach.hf.patch import AttentionPatch, patch_attention
 from longreach.parallel.config import STRATEGIES
+from longreach.sources import load_model, load_tokenizer, resolve_source
+from longreach.trainer import setup_distributed
 
 
 @dataclass
@@ -46,17 +53,13 @@ class OpenModel:
         if self.hf is not None:
             if decode == "recurrent":
                 raise UserError("recurrent decoding is for TransNormerLLM sources; this is an HF model")
-            from longreach.evaluation.common import greedy_decode
 
             return greedy_decode(self.hf, ids, n_new, pad_id=pad_id)
         return self.native.generate(ids, n_new, decode=decode)
 
     def perplexity(self, tokens: np.ndarray, *, length: int, stride: int, max_windows: int | None) -> Any:
         if self.hf is not None:
-            from longreach.evaluation.perplexity import perplexity
-
             return perplexity(self.hf, tokens, length=length, stride=stride, max_windows=max_windows)
-        from longreach.evaluation.native import native_perplexity
 
         return native_perplexity(self.native, tokens, length=length, stride=stride, max_windows=max_windows)
 
@@ -78,9 +81,6 @@ def open_model(source: str, *, strategy: str = "none", layout: str = "zigzag", u
     Raises:
         UserError: an unreadable source, or several ranks with ``strategy`` none.
     """
-    from longreach.sources import load_model, load_tokenizer, resolve_source
-    from longreach.trainer import setup_distributed
-
     src = resolve_source(source)
     rank, world, device, owned = setup_distributed()
     if world > 1 and strategy == "none":
@@ -88,16 +88,11 @@ def open_model(source: str, *, strategy: str = "none", layout: str = "zigzag", u
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     opened = OpenModel(source=src, tokenizer=None, rank=rank, world=world, owned=owned)
     if src.is_hf:
-        from longreach.hf.load import load_hf
-        from longreach.hf.patch import AttentionPatch, patch_attention
-
         model, tokenizer = load_hf(src.path, dtype=torch_dtype, device=device)
         patch_attention(model, AttentionPatch(pattern="full", strategy=strategy, layout=layout,
                                               ulysses_degree=ulysses_degree, backend=backend))
         opened.hf, opened.tokenizer = model, tokenizer
     else:
-        from longreach.evaluation.native import NativeLM
-
         model = load_model(src, device=device, dtype=torch_dtype)
         opened.native = NativeLM.build(model, world=world, strategy=strategy if strategy != "none" else "ring",
                                        layout=layout, ulysses_degree=ulysses_degree, linear_variant=linear_variant)

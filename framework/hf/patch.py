@@ -17,7 +17,7 @@ tokens, *global* position ids and globally shifted labels with the same layout
 states and the ``lm_head`` weight, normalised by the global count of labelled tokens.
 
 Training-time patterns (S2-Attn, SF-Attn) apply only while the attention module is in training mode;
-evaluation and generation use full causal attention (METHODS.md "S2-Attn").
+evaluation and generation use full causal attention (LongLoRA, Chen et al., 2023, §3.2).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Long-context fine-tuning recipes for HF checkpoints: LongLoRA, SinkLoRA and full fine-tuning.
 
-* **LongLoRA** (METHODS.md "S2-Attn"): peft LoRA (r=8, α=16, dropout 0 on q, k, v, o by default),
+* **LongLoRA** (Chen et al., 2023): peft LoRA (r=8, α=16, dropout 0 on q, k, v, o by default),
   plus every parameter whose name contains "embed" or "norm" trains (never ``lm_head``); position
   interpolation (linear RoPE, factor ceil(L′/L)); S2-Attn during training, full attention at inference.
 * **SinkLoRA**: the same LoRA, with SF-Attn (shifted groups reassembled, no wrap) plus 4 causal sink tokens.

@@ -5,7 +5,7 @@ transformers 5.x keeps every RoPE setting under ``config.rope_parameters`` (``ro
 the installed transformers has no ``rope_parameters``), so an exported model loads with plain
 ``AutoModelForCausalLM.from_pretrained`` and extends its context the same way it was fine-tuned.
 
-Types (METHODS.md "Position extension"):
+Types (transformers' ``rope_type`` names where they exist):
 
 * ``linear`` — position interpolation, positions m/s (LongLoRA).
 * ``dynamic`` — dynamic NTK, base b·((s·L_cur/L) − (s−1))^{d/(d−2)} for L_cur > L.

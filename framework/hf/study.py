@@ -11,7 +11,7 @@
    interpolation, then export. The
    fine-tuning data are the same training docstrings with tasks up to ~4L tokens long.
 3. Evaluate the base model and every export: perplexity (LongLoRA protocol: windows every 256 tokens)
-   on held-out docstring documents, and passkey accuracy (METHODS.md protocol: greedy decoding, exact
+   on held-out docstring documents, and passkey accuracy (LongLoRA protocol: greedy decoding, exact
    match; ``seeds`` keys x 5 depths per length) at 1x and 4x; write ``study.md`` / ``study.json``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mixture-of-Experts feed-forward layer with optional expert parallelism (METHODS.md "Mixtures").
+"""Mixture-of-Experts feed-forward layer with optional expert parallelism (Switch / GShard style).
 
 Routing: router logits ``W_r x`` (float32) → softmax → (optionally mixed across tokens by the
 attention-aware or similarity-aware rule, :mod:`longreach.mixtures.routing`) → top-k, renormalised.

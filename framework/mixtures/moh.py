@@ -1,4 +1,4 @@
-"""Mixture-of-Head attention (METHODS.md "Mixtures", MoH).
+"""Mixture-of-Head attention (MoH, Jin et al., 2024).
 
 Heads are split into ``n_shared`` shared heads (always on) and ``H − n_shared`` routed heads of which
 ``top_k`` are active per token. Each head's output is weighted before the output projection:

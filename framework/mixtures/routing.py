@@ -1,4 +1,4 @@
-"""Token routing shared by the mixture layers (METHODS.md "Mixtures").
+"""Token routing shared by the mixture layers (MoE / MoH top-k with load balance).
 
 * :func:`top_k_gates` — softmax gate, top-k, renormalised over the chosen.
 * :func:`balance_loss` — E·Σ fᵢPᵢ with fᵢ the fraction of tokens that chose i (Σ fᵢ = k) and Pᵢ the

@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 from longreach.attention import AttentionContext
+from longreach.loss import chunked_cross_entropy
 
 
 class DecoderLM(nn.Module):
     """Base of the decoder language models (``embed_tokens``, optional ``lm_head``, ``cfg``).
 
-    Subclasses set :attr:`residual_out` (suffixes of the residual output projections) and call
-    :meth:`_begin` / :meth:`_finish` around their layer stack.
+    Subclasses set :attr:`residual_out` (suffixes of the residual output projections), ``rotary`` (a
+    :class:`~longreach.models.rope.RotaryEmbedding`, or None without softmax attention) and implement
+    :meth:`_blocks`, the layer stack; :meth:`forward` is shared.
     """
 
     #: parameter-name suffixes of residual output projections, scaled by 1/sqrt(2·n_layers) at init (GPT-2)
@@ -35,6 +37,48 @@ class DecoderLM(nn.Module):
     def output_weight(self) -> torch.Tensor:
         """The ``[V, dim]`` output projection (the embedding when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        ctx: AttentionContext | None = None,
+        *,
+        labels: torch.Tensor | None = None,
+        loss_chunk_size: int = 1024,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder.
+
+        Args:
+            input_ids: ``[B, S_local]`` token ids (this rank's part of the sequence).
+            position_ids: ``[B, S_local]`` positions RoPE (and LRPE) rotate by; None = ``ctx.positions``
+                or 0..S-1.
+            ctx: attention context (global length, global positions of the local tokens, documents, step).
+            labels: ``[B, S_local]`` next-token targets already shifted on the global sequence
+                (−100 = ignored). Given, the forward returns the chunked loss instead of the hidden states.
+            loss_chunk_size: tokens per logits chunk of the loss.
+
+        Returns:
+            hidden ``[B, S_local, dim]``, or ``(loss_sum, n_tokens)`` (scalar float32 sum of token losses and
+            the local count of non-ignored labels) when ``labels`` is given. ``self.aux_loss`` holds the sum
+            of the layers' auxiliary losses (None if none).
+        """
+        ctx, position_ids = self._begin(input_ids, position_ids, ctx)
+        s = input_ids.shape[1]
+        h = self.embed_tokens(input_ids)  # [B, S, dim]
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary(position_ids, ctx.seq_len if ctx.seq_len is not None else s,
+                               dtype=torch.promote_types(h.dtype, torch.float32))  # cos, sin [B, S, hd/2]
+        h, norm = self._blocks(h, position_ids, rope, ctx)  # [B, S, dim]
+        return self._finish(h, labels, loss_chunk_size, norm=norm)
+
+    def _blocks(self, h: torch.Tensor, position_ids: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, ctx: AttentionContext
+                ) -> tuple[torch.Tensor, nn.Module | None]:
+        """The layer stack on the embeddings ``h [B, S, dim]``: ``(h, final norm)``, the norm None when
+        already applied (else it runs inside the loss region, see :meth:`_finish`)."""
+        raise NotImplementedError
 
     @staticmethod
     def _begin(input_ids: torch.Tensor, position_ids: torch.Tensor | None, ctx: AttentionContext | None
@@ -59,7 +103,6 @@ class DecoderLM(nn.Module):
         self.aux_loss = collect_aux_loss(self)
         if labels is None:
             return norm(h) if norm is not None else h
-        from longreach.loss import chunked_cross_entropy
 
         weight = self.output_weight()
         if norm is None:

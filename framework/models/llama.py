@@ -2,7 +2,7 @@
 
 Parameter names follow HF Llama (``embed_tokens``, ``layers.i.self_attn.q_proj`` …, ``norm``,
 ``lm_head``) so checkpoints map one to one. Attention ends in the seam ``inner_attention(q, k, v, ctx)``
-(DESIGN.md §2); context parallelism, masks and kernels are swapped in from outside by
+(framework/ARCHITECTURE.md §3); context parallelism, masks and kernels are swapped in from outside by
 :func:`longreach.model_setup.parallelize`, never by branches here.
 
 Forward::
@@ -16,14 +16,13 @@ Logits for the loss are formed chunk by chunk from ``model.output_weight()`` (ne
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
 
-from . import register_attention, register_ffn, register_model, lookup, ATTENTION_TYPES, FFN_TYPES
+from .registry import ATTENTION_TYPES, FFN_TYPES, lookup, register_attention, register_ffn, register_model
 from .base import DecoderLM
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
@@ -119,38 +118,13 @@ class Llama(DecoderLM):
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        ctx: AttentionContext | None = None,
-        *,
-        labels: torch.Tensor | None = None,
-        loss_chunk_size: int = 1024,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Run the decoder.
-
-        Args:
-            input_ids: ``[B, S_local]`` token ids (this rank's part of the sequence).
-            position_ids: ``[B, S_local]`` positions RoPE rotates by; None = ``ctx.positions`` or 0..S-1.
-            ctx: attention context (global length, global positions of the local tokens, documents, step).
-            labels: ``[B, S_local]`` next-token targets already shifted on the global sequence
-                (−100 = ignored). Given, the forward returns the chunked loss instead of the hidden states.
-            loss_chunk_size: tokens per logits chunk of the loss.
-
-        Returns:
-            hidden ``[B, S_local, dim]``, or ``(loss_sum, n_tokens)`` (scalar float32 sum of token losses and
-            the local count of non-ignored labels) when ``labels`` is given. ``self.aux_loss`` holds the sum
-            of the layers' auxiliary losses (None if none).
-        """
-        ctx, position_ids = self._begin(input_ids, position_ids, ctx)
-        s = input_ids.shape[1]
-        h = self.embed_tokens(input_ids)  # [B, S, dim]
-        cos, sin = self.rotary(position_ids, ctx.seq_len if ctx.seq_len is not None else s,
-                               dtype=torch.promote_types(h.dtype, torch.float32))  # [B, S, hd/2]
+    def _blocks(self, h: torch.Tensor, position_ids: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, ctx: AttentionContext
+                ) -> tuple[torch.Tensor, nn.Module | None]:
+        cos, sin = rope  # [B, S, hd/2] each
         for layer in self.layers:
-            h = layer(h, cos, sin, ctx)
-        return self._finish(h, labels, loss_chunk_size, norm=self.norm)  # h [B, S, dim]
+            h = layer(h, cos, sin, ctx)  # [B, S, dim]
+        return h, self.norm  # the final norm runs inside the loss region
 
 
 @register_model("llama")

@@ -1,4 +1,4 @@
-"""Rotary position embeddings and their position-extension variants (METHODS.md "Position extension").
+"""Rotary position embeddings and their position-extension variants (PI, NTK, YaRN, Llama-3).
 
 Frequencies are θ_i = b^(−2i/d) for i < d/2 (d = head_dim, b = ``rope_theta``). The scalings:
 

@@ -1,6 +1,6 @@
 """TransNormerLLM: a decoder of lightning-attention (linear) layers, optionally hybrid with softmax layers.
 
-Written for one device (Qin et al., "TransNormerLLM", 2023; METHODS.md "Linear attention"):
+Written for one device (Qin et al., "TransNormerLLM", 2023; Lightning Attention-2):
 
 * pre-norm blocks ``x + mixer(SRMSNorm(x))`` then ``x + SGLU(SRMSNorm(x))``, where SimpleRMSNorm has no
   weight: ``x / sqrt(mean(x²) + 1e−6)``;
@@ -35,10 +35,11 @@ from torch import nn
 from longreach.attention import AttentionContext
 from longreach.kernels.lightning import BACKENDS as LIGHTNING_BACKENDS
 from longreach.kernels.lightning import lightning_attention
+from longreach.parallel import linear_cp_attention
 
-from . import ATTENTION_TYPES, lookup, register_model
-from .config import ModelConfig
 from .base import DecoderLM
+from .config import ModelConfig
+from .registry import ATTENTION_TYPES, lookup, register_model
 from .rope import RotaryEmbedding
 
 __all__ = ["TNL_EXTRA_KEYS", "LightningSeam", "LinearTokenMixer", "LaspSeam", "SGLU", "SimpleRMSNorm",
@@ -144,8 +145,6 @@ class LaspSeam:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, *,
                  cu_seqlens: Any = None) -> torch.Tensor:
-        from longreach.parallel import linear_cp_attention
-
         return linear_cp_attention(q, k, v, decay, variant=self.variant, layout=self.layout, group=self.group,
                                    cu_seqlens=cu_seqlens)
 
@@ -251,37 +250,12 @@ class TransNormerLLM(DecoderLM):
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        ctx: AttentionContext | None = None,
-        *,
-        labels: torch.Tensor | None = None,
-        loss_chunk_size: int = 1024,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Run the decoder.
-
-        Args:
-            input_ids: ``[B, S_local]`` token ids (this rank's part of the sequence).
-            position_ids: ``[B, S_local]`` positions (LRPE and RoPE); None = ``ctx.positions`` or 0..S-1.
-            ctx: attention context (global length, global positions of the local tokens, documents, step).
-            labels: ``[B, S_local]`` next-token targets shifted on the global sequence (−100 = ignored).
-            loss_chunk_size: tokens per logits chunk of the loss.
-
-        Returns:
-            hidden ``[B, S_local, dim]``, or ``(loss_sum, n_tokens)`` when ``labels`` is given.
-        """
-        ctx, position_ids = self._begin(input_ids, position_ids, ctx)
-        s = input_ids.shape[1]
-        h = self.embed_tokens(input_ids)  # [B, S, dim]
-        rope = None
-        if self.rotary is not None:
-            rope = self.rotary(position_ids, ctx.seq_len if ctx.seq_len is not None else s,
-                               dtype=torch.promote_types(h.dtype, torch.float32))  # cos, sin [B, S, hd/2]
+    def _blocks(self, h: torch.Tensor, position_ids: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None, ctx: AttentionContext
+                ) -> tuple[torch.Tensor, nn.Module | None]:
         for layer in self.layers:
-            h = layer(h, position_ids, rope, ctx)
-        return self._finish(self.final_norm(h), labels, loss_chunk_size)  # h [B, S, dim]
+            h = layer(h, position_ids, rope, ctx)  # [B, S, dim]
+        return self.final_norm(h), None
 
 
 @register_model("transnormer")

@@ -1,7 +1,7 @@
 """Spawned-rank workers for context-parallel tests and ``longreach bench cp``.
 
 Each worker runs a whole matrix inside one process group and returns plain data (failure strings,
-counters), so one spawn per world size covers every case (DESIGN.md §3).
+counters), so one spawn per world size covers every case (framework/ARCHITECTURE.md §8).
 """
 from __future__ import annotations
 
@@ -356,7 +356,7 @@ def bench_worker(rank: int, world: int, cfg: dict) -> list[dict]:
 
 def theoretical_min(strategy: str, world: int, q_bytes: int, kv_bytes: int, out_bytes: int, heads: int,
                     kv_heads: int, degree: int | None) -> float | None:
-    """Forward bytes a rank must send (DESIGN.md §4); None where no minimum is defined."""
+    """Forward bytes a rank must send (framework/ARCHITECTURE.md §8); None where no minimum is defined."""
     p = world
     if strategy == "ring":
         return (p - 1) * kv_bytes

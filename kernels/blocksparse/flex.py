@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 
 from ..dense.reference import check_shapes
-from ..masks import FULL, PARTIAL, Mask, PlacedMask, _Full, place
+from ..masks import FULL, PARTIAL, Mask, PlacedMask, full, place
 from ..slices.plan import PlanCache
 from ._plan import build_plan
 
@@ -98,7 +98,7 @@ def _run(q, k, v, placed, scale):
         enable_gqa=hkv != h, return_aux=AuxRequest(lse=True),
     )
     lse = aux.lse.float()  # [B, H, Sq], natural log
-    if empty is not None:  # rows with no allowed key: out 0, lse -inf (DESIGN.md §2)
+    if empty is not None:  # rows with no allowed key: out 0, lse -inf (framework/ARCHITECTURE.md §2)
         e = empty[None].expand(b, h, sq)
         lse = lse.masked_fill(e, float("-inf"))
         out = out.masked_fill(e[..., None], 0.0)
@@ -109,7 +109,7 @@ def _placed(q, k, mask) -> PlacedMask:
     sq, sk, h = q.shape[1], k.shape[1], q.shape[2]
     placed = place(mask, sq, sk, num_heads=h)
     if placed is None:
-        placed = _Full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
+        placed = full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
     return placed
 
 

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from ..dense.reference import check_shapes  # noqa: E402
-from ..masks import Mask, PlacedMask, _Full, place  # noqa: E402
+from ..masks import Mask, PlacedMask, full, place  # noqa: E402
 from ..slices.plan import PlanCache  # noqa: E402
 from ._plan import TilePlan, build_plan  # noqa: E402
 
@@ -62,6 +62,77 @@ def precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _heads(bh, H, REP, PER_HEAD: tl.constexpr):
+    """Program ``bh`` of the ``B·H`` grid axis → (batch, query head, its K/V head, its plan head)."""
+    b = bh // H
+    h = bh % H
+    hk = h // REP
+    if PER_HEAD:
+        mh = h
+    else:
+        mh = 0
+    return b, h, hk, mh
+
+
+@triton.jit
+def _load_tile(PTR, b, offs, h, s_b, s_s, s_h, cols, ok, WIDTH):
+    """Rows ``offs`` × columns ``cols`` of head ``h`` of a BSHD tensor (zeros outside ``ok`` / ``WIDTH``)."""
+    return tl.load(PTR + b * s_b + offs[:, None] * s_s + h * s_h + cols[None, :],
+                   mask=ok[:, None] & (cols[None, :] < WIDTH), other=0.0)
+
+
+@triton.jit
+def _store_tile(PTR, val, b, offs, h, s_b, s_s, s_h, cols, ok, WIDTH):
+    """Store ``val`` at rows ``offs`` × columns ``cols`` of head ``h`` of a BSHD tensor."""
+    tl.store(PTR + b * s_b + offs[:, None] * s_s + h * s_h + cols[None, :], val,
+             mask=ok[:, None] & (cols[None, :] < WIDTH))
+
+
+@triton.jit
+def _aranges(BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr):
+    """Row, column, head-dim and value-dim offsets of one tile pair."""
+    return tl.arange(0, BM), tl.arange(0, BN), tl.arange(0, BD), tl.arange(0, BE)
+
+
+@triton.jit
+def _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re, SK, D, E, BN: tl.constexpr):
+    """Key tile ``n`` of K/V head ``hk``: positions, which exist, K ``[BN, BD]`` and V ``[BN, BE]``."""
+    offs_n = n * BN + rn
+    col_ok = offs_n < SK
+    k = _load_tile(K, b, offs_n, hk, s_kb, s_ks, s_kh, rd, col_ok, D)
+    v = _load_tile(V, b, offs_n, hk, s_vb, s_vs, s_vh, re, col_ok, E)
+    return offs_n, col_ok, k, v
+
+
+@triton.jit
+def _tile_pattern(KIND, PIDX, PMASK, at, rm, rn, BM: tl.constexpr, BN: tl.constexpr):
+    """The allowed pairs ``[BM, BN]`` of the plan's tile ``at``: all for FULL, its stored mask for PARTIAL."""
+    kind = tl.load(KIND + at)
+    pidx = tl.maximum(tl.load(PIDX + at), 0).to(tl.int64)
+    is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1  # [BM, BN] predicate
+    pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
+    return pm != 0
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, base, offs_m, row_ok):
+    """lse and delta = rowsum(dO ∘ O) of the rows ``offs_m``; lse −inf read as 0 (p = 0 there anyway)."""
+    lse = tl.load(LSE + base + offs_m, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + base + offs_m, mask=row_ok, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _probs_and_grads(q, k, v, do, lse, delta, allowed, scale, PREC: tl.constexpr):
+    """Backward of one tile: probabilities p and score gradients ds = p ∘ (dO·Vᵀ − delta), ``[BM, BN]``."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BM, BN]
+    p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BM, BN]
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KIND, PIDX, LIST, CNT, PMASK,
     s_qb, s_qs, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_ob, s_os, s_oh,
@@ -71,21 +142,11 @@ def _fwd_kernel(
 ):
     qt = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    hk = h // REP
-    if PER_HEAD:
-        mh = h
-    else:
-        mh = 0
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    re = tl.arange(0, BE)
+    b, h, hk, mh = _heads(bh, H, REP, PER_HEAD)
+    rm, rn, rd, re = _aranges(BM, BN, BD, BE)
     offs_m = qt * BM + rm
     row_ok = offs_m < SQ
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
-                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BM, BD]
+    q = _load_tile(Q, b, offs_m, h, s_qb, s_qs, s_qh, rd, row_ok, D)  # [BM, BD]
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BE], dtype=tl.float32)
@@ -93,17 +154,9 @@ def _fwd_kernel(
     cnt = tl.load(CNT + row)
     for j in range(0, cnt):
         n = tl.load(LIST + row * NK + j).to(tl.int64)
-        kind = tl.load(KIND + row * NK + n)
-        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0).to(tl.int64)
-        offs_n = n * BN + rn
-        col_ok = offs_n < SK
-        k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
-                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BN, BD]
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
-                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0)  # [BN, BE]
-        is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1  # [BM, BN] predicate
-        pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
-        allowed = (pm != 0) & col_ok[None, :]
+        _, col_ok, k, v = _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re,
+                                   SK, D, E, BN)  # k [BN, BD], v [BN, BE]
+        allowed = _tile_pattern(KIND, PIDX, PMASK, row * NK + n, rm, rn, BM, BN) & col_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BM, BN] float32
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -117,8 +170,7 @@ def _fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
-    tl.store(O + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (re[None, :] < E))
+    _store_tile(O, out.to(O.dtype.element_ty), b, offs_m, h, s_ob, s_os, s_oh, re, row_ok, E)
     tl.store(LSE + bh * SQ + offs_m, lse, mask=row_ok)
 
 
@@ -132,49 +184,25 @@ def _bwd_dq_kernel(
 ):
     qt = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    hk = h // REP
-    if PER_HEAD:
-        mh = h
-    else:
-        mh = 0
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    re = tl.arange(0, BE)
+    b, h, hk, mh = _heads(bh, H, REP, PER_HEAD)
+    rm, rn, rd, re = _aranges(BM, BN, BD, BE)
     offs_m = qt * BM + rm
     row_ok = offs_m < SQ
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
-                mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BM, BD]
-    do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :],
-                 mask=row_ok[:, None] & (re[None, :] < E), other=0.0)  # [BM, BE]
-    lse = tl.load(LSE + bh * SQ + offs_m, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such rows have no allowed key: p = 0 anyway
-    delta = tl.load(DELTA + bh * SQ + offs_m, mask=row_ok, other=0.0)
+    q = _load_tile(Q, b, offs_m, h, s_qb, s_qs, s_qh, rd, row_ok, D)  # [BM, BD]
+    do = _load_tile(DO, b, offs_m, h, s_ob, s_os, s_oh, re, row_ok, E)  # [BM, BE]
+    lse, delta = _row_stats(LSE, DELTA, bh * SQ, offs_m, row_ok)  # [BM], [BM]
     dq = tl.zeros([BM, BD], dtype=tl.float32)
     row = mh * NQ + qt
     cnt = tl.load(CNT + row)
     for j in range(0, cnt):
         n = tl.load(LIST + row * NK + j).to(tl.int64)
-        kind = tl.load(KIND + row * NK + n)
-        pidx = tl.maximum(tl.load(PIDX + row * NK + n), 0).to(tl.int64)
-        offs_n = n * BN + rn
-        col_ok = offs_n < SK
-        k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
-                    mask=col_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BN, BD]
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
-                    mask=col_ok[:, None] & (re[None, :] < E), other=0.0)  # [BN, BE]
-        is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1
-        pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
-        allowed = (pm != 0) & col_ok[None, :] & row_ok[:, None]
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)  # [BM, BN]
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BM, BN]
-        ds = p * (dp - delta[:, None])
+        _, col_ok, k, v = _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re,
+                                   SK, D, E, BN)  # k [BN, BD], v [BN, BE]
+        allowed = (_tile_pattern(KIND, PIDX, PMASK, row * NK + n, rm, rn, BM, BN)
+                   & col_ok[None, :] & row_ok[:, None])
+        p, ds = _probs_and_grads(q, k, v, do, lse, delta, allowed, scale, PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    tl.store(DQ + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :], dq * scale,
-             mask=row_ok[:, None] & (rd[None, :] < D))
+    _store_tile(DQ, dq * scale, b, offs_m, h, s_qb, s_qs, s_qh, rd, row_ok, D)
 
 
 @triton.jit
@@ -189,16 +217,9 @@ def _bwd_dkdv_kernel(
     bhk = tl.program_id(1).to(tl.int64)
     b = bhk // HKV
     hk = bhk % HKV
-    rm = tl.arange(0, BM)
-    rn = tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    re = tl.arange(0, BE)
-    offs_n = n * BN + rn
-    col_ok = offs_n < SK
-    k = tl.load(K + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :],
-                mask=col_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BN, BD]
-    v = tl.load(V + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :],
-                mask=col_ok[:, None] & (re[None, :] < E), other=0.0)  # [BN, BE]
+    rm, rn, rd, re = _aranges(BM, BN, BD, BE)
+    offs_n, col_ok, k, v = _kv_tile(K, V, n, b, hk, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, rn, rd, re,
+                                    SK, D, E, BN)  # k [BN, BD], v [BN, BE]
     dk = tl.zeros([BN, BD], dtype=tl.float32)
     dv = tl.zeros([BN, BE], dtype=tl.float32)
     for g in range(0, REP):  # the query heads sharing this K/V head
@@ -211,30 +232,18 @@ def _bwd_dkdv_kernel(
         cnt = tl.load(TCNT + col)
         for j in range(0, cnt):
             qt = tl.load(TLIST + col * NQ + j).to(tl.int64)
-            kind = tl.load(KIND + (mh * NQ + qt) * NK + n)
-            pidx = tl.maximum(tl.load(PIDX + (mh * NQ + qt) * NK + n), 0).to(tl.int64)
             offs_m = qt * BM + rm
             row_ok = offs_m < SQ
-            q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qs + h * s_qh + rd[None, :],
-                        mask=row_ok[:, None] & (rd[None, :] < D), other=0.0)  # [BM, BD]
-            do = tl.load(DO + b * s_ob + offs_m[:, None] * s_os + h * s_oh + re[None, :],
-                         mask=row_ok[:, None] & (re[None, :] < E), other=0.0)  # [BM, BE]
-            lse = tl.load(LSE + (b * H + h) * SQ + offs_m, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(DELTA + (b * H + h) * SQ + offs_m, mask=row_ok, other=0.0)
-            is_part = (rm[:, None] * 0 + rn[None, :] * 0 + kind.to(tl.int32)) == 1
-            pm = tl.load(PMASK + pidx * BM * BN + rm[:, None] * BN + rn[None, :], mask=is_part, other=1)
-            allowed = (pm != 0) & col_ok[None, :] & row_ok[:, None]
-            s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # [BM, BN]
-            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            q = _load_tile(Q, b, offs_m, h, s_qb, s_qs, s_qh, rd, row_ok, D)  # [BM, BD]
+            do = _load_tile(DO, b, offs_m, h, s_ob, s_os, s_oh, re, row_ok, E)  # [BM, BE]
+            lse, delta = _row_stats(LSE, DELTA, (b * H + h) * SQ, offs_m, row_ok)
+            allowed = (_tile_pattern(KIND, PIDX, PMASK, (mh * NQ + qt) * NK + n, rm, rn, BM, BN)
+                       & col_ok[None, :] & row_ok[:, None])
+            p, ds = _probs_and_grads(q, k, v, do, lse, delta, allowed, scale, PREC)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-    tl.store(DK + b * s_kb + offs_n[:, None] * s_ks + hk * s_kh + rd[None, :], dk * scale,
-             mask=col_ok[:, None] & (rd[None, :] < D))
-    tl.store(DV + b * s_vb + offs_n[:, None] * s_vs + hk * s_vh + re[None, :], dv,
-             mask=col_ok[:, None] & (re[None, :] < E))
+    _store_tile(DK, dk * scale, b, offs_n, hk, s_kb, s_ks, s_kh, rd, col_ok, D)
+    _store_tile(DV, dv, b, offs_n, hk, s_vb, s_vs, s_vh, re, col_ok, E)
 
 
 def _pow2(x: int) -> int:
@@ -253,7 +262,7 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | Pla
     sk = k.shape[1]
     placed = place(mask, sq, sk, num_heads=h)
     if placed is None:  # full attention: every tile FULL
-        placed = _Full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
+        placed = full().place(torch.arange(sk - sq, sk), torch.arange(sk), seq_len=sk)
     bm, bn = block_sizes(q.device, d)
 
     def build() -> TilePlan:
@@ -277,7 +286,7 @@ def forward(
     """Block-sparse forward. Returns out ``[B, Sq, H, E]`` (q dtype) and lse ``[B, H, Sq]`` float32."""
     plan, bm, bn = _prepare(q, k, v, mask)
     b, sq, h, d = q.shape
-    sk, hkv, e = k.shape[1], k.shape[2], v.shape[-1]
+    e = v.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qc, kc, vc = (_compute_dtype(x).contiguous() for x in (q, k, v))
     out = torch.empty(b, sq, h, e, dtype=qc.dtype, device=q.device)  # [B, Sq, H, E]

@@ -1,6 +1,6 @@
 """Dense softmax attention backends: ``reference`` (the oracle) and ``cpu`` (PyTorch's CPU flash kernel).
 
-Each backend module offers the same functions (DESIGN.md §2):
+Each backend module offers the same functions (framework/ARCHITECTURE.md §2):
 
     forward(q, k, v, *, mask, scale) -> (out, lse)
     backward(dout, q, k, v, out, lse, *, mask, scale, grad_dtype=None) -> (dq, dk, dv)

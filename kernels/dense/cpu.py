@@ -11,7 +11,10 @@ import math
 
 import torch
 
-from ..masks import Mask, PlacedMask, _Causal, place
+from ..masks import Mask, PlacedMask, place
+from ..masks.algebra import _Causal
+from ..slices import cpu as slices_cpu
+from ..slices.cpu import expand_kv, reduce_kv
 from .reference import check_shapes, grad_compute_dtype
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -27,6 +30,16 @@ def _one_call(placed: PlacedMask | None, sq: int, sk: int) -> bool | None:
         if bool((qp == kp).all()) and bool((qp[1:] - qp[:-1] == 1).all()):
             return True
     return None
+
+
+def _call(q: torch.Tensor, k: torch.Tensor, mask: Mask | PlacedMask | None,
+          scale: float | None) -> tuple[float, PlacedMask | None, bool | None]:
+    """(scale, the mask placed on this call, ``is_causal`` of the one kernel call or None: the slice plan)."""
+    _, sq, h, d = q.shape
+    sk = k.shape[1]
+    placed = place(mask, sq, sk, num_heads=h)
+    is_causal = _one_call(placed, sq, sk) if sq and sk else None
+    return (1.0 / math.sqrt(d) if scale is None else scale), placed, is_causal
 
 
 def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -46,14 +59,8 @@ def forward(
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         out, lse = forward(_pad_to(q, width), _pad_to(k, width), _pad_to(v, width), mask=mask, scale=scale)
         return out[..., :e].contiguous(), lse
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    placed = place(mask, sq, sk, num_heads=h)
-    is_causal = _one_call(placed, sq, sk)
-    if is_causal is None or sq == 0 or sk == 0:
-        from ..slices import cpu as slices_cpu
-
+    scale, placed, is_causal = _call(q, k, mask, scale)
+    if is_causal is None:
         return slices_cpu.forward(q, k, v, mask=placed, scale=scale)
     out, lse = _fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, scale=scale)
     out = out.transpose(1, 2)  # [B, Sq, H, E]
@@ -79,14 +86,8 @@ def backward(
         dq, dk, dv = backward(_pad_to(dout, width), _pad_to(q, width), _pad_to(k, width), _pad_to(v, width),
                               _pad_to(out, width), lse, mask=mask, scale=scale, grad_dtype=grad_dtype)
         return dq[..., :d], dk[..., :d], dv[..., :e]
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    placed = place(mask, sq, sk, num_heads=h)
-    is_causal = _one_call(placed, sq, sk)
-    if is_causal is None or sq == 0 or sk == 0:
-        from ..slices import cpu as slices_cpu
-
+    scale, placed, is_causal = _call(q, k, mask, scale)
+    if is_causal is None:
         return slices_cpu.backward(dout, q, k, v, out, lse, mask=placed, scale=scale, grad_dtype=grad_dtype)
     cd = grad_compute_dtype(q.dtype, grad_dtype)
     q, k, v = q.to(cd), k.to(cd), v.to(cd)
@@ -94,11 +95,9 @@ def backward(
     # finite lse gives them zero probability.
     lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     lse_k = lse_k.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
-    from ..slices.cpu import expand_kv, reduce_kv
-
     dq, dk, dv = _bwd(
         dout.transpose(1, 2).to(q.dtype).contiguous(),
-        q.transpose(1, 2), expand_kv(k.transpose(1, 2), h), expand_kv(v.transpose(1, 2), h),
+        q.transpose(1, 2), expand_kv(k.transpose(1, 2), q.shape[2]), expand_kv(v.transpose(1, 2), q.shape[2]),
         out.transpose(1, 2).to(q.dtype).contiguous(), lse_k, 0.0, is_causal, scale=scale,
     )
     hkv, gd = k.shape[2], grad_dtype or cd

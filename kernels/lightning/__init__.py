@@ -22,6 +22,7 @@ import importlib
 import torch
 
 from .documents import CuSeqlens, document_ids
+from .naive import forward as naive_forward
 from .recurrent import decode_step
 
 __all__ = ["BACKENDS", "decode_step", "document_ids", "lightning_attention", "lightning_by_document_ids"]
@@ -115,8 +116,6 @@ def lightning_by_document_ids(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"got {tuple(doc_ids.shape)}")
     name = _resolve(backend, q)
     if name == "naive":
-        from .naive import forward as naive_forward
-
         return naive_forward(q, k, v, decay, initial_state, doc_ids)
     module = importlib.import_module(f"{__name__}.{name}")
     return module.lightning(q, k, v, decay, initial_state, chunk_size, doc_ids)

@@ -210,7 +210,6 @@ class _Plan:
         self.e = v.shape[-1]
         self.block = _pow2(chunk_size)
         self.nb = triton.cdiv(self.s, self.block)
-        self.bd, self.be = _pow2(self.d), _pow2(self.e)
         self.rate = decay.to(device=q.device, dtype=torch.float32).contiguous()  # [H]
         self.docs = doc_ids.to(device=q.device, dtype=torch.int64).contiguous() if doc_ids is not None else None
         self.sdoc_b = self.s if doc_ids is not None and doc_ids.shape[0] > 1 else 0

@@ -1,4 +1,4 @@
-"""``cp_attention``: the one public entry point of softmax context parallelism (DESIGN.md §2)."""
+"""``cp_attention``: the one public entry point of softmax context parallelism (ARCHITECTURE.md §2)."""
 from __future__ import annotations
 
 import math
@@ -182,15 +182,12 @@ def _all_positions(layout: Layout, seq_len: int, world: int) -> list[torch.Tenso
 
 
 def _backend(name: str, q: torch.Tensor, mask: M.Mask) -> ModuleType:
-    if name == "auto":
-        if q.device.type == "cpu":
-            name = "cpu"  # PyTorch's CPU flash kernel; it handles float64 and GQA too
-        else:
-            try:
-                name = resolve_backend("auto", q, mask)
-                get_backend(name)
-            except ImportError:
-                name = "reference"
+    if name == "auto":  # the same choice as longreach.kernels.attention, for the effective mask
+        try:
+            name = resolve_backend("auto", q, mask)
+            get_backend(name)
+        except ImportError:
+            name = "reference"
     return get_backend(name)
 
 
@@ -241,7 +238,7 @@ def cp_attention(
         mask: a :mod:`longreach.kernels.masks` mask over *global* positions and heads.
         scale: softmax scale, default ``1/sqrt(D)``.
         ulysses_degree: for ``hybrid``: ranks per Ulysses group (consecutive ranks); ring groups are strided.
-        backend: local attention backend (``"auto"``: ``cpu`` on CPU).
+        backend: local attention backend; ``"auto"`` chooses as :func:`longreach.kernels.attention` does.
         return_lse: also return the local log-sum-exp (not differentiable).
 
     Returns:

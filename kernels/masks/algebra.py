@@ -1,21 +1,7 @@
-"""Mask algebra: attention masks as data over *global* positions (DESIGN.md §2).
+"""The mask algebra: :class:`Mask`, its placement on a call's positions, ``&``/``|``, and the basic factories.
 
-A :class:`Mask` answers, for a set of global query positions × key positions and a set of global
-heads, which (query, key) pairs may attend. Because positions are global, a mask means the same on
-every rank whatever the sequence layout. Three views are offered:
-
-* ``dense(q_pos, k_pos, heads=..., num_heads=..., seq_len=...)`` — the elementwise pattern,
-  ``bool [Hm, Sq, Sk]`` with ``Hm`` = 1 for head-independent masks, else ``len(heads)``;
-* ``classify(...)`` — per head, whether the whole block is EMPTY, PARTIAL or FULL;
-* ``block_map(..., block_q, block_k)`` — the same per tile, ``int8 [Hm, nQ, nK]``.
-
-Classification may be conservative (PARTIAL where the truth is EMPTY or FULL): callers compute
-PARTIAL blocks elementwise, so a conservative answer costs time, never correctness.
-
-Factories are causal unless they say otherwise: ``sliding_window(w)`` keeps 0 ≤ i−j < w,
-``sinks(n)`` keeps j < n and j ≤ i, ``documents(cu)`` keeps same-document j ≤ i.
-Masks combine with ``&`` and ``|``. Random masks (SSA) read the training step and layer through
-:meth:`Mask.at`, so every rank derives the same sample without communicating.
+The sparse patterns of papers (PowerAttention, LongLoRA S2, SinkLoRA SF, SSA) are built on these
+classes in :mod:`longreach.kernels.masks.patterns`; :mod:`longreach.kernels.masks` exports both.
 """
 from __future__ import annotations
 
@@ -24,27 +10,9 @@ from typing import Sequence
 
 import torch
 
-from ._regions import INF, Region, intersect_lists, union_lists
+from .._regions import INF, Region, intersect_lists, union_lists
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-
-__all__ = [
-    "EMPTY",
-    "PARTIAL",
-    "FULL",
-    "Mask",
-    "PlacedMask",
-    "place",
-    "causal",
-    "full",
-    "sliding_window",
-    "sinks",
-    "documents",
-    "power",
-    "s2",
-    "sf",
-    "ssa",
-]
 
 
 def _as_pos(x: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -61,15 +29,8 @@ class Mask:
     per_head: bool = False
 
     # --- elementwise -------------------------------------------------------------------------
-    def dense(
-        self,
-        q_pos: torch.Tensor,
-        k_pos: torch.Tensor,
-        *,
-        heads: torch.Tensor | None = None,
-        num_heads: int = 1,
-        seq_len: int | None = None,
-    ) -> torch.Tensor:
+    def dense(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, heads: torch.Tensor | None = None,
+              num_heads: int = 1, seq_len: int | None = None) -> torch.Tensor:
         """Allowed pairs, ``bool [Hm, Sq, Sk]`` (Hm = 1 unless :attr:`per_head`)."""
         raise NotImplementedError
 
@@ -119,15 +80,8 @@ class Mask:
         d = self.dense(q_pos, k_pos, heads=heads, num_heads=num_heads, seq_len=seq_len)
         return _reduce_tiles(d, block_q, block_k)
 
-    def classify(
-        self,
-        q_pos: torch.Tensor,
-        k_pos: torch.Tensor,
-        *,
-        heads: torch.Tensor | None = None,
-        num_heads: int = 1,
-        seq_len: int | None = None,
-    ) -> torch.Tensor:
+    def classify(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, heads: torch.Tensor | None = None,
+                 num_heads: int = 1, seq_len: int | None = None) -> torch.Tensor:
         """Whole-block classification per head, ``int8 [Hm]``."""
         q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
         if q_pos.numel() == 0 or k_pos.numel() == 0:
@@ -274,13 +228,6 @@ def _reduce_tiles(d: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     return out
 
 
-def _exact_block_map(mask: Mask, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
-    q_pos, k_pos = _as_pos(q_pos), _as_pos(k_pos)
-    heads = torch.arange(num_heads) if heads is None else _as_pos(heads)
-    d = mask.dense(q_pos, k_pos, heads=heads, num_heads=num_heads, seq_len=_default_seq_len(seq_len, q_pos, k_pos))
-    return _reduce_tiles(d, block_q, block_k)
-
-
 def _settle_tiles(mask: Mask, res: torch.Tensor, todo: torch.Tensor, q_pos, k_pos, *, block_q, block_k,
                   heads=None, num_heads=1, seq_len=None) -> torch.Tensor:
     """Replace the tiles flagged in ``todo [Hm, nQ, nK]`` by their exact class, evaluating the dense
@@ -334,13 +281,28 @@ class _Full(Mask):
         return [Region(0, seq_len, 0, seq_len)]
 
 
-@dataclass(frozen=True)
-class _Causal(Mask):
-    is_causal = True
+def _require_at_least(what: str, value: int, low: int) -> None:
+    if int(value) < low:
+        raise ValueError(f"{what} must be >= {low}, got {value}")
+
+
+class _Pairwise(Mask):
+    """A head-independent mask given by a predicate on (query position, key position)."""
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Elementwise on broadcast positions ``q [Sq, 1]``, ``k [1, Sk]``."""
+        raise NotImplementedError
 
     def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        q, k = _as_pos(q_pos), _as_pos(k_pos)
-        return (k[None, :] <= q[:, None])[None]
+        return self.allowed(_as_pos(q_pos)[:, None], _as_pos(k_pos)[None, :])[None]  # [1, Sq, Sk]
+
+
+@dataclass(frozen=True)
+class _Causal(_Pairwise):
+    is_causal = True
+
+    def allowed(self, q, k):
+        return k <= q
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         return _where3(qmax < kmin, qmin >= kmax)[None]
@@ -350,18 +312,15 @@ class _Causal(Mask):
 
 
 @dataclass(frozen=True)
-class _SlidingWindow(Mask):
+class _SlidingWindow(_Pairwise):
     window: int
     is_causal = True
 
     def __post_init__(self):
-        if int(self.window) < 1:
-            raise ValueError(f"sliding_window: window must be >= 1, got {self.window}")
+        _require_at_least("sliding_window: window", self.window, 1)
 
-    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        q, k = _as_pos(q_pos), _as_pos(k_pos)
-        diff = q[:, None] - k[None, :]
-        return ((diff >= 0) & (diff < self.window))[None]
+    def allowed(self, q, k):
+        return (q - k >= 0) & (q - k < self.window)
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         max_diff, min_diff = qmax - kmin, qmin - kmax
@@ -372,17 +331,15 @@ class _SlidingWindow(Mask):
 
 
 @dataclass(frozen=True)
-class _Sinks(Mask):
+class _Sinks(_Pairwise):
     n: int
     is_causal = True
 
     def __post_init__(self):
-        if int(self.n) < 0:
-            raise ValueError(f"sinks: n must be >= 0, got {self.n}")
+        _require_at_least("sinks: n", self.n, 0)
 
-    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        q, k = _as_pos(q_pos), _as_pos(k_pos)
-        return ((k[None, :] < self.n) & (k[None, :] <= q[:, None]))[None]
+    def allowed(self, q, k):
+        return (k < self.n) & (k <= q)
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, *, heads, num_heads, seq_len):
         return _where3((kmin >= self.n) | (qmax < kmin), (kmax < self.n) & (qmin >= kmax))[None]
@@ -433,13 +390,16 @@ class _Documents(Mask):
 
 
 @dataclass(frozen=True, eq=False)
-class _And(Mask):
+class _Combined(Mask):
+    """``a & b`` or ``a | b``: subclasses name the elementwise, tile-class and region operations."""
+
     a: Mask
     b: Mask
 
-    @property
-    def is_causal(self) -> bool:  # type: ignore[override]
-        return self.a.is_causal or self.b.is_causal
+    _name = ""
+    _pairs = staticmethod(torch.logical_and)  # elementwise patterns
+    _classes = staticmethod(torch.minimum)  # tile classes EMPTY < PARTIAL < FULL
+    _region_lists = staticmethod(intersect_lists)
 
     @property
     def per_head(self) -> bool:  # type: ignore[override]
@@ -447,19 +407,19 @@ class _And(Mask):
 
     def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
         kw = dict(heads=heads, num_heads=num_heads, seq_len=seq_len)
-        return self.a.dense(q_pos, k_pos, **kw) & self.b.dense(q_pos, k_pos, **kw)
+        return self._pairs(self.a.dense(q_pos, k_pos, **kw), self.b.dense(q_pos, k_pos, **kw))
 
     def _classify_ranges(self, qmin, qmax, kmin, kmax, **kw):
         ra = self.a._classify_ranges(qmin, qmax, kmin, kmax, **kw)
         rb = self.b._classify_ranges(qmin, qmax, kmin, kmax, **kw)
         if ra is None or rb is None:
             return None
-        return torch.minimum(ra, rb)
+        return self._classes(ra, rb)
 
     def block_map(self, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
         kw = dict(block_q=block_q, block_k=block_k, heads=heads, num_heads=num_heads, seq_len=seq_len)
         ra, rb = self.a.block_map(q_pos, k_pos, **kw), self.b.block_map(q_pos, k_pos, **kw)
-        res = torch.minimum(ra, rb)
+        res = self._classes(ra, rb)
         # Two PARTIAL halves may still be exactly EMPTY or FULL: settle those tiles densely.
         both_partial = (ra == PARTIAL) & (rb == PARTIAL)
         if bool(both_partial.any()):
@@ -467,60 +427,36 @@ class _And(Mask):
         return res
 
     def at(self, *, step=0, layer=0):
-        return _And(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
+        return type(self)(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
 
     def regions(self, head, num_heads, seq_len):
         ra = self.a.regions(head, num_heads, seq_len)
         rb = None if ra is None else self.b.regions(head, num_heads, seq_len)
-        return None if rb is None else intersect_lists(ra, rb)
+        return None if rb is None else self._region_lists(ra, rb)
 
     def key(self):
-        return ("and", self.a.key(), self.b.key())
+        return (self._name, self.a.key(), self.b.key())
 
 
 @dataclass(frozen=True, eq=False)
-class _Or(Mask):
-    a: Mask
-    b: Mask
+class _And(_Combined):
+    _name = "and"
+
+    @property
+    def is_causal(self) -> bool:  # type: ignore[override]
+        return self.a.is_causal or self.b.is_causal
+
+
+@dataclass(frozen=True, eq=False)
+class _Or(_Combined):
+    _name = "or"
+    _pairs = staticmethod(torch.logical_or)
+    _classes = staticmethod(torch.maximum)
+    _region_lists = staticmethod(union_lists)
 
     @property
     def is_causal(self) -> bool:  # type: ignore[override]
         return self.a.is_causal and self.b.is_causal
-
-    @property
-    def per_head(self) -> bool:  # type: ignore[override]
-        return self.a.per_head or self.b.per_head
-
-    def dense(self, q_pos, k_pos, *, heads=None, num_heads=1, seq_len=None):
-        kw = dict(heads=heads, num_heads=num_heads, seq_len=seq_len)
-        return self.a.dense(q_pos, k_pos, **kw) | self.b.dense(q_pos, k_pos, **kw)
-
-    def _classify_ranges(self, qmin, qmax, kmin, kmax, **kw):
-        ra = self.a._classify_ranges(qmin, qmax, kmin, kmax, **kw)
-        rb = self.b._classify_ranges(qmin, qmax, kmin, kmax, **kw)
-        if ra is None or rb is None:
-            return None
-        return torch.maximum(ra, rb)
-
-    def block_map(self, q_pos, k_pos, *, block_q, block_k, heads=None, num_heads=1, seq_len=None):
-        kw = dict(block_q=block_q, block_k=block_k, heads=heads, num_heads=num_heads, seq_len=seq_len)
-        ra, rb = self.a.block_map(q_pos, k_pos, **kw), self.b.block_map(q_pos, k_pos, **kw)
-        res = torch.maximum(ra, rb)
-        both_partial = (ra == PARTIAL) & (rb == PARTIAL)
-        if bool(both_partial.any()):
-            res = _settle_tiles(self, res, both_partial, q_pos, k_pos, **kw)
-        return res
-
-    def at(self, *, step=0, layer=0):
-        return _Or(self.a.at(step=step, layer=layer), self.b.at(step=step, layer=layer))
-
-    def regions(self, head, num_heads, seq_len):
-        ra = self.a.regions(head, num_heads, seq_len)
-        rb = None if ra is None else self.b.regions(head, num_heads, seq_len)
-        return None if rb is None else union_lists(ra, rb)
-
-    def key(self):
-        return ("or", self.a.key(), self.b.key())
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,31 +487,3 @@ def sinks(n: int) -> Mask:
 def documents(cu_seqlens: torch.Tensor | Sequence[int]) -> Mask:
     """Causal attention within packed documents; ``cu_seqlens`` are the global document offsets."""
     return _Documents(_as_pos(cu_seqlens))
-
-
-def power(block: int) -> Mask:
-    """PowerAttention: key block j visible to query block i iff i−j ∈ {0} ∪ {2^k} (causal)."""
-    from ._patterns import power as _power
-
-    return _power(block)
-
-
-def s2(group_size: int, variant: str = "varlen") -> Mask:
-    """LongLoRA shifted sparse attention (per head); see :mod:`longreach.kernels._patterns`."""
-    from ._patterns import s2 as _s2
-
-    return _s2(group_size, variant)
-
-
-def sf(group_size: int, sinks: int = 4) -> Mask:
-    """SinkLoRA SF-Attn: shifted groups without wrap-around plus global sink tokens (causal)."""
-    from ._patterns import sf as _sf
-
-    return _sf(group_size, sinks)
-
-
-def ssa(ratio: float, *, window: int, block: int, seed: int, bias: str = "local") -> Mask:
-    """Stochastically subsampled attention (per head, per step, per layer)."""
-    from ._patterns import ssa as _ssa
-
-    return _ssa(ratio, window=window, block=block, seed=seed, bias=bias)

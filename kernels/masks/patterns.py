@@ -1,12 +1,13 @@
 """Sparse attention patterns: PowerAttention, LongLoRA S2, SinkLoRA SF, stochastic subsampling (SSA).
 
-:mod:`longreach.kernels.masks` delegates its ``power``/``s2``/``sf``/``ssa`` factories here. Every
+:mod:`longreach.kernels.masks` exports the ``power``/``s2``/``sf``/``ssa`` factories defined here. Every
 pattern is a :class:`~longreach.kernels.masks.Mask` over *global* positions and *global* head ids, so it
 means the same on every rank whatever the sequence layout or Ulysses head split. Where it is cheap,
 a pattern also answers tile classification analytically from each tile's min/max positions; every such
 answer is conservative for ANY position set inside those bounds (PARTIAL when unsure).
 
-Definitions (METHODS.md "Attention patterns"):
+Definitions (PowerAttention; LongLoRA, Chen et al., 2023, §3.2; SinkLoRA, 2024; Information
+Pathways, KDD 2023):
 
 * ``power(block)``: key j visible to query i iff j ≤ i and ``i//block − j//block`` ∈ {0} ∪ {2^k}.
 * ``s2(G, "varlen")``: heads h < H//2 attend causally inside groups [mG, (m+1)G); heads h ≥ H//2
@@ -17,8 +18,8 @@ Definitions (METHODS.md "Attention patterns"):
   (the wrap-around), so the mask is NOT causal (use it with ``causal=False``).
 * ``sf(G, sinks=4)``: SinkLoRA SF-Attn. Our exact definition: the shifted heads' groups are
   "segmented and reassembled" back to their un-shifted positions, i.e. no group wraps around: the
-  segments are [0, G/2), [G/2, 3G/2), …, [N−G/2, N) — the same pattern as ``s2(G, "varlen")`` (METHODS.md
-  calls the equivalence unverified; this is the reading we implement). Unshifted heads as in S2.
+  segments are [0, G/2), [G/2, 3G/2), …, [N−G/2, N) — the same pattern as ``s2(G, "varlen")`` (SinkLoRA ships
+  no code, so the equivalence is unverified; this is the reading we implement). Unshifted heads as in S2.
   Plus ``sinks`` global sink tokens on every head: key j < sinks is visible to every query i ≥ j
   (causal sinks; the paper's sinks also see the future, which leaks in a causal LM).
 * ``ssa(ratio, window=, block=, seed=, bias=)``: on blocks of ``block`` tokens, query block a keeps
@@ -36,8 +37,8 @@ from functools import lru_cache
 
 import torch
 
-from ._regions import INF, Region
-from .masks import Mask, _as_pos, _Or, _Sinks, _where3
+from .._regions import INF, Region
+from .algebra import Mask, _as_pos, _Or, _Sinks, _where3
 
 __all__ = ["power", "s2", "sf", "ssa", "splitmix64", "ssa_keep_probability"]
 
@@ -103,7 +104,7 @@ class _Power(Mask):
 
 
 def power(block: int) -> Mask:
-    """PowerAttention with blocks of ``block`` tokens (causal)."""
+    """PowerAttention with blocks of ``block`` tokens: key block j visible to query block i iff i−j ∈ {0} ∪ {2^k} (causal)."""
     return _Power(int(block))
 
 

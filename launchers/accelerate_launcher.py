@@ -5,9 +5,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-__all__ = ["accelerate_config", "write_accelerate_config", "accelerate_command"]
+__all__ = ["accelerate_config", "accelerate_command"]
 
 
 def accelerate_config(*, num_machines: int = 1, num_processes: int = 1, machine_rank: int = 0,
@@ -29,13 +27,6 @@ def accelerate_config(*, num_machines: int = 1, num_processes: int = 1, machine_
         conf["main_process_ip"] = main_process_ip
         conf["main_process_port"] = main_process_port
     return conf
-
-
-def write_accelerate_config(conf: dict[str, Any], path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(conf, sort_keys=True))
-    return p
 
 
 def accelerate_command(program: list[str], *, config_file: str | Path, python: str = sys.executable) -> list[str]:
