@@ -49,7 +49,7 @@ class DryRunReport:
     notes: list[str] = field(default_factory=list)
     """What was recorded rather than run, warnings."""
     hardware: str = "h100_sxm"
-    """Device profile the memory is checked against (``longreach.bench.hardware.PROFILES``)."""
+    """Device profile the memory is checked against (``longreach.planning.hardware.PROFILES``)."""
     capacity: float = 0.0
     """That device's memory, bytes."""
     host_capacity: float = 0.0
@@ -78,8 +78,8 @@ class DryRunReport:
 
 
 def model_shape(model_cfg: Any) -> Any:
-    """The planner's :class:`~longreach.bench.costmodel.ModelShape` of a ``model:`` section."""
-    from longreach.bench.costmodel import ModelShape
+    """The planner's :class:`~longreach.planning.costmodel.ModelShape` of a ``model:`` section."""
+    from longreach.planning.costmodel import ModelShape
 
     return ModelShape(name=model_cfg.arch, layers=model_cfg.n_layers, hidden=model_cfg.dim, heads=model_cfg.n_heads,
                       kv_heads=model_cfg.n_kv_heads, head_dim=model_cfg.head_dim,
@@ -90,7 +90,7 @@ def model_shape(model_cfg: Any) -> Any:
 
 def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any, n_shards: int,
                     hardware: str = "h100_sxm") -> dict[str, float]:
-    """Bytes per rank from the planner's memory model (``longreach.bench.costmodel.memory_per_rank``).
+    """Bytes per rank from the planner's memory model (``longreach.planning.costmodel.memory_per_rank``).
 
     The same model ``longreach plan`` uses, fed with this config: the real parameter count, states at
     16 B/param (weights, gradients, Adam) sharded as the engine shards (DDP: replicated; FSDP2 or
@@ -99,8 +99,8 @@ def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any,
     (checkpointing, ``model.sequence_tile``, ``model.checkpoint_offload``); the strategy's
     communication buffers; one loss chunk of logits. ``host`` is what it offloads per rank.
     """
-    from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
-    from longreach.bench.hardware import get_profile
+    from longreach.planning.costmodel import MemoryOptions, attention_cost, memory_per_rank
+    from longreach.planning.hardware import get_profile
 
     m, tr, par = cfg.model, cfg.train, cfg.parallel
     dtype_bytes = 2 if (tr.precision == "bf16" or engine.mixed_precision in ("bf16", "fp16")) else 4
@@ -166,7 +166,7 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
 
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {world_size}")
-    from longreach.bench.hardware import get_profile
+    from longreach.planning.hardware import get_profile
 
     try:
         profile = get_profile(hardware)
@@ -257,7 +257,7 @@ def _hf_shape(path: str, notes: list[str]) -> Any:
     import json
     import os
 
-    from longreach.bench.costmodel import MODELS, ModelShape
+    from longreach.planning.costmodel import MODELS, ModelShape
 
     cfg_file = os.path.join(path, "config.json")
     if os.path.isfile(cfg_file):
@@ -285,7 +285,7 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     Activations follow ``train.activation_checkpointing``, ``train.sequence_tile`` and
     ``train.checkpoint_offload`` (the fine-tune's names for ``model.sequence_tile`` / ``model.checkpoint_offload``).
     """
-    from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
+    from longreach.planning.costmodel import MemoryOptions, attention_cost, memory_per_rank
     from longreach.config import load_config
     from longreach.engines import as_engine_config
     from longreach.hf.cli import FinetuneConfig

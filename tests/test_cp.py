@@ -12,7 +12,7 @@ import torch
 from longreach.kernels import masks as M
 from longreach.parallel import cp_attention
 from longreach.testing import run_ranks
-from longreach.workers import cp as W
+from workers import cp as W
 
 WORLDS = (2, 3, 4)
 

@@ -11,7 +11,7 @@ import torch
 from longreach.engines import EngineConfig, as_engine_config, build_engine
 from longreach.errors import ConfigError
 from longreach.testing import run_ranks
-from longreach.workers import engines as w
+from workers import engines as w
 
 
 def test_all_engines_same_loss_as_single_process():

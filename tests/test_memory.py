@@ -139,7 +139,7 @@ def test_fit_line_recovers_a_line() -> None:
 def test_offload_needs_checkpointing() -> None:
     from longreach.errors import UserError
     from longreach.parallelize import parallelize
-    from longreach.workers.trainer import tiny_job
+    from workers.trainer import tiny_job
 
     cfg = tiny_job(**{"model.checkpoint_offload": True})
     with pytest.raises(UserError, match="train.activation_checkpointing"):
@@ -154,7 +154,7 @@ def cp_modes_worker(rank: int, world_size: int) -> list[str]:
     from longreach.parallel.config import ParallelConfig
     from longreach.parallelize import parallelize
     from longreach.trainer import build_mesh, forward_backward
-    from longreach.workers.trainer import SyntheticBatches, _close, tiny_job
+    from workers.trainer import SyntheticBatches, _close, tiny_job
 
     failures = []
     batch = SyntheticBatches(vocab=37, seq_len=24, batch=2, seed=3, ignore_every=3).make(0)

@@ -5,7 +5,7 @@ import pytest
 
 from longreach.parallel.mesh import ParallelDims
 from longreach.testing import run_ranks
-from longreach.workers import cp as W
+from workers import cp as W
 
 
 def test_dp_resolves_from_world_size() -> None:

@@ -13,7 +13,7 @@ from longreach.mixtures.routing import (attention_mix, balance_loss, explicit_at
                                         top_k_gates, z_loss)
 from longreach.models import ModelConfig, build_model
 from longreach.testing import run_ranks
-from longreach.workers.moe import ep_and_cp_routing as _ep_and_cp_routing
+from workers.moe import ep_and_cp_routing as _ep_and_cp_routing
 
 torch.set_num_threads(1)
 

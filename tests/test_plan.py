@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from longreach.bench.costmodel import MODELS, attention_cost, attention_flops, causal_density, step_cost
-from longreach.bench.hardware import PROFILES, get_profile, peak_flops
-from longreach.bench.plan import calibrate, candidates, main, parse_tokens, split_halves
+from longreach.planning.costmodel import MODELS, attention_cost, attention_flops, causal_density, step_cost
+from longreach.planning.hardware import PROFILES, get_profile, peak_flops
+from longreach.planning.plan import calibrate, candidates, main, parse_tokens, split_halves
 from longreach.errors import UserError
 
 H100 = PROFILES["h100_sxm"]
@@ -101,7 +101,7 @@ def test_candidates_respect_heads_and_nodes() -> None:
 
 
 def _synthetic_records(profile, rng: random.Random) -> list[dict]:
-    from longreach.bench.plan import predict
+    from longreach.planning.plan import predict
 
     recs = []
     for world, strategy, layout in [(1, "none", "contiguous"), (2, "ring", "zigzag"), (2, "ring", "contiguous"),
@@ -202,7 +202,7 @@ def test_memory_terms_are_the_measured_saved_bytes(dtype_name: str) -> None:
     per-layer from the per-model part), on shapes that move every coefficient."""
     import torch
 
-    from longreach.bench.costmodel import ModelShape
+    from longreach.planning.costmodel import ModelShape
 
     dtype = getattr(torch, dtype_name)
     e = torch.tensor([], dtype=dtype).element_size()
@@ -227,7 +227,7 @@ def test_memory_terms_are_the_measured_saved_bytes(dtype_name: str) -> None:
 
 
 def test_plan_reaches_4m_on_8_and_16m_on_32_h100(capsys: pytest.CaptureFixture) -> None:
-    from longreach.bench.plan import plan_table
+    from longreach.planning.plan import plan_table
 
     m = MODELS["llama3_8b"]
     for gpus, s in ((8, 4 << 20), (32, 16 << 20)):
@@ -243,7 +243,7 @@ def test_plan_reaches_4m_on_8_and_16m_on_32_h100(capsys: pytest.CaptureFixture) 
 
 
 def test_offload_and_tiling_lower_memory_and_cost_time() -> None:
-    from longreach.bench.costmodel import MemoryOptions
+    from longreach.planning.costmodel import MemoryOptions
 
     m = MODELS["llama3_8b"]
     kw = dict(gpus=8, seq_len=1 << 20, strategy="ring", cp=8)
@@ -277,10 +277,10 @@ def test_validate_shares_the_plan_memory_model_and_refuses_what_does_not_fit() -
 
 
 def test_dry_run_estimate_is_memory_per_rank() -> None:
-    from longreach.bench.costmodel import MemoryOptions, memory_per_rank
+    from longreach.planning.costmodel import MemoryOptions, memory_per_rank
     from longreach.engines import as_engine_config
     from longreach.launchers.dryrun import estimate_memory, model_shape
-    from longreach.workers.trainer import tiny_job
+    from workers.trainer import tiny_job
 
     cfg = tiny_job(**{"train.activation_checkpointing": True, "model.sequence_tile": 16,
                       "model.checkpoint_offload": True, "train.seq_len": 64})

@@ -11,7 +11,7 @@ from longreach.errors import UserError
 from longreach.metrics import read_metrics
 from longreach.optim import lr_factor
 from longreach.testing import run_ranks
-from longreach.workers import trainer as W
+from workers import trainer as W
 
 
 def test_lr_schedule():

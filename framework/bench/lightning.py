@@ -122,7 +122,7 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
 def lasp(args: argparse.Namespace) -> list[dict[str, Any]]:
     """LASP-1 vs LASP-2 on ``--lasp-ranks`` gloo ranks: per-rank time and bytes."""
     from longreach.testing import run_ranks
-    from longreach.workers.lasp import lasp_bench
+    from longreach.bench.lasp_ranks import lasp_bench
 
     ranks = int(getattr(args, "lasp_ranks", 2))
     lengths = _ints(getattr(args, "lasp_seq_lens", "4096,16384"), "--lasp-seq-lens")

@@ -41,7 +41,7 @@ def kernel_errors(backend: str, dtype: torch.dtype, *, seq_len: int = 77, chunk:
     and over two document layouts (shared offsets; different offsets per row).
     """
     from longreach.kernels import lightning_attention
-    from longreach.workers.lasp import each_document_alone
+    from longreach.bench.lasp_ranks import each_document_alone
 
     g = torch.Generator().manual_seed(seq_len)
     b, h, d, e = 2, 3, 16, 16
@@ -71,7 +71,7 @@ def lasp_errors(world_size: int) -> list[dict[str, Any]]:
     """LASP-1/2 × contiguous/zigzag × float64/float32 on ``world_size`` gloo ranks: the largest errors over
     ranks, document layouts and tensors (out, dq, dk, dv) of each combination."""
     from longreach.testing import run_ranks
-    from longreach.workers.lasp import lasp_documents_errors
+    from longreach.bench.lasp_ranks import lasp_documents_errors
 
     worst: dict[tuple[str, str, str], dict[str, Any]] = {}
     for rank_rows in run_ranks(lasp_documents_errors, world_size):

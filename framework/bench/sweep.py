@@ -15,11 +15,11 @@ Per point, one JSON record (``kind: "sweep_point"``) with:
 * ``tokens_per_s`` (B·S / median forward+backward time) and ``tokens_per_s_fwd``;
 * ``flops_fwd`` = 4·B·S²·H·D·density (density: share of pairs the mask allows) and
   ``flops_fwd_bwd`` = 3.5 × that (backward = 2.5 × forward, FlashAttention's count, see
-  :mod:`longreach.bench.costmodel`); ``tflops_fwd``/``tflops_fwd_bwd`` achieved, and ``mfu`` against
-  the device's peak (:func:`longreach.bench.hardware.peak_flops`; None on CPUs, whose peak is unknown);
+  :mod:`longreach.planning.costmodel`); ``tflops_fwd``/``tflops_fwd_bwd`` achieved, and ``mfu`` against
+  the device's peak (:func:`longreach.planning.hardware.peak_flops`; None on CPUs, whose peak is unknown);
 * ``memory.peak_bytes`` per rank: CUDA ``max_memory_allocated`` growth over the pass on GPU; on CPU
   the peak of live tensor storage bytes allocated during one extra untimed forward+backward
-  (``LiveTensorBytes`` in ``longreach.workers.sweep``); ``rss_peak_kb`` (process ru_maxrss) alongside;
+  (``LiveTensorBytes`` in ``longreach.bench.sweep_ranks``); ``rss_peak_kb`` (process ru_maxrss) alongside;
 * ``comm``: bytes sent per rank in one forward and one backward (``CommRecorder``) and calls per kind;
 * ``balance``: attention score elements computed per rank (``WorkCounter``), max/mean;
 * ``hardware`` (CPU model, cores, GPU name), ``software`` (python, torch, longreach, triton), ``config``.
@@ -171,14 +171,14 @@ def summarize_times(times: list[float]) -> dict[str, float]:
 
 
 def _density(mask_name: str, seq_len: int, heads: int, cfg: SweepConfig) -> float:
-    from longreach.bench.costmodel import causal_density
+    from longreach.planning.costmodel import causal_density
 
     if mask_name == "full":
         return 1.0
     if mask_name == "causal":
         return causal_density(seq_len)
     from longreach.bench.kernels import mask_density
-    from longreach.workers.sweep import build_point_mask
+    from longreach.bench.sweep_ranks import build_point_mask
 
     mask, _ = build_point_mask(mask_name, seq_len, window=cfg.window, block=cfg.block, seed=cfg.seed)
     return mask_density(mask, seq_len, heads)
@@ -194,8 +194,8 @@ def _combine(pt: dict, per_rank: list[dict], cfg: SweepConfig, env: dict, densit
     """One record from the per-rank raw results of a point."""
     import torch
 
-    from longreach.bench.costmodel import ATTN_BWD_FACTOR, attention_flops
-    from longreach.bench.hardware import peak_flops
+    from longreach.planning.costmodel import ATTN_BWD_FACTOR, attention_flops
+    from longreach.planning.hardware import peak_flops
 
     world = pt["world"]
     rec: dict[str, Any] = {
@@ -262,7 +262,7 @@ def _under_torchrun() -> bool:
 
 def _run_world(world: int, points: list[dict], cfg: SweepConfig) -> list[list[dict]]:
     """Raw per-rank results, indexed [point][rank]."""
-    from longreach.workers.sweep import sweep_worker
+    from longreach.bench.sweep_ranks import sweep_worker
 
     if _under_torchrun():
         import torch
@@ -284,7 +284,7 @@ def _run_world(world: int, points: list[dict], cfg: SweepConfig) -> list[list[di
 
 def run_sweep(cfg: SweepConfig, out: str | Path, *, log=print) -> list[dict]:
     """Run every point of ``cfg`` and append one record per point to ``out``; returns the records."""
-    from longreach.bench.hardware import hardware_info, software_versions
+    from longreach.planning.hardware import hardware_info, software_versions
 
     env = {"hardware": hardware_info(), "software": software_versions()}
     env["hardware"]["torch_threads_per_rank"] = cfg.threads

@@ -227,8 +227,8 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
 
     from longreach.metrics import read_metrics
     from longreach.trainer import train
-    from longreach.workers.trainer import MOE_EXTRA, SyntheticBatches, _full_state_from_checkpoint, moe_job
-    from longreach.workers.trainer import _close as _rel_close
+    from workers.trainer import MOE_EXTRA, SyntheticBatches, _full_state_from_checkpoint, moe_job
+    from workers.trainer import _close as _rel_close
 
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
