@@ -108,9 +108,9 @@ def run_throughput(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> li
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
     from longreach.attention import AttentionContext
-    from longreach.planning.hardware import peak_flops
     from longreach.models import build_model
     from longreach.models.config import ModelConfig
+    from longreach.planning.hardware import peak_flops
 
     rows = []
     for s in sizes.seq_lens:

@@ -1,11 +1,12 @@
-"""Spawned-rank workers for context-parallel tests and ``longreach bench cp``.
+"""Rank workers of the context-parallel tests (tests/test_cp.py, tests/test_mesh.py).
 
-Each worker runs a whole matrix inside one process group and returns plain data (failure strings,
-counters), so one spawn per world size covers every case (DESIGN.md §3).
+Each worker runs a whole matrix inside one process group, so one spawn per world size covers every case,
+and returns what each rank computed (local outputs, LSE and gradients with their global positions;
+counters); the test reassembles them and compares with the float64 single-rank reference
+(:func:`case_mismatches`, ``torch.testing.assert_close``).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -56,16 +57,6 @@ class HeadStripes(M.Mask):
         return torch.where((heads % 2 == 0)[:, None, None], causal[None], window[None])
 
 
-def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    fin = torch.isfinite(b)
-    if not bool((torch.isfinite(a) == fin).all()) or not bool((a[~fin] == b[~fin]).all()):
-        return float("inf")
-    if not bool(fin.any()):
-        return 0.0
-    return float((a[fin] - b[fin]).abs().max() / b[fin].abs().max().clamp_min(1e-12))
-
-
 def _shard_positions(x: torch.Tensor, pos: torch.Tensor, dim: int) -> torch.Tensor:
     return x.index_select(dim, pos.to(x.device)).contiguous()
 
@@ -85,24 +76,30 @@ class Case:
     name: str = ""
 
 
-def run_case(rank: int, world: int, case: Case, seq_len: int, seed: int) -> str | None:
-    """Compare cp_attention (output, lse, dq, dk, dv) with the float64 single-rank reference."""
+GRADS = ("dq", "dk", "dv")
+"""Gradients each case returns beside ``out`` and ``lse``."""
+
+
+def case_inputs(case: Case, seq_len: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Seeded float64 ``q [B, S, H, D], k, v [B, S, Hkv, D], dout [B, S, H, D]`` of a case (the same on every
+    rank and in the test process)."""
     g = torch.Generator().manual_seed(seed)
     b, h, hkv, d = case.batch, case.heads, case.kv_heads, case.head_dim
     q = torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64)
     k = torch.randn(b, seq_len, hkv, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, seq_len, hkv, d, generator=g, dtype=torch.float64)
     do = torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64)
-    ref = get_backend("reference")
-    eff = case.mask
-    if eff is None:
-        eff = M.causal() if case.causal else M.full()
-    elif case.causal and not eff.is_causal:
-        eff = eff & M.causal()
-    allpos = torch.arange(seq_len)
-    placed = eff.place(allpos, allpos, seq_len=seq_len, num_heads=h)
-    out_r, lse_r = ref.forward(q, k, v, mask=placed)
-    dq_r, dk_r, dv_r = ref.backward(do, q, k, v, out_r, lse_r, mask=placed)
+    return q, k, v, do
+
+
+def run_case(rank: int, world: int, case: Case, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """cp_attention forward + backward of this rank's shard of a case.
+
+    Returns:
+        ``{"pos": [S/P] global positions, "out" [B, S/P, H, D], "lse" [B, H, S/P], "dq", "dk", "dv"}``
+        in the case's dtype, detached.
+    """
+    q, k, v, do = case_inputs(case, seq_len, seed)
     pos = layout_positions(case.layout, seq_len, rank, world)
     ql, kl, vl, dol = (_shard_positions(t, pos, 1).to(case.dtype) for t in (q, k, v, do))
     for t in (ql, kl, vl):
@@ -110,20 +107,61 @@ def run_case(rank: int, world: int, case: Case, seq_len: int, seed: int) -> str 
     out, lse = cp_attention(ql, kl, vl, strategy=case.strategy, layout=case.layout, causal=case.causal,
                             mask=case.mask, ulysses_degree=case.ulysses_degree, return_lse=True)
     out.backward(dol)
+    return {"pos": pos, "out": out.detach(), "lse": lse.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+
+
+def reference(case: Case, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
+    """The float64 single-rank reference of a case over the whole sequence: out, lse, dq, dk, dv."""
+    q, k, v, do = case_inputs(case, seq_len, seed)
+    ref = get_backend("reference")
+    eff = case.mask
+    if eff is None:
+        eff = M.causal() if case.causal else M.full()
+    elif case.causal and not eff.is_causal:
+        eff = eff & M.causal()
+    allpos = torch.arange(seq_len)
+    placed = eff.place(allpos, allpos, seq_len=seq_len, num_heads=case.heads)
+    out, lse = ref.forward(q, k, v, mask=placed)
+    dq, dk, dv = ref.backward(do, q, k, v, out, lse, mask=placed)
+    return {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+def unshard(per_rank: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """One tensor of every rank's :func:`run_case` result put back at its global positions (float64)."""
+    dim = 2 if name == "lse" else 1
+    parts = [r[name].double() for r in per_rank]
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    full = torch.full(shape, float("nan"), dtype=torch.float64)  # a position no rank filled stays NaN
+    for r, part in zip(per_rank, parts):
+        full.index_copy_(dim, r["pos"], part)
+    return full
+
+
+def case_mismatches(case: Case, seq_len: int, seed: int, per_rank: list[dict[str, torch.Tensor]]) -> list[str]:
+    """Compare every rank's result of a case, reassembled, with :func:`reference` (test-process side).
+
+    Each of out, lse, dq, dk, dv must be within ``tol × max |reference|`` of it everywhere (tol 1e-9 in
+    float64, 2e-4 in float32; −inf LSE rows of fully masked queries must match exactly), in the case's
+    dtype. Returns ``torch.testing.assert_close``'s message for each tensor that is not (empty: all match).
+    """
+    want = reference(case, seq_len, seed)
     tol = 1e-9 if case.dtype == torch.float64 else 2e-4
-    errs = {
-        "out": _relerr(out.detach(), _shard_positions(out_r, pos, 1)),
-        "lse": _relerr(lse, _shard_positions(lse_r, pos, 2)),
-        "dq": _relerr(ql.grad, _shard_positions(dq_r, pos, 1)),
-        "dk": _relerr(kl.grad, _shard_positions(dk_r, pos, 1)),
-        "dv": _relerr(vl.grad, _shard_positions(dv_r, pos, 1)),
-    }
-    bad = {k_: e for k_, e in errs.items() if not e <= tol}
-    if out.dtype != case.dtype or out.shape != ql.shape[:3] + (d,):
-        bad["out dtype/shape"] = float("nan")
-    if bad:
-        return f"P={world} rank={rank} {case.name or case}: " + ", ".join(f"{k_} err {e:.2e}" for k_, e in bad.items())
-    return None
+    bad = []
+    for name in ("out", "lse", *GRADS):
+        dtypes = {r[name].dtype for r in per_rank}
+        if dtypes != {case.dtype}:
+            bad.append(f"{case.name} {name}: dtype {dtypes}, want {case.dtype}")
+            continue
+        ref = want[name]
+        finite = ref[torch.isfinite(ref)]
+        scale = float(finite.abs().max()) if finite.numel() else 1.0
+        try:
+            torch.testing.assert_close(unshard(per_rank, name), ref, rtol=0, atol=tol * max(scale, 1e-12),
+                                       msg=lambda m, n=name: f"P={len(per_rank)} {case.name} {n}: {m}")
+        except AssertionError as e:
+            bad.append(str(e))
+    return bad
 
 
 def _heads_for(world: int) -> list[tuple[str, int, int]]:
@@ -137,37 +175,23 @@ def _degree(strategy: str, world: int) -> int | None:
     return 2 if world % 2 == 0 and world > 2 else world
 
 
-def matrix_worker(rank: int, world: int, seq_len: int) -> dict:
-    """The whole correctness matrix on this world size; returns failures and counters."""
-    failures: list[str] = []
-    seed = 0
-
-    def run(case: Case) -> None:
-        nonlocal seed
-        seed += 1
-        try:
-            err = run_case(rank, world, case, seq_len, seed)
-        except Exception as e:  # noqa: BLE001 - report every failing case, keep going
-            err = f"P={world} rank={rank} {case.name}: raised {type(e).__name__}: {e}"
-            if "timed out" in str(e) or isinstance(e, RuntimeError) and "gloo" in str(e).lower():
-                raise
-        if err:
-            failures.append(err)
-
+def matrix_cases(world: int, seq_len: int) -> list[Case]:
+    """The whole correctness matrix of one world size; case ``i`` runs with seed ``i + 1``."""
+    cases: list[Case] = []
     # every strategy × layout × causal × MHA/GQA/MQA, float64
     for strategy in STRATEGIES:
         for layout in LAYOUTS:
             for causal in (True, False):
                 for hname, h, hkv in _heads_for(world):
-                    run(Case(strategy=strategy, layout=layout, causal=causal, heads=h, kv_heads=hkv,
-                             ulysses_degree=_degree(strategy, world),
-                             name=f"{strategy}/{layout}/{'causal' if causal else 'full'}/{hname}/f64"))
+                    cases.append(Case(strategy=strategy, layout=layout, causal=causal, heads=h, kv_heads=hkv,
+                                      ulysses_degree=_degree(strategy, world),
+                                      name=f"{strategy}/{layout}/{'causal' if causal else 'full'}/{hname}/f64"))
     # float32 with a looser tolerance, batch 2
     for strategy in STRATEGIES:
         for layout in LAYOUTS:
             hname, h, hkv = _heads_for(world)[1]
-            run(Case(strategy=strategy, layout=layout, heads=h, kv_heads=hkv, dtype=torch.float32, batch=2,
-                     ulysses_degree=_degree(strategy, world), name=f"{strategy}/{layout}/causal/{hname}/f32/B2"))
+            cases.append(Case(strategy=strategy, layout=layout, heads=h, kv_heads=hkv, dtype=torch.float32, batch=2,
+                              ulysses_degree=_degree(strategy, world), name=f"{strategy}/{layout}/causal/{hname}/f32/B2"))
     # masks over global positions, and a fully masked query chunk
     cu = [0, 7, 8, seq_len // 2 + 1, seq_len]
     masks = {
@@ -183,8 +207,8 @@ def matrix_worker(rank: int, world: int, seq_len: int) -> dict:
             for layout in ("zigzag", "contiguous") if mname in ("documents", "lagged(no keys for first chunk)") \
                     else ("zigzag",):
                 hname, h, hkv = _heads_for(world)[1]
-                run(Case(strategy=strategy, layout=layout, heads=h, kv_heads=hkv, mask=mask,
-                         ulysses_degree=_degree(strategy, world), name=f"{strategy}/{layout}/{mname}/{hname}"))
+                cases.append(Case(strategy=strategy, layout=layout, heads=h, kv_heads=hkv, mask=mask,
+                                  ulysses_degree=_degree(strategy, world), name=f"{strategy}/{layout}/{mname}/{hname}"))
     # per-document zigzag for packed documents
     doc_lens = [2 * world, 4 * world, 2 * world, seq_len - 8 * world]
     cu_doc = [0]
@@ -194,9 +218,23 @@ def matrix_worker(rank: int, world: int, seq_len: int) -> dict:
         doc_layout = DocumentZigzag(cu_doc)
         for strategy in STRATEGIES:
             hname, h, hkv = _heads_for(world)[2]
-            run(Case(strategy=strategy, layout=doc_layout, heads=h, kv_heads=hkv, mask=M.documents(cu_doc),
-                     ulysses_degree=_degree(strategy, world), name=f"{strategy}/doc_zigzag/documents/{hname}"))
-    return {"failures": failures, "cases": seed, "counters": counters_worker(rank, world, seq_len)}
+            cases.append(Case(strategy=strategy, layout=doc_layout, heads=h, kv_heads=hkv, mask=M.documents(cu_doc),
+                              ulysses_degree=_degree(strategy, world), name=f"{strategy}/doc_zigzag/documents/{hname}"))
+    return cases
+
+
+def matrix_worker(rank: int, world: int, seq_len: int) -> dict:
+    """Every case of :func:`matrix_cases` on this rank: ``{"results": [run_case result, or the error a case
+    raised, per case], "counters": counters_worker(...)}``."""
+    results: list[dict[str, torch.Tensor] | str] = []
+    for i, case in enumerate(matrix_cases(world, seq_len)):
+        try:
+            results.append(run_case(rank, world, case, seq_len, i + 1))
+        except Exception as e:  # noqa: BLE001 - report every failing case, keep going
+            if "timed out" in str(e) or isinstance(e, RuntimeError) and "gloo" in str(e).lower():
+                raise
+            results.append(f"P={world} rank={rank} {case.name}: raised {type(e).__name__}: {e}")
+    return {"results": results, "counters": counters_worker(rank, world, seq_len)}
 
 
 def suite_worker(rank: int, world: int, seq_len: int, extras: tuple[str, ...] = ()) -> dict:
@@ -290,11 +328,13 @@ def mesh_worker(rank: int, world: int) -> dict:
     hdims = ParallelDims(dp=1, cp=world, world_size=world, ulysses_degree=2)
     hmesh = hdims.build_mesh("cpu")
     out["hybrid"] = {n: ParallelDims.ranks(hmesh, n) for n in ("dp", "cp", "cp_ring", "cp_ulysses")}
-    # hybrid attention over the mesh's cp group matches the reference
-    err = run_case(rank, world, Case(strategy="hybrid", layout="zigzag", heads=4, kv_heads=2, ulysses_degree=2,
-                                     name="hybrid on mesh"), 8 * world, 7)
-    out["hybrid_err"] = err
+    # hybrid attention over the mesh's cp group (the test compares it with the reference)
+    out["hybrid_attention"] = run_case(rank, world, MESH_CASE, 8 * world, 7)
     return out
+
+
+MESH_CASE = Case(strategy="hybrid", layout="zigzag", heads=4, kv_heads=2, ulysses_degree=2, name="hybrid on mesh")
+"""The case :func:`mesh_worker` runs on the mesh's groups (sequence 8·P, seed 7)."""
 
 
 # ------------------------------------------------------------------------------------------------
