@@ -2,12 +2,24 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
+from longreach.metrics import read_metrics
 from longreach.mixtures.moe import MoEConfig, MoEFFN
+from longreach.mixtures.moh import MoHAttention, MoHConfig
+from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
+from longreach.models.rope import RotaryEmbedding
+from longreach.parallel import sequence_positions, shard_sequence
+from longreach.trainer import train
+from workers.trainer import MOE_EXTRA, SyntheticBatches, _full_state_from_checkpoint, moe_job
+from workers.trainer import _close as _rel_close
 
 
 def _close(name: str, a: torch.Tensor, b: torch.Tensor, failures: list[str], tol: float = 1e-9) -> None:
@@ -165,10 +177,6 @@ def cp_attention_routing(rank: int, world_size: int, setups: list[tuple[str, str
     single-rank explicit products A·P and S·P (multi-head S) on this rank's tokens, and so do the gradients
     with respect to P, q, k (attention-aware) and P, x, x W_s (similarity-aware), for every
     (strategy, layout, ulysses_degree) given."""
-    from longreach.attention import AttentionContext, ContextParallelAttention
-    from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
-    from longreach.parallel import sequence_positions, shard_sequence
-
     failures: list[str] = []
     for strategy, layout, degree in setups:
         tag = f"P={world_size} {strategy}/{layout}"
@@ -214,13 +222,6 @@ def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[s
     full sequence, and (b) on this rank's shard with routed execution through ``ContextParallelAttention``;
     output, input gradient and the rank-summed parameter gradients must agree (float64, reference backend).
     """
-    from dataclasses import replace
-
-    from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
-    from longreach.mixtures.moh import MoHAttention, MoHConfig
-    from longreach.models.rope import RotaryEmbedding
-    from longreach.parallel import sequence_positions, shard_sequence
-
     failures: list[str] = []
     for i, case in enumerate(cases):
         tag = f"P={world_size} {case}"
@@ -278,14 +279,6 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
     replicated run's final weights; and the step-2 checkpoint resumed (FSDP2's under DDP: another
     engine's layout; DeepSpeed's under DeepSpeed) gives the same steps 3 and 4 (optimizer moments saved).
     """
-    import shutil
-    from pathlib import Path
-
-    from longreach.metrics import read_metrics
-    from longreach.trainer import train
-    from workers.trainer import MOE_EXTRA, SyntheticBatches, _full_state_from_checkpoint, moe_job
-    from workers.trainer import _close as _rel_close
-
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
               "parallel.layout": "zigzag", "attention.backend": "cpu", "parallel.backend": "cpu"}
