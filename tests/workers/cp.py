@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from longreach.bench.cp_ranks import AllToAllBytes
 from longreach.kernels import get_backend
 from longreach.kernels import masks as M
 from longreach.parallel import (
@@ -405,3 +406,15 @@ def memory_worker(rank: int, world: int, lengths: tuple[int, ...], strategies: t
                 extra = sum(nb for ptr, nb in dict(saved).items() if ptr not in held)
                 res[(strategy, mname, seq_len)] = (big.numel, big.op, extra)
     return res
+
+
+def alltoall_counts_worker(rank: int, world: int) -> dict[str, tuple[int, int]]:
+    """A Ulysses forward counted two ways: by longreach's CommRecorder and by the benchmark's dispatch-mode
+    counter (what ``longreach bench cp --deepspeed`` uses on code that calls torch.distributed directly).
+    Returns ``{counter: (bytes sent, calls)}``."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 8 * world, 2 * world, 8, generator=g) for _ in range(3))
+    ql, kl, vl = (shard_sequence(t, layout="contiguous") for t in (q, k, v))
+    with CommRecorder() as rec, AllToAllBytes(world) as mode:
+        cp_attention(ql, kl, vl, strategy="ulysses", layout="contiguous")
+    return {"recorder": (rec.sent["all_to_all"], rec.calls["all_to_all"]), "dispatch": (mode.sent, mode.calls)}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -13,15 +13,17 @@ from longreach.engines.deepspeed import ulysses_attention
 from longreach.kernels import attention, masks
 
 
-class TinyNet(nn.Module):
-    """A small residual MLP stack with ``layers`` (so FSDP2 shards per block)."""
+class ResidualMLP(nn.Module):
+    """``x [B, 8]`` → linear to ``dim`` → residual ``blocks`` → one output per row ``[B]``.
 
-    def __init__(self, dim: int = 16, n_layers: int = 3) -> None:
+    ``blocks`` should be a generator: its modules are created after the input layer, so parameters are
+    initialised in registration order (inp, layers, out).
+    """
+
+    def __init__(self, dim: int, blocks: Iterable[nn.Module]) -> None:
         super().__init__()
         self.inp = nn.Linear(8, dim)
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-            for _ in range(n_layers))
+        self.layers = nn.ModuleList(blocks)
         self.out = nn.Linear(dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 8]
@@ -29,6 +31,14 @@ class TinyNet(nn.Module):
         for blk in self.layers:
             h = h + blk(h)
         return self.out(h).squeeze(-1)  # [B]
+
+
+class TinyNet(ResidualMLP):
+    """A small residual MLP stack with ``layers`` (so FSDP2 shards per block)."""
+
+    def __init__(self, dim: int = 16, n_layers: int = 3) -> None:
+        super().__init__(dim, (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
+                                             nn.Linear(2 * dim, dim)) for _ in range(n_layers)))
 
 
 def make_model(seed: int = 0) -> TinyNet:

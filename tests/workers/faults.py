@@ -23,23 +23,17 @@ from longreach.engines import EngineConfig, build_engine
 from longreach.errors import UserError
 from longreach.faults import (CollectiveTimeoutError, FaultConfig, FaultPolicy, NonFiniteLossError, check_finite,
                               maybe_inject, timed_collective)
+from workers.engines import ResidualMLP
 
 GLOBAL_BATCH = 8
 
 
-class DropNet(nn.Module):
-    def __init__(self, dim: int = 16, n_layers: int = 2, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.inp = nn.Linear(8, dim)
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout))
-                                    for _ in range(n_layers))
-        self.out = nn.Linear(dim, 1)
+class DropNet(ResidualMLP):
+    """A residual MLP with dropout in every block (so the checkpointed RNG state matters)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 8]
-        h = self.inp(x)  # [B, dim]
-        for blk in self.layers:
-            h = h + blk(h)
-        return self.out(h).squeeze(-1)  # [B]
+    def __init__(self, dim: int = 16, n_layers: int = 2, dropout: float = 0.1) -> None:
+        super().__init__(dim, (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout))
+                               for _ in range(n_layers)))
 
 
 class StepLoader:
