@@ -1,8 +1,9 @@
 """Spawn N gloo ranks on this machine and collect what each returns (tests and benchmarks).
 
-Code that spawned ranks run lives in importable modules (this one, or ``longreach.*``), never in test
-files. The parent holds the rendezvous store on a port the OS picks (never a fixed port) and hands it
-to the children, so there is no port race. A rank that raises sends its traceback back; the parent
+Code that spawned ranks run lives in importable modules, never in test files themselves: the tests'
+rank workers in ``tests/workers`` (imported as ``workers.*``), the benchmarks' in
+``longreach.bench.*_ranks``. The parent holds the rendezvous store on a port the OS picks (never a fixed
+port) and hands it to the children, so there is no port race. A rank that raises sends its traceback back; the parent
 then stops the other ranks instead of letting them hang in a collective.
 
     from longreach.testing import run_ranks

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upcycle": ("longreach.mixtures.upcycle:main", "turn a dense checkpoint into a mixture (MoE / MoH) checkpoint"),
     "launch": ("longreach.launchers.launch:main", "start a job: torchrun single/multi-node, Slurm, DeepSpeed, accelerate"),
     "report": ("longreach.bench.report:main", "turn benchmark results into tables and plots"),
-    "plan": ("longreach.bench.plan:main", "plan parallel degrees and memory for a model and sequence length"),
+    "plan": ("longreach.planning.plan:main", "plan parallel degrees and memory for a model and sequence length"),
 }
 BENCH: dict[str, tuple[str, str]] = {
     "cp": ("longreach.bench.cp:main", "context-parallel strategies: communication, work balance, time"),

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from longreach.errors import ConfigError, UserError
+from longreach.planning.costmodel import MODELS, MemoryOptions, ModelShape, run_memory
+from longreach.planning.hardware import get_profile
 
 __all__ = ["DryRunReport", "validate_config", "estimate_memory", "model_shape"]
 
@@ -48,7 +50,7 @@ class DryRunReport:
     notes: list[str] = field(default_factory=list)
     """What was recorded rather than run, warnings."""
     hardware: str = "h100_sxm"
-    """Device profile the memory is checked against (``longreach.bench.hardware.PROFILES``)."""
+    """Device profile the memory is checked against (``longreach.planning.hardware.PROFILES``)."""
     capacity: float = 0.0
     """That device's memory, bytes."""
     host_capacity: float = 0.0
@@ -77,9 +79,7 @@ class DryRunReport:
 
 
 def model_shape(model_cfg: Any) -> Any:
-    """The planner's :class:`~longreach.bench.costmodel.ModelShape` of a ``model:`` section."""
-    from longreach.bench.costmodel import ModelShape
-
+    """The planner's :class:`~longreach.planning.costmodel.ModelShape` of a ``model:`` section."""
     return ModelShape(name=model_cfg.arch, layers=model_cfg.n_layers, hidden=model_cfg.dim, heads=model_cfg.n_heads,
                       kv_heads=model_cfg.n_kv_heads, head_dim=model_cfg.head_dim,
                       ffn=model_cfg.ffn_hidden or 4 * model_cfg.dim, vocab=model_cfg.vocab_size,
@@ -89,41 +89,29 @@ def model_shape(model_cfg: Any) -> Any:
 
 def estimate_memory(*, params: int, params_per_rank: int, cfg: Any, engine: Any, n_shards: int,
                     hardware: str = "h100_sxm") -> dict[str, float]:
-    """Bytes per rank from the planner's memory model (``longreach.bench.costmodel.memory_per_rank``).
+    """Bytes per rank of a longreach job from the planner's one memory model
+    (:func:`longreach.planning.costmodel.run_memory`, also behind ``longreach plan``).
 
-    The same model ``longreach plan`` uses, fed with this config: the real parameter count, states at
-    16 B/param (weights, gradients, Adam) sharded as the engine shards (DDP: replicated; FSDP2 or
-    ZeRO-3: over all ranks; ZeRO-1/2: optimizer / + gradients), optimizer state on the host with
-    ``engine.cpu_offload``; activations of one micro-batch as measured by ``longreach bench memory``
-    (checkpointing, ``model.sequence_tile``, ``model.checkpoint_offload``); the strategy's
-    communication buffers; one loss chunk of logits. ``host`` is what it offloads per rank.
+    Fed with this config: the real parameter count, states at 16 B/param (weights, gradients, Adam)
+    sharded as the engine shards (DDP: replicated; FSDP2 or ZeRO-3: over all ranks; ZeRO-1/2: optimizer /
+    + gradients), optimizer state on the host with ``engine.cpu_offload``; activations of one micro-batch
+    as measured by ``longreach bench memory`` (checkpointing, ``model.sequence_tile``,
+    ``model.checkpoint_offload``); the strategy's communication buffers; one loss chunk of logits.
+    ``host`` is what it offloads per rank.
     """
-    from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
-    from longreach.bench.hardware import get_profile
-
     m, tr, par = cfg.model, cfg.train, cfg.parallel
     dtype_bytes = 2 if (tr.precision in ("bf16", "fp16")) else 4
     zero = engine.zero_stage if engine.kind == "deepspeed" else (3 if engine.fsdp else 0)
     shards = n_shards if zero else 1
     if engine.fsdp and params_per_rank:
         shards = max(1, round(params / params_per_rank))
-    shape = model_shape(m)
-    tokens = tr.micro_batch_size * tr.seq_len // par.cp
     opts = MemoryOptions(checkpointing=tr.activation_checkpointing, offload=m.checkpoint_offload,
                          tiled=m.sequence_tile > 0, tile_tokens=m.sequence_tile or 8192,
                          optimizer_offload=engine.cpu_offload, loss_chunk=tr.loss_chunk_size)
-    linear = shape.attention == "linear"
-    buffers = 0.0
-    if par.cp > 1:
-        buffers = attention_cost(strategy="lasp2" if linear else par.strategy, layout=par.layout, world=par.cp,
-                                 seq_len=tr.seq_len, batch=tr.micro_batch_size, heads=shape.heads,
-                                 kv_heads=shape.kv_heads, head_dim=shape.head_dim, dtype_bytes=dtype_bytes,
-                                 profile=get_profile(hardware), ulysses_degree=par.ulysses_degree or None,
-                                 linear=linear).buffer_bytes
-    mem = memory_per_rank(shape, tokens=tokens, opts=opts, zero=zero, shards=shards, attention_buffers=buffers,
-                          dtype_bytes=dtype_bytes, params=float(params))
-    keep = ("states", "checkpoints", "per_model", "phase_loss", "phase_mlp", "phase_attention", "total", "host")
-    return {k: mem[k] for k in keep}
+    return run_memory(model_shape(m), seq_len=tr.seq_len, micro_batch=tr.micro_batch_size, cp=par.cp,
+                      strategy=par.strategy, layout=par.layout, ulysses_degree=par.ulysses_degree, opts=opts,
+                      zero=zero, shards=shards, profile=get_profile(hardware), dtype_bytes=dtype_bytes,
+                      params=float(params))
 
 
 def validate_config(config: str, world_size: int, overrides: list[str] | tuple[str, ...] = (),
@@ -143,8 +131,6 @@ def validate_config(config: str, world_size: int, overrides: list[str] | tuple[s
 
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {world_size}")
-    from longreach.bench.hardware import get_profile
-
     try:
         profile = get_profile(hardware)
     except ValueError as e:
@@ -234,8 +220,6 @@ def _hf_shape(path: str, notes: list[str]) -> Any:
     import json
     import os
 
-    from longreach.bench.costmodel import MODELS, ModelShape
-
     cfg_file = os.path.join(path, "config.json")
     if os.path.isfile(cfg_file):
         with open(cfg_file) as fh:
@@ -262,7 +246,6 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     Activations follow ``train.activation_checkpointing``, ``train.sequence_tile`` and
     ``train.checkpoint_offload`` (the fine-tune's names for ``model.sequence_tile`` / ``model.checkpoint_offload``).
     """
-    from longreach.bench.costmodel import MemoryOptions, attention_cost, memory_per_rank
     from longreach.configio import load_config
     from longreach.engines import as_engine_config
     from longreach.hf.config import FinetuneConfig
@@ -295,28 +278,12 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
     opts = MemoryOptions(checkpointing=tr.activation_checkpointing, offload=tr.checkpoint_offload,
                          tiled=tr.sequence_tile > 0, tile_tokens=tr.sequence_tile or 8192,
                          optimizer_offload=engine.cpu_offload, loss_chunk=tr.loss_chunk_size)
-    buffers = attention_cost(strategy=par.strategy, layout=par.layout, world=par.cp, seq_len=tr.seq_len,
-                             heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim, profile=profile,
-                             ulysses_degree=par.ulysses_degree or None).buffer_bytes if par.cp > 1 else 0.0
-    mem = memory_per_rank(shape, tokens=tokens, opts=opts, zero=zero, shards=shards, attention_buffers=buffers,
-                          params=trainable)
-    frozen = 2.0 * base / (shards if zero >= 3 else 1)
     # bf16 compute beside fp32 master embeddings (trainable, hf.pure_bf16 off) makes the residual stream fp32
-    # (measured: tests/test_hf_memory.py): each hidden state kept for backward is 4 B/element, not the
-    # planner's 2 — block inputs (checkpointed or offloaded), the final norm's and loss's inputs, and the two
-    # flowing gradients. And an HF decoder's tiled final norm is not one checkpointed region with the loss
-    # (as in longreach's own models): it keeps its input beside the loss's, one more hidden state.
     fp32_stream = not cfg.hf.pure_bf16 and (rec.method == "full" or any("embed" in t for t in rec.trainable))
-    stream = 4.0 if fp32_stream else 2.0
-    block_input = (stream - 2.0) * tokens * shape.hidden  # beyond the planner's bf16 one
-    ckpt_extra = block_input * (2 if opts.offload else shape.layers) if opts.checkpointing else 0.0
-    model_extra = tokens * shape.hidden * ((stream - 2.0) * 4 + (stream if opts.tiled else 0.0))
-    mem["states"] += frozen
-    mem["checkpoints"] += ckpt_extra
-    mem["per_model"] += model_extra
-    mem["total"] += (frozen + ckpt_extra + model_extra) * 1.05
-    if opts.checkpointing and opts.offload:
-        mem["host"] += block_input * shape.layers
+    mem = run_memory(shape, seq_len=tr.seq_len, micro_batch=tr.micro_batch_size, cp=par.cp, strategy=par.strategy,
+                     layout=par.layout, ulysses_degree=par.ulysses_degree, opts=opts, zero=zero, shards=shards,
+                     profile=profile, params=trainable, frozen_params=base, stream_bytes=4 if fp32_stream else 2,
+                     separate_final_norm=True)
     notes.append(f"activations: {opts.label} (train.activation_checkpointing={tr.activation_checkpointing}, "
                  f"train.sequence_tile={tr.sequence_tile}, train.checkpoint_offload={tr.checkpoint_offload}); "
                  f"hidden states kept in {'fp32 (fp32 trainable embeddings)' if fp32_stream else 'bf16'}"
@@ -327,11 +294,10 @@ def _validate_finetune(config: str, world_size: int, overrides: list[str], profi
              if not on]
     if mem["total"] > profile.memory_bytes and unset:
         notes.append(f"this HF recipe's activations shrink with {', '.join(unset)}")
-    keep = ("states", "checkpoints", "per_model", "phase_loss", "phase_mlp", "phase_attention", "total", "host")
     notes.append(f"{trainable / 1e6:.1f}M trainable (LoRA r={rec.lora_r} on {', '.join(rec.lora_targets)} + "
                  f"{', '.join(rec.trainable) or 'nothing else'}) at 16 B/param; {base / 1e9:.2f}B frozen at 2 B/param")
     return DryRunReport(world_size=world_size, dp=dp, cp=par.cp, mesh=f"(dp={dp}, cp={par.cp}) (not built: HF recipe)",
                         engine=engine.kind + (f" ZeRO-{engine.zero_stage}" if engine.kind == "deepspeed" else ""),
                         params=int(base + lora), params_per_rank=int((base + lora) / (shards if zero >= 3 else 1)),
-                        tokens_per_rank=tokens, memory={k: mem[k] for k in keep}, notes=notes,
+                        tokens_per_rank=tokens, memory=mem, notes=notes,
                         hardware=profile.name, capacity=profile.memory_bytes, host_capacity=profile.host_memory_bytes)

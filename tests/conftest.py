@@ -1,8 +1,18 @@
-"""Shared pytest set-up: Triton's interpreter on CPU, GPU-test skipping, a scratch run folder."""
+"""Shared pytest set-up: Triton's interpreter on CPU, GPU-test skipping, a scratch run folder, and the
+test folder on ``sys.path`` so the rank workers under ``tests/workers`` import as ``workers.*``."""
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+from pathlib import Path
+
+# Spawned ranks unpickle their worker by module path (``workers.cp.matrix_worker``): the fork server
+# that starts them copies this process's sys.path, so the test folder must be on it whatever pytest's
+# import mode (PYTHONSAFEPATH=1 keeps the working directory off it).
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
 # Must happen before anything imports triton: without CUDA, kernels run in Triton's interpreter.
 try:

@@ -14,7 +14,7 @@ from longreach.checkpoint import (CheckpointConfig, CheckpointManager, NonFinite
                                   verify_checkpoint)
 from longreach.errors import UserError
 from longreach.testing import run_ranks
-from longreach.workers import faults as w
+from workers import faults as w
 
 
 def _losses(records):
@@ -309,7 +309,7 @@ def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatc
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     import longreach.checkpoint as ckpt_mod
-    from longreach.workers.tied import batches, build, train_steps
+    from workers.tied import batches, build, train_steps
 
     ids = batches()  # [4 steps, 2, 5]
     cfg = CheckpointConfig(trainable_only=trainable_only)
@@ -349,7 +349,7 @@ def test_tied_parameter_is_written_once_and_resumes_exactly(tmp_path, monkeypatc
 def test_tied_parameter_under_fsdp2_is_written_once_and_resumes_exactly(tmp_path):
     """2 FSDP2-sharded ranks (DTensor state): the tied weight is saved once, lean and full, and a fresh
     sharded model resumes with the reference losses bit for bit, the tie intact."""
-    from longreach.workers.tied import fsdp_resume
+    from workers.tied import fsdp_resume
 
     res = run_ranks(fsdp_resume, 2, args=(str(tmp_path),))
     for rank, got in enumerate(res):

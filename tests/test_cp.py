@@ -12,7 +12,7 @@ import torch
 from longreach.kernels import masks as M
 from longreach.parallel import cp_attention
 from longreach.testing import run_ranks
-from longreach.workers import cp as W
+from workers import cp as W
 
 WORLDS = (2, 3, 4)
 
@@ -25,9 +25,15 @@ def _suite(world: int) -> list[dict]:
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_matrix_matches_single_rank_reference(world: int) -> None:
-    res = _suite(world)
-    failures = [f for r in res for f in r["failures"]]
-    assert res[0]["cases"] >= 100
+    """Every case's output, LSE and dq/dk/dv, reassembled from the ranks, against the float64 reference."""
+    res, seq_len = _suite(world), 10 * world
+    cases = W.matrix_cases(world, seq_len)
+    assert len(cases) >= 100 and all(len(r["results"]) == len(cases) for r in res)
+    failures: list[str] = []
+    for i, case in enumerate(cases):
+        per_rank = [r["results"][i] for r in res]
+        raised = [x for x in per_rank if isinstance(x, str)]
+        failures += raised or W.case_mismatches(case, seq_len, i + 1, per_rank)
     assert not failures, f"{len(failures)} failing cases:\n" + "\n".join(failures)
 
 
@@ -108,10 +114,8 @@ def test_world_size_one_without_process_group() -> None:
         for layout in W.LAYOUTS:
             case = W.Case(strategy=strategy, layout=layout, heads=4, kv_heads=2, mask=M.sliding_window(5),
                           ulysses_degree=1 if strategy == "hybrid" else None, name=f"{strategy}/{layout}")
-            err = W.run_case(0, 1, case, 14, 3)
-            if err:
-                fails.append(err)
-    assert not fails, fails
+            fails += W.case_mismatches(case, 14, 3, [W.run_case(0, 1, case, 14, 3)])
+    assert not fails, "\n".join(fails)
 
 
 def test_placed_mask_is_rejected() -> None:

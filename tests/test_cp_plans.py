@@ -281,3 +281,17 @@ def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:
     assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["ratio_max"] == pytest.approx(1.5)
     assert rows[0]["ours_ms"] == pytest.approx(2000.0) and rows[0]["peer_ms"] == pytest.approx(2000.0)
     assert "not run: d: not importable" in format_peers(rows)
+
+
+def test_bench_dispatch_counter_sees_what_the_comm_recorder_sees() -> None:
+    """``longreach bench cp --deepspeed`` counts DeepSpeed's all-to-alls with a dispatch mode instead of
+    patching torch.distributed: on longreach's own Ulysses forward it counts the same bytes and calls as
+    CommRecorder, and those are (P−1)/P of q, k, v and out."""
+    from longreach.testing import run_ranks
+    from workers.cp import alltoall_counts_worker
+
+    world = 2
+    for rank, res in enumerate(run_ranks(alltoall_counts_worker, world)):
+        assert res["dispatch"] == res["recorder"], (rank, res)
+        local = 4 * (8 * 2 * world * 8 * 4)  # q, k, v and out, each [1, 8, 2P, 8] float32 on this rank
+        assert res["dispatch"] == ((world - 1) * local // world, 4), (rank, res)

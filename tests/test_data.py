@@ -399,7 +399,7 @@ def test_shard_batch_single_process(built) -> None:
 
 def test_two_ranks_build_concurrently_and_shard(tmp_path: Path) -> None:
     from longreach.testing import run_ranks
-    from longreach.workers.data import LAYOUTS, build_and_shard
+    from workers.data import LAYOUTS, build_and_shard
 
     seq = 96  # divides by 2 (contiguous, stripe) and 4 (zigzag)
     res = run_ranks(build_and_shard, 2, args=(str(tmp_path / "cache"), seq), timeout=240)

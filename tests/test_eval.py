@@ -14,7 +14,7 @@ from longreach.errors import UserError  # noqa: E402
 from longreach.evaluation.passkey import (PasskeyRecord, accuracy_table, build_prompt, heatmap,  # noqa: E402
                                           markdown_table)
 from longreach.evaluation.perplexity import perplexity, window_starts  # noqa: E402
-from longreach.workers.hf import tiny_llama_config  # noqa: E402
+from workers.hf import tiny_llama_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_eval_under_context_parallelism_equals_one_rank(tiny):
     from longreach.hf.load import load_hf
     from longreach.hf.patch import AttentionPatch, patch_attention
     from longreach.testing import run_ranks
-    from longreach.workers.hf import eval_cp
+    from workers.hf import eval_cp
 
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 300, 37)]
     res = run_ranks(eval_cp, 2, args=(str(tiny / "ckpt"), str(tiny / "tokens.npy"), 64, prompt, 3))

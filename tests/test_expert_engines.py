@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from longreach.testing import run_ranks
-from longreach.workers import moe as W
+from workers import moe as W
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])

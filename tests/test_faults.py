@@ -19,7 +19,7 @@ from longreach.errors import ConfigError
 from longreach.faults import (INJECT_ENV, CollectiveWatchdog, FaultConfig, FaultPolicy, NonFiniteLossError,
                               check_finite, parse_injections)
 from longreach.testing import run_ranks
-from longreach.workers import faults as w
+from workers import faults as w
 
 STEPS, SAVE_EVERY = 8, 3
 TINY = f"""\

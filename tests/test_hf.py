@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 from longreach.errors import ConfigError, UserError  # noqa: E402
 from longreach.hf.patch import AttentionPatch, patch_attention, unpatch_attention  # noqa: E402
 from longreach.hf.rope import RopeScaling, apply_rope_scaling, interpolation_factor, read_rope  # noqa: E402
-from longreach.workers.hf import tiny_llama_config  # noqa: E402
+from workers.hf import tiny_llama_config  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3", "static_ntk"])
@@ -301,7 +301,7 @@ def test_cp_equivalence_and_finetune_export(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
     from longreach.testing import run_ranks
-    from longreach.workers.hf import hf_matrix
+    from workers.hf import hf_matrix
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "base")
@@ -576,7 +576,7 @@ def test_bf16_master_weights_on_every_engine(tmp_path):
     from transformers import LlamaForCausalLM
 
     from longreach.testing import run_ranks
-    from longreach.workers.hf import bf16_engines
+    from workers.hf import bf16_engines
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")
@@ -614,7 +614,7 @@ def test_deepspeed_lean_checkpoint_resumes_exactly(tmp_path):
     from transformers import LlamaForCausalLM
 
     from longreach.testing import run_ranks
-    from longreach.workers.hf import deepspeed_lean_resume
+    from workers.hf import deepspeed_lean_resume
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16).save_pretrained(tmp_path / "base")

@@ -31,7 +31,7 @@ LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]  # LoRA in
 def _save_base(folder: Path) -> str:
     from transformers import LlamaForCausalLM
 
-    from longreach.workers.hf import tiny_llama_config
+    from workers.hf import tiny_llama_config
 
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(folder)
@@ -237,9 +237,9 @@ def test_validate_accounts_for_tiling_and_offload(capsys: pytest.CaptureFixture[
     """``launch --validate`` of an HF recipe feeds train.sequence_tile / train.checkpoint_offload to the planner's
     memory model: the tiled MLP working set, two checkpointed inputs on the device and the rest on the host,
     hidden states at 4 B/element under fp32 trainable embeddings and 2 with hf.pure_bf16 (as measured above)."""
-    from longreach.bench.costmodel import MODELS, MemoryOptions, memory_per_rank
     from longreach.launchers.cli import main
     from longreach.launchers.dryrun import validate_config
+    from longreach.planning.costmodel import MODELS, MemoryOptions, memory_per_rank
 
     recipe, world, tile = "configs/sinklora_llama3_8b_64k.yaml", 16, 4096
     shape, n = MODELS["llama3_8b"], 65536 // 4  # tokens per rank: target_len / parallel.cp

@@ -6,7 +6,8 @@ from longreach.kernels import lightning_attention
 from longreach.parallel import linear_cp_attention, shard_sequence
 from longreach.parallel.lasp import chunk_owner, local_chunks
 from longreach.testing import run_ranks
-from longreach.workers.lasp import each_document_alone, lasp_documents_matrix, lasp_matrix
+from longreach.bench.lasp_ranks import each_document_alone
+from workers.lasp import lasp_documents_matrix, lasp_matrix
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -225,7 +225,7 @@ def test_launch_any_command_in_every_mode(launcher, capsys, tmp_path):
 def test_validate_understands_finetune_configs(tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
-    from longreach.workers.hf import tiny_llama_config
+    from workers.hf import tiny_llama_config
 
     hf_cfg = tiny_llama_config(vocab_size=300, max_position_embeddings=256)
     hf_cfg.save_pretrained(tmp_path / "hf")
@@ -263,7 +263,7 @@ def test_cpu_recipe_header_command_runs_a_step(recipe, tmp_path):
         from longreach.data.synthetic import FILLER
         from longreach.data.tokenizer import train_tokenizer
         from longreach.hf.convert import save_tokenizer
-        from longreach.workers.hf import tiny_llama_config
+        from workers.hf import tiny_llama_config
 
         train_tokenizer([FILLER, "The pass key is 12345. Remember it."] * 40, 300, tmp_path / "sp.model")
         LlamaForCausalLM(tiny_llama_config(vocab_size=300, max_position_embeddings=256)).save_pretrained(

@@ -12,7 +12,7 @@ import triton.language as tl  # noqa: E402
 
 from longreach.kernels import lightning_attention  # noqa: E402
 from longreach.kernels.lightning import triton as lt  # noqa: E402
-from longreach.workers.lasp import each_document_alone  # noqa: E402
+from longreach.bench.lasp_ranks import each_document_alone  # noqa: E402
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

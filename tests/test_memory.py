@@ -140,7 +140,7 @@ def test_fit_line_recovers_a_line() -> None:
 def test_offload_needs_checkpointing() -> None:
     from longreach.errors import UserError
     from longreach.model_setup import parallelize
-    from longreach.workers.trainer import tiny_job
+    from workers.trainer import tiny_job
 
     cfg = tiny_job(**{"model.checkpoint_offload": True})
     with pytest.raises(UserError, match="train.activation_checkpointing"):
@@ -156,7 +156,7 @@ def cp_modes_worker(rank: int, world_size: int) -> list[str]:
     from longreach.engines import as_engine_config, build_engine
     from longreach.model_setup import dp_cp_group, parallelize
     from longreach.trainer import build_mesh, forward_backward
-    from longreach.workers.trainer import SyntheticBatches, _close, tiny_job
+    from workers.trainer import SyntheticBatches, _close, tiny_job
 
     failures = []
     batch = SyntheticBatches(vocab=37, seq_len=24, batch=2, seed=3, ignore_every=3).make(0)

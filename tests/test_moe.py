@@ -14,7 +14,8 @@ from longreach.mixtures.routing import (attention_mix, balance_loss, explicit_at
 from longreach.models import ModelConfig, build_model
 from longreach.models.config import MoEOptions
 from longreach.testing import run_ranks
-from longreach.workers.moe import ep_and_cp_routing as _ep_and_cp_routing
+from workers.moe import ep_and_cp_routing as _ep_and_cp_routing
+from workers.moe import ep_mismatches
 
 torch.set_num_threads(1)
 
@@ -98,7 +99,10 @@ def test_expert_parallel_equals_single_rank_and_cp_routing_mix():
         dict(experts=4, top_k=2, dim=8, hidden=12, batch=1, seq=9, capacity_factor=0.75),
     ]
     for world in (2, 4):
-        failures = [f for r in run_ranks(_ep_and_cp_routing, world, args=(cases,)) for f in r]
+        res = run_ranks(_ep_and_cp_routing, world, args=(cases,))
+        mismatches = ep_mismatches(cases, [ep for ep, _ in res])
+        assert not mismatches, "\n".join(mismatches)
+        failures = [f for _, routing in res for f in routing]
         assert not failures, "\n".join(failures)
 
 

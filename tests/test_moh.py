@@ -230,7 +230,7 @@ def test_moh_routed_execution_computes_only_routed_pairs():
 
 def test_moh_routed_under_every_cp_strategy():
     from longreach.testing import run_ranks
-    from longreach.workers.moe import moh_routed_under_cp
+    from workers.moe import moh_routed_under_cp
 
     cases = [dict(strategy=st, layout=lay) for st in ("ring", "ulysses", "allgather") for lay in ("zigzag", "stripe")]
     cases += [dict(strategy="hybrid", layout="zigzag", ulysses_degree=2),

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from longreach.bench.costmodel import MODELS, attention_cost, attention_flops, causal_density, step_cost
-from longreach.bench.hardware import PROFILES, get_profile, peak_flops
-from longreach.bench.plan import calibrate, candidates, main, parse_tokens, split_halves
 from longreach.errors import UserError
+from longreach.planning.costmodel import MODELS, attention_cost, attention_flops, causal_density, step_cost
+from longreach.planning.hardware import PROFILES, get_profile, peak_flops
+from longreach.planning.plan import calibrate, candidates, main, parse_tokens, split_halves
 
 H100 = PROFILES["h100_sxm"]
 
@@ -101,7 +101,7 @@ def test_candidates_respect_heads_and_nodes() -> None:
 
 
 def _synthetic_records(profile, rng: random.Random) -> list[dict]:
-    from longreach.bench.plan import predict
+    from longreach.planning.plan import predict
 
     recs = []
     for world, strategy, layout in [(1, "none", "contiguous"), (2, "ring", "zigzag"), (2, "ring", "contiguous"),
@@ -202,7 +202,7 @@ def test_memory_terms_are_the_measured_saved_bytes(dtype_name: str) -> None:
     per-layer from the per-model part), on shapes that move every coefficient."""
     import torch
 
-    from longreach.bench.costmodel import ModelShape
+    from longreach.planning.costmodel import ModelShape
 
     dtype = getattr(torch, dtype_name)
     e = torch.tensor([], dtype=dtype).element_size()
@@ -227,7 +227,7 @@ def test_memory_terms_are_the_measured_saved_bytes(dtype_name: str) -> None:
 
 
 def test_plan_reaches_4m_on_8_and_16m_on_32_h100(capsys: pytest.CaptureFixture) -> None:
-    from longreach.bench.plan import plan_table
+    from longreach.planning.plan import plan_table
 
     m = MODELS["llama3_8b"]
     for gpus, s in ((8, 4 << 20), (32, 16 << 20)):
@@ -243,7 +243,7 @@ def test_plan_reaches_4m_on_8_and_16m_on_32_h100(capsys: pytest.CaptureFixture) 
 
 
 def test_offload_and_tiling_lower_memory_and_cost_time() -> None:
-    from longreach.bench.costmodel import MemoryOptions
+    from longreach.planning.costmodel import MemoryOptions
 
     m = MODELS["llama3_8b"]
     kw = dict(gpus=8, seq_len=1 << 20, strategy="ring", cp=8)
@@ -277,10 +277,10 @@ def test_validate_shares_the_plan_memory_model_and_refuses_what_does_not_fit() -
 
 
 def test_dry_run_estimate_is_memory_per_rank() -> None:
-    from longreach.bench.costmodel import MemoryOptions, memory_per_rank
     from longreach.engines import as_engine_config
+    from longreach.planning.costmodel import MemoryOptions, memory_per_rank
     from longreach.launchers.dryrun import estimate_memory, model_shape
-    from longreach.workers.trainer import tiny_job
+    from workers.trainer import tiny_job
 
     cfg = tiny_job(**{"train.activation_checkpointing": True, "model.sequence_tile": 16,
                       "model.checkpoint_offload": True, "train.seq_len": 64})
@@ -308,3 +308,25 @@ def test_hf_recipes_validate_within_h100(recipe: str, world: int) -> None:
         del PROFILES["gpu16"]
     with pytest.raises(UserError, match="--world-size"):
         validate_config(f"configs/{recipe}.yaml", world + 1)
+
+
+def test_plan_and_dry_run_share_one_memory_model() -> None:
+    """``longreach plan`` (step_cost) and ``launch --validate`` (run_memory) give the same peak bytes for the
+    same model, sequence, degrees and memory options; a frozen base and a wider residual stream add to it."""
+    from longreach.planning.costmodel import MemoryOptions, run_memory, step_cost
+
+    shape, prof = MODELS["llama3_8b"], get_profile("h100_sxm")
+    for strategy, cp, u in (("ring", 8, None), ("ulysses", 8, None), ("hybrid", 16, 4)):
+        opts = MemoryOptions(checkpointing=True, tiled=True, tile_tokens=4096)
+        planned = step_cost(shape, prof, gpus=32, seq_len=262144, strategy=strategy, cp=cp, ulysses_degree=u,
+                            zero=3, memory=opts)
+        validated = run_memory(shape, seq_len=262144, micro_batch=1, cp=cp, strategy=strategy, layout="zigzag",
+                               ulysses_degree=u, opts=opts, zero=3, shards=32, profile=prof)
+        assert validated["total"] == planned.memory_bytes, strategy
+        frozen = run_memory(shape, seq_len=262144, micro_batch=1, cp=cp, strategy=strategy, layout="zigzag",
+                            ulysses_degree=u, opts=opts, zero=3, shards=32, profile=prof, frozen_params=1e9,
+                            stream_bytes=4)
+        n, h = 262144 // cp, shape.hidden
+        assert frozen["states"] - validated["states"] == 2.0 * 1e9 / 32  # bf16 frozen copies, sharded by ZeRO-3
+        assert frozen["checkpoints"] == 2 * validated["checkpoints"]  # block inputs at 4 B instead of 2
+        assert frozen["per_model"] - validated["per_model"] == n * h * 2 * 4  # 4 hidden states 2 B wider

@@ -10,7 +10,7 @@ from longreach.models import ModelConfig, build_model
 from longreach.models.transnormer import (LinearTokenMixer, SimpleRMSNorm, TransNormerLLM, alibi_slopes,
                                           tnl_decay)
 from longreach.testing import run_ranks
-from longreach.workers.lasp import tnl_recipe_runs
+from workers.lasp import tnl_recipe_runs
 
 
 def _cfg(**kw) -> ModelConfig:

@@ -1,1 +1,1 @@
-"""Benchmarks, reports and the cluster planner (longreach bench|report|plan)."""
+"""Benchmarks and reports (``longreach bench|report``); each benchmark's rank-side code sits beside it (``*_ranks.py``)."""

@@ -32,9 +32,12 @@ import argparse
 import json
 import statistics
 import sys
+from pathlib import Path
 
+from longreach.bench.cp_ranks import bench_worker, peers_worker
 from longreach.errors import UserError
 from longreach.parallel.config import LAYOUTS, STRATEGIES
+from longreach.testing import run_ranks
 
 
 def _csv(text: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
@@ -80,8 +83,6 @@ def _parser() -> argparse.ArgumentParser:
 def peers_path(explicit: str | None) -> str | None:
     """The folder of the flash-attn CPU stand-in: ``explicit``, else ``tests/peers`` of the checkout this
     module runs from or of the working directory; None when there is none."""
-    from pathlib import Path
-
     if explicit:
         path = Path(explicit)
         if not (path / "flash_attn").is_dir():
@@ -147,8 +148,6 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
                                           "ring-flash-attn and yunchang will not run"))
     cfg = {"seq_lens": seq_lens, "rounds": args.rounds, "heads": args.heads, "head_dim": args.head_dim,
            "seed": args.seed, "peers_path": path}
-    from longreach.workers.cp import peers_worker
-
     records = _run(peers_worker, worlds, cfg, args.threads, 3600)
     rows = summarize_peers(records)
     _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
@@ -226,8 +225,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _run(worker, worlds: list[int], cfg: dict, threads: int, timeout: int) -> list[dict]:
-    from longreach.testing import run_ranks
-
     records: list[dict] = []
     for w in worlds:
         for recs in run_ranks(worker, w, args=(cfg,), timeout=timeout, threads=threads):
@@ -261,8 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.heads % args.kv_heads != 0:
         raise UserError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    from longreach.workers.cp import bench_worker
-
     records = _run(bench_worker, worlds, cfg, args.threads, 1800)
     rows = summarize(records)
     shape = (f"B={args.batch} S={args.seq_len} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} "

@@ -7,7 +7,7 @@ One script, one JSON file, under 8 minutes on one recent GPU:
 2. **throughput** — a ~1B Llama (dim 2048, 16 layers, 16 query / 8 K/V heads of 128, SwiGLU 5632, vocabulary
    32000) training on one GPU in bf16 autocast with fp32 weights, AdamW and activation checkpointing per
    block, at 16k and 64k tokens: tokens/s, model TFLOP/s (6·N per token plus causal attention, recompute not
-   counted) and MFU against the device's bf16 peak (:func:`longreach.bench.hardware.peak_flops`);
+   counted) and MFU against the device's bf16 peak (:func:`longreach.planning.hardware.peak_flops`);
 3. **kernels** — every mask of ``longreach bench kernels`` at 32k tokens (bf16, 16 heads of 128, forward
    and backward) on the ``auto`` CUDA backend against dense causal, in interleaved rounds (median, min, max).
 
@@ -108,9 +108,9 @@ def run_throughput(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> li
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
     from longreach.attention import AttentionContext
-    from longreach.bench.hardware import peak_flops
     from longreach.models import build_model
     from longreach.models.config import ModelConfig
+    from longreach.planning.hardware import peak_flops
 
     rows = []
     for s in sizes.seq_lens:
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of ``longreach bench gpu``."""
-    from longreach.bench.hardware import hardware_info, software_versions
+    from longreach.planning.hardware import hardware_info, software_versions
 
     args = build_parser().parse_args(argv)
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}

@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
+from longreach.bench.lasp_ranks import lasp_bench
 from longreach.errors import UserError
+from longreach.kernels import attention, lightning_attention, masks
+from longreach.testing import run_ranks
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -81,8 +84,6 @@ def growth_exponent(lengths: list[int], seconds: list[float]) -> float:
 
 def scaling(args: argparse.Namespace) -> dict[str, Any]:
     """Time lightning vs causal softmax attention over the sweep; rows and fitted exponents."""
-    from longreach.kernels import attention, lightning_attention, masks
-
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(args, "lightning_seq_lens", None):
@@ -121,9 +122,6 @@ def scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 def lasp(args: argparse.Namespace) -> list[dict[str, Any]]:
     """LASP-1 vs LASP-2 on ``--lasp-ranks`` gloo ranks: per-rank time and bytes."""
-    from longreach.testing import run_ranks
-    from longreach.workers.lasp import lasp_bench
-
     ranks = int(getattr(args, "lasp_ranks", 2))
     lengths = _ints(getattr(args, "lasp_seq_lens", "4096,16384"), "--lasp-seq-lens")
     layout = getattr(args, "lasp_layout", "contiguous")

@@ -18,9 +18,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import torch
+
+from longreach.bench.lasp_ranks import each_document_alone, lasp_documents_errors
+from longreach.kernels import lightning_attention
+from longreach.testing import run_ranks
 
 __all__ = ["documents_timing", "kernel_errors", "lasp_errors", "main"]
 
@@ -40,9 +45,6 @@ def kernel_errors(backend: str, dtype: torch.dtype, *, seq_len: int = 77, chunk:
     Returns ``{"backend", "dtype", "rel_err", "max_abs_err"}``, the largest over out, state, dq, dk, dv, ds0
     and over two document layouts (shared offsets; different offsets per row).
     """
-    from longreach.kernels import lightning_attention
-    from longreach.workers.lasp import each_document_alone
-
     g = torch.Generator().manual_seed(seq_len)
     b, h, d, e = 2, 3, 16, 16
     q, k = (torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64) for _ in range(2))
@@ -70,9 +72,6 @@ def kernel_errors(backend: str, dtype: torch.dtype, *, seq_len: int = 77, chunk:
 def lasp_errors(world_size: int) -> list[dict[str, Any]]:
     """LASP-1/2 × contiguous/zigzag × float64/float32 on ``world_size`` gloo ranks: the largest errors over
     ranks, document layouts and tensors (out, dq, dk, dv) of each combination."""
-    from longreach.testing import run_ranks
-    from longreach.workers.lasp import lasp_documents_errors
-
     worst: dict[tuple[str, str, str], dict[str, Any]] = {}
     for rank_rows in run_ranks(lasp_documents_errors, world_size):
         for r in rank_rows:
@@ -89,10 +88,6 @@ def documents_timing(seq_len: int, *, rounds: int = 7, n_docs: int = 16, heads: 
     """Forward+backward seconds of the ``chunk`` kernel (float32, B = 1) without and with ``n_docs`` equal
     packed documents, in interleaved rounds (the first discarded): ``{"plain": [...], "documents": [...]}``
     with the median and the spread (max − min) of each."""
-    import time
-
-    from longreach.kernels import lightning_attention
-
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, seq_len, heads, head_dim, generator=g) for _ in range(3))
     decay = torch.tensor([0.5 ** (h + 1) for h in range(heads)])

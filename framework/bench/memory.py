@@ -40,6 +40,11 @@ import torch
 from torch import nn
 
 from longreach.errors import UserError
+from longreach.job import JobConfig
+from longreach.models.config import ModelConfig
+from longreach.parallel.config import ParallelConfig
+from longreach.planning.plan import parse_tokens
+from longreach.testing import run_ranks
 
 __all__ = ["COMPONENTS", "SavedBytesMeter", "fit_line", "main", "saved_bytes_worker", "peak_worker"]
 
@@ -169,10 +174,6 @@ class Shape:
 
 def _job(shape: Shape, *, seq_len: int, cp: int, strategy: str, checkpointing: bool, tile: int, offload: bool,
          loss_chunk: int) -> Any:
-    from longreach.job import JobConfig
-    from longreach.models.config import ModelConfig
-    from longreach.parallel.config import ParallelConfig
-
     model = ModelConfig(vocab_size=shape.vocab, dim=shape.dim, n_layers=shape.layers, n_heads=shape.heads,
                         n_kv_heads=shape.kv_heads, ffn_hidden=shape.ffn, max_seq_len=seq_len, sequence_tile=tile,
                         checkpoint_offload=offload)
@@ -355,8 +356,6 @@ def _cases(cp: int) -> list[dict[str, Any]]:
 
 
 def _saved_table(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]]:
-    from longreach.testing import run_ranks
-
     tile = args.tile or max(1, args.seq_len // 8)
     runs: list[tuple[str, int, list[dict[str, Any]]]] = [("single", 1, _cases(1))]
     runs += [(s, _world(s, args.cp), _cases(args.cp)) for s in args.strategies if s in ("ring", "ulysses", "hybrid")]
@@ -419,8 +418,6 @@ def _world(strategy: str, cp: int) -> int:
 
 
 def _peak_table(args: argparse.Namespace, shape: Shape) -> list[dict[str, Any]]:
-    from longreach.testing import run_ranks
-
     rows = []
     for strategy in args.strategies:
         world = _world(strategy, args.cp)
@@ -494,8 +491,6 @@ def _bytes(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``longreach bench memory``."""
-    from .plan import parse_tokens
-
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     bad = [s for s in args.strategies if s not in STRATEGIES]

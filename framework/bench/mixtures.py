@@ -39,7 +39,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from longreach.attention import AttentionContext, LocalAttention
 from longreach.errors import UserError
+from longreach.mixtures.bam import MoAConfig, MoAttention
+from longreach.mixtures.moe import MoEConfig, MoEFFN
+from longreach.mixtures.moh import MoHAttention, MoHConfig
+from longreach.mixtures.sqa import SQAConfig, SQAttention
+from longreach.models import ModelConfig
+from longreach.models.llama import Attention, SwiGLU
+from longreach.models.rope import RotaryEmbedding, apply_rotary
+from longreach.testing import run_ranks
 
 __all__ = ["LayerCase", "build_cases", "main", "run", "saved_bytes"]
 
@@ -82,15 +91,6 @@ def _attn_flops(b: int, s: int, dim: int, d: int, heads: float, kv_heads: int, p
 
 def build_cases(args: argparse.Namespace) -> list[LayerCase]:
     """Every layer of the table with its inputs, seeded (float32 unless ``--dtype``)."""
-    from longreach.attention import AttentionContext, LocalAttention
-    from longreach.mixtures.bam import MoAConfig, MoAttention
-    from longreach.mixtures.moe import MoEConfig, MoEFFN
-    from longreach.mixtures.moh import MoHAttention, MoHConfig
-    from longreach.mixtures.sqa import SQAConfig, SQAttention
-    from longreach.models import ModelConfig
-    from longreach.models.llama import Attention, SwiGLU
-    from longreach.models.rope import RotaryEmbedding
-
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     b, s, dim, h, hkv, d = args.batch, args.seq_len, args.dim, args.heads, args.kv_heads, args.head_dim
@@ -155,8 +155,6 @@ def build_cases(args: argparse.Namespace) -> list[LayerCase]:
 def _core_cases(moh: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any, inner: Any,
                 layer_base: str, b: int, s: int, d: int, h: int, active: int) -> list[LayerCase]:
     """The attention core alone: the dense inner attention vs MoH's routed per-head outputs on one q, k, v."""
-    from longreach.models.rope import apply_rotary
-
     with torch.no_grad():
         xd = x.detach()
         q = apply_rotary(moh.q_proj(xd).view(b, s, h, d), cos, sin)  # [B, S, H, D]
@@ -267,8 +265,6 @@ def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts:
 
 def run_expert_bytes(args: argparse.Namespace) -> dict[str, Any]:
     """Spawn ``--ep-ranks`` gloo ranks; per-rank expert bytes under each engine."""
-    from longreach.testing import run_ranks
-
     res = run_ranks(expert_bytes_worker, args.ep_ranks,
                     args=(list(args.ep_engines), args.moe_experts, args.dim, args.ffn_hidden), timeout=600)
     return {"ranks": args.ep_ranks, "per_rank": res}

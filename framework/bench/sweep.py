@@ -15,11 +15,11 @@ Per point, one JSON record (``kind: "sweep_point"``) with:
 * ``tokens_per_s`` (B·S / median forward+backward time) and ``tokens_per_s_fwd``;
 * ``flops_fwd`` = 4·B·S²·H·D·density (density: share of pairs the mask allows) and
   ``flops_fwd_bwd`` = 3.5 × that (backward = 2.5 × forward, FlashAttention's count, see
-  :mod:`longreach.bench.costmodel`); ``tflops_fwd``/``tflops_fwd_bwd`` achieved, and ``mfu`` against
-  the device's peak (:func:`longreach.bench.hardware.peak_flops`; None on CPUs, whose peak is unknown);
+  :mod:`longreach.planning.costmodel`); ``tflops_fwd``/``tflops_fwd_bwd`` achieved, and ``mfu`` against
+  the device's peak (:func:`longreach.planning.hardware.peak_flops`; None on CPUs, whose peak is unknown);
 * ``memory.peak_bytes`` per rank: CUDA ``max_memory_allocated`` growth over the pass on GPU; on CPU
   the peak of live tensor storage bytes allocated during one extra untimed forward+backward
-  (``LiveTensorBytes`` in ``longreach.workers.sweep``); ``rss_peak_kb`` (process ru_maxrss) alongside;
+  (``LiveTensorBytes`` in ``longreach.bench.sweep_ranks``); ``rss_peak_kb`` (process ru_maxrss) alongside;
 * ``comm``: bytes sent per rank in one forward and one backward (``CommRecorder``) and calls per kind;
 * ``balance``: attention score elements computed per rank (``WorkCounter``), max/mean;
 * ``hardware`` (CPU model, cores, GPU name), ``software`` (python, torch, longreach, triton), ``config``.
@@ -43,8 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from longreach.bench.kernels import mask_density
+from longreach.bench.sweep_ranks import build_point_mask, sweep_worker
+from longreach.configio import load_config, to_dict
 from longreach.errors import ConfigError, UserError
 from longreach.parallel.config import LAYOUTS, STRATEGIES as CP_STRATEGIES
+from longreach.planning.costmodel import ATTN_BWD_FACTOR, attention_flops, causal_density
+from longreach.planning.hardware import hardware_info, peak_flops, software_versions
+from longreach.testing import run_ranks
 
 __all__ = ["SweepConfig", "SweepFile", "enumerate_points", "main", "run_sweep", "summarize_times"]
 
@@ -171,15 +180,10 @@ def summarize_times(times: list[float]) -> dict[str, float]:
 
 
 def _density(mask_name: str, seq_len: int, heads: int, cfg: SweepConfig) -> float:
-    from longreach.bench.costmodel import causal_density
-
     if mask_name == "full":
         return 1.0
     if mask_name == "causal":
         return causal_density(seq_len)
-    from longreach.bench.kernels import mask_density
-    from longreach.workers.sweep import build_point_mask
-
     mask, _ = build_point_mask(mask_name, seq_len, window=cfg.window, block=cfg.block, seed=cfg.seed)
     return mask_density(mask, seq_len, heads)
 
@@ -192,11 +196,6 @@ def _settings(cfg: SweepConfig) -> dict:
 
 def _combine(pt: dict, per_rank: list[dict], cfg: SweepConfig, env: dict, density_cache: dict) -> dict:
     """One record from the per-rank raw results of a point."""
-    import torch
-
-    from longreach.bench.costmodel import ATTN_BWD_FACTOR, attention_flops
-    from longreach.bench.hardware import peak_flops
-
     world = pt["world"]
     rec: dict[str, Any] = {
         "kind": "sweep_point", "sweep": cfg.name, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -262,12 +261,7 @@ def _under_torchrun() -> bool:
 
 def _run_world(world: int, points: list[dict], cfg: SweepConfig) -> list[list[dict]]:
     """Raw per-rank results, indexed [point][rank]."""
-    from longreach.workers.sweep import sweep_worker
-
     if _under_torchrun():
-        import torch
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
             dist.init_process_group(backend)
@@ -276,16 +270,12 @@ def _run_world(world: int, points: list[dict], cfg: SweepConfig) -> list[list[di
         gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, mine)
         return [list(ranks) for ranks in zip(*gathered)]
-    from longreach.testing import run_ranks
-
     per_rank = run_ranks(sweep_worker, world, args=(points, _settings(cfg)), timeout=cfg.timeout, threads=cfg.threads)
     return [list(ranks) for ranks in zip(*per_rank)]
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path, *, log=print) -> list[dict]:
     """Run every point of ``cfg`` and append one record per point to ``out``; returns the records."""
-    from longreach.bench.hardware import hardware_info, software_versions
-
     env = {"hardware": hardware_info(), "software": software_versions()}
     env["hardware"]["torch_threads_per_rank"] = cfg.threads
     out = Path(out)
@@ -352,8 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if a.startswith("--sweep.")]
     rest = [a for a in argv if not a.startswith("--sweep.")]
     args = _parser().parse_args(rest)
-    from longreach.configio import load_config, to_dict
-
     try:
         cfg = load_config(SweepFile, args.config, overrides).sweep
     except ConfigError:

@@ -22,6 +22,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from longreach.bench.kernels import build_mask
+from longreach.parallel import CommRecorder, WorkCounter, cp_attention, linear_cp_attention, shard_sequence
+
 __all__ = ["LiveTensorBytes", "build_point_mask", "sweep_worker"]
 
 SKIP_ERRORS = (ValueError, TypeError, NotImplementedError)
@@ -63,8 +66,6 @@ def build_point_mask(name: str, seq_len: int, *, window: int, block: int, seed: 
         return None, False
     if name == "causal":
         return None, True
-    from longreach.bench.kernels import build_mask
-
     return build_mask(name, seq_len, window=window, block=block, seed=seed), True
 
 
@@ -82,8 +83,6 @@ class _Point:
     """One point's inputs (this rank's shards) and its attention call, built from seeded full tensors."""
 
     def __init__(self, pt: dict, st: dict, device: torch.device) -> None:
-        from longreach.parallel import cp_attention, linear_cp_attention, shard_sequence
-
         torch.manual_seed(st["seed"])
         dtype = getattr(torch, st["dtype"])
         b, s, h, d = st["batch"], pt["seq_len"], st["heads"], st["head_dim"]
@@ -123,8 +122,6 @@ class _Point:
 def _prepare(world: int, pt: dict, st: dict, device: torch.device) -> dict:
     """Warm-up (where invalid settings raise, alike on all ranks, before any communication), then bytes,
     work and peak memory of one forward and one backward (untimed)."""
-    from longreach.parallel import CommRecorder, WorkCounter
-
     p = _Point(pt, st, device)
     for _ in range(max(1, st["warmup"])):
         p.fwd()

@@ -5,7 +5,7 @@ For a model shape (``--model llama2_7b`` or ``--layers/--hidden/…``), a hardwa
 strategy the model allows — ring (contiguous), zigzag ring, Ulysses, hybrid (Ulysses inside a node ×
 ring across nodes), all-gather, LASP-2 for linear-attention models, and plain data parallelism — at
 every context-parallel degree that divides the GPUs, with and without activation checkpointing, using
-the analytic model of :mod:`longreach.bench.costmodel` (compute from FLOPs and device throughput ×
+the analytic model of :mod:`longreach.planning.costmodel` (compute from FLOPs and device throughput ×
 achievable MFU, communication from bytes and per-level link bandwidths, ring overlap, memory per rank
 with ZeRO/FSDP sharding). It prints, per (sequence length, GPUs), the fastest configuration that fits
 in memory: strategy, cp × dp degrees, step time, tokens/s, MFU and memory per GPU. Each data-parallel
@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from longreach.bench.report import load_results
 from longreach.errors import UserError
 
-from .costmodel import MODELS, MemoryOptions, ModelShape, StepCost, attention_cost, step_cost
+from .costmodel import MODELS, MemoryOptions, ModelShape, StepCost, attention_cost, attention_flops, step_cost
 from .hardware import PROFILES, DeviceProfile, get_profile
 
 __all__ = ["PUBLISHED", "calibrate", "candidates", "main", "parse_tokens", "plan_table", "split_halves"]
@@ -352,9 +353,7 @@ def calibrate(records: list[dict], base: DeviceProfile, *, statistic: str = "med
     fit, held = split_halves(obs)
     # starting points: the base profile and a few kernel speeds around the single-rank measurements
     single = [o for o in fit if o["world"] == 1 and o["strategy"] != "lasp2"] or fit
-    from .costmodel import attention_flops as _af
-
-    guesses = [_af(batch=o["batch"], seq_len=o["seq_len"], heads=o["heads"], head_dim=o["head_dim"],
+    guesses = [attention_flops(batch=o["batch"], seq_len=o["seq_len"], heads=o["heads"], head_dim=o["head_dim"],
                    density=o["density"] or 0.5) / o["fwd"] for o in single]
     f0 = statistics.median(guesses) if guesses else base.kernel_flops
     best_theta, best_cost = None, math.inf
@@ -485,8 +484,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``longreach plan``."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.calibrate:
-        from .report import load_results
-
         records = load_results(args.calibrate)
         base = _profile(args) if args.hardware else _base_for(records)
         res = calibrate(records, base, statistic=args.statistic)

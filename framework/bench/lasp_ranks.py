@@ -1,12 +1,10 @@
-"""Rank functions for LASP tests and benchmarks (run by :func:`longreach.testing.run_ranks`).
+"""Rank-side code and oracle of the LASP benchmarks (run by :func:`longreach.testing.run_ranks`).
 
-* :func:`lasp_matrix` checks LASP-1/LASP-2 against single-rank lightning attention over a matrix of
-  variants, layouts, dtypes and process groups, and returns the failing cases.
-* :func:`lasp_documents_errors` / :func:`lasp_documents_matrix` measure / check LASP-1/LASP-2 with
-  packed documents against running each document alone (:func:`each_document_alone`, the float64 oracle
-  shared with the kernel tests and ``python -m longreach.bench.lightning_documents``).
-* :func:`lasp_bench` times LASP-1 vs LASP-2 forward+backward and counts their bytes per rank.
-* :func:`tnl_recipe_runs` trains the tiny TransNormerLLM recipe through the trainer (LASP on cp ranks).
+* :func:`each_document_alone` is the float64 oracle for packed documents: naive lightning attention on
+  each document on its own (shared by the kernel tests and ``python -m longreach.bench.lightning_documents``).
+* :func:`lasp_documents_errors` measures LASP-1/LASP-2 with packed documents against it, per rank.
+* :func:`lasp_bench` times LASP-1 vs LASP-2 forward+backward and counts their bytes per rank
+  (``longreach bench lightning``).
 """
 from __future__ import annotations
 
@@ -24,11 +22,13 @@ from longreach.parallel.lasp import lasp_attention, linear_cp_attention
 from longreach.parallel.layouts import layout_multiple
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ‖a − b‖ / ‖b‖ (Frobenius norms, float64)."""
     return float((a.detach().double() - b.detach().double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _inputs(seq_len: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+def lasp_inputs(seq_len: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """Seeded ``(q, k [2, S, 3, 4], v, dout [2, S, 3, 5], decay [3])`` drawn in float64, cast to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     b, h, d, e = 2, 3, 4, 5
     q = torch.randn(b, seq_len, h, d, generator=g, dtype=torch.float64)
@@ -37,38 +37,6 @@ def _inputs(seq_len: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, 
     dout = torch.randn(b, seq_len, h, e, generator=g, dtype=torch.float64)
     decay = torch.tensor([1.0, 0.1, 0.001], dtype=torch.float64)
     return tuple(x.to(dtype) for x in (q, k, v, dout, decay))
-
-
-def lasp_matrix(rank: int, world_size: int) -> list[str]:
-    """Every LASP case on this world; returns descriptions of the cases whose output or gradients differ."""
-    failures: list[str] = []
-    groups: list[tuple[str, Any]] = [("world", None)]
-    if world_size == 4:
-        # two cp groups of two ranks each: exercises group-rank → global-rank mapping
-        sub = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        groups.append(("pairs", sub[rank // 2]))
-    for gname, group in groups:
-        p = world_size if group is None else dist.get_world_size(group)
-        for layout in ("contiguous", "zigzag"):
-            for variant in ("lasp1", "lasp2"):
-                for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-                    chunk = 5  # odd chunk length
-                    seq_len = layout_multiple(layout, p) * chunk
-                    q, k, v, dout, decay = _inputs(seq_len, dtype, seed=seq_len + p)
-                    # single-rank oracle: float64 naive over the whole sequence
-                    leaves = [x.double().requires_grad_() for x in (q, k, v)]
-                    ref = lightning_attention(*leaves, decay.double(), backend="naive")
-                    ref_grads = torch.autograd.grad((ref * dout.double()).sum(), leaves)
-                    local = [shard_sequence(x, layout=layout, group=group).requires_grad_() for x in (q, k, v)]
-                    out = linear_cp_attention(*local, decay, variant=variant, layout=layout, group=group)
-                    grads = torch.autograd.grad((out * shard_sequence(dout, layout=layout, group=group)).sum(), local)
-                    checks = {"out": (out, ref)} | {f"d{n}": (g, r) for n, g, r in zip("qkv", grads, ref_grads)}
-                    for name, (got, want) in checks.items():
-                        err = _rel(got, shard_sequence(want, layout=layout, group=group))
-                        if not err < tol or got.dtype != dtype:
-                            failures.append(f"rank {rank} group={gname} {variant} {layout} {dtype} {name}: "
-                                            f"rel err {err:.2e} (dtype {got.dtype})")
-    return failures
 
 
 def each_document_alone(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor,
@@ -125,7 +93,7 @@ def lasp_documents_errors(rank: int, world_size: int) -> list[dict[str, Any]]:
     for layout in ("contiguous", "zigzag"):
         chunk = 5  # odd chunk length
         seq_len = layout_multiple(layout, world_size) * chunk
-        q, k, v, dout, decay = _inputs(seq_len, torch.float64, seed=seq_len + world_size)
+        q, k, v, dout, decay = lasp_inputs(seq_len, torch.float64, seed=seq_len + world_size)
         for cu in packed_offsets(seq_len, chunk):
             docs = list(cu) if isinstance(cu, tuple) else [cu]
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -141,18 +109,10 @@ def lasp_documents_errors(rank: int, world_size: int) -> list[dict[str, Any]]:
                         want = shard_sequence(want, layout=layout)
                         rows.append({"variant": variant, "layout": layout, "dtype": str(dtype).split(".")[-1],
                                      "offsets": [c.tolist() for c in docs], "name": name,
-                                     "rel_err": _rel(got, want),
+                                     "rel_err": rel_error(got, want),
                                      "max_abs_err": float((got.detach().double() - want.detach()).abs().max()),
                                      "dtype_ok": got.dtype == dtype})
     return rows
-
-
-def lasp_documents_matrix(rank: int, world_size: int) -> list[str]:
-    """:func:`lasp_documents_errors` against tolerances (1e-10 float64, 1e-5 float32); returns the failures."""
-    tol = {"float64": 1e-10, "float32": 1e-5}
-    return [f"rank {rank} {r['variant']} {r['layout']} {r['dtype']} cu={r['offsets']} {r['name']}: "
-            f"rel err {r['rel_err']:.2e} (dtype ok: {r['dtype_ok']})"
-            for r in lasp_documents_errors(rank, world_size) if not (r["rel_err"] < tol[r["dtype"]] and r["dtype_ok"])]
 
 
 def lasp_bench(rank: int, world_size: int, *, seq_lens: list[int], batch: int, heads: int, head_dim: int,
@@ -185,29 +145,3 @@ def lasp_bench(rank: int, world_size: int, *, seq_lens: list[int], batch: int, h
                          "bytes_fwd": fwd.bytes_sent(), "bytes_bwd": bwd.bytes_sent(),
                          "calls": sum(fwd.calls.values()) + sum(bwd.calls.values())})
     return rows
-
-
-def tnl_recipe_runs(rank: int, world_size: int, runs: list[list[str]],
-                    documents: list[bool] | None = None) -> list[list[float]]:
-    """Train ``configs/tnl_tiny_cpu.yaml`` through ``longreach.trainer.train`` once per override list.
-
-    Data are the trainer tests' deterministic arithmetic sequences (bit-identical everywhere); where
-    ``documents[i]`` is true, run i packs two documents per row (``cu_seqlens`` and per-document
-    positions). Returns the per-step losses of each run from its ``metrics.jsonl`` (rank 0; other ranks
-    return empty lists).
-    """
-    from longreach.configio import load_config, resolve_config_path
-    from longreach.job import JobConfig
-    from longreach.metrics import read_metrics
-    from longreach.trainer import train
-    from longreach.workers.trainer import SyntheticBatches
-
-    curves = []
-    for i, overrides in enumerate(runs):
-        cfg = load_config(JobConfig, resolve_config_path("tnl_tiny_cpu"), overrides)
-        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len,
-                                batch=cfg.train.micro_batch_size, seed=cfg.run.seed,
-                                documents=bool(documents and documents[i]))
-        summary = train(cfg, data=data)
-        curves.append([float(r["loss"]) for r in read_metrics(summary["metrics"])] if rank == 0 else [])
-    return curves

@@ -36,6 +36,7 @@ from .hardware import DeviceProfile
 __all__ = [
     "ATTN_BWD_FACTOR",
     "AttentionCost",
+    "MEMORY_PARTS",
     "MODELS",
     "MemoryOptions",
     "ModelShape",
@@ -45,6 +46,7 @@ __all__ = [
     "causal_density",
     "collective_time",
     "memory_per_rank",
+    "run_memory",
     "step_cost",
 ]
 
@@ -469,8 +471,9 @@ def _states_bytes(params: float, zero: int, shards: int, layer_params: float, *,
 
 
 def memory_per_rank(model: ModelShape, *, tokens: float, opts: MemoryOptions, zero: int, shards: int,
-                    attention_buffers: float = 0.0, dtype_bytes: int = 2, params: float | None = None
-                    ) -> dict[str, float]:
+                    attention_buffers: float = 0.0, dtype_bytes: int = 2, params: float | None = None,
+                    frozen_params: float = 0.0, stream_bytes: int | None = None,
+                    separate_final_norm: bool = False) -> dict[str, float]:
     """Peak bytes per rank of one training step, by part, and the host bytes it offloads.
 
     The saved-for-backward terms are the measured ones (:meth:`ModelShape.saved_bytes_per_token`). The
@@ -486,25 +489,39 @@ def memory_per_rank(model: ModelShape, *, tokens: float, opts: MemoryOptions, ze
         opts: :class:`MemoryOptions`.
         zero: ZeRO stage (FSDP = 3) of the 16 B/param states, sharded over ``shards`` ranks.
         attention_buffers: the strategy's transient communication buffers (:class:`AttentionCost`).
-        params: the real parameter count (default :meth:`ModelShape.params`; a dry run counts the model).
+        params: the trained parameter count (default :meth:`ModelShape.params`; a dry run counts the
+            model, a LoRA fine-tune passes its adapters).
+        frozen_params: parameters kept as frozen bf16 copies (2 B/param, sharded only by ZeRO-3/FSDP): the
+            base model of a LoRA fine-tune.
+        stream_bytes: bytes per element of the residual stream (default ``dtype_bytes``). bf16 compute
+            beside fp32 trainable embeddings makes it 4 (measured in tests/test_hf_memory.py): every
+            hidden state kept for backward — block inputs (on the device or offloaded), the final
+            norm's and the loss's inputs, the two flowing gradients — is counted at this width.
+        separate_final_norm: the sequence-tiled final norm keeps its input beside the loss's (an HF
+            decoder's final norm is not one checkpointed region with the loss, as in longreach's models).
 
     Returns:
         bytes by part (``states``, ``checkpoints``, ``per_model``, ``phase_*``, ``activation_bytes``,
         ``total``) and ``host`` (offloaded checkpoints and optimizer state per rank).
     """
     n, e, h, L = tokens, dtype_bytes, model.hidden, model.layers
+    stream = e if stream_bytes is None else stream_bytes
     params = float(model.params()) if params is None else params
     layer_params = float(model.layer_matmul_params())
     states = _states_bytes(params, zero, shards, layer_params, optimizer_offload=opts.optimizer_offload)
+    states += 2.0 * frozen_params / (shards if zero >= 3 else 1)
     block = model.saved_bytes_per_token(e, tiled=opts.tiled)
     per_model = n * sum(model.model_saved_bytes_per_token(e, tiled=opts.tiled).values())
     flowing = 2 * n * e * h  # gradient of the hidden state in and out of a block
+    # a wider residual stream: the final norm's and loss's inputs and the two flowing gradients, each
+    # (stream − e) bytes more per element; a separate tiled final norm keeps one more hidden state
+    wide = n * h * ((stream - e) * 4 + (stream if opts.tiled and separate_final_norm else 0))
     qd, kvd = model.heads * model.head_dim, model.kv_heads * model.head_dim  # type: ignore[operator]
     tile = min(n, opts.tile_tokens) if opts.tiled else n
     ffn_work = tile * e * (4 if model.gated_ffn else 2) * model.ffn * 2  # recomputed tile and its gradients
     attn_work = n * (e * (qd + 2 * kvd) + 4 * qd)  # dq, dk, dv and an fp32 dq accumulator
     if opts.checkpointing:
-        ckpt = n * e * h * (2 if opts.offload else L)
+        ckpt = n * stream * h * (2 if opts.offload else L)
         acts = ckpt + n * sum(block.values())  # kept inputs + one block recomputed
         phases = {"phase_loss": min(n, opts.loss_chunk) * model.vocab * 4 * 2,
                   "phase_mlp": n * sum(block.values()) + ffn_work,
@@ -514,12 +531,42 @@ def memory_per_rank(model: ModelShape, *, tokens: float, opts: MemoryOptions, ze
         acts = L * n * sum(block.values())
         phases = {"phase_loss": min(n, opts.loss_chunk) * model.vocab * 4 * 2, "phase_mlp": ffn_work,
                   "phase_attention": attn_work + attention_buffers}
-    resident = states + (ckpt if opts.checkpointing else acts) + per_model + flowing
+    resident = states + (ckpt if opts.checkpointing else acts) + per_model + flowing + wide
     total = (resident + max(phases.values())) * 1.05 + 1.5e9
-    host = (n * e * h * L if opts.checkpointing and opts.offload else 0.0)
+    host = (n * stream * h * L if opts.checkpointing and opts.offload else 0.0)
     host += 12.0 * params / max(shards if zero >= 1 else 1, 1) if opts.optimizer_offload else 0.0
-    return {"states": states, "checkpoints": ckpt, "per_model": per_model + flowing, **phases,
+    return {"states": states, "checkpoints": ckpt, "per_model": per_model + flowing + wide, **phases,
             "activation_bytes": acts, "total": total, "host": host}
+
+
+MEMORY_PARTS = ("states", "checkpoints", "per_model", "phase_loss", "phase_mlp", "phase_attention", "total", "host")
+"""The parts of :func:`memory_per_rank` a run's memory report shows."""
+
+
+def run_memory(model: ModelShape, *, seq_len: int, micro_batch: int, cp: int, strategy: str, layout: str,
+               ulysses_degree: int | None, opts: MemoryOptions, zero: int, shards: int, profile: DeviceProfile,
+               dtype_bytes: int = 2, params: float | None = None, frozen_params: float = 0.0,
+               stream_bytes: int | None = None, separate_final_norm: bool = False) -> dict[str, float]:
+    """Peak bytes per rank of one configured run (what ``longreach launch --validate`` reports).
+
+    :func:`memory_per_rank` for ``micro_batch × seq_len / cp`` tokens per rank, with the communication
+    buffers of ``strategy`` over ``cp`` ranks (LASP-2 for linear attention) from :func:`attention_cost`.
+
+    Returns:
+        bytes per rank by part, :data:`MEMORY_PARTS`.
+    """
+    linear = model.attention == "linear"
+    buffers = 0.0
+    if cp > 1:
+        buffers = attention_cost(strategy="lasp2" if linear else strategy, layout=layout, world=cp, seq_len=seq_len,
+                                 batch=micro_batch, heads=model.heads, kv_heads=model.kv_heads,
+                                 head_dim=model.head_dim, dtype_bytes=dtype_bytes, profile=profile,  # type: ignore[arg-type]
+                                 ulysses_degree=ulysses_degree or None, linear=linear).buffer_bytes
+    mem = memory_per_rank(model, tokens=micro_batch * seq_len // cp, opts=opts, zero=zero, shards=shards,
+                          attention_buffers=buffers, dtype_bytes=dtype_bytes, params=params,
+                          frozen_params=frozen_params, stream_bytes=stream_bytes,
+                          separate_final_norm=separate_final_norm)
+    return {k: mem[k] for k in MEMORY_PARTS}
 
 
 def step_cost(

@@ -2,22 +2,28 @@
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from longreach.engines import EngineConfig, as_engine_config, build_engine
+from longreach.engines.deepspeed import ulysses_attention
+from longreach.kernels import attention, masks
 
-class TinyNet(nn.Module):
-    """A small residual MLP stack with ``layers`` (so FSDP2 shards per block)."""
 
-    def __init__(self, dim: int = 16, n_layers: int = 3) -> None:
+class ResidualMLP(nn.Module):
+    """``x [B, 8]`` → linear to ``dim`` → residual ``blocks`` → one output per row ``[B]``.
+
+    ``blocks`` should be a generator: its modules are created after the input layer, so parameters are
+    initialised in registration order (inp, layers, out).
+    """
+
+    def __init__(self, dim: int, blocks: Iterable[nn.Module]) -> None:
         super().__init__()
         self.inp = nn.Linear(8, dim)
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-            for _ in range(n_layers))
+        self.layers = nn.ModuleList(blocks)
         self.out = nn.Linear(dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 8]
@@ -25,6 +31,14 @@ class TinyNet(nn.Module):
         for blk in self.layers:
             h = h + blk(h)
         return self.out(h).squeeze(-1)  # [B]
+
+
+class TinyNet(ResidualMLP):
+    """A small residual MLP stack with ``layers`` (so FSDP2 shards per block)."""
+
+    def __init__(self, dim: int = 16, n_layers: int = 3) -> None:
+        super().__init__(dim, (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),
+                                             nn.Linear(2 * dim, dim)) for _ in range(n_layers)))
 
 
 def make_model(seed: int = 0) -> TinyNet:
@@ -43,8 +57,6 @@ def batch(step: int, rank: int, world: int, global_batch: int = 8) -> tuple[torc
 
 def run_engine(spec: dict[str, Any], steps: int = 4) -> list[float]:
     """Train TinyNet for ``steps`` steps on the engine in ``spec``; return the global mean loss per step."""
-    from longreach.engines import as_engine_config, build_engine
-
     cfg = as_engine_config(spec)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = make_model()
@@ -110,33 +122,43 @@ def single_process_reference(steps: int = 4, world: int = 2) -> list[float]:
     return losses
 
 
-def ulysses_check(rank: int, world: int) -> float:
-    """DeepSpeed-Ulysses (``ulysses_attention``) vs full causal attention; returns the max abs error
-    of this rank's output rows and of the gradients of its q, k, v shards."""
-    from longreach.engines.deepspeed import ulysses_attention
-    from longreach.kernels import attention, masks
+ULYSSES_SHAPE = (1, 8, 4, 8)
+"""``[B, S, H, D]`` of the DeepSpeed-Ulysses check."""
 
+
+def _ulysses_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    B, S, H, D = 1, 8, 4, 8
-    q, k, v = (torch.randn(B, S, H, D, generator=g, dtype=torch.float64) for _ in range(3))  # [B, S, H, D]
-    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
-    ref = attention(qf, kf, vf, mask=masks.causal(), backend="reference")  # [B, S, H, D]
-    ref.sum().backward()
-    per = S // world
-    sl = slice(rank * per, (rank + 1) * per)
-    ql, kl, vl = (t[:, sl].clone().requires_grad_() for t in (q, k, v))  # [B, S/P, H, D]
-    layer = ulysses_attention(lambda a, b, c, ctx: attention(a, b, c, mask=masks.causal(), backend="reference"))
-    out = layer(ql, kl, vl, None)  # [B, S/P, H, D]
+    return tuple(torch.randn(*ULYSSES_SHAPE, generator=g, dtype=torch.float64) for _ in range(3))  # [B, S, H, D]
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Any = None) -> torch.Tensor:
+    return attention(q, k, v, mask=masks.causal(), backend="reference")
+
+
+def ulysses_reference() -> dict[str, torch.Tensor]:
+    """Full causal attention on one process (the oracle): ``{"out", "dq", "dk", "dv"}``, each ``[B, S, H, D]``,
+    for a loss of ``out.sum()``."""
+    q, k, v = (t.requires_grad_() for t in _ulysses_inputs())
+    out = _causal(q, k, v)
     out.sum().backward()
-    errs = [(out - ref[:, sl]).abs().max(), (ql.grad - qf.grad[:, sl]).abs().max(),
-            (kl.grad - kf.grad[:, sl]).abs().max(), (vl.grad - vf.grad[:, sl]).abs().max()]
-    return float(max(errs))
+    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+
+
+def ulysses_shard(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed-Ulysses (``ulysses_attention``) on this rank's contiguous shard of the sequence:
+    ``{"out", "dq", "dk", "dv"}``, each ``[B, S/P, H, D]``, for a loss of ``out.sum()`` over all ranks."""
+    per = ULYSSES_SHAPE[1] // world
+    ql, kl, vl = (t[:, rank * per:(rank + 1) * per].clone().requires_grad_() for t in _ulysses_inputs())
+    out = ulysses_attention(_causal)(ql, kl, vl, None)  # [B, S/P, H, D]
+    out.sum().backward()
+    return {"out": out.detach(), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
 
 
 def engines_and_ulysses_worker(rank: int, world_size: int, names: list[str], steps: int = 4) -> dict[str, Any]:
+    """:func:`engines_worker`, plus ``"ulysses"``: :func:`ulysses_shard` (or its error)."""
     out = engines_worker(rank, world_size, names, steps)
     try:
-        out["ulysses_err"] = ulysses_check(rank, world_size)
+        out["ulysses"] = ulysses_shard(rank, world_size)
     except Exception:  # noqa: BLE001
-        out["ulysses_err"] = "error: " + traceback.format_exc()
+        out["ulysses"] = "error: " + traceback.format_exc()
     return out

@@ -2,10 +2,24 @@
 from __future__ import annotations
 
 import copy
+import shutil
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
+from longreach.metrics import read_metrics
+from longreach.mixtures.moe import MoEConfig, MoEFFN
+from longreach.mixtures.moh import MoHAttention, MoHConfig
+from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
+from longreach.models.rope import RotaryEmbedding
+from longreach.parallel import sequence_positions, shard_sequence
+from longreach.trainer import train
+from workers.trainer import MOE_OPTIONS, SyntheticBatches, _full_state_from_checkpoint, moe_job
+from workers.trainer import _close as _rel_close
 
 
 def _close(name: str, a: torch.Tensor, b: torch.Tensor, failures: list[str], tol: float = 1e-9) -> None:
@@ -17,76 +31,130 @@ def _close(name: str, a: torch.Tensor, b: torch.Tensor, failures: list[str], tol
         failures.append(f"{name}: max abs error {err:.3e}")
 
 
-def ep_equivalence(rank: int, world_size: int, cases: list[dict]) -> list[str]:
-    """Expert-parallel MoE vs the same layer on one rank holding every token and every expert.
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
-    Each case: ``experts, top_k, dim, hidden, batch, seq, capacity_factor``. Without dropping, output,
-    input gradient, expert gradients (this rank's slice) and the summed router gradient must equal
-    the single-rank ones; token counts per expert must be conserved in every case.
-    """
-    from longreach.mixtures.moe import MoEConfig, MoEFFN
 
+def _ep_setup(case: dict, world_size: int, index: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """``(the seeded float64 MoEFFN, x [P·B, S, D], target [P·B, S, D])`` of case ``index``: the same on every
+    rank and in the test process; rank r holds rows r·B … r·B + B."""
+    cfg = MoEConfig(dim=case["dim"], hidden=case["hidden"], num_experts=case["experts"], top_k=case["top_k"],
+                    capacity_factor=case.get("capacity_factor"), router_init_std=0.5)
+    old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    failures: list[str] = []
-    group = dist.group.WORLD
-    for i, case in enumerate(cases):
-        tag = f"P={world_size} case {i} {case}"
-        torch.manual_seed(1234 + i)  # identical full layer and data on every rank
-        cfg = MoEConfig(dim=case["dim"], hidden=case["hidden"], num_experts=case["experts"], top_k=case["top_k"],
-                        capacity_factor=case.get("capacity_factor"), router_init_std=0.5)
+    try:
+        torch.manual_seed(1234 + index)
         full = MoEFFN(cfg)
-        x_all = torch.randn(world_size * case["batch"], case["seq"], case["dim"])  # [P*B, S, D]
-        target = torch.randn_like(x_all)
-        # single-rank reference: every token, every expert
-        ref = copy.deepcopy(full)
-        x_ref = x_all.clone().requires_grad_(True)
-        y_ref = ref(x_ref)
-        (y_ref * target).sum().backward()
-        # expert parallel: this rank's tokens, E/P experts
+        x_all = torch.randn(world_size * case["batch"], case["seq"], case["dim"])
+        return full, x_all, torch.randn_like(x_all)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def ep_reference(case: dict, world_size: int, index: int) -> dict[str, Any]:
+    """The single-rank MoE layer on every rank's tokens with every expert (test-process side).
+
+    Returns ``{"out" [P·B, S, D], "dx", "d<weight>" [E, ...] per expert weight, "drouter",
+    "tokens_per_expert" [E], "dropped"}``.
+    """
+    ref, x, target = _ep_setup(case, world_size, index)
+    x = x.clone().requires_grad_(True)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # as on the ranks
+    try:
+        y = ref(x)
+        (y * target).sum().backward()
+    finally:
+        torch.set_default_dtype(old)
+    out = {"out": y.detach(), "dx": x.grad, "drouter": ref.router.weight.grad,
+           "tokens_per_expert": ref.stats["tokens_per_expert"].clone(), "dropped": int(ref.stats["dropped"])}
+    out.update({f"d{name}": getattr(ref.experts, name).weight.grad for name in EXPERT_WEIGHTS})
+    return out
+
+
+def ep_equivalence(rank: int, world_size: int, cases: list[dict]) -> list[dict[str, Any]]:
+    """Expert-parallel MoE on this rank's tokens with E/P experts, for each case (``experts, top_k, dim,
+    hidden, batch, seq, capacity_factor``); the test compares with :func:`ep_reference`.
+
+    Returns per case: ``out`` / ``dx`` of this rank's rows, ``d<weight>`` of its experts, ``drouter`` summed
+    over ranks; the token counts (``chosen`` and ``kept`` per expert summed over ranks, ``received`` per local
+    expert, ``dropped`` summed); and, with the expert weights replicated on every rank (what the trainer
+    uses), ``replicated_out`` and the rank-summed ``replicated_d<weight>``.
+    """
+    torch.set_default_dtype(torch.float64)  # this rank process computes in float64 throughout
+    group = dist.group.WORLD
+    results = []
+    for i, case in enumerate(cases):
+        full, x_all, target = _ep_setup(case, world_size, i)
+        sl = slice(rank * case["batch"], (rank + 1) * case["batch"])
         ep = copy.deepcopy(full)
         ep.shard_experts(group)
-        sl = slice(rank * case["batch"], (rank + 1) * case["batch"])
         x_loc = x_all[sl].clone().requires_grad_(True)
         y = ep(x_loc)
         (y * target[sl]).sum().backward()
-
-        el = cfg.num_experts // world_size
-        es = slice(rank * el, (rank + 1) * el)
         chosen = ep.stats["tokens_per_expert"].clone()
         kept = ep.stats["kept_per_expert"].clone()
         dist.all_reduce(chosen, group=group)
         dist.all_reduce(kept, group=group)
-        if not torch.equal(ep.stats["received_per_local_expert"], kept[es]):
-            failures.append(f"{tag}: received per local expert {ep.stats['received_per_local_expert'].tolist()} "
-                            f"!= kept by all ranks {kept[es].tolist()}")
-        if int(kept.sum()) + _sum_dropped(ep, group) != world_size * case["batch"] * case["seq"] * cfg.top_k:
-            failures.append(f"{tag}: kept + dropped != tokens * k")
-        if not torch.equal(chosen, ref.stats["tokens_per_expert"]):
-            failures.append(f"{tag}: choices per expert {chosen.tolist()} != single rank "
-                            f"{ref.stats['tokens_per_expert'].tolist()}")
-        if case.get("capacity_factor") is not None:
-            continue  # capacity is per rank's local tokens: outputs legitimately differ
-        if ref.stats["dropped"] != 0:
-            failures.append(f"{tag}: single rank dropped tokens without a capacity factor")
-        _close(f"{tag} out", y, y_ref[sl].detach(), failures)
-        _close(f"{tag} dx", x_loc.grad, x_ref.grad[sl], failures)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            _close(f"{tag} d{name}", getattr(ep.experts, name).weight.grad,
-                   getattr(ref.experts, name).weight.grad[es], failures)
         g_router = ep.router.weight.grad.clone()
         dist.all_reduce(g_router, group=group)
-        _close(f"{tag} drouter", g_router, ref.router.weight.grad, failures)
-        # replicated-parameter mode (what the trainer uses): SUM of gradients = single-rank gradients
+        res: dict[str, Any] = {"out": y.detach(), "dx": x_loc.grad, "drouter": g_router, "chosen": chosen,
+                               "kept": kept, "received": ep.stats["received_per_local_expert"].clone(),
+                               "dropped": _sum_dropped(ep, group)}
+        res.update({f"d{name}": getattr(ep.experts, name).weight.grad for name in EXPERT_WEIGHTS})
         rep = copy.deepcopy(full)
         rep.shard_experts(group, replicate_params=True)
         y_rep = rep(x_all[sl])
         (y_rep * target[sl]).sum().backward()
-        _close(f"{tag} replicated out", y_rep, y_ref[sl].detach(), failures)
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        res["replicated_out"] = y_rep.detach()
+        for name in EXPERT_WEIGHTS:
             g = getattr(rep.experts, name).weight.grad.clone()
             dist.all_reduce(g, group=group)
-            _close(f"{tag} replicated d{name}", g, getattr(ref.experts, name).weight.grad, failures)
-    return failures
+            res[f"replicated_d{name}"] = g
+        results.append(res)
+    return results
+
+
+def ep_mismatches(cases: list[dict], per_rank: list[list[dict[str, Any]]]) -> list[str]:
+    """Compare every rank's :func:`ep_equivalence` result with :func:`ep_reference` (test-process side).
+
+    Token counts are conserved in every case (choices per expert equal the single rank's; each rank
+    received what all ranks kept for its experts; kept + dropped = tokens × k). Without a capacity limit
+    (capacity is per rank's local tokens, so outputs legitimately differ with one) output, input gradient,
+    this rank's expert gradients and the summed router gradient equal the single rank's, and so do the
+    replicated-weight mode's output and summed expert gradients, within ``1e-9 × max(1, max |reference|)``.
+    """
+    bad: list[str] = []
+    world = len(per_rank)
+
+    def close(tag: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        atol = 1e-9 * max(1.0, float(want.abs().max()) if want.numel() else 1.0)
+        try:
+            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"{tag}: {m}")
+        except AssertionError as e:
+            bad.append(str(e))
+
+    for i, case in enumerate(cases):
+        want = ep_reference(case, world, i)
+        el = case["experts"] // world
+        for rank, results in enumerate(per_rank):
+            got, tag = results[i], f"P={world} rank {rank} case {i} {case}"
+            es, sl = slice(rank * el, (rank + 1) * el), slice(rank * case["batch"], (rank + 1) * case["batch"])
+            close(f"{tag} choices per expert", got["chosen"], want["tokens_per_expert"])
+            close(f"{tag} received per local expert", got["received"], got["kept"][es])
+            if int(got["kept"].sum()) + got["dropped"] != world * case["batch"] * case["seq"] * case["top_k"]:
+                bad.append(f"{tag}: kept {int(got['kept'].sum())} + dropped {got['dropped']} != tokens * k")
+            if case.get("capacity_factor") is not None:
+                continue
+            if want["dropped"]:
+                bad.append(f"{tag}: the single rank dropped {want['dropped']} tokens without a capacity factor")
+            close(f"{tag} out", got["out"], want["out"][sl])
+            close(f"{tag} dx", got["dx"], want["dx"][sl])
+            close(f"{tag} drouter", got["drouter"], want["drouter"])
+            close(f"{tag} replicated out", got["replicated_out"], want["out"][sl])
+            for name in EXPERT_WEIGHTS:
+                close(f"{tag} d{name}", got[f"d{name}"], want[f"d{name}"][es])
+                close(f"{tag} replicated d{name}", got[f"replicated_d{name}"], want[f"d{name}"])
+    return bad
 
 
 def _sum_dropped(layer, group) -> int:
@@ -109,10 +177,6 @@ def cp_attention_routing(rank: int, world_size: int, setups: list[tuple[str, str
     single-rank explicit products A·P and S·P (multi-head S) on this rank's tokens, and so do the gradients
     with respect to P, q, k (attention-aware) and P, x, x W_s (similarity-aware), for every
     (strategy, layout, ulysses_degree) given."""
-    from longreach.attention import AttentionContext, ContextParallelAttention
-    from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
-    from longreach.parallel import sequence_positions, shard_sequence
-
     failures: list[str] = []
     for strategy, layout, degree in setups:
         tag = f"P={world_size} {strategy}/{layout}"
@@ -142,12 +206,12 @@ def cp_attention_routing(rank: int, world_size: int, setups: list[tuple[str, str
     return failures
 
 
-def ep_and_cp_routing(rank: int, world_size: int, cases: list[dict]) -> list[str]:
-    """Both checks in one spawn (group start costs seconds)."""
+def ep_and_cp_routing(rank: int, world_size: int, cases: list[dict]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Both checks in one spawn (group start costs seconds): ``(ep_equivalence(cases), routing failures)``."""
     setups = [("ring", "zigzag", None), ("ring", "contiguous", None), ("ulysses", "zigzag", None)]
     if world_size == 4:
         setups += [("hybrid", "zigzag", 2), ("ulysses", "stripe", None)]
-    return ep_equivalence(rank, world_size, cases) + cp_attention_routing(rank, world_size, setups)
+    return ep_equivalence(rank, world_size, cases), cp_attention_routing(rank, world_size, setups)
 
 
 def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[str]:
@@ -158,13 +222,6 @@ def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[s
     full sequence, and (b) on this rank's shard with routed execution through ``ContextParallelAttention``;
     output, input gradient and the rank-summed parameter gradients must agree (float64, reference backend).
     """
-    from dataclasses import replace
-
-    from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
-    from longreach.mixtures.moh import MoHAttention, MoHConfig
-    from longreach.models.rope import RotaryEmbedding
-    from longreach.parallel import sequence_positions, shard_sequence
-
     failures: list[str] = []
     for i, case in enumerate(cases):
         tag = f"P={world_size} {case}"
@@ -222,14 +279,6 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
     replicated run's final weights; and the step-2 checkpoint resumed (FSDP2's under DDP: another
     engine's layout; DeepSpeed's under DeepSpeed) gives the same steps 3 and 4 (optimizer moments saved).
     """
-    import shutil
-    from pathlib import Path
-
-    from longreach.metrics import read_metrics
-    from longreach.trainer import train
-    from longreach.workers.trainer import MOE_OPTIONS, SyntheticBatches, _full_state_from_checkpoint, moe_job
-    from longreach.workers.trainer import _close as _rel_close
-
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
               "parallel.layout": "zigzag", "attention.backend": "cpu"}

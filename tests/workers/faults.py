@@ -4,13 +4,13 @@ It exercises exactly the pieces the real trainer uses — :class:`~longreach.che
 (model, optimizer, LR scheduler, data position, trainer dict, RNG), :class:`~longreach.faults.FaultPolicy`,
 fault injection and an engine from :func:`~longreach.engines.build_engine` — on a tiny MLP with dropout
 (so the RNG state matters), and writes ``metrics.jsonl`` like the trainer. Runs under ``run_ranks``
-(:func:`resume_worker`) or under torchrun as a module (``python -m longreach.workers.faults RUN_DIR``).
+(:func:`resume_worker`, :func:`matrix_worker`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +18,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from longreach.checkpoint import CheckpointConfig, CheckpointManager
+from longreach.engines import as_engine_config, build_engine
+from longreach.errors import UserError
+from longreach.faults import (CollectiveTimeoutError, FaultConfig, FaultPolicy, NonFiniteLossError, check_finite,
+                              maybe_inject, timed_collective)
+from workers.engines import ResidualMLP
+
 GLOBAL_BATCH = 8
 
 
-class DropNet(nn.Module):
-    def __init__(self, dim: int = 16, n_layers: int = 2, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.inp = nn.Linear(8, dim)
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout))
-                                    for _ in range(n_layers))
-        self.out = nn.Linear(dim, 1)
+class DropNet(ResidualMLP):
+    """A residual MLP with dropout in every block (so the checkpointed RNG state matters)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, 8]
-        h = self.inp(x)  # [B, dim]
-        for blk in self.layers:
-            h = h + blk(h)
-        return self.out(h).squeeze(-1)  # [B]
+    def __init__(self, dim: int = 16, n_layers: int = 2, dropout: float = 0.1) -> None:
+        super().__init__(dim, (nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout))
+                               for _ in range(n_layers)))
 
 
 class StepLoader:
     """Deterministic data: the global batch of step i (independent of world size), this rank's slice."""
-
     def __init__(self, rank: int, world: int) -> None:
         self.rank, self.world, self.position = rank, world, 0
 
@@ -62,10 +61,6 @@ def train_loop(run_dir: str | Path, *, steps: int, save_every: int, engine: dict
                nan_steps: tuple[int, ...] = (), on_nonfinite: str = "skip",
                load_path: str | None = None) -> list[dict[str, Any]]:
     """Train and checkpoint; resume from the run folder's latest checkpoint first. Returns this run's records."""
-    from longreach.checkpoint import CheckpointConfig, CheckpointManager
-    from longreach.engines import as_engine_config, build_engine
-    from longreach.faults import FaultConfig, FaultPolicy, maybe_inject
-
     run_dir = Path(run_dir)
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -131,9 +126,6 @@ def resume_worker(rank: int, world_size: int, run_dir: str, steps: int, save_eve
 
 def errors_worker(rank: int, world_size: int, run_dir: str) -> list[str]:
     """Bad checkpoints on several ranks: every rank must raise the same UserError (no hang)."""
-    from longreach.checkpoint import CheckpointConfig, CheckpointManager
-    from longreach.errors import UserError
-
     out = []
     torch.manual_seed(0)
     model = DropNet(dim=24)  # different shape from the saved DropNet(dim=16)
@@ -148,40 +140,6 @@ def errors_worker(rank: int, world_size: int, run_dir: str) -> list[str]:
     except UserError as e:
         out.append("hash: " + str(e))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """torchrun entry: ``python -m longreach.workers.faults RUN_DIR --steps N --save-every K``."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m longreach.workers.faults")
-    p.add_argument("run_dir")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--save-every", type=int, default=3)
-    p.add_argument("--keep-last", type=int, default=3)
-    p.add_argument("--async-save", action="store_true")
-    args = p.parse_args(argv)
-    import faulthandler
-    import signal
-
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stack dump of a stuck rank on demand
-    torch.set_num_threads(1)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from longreach.faults import init_distributed
-
-        init_distributed("gloo", timeout_s=120)
-    try:
-        train_loop(args.run_dir, steps=args.steps, save_every=args.save_every, keep_last=args.keep_last,
-                   async_save=args.async_save)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def matrix_worker(rank: int, world_size: int, jobs: list[tuple[str, int, int, dict[str, Any]]],
@@ -199,8 +157,6 @@ def matrix_worker(rank: int, world_size: int, jobs: list[tuple[str, int, int, di
 
 def nan_worker(rank: int, world_size: int, run_dir: str) -> dict[str, Any]:
     """A NaN on rank 1 only: every rank must skip that step (skip policy) or stop (stop policy)."""
-    from longreach.faults import FaultConfig, FaultPolicy, NonFiniteLossError, check_finite
-
     out: dict[str, Any] = {}
     # check_finite agrees across ranks
     local = torch.tensor(float("nan")) if rank == 1 else torch.tensor(1.0)
@@ -222,12 +178,8 @@ def nan_worker(rank: int, world_size: int, run_dir: str) -> dict[str, Any]:
 
 def timeout_worker(rank: int, world_size: int, timeout_s: float) -> str:
     """Rank 1 never joins an all-reduce: rank 0's must fail naming the rank and the operation."""
-    from longreach.faults import CollectiveTimeoutError, timed_collective
-
     if rank == 1:
-        import time as _t
-
-        _t.sleep(timeout_s * 3)
+        time.sleep(timeout_s * 3)
         return "rank 1 stayed away"
     t = torch.ones(1)
     try:

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from longreach.checkpoint import CheckpointConfig, CheckpointManager
 
 VOCAB = 11
 
@@ -46,8 +50,6 @@ def build(seed: int, *, trainable_only: bool, fsdp: bool = False) -> tuple[TiedL
     with torch.no_grad():
         model.emb.weight.normal_()
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
         fully_shard(model)
     return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 
@@ -72,10 +74,6 @@ def fsdp_resume(rank: int, world_size: int, out_dir: str) -> dict[str, Any]:
         ``{trainable_only: {"ref": losses, "got": losses, "tied": the fresh model's tie holds,
         "saved": the checkpoint's model tensor names}}``.
     """
-    import torch.distributed.checkpoint as dcp
-
-    from longreach.checkpoint import CheckpointConfig, CheckpointManager
-
     ids = batches()
     out: dict[str, Any] = {}
     for trainable_only in (False, True):

@@ -5,12 +5,26 @@ Each worker runs a whole matrix of cases in one process group and returns a list
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
+import shutil
+import traceback
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from longreach.engines import as_engine_config, build_engine
+from longreach.job import JobConfig
+from longreach.metrics import read_metrics
+from longreach.models import build_model
+from longreach.models.config import ModelConfig
+from longreach.parallel.config import ParallelConfig
+from longreach.mixtures.expert_parallel import expert_shards
+from longreach.model_setup import dp_cp_group, parallelize
+from longreach.trainer import build_mesh, forward_backward, train
 
 from longreach.models.config import MoEOptions
 
@@ -79,9 +93,6 @@ class SyntheticBatches:
 
 def tiny_job(**over: Any):
     """A small JobConfig for tests (dotted keys in ``over``: ``{"train.seq_len": 32}``)."""
-    from longreach.job import JobConfig
-    from longreach.models.config import ModelConfig
-
     cfg = JobConfig(model=ModelConfig(vocab_size=37, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
                                       max_seq_len=64))
     sections: dict[str, dict[str, Any]] = {}
@@ -104,79 +115,109 @@ _MOE_GRAD_MODEL = {"model.ffn_type": "moe",
                    "model.moe": MoEOptions(experts=4, top_k=2, balance_coef=0.0, expert_parallel=True)}
 
 
-def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[str]:
-    """For each case, parallel gradients (dp × cp, strategy, layout) must equal one rank's full-batch ones.
+def _grad_case_config(case: dict[str, Any]) -> tuple[Any, Any]:
+    """(the case's parallel JobConfig, the single-rank reference's JobConfig)."""
+    cfg = tiny_job(**{"train.seq_len": 24, "train.grad_accum": case.get("grad_accum", 1),
+                      "attention.backend": "reference", "parallel.dp": case["dp"], "parallel.cp": case["cp"],
+                      "parallel.strategy": case.get("strategy", "ring"),
+                      "parallel.layout": case.get("layout", "zigzag"),
+                      "train.loss_chunk_size": 7,
+                      "train.activation_checkpointing": case.get("activation_checkpointing", False),
+                      **(_MOE_GRAD_MODEL if case.get("moe") else {})})
+    ref_cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7})
+    return cfg, ref_cfg
 
-    The reference runs on every rank without any collective: the full global batch (all dp ranks'
-    micro-batches), local causal attention, float64. Case keys: dp, cp, strategy, layout, documents,
-    grad_accum, activation_checkpointing, engine (an ``engine:`` section routed through longreach.engines),
-    moe (MoE FFN with experts split over cp: each rank's expert gradients equal its block of the reference).
+
+def _grad_case_inputs(case: dict[str, Any], cfg: Any) -> tuple[torch.nn.Module, list[list[dict[str, Any]]]]:
+    """The case's seeded float64 model and its global batch: ``[dp rank][micro-batch]``."""
+    torch.manual_seed(11)
+    base = build_model(cfg.model).double()
+    dp, accum = case["dp"], case.get("grad_accum", 1)
+    streams = [SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=3,
+                                dp_rank=r, dp_size=dp, documents=case.get("documents", False), ignore_every=3)
+               for r in range(dp)]
+    return base, [[s.make(i) for i in range(accum)] for s in streams]
+
+
+def grad_reference(case: dict[str, Any]) -> dict[str, Any]:
+    """One process, no process group: the full global batch (every dp rank's micro-batches), local attention,
+    float64. Returns ``{"loss", "n" (tokens), "grads": {parameter name: gradient}}``."""
+    cfg, ref_cfg = _grad_case_config(case)
+    base, batches = _grad_case_inputs(case, cfg)
+    parallelize(base, ref_cfg, None)
+    flat = [mb for per_rank in batches for mb in per_rank]
+    loss, _, n = forward_backward(base, flat, cfg=ref_cfg, mesh=None, step=0, device=torch.device("cpu"))
+    return {"loss": loss, "n": n, "grads": {name: p.grad for name, p in base.named_parameters()}}
+
+
+def grad_match_worker(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[dict[str, Any] | str]:
+    """Each case's loss, token count and gradients on this rank, parallel as the case says.
+
+    Case keys: dp, cp, strategy, layout, documents, grad_accum, activation_checkpointing, engine (an
+    ``engine:`` section routed through longreach.engines), moe (MoE FFN with experts split over cp: a
+    rank's expert gradients are its block of the reference's).
+
+    Returns:
+        per case ``{"loss", "n", "cp_rank", "grads": {parameter name: full (unsharded) gradient}}``, or the
+        error the case raised; the test compares them with :func:`grad_reference` (:func:`grad_mismatches`).
     """
-    from longreach.models import build_model
-    from longreach.parallel.config import ParallelConfig
-    from longreach.trainer import build_mesh, forward_backward
-
-    failures: list[str] = []
+    out: list[dict[str, Any] | str] = []
     meshes: dict[tuple[int, int], Any] = {}
     for case in cases:
-        name = ", ".join(f"{k}={v}" for k, v in case.items())
         try:
             dp, cp = case["dp"], case["cp"]
-            accum = case.get("grad_accum", 1)
-            cfg = tiny_job(**{"train.seq_len": 24, "train.grad_accum": accum, "attention.backend": "reference",
-                              "parallel.dp": dp, "parallel.cp": cp,
-                              "parallel.strategy": case.get("strategy", "ring"),
-                              "parallel.layout": case.get("layout", "zigzag"),
-                              "train.loss_chunk_size": 7,
-                              "train.activation_checkpointing": case.get("activation_checkpointing", False),
-                              **(_MOE_GRAD_MODEL if case.get("moe") else {})})
-            torch.manual_seed(11)
-            base = build_model(cfg.model).double()
-            streams = [SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=3,
-                                        dp_rank=r, dp_size=dp, documents=case.get("documents", False),
-                                        ignore_every=3) for r in range(dp)]
-            batches = [[s.make(i) for i in range(accum)] for s in streams]  # [dp][accum]
-            # reference: everything on this rank, no process group involved
-            ref = copy.deepcopy(base)
-            ref_cfg = tiny_job(**{"train.seq_len": 24, "attention.backend": "reference", "train.loss_chunk_size": 7})
-            from longreach.model_setup import parallelize
-            parallelize(ref, ref_cfg, None)
-            flat = [mb for per_rank in batches for mb in per_rank]
-            ref_loss, _, ref_n = forward_backward(ref, flat, cfg=ref_cfg, mesh=None, step=0, device=torch.device("cpu"))
-            # parallel
+            cfg, _ = _grad_case_config(case)
+            base, batches = _grad_case_inputs(case, cfg)
             if (dp, cp) not in meshes:
                 meshes[(dp, cp)] = build_mesh(ParallelConfig(dp=dp, cp=cp), world_size, torch.device("cpu"))
             mesh, dp_rank, _ = meshes[(dp, cp)]
-            from longreach.engines import as_engine_config, build_engine
-            from longreach.model_setup import dp_cp_group
-
-            model = parallelize(copy.deepcopy(base), cfg, mesh)  # DDP unless the case names another engine
+            model = parallelize(base, cfg, mesh)  # seams and split experts; the engine wraps it for dp
             engine = build_engine(as_engine_config(case.get("engine", "native")), model,
                                   lambda ps: torch.optim.SGD(ps, lr=0.0), group=dp_cp_group(mesh), mesh=mesh)
             model = engine.model
             loss, _, n = forward_backward(model, batches[dp_rank], cfg=cfg, mesh=mesh, step=0,
                                           device=torch.device("cpu"), engine=engine)
-            if n != ref_n:
-                failures.append(f"[{name}] token count {n} != reference {ref_n}")
-            if abs(loss - ref_loss) > 1e-10 * abs(ref_loss):
-                failures.append(f"[{name}] loss {loss!r} != reference {ref_loss!r}")
             inner = model.module if hasattr(model, "module") else model
-            got = {n.replace("._checkpoint_wrapped_module", ""): p for n, p in inner.named_parameters()}
-            for pname, p in ref.named_parameters():
-                g = got[pname].grad
-                g = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2 shards
-                want = p.grad
-                if g.shape != want.shape and case.get("moe"):  # split experts: cp rank r holds block r
-                    r, el = mesh["cp"].get_local_rank(), g.shape[0]
-                    want = want[r * el:(r + 1) * el]
-                msg = _close(pname + ".grad", g, want, 1e-9)
-                if msg:
-                    failures.append(f"[{name}] {msg}")
+            grads = {}
+            for pname, p in inner.named_parameters():
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2 shards
+                grads[pname.replace("._checkpoint_wrapped_module", "")] = g.detach().clone()
+            out.append({"loss": loss, "n": n, "cp_rank": mesh["cp"].get_local_rank(), "grads": grads})
         except Exception as e:  # noqa: BLE001 - report every case
-            import traceback
+            out.append(f"[{case}] rank {rank} {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}")
+    return out
 
-            failures.append(f"[{name}] {type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}")
-    return failures
+
+def grad_mismatches(cases: list[dict[str, Any]], per_rank: list[list[dict[str, Any] | str]]) -> list[str]:
+    """Compare every rank's :func:`grad_match_worker` result with :func:`grad_reference` (test-process side).
+
+    Token counts must be equal, losses within 1e-10 relative, every gradient within ``1e-9 × max |reference|``
+    (``torch.testing.assert_close``; split experts against the rank's block). Returns the mismatches.
+    """
+    bad: list[str] = []
+    for i, case in enumerate(cases):
+        want = grad_reference(case)
+        for rank, results in enumerate(per_rank):
+            got = results[i]
+            if isinstance(got, str):
+                bad.append(got)
+                continue
+            tag = f"[{case}] rank {rank}"
+            if got["n"] != want["n"]:
+                bad.append(f"{tag}: token count {got['n']} != reference {want['n']}")
+            if abs(got["loss"] - want["loss"]) > 1e-10 * abs(want["loss"]):
+                bad.append(f"{tag}: loss {got['loss']!r} != reference {want['loss']!r}")
+            for pname, ref in want["grads"].items():
+                g = got["grads"][pname]
+                if g.shape != ref.shape and case.get("moe"):  # split experts: cp rank r holds block r
+                    r, el = got["cp_rank"], g.shape[0]
+                    ref = ref[r * el:(r + 1) * el]
+                try:
+                    torch.testing.assert_close(g, ref, rtol=0, atol=1e-9 * max(float(ref.abs().max()), 1e-30),
+                                               msg=lambda m, t=f"{tag} {pname}.grad": f"{t}: {m}")
+                except AssertionError as e:
+                    bad.append(str(e))
+    return bad
 
 
 def train_worker(rank: int, world_size: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -185,11 +226,6 @@ def train_worker(rank: int, world_size: int, runs: list[dict[str, Any]]) -> list
     ``remove_latest`` deletes the newest checkpoint first (rank 0, then a barrier) so the run resumes
     from the one before. Returns each run's summary.
     """
-    import shutil
-    from pathlib import Path
-
-    from longreach.trainer import train
-
     out = []
     for spec in runs:
         cfg = tiny_job(**{"run.out_dir": spec["out_dir"], **spec.get("over", {})})
@@ -208,23 +244,22 @@ def train_worker(rank: int, world_size: int, runs: list[dict[str, Any]]) -> list
 
 
 def two_rank_suite(rank: int, world_size: int, grad_cases: list[dict[str, Any]], runs: list[dict[str, Any]],
-                   moe_dir: str | None = None) -> tuple[list[str], list[dict[str, Any]], tuple[list[dict], list[dict]],
+                   moe_dir: str | None = None) -> tuple[list[dict[str, Any] | str], list[dict[str, Any]],
+                                                        tuple[list[dict], list[dict]],
                                                         tuple[list[str], dict[str, Any]] | None]:
     """The trainer tests' whole 2-rank matrix in one group.
 
     Returns:
-        ``(gradient failures, summaries of runs[:-1], (metrics of runs[-1], metrics after resuming it from
-        its second-to-last checkpoint), moe_expert_parallel_checks(moe_dir) or None)``.
+        ``(grad_match_worker(grad_cases), summaries of runs[:-1], (metrics of runs[-1], metrics after resuming
+        it from its second-to-last checkpoint), moe_expert_parallel_checks(moe_dir) or None)``.
     """
-    from longreach.metrics import read_metrics
-
-    failures = grad_match_worker(rank, world_size, grad_cases)
+    grads = grad_match_worker(rank, world_size, grad_cases)
     summaries = train_worker(rank, world_size, runs)
     straight = read_metrics(summaries[-1]["metrics"]) if rank == 0 else []
     train_worker(rank, world_size, [{**runs[-1], "remove_latest": True}])
     again = read_metrics(summaries[-1]["metrics"]) if rank == 0 else []
     moe = moe_expert_parallel_checks(rank, world_size, moe_dir) if moe_dir is not None else None
-    return failures, summaries, (straight, again), moe
+    return grads, summaries, (straight, again), moe
 
 
 MOE_OPTIONS = {"experts": 4, "top_k": 2, "capacity_factor": 2.0, "routing": "attention"}
@@ -240,12 +275,6 @@ def moe_job(**over: Any):
 def _full_state_from_checkpoint(ckpt: str, cfg: Any) -> dict[str, torch.Tensor]:
     """The whole model of a checkpoint read by this process alone (DCP, no collective): split experts
     come back gathered, as one ``[E, ...]`` tensor per weight."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
-
-    from longreach.models import build_model
-
     sd = {k: v.detach().clone() for k, v in build_model(cfg.model).state_dict().items()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
@@ -260,9 +289,6 @@ def _split_vs_replicated(rank: int, out_dir: str, common: dict[str, Any], *, dp_
 
     Returns ``(failures, summaries by name, the split run's config, the split run's metrics)``.
     """
-    from longreach.metrics import read_metrics
-    from longreach.trainer import train
-
     failures: list[str] = []
     summaries: dict[str, Any] = {}
     for name, ep in (("replicated", False), ("split", True)):
@@ -299,12 +325,6 @@ def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tupl
     Returns:
         ``(failures, {"replicated": summary, "split": summary})``.
     """
-    import shutil
-    from pathlib import Path
-
-    from longreach.metrics import read_metrics
-    from longreach.trainer import train
-
     common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
               "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
               "parallel.layout": "zigzag", "attention.backend": "cpu"}
@@ -329,7 +349,11 @@ def moe_expert_parallel_checks(rank: int, world_size: int, out_dir: str) -> tupl
     return failures, summaries
 
 
-def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[str], dict[str, Any]]:
+FOUR_RANK_GRAD_CASES = [dict(dp=2, cp=2, strategy="ring", layout="zigzag", moe=True)]
+
+
+def four_rank_moe_suite(rank: int, world_size: int, out_dir: str
+                        ) -> tuple[list[dict[str, Any] | str], list[str], dict[str, Any]]:
     """Experts split over cp=2 with dp=2 (world size 4): the dp-group SUM of expert gradients runs.
 
     1. One step's gradients of the dp=2 × cp=2 split-expert model (:func:`grad_match_worker`, float64) equal
@@ -339,15 +363,10 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
        and grad norms per step; each rank holds half the expert parameters.
 
     Returns:
-        ``(failures, {"replicated": summary, "split": summary})``.
+        ``(grad_match_worker(FOUR_RANK_GRAD_CASES), failures, {"replicated": summary, "split": summary})``.
     """
-    from longreach.models import build_model
-    from longreach.parallel.config import ParallelConfig
-    from longreach.mixtures.expert_parallel import expert_shards
-    from longreach.model_setup import parallelize
-    from longreach.trainer import build_mesh
-
-    failures = grad_match_worker(rank, world_size, [dict(dp=2, cp=2, strategy="ring", layout="zigzag", moe=True)])
+    grads = grad_match_worker(rank, world_size, FOUR_RANK_GRAD_CASES)
+    failures: list[str] = []
     # the split model really holds E / cp experts per rank, and reduces them over its dp replicas only
     cfg = tiny_job(**{"train.seq_len": 24, "parallel.dp": 2, "parallel.cp": 2, **_MOE_GRAD_MODEL})
     mesh, dp_rank, _ = build_mesh(ParallelConfig(dp=2, cp=2), world_size, torch.device("cpu"))
@@ -363,4 +382,4 @@ def four_rank_moe_suite(rank: int, world_size: int, out_dir: str) -> tuple[list[
               "train.warmup_steps": 1, "parallel.dp": 2, "parallel.cp": 2, "parallel.layout": "zigzag",
               "attention.backend": "cpu"}
     more, summaries, _, _ = _split_vs_replicated(rank, out_dir, common, dp_rank=dp_rank, dp_size=2)
-    return failures + more, summaries
+    return grads, failures + more, summaries

@@ -1,1 +1,0 @@
-"""Functions that spawned test and benchmark ranks run (importable, never defined in test files)."""
