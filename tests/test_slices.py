@@ -73,7 +73,8 @@ def _allowed_pairs(mask, n: int, heads: int) -> int:
 @pytest.mark.parametrize("name", ["sliding_window", "sinks_window", "documents", "power", "s2_varlen", "s2_roll",
                                   "s2_varlen_8", "sf", "ssa"])
 def test_analytic_plans_compute_exactly_the_allowed_pairs(name):
-    """Every analytic mask compiles to full and causal units only, covering each allowed pair once."""
+    """Every analytic mask compiles to full and causal units and band units (one mask shared by the whole
+    bucket, never a per-unit pattern), covering each allowed pair once."""
     from longreach.bench.kernels import build_mask
 
     n, h = 1024, 4
@@ -81,7 +82,8 @@ def test_analytic_plans_compute_exactly_the_allowed_pairs(name):
         build_mask(name, n, window=200, block=64, seed=0)
     plan = slice_plan.build(mask.place(torch.arange(n), torch.arange(n), seq_len=n, num_heads=h), n, n, h, h)
     assert not plan.fallback
-    assert {b.kind for b in plan.buckets} <= {"full", "causal"}
+    assert {b.kind for b in plan.buckets} <= {"full", "causal", "mask"}
+    assert all(b.mask.shape[0] == 1 for b in plan.buckets if b.mask is not None)
     assert plan.score_elements() == _allowed_pairs(mask, n, h)
     if name in ("s2_varlen", "documents"):
         assert plan.calls() <= 3  # groups / documents of one size run as one batched call

@@ -24,8 +24,11 @@ _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool mask ``[N, Hd, m, n]`` → additive (0 / −inf); a mask shared by all N (stride 0) stays shared."""
     if mask is None:
         return None
+    if mask.shape[0] > 1 and mask.stride(0) == 0:
+        return _additive(mask[:1], dtype).expand(mask.shape)
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))  # [N, Hd, m, n]
 
 
@@ -50,7 +53,8 @@ class CpuRunner:
         out, lse = _fwd(q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)[:2]
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         if mask is not None:  # the kernel gives lse = 0 for rows its mask leaves empty
-            empty = ~mask.any(-1)  # [N, Hd, m]
+            shared = mask.shape[0] > 1 and mask.stride(0) == 0
+            empty = ~(mask[:1] if shared else mask).any(-1)  # [N | 1, Hd, m]
             if bool(empty.any()):
                 empty = empty.expand(lse.shape)
                 lse = lse.masked_fill(empty, float("-inf"))

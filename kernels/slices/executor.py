@@ -12,6 +12,9 @@ no unit), so every unit's gradients are exact for the whole attention, as contex
 
 Tensors are viewed as ``[S·H, B, D]`` (a free view for B = 1) so that gathering a bucket's cells and
 scattering its results are single ``index_select`` / ``index_copy_`` / ``index_add_`` calls on dim 0.
+A *regular* bucket (equally spaced row and key runs on one head range: S2 groups, band units, aligned
+diagonals) skips the copies when B = 1: its units are strided views of the inputs and of the results; K/V
+units may overlap (bands), so their gradients are added in groups of non-overlapping units.
 """
 from __future__ import annotations
 
@@ -55,11 +58,35 @@ def _cells_of(x: torch.Tensor, u: int) -> torch.Tensor:
     return x.reshape(-1, *x.shape[3:])
 
 
-def _unit_mask(mask: torch.Tensor | None, b: int) -> torch.Tensor | None:
+def _unit_mask(mask: torch.Tensor | None, u: int, b: int) -> torch.Tensor | None:
+    """Bucket mask ``[U | 1, Hd, m, n]`` → ``[U·B, Hd, m, n]`` (a stride-0 view when shared by every unit)."""
     if mask is None:
         return None
-    u = mask.shape[0]
-    return mask[:, None].expand(u, b, *mask.shape[1:]).reshape(u * b, *mask.shape[1:])  # [U·B, Hd, m, n]
+    if mask.shape[0] == 1:
+        return mask.expand(u * b, *mask.shape[1:])
+    return mask[:, None].expand(u, b, *mask.shape[1:]).reshape(u * b, *mask.shape[1:])
+
+
+def _units(x: torch.Tensor, start: int, step: int, u: int, m: int, head0: int, hg: int) -> torch.Tensor:
+    """Units ``[U, Hg, m, *]`` of ``x [1, S, H, *]`` (any strides) as a view: unit i holds rows
+    ``start + i·step + [0, m)`` and heads ``head0 + [0, Hg)``. Units may overlap."""
+    st = x.stride()
+    return x.as_strided((u, hg, m, *x.shape[3:]), (step * st[1], st[2], st[1], *st[3:]),
+                        x.storage_offset() + start * st[1] + head0 * st[2])
+
+
+def _add_units(view: torch.Tensor, grad: torch.Tensor, n: int, step: int) -> None:
+    """``view += grad`` for unit views ``[U, H, n, *]`` spaced ``step`` rows apart, which overlap when
+    ``step < n``: added in ⌈n / step⌉ groups of non-overlapping units (``step = 0``: one summed unit)."""
+    u = view.shape[0]
+    if u == 1 or step >= n:
+        view.add_(grad)
+    elif step == 0:
+        view[0].add_(grad.sum(0))
+    else:
+        groups = -(-n // step)
+        for t in range(groups):
+            view[t::groups].add_(grad[t::groups])
 
 
 def _shapes(bucket: Bucket) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -85,12 +112,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
         return o.transpose(1, 2).to(q.dtype).contiguous(), l.to(acc).contiguous()
     out = torch.zeros(sq * h, b, e, dtype=acc, device=q.device)  # cells [Sq·H, B, E]
     lse = torch.full((sq * h, b), float("-inf"), dtype=acc, device=q.device)  # cells [Sq·H, B]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     qc, kc, vc = _cells(q), _cells(k), _cells(v)
     for bucket in plan.buckets:
         qi, ki, mask = bucket.on(q.device)
         qs, ks = _shapes(bucket)
+        if b == 1 and (bucket.regular is not None or bucket.split):
+            for part in bucket.split or [bucket]:
+                _forward_regular(part, q, k, v, out.view(sq, h, 1, e).permute(2, 0, 1, 3), lse.view(sq, h, 1).permute(2, 0, 1),
+                                 _unit_mask(part.on(q.device)[2], part.rows.shape[0], 1), scale, runner)
+            continue
         o, l = runner.forward(_gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks),
-                              causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, b), scale=scale)
+                              causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, qs[0], b), scale=scale)
         o, l = _cells_of(o, qs[0]).to(acc), _cells_of(l, qs[0]).to(acc)  # [U·m·Hg, B, E], [U·m·Hg, B]
         if not bucket.first:
             n = o.shape[0] * b
@@ -102,6 +135,38 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
         lse.index_copy_(0, qi, l)
     out = out.view(sq, h, b, e).movedim(2, 0)  # [B, Sq, H, E]
     return out.to(q.dtype).contiguous(), lse.view(sq, h, b).permute(2, 1, 0).contiguous()
+
+
+def _forward_regular(bucket: Bucket, q, k, v, out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float, runner: Runner) -> None:
+    """One regular bucket on strided views (B = 1), written into ``out [1, Sq, H, E]`` and ``lse [1, Sq, H]``
+    (views of the executor's cells), merged by LSE unless the bucket is the first to write its rows."""
+    r0, rs, k0, ks, h0, kh0 = bucket.regular
+    (u, m, hg), (_, n, hk) = _shapes(bucket)
+    o, l = runner.forward(_units(q, r0, rs, u, m, h0, hg), _units(k, k0, ks, u, n, kh0, hk),
+                          _units(v, k0, ks, u, n, kh0, hk), causal=bucket.kind == CAUSAL_KIND, mask=mask,
+                          scale=scale)  # [U, Hg, m, E], [U, Hg, m]
+    ov, lv = _units(out, r0, rs, u, m, h0, hg), _units(lse, r0, rs, u, m, h0, hg)
+    if not bucket.first:
+        o, l = merge_attention(ov.transpose(1, 2), lv, o.transpose(1, 2), l)  # as [B, S, H, E], [B, H, S]
+        o = o.transpose(1, 2)
+    ov.copy_(o)
+    lv.copy_(l)
+
+
+def _backward_regular(bucket: Bucket, tensors: tuple, grads: tuple, mask: torch.Tensor | None, scale: float,
+                      runner: Runner) -> None:
+    """One regular bucket's gradients (B = 1) added into ``grads`` = (dq, dk, dv) ``[1, S, H, *]`` views."""
+    r0, rs, k0, ks, h0, kh0 = bucket.regular
+    (u, m, hg), (_, n, hk) = _shapes(bucket)
+    dout, q, k, v, out, lse = tensors  # lse as [1, Sq, H]
+    dout, q, out, lse = (_units(x, r0, rs, u, m, h0, hg) for x in (dout, q, out, lse))
+    k, v = (_units(x, k0, ks, u, n, kh0, hk) for x in (k, v))
+    gq, gk, gv = runner.backward(dout, q, k, v, out, lse, causal=bucket.kind == CAUSAL_KIND, mask=mask, scale=scale)
+    dq, dk, dv = grads
+    _units(dq, r0, rs, u, m, h0, hg).add_(gq)  # rows of one bucket never overlap
+    _add_units(_units(dk, k0, ks, u, n, kh0, hk), gk, n, ks)
+    _add_units(_units(dv, k0, ks, u, n, kh0, hk), gv, n, ks)
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -131,16 +196,24 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dq = torch.zeros(sq * h, b, d, dtype=acc, device=q.device)  # cells [Sq·H, B, D]
     dk = torch.zeros(sk * hkv, b, d, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, D]
     dv = torch.zeros(sk * hkv, b, e, dtype=acc, device=q.device)  # cells [Sk·Hkv, B, E]
+    q, k, v, dout, out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, dout, out))
     qc, kc, vc, doc, oc = (_cells(x) for x in (q, k, v, dout, out))
     lc = lse.permute(2, 1, 0).reshape(sq * h, b)  # cells [Sq·H, B]
+    grads4 = (dq.view(sq, h, b, d).permute(2, 0, 1, 3), dk.view(sk, hkv, b, d).permute(2, 0, 1, 3),
+              dv.view(sk, hkv, b, e).permute(2, 0, 1, 3))  # [B, S, H, *] views of the cells
     for bucket in plan.buckets:
         qi, ki, mask = bucket.on(q.device)
         qs, ks = _shapes(bucket)
         u, m, hg = qs
+        if b == 1 and (bucket.regular is not None or bucket.split):
+            for part in bucket.split or [bucket]:
+                _backward_regular(part, (dout, q, k, v, out, lse.transpose(1, 2)), grads4,
+                                  _unit_mask(part.on(q.device)[2], part.rows.shape[0], 1), scale, runner)
+            continue
         lg = lc.index_select(0, qi).view(u, m, hg, b).permute(0, 3, 2, 1).reshape(u * b, hg, m)
         gq, gk, gv = runner.backward(
             _gather(doc, qi, qs), _gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks), _gather(oc, qi, qs),
-            lg.contiguous(), causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, b), scale=scale,
+            lg.contiguous(), causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, u, b), scale=scale,
         )
         dq.index_add_(0, qi, _cells_of(gq, u).to(acc))
         dk.index_add_(0, ki, _cells_of(gk, u).to(acc))

@@ -7,9 +7,12 @@ Compilation (once per (mask, shapes, positions, heads); plans are cached):
 2. The local positions are cut into runs of consecutive global positions (contiguous layout: one run,
    zigzag: two). Each region ∩ (query run × key run) is *lowered* to items of three kinds: ``full``;
    ``causal`` — a square whose diagonal is aligned (top-left and bottom-right conventions agree);
-   ``rcausal`` — the mirror image, run as causal on reversed rows and keys. A band (sliding window) is
-   cut into query chunks of at most :data:`CHUNK` rows, each a reversed-causal edge, a full middle and a
-   causal diagonal, so no explicit mask is needed.
+   ``rcausal`` — the mirror image, run as causal on reversed rows and keys; ``band`` — :data:`BAND_ROWS`
+   query rows over the keys of their window, run with one explicit ``[m, n]`` mask shared by every band
+   unit of that width (the CPU kernel computes a causal triangle of ≤ 512 rows as a full square, so a band
+   cut into triangles costs as much as this, and the shared mask needs no LSE merge). A band's first and
+   last rows, where the window leaves the key range, are cut into query chunks of at most :data:`CHUNK`
+   rows: a reversed-causal edge, a full middle and a causal diagonal.
 3. Full items of one query range are coalesced (their keys gathered), then every item becomes a *unit*
    (row indices, key indices, heads); units of one (kind, m, n, heads) shape form a :class:`Bucket`.
 
@@ -17,12 +20,16 @@ Masks without an analytic form, or positions in many short runs (the stripe layo
 :data:`TILE` tokens: FULL tiles become full units, PARTIAL ones causal units when their pattern is an
 aligned diagonal, else ``mask`` units carrying their own ``[Hd, m, n]`` pattern — never more than one
 tile pair per unit.
+
+A bucket whose units are equally spaced runs of rows and keys on one range of heads is *regular*
+(:attr:`Bucket.regular`): the executor runs it on strided views of the inputs instead of gathered copies.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -30,16 +37,20 @@ from .._regions import Region, tighten
 from ..blocksparse._plan import build_plan, head_groups
 from ..masks import FULL, PARTIAL, PlacedMask
 
-__all__ = ["CHUNK", "TILE", "Bucket", "PlanCache", "SlicePlan", "get_plan", "lower", "position_digest"]
+__all__ = ["BAND_ROWS", "CHUNK", "TILE", "Bucket", "PlanCache", "SlicePlan", "get_plan", "lower", "position_digest"]
 
-#: Query rows per chunk of a band (sliding window): each chunk costs two triangles and one rectangle.
+#: Query rows per chunk of a band's edges (where the window leaves the key range).
 CHUNK = 512
+#: Query rows per band unit: each computes ``BAND_ROWS × (BAND_ROWS + width)`` scores for
+#: ``BAND_ROWS × (width + 1)`` allowed ones; the CPU kernel runs units under 192 rows in 32-row blocks, so
+#: fewer rows cost no kernel efficiency, only more (strided, copy-free) units.
+BAND_ROWS = 64
 #: Tile size of the fallback for masks without an analytic form.
 TILE = 128
 #: Plans kept per process.
 CACHE_SIZE = 64
 
-FULL_KIND, CAUSAL_KIND, RCAUSAL_KIND, MASK_KIND = "full", "causal", "rcausal", "mask"
+FULL_KIND, CAUSAL_KIND, RCAUSAL_KIND, MASK_KIND, BAND_KIND = "full", "causal", "rcausal", "mask", "band"
 
 
 @dataclass(kw_only=True, slots=True)
@@ -52,11 +63,16 @@ class Bucket:
         heads: ``int64 [U, Hg]`` local query heads of each unit.
         keys: ``int64 [U, n]`` local key rows.
         kv_heads: ``int64 [U, Hk]`` local K/V heads (Hk divides Hg; Hk = Hg when K/V are expanded).
-        mask: ``bool [U, Hd, m, n]`` for ``mask`` units (Hd 1 or Hg), else None.
+        mask: ``bool [U, Hd, m, n]`` for ``mask`` units (Hd 1 or Hg), ``[1, Hd, m, n]`` when every unit
+            shares it (bands), else None.
         first: True when no earlier bucket wrote these (row, head) pairs (the result is stored, not merged).
         identity: the unit is the whole problem in order (run on the inputs without gathering).
         q_index: ``int64 [U·m·Hg]`` flat (row × H + head) index of every query cell, row-major per unit.
         k_index: ``int64 [U·n·Hk]`` flat (key × Hkv + K/V head) index of every key cell.
+        regular: ``(row0, row_step, key0, key_step, head0, kv_head0)`` when unit u holds rows
+            ``row0 + u·row_step + [0, m)``, keys ``key0 + u·key_step + [0, n)``, heads ``head0 + [0, Hg)`` and
+            K/V heads ``kv_head0 + [0, Hk)``; None otherwise.
+        split: regular buckets of this one's units, one per head group (what runs on strided views), or None.
     """
 
     kind: str
@@ -69,6 +85,8 @@ class Bucket:
     identity: bool = False
     q_index: torch.Tensor | None = None
     k_index: torch.Tensor | None = None
+    regular: tuple[int, int, int, int, int, int] | None = None
+    split: list[Bucket] | None = None
     _copies: dict = field(default_factory=dict)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -89,13 +107,17 @@ class SlicePlan:
     fallback: bool = False
 
     def score_elements(self) -> int:
-        """Score elements the plan computes per batch row (causal units count their lower triangle)."""
+        """Allowed score elements the plan covers per batch row (causal units count their lower triangle,
+        mask units their allowed entries)."""
         total = 0
         for b in self.buckets:
             u, m = b.rows.shape
-            n = b.keys.shape[1]
+            n, hg = b.keys.shape[1], b.heads.shape[1]
+            if b.mask is not None:
+                total += int(b.mask.expand(u, hg, m, n).sum())
+                continue
             per = m * (m + 1) // 2 if b.kind == CAUSAL_KIND else m * n
-            total += u * b.heads.shape[1] * per
+            total += u * hg * per
         return total
 
     def calls(self) -> int:
@@ -143,8 +165,19 @@ def lower(r: Region | None, chunk: int = CHUNK) -> list[Item]:
                 for a, b, c, d, kind in mirrored]
     if dhi == dlo:  # one diagonal: each query sees one key
         return [(q, q + 1, q - dlo, q - dlo + 1, FULL_KIND) for q in range(q0, q1) if k0 <= q - dlo < k1]
+    # interior: whole windows inside [k0, k1), in band units of BAND_ROWS rows (fewer for narrow bands,
+    # whose units would mostly compute masked scores)
+    rows = min(BAND_ROWS, max(16, dhi - dlo))
+    ia, ib = max(q0, k0 + dhi), min(q1, k1 + dlo)
+    units = max(0, ib - ia) // rows
+    if units:
+        ib = ia + units * rows
+        out = [(a, a + rows, a - dhi, a + rows - dlo, BAND_KIND) for a in range(ia, ib, rows)]
+        for a, b in ((q0, ia), (ib, q1)):
+            out += lower(Region(a, b, k0, k1, dlo, dhi), chunk)
+        return out
     c = max(1, min(chunk, dhi - dlo))
-    out: list[Item] = []
+    out = []
     for a in range(q0, q1, c):
         b = min(q1, a + c)
         # edge keys (only k ≥ q − dhi binds), middle (nothing binds), diagonal (only k ≤ q − dlo binds)
@@ -156,6 +189,13 @@ def lower(r: Region | None, chunk: int = CHUNK) -> list[Item]:
 # --------------------------------------------------------------------------------------------
 # Plans
 # --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def band_mask(m: int, n: int) -> torch.Tensor:
+    """``bool [1, m, n]``: row r of a band unit sees keys r … r + n − m (its window)."""
+    r, j = torch.arange(m)[:, None], torch.arange(n)[None, :]
+    return ((j >= r) & (j <= r + n - m))[None]
 
 
 def _runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -212,6 +252,10 @@ def _region_units(units: _Units, heads: tuple[int, ...], regions: list[Region], 
                                                          max(box.k0, reg.k0), min(box.k1, reg.k1),
                                                          reg.dlo, reg.dhi)):
                     rev = kind == RCAUSAL_KIND
+                    if kind == BAND_KIND:
+                        units.add(heads, _local(rq, q0, q1, False), _local(rk, k0, k1, False), MASK_KIND,
+                                  band_mask(q1 - q0, k1 - k0))
+                        continue
                     units.add(heads, _local(rq, q0, q1, rev), _local(rk, k0, k1, rev),
                               CAUSAL_KIND if rev else kind)
 
@@ -265,16 +309,14 @@ def _buckets(units: _Units, sq: int, sk: int, h: int) -> list[Bucket]:
                 parts.append([u])
                 seen.append(cells)
         for part, cells in zip(parts, seen):
-            masks = [u[4] for u in part]
-            mask = None
-            if kind == MASK_KIND:
-                hd = max(x.shape[0] for x in masks)
-                mask = torch.stack([x.expand(hd, -1, -1) for x in masks])  # [U, Hd, m, n]
-            b = Bucket(kind=kind, rows=torch.stack([u[0] for u in part]), heads=torch.stack([u[1] for u in part]),
-                       keys=torch.stack([u[2] for u in part]), kv_heads=torch.stack([u[3] for u in part]), mask=mask,
-                       first=not bool((covered & cells).any()))
-            b.q_index = (b.rows[:, :, None] * h + b.heads[:, None, :]).reshape(-1)
-            b.k_index = (b.keys[:, :, None] * units.hkv + b.kv_heads[:, None, :]).reshape(-1)
+            b = _bucket(kind, part, h, units.hkv, first=not bool((covered & cells).any()))
+            if b.regular is None:  # e.g. S2's two head groups in one bucket: regular per head group
+                by_heads: dict[tuple, list[tuple]] = {}
+                for u in part:
+                    by_heads.setdefault(tuple(u[1].tolist()), []).append(u)
+                split = [_bucket(kind, x, h, units.hkv, first=b.first) for x in by_heads.values()]
+                if len(split) > 1 and all(x.regular is not None for x in split):
+                    b.split = split
             b.identity = (len(part) == 1 and m == sq and n == sk and hg == h and kind != MASK_KIND
                           and torch.equal(b.rows[0], torch.arange(sq)) and torch.equal(b.keys[0], torch.arange(sk))
                           and torch.equal(b.heads[0], torch.arange(h)) and hk == h // units.rep)
@@ -284,6 +326,43 @@ def _buckets(units: _Units, sq: int, sk: int, h: int) -> list[Bucket]:
         for b in out:
             b.identity = False
     return out
+
+
+def _bucket(kind: str, part: list[tuple], h: int, hkv: int, *, first: bool) -> Bucket:
+    """A bucket of units ``(rows, heads, keys, kv_heads, mask)`` with its cell indices."""
+    masks = [u[4] for u in part]
+    mask = None
+    if kind == MASK_KIND and all(x is masks[0] for x in masks):
+        mask = masks[0][None]  # [1, Hd, m, n] shared by every unit
+    elif kind == MASK_KIND:
+        hd = max(x.shape[0] for x in masks)
+        mask = torch.stack([x.expand(hd, -1, -1) for x in masks])  # [U, Hd, m, n]
+    b = Bucket(kind=kind, rows=torch.stack([u[0] for u in part]), heads=torch.stack([u[1] for u in part]),
+               keys=torch.stack([u[2] for u in part]), kv_heads=torch.stack([u[3] for u in part]), mask=mask,
+               first=first)
+    b.q_index = (b.rows[:, :, None] * h + b.heads[:, None, :]).reshape(-1)
+    b.k_index = (b.keys[:, :, None] * hkv + b.kv_heads[:, None, :]).reshape(-1)
+    b.regular = _regular(b)
+    return b
+
+
+def _progression(idx: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, step)`` when row u of ``idx [U, m]`` is ``start + u·step + [0, m)`` (step ≥ 0), else None."""
+    u, m = idx.shape
+    start = int(idx[0, 0])
+    step = int(idx[1, 0]) - start if u > 1 else 0
+    if step < 0:
+        return None
+    expect = start + step * torch.arange(u)[:, None] + torch.arange(m)[None, :]
+    return (start, step) if torch.equal(idx, expect) else None
+
+
+def _regular(b: Bucket) -> tuple[int, int, int, int, int, int] | None:
+    parts = [_progression(x) for x in (b.rows, b.keys, b.heads, b.kv_heads)]
+    if any(p is None for p in parts) or parts[2][1] or parts[3][1]:  # heads must be the same for every unit
+        return None
+    (r0, rs), (k0, ks), (h0, _), (kh0, _) = parts
+    return r0, rs, k0, ks, h0, kh0
 
 
 def _head_regions(placed: PlacedMask, h: int) -> dict[tuple, list[int]] | None:
@@ -358,7 +437,7 @@ _CACHE = PlanCache(CACHE_SIZE)
 
 def get_plan(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False) -> SlicePlan:
     """The cached plan for (mask, shapes, heads, positions); built on first use."""
-    return _CACHE.get(placed, (sq, sk, h, hkv, TILE, CHUNK, tiles),
+    return _CACHE.get(placed, (sq, sk, h, hkv, TILE, CHUNK, BAND_ROWS, tiles),
                       lambda: build(placed, sq, sk, h, hkv, tiles=tiles))
 
 
