@@ -77,7 +77,7 @@ def _units(x: torch.Tensor, start: int, step: int, u: int, m: int, head0: int, h
 
 def _add_units(view: torch.Tensor, grad: torch.Tensor, n: int, step: int) -> None:
     """``view += grad`` for unit views ``[U, H, n, *]`` spaced ``step`` rows apart, which overlap when
-    ``step < n``: added in ⌈n / step⌉ groups of non-overlapping units (``step = 0``: one summed unit)."""
+    ``step < n`` (band units: K/V of query units, queries of key units): added in ⌈n / step⌉ groups of non-overlapping units (``step = 0``: one summed unit)."""
     u = view.shape[0]
     if u == 1 or step >= n:
         view.add_(grad)
@@ -154,19 +154,30 @@ def _forward_regular(bucket: Bucket, q, k, v, out: torch.Tensor, lse: torch.Tens
     lv.copy_(l)
 
 
+#: Bytes of K/V gradient per runner call of a regular backward: the CPU kernel returns zero-filled gradient
+#: buffers, and buffers past glibc's mmap threshold (32 MiB at most) are fresh pages on every call.
+GRAD_CALL_BYTES = 2 << 20
+
+
 def _backward_regular(bucket: Bucket, tensors: tuple, grads: tuple, mask: torch.Tensor | None, scale: float,
                       runner: Runner) -> None:
-    """One regular bucket's gradients (B = 1) added into ``grads`` = (dq, dk, dv) ``[1, S, H, *]`` views."""
+    """One regular bucket's gradients (B = 1) added into ``grads`` = (dq, dk, dv) ``[1, S, H, *]`` views, in
+    calls of at most :data:`GRAD_CALL_BYTES` of K/V gradient."""
     r0, rs, k0, ks, h0, kh0 = bucket.regular
     (u, m, hg), (_, n, hk) = _shapes(bucket)
     dout, q, k, v, out, lse = tensors  # lse as [1, Sq, H]
-    dout, q, out, lse = (_units(x, r0, rs, u, m, h0, hg) for x in (dout, q, out, lse))
-    k, v = (_units(x, k0, ks, u, n, kh0, hk) for x in (k, v))
-    gq, gk, gv = runner.backward(dout, q, k, v, out, lse, causal=bucket.kind == CAUSAL_KIND, mask=mask, scale=scale)
     dq, dk, dv = grads
-    _units(dq, r0, rs, u, m, h0, hg).add_(gq)  # rows of one bucket never overlap
-    _add_units(_units(dk, k0, ks, u, n, kh0, hk), gk, n, ks)
-    _add_units(_units(dv, k0, ks, u, n, kh0, hk), gv, n, ks)
+    step = max(1, GRAD_CALL_BYTES // (max(m * hg * q.shape[-1], n * hk * (k.shape[-1] + v.shape[-1])) * k.element_size()))
+    for a in range(0, u, step):
+        c = min(step, u - a)
+        ra, ka = r0 + a * rs, k0 + a * ks
+        rows = [_units(x, ra, rs, c, m, h0, hg) for x in (dout, q, out, lse)]
+        keys = [_units(x, ka, ks, c, n, kh0, hk) for x in (k, v)]
+        gq, gk, gv = runner.backward(rows[0], rows[1], *keys, rows[2], rows[3], causal=bucket.kind == CAUSAL_KIND,
+                                     mask=None if mask is None else mask[a:a + c], scale=scale)
+        _add_units(_units(dq, ra, rs, c, m, h0, hg), gq, m, rs)
+        _add_units(_units(dk, ka, ks, c, n, kh0, hk), gk, n, ks)
+        _add_units(_units(dv, ka, ks, c, n, kh0, hk), gv, n, ks)
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -187,6 +198,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles)
     # rows with no allowed key anywhere belong to no full/causal unit; a finite lse keeps masked tiles finite
     lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(acc)
+    if not (len(plan.buckets) == 1 and plan.buckets[0].identity):
+        plan = get_plan(placed, sq, sk, h, hkv, tiles=tiles, backward=True)
     if len(plan.buckets) == 1 and plan.buckets[0].identity:
         gq, gk, gv = runner.backward(dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                      out.transpose(1, 2), lse.contiguous(),

@@ -147,8 +147,13 @@ def _lower_lo(q0: int, q1: int, k0: int, k1: int, dlo: int) -> list[Item]:
     return out
 
 
-def lower(r: Region | None, chunk: int = CHUNK) -> list[Item]:
-    """Items ``(q0, q1, k0, k1, kind)`` whose union is exactly the (tightened) region ``r``, disjoint."""
+def lower(r: Region | None, chunk: int = CHUNK, by_keys: bool = False) -> list[Item]:
+    """Items ``(q0, q1, k0, k1, kind)`` whose union is exactly the (tightened) region ``r``, disjoint.
+
+    ``by_keys`` cuts a band's interior into units of keys (each with the queries that see them) instead of
+    units of queries: what a backward wants, since the kernel returns one gradient per unit row and key and
+    overlapping units' gradients are summed (for query units dK and dV overlap, for key units only dQ).
+    """
     r = None if r is None else tighten(r)
     if r is None:
         return []
@@ -168,21 +173,31 @@ def lower(r: Region | None, chunk: int = CHUNK) -> list[Item]:
     # interior: whole windows inside [k0, k1), in band units of BAND_ROWS rows (fewer for narrow bands,
     # whose units would mostly compute masked scores)
     rows = min(BAND_ROWS, max(16, dhi - dlo))
-    ia, ib = max(q0, k0 + dhi), min(q1, k1 + dlo)
-    units = max(0, ib - ia) // rows
-    if units:
-        ib = ia + units * rows
-        out = [(a, a + rows, a - dhi, a + rows - dlo, BAND_KIND) for a in range(ia, ib, rows)]
-        for a, b in ((q0, ia), (ib, q1)):
-            out += lower(Region(a, b, k0, k1, dlo, dhi), chunk)
-        return out
+    if by_keys:
+        ka, kb = max(k0, q0 - dlo), min(k1, q1 - dhi)
+        units = max(0, kb - ka) // rows
+        if units:
+            kb = ka + units * rows
+            out = [(a + dlo, a + rows + dhi, a, a + rows, BAND_KIND) for a in range(ka, kb, rows)]
+            for a, b in ((k0, ka), (kb, k1)):
+                out += lower(Region(q0, q1, a, b, dlo, dhi), chunk, by_keys)
+            return out
+    else:
+        ia, ib = max(q0, k0 + dhi), min(q1, k1 + dlo)
+        units = max(0, ib - ia) // rows
+        if units:
+            ib = ia + units * rows
+            out = [(a, a + rows, a - dhi, a + rows - dlo, BAND_KIND) for a in range(ia, ib, rows)]
+            for a, b in ((q0, ia), (ib, q1)):
+                out += lower(Region(a, b, k0, k1, dlo, dhi), chunk, by_keys)
+            return out
     c = max(1, min(chunk, dhi - dlo))
     out = []
     for a in range(q0, q1, c):
         b = min(q1, a + c)
         # edge keys (only k ≥ q − dhi binds), middle (nothing binds), diagonal (only k ≤ q − dlo binds)
         for ka, kb in ((a - dhi, a + c - dhi), (a + c - dhi, a - dlo), (a - dlo, a + c - dlo)):
-            out += lower(Region(a, b, max(k0, ka), min(k1, kb), dlo, dhi), chunk)
+            out += lower(Region(a, b, max(k0, ka), min(k1, kb), dlo, dhi), chunk, by_keys)
     return out
 
 
@@ -193,9 +208,11 @@ def lower(r: Region | None, chunk: int = CHUNK) -> list[Item]:
 
 @lru_cache(maxsize=16)
 def band_mask(m: int, n: int) -> torch.Tensor:
-    """``bool [1, m, n]``: row r of a band unit sees keys r … r + n − m (its window)."""
+    """``bool [1, m, n]`` of a band unit: with m < n (query unit) row r sees keys r … r + n − m (its window);
+    with m > n (key unit) key j is seen by rows j … j + m − n."""
     r, j = torch.arange(m)[:, None], torch.arange(n)[None, :]
-    return ((j >= r) & (j <= r + n - m))[None]
+    offset = j - r if m < n else r - j
+    return ((offset >= 0) & (offset <= abs(n - m)))[None]
 
 
 def _runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -243,14 +260,15 @@ def _local(run: tuple[int, int, int], a: int, b: int, reverse: bool) -> torch.Te
     return idx.flip(0) if reverse else idx
 
 
-def _region_units(units: _Units, heads: tuple[int, ...], regions: list[Region], q_runs, k_runs) -> None:
+def _region_units(units: _Units, heads: tuple[int, ...], regions: list[Region], q_runs, k_runs,
+                  by_keys: bool = False) -> None:
     for rq in q_runs:
         for rk in k_runs:
             box = Region(rq[1], rq[1] + rq[2], rk[1], rk[1] + rk[2])
             for reg in regions:
                 for q0, q1, k0, k1, kind in lower(Region(max(box.q0, reg.q0), min(box.q1, reg.q1),
                                                          max(box.k0, reg.k0), min(box.k1, reg.k1),
-                                                         reg.dlo, reg.dhi)):
+                                                         reg.dlo, reg.dhi), by_keys=by_keys):
                     rev = kind == RCAUSAL_KIND
                     if kind == BAND_KIND:
                         units.add(heads, _local(rq, q0, q1, False), _local(rk, k0, k1, False), MASK_KIND,
@@ -285,7 +303,7 @@ def _tile_units(units: _Units, placed: PlacedMask, sq: int, sk: int, h: int) -> 
                     units.add(heads, rows, keys, MASK_KIND, dense)
 
 
-def _buckets(units: _Units, sq: int, sk: int, h: int) -> list[Bucket]:
+def _buckets(units: _Units, sq: int, sk: int, h: int, shared_rows: bool = False) -> list[Bucket]:
     groups: dict[tuple, list[tuple]] = {}
     for heads, rows, keys, kind, mask in units.units():
         kv = units.kv_of(heads)
@@ -301,7 +319,7 @@ def _buckets(units: _Units, sq: int, sk: int, h: int) -> list[Bucket]:
             cells = torch.zeros(sq, h, dtype=torch.bool)
             cells[u[0][:, None], u[1][None, :]] = True
             for part, s in zip(parts, seen):
-                if not bool((s & cells).any()):
+                if shared_rows or not bool((s & cells).any()):
                     part.append(u)
                     s |= cells
                     break
@@ -381,10 +399,13 @@ def _head_regions(placed: PlacedMask, h: int) -> dict[tuple, list[int]] | None:
     return groups
 
 
-def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False) -> SlicePlan:
+def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False,
+          backward: bool = False) -> SlicePlan:
     """Compile ``placed`` for ``sq`` queries × ``sk`` keys, ``h`` local query heads over ``hkv`` K/V heads.
 
-    ``tiles`` forces the tile plan (what the ``cpu_sparse`` backend runs).
+    ``tiles`` forces the tile plan (what the ``cpu_sparse`` backend runs). ``backward`` builds the plan of
+    the gradients: bands in key units, and units of one bucket may share query rows (their gradients are
+    added, never stored).
     """
     units = _Units(h, hkv)
     q_runs, k_runs = _runs(placed.q_pos), _runs(placed.k_pos)
@@ -394,8 +415,8 @@ def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool
         _tile_units(units, placed, sq, sk, h)
     else:
         for regions, heads in groups.items():
-            _region_units(units, tuple(heads), list(regions), q_runs, k_runs)
-    return SlicePlan(buckets=_buckets(units, sq, sk, h), fallback=groups is None)
+            _region_units(units, tuple(heads), list(regions), q_runs, k_runs, by_keys=backward)
+    return SlicePlan(buckets=_buckets(units, sq, sk, h, shared_rows=backward), fallback=groups is None)
 
 
 class PlanCache:
@@ -435,10 +456,11 @@ def position_digest(pos: torch.Tensor) -> tuple[int, str]:
 _CACHE = PlanCache(CACHE_SIZE)
 
 
-def get_plan(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False) -> SlicePlan:
-    """The cached plan for (mask, shapes, heads, positions); built on first use."""
-    return _CACHE.get(placed, (sq, sk, h, hkv, TILE, CHUNK, BAND_ROWS, tiles),
-                      lambda: build(placed, sq, sk, h, hkv, tiles=tiles))
+def get_plan(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool = False,
+             backward: bool = False) -> SlicePlan:
+    """The cached plan for (mask, shapes, heads, positions); built on first use (see :func:`build`)."""
+    return _CACHE.get(placed, (sq, sk, h, hkv, TILE, CHUNK, BAND_ROWS, tiles, backward),
+                      lambda: build(placed, sq, sk, h, hkv, tiles=tiles, backward=backward))
 
 
 def clear_cache() -> None:
