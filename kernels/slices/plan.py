@@ -227,11 +227,23 @@ def _runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(s, p, e - s) for s, p, e in zip(starts, first, ends)]
 
 
-class _Units:
-    """Collects units per head group, coalescing full units of one query range."""
+def _contiguous(idx: torch.Tensor) -> bool:
+    return idx.numel() > 0 and bool((idx[1:] - idx[:-1] == 1).all())
 
-    def __init__(self, h: int, hkv: int) -> None:
-        self.h, self.hkv, self.rep = h, hkv, h // hkv
+
+@lru_cache(maxsize=16)
+def causal_mask(m: int, n: int) -> torch.Tensor:
+    """``bool [1, m, n]``: row r sees keys ≤ r + n − m (causal, bottom-right aligned: full keys, then a
+    diagonal)."""
+    return (torch.arange(n)[None, :] <= torch.arange(m)[:, None] + (n - m))[None]
+
+
+class _Units:
+    """Collects units per head group, coalescing full units of one query range; full keys that end where a
+    causal unit of the same rows begins join it as one ``mask`` unit (PowerAttention's nearest blocks)."""
+
+    def __init__(self, h: int, hkv: int, coalesce: bool = True) -> None:
+        self.h, self.hkv, self.rep, self.coalesce = h, hkv, h // hkv, coalesce
         self.full: dict[tuple, list[torch.Tensor]] = {}
         self.other: list[tuple] = []
 
@@ -249,10 +261,35 @@ class _Units:
         else:
             self.other.append((heads, rows, keys, kind, mask))
 
+    def _fold(self, heads, rows: torch.Tensor, keys: torch.Tensor) -> tuple | None:
+        """The causal unit (rows, keys) with the full keys of its rows that run contiguously up to its first
+        key, as one bottom-right causal mask unit; None when there are none."""
+        pieces = self.full.get((heads, rows[0].item(), rows[-1].item(), rows.numel()))
+        if pieces is None or not (_contiguous(rows) and _contiguous(keys)):
+            return None
+        chain, start = [], int(keys[0])
+        while True:
+            hit = next((i for i, p in enumerate(pieces[1:], 1) if int(p[-1]) == start - 1 and _contiguous(p)), None)
+            if hit is None:
+                break
+            chain.insert(0, pieces.pop(hit))
+            start = int(chain[0][0])
+        if not chain:
+            return None
+        keys = torch.cat([*chain, keys])
+        return heads, rows, keys, MASK_KIND, causal_mask(rows.numel(), keys.numel())
+
     def units(self):
+        other = []
+        for heads, rows, keys, kind, mask in self.other:
+            folded = self._fold(heads, rows, keys) if kind == CAUSAL_KIND and mask is None else None
+            other.append(folded or (heads, rows, keys, kind, mask))
         for (heads, *_), (rows, *keys) in self.full.items():
-            yield heads, rows, torch.cat(keys), FULL_KIND, None
-        yield from self.other
+            if keys and self.coalesce:
+                yield heads, rows, torch.cat(keys), FULL_KIND, None
+            for piece in [] if self.coalesce else keys:
+                yield heads, rows, piece, FULL_KIND, None
+        yield from other
 
 
 def _local(run: tuple[int, int, int], a: int, b: int, reverse: bool) -> torch.Tensor:
@@ -328,11 +365,11 @@ def _buckets(units: _Units, sq: int, sk: int, h: int, shared_rows: bool = False)
                 seen.append(cells)
         for part, cells in zip(parts, seen):
             b = _bucket(kind, part, h, units.hkv, first=not bool((covered & cells).any()))
-            if b.regular is None:  # e.g. S2's two head groups in one bucket: regular per head group
-                by_heads: dict[tuple, list[tuple]] = {}
+            if b.regular is None:  # S2's two head groups, PowerAttention's distances: regular per group
+                by_offset: dict[tuple, list[tuple]] = {}
                 for u in part:
-                    by_heads.setdefault(tuple(u[1].tolist()), []).append(u)
-                split = [_bucket(kind, x, h, units.hkv, first=b.first) for x in by_heads.values()]
+                    by_offset.setdefault((tuple(u[1].tolist()), int(u[2][0]) - int(u[0][0])), []).append(u)
+                split = [_bucket(kind, x, h, units.hkv, first=b.first) for x in by_offset.values()]
                 if len(split) > 1 and all(x.regular is not None for x in split):
                     b.split = split
             b.identity = (len(part) == 1 and m == sq and n == sk and hg == h and kind != MASK_KIND
@@ -404,10 +441,10 @@ def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool
     """Compile ``placed`` for ``sq`` queries × ``sk`` keys, ``h`` local query heads over ``hkv`` K/V heads.
 
     ``tiles`` forces the tile plan (what the ``cpu_sparse`` backend runs). ``backward`` builds the plan of
-    the gradients: bands in key units, and units of one bucket may share query rows (their gradients are
-    added, never stored).
+    the gradients: bands in key units, full key ranges of one query range not gathered into one unit, and
+    units of one bucket may share query rows (their gradients are added, never stored).
     """
-    units = _Units(h, hkv)
+    units = _Units(h, hkv, coalesce=not backward)  # gradients need no merge: full pieces stay regular
     q_runs, k_runs = _runs(placed.q_pos), _runs(placed.k_pos)
     too_many_runs = len(q_runs) * len(k_runs) > 64 and (len(q_runs) > sq // 64 or len(k_runs) > sk // 64)
     groups = None if (tiles or too_many_runs) else _head_regions(placed, h)
