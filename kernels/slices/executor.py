@@ -24,7 +24,6 @@ import torch
 
 from ..dense.reference import grad_compute_dtype
 from ..masks import PlacedMask
-from ..merge import merge_attention
 from .plan import CAUSAL_KIND, Bucket, get_plan
 
 __all__ = ["Runner", "forward", "backward"]
@@ -126,15 +125,25 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
                               causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, qs[0], b), scale=scale)
         o, l = _cells_of(o, qs[0]).to(acc), _cells_of(l, qs[0]).to(acc)  # [U·m·Hg, B, E], [U·m·Hg, B]
         if not bucket.first:
-            n = o.shape[0] * b
-            mo, ml = merge_attention(out.index_select(0, qi).reshape(1, n, 1, e),
-                                     lse.index_select(0, qi).reshape(1, 1, n), o.reshape(1, n, 1, e),
-                                     l.reshape(1, 1, n))
-            o, l = mo.view(o.shape), ml.view(l.shape)
+            mo, ml = out.index_select(0, qi), lse.index_select(0, qi)
+            _merge_into(mo, ml, o, l)
+            o, l = mo, ml
         out.index_copy_(0, qi, o)
         lse.index_copy_(0, qi, l)
     out = out.view(sq, h, b, e).movedim(2, 0)  # [B, Sq, H, E]
     return out.to(q.dtype).contiguous(), lse.view(sq, h, b).permute(2, 1, 0).contiguous()
+
+
+def _merge_into(out: torch.Tensor, lse: torch.Tensor, o: torch.Tensor, l: torch.Tensor) -> None:
+    """Merge a bucket's ``(o [..., E], l [...])`` into the running ``(out, lse)`` in place (float32/64).
+
+    The stable form of :func:`longreach.kernels.merge.merge_attention`, O ← O − σ(Lb − L)(O − Ob), as one
+    ``lerp_`` pass over the outputs (the merge runs over every row a later bucket covers); a row empty on
+    both sides (σ of NaN) keeps O = 0, L = −inf.
+    """
+    w = torch.sigmoid(l.to(lse.dtype) - lse).nan_to_num_(0.0)  # [...]
+    out.lerp_(o.to(out.dtype), w.unsqueeze(-1))
+    lse.copy_(torch.logaddexp(lse, l.to(lse.dtype)))
 
 
 def _forward_regular(bucket: Bucket, q, k, v, out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
@@ -147,11 +156,11 @@ def _forward_regular(bucket: Bucket, q, k, v, out: torch.Tensor, lse: torch.Tens
                           _units(v, k0, ks, u, n, kh0, hk), causal=bucket.kind == CAUSAL_KIND, mask=mask,
                           scale=scale)  # [U, Hg, m, E], [U, Hg, m]
     ov, lv = _units(out, r0, rs, u, m, h0, hg), _units(lse, r0, rs, u, m, h0, hg)
-    if not bucket.first:
-        o, l = merge_attention(ov.transpose(1, 2), lv, o.transpose(1, 2), l)  # as [B, S, H, E], [B, H, S]
-        o = o.transpose(1, 2)
-    ov.copy_(o)
-    lv.copy_(l)
+    if bucket.first:
+        ov.copy_(o)
+        lv.copy_(l)
+    else:
+        _merge_into(ov, lv, o, l)
 
 
 #: Bytes of K/V gradient per runner call of a regular backward: the CPU kernel returns zero-filled gradient
