@@ -44,10 +44,20 @@ def _cells(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(0, 2).reshape(x.shape[1] * x.shape[2], x.shape[0], *x.shape[3:])
 
 
-def _gather(cells: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Cells ``[S·H, B, *]`` at ``index`` → units ``[U·B, Hg, m, *]`` (``shape`` = (U, m, Hg))."""
+def _blocks(cells: torch.Tensor, index: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cells, index)`` in units of ``block`` consecutive cells when the index is made of such blocks
+    (whole key blocks of PowerAttention: one copy per block instead of one per cell)."""
+    if block > 1 and cells.shape[0] % block == 0 and cells.is_contiguous():
+        return cells.view(cells.shape[0] // block, block, *cells.shape[1:]), index[::block] // block
+    return cells, index
+
+
+def _gather(cells: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int], block: int = 1) -> torch.Tensor:
+    """Cells ``[S·H, B, *]`` at ``index`` → units ``[U·B, Hg, m, *]`` (``shape`` = (U, m, Hg)); ``index`` is
+    made of runs of ``block`` cells starting at multiples of ``block``."""
     u, m, hg = shape
-    g = cells.index_select(0, index).view(u, m, hg, *cells.shape[1:])  # [U, m, Hg, B, *]
+    src, idx = _blocks(cells, index, block)
+    g = src.index_select(0, idx).view(u, m, hg, *cells.shape[1:])  # [U, m, Hg, B, *]
     return g.movedim(3, 1).transpose(2, 3).reshape(u * cells.shape[1], hg, m, *cells.shape[2:])
 
 
@@ -121,7 +131,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
                 _forward_regular(part, q, k, v, out.view(sq, h, 1, e).permute(2, 0, 1, 3), lse.view(sq, h, 1).permute(2, 0, 1),
                                  _unit_mask(part.on(q.device)[2], part.rows.shape[0], 1), scale, runner)
             continue
-        o, l = runner.forward(_gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks),
+        o, l = runner.forward(_gather(qc, qi, qs, bucket.q_block), _gather(kc, ki, ks, bucket.k_block),
+                              _gather(vc, ki, ks, bucket.k_block),
                               causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, qs[0], b), scale=scale)
         o, l = _cells_of(o, qs[0]).to(acc), _cells_of(l, qs[0]).to(acc)  # [U·m·Hg, B, E], [U·m·Hg, B]
         if not bucket.first:
@@ -234,12 +245,14 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             continue
         lg = lc.index_select(0, qi).view(u, m, hg, b).permute(0, 3, 2, 1).reshape(u * b, hg, m)
         gq, gk, gv = runner.backward(
-            _gather(doc, qi, qs), _gather(qc, qi, qs), _gather(kc, ki, ks), _gather(vc, ki, ks), _gather(oc, qi, qs),
+            *(_gather(x, qi, qs, bucket.q_block) for x in (doc, qc)), _gather(kc, ki, ks, bucket.k_block),
+            _gather(vc, ki, ks, bucket.k_block), _gather(oc, qi, qs, bucket.q_block),
             lg.contiguous(), causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, u, b), scale=scale,
         )
-        dq.index_add_(0, qi, _cells_of(gq, u).to(acc))
-        dk.index_add_(0, ki, _cells_of(gk, u).to(acc))
-        dv.index_add_(0, ki, _cells_of(gv, u).to(acc))
+        for grad, g, index, block in ((dq, gq, qi, bucket.q_block), (dk, gk, ki, bucket.k_block),
+                                      (dv, gv, ki, bucket.k_block)):
+            dst, idx = _blocks(grad, index, block)
+            dst.index_add_(0, idx, _cells_of(g, u).to(acc).view(-1, *dst.shape[1:]))
     return (dq.view(sq, h, b, d).movedim(2, 0).to(gdq).contiguous(),
             dk.view(sk, hkv, b, d).movedim(2, 0).to(gdk).contiguous(),
             dv.view(sk, hkv, b, e).movedim(2, 0).to(gdv).contiguous())

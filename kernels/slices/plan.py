@@ -27,6 +27,7 @@ A bucket whose units are equally spaced runs of rows and keys on one range of he
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -72,6 +73,8 @@ class Bucket:
         regular: ``(row0, row_step, key0, key_step, head0, kv_head0)`` when unit u holds rows
             ``row0 + u·row_step + [0, m)``, keys ``key0 + u·key_step + [0, n)``, heads ``head0 + [0, Hg)`` and
             K/V heads ``kv_head0 + [0, Hk)``; None otherwise.
+        q_block, k_block: ``q_index`` / ``k_index`` are runs of this many consecutive cells, each starting at a
+            multiple of it (gathered a block at a time).
         split: regular buckets of this one's units, one per head group (what runs on strided views), or None.
     """
 
@@ -86,6 +89,8 @@ class Bucket:
     q_index: torch.Tensor | None = None
     k_index: torch.Tensor | None = None
     regular: tuple[int, int, int, int, int, int] | None = None
+    q_block: int = 1
+    k_block: int = 1
     split: list[Bucket] | None = None
     _copies: dict = field(default_factory=dict)
 
@@ -398,7 +403,17 @@ def _bucket(kind: str, part: list[tuple], h: int, hkv: int, *, first: bool) -> B
     b.q_index = (b.rows[:, :, None] * h + b.heads[:, None, :]).reshape(-1)
     b.k_index = (b.keys[:, :, None] * hkv + b.kv_heads[:, None, :]).reshape(-1)
     b.regular = _regular(b)
+    b.q_block, b.k_block = _block(b.q_index), _block(b.k_index)
     return b
+
+
+def _block(index: torch.Tensor) -> int:
+    """The largest L such that ``index`` is made of runs ``[cL, cL + L)``."""
+    if index.numel() == 0:
+        return 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), ((index[1:] - index[:-1]) != 1).nonzero().reshape(-1) + 1])
+    lengths = torch.diff(starts, append=torch.tensor([index.numel()]))
+    return max(1, math.gcd(*index[starts].tolist(), *lengths.tolist()))
 
 
 def _progression(idx: torch.Tensor) -> tuple[int, int] | None:
