@@ -180,19 +180,15 @@ def lower(r: Region | None, chunk: int = CHUNK, by_keys: bool = False) -> list[I
     rows = min(BAND_ROWS, max(16, dhi - dlo))
     if by_keys:
         ka, kb = max(k0, q0 - dlo), min(k1, q1 - dhi)
-        units = max(0, kb - ka) // rows
-        if units:
-            kb = ka + units * rows
-            out = [(a + dlo, a + rows + dhi, a, a + rows, BAND_KIND) for a in range(ka, kb, rows)]
+        if kb - ka >= rows:  # key units of `rows` keys, the last one shorter
+            out = [(a + dlo, min(a + rows, kb) + dhi, a, min(a + rows, kb), BAND_KIND) for a in range(ka, kb, rows)]
             for a, b in ((k0, ka), (kb, k1)):
                 out += lower(Region(q0, q1, a, b, dlo, dhi), chunk, by_keys)
             return out
     else:
         ia, ib = max(q0, k0 + dhi), min(q1, k1 + dlo)
-        units = max(0, ib - ia) // rows
-        if units:
-            ib = ia + units * rows
-            out = [(a, a + rows, a - dhi, a + rows - dlo, BAND_KIND) for a in range(ia, ib, rows)]
+        if ib - ia >= rows:  # query units of `rows` rows, the last one shorter
+            out = [(a, min(a + rows, ib), a - dhi, min(a + rows, ib) - dlo, BAND_KIND) for a in range(ia, ib, rows)]
             for a, b in ((q0, ia), (ib, q1)):
                 out += lower(Region(a, b, k0, k1, dlo, dhi), chunk, by_keys)
             return out
