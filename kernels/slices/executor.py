@@ -86,7 +86,8 @@ def _units(x: torch.Tensor, start: int, step: int, u: int, m: int, head0: int, h
 
 def _add_units(view: torch.Tensor, grad: torch.Tensor, n: int, step: int) -> None:
     """``view += grad`` for unit views ``[U, H, n, *]`` spaced ``step`` rows apart, which overlap when
-    ``step < n`` (band units: K/V of query units, queries of key units): added in ⌈n / step⌉ groups of non-overlapping units (``step = 0``: one summed unit)."""
+    ``step < n`` (band units: K/V of query units, queries of key units): added in ⌈n / step⌉ groups of
+    non-overlapping units (``step = 0``: one summed unit)."""
     u = view.shape[0]
     if u == 1 or step >= n:
         view.add_(grad)
@@ -128,7 +129,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
         qs, ks = _shapes(bucket)
         if b == 1 and (bucket.regular is not None or bucket.split):
             for part in bucket.split or [bucket]:
-                _forward_regular(part, q, k, v, out.view(sq, h, 1, e).permute(2, 0, 1, 3), lse.view(sq, h, 1).permute(2, 0, 1),
+                _forward_regular(part, q, k, v, out.view(sq, h, 1, e).permute(2, 0, 1, 3),
+                                 lse.view(sq, h, 1).permute(2, 0, 1),
                                  _unit_mask(part.on(q.device)[2], part.rows.shape[0], 1), scale, runner)
             continue
         o, l = runner.forward(_gather(qc, qi, qs, bucket.q_block), _gather(kc, ki, ks, bucket.k_block),
@@ -187,7 +189,8 @@ def _backward_regular(bucket: Bucket, tensors: tuple, grads: tuple, mask: torch.
     (u, m, hg), (_, n, hk) = _shapes(bucket)
     dout, q, k, v, out, lse = tensors  # lse as [1, Sq, H]
     dq, dk, dv = grads
-    step = max(1, GRAD_CALL_BYTES // (max(m * hg * q.shape[-1], n * hk * (k.shape[-1] + v.shape[-1])) * k.element_size()))
+    per_unit = max(m * hg * q.shape[-1], n * hk * (k.shape[-1] + v.shape[-1])) * k.element_size()
+    step = max(1, GRAD_CALL_BYTES // per_unit)
     for a in range(0, u, step):
         c = min(step, u - a)
         ra, ka = r0 + a * rs, k0 + a * ks
