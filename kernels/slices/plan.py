@@ -128,6 +128,10 @@ class SlicePlan:
     def calls(self) -> int:
         return len(self.buckets)
 
+    def runs(self) -> int:
+        """Kernel calls at batch size 1 (a split bucket runs once per part)."""
+        return sum(len(b.split) if b.split else 1 for b in self.buckets)
+
 
 # --------------------------------------------------------------------------------------------
 # Lowering regions to items (global positions)
@@ -455,16 +459,27 @@ def build(placed: PlacedMask, sq: int, sk: int, h: int, hkv: int, *, tiles: bool
     the gradients: bands in key units, full key ranges of one query range not gathered into one unit, and
     units of one bucket may share query rows (their gradients are added, never stored).
     """
-    units = _Units(h, hkv, coalesce=not backward)  # gradients need no merge: full pieces stay regular
     q_runs, k_runs = _runs(placed.q_pos), _runs(placed.k_pos)
     too_many_runs = len(q_runs) * len(k_runs) > 64 and (len(q_runs) > sq // 64 or len(k_runs) > sk // 64)
     groups = None if (tiles or too_many_runs) else _head_regions(placed, h)
-    if groups is None:
-        _tile_units(units, placed, sq, sk, h)
-    else:
-        for regions, heads in groups.items():
-            _region_units(units, tuple(heads), list(regions), q_runs, k_runs, by_keys=backward)
-    return SlicePlan(buckets=_buckets(units, sq, sk, h, shared_rows=backward), fallback=groups is None)
+
+    def compile_units(coalesce: bool) -> SlicePlan:
+        units = _Units(h, hkv, coalesce=coalesce)
+        if groups is None:
+            _tile_units(units, placed, sq, sk, h)
+        else:
+            for regions, heads in groups.items():
+                _region_units(units, tuple(heads), list(regions), q_runs, k_runs, by_keys=backward)
+        return SlicePlan(buckets=_buckets(units, sq, sk, h, shared_rows=backward), fallback=groups is None)
+
+    plan = compile_units(coalesce=True)
+    if backward and groups is not None:
+        # gradients need no merge: full key ranges left apart run as regular (copy-free) buckets when they
+        # all are (PowerAttention's distances); else one gathered call per query range is cheaper (SSA)
+        pieces = compile_units(coalesce=False)
+        if all(b.regular is not None or b.split for b in pieces.buckets if b.kind == FULL_KIND):
+            plan = pieces
+    return plan
 
 
 class PlanCache:
