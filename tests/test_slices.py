@@ -221,3 +221,20 @@ def test_auto_routes_cuda_to_flash_and_cpu_to_slices():
         device, dtype = torch.device("cuda"), torch.bfloat16
     for mask in (None, M.causal(), M.s2(4)):
         assert resolve_backend("auto", FakeCuda(), mask) == "flash"
+
+
+def test_bench_kernels_cpu_clock(tmp_path, capsys):
+    """``bench kernels --clock cpu`` times with the process CPU clock and records it with the results."""
+    import json
+
+    from longreach.bench import kernels as bench_kernels
+
+    out = tmp_path / "k.json"
+    assert bench_kernels.main(["--seq-len", "256", "--heads", "2", "--head-dim", "16", "--masks", "sliding_window",
+                               "--window", "64", "--rounds", "2", "--clock", "cpu", "--json", str(out)]) == 0
+    assert "cpu clock" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["config"]["clock"] == "cpu"
+    row = next(r for r in result["masks"] if r["mask"] == "sliding_window")
+    for col in ("fwd:slices", "fwdbwd:slices"):
+        assert row[col]["rounds"] == 2 and row[col]["min"] <= row[col]["median"] <= row[col]["max"]

@@ -6,13 +6,15 @@ kernel in *interleaved rounds*: every round times dense causal and then every ma
 each mask's time is divided by the causal time of its own round; the table gives the median ratio and its
 spread (min–max over rounds) for the forward and for forward+backward, beside the mask's *ideal* ratio
 (allowed pairs ÷ causal pairs) and the target ``1.25 × ideal + 0.05`` (``1.5 ×`` for SSA). ``--compare`` adds a
-second backend to the same rounds. With ``--cp`` it also spawns gloo ranks (default 4) and counts the bytes a
+second backend to the same rounds. ``--clock cpu`` times with the process CPU clock instead of elapsed time:
+on a machine shared with other jobs it leaves out the time the (one-thread) process waits for a core. With ``--cp`` it also spawns gloo ranks (default 4) and counts the bytes a
 ring context-parallel step sends with a sliding window against full causal
 (:class:`longreach.parallel.CommRecorder`). ``--suite lightning`` hands over to
 ``longreach.bench.lightning:run(args)``.
 
     longreach bench kernels                                  # 8k tokens, every mask, fwd and fwd+bwd
     longreach bench kernels --masks s2_varlen,ssa --rounds 7 --compare cpu_sparse --json out.json
+    longreach bench kernels --rounds 7 --clock cpu                     # on a shared machine
 """
 from __future__ import annotations
 
