@@ -255,7 +255,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         for grad, g, index, block in ((dq, gq, qi, bucket.q_block), (dk, gk, ki, bucket.k_block),
                                       (dv, gv, ki, bucket.k_block)):
             dst, idx = _blocks(grad, index, block)
-            dst.index_add_(0, idx, _cells_of(g, u).to(acc).view(-1, *dst.shape[1:]))
+            dst.index_add_(0, idx, _cells_of(g, u).to(acc).reshape(-1, *dst.shape[1:]))
     return (dq.view(sq, h, b, d).movedim(2, 0).to(gdq).contiguous(),
             dk.view(sk, hkv, b, d).movedim(2, 0).to(gdk).contiguous(),
             dv.view(sk, hkv, b, e).movedim(2, 0).to(gdv).contiguous())
