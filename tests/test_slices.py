@@ -73,7 +73,8 @@ def _allowed_pairs(mask, n: int, heads: int) -> int:
 @pytest.mark.parametrize("name", ["sliding_window", "sinks_window", "documents", "power", "s2_varlen", "s2_roll",
                                   "s2_varlen_8", "sf", "ssa"])
 def test_analytic_plans_compute_exactly_the_allowed_pairs(name):
-    """Every analytic mask compiles to full and causal units only, covering each allowed pair once."""
+    """Every analytic mask compiles to full and causal units and band units (one mask shared by the whole
+    bucket, never a per-unit pattern), covering each allowed pair once."""
     from longreach.bench.kernels import build_mask
 
     n, h = 1024, 4
@@ -81,10 +82,48 @@ def test_analytic_plans_compute_exactly_the_allowed_pairs(name):
         build_mask(name, n, window=200, block=64, seed=0)
     plan = slice_plan.build(mask.place(torch.arange(n), torch.arange(n), seq_len=n, num_heads=h), n, n, h, h)
     assert not plan.fallback
-    assert {b.kind for b in plan.buckets} <= {"full", "causal"}
+    assert {b.kind for b in plan.buckets} <= {"full", "causal", "mask"}
+    assert all(b.mask.shape[0] == 1 for b in plan.buckets if b.mask is not None)
     assert plan.score_elements() == _allowed_pairs(mask, n, h)
+    grads = slice_plan.build(mask.place(torch.arange(n), torch.arange(n), seq_len=n, num_heads=h), n, n, h, h,
+                             backward=True)
+    assert grads.score_elements() == _allowed_pairs(mask, n, h)
     if name in ("s2_varlen", "documents"):
         assert plan.calls() <= 3  # groups / documents of one size run as one batched call
+
+
+def test_band_units_are_strided_views_with_one_shared_mask():
+    """A sliding window compiles to regular band units: query units forward, key units backward (their
+    gradients overlap only in dQ), one [1, 1, m, n] mask for the whole bucket."""
+    n, h, w = 1024, 2, 200
+    placed = M.sliding_window(w).place(torch.arange(n), torch.arange(n), seq_len=n, num_heads=h)
+    fwd = slice_plan.build(placed, n, n, h, h)
+    bwd = slice_plan.build(placed, n, n, h, h, backward=True)
+    for plan, (m, k) in ((fwd, (64, 64 + w - 1)), (bwd, (64 + w - 1, 64))):
+        band = max((b for b in plan.buckets if b.mask is not None), key=lambda b: b.rows.shape[0])
+        assert band.mask.shape == (1, 1, m, k) and band.regular is not None
+        assert band.rows.shape[0] * 64 >= n - w - 64  # the interior is one bucket
+    # forward: the first window (causal), the band units and a shorter last unit write disjoint rows: no merge
+    assert len(fwd.buckets) == 3 and all(b.first for b in fwd.buckets)
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "sinks_window", "power", "s2_varlen"])
+def test_slices_take_strided_inputs(name):
+    """Regular buckets run on strided views of the inputs: inputs laid out [B, H, S, D] (transposed views)
+    and a zero-stride-free dout give the reference's out, LSE and gradients."""
+    torch.manual_seed(0)
+    mask = MASKS[name]
+    sq, h, hkv, d = 200, 4, 2, 16
+    q = torch.randn(1, h, sq, d, dtype=torch.float64).transpose(1, 2)  # [B, S, H, D], non-contiguous
+    k, v = (torch.randn(1, hkv, sq, d, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    ref, be = get_backend("reference"), get_backend("slices")
+    o1, l1 = ref.forward(q, k, v, mask=mask, scale=None)
+    o2, l2 = be.forward(q, k, v, mask=mask, scale=None)
+    do = torch.randn(1, h, sq, d, dtype=torch.float64).transpose(1, 2)
+    g1 = ref.backward(do, q, k, v, o1, l1, mask=mask, scale=None)
+    g2 = be.backward(do, q, k, v, o1.transpose(1, 2).contiguous().transpose(1, 2), l1, mask=mask, scale=None)
+    for a, b in zip((o1, l1, *g1), (o2, l2, *g2)):
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-9)
 
 
 def test_tile_fallback_keeps_masks_tile_sized(monkeypatch):
@@ -182,3 +221,20 @@ def test_auto_routes_cuda_to_flash_and_cpu_to_slices():
         device, dtype = torch.device("cuda"), torch.bfloat16
     for mask in (None, M.causal(), M.s2(4)):
         assert resolve_backend("auto", FakeCuda(), mask) == "flash"
+
+
+def test_bench_kernels_cpu_clock(tmp_path, capsys):
+    """``bench kernels --clock cpu`` times with the process CPU clock and records it with the results."""
+    import json
+
+    from longreach.bench import kernels as bench_kernels
+
+    out = tmp_path / "k.json"
+    assert bench_kernels.main(["--seq-len", "256", "--heads", "2", "--head-dim", "16", "--masks", "sliding_window",
+                               "--window", "64", "--rounds", "2", "--clock", "cpu", "--json", str(out)]) == 0
+    assert "cpu clock" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["config"]["clock"] == "cpu"
+    row = next(r for r in result["masks"] if r["mask"] == "sliding_window")
+    for col in ("fwd:slices", "fwdbwd:slices"):
+        assert row[col]["rounds"] == 2 and row[col]["min"] <= row[col]["median"] <= row[col]["max"]

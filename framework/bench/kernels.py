@@ -6,13 +6,15 @@ kernel in *interleaved rounds*: every round times dense causal and then every ma
 each mask's time is divided by the causal time of its own round; the table gives the median ratio and its
 spread (min–max over rounds) for the forward and for forward+backward, beside the mask's *ideal* ratio
 (allowed pairs ÷ causal pairs) and the target ``1.25 × ideal + 0.05`` (``1.5 ×`` for SSA). ``--compare`` adds a
-second backend to the same rounds. With ``--cp`` it also spawns gloo ranks (default 4) and counts the bytes a
+second backend to the same rounds. ``--clock cpu`` times with the process CPU clock instead of elapsed time:
+on a machine shared with other jobs it leaves out the time the (one-thread) process waits for a core. With ``--cp`` it also spawns gloo ranks (default 4) and counts the bytes a
 ring context-parallel step sends with a sliding window against full causal
 (:class:`longreach.parallel.CommRecorder`). ``--suite lightning`` hands over to
 ``longreach.bench.lightning:run(args)``.
 
     longreach bench kernels                                  # 8k tokens, every mask, fwd and fwd+bwd
     longreach bench kernels --masks s2_varlen,ssa --rounds 7 --compare cpu_sparse --json out.json
+    longreach bench kernels --rounds 7 --clock cpu                     # on a shared machine
 """
 from __future__ import annotations
 
@@ -80,19 +82,25 @@ def _step(backend, q, k, v, mask, backward: bool) -> Callable[[], None]:
     return go
 
 
-def _seconds(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
+#: ``--clock`` choices: elapsed time, or CPU time of this process (steadier on a shared machine: time the
+#: process spends waiting for a core is not counted; with one thread it is the work done).
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _seconds(fn: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
-def interleaved(candidates: dict[str, Callable[[], None]], baseline: str, rounds: int) -> dict[str, list[float]]:
+def interleaved(candidates: dict[str, Callable[[], None]], baseline: str, rounds: int,
+                clock: str = "wall") -> dict[str, list[float]]:
     """Time every candidate once per round (warm-up round discarded); per-round ratios to ``baseline``."""
     for fn in candidates.values():
         fn()  # warm-up: allocations, plan caches
     ratios: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
-        times = {name: _seconds(fn) for name, fn in candidates.items()}
+        times = {name: _seconds(fn, CLOCKS[clock]) for name, fn in candidates.items()}
         for name, t in times.items():
             ratios[name].append(t / times[baseline])
         ratios.setdefault("_baseline_seconds", []).append(times[baseline])
@@ -132,7 +140,7 @@ def run_masks(args: argparse.Namespace) -> list[dict[str, Any]]:
             for bname, be in backends.items():
                 cands[f"{name}|{bname}"] = _step(be, q, k, v, mask, bwd)
         print(f"  {pass_name}: {len(cands)} candidates x {args.rounds} rounds", file=sys.stderr, flush=True)
-        ratios = interleaved(cands, "causal", args.rounds)
+        ratios = interleaved(cands, "causal", args.rounds, args.clock)
         for name in masks:
             for bname in backends:
                 rows[name][f"{pass_name}:{bname}"] = _summary(ratios[f"{name}|{bname}"])
@@ -176,7 +184,7 @@ def run_model(args: argparse.Namespace) -> list[dict[str, Any]]:
             opt.step()
             opt.zero_grad(set_to_none=True)
         steps[name] = step
-    ratios = interleaved(steps, args.patterns[0], args.rounds)
+    ratios = interleaved(steps, args.patterns[0], args.rounds, args.clock)
     base = ratios["_baseline_seconds"]
     rows = []
     for name in args.patterns:
@@ -266,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cp-layout", default="contiguous", help="sequence layout for --cp (default contiguous)")
     p.add_argument("--cp-window", type=int, default=512)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0: leave as is)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall (default) or cpu: CPU time of the process, steadier on a shared machine (one thread)")
     p.add_argument("--json", default=None, help="write the results here")
     # the lightning suite's own options (--lightning-*, --lasp-*)
     importlib.import_module("longreach.bench.lightning").add_arguments(p)
@@ -286,7 +296,8 @@ def main(argv: list[str]) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         print(f"bench kernels --suite model: Llama dim {args.model_dim} x {args.model_layers} layers, {args.heads} heads, "
-              f"S={args.seq_len}, train steps, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
+              f"S={args.seq_len}, train steps, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads, "
+              f"{args.clock} clock")
         rows = run_model(args)
         if args.json:
             with open(args.json, "w") as f:
@@ -314,7 +325,7 @@ def main(argv: list[str]) -> int:
     backends = [args.backend] + ([args.compare] if args.compare else [])
     print(f"bench kernels: S={args.seq_len} B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} "
           f"{' and '.join(backends)} vs dense causal cpu, {'+'.join(args.passes)}, {args.rounds} interleaved rounds, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads, {args.clock} clock", flush=True)
     rows = run_masks(args)
     print(_table(rows, args.passes, backends))
     print("cells: time / dense causal time of the same round, median [min-max] over rounds; ideal: allowed pairs / "

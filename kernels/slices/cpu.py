@@ -9,6 +9,7 @@ rows with no allowed key out = 0, lse = −inf.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +24,25 @@ _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+#: Additive forms of masks shared by every unit of a call (band masks), keyed by where the bool mask lives;
+#: each entry holds the bool mask's storage, so the key cannot come to name another mask.
+_SHARED: OrderedDict[tuple, tuple[object, torch.Tensor]] = OrderedDict()
+
+
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool mask ``[N, Hd, m, n]`` → additive (0 / −inf); a mask shared by all N (stride 0) stays shared and
+    its additive form is built once."""
     if mask is None:
         return None
+    if mask.shape[0] == 1 or mask.stride(0) == 0:
+        store = mask.untyped_storage()
+        key = (store.data_ptr(), mask.storage_offset(), tuple(mask.shape[1:]), mask.stride()[1:], dtype, mask.device)
+        if key not in _SHARED:
+            _SHARED[key] = (store, torch.zeros(mask.shape[1:], dtype=dtype, device=mask.device)
+                            .masked_fill_(~mask[0], float("-inf")))
+            while len(_SHARED) > 8:
+                _SHARED.popitem(last=False)
+        return _SHARED[key][1].expand(mask.shape)
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))  # [N, Hd, m, n]
 
 
@@ -50,7 +67,8 @@ class CpuRunner:
         out, lse = _fwd(q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)[:2]
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         if mask is not None:  # the kernel gives lse = 0 for rows its mask leaves empty
-            empty = ~mask.any(-1)  # [N, Hd, m]
+            shared = mask.shape[0] > 1 and mask.stride(0) == 0
+            empty = ~(mask[:1] if shared else mask).any(-1)  # [N | 1, Hd, m]
             if bool(empty.any()):
                 empty = empty.expand(lse.shape)
                 lse = lse.masked_fill(empty, float("-inf"))
@@ -59,8 +77,10 @@ class CpuRunner:
 
     def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale):
         hk = k.shape[1]
-        dq, dk, dv = _bwd(dout.contiguous(), q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), out.contiguous(),
-                          lse, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)[:3]
+        # the kernel reads strided inputs but copies dout unless it is contiguous as [N, m, H, E] (its layout)
+        dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
+        dq, dk, dv = _bwd(dout, q, expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1]), out, lse, 0.0, causal,
+                          attn_mask=_additive(mask, q.dtype), scale=scale)[:3]
         return dq, reduce_kv(dk, hk), reduce_kv(dv, hk)
 
 
