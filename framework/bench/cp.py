@@ -111,26 +111,40 @@ def summarize_peers(records: list[dict]) -> list[dict]:
         row.update(ours_ms=1e3 * statistics.median(r["ours_s"]), peer_ms=1e3 * statistics.median(r["peer_s"]),
                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                    rounds=len(ratios))
-        for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err"):
-            row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
+        for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err", "out_l2", "grad_l2"):
+            if f"ours_{k}" in r:
+                row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
         rows.append(row)
     return rows
+
+
+def skipped_peers(records: list[dict]) -> dict[str, str]:
+    """name -> why, for every side that did not run (first reason seen)."""
+    out: dict[str, str] = {}
+    for r in records:
+        for name, why in r.get("skipped", {}).items():
+            out.setdefault(name, why)
+    return out
 
 
 def format_peers(rows: list[dict]) -> str:
     head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
             f"{'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
-            f"{'grad err ours/peer':>19}")
+            f"{'grad err ours/peer':>19} {'grad L2 ours/peer':>19}")
 
     cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
             ("peer_ms", ">8.1f"), ("ratio", ">6.2f"))
     sides = (("kernel_calls", ">5", "<6"), ("aten_calls", ">5", "<5"), ("out_err", ">9.1e", "<9.1e"),
-             ("grad_err", ">9.1e", "<9.1e"))
+             ("grad_err", ">9.1e", "<9.1e"), ("grad_l2", ">9.1e", "<9.1e"))
+
+    def both(r: dict, k: str, a: str, b: str) -> str:
+        if f"ours_{k}" not in r:
+            return f"{'-/-':>11}"
+        return f"{format(r['ours_' + k], a)}/{format(r['peer_' + k], b)}"
 
     def line(r: dict) -> str:
         spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f}"
-        both = [f"{format(r['ours_' + k], a)}/{format(r['peer_' + k], b)}" for k, a, b in sides]
-        return " ".join([*(format(r[k], f) for k, f in cols), spread, *both])
+        return " ".join([*(format(r[k], f) for k, f in cols), spread, *(both(r, *s) for s in sides)])
 
     return _lines(head, rows, lambda r: f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6}", line)
 
@@ -149,10 +163,12 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
                                           "ring-flash-attn and yunchang will not run"))
     cfg = {"seq_lens": seq_lens, "rounds": args.rounds, "heads": args.heads, "head_dim": args.head_dim,
            "seed": args.seed, "peers_path": path}
-    from longreach.workers.cp import peers_worker
+    from longreach.bench.cp_peers import peers_worker
 
     records = _run(peers_worker, worlds, cfg, args.threads, 3600)
     rows = summarize_peers(records)
+    for name, why in skipped_peers(records).items():
+        print(f"skipped {name}: {why}")
     _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
           f"gloo on CPU, {args.threads} thread(s)/rank; ratio = longreach ÷ peer per round "
           f"(median of {args.rounds}, interleaved); calls are per pass on rank 0",
