@@ -359,6 +359,7 @@ def test_bench_cp_peers_skips_a_peer_that_does_not_import(monkeypatch) -> None:
     assert "not run: x" in format_peers(summarize_peers(recs))
 
 
+@pytest.mark.slow
 def test_bench_cp_peers_worker_runs_every_pair_exactly() -> None:
     """Four gloo ranks, tiny shapes, one round: every pair that runs computes causal attention (output and
     gradients near the float64 reference in its dtype, so each side's layout is the one it was fed) with no

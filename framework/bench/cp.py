@@ -3,8 +3,8 @@
 For each world size it spawns gloo ranks once (``longreach.testing.run_ranks``) and runs every
 strategy × layout on the same seeded full sequence. Per (world size, strategy, layout) it prints:
 
-* forward bytes sent per rank (max over ranks) against the strategy's theoretical minimum (DESIGN.md
-  §4: ring (P−1) × local K/V bytes; Ulysses (P−1)/P of the local q, k, v, out bytes, replicated K/V
+* forward bytes sent per rank (max over ranks) against the strategy's theoretical minimum (ring
+  (P−1) × local K/V bytes; Ulysses (P−1)/P of the local q, k, v, out bytes, replicated K/V
   heads counted once per replica; hybrid the sum of its Ulysses and ring parts; all-gather
   (P−1) × local K/V bytes), and the mean over ranks;
 * attention work max/mean across ranks — the causal load balance: score elements the local kernels
@@ -17,12 +17,14 @@ strategy × layout on the same seeded full sequence. Per (world size, strategy, 
 
 ``--peers`` runs longreach side by side with peer implementations instead: ring zigzag against
 ring-flash-attn's zigzag ring (bf16) and yunchang's, Ulysses against DeepSpeed's Ulysses (fp32),
-hybrid (U = 2) against yunchang's USP (bf16), causal, forward + backward, on identical inputs. Rounds
-are interleaved (the first to run alternates), each pass timed as its slowest rank; per pair it prints
-the median time of each side, the median and spread of the per-round ratio longreach ÷ peer, kernel
-calls and aten calls per pass, and errors against the float64 reference. ring-flash-attn and yunchang
-need flash-attn: a checkout's ``tests/peers`` holds a CPU stand-in for the two flash-attn functions
-they call (the same aten CPU flash kernel longreach calls), put on the ranks' path when found.
+hybrid (U = 2) against yunchang's USP (bf16), causal, forward + backward, on identical inputs
+(:mod:`longreach.bench.cp_peers` runs the ranks). Rounds are interleaved (the first to run alternates),
+each pass timed as its slowest rank; per pair it prints the median time of each side, the median and
+spread of the per-round ratio longreach ÷ peer, kernel calls and aten calls per pass, and errors
+against the float64 reference (max and L2). ring-flash-attn and yunchang need flash-attn: a checkout's
+``tests/peers`` holds a CPU stand-in for the flash-attn functions they call (the same aten CPU flash
+kernel longreach calls), put on the ranks' path when found; a peer that does not import is skipped
+with a printed line saying why.
 
     longreach bench cp --peers --world-sizes 2,4 --seq-lens 2048,8192 --rounds 7
 """

@@ -75,7 +75,8 @@ def usp_positions(seq_len: int, rank: int, world: int, degree: int) -> torch.Ten
     rings = world // degree
     c = seq_len // (2 * rings)
     g, u = divmod(rank, degree)
-    group = torch.cat([torch.arange(g * c, (g + 1) * c), torch.arange((2 * rings - 1 - g) * c, (2 * rings - g) * c)])
+    mirror = 2 * rings - 1 - g
+    group = torch.cat([torch.arange(g * c, (g + 1) * c), torch.arange(mirror * c, (mirror + 1) * c)])
     return group.chunk(degree)[u]
 
 
@@ -88,16 +89,16 @@ def _why(e: BaseException) -> str:
 
 
 def _longreach(rank: int, world: int, scale: float) -> dict[str, Side | str]:
-    bf16 = torch.bfloat16
+    def side(layout: str, dtype: torch.dtype, **kw) -> Side:
+        return Side(_layout(layout, rank, world), dtype,
+                    lambda q, k, v: cp_attention(q, k, v, layout=layout, scale=scale, **kw))
+
     sides: dict[str, Side | str] = {
-        "longreach ring zigzag": Side(_layout("zigzag", rank, world), bf16, lambda q, k, v: cp_attention(
-            q, k, v, strategy="ring", layout="zigzag", scale=scale)),
-        "longreach ulysses": Side(_layout("contiguous", rank, world), torch.float32, lambda q, k, v: cp_attention(
-            q, k, v, strategy="ulysses", layout="contiguous", scale=scale)),
+        "longreach ring zigzag": side("zigzag", torch.bfloat16, strategy="ring"),
+        "longreach ulysses": side("contiguous", torch.float32, strategy="ulysses"),
     }
     if world > HYBRID_DEGREE and world % HYBRID_DEGREE == 0:
-        sides["longreach hybrid u=2"] = Side(_layout("zigzag", rank, world), bf16, lambda q, k, v: cp_attention(
-            q, k, v, strategy="hybrid", layout="zigzag", ulysses_degree=HYBRID_DEGREE, scale=scale))
+        sides["longreach hybrid u=2"] = side("zigzag", torch.bfloat16, strategy="hybrid", ulysses_degree=HYBRID_DEGREE)
     else:
         sides["longreach hybrid u=2"] = f"needs a world size that is a multiple of {HYBRID_DEGREE} above it"
     return sides
@@ -125,10 +126,11 @@ def _yunchang(rank: int, world: int, scale: float) -> dict[str, Side | str]:
         why = "not installed (pip install --no-deps yunchang==0.6.4)" if missing else _why(e)
         return dict.fromkeys(names, why)
     if not HAS_FLASH_ATTN:
-        return dict.fromkeys(names, "yunchang found no flash_attn (the tests/peers stand-in is not on the path)")
+        return dict.fromkeys(names, "yunchang found no flash_attn (no tests/peers stand-in on the path)")
     zz = yunchang.zigzag_ring_flash_attn_func
-    sides: dict[str, Side | str] = {names[0]: Side(_layout("zigzag", rank, world), torch.bfloat16, lambda q, k, v: zz(
-        q, k, v, softmax_scale=scale, causal=True, group=None, attn_type=AttnType.FA))}
+    sides: dict[str, Side | str] = {names[0]: Side(
+        _layout("zigzag", rank, world), torch.bfloat16,
+        lambda q, k, v: zz(q, k, v, softmax_scale=scale, causal=True, group=None, attn_type=AttnType.FA))}
     if world > HYBRID_DEGREE and world % HYBRID_DEGREE == 0:
         # yunchang keeps its groups in a module-level singleton; every rank creates every group
         yunchang.set_seq_parallel_pg(HYBRID_DEGREE, world // HYBRID_DEGREE, rank, world)
@@ -149,9 +151,10 @@ def _deepspeed(rank: int, world: int, scale: float) -> dict[str, Side | str]:
         from longreach.kernels import attention
 
         deepspeed.init_distributed(dist_backend="gloo")
-        ds = DistributedAttention(lambda qq, kk, vv, *a, **kw: attention(qq, kk, vv, mask=M.causal(), scale=scale,
-                                                                          backend="cpu"),
-                                  dist.group.WORLD, scatter_idx=2, gather_idx=1)
+        def local(qq, kk, vv, *args, **kwargs):
+            return attention(qq, kk, vv, mask=M.causal(), scale=scale, backend="cpu")
+
+        ds = DistributedAttention(local, dist.group.WORLD, scatter_idx=2, gather_idx=1)
     except Exception as e:  # noqa: BLE001
         return {"DeepSpeed Ulysses": _why(e)}
     return {"DeepSpeed Ulysses": Side(_layout("contiguous", rank, world), torch.float32,
@@ -206,7 +209,8 @@ def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
     ref = get_backend("cpu")
     for seq_len in cfg["seq_lens"]:
         g = torch.Generator().manual_seed(cfg["seed"])
-        full = [torch.randn(1, seq_len, h, d, generator=g, dtype=torch.float64) for _ in range(4)]  # q, k, v, dout
+        # q, k, v, dout of the whole sequence, [1, S, H, D] each
+        full = [torch.randn(1, seq_len, h, d, generator=g, dtype=torch.float64) for _ in range(4)]
         out_r, lse_r = ref.forward(*full[:3], mask=M.causal())
         want_full = [out_r, *ref.backward(full[3], *full[:3], out_r, lse_r, mask=M.causal())]
         for ours, peer in PEER_PAIRS:
