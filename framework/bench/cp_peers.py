@@ -100,7 +100,7 @@ def _longreach(rank: int, world: int, scale: float) -> dict[str, Side | str]:
     if world > HYBRID_DEGREE and world % HYBRID_DEGREE == 0:
         sides["longreach hybrid u=2"] = side("zigzag", torch.bfloat16, strategy="hybrid", ulysses_degree=HYBRID_DEGREE)
     else:
-        sides["longreach hybrid u=2"] = f"needs a world size that is a multiple of {HYBRID_DEGREE} above it"
+        sides["longreach hybrid u=2"] = f"needs a world size above {HYBRID_DEGREE} that divides by {HYBRID_DEGREE}"
     return sides
 
 
@@ -138,7 +138,7 @@ def _yunchang(rank: int, world: int, scale: float) -> dict[str, Side | str]:
         sides[names[1]] = Side(lambda s: usp_positions(s, rank, world, HYBRID_DEGREE), torch.bfloat16,
                                lambda q, k, v: usp(q, k, v, softmax_scale=scale, causal=True))
     else:
-        sides[names[1]] = f"needs a world size that is a multiple of {HYBRID_DEGREE} above it"
+        sides[names[1]] = f"needs a world size above {HYBRID_DEGREE} that divides by {HYBRID_DEGREE}"
     return sides
 
 
