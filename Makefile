@@ -27,6 +27,9 @@ $(PY):
 $(VENV)/.deps: pyproject.toml setup.py | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || { $(TORCH_INSTALL); }
 	$(PIP) install -q "$(TORCH_SPEC)" -e ".[dev,hf]" --config-settings editable_mode=strict
+	$(PIP) install -q --no-deps "yunchang==0.6.4" || echo "yunchang not installed: bench cp --peers will skip its rows"
+	# a peer of `longreach bench cp --peers`, pure Python: --no-deps keeps this torch and pulls no flash-attn
+	$(PIP) install -q --no-deps "yunchang==0.6.4" || echo "yunchang not installed: bench cp --peers will skip its rows"
 	touch $@
 
 $(STAMP): $(VENV)/.deps

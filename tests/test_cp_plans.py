@@ -295,3 +295,106 @@ def test_bench_dispatch_counter_sees_what_the_comm_recorder_sees() -> None:
         assert res["dispatch"] == res["recorder"], (rank, res)
         local = 4 * (8 * 2 * world * 8 * 4)  # q, k, v and out, each [1, 8, 2P, 8] float32 on this rank
         assert res["dispatch"] == ((world - 1) * local // world, 4), (rank, res)
+
+
+def test_peers_standin_flash_attn_func_matches_the_cpu_backend(monkeypatch) -> None:
+    """flash-attn's public ``flash_attn_func`` (which yunchang's Ulysses path calls) in the stand-in: forward and
+    backward through autograd equal longreach's ``cpu`` backend on the same inputs."""
+    from longreach.bench.cp import peers_path
+
+    monkeypatch.syspath_prepend(peers_path(None))
+    from flash_attn import flash_attn_func
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v, do = (torch.randn(1, 20, 2, 8, generator=g) for _ in range(4))
+    for causal in (True, False):
+        qs, ks, vs = (t.clone().requires_grad_(True) for t in (q, k, v))
+        out = flash_attn_func(qs, ks, vs, softmax_scale=0.4, causal=causal)
+        out.backward(do)
+        mask = M.causal() if causal else None
+        want_o, want_l = get_backend("cpu").forward(q, k, v, mask=mask, scale=0.4)
+        want = get_backend("cpu").backward(do, q, k, v, want_o, want_l, mask=mask, scale=0.4)
+        assert torch.allclose(out, want_o, atol=1e-6)
+        for got, w in zip((qs.grad, ks.grad, vs.grad), want):
+            assert torch.allclose(got, w, atol=1e-5)
+
+
+@pytest.mark.parametrize("world, degree", [(4, 2), (8, 2), (8, 4)])
+def test_usp_positions_give_each_ring_index_its_two_zigzag_chunks(world: int, degree: int) -> None:
+    """yunchang's USP layout as ``bench cp --peers`` feeds it: every token on exactly one rank, and the Ulysses
+    group of ring index g (ranks g·U … g·U+U−1, in order) holds chunks g and 2R−1−g of 2R, in order."""
+    from longreach.bench.cp_peers import usp_positions
+
+    seq_len = 16 * world
+    pos = [usp_positions(seq_len, r, world, degree) for r in range(world)]
+    assert torch.equal(torch.sort(torch.cat(pos)).values, torch.arange(seq_len))
+    rings = world // degree
+    c = seq_len // (2 * rings)
+    for g in range(rings):
+        group = torch.cat(pos[g * degree:(g + 1) * degree])
+        want = [p for p in range(seq_len) if p // c in (g, 2 * rings - 1 - g)]
+        assert group.tolist() == want
+
+
+def test_usp_positions_match_yunchangs_zigzag_extract_local(monkeypatch) -> None:
+    """The positions equal what yunchang's own ``zigzag_extract_local`` takes for each rank (its process-group
+    queries answered for each rank in turn)."""
+    extract = pytest.importorskip("yunchang.comm.extract_local")
+    from types import SimpleNamespace
+
+    from longreach.bench.cp_peers import usp_positions
+
+    world, degree, seq_len = 8, 2, 64
+    rings = world // degree
+    for rank in range(world):
+        groups = SimpleNamespace(RING_PG="ring", ULYSSES_PG="ulysses")
+        fake = SimpleNamespace(get_rank=lambda group, r=rank: r // degree if group == "ring" else r % degree,
+                               get_world_size=lambda group: rings if group == "ring" else degree)
+        monkeypatch.setattr(extract, "PROCESS_GROUP", groups)
+        monkeypatch.setattr(extract, "dist", fake)
+        got = extract.zigzag_extract_local(torch.arange(seq_len)[None], rank, world, rings, degree)
+        assert torch.equal(got[0], usp_positions(seq_len, rank, world, degree))
+
+
+def test_bench_cp_peers_skips_a_peer_that_does_not_import(monkeypatch) -> None:
+    """A peer that is not installed becomes a reason, listed once per name (the bench prints it), never an error."""
+    import sys
+
+    from longreach.bench import cp_peers
+    from longreach.bench.cp import format_peers, skipped_peers, summarize_peers
+
+    monkeypatch.setitem(sys.modules, "yunchang", None)  # import yunchang → ModuleNotFoundError
+    sides = cp_peers._yunchang(0, 4, 0.125)
+    assert set(sides) == {"yunchang ring zigzag", "yunchang USP u=2"}
+    assert all(isinstance(why, str) and "not installed" in why for why in sides.values())
+    recs = [{"pair": "a ÷ yunchang ring zigzag", "world": 2, "seq_len": 64, "rank": r, "error": "x",
+             "skipped": {"yunchang ring zigzag": sides["yunchang ring zigzag"]}} for r in (0, 1)]
+    assert skipped_peers(recs) == {"yunchang ring zigzag": sides["yunchang ring zigzag"]}
+    assert "not run: x" in format_peers(summarize_peers(recs))
+
+
+@pytest.mark.slow
+def test_bench_cp_peers_worker_runs_every_pair_exactly() -> None:
+    """Four gloo ranks, tiny shapes, one round: every pair that runs computes causal attention (output and
+    gradients near the float64 reference in its dtype, so each side's layout is the one it was fed) with no
+    more kernel calls than the peer; a peer that is absent is reported as skipped."""
+    import importlib.util
+
+    from longreach.bench.cp import peers_path
+    from longreach.bench.cp_peers import PEER_PAIRS, peers_worker
+    from longreach.testing import run_ranks
+
+    cfg = {"seq_lens": [64], "rounds": 1, "heads": 4, "head_dim": 16, "seed": 0, "peers_path": peers_path(None)}
+    recs = [r for r in run_ranks(peers_worker, 4, args=(cfg,), timeout=600)[0]]
+    assert [r["pair"] for r in recs] == [f"{a} ÷ {b}" for a, b in PEER_PAIRS]
+    yunchang = importlib.util.find_spec("yunchang") is not None
+    for r in recs:
+        if "yunchang" in r["pair"] and not yunchang:
+            assert "not installed" in r["error"]
+            continue
+        assert "error" not in r, r
+        for side in ("ours", "peer"):
+            tol = 1e-5 if r[f"{side}_dtype"] == "float32" else 3e-2
+            assert r[f"{side}_out_err"] < tol and r[f"{side}_grad_err"] < 2 * tol, r
+        assert r["ours_kernel_calls"] <= r["peer_kernel_calls"], r
+        assert len(r["ours_s"]) == len(r["peer_s"]) == 1

@@ -3,8 +3,8 @@
 For each world size it spawns gloo ranks once (``longreach.testing.run_ranks``) and runs every
 strategy × layout on the same seeded full sequence. Per (world size, strategy, layout) it prints:
 
-* forward bytes sent per rank (max over ranks) against the strategy's theoretical minimum (ARCHITECTURE.md
-  §8: ring (P−1) × local K/V bytes; Ulysses (P−1)/P of the local q, k, v, out bytes, replicated K/V
+* forward bytes sent per rank (max over ranks) against the strategy's theoretical minimum (ring
+  (P−1) × local K/V bytes; Ulysses (P−1)/P of the local q, k, v, out bytes, replicated K/V
   heads counted once per replica; hybrid the sum of its Ulysses and ring parts; all-gather
   (P−1) × local K/V bytes), and the mean over ranks;
 * attention work max/mean across ranks — the causal load balance: score elements the local kernels
@@ -17,12 +17,14 @@ strategy × layout on the same seeded full sequence. Per (world size, strategy, 
 
 ``--peers`` runs longreach side by side with peer implementations instead: ring zigzag against
 ring-flash-attn's zigzag ring (bf16) and yunchang's, Ulysses against DeepSpeed's Ulysses (fp32),
-hybrid (U = 2) against yunchang's USP (bf16), causal, forward + backward, on identical inputs. Rounds
-are interleaved (the first to run alternates), each pass timed as its slowest rank; per pair it prints
-the median time of each side, the median and spread of the per-round ratio longreach ÷ peer, kernel
-calls and aten calls per pass, and errors against the float64 reference. ring-flash-attn and yunchang
-need flash-attn: a checkout's ``tests/peers`` holds a CPU stand-in for the two flash-attn functions
-they call (the same aten CPU flash kernel longreach calls), put on the ranks' path when found.
+hybrid (U = 2) against yunchang's USP (bf16), causal, forward + backward, on identical inputs
+(:mod:`longreach.bench.cp_peers` runs the ranks). Rounds are interleaved (the first to run alternates),
+each pass timed as its slowest rank; per pair it prints the median time of each side, the median and
+spread of the per-round ratio longreach ÷ peer, kernel calls and aten calls per pass, and errors
+against the float64 reference (max and L2). ring-flash-attn and yunchang need flash-attn: a checkout's
+``tests/peers`` holds a CPU stand-in for the flash-attn functions they call (the same aten CPU flash
+kernel longreach calls), put on the ranks' path when found; a peer that does not import is skipped
+with a printed line saying why.
 
     longreach bench cp --peers --world-sizes 2,4 --seq-lens 2048,8192 --rounds 7
 """
@@ -34,7 +36,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from longreach.bench.cp_ranks import bench_worker, peers_worker
+from longreach.bench.cp_peers import peers_worker
+from longreach.bench.cp_ranks import bench_worker
 from longreach.errors import UserError
 from longreach.parallel.config import LAYOUTS, STRATEGIES
 from longreach.testing import run_ranks
@@ -110,26 +113,40 @@ def summarize_peers(records: list[dict]) -> list[dict]:
         row.update(ours_ms=1e3 * statistics.median(r["ours_s"]), peer_ms=1e3 * statistics.median(r["peer_s"]),
                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                    rounds=len(ratios))
-        for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err"):
-            row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
+        for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err", "out_l2", "grad_l2"):
+            if f"ours_{k}" in r:
+                row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
         rows.append(row)
     return rows
+
+
+def skipped_peers(records: list[dict]) -> dict[str, str]:
+    """name -> why, for every side that did not run (first reason seen)."""
+    out: dict[str, str] = {}
+    for r in records:
+        for name, why in r.get("skipped", {}).items():
+            out.setdefault(name, why)
+    return out
 
 
 def format_peers(rows: list[dict]) -> str:
     head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
             f"{'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
-            f"{'grad err ours/peer':>19}")
+            f"{'grad err ours/peer':>19} {'grad L2 ours/peer':>19}")
 
     cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
             ("peer_ms", ">8.1f"), ("ratio", ">6.2f"))
     sides = (("kernel_calls", ">5", "<6"), ("aten_calls", ">5", "<5"), ("out_err", ">9.1e", "<9.1e"),
-             ("grad_err", ">9.1e", "<9.1e"))
+             ("grad_err", ">9.1e", "<9.1e"), ("grad_l2", ">9.1e", "<9.1e"))
+
+    def both(r: dict, k: str, a: str, b: str) -> str:
+        if f"ours_{k}" not in r:
+            return f"{'-/-':>11}"
+        return f"{format(r['ours_' + k], a)}/{format(r['peer_' + k], b)}"
 
     def line(r: dict) -> str:
         spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f}"
-        both = [f"{format(r['ours_' + k], a)}/{format(r['peer_' + k], b)}" for k, a, b in sides]
-        return " ".join([*(format(r[k], f) for k, f in cols), spread, *both])
+        return " ".join([*(format(r[k], f) for k, f in cols), spread, *(both(r, *s) for s in sides)])
 
     return _lines(head, rows, lambda r: f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6}", line)
 
@@ -150,6 +167,8 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
            "seed": args.seed, "peers_path": path}
     records = _run(peers_worker, worlds, cfg, args.threads, 3600)
     rows = summarize_peers(records)
+    for name, why in skipped_peers(records).items():
+        print(f"skipped {name}: {why}")
     _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
           f"gloo on CPU, {args.threads} thread(s)/rank; ratio = longreach ÷ peer per round "
           f"(median of {args.rounds}, interleaved); calls are per pass on rank 0",

@@ -15,10 +15,11 @@ describes the block exactly:
    call, PARTIAL tile pairs one call each, causal-aligned where they can be (a document's diagonal
    tile), else with the placed mask of that one tile pair.
 
-So no call carries an explicit mask larger than one tile pair, whatever the mask (framework/ARCHITECTURE.md §2
-"Scale contracts"), and a plan is O(S/P) in memory apart from the (S/P/tile)² tile classes of one run
-pair. :func:`schedule` then marks, for a fixed order of sources, which calls *initialise* their output
-rows (a copy, not a merge into zeros) and which merges need the −inf guard.
+So no call carries an explicit mask larger than one tile pair, whatever the mask (the scale
+contract of framework/ARCHITECTURE.md), and a plan is O(S/P) in memory apart from the (S/P/tile)²
+tile classes of one run pair. :func:`schedule` then marks, for a fixed order of sources,
+which calls *initialise* their output rows (a copy, not a merge into zeros) and which merges need the
+−inf guard.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Ring, Ulysses and hybrid (USP) context parallelism: one engine, three degrees.
 
 The group of P ranks is split into R = P/U ring groups of U consecutive ranks each (Ulysses
-groups); ``ring`` is U = 1, ``ulysses`` is U = P. Order (USP, Fang & Zhao, 2024): all-to-all inside the
+groups); ``ring`` is U = 1, ``ulysses`` is U = P. Order (USP, Fang & Zhao 2024): all-to-all inside the
 Ulysses group (heads ↔ sequence), ring across the strided ring group (members with the same
 Ulysses index hold the same heads), inverse all-to-all.
 
-Layout under hybrid. Every rank consumes the same global layout over the whole group (ARCHITECTURE.md §2),
+Layout under hybrid. Every rank consumes the same global layout over the whole group (``cp_attention``),
 and that layout is what the names mean under hybrid too. Because Ulysses groups are consecutive
 ranks, a group's tokens are then, in global order: ``contiguous`` — one span (U chunks);
 ``zigzag`` — global chunks gU … gU+U−1 and their mirrors, i.e. exactly chunks g and 2R−1−g of a

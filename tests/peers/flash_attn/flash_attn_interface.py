@@ -26,3 +26,35 @@ def _flash_attn_backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p,
     dk.copy_(gk.transpose(1, 2))
     dv.copy_(gv.transpose(1, 2))
     return dq, dk, dv, None
+
+
+def _flash_attn_varlen_forward(*args, **kwargs):
+    raise NotImplementedError("the CPU stand-in has no varlen functions (imported by peers, never called here)")
+
+
+_flash_attn_varlen_backward = _flash_attn_varlen_forward
+
+
+class _FlashAttnFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, causal):
+        out, lse, _, _ = _flash_attn_forward(q, k, v, 0.0, softmax_scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.softmax_scale, ctx.causal = softmax_scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, ctx.softmax_scale, ctx.causal)
+        return dq, dk, dv, None, None
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn's public ``flash_attn_func`` ([B, S, H, D] in and out) on the stand-in's two functions."""
+    if dropout_p or softcap or alibi_slopes is not None or tuple(window_size) != (-1, -1) or return_attn_probs:
+        raise NotImplementedError("the CPU stand-in covers causal / full attention only")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return _FlashAttnFunc.apply(q, k, v, scale, bool(causal))
