@@ -201,7 +201,7 @@ def _degrees(par: Any, world_size: int) -> Any:
     try:
         return par.dims(world_size)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"--world-size {world_size}: {e}") from None
 
 
 def _is_finetune_recipe(config: str) -> bool:

@@ -121,7 +121,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("malformed hostfile", ["launch", "tiny.yaml", "--launcher", "deepspeed", "--hostfile", "hosts"],
      r"--hostfile hosts:2: expected 'HOSTNAME slots=N'"),
     ("validate: degrees vs world size", ["launch", "--dry-run", "--validate", "tiny.yaml", "--world-size", "3",
-                                         "--parallel.cp=2"], r"parallel\.cp=2 does not divide WORLD_SIZE \(3\)"),
+                                         "--parallel.cp=2"], r"--world-size 3: parallel\.cp=2 does not divide WORLD_SIZE \(3\)"),
     ("unknown engine option", ["launch", "--dry-run", "--validate", "tiny.yaml", "--world-size", "2",
                                "--engine.options={zero_stag: 2}"], r"'engine\.options\.zero_stag'; did you mean 'engine\.options\.zero_stage'"),
 ]

@@ -129,7 +129,7 @@ def test_meta_device_validation_subprocess():
                           "--world-size", "3"], env=env, capture_output=True, text=True, timeout=240)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [
-        "longreach: error: dp * cp != WORLD_SIZE (1 * 2 != 3); set parallel.dp=-1 to use every rank"]
+        "longreach: error: --world-size 3: dp * cp != WORLD_SIZE (1 * 2 != 3); set parallel.dp=-1 to use every rank"]
 
 
 # --------------------------------------------------------------------------- any command, every recipe
@@ -235,7 +235,7 @@ def test_validate_understands_finetune_configs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "world size 2: dp 1 × cp 2" in out and "recipe longlora" in out
     assert f"parameters: {n_params / 1e6:.2f}M total" in out
-    with pytest.raises(UserError, match=r"dp \* cp != WORLD_SIZE \(1 \* 2 != 3\)"):
+    with pytest.raises(UserError, match=r"--world-size 3: dp \* cp != WORLD_SIZE \(1 \* 2 != 3\)"):
         launch.main(["--dry-run", "--validate", "finetune", "longlora_tiny_cpu", "--world-size", "3",
                      f"--hf.path={tmp_path / 'hf'}"])
     with pytest.raises(UserError, match=r"dp \* cp != WORLD_SIZE"):
