@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["STUDIES", "Finding", "Study", "StudyContext", "StudyResult", "Table", "markdown", "register"]
+__all__ = ["STUDIES", "Finding", "Study", "StudyContext", "StudyResult", "Table", "lm_step", "markdown", "register",
+           "warmup_decay"]
 
 T = TypeVar("T")
 
@@ -100,6 +101,44 @@ class StudyContext:
         os.replace(tmp, f)
         self.log(f"{key}: {time.perf_counter() - t:.1f}s")
         return value
+
+    def pyplot(self) -> Any:
+        """``matplotlib.pyplot`` on the Agg backend, or None (logged) when matplotlib is not installed."""
+        try:
+            import matplotlib
+        except ModuleNotFoundError:
+            self.log("plots skipped: matplotlib is not installed (pip install matplotlib)")
+            return None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+
+
+def warmup_decay(optimizer: Any, steps: int, warmup: int) -> Any:
+    """A ``LambdaLR``: linear warm-up over ``warmup`` steps, then linear decay to 10% at ``steps``."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / max(1, warmup)) * max(0.1, 1 - k / max(1, steps)))
+
+
+def lm_step(model: Any, optimizer: Any, scheduler: Any, tokens: Any, ctx: Any = None) -> float:
+    """One next-token training step of a longreach decoder on ``tokens [B, S+1]`` (grad clip 1.0).
+
+    Returns:
+        The step's mean token loss.
+    """
+    import torch
+
+    loss_sum, n = model(tokens[:, :-1], None, ctx, labels=tokens[:, 1:])  # inputs [B, S], labels [B, S]
+    loss = loss_sum / n
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return float(loss.detach())
 
 
 @dataclass(frozen=True, slots=True)
