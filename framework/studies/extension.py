@@ -25,41 +25,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from longreach.studies.base import Finding, StudyContext, StudyResult, Table, lm_step, register, warmup_decay
+from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
+                                    encode_documents, lm_step, register, warmup_decay)
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 @dataclass(kw_only=True, slots=True)
-class ExtensionConfig:
-    """Everything the study's numbers depend on (``configs/study_extension.yaml``)."""
+class ExtensionConfig(TinyLMConfig):
+    """Everything the study's numbers depend on (``configs/study_extension.yaml``). ``seq_len`` is the
+    pre-training context L, ``batch``/``lr`` the base model's (30 warm-up steps), ``task_chars`` the longest
+    pre-training task (~L tokens; the fine-tuning tasks reach ``factor`` x this)."""
 
-    seq_len: int = 128
-    """Pre-training context L (fine-tuning and the long evaluation: ``factor`` x L)."""
     factor: int = 4
     """Context extension factor."""
-    dim: int = 128
-    """Base model width."""
-    n_layers: int = 2
-    """Base model depth."""
-    n_heads: int = 4
-    """Base model attention heads (as many key/value heads)."""
     pretrain_steps: int = 3000
     """Base model optimizer steps."""
-    batch: int = 16
-    """Base model sequences per step."""
-    lr: float = 3e-3
-    """Base model peak learning rate (AdamW, 30 warm-up steps, linear decay to 10%)."""
-    vocab_size: int = 512
-    """Tokenizer pieces (digits split one per piece)."""
-    harvest_chars: int = 400_000
-    """Standard-library docstring characters."""
-    passkey_fraction: float = 0.75
-    """Share of documents that are passkey tasks (pre-training and fine-tuning)."""
-    recall_fraction: float = 0.2
-    """Share of documents that are associative-recall tasks (pre-training and fine-tuning)."""
-    task_chars: int = 500
-    """Longest pre-training task document in characters (~L tokens; fine-tuning: ``factor`` x this)."""
     finetune_steps: int = 600
     """Optimizer steps of each extension recipe."""
     finetune_batch: int = 4
@@ -72,20 +53,14 @@ class ExtensionConfig:
     """Passkey keys per (length, depth)."""
     ppl_windows: int = 16
     """Perplexity windows per length."""
-    seed: int = 0
-    """Seed of data, initialisation and batches."""
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "dim", "n_layers", "n_heads", "pretrain_steps", "batch", "finetune_steps",
-                     "finetune_batch", "seeds", "ppl_windows", "task_chars"):
+        TinyLMConfig.__post_init__(self)
+        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (an extension), got {self.factor}")
-        if self.seq_len < 64:
-            raise ValueError(f"seq_len must be >= 64: a passkey prompt needs ~60 tokens, got {self.seq_len}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}")
 
     def quick(self) -> "ExtensionConfig":
         """The smallest setting (tests): a few steps of everything."""
@@ -100,32 +75,6 @@ def _finetune_api() -> dict[str, Any]:
 
     return {name: getattr(cli, name) for name in
             ("FinetuneConfig", "FTAttention", "FTData", "FTRun", "FTTrain", "HFSource", "finetune")}
-
-
-def embedded_documents(cfg: Any, cache: Path, *, task_chars: int, tokenizer: str | None = None
-               ) -> tuple[Any, list[str], int]:
-    """(tokenizer, documents, number of leading docstring documents) of the embedded corpus.
-
-    ``cfg``: a study config with ``harvest_chars``, ``vocab_size``, ``passkey_fraction``, ``recall_fraction``
-    and ``seed``; the tokenizer is trained once into ``cache`` (or read from ``tokenizer``).
-    """
-    from longreach.data.config import DataConfig
-    from longreach.data.corpus import corpus_documents
-    from longreach.data.harvest import harvest_docstrings
-    from longreach.data.tokenizer import load_or_train_tokenizer
-
-    dcfg = DataConfig(source="embedded", harvest_chars=cfg.harvest_chars, vocab_size=cfg.vocab_size,
-                      passkey_fraction=cfg.passkey_fraction, recall_fraction=cfg.recall_fraction,
-                      task_chars=task_chars, split_digits=True, seed=cfg.seed, cache_dir=str(cache),
-                      tokenizer=tokenizer)
-    n_text = len(list(harvest_docstrings(cfg.harvest_chars)))
-    return load_or_train_tokenizer(dcfg), corpus_documents(dcfg), n_text
-
-
-def encode_documents(tok: Any, docs: list[str], idx: np.ndarray) -> np.ndarray:
-    """``[N]`` token ids of ``docs[idx]`` in that order, each document between BOS and EOS."""
-    return np.concatenate([np.asarray([tok.bos_id] + tok.encode(docs[int(i)]) + [tok.eos_id], dtype=np.int64)
-                           for i in idx])
 
 
 def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
@@ -151,17 +100,12 @@ def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
 
 def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext) -> dict[str, Any]:
     """Train the base model at L and export it to HF (``base_hf``)."""
+    from longreach.data.tokenizer import Tokenizer
     from longreach.hf.convert import save_hf
-    from longreach.models import ModelConfig, build_model
 
     train = torch.as_tensor(np.load(out / "pretrain_tokens.npy"))  # [N]
     rng = np.random.default_rng(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    from longreach.data.tokenizer import Tokenizer
-
-    vocab = Tokenizer(tokenizer).vocab_size
-    model = build_model(ModelConfig(vocab_size=vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                    max_seq_len=cfg.seq_len))
+    model = cfg.build_model(Tokenizer(tokenizer).vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = warmup_decay(opt, cfg.pretrain_steps, 30)
     span = torch.arange(cfg.seq_len + 1)

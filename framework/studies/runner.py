@@ -55,7 +55,8 @@ def _study(name: str) -> Study:
 
 def load_study_config(study: Study, config: str | None, overrides: list[str], *, quick: bool) -> Any:
     """The study's config: the recipe (default ``study_NAME``), shrunk by ``quick()`` when asked, then the
-    overrides (each ``--field=value`` or ``--section.field=value``).
+    overrides (each ``--field=value``, ``--field value`` or ``--section.field=value``; anything else is a
+    ConfigError).
 
     Raises:
         ConfigError: a missing recipe, an unknown or mistyped key (naming the file or override).
@@ -123,24 +124,6 @@ def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: boo
     return result
 
 
-def _split_overrides(extra: list[str]) -> list[str]:
-    out: list[str] = []
-    i = 0
-    while i < len(extra):
-        item = extra[i]
-        if not item.startswith("--") or len(item) < 3:
-            raise UserError(f"longreach study: unrecognised argument {item!r} (overrides look like --key=value)")
-        if "=" in item:
-            out.append(item)
-            i += 1
-        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            out.append(f"{item}={extra[i + 1]}")
-            i += 2
-        else:
-            raise UserError(f"longreach study: override {item!r} has no value (write {item}=VALUE)")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """``longreach study`` entry point."""
     p = argparse.ArgumentParser(
@@ -167,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name:
         raise UserError("longreach study: name a study (longreach study --list shows them)")
     study = _study(args.name)
-    cfg = load_study_config(study, args.config, _split_overrides(extra), quick=args.quick)
+    cfg = load_study_config(study, args.config, extra, quick=args.quick)
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from longreach.studies.base import Finding, StudyContext, StudyResult, Table, lm_step, register, warmup_decay
+from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
+                                    encode_documents, lm_step, register, warmup_decay)
 
 PATTERNS = ("full", "s2", "sf", "ssa", "power")
 LABELS = {"full": "full attention", "s2": "S2 (LongLoRA)", "sf": "SF (SinkLoRA)", "ssa": "SSA",
@@ -34,33 +35,12 @@ LABELS = {"full": "full attention", "s2": "S2 (LongLoRA)", "sf": "SF (SinkLoRA)"
 
 
 @dataclass(kw_only=True, slots=True)
-class SparseConfig:
-    """Everything the study's numbers depend on (``configs/study_sparse.yaml``)."""
+class SparseConfig(TinyLMConfig):
+    """Everything the study's numbers depend on (``configs/study_sparse.yaml``); ``seq_len`` is the training
+    and evaluation length, ``steps`` x ``batch`` sequences train every pattern (20 warm-up steps)."""
 
-    seq_len: int = 512
-    """Training and evaluation sequence length."""
-    dim: int = 128
-    """Model width."""
-    n_layers: int = 2
-    """Model depth."""
-    n_heads: int = 4
-    """Attention heads (as many key/value heads)."""
     steps: int = 300
     """Optimizer steps of every model."""
-    batch: int = 4
-    """Sequences per step."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW, 20 warm-up steps, linear decay to 10%)."""
-    vocab_size: int = 512
-    """Tokenizer pieces (digits split one per piece)."""
-    harvest_chars: int = 400_000
-    """Standard-library docstring characters."""
-    passkey_fraction: float = 0.1
-    """Share of documents that are passkey tasks."""
-    recall_fraction: float = 0.1
-    """Share of documents that are associative-recall tasks."""
-    task_chars: int = 2000
-    """Longest task document in characters."""
     patterns: list[str] = field(default_factory=lambda: list(PATTERNS))
     """Which patterns to train (``full`` is the reference and always included)."""
     group_size: int = 0
@@ -81,12 +61,10 @@ class SparseConfig:
     """Held-out windows of ``seq_len`` tokens evaluated."""
     backend: str = "auto"
     """Local attention backend of every model."""
-    seed: int = 0
-    """Seed of data, initialisation and batches."""
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "dim", "n_layers", "n_heads", "steps", "batch", "eval_ensemble", "eval_windows",
-                     "ssa_block", "power_block", "task_chars"):
+        TinyLMConfig.__post_init__(self)
+        for name in ("steps", "eval_ensemble", "eval_windows", "ssa_block", "power_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         unknown = [p for p in self.patterns if p not in PATTERNS]
@@ -94,8 +72,6 @@ class SparseConfig:
             raise ValueError(f"patterns: {', '.join(unknown)} unknown; choose from {', '.join(PATTERNS)}")
         if "full" not in self.patterns:
             self.patterns = ["full", *self.patterns]
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}")
 
     def quick(self) -> "SparseConfig":
         """The smallest setting (tests): a few steps of everything."""
@@ -122,8 +98,6 @@ def _set_seams(model: torch.nn.Module, attention: Any, seq_len: int) -> None:
 
 def _data(cfg: SparseConfig, out: Path) -> dict[str, Any]:
     """Training and held-out (docstring modules only) token files."""
-    from longreach.studies.extension import encode_documents, embedded_documents
-
     tok, docs, n_text = embedded_documents(cfg, out / "cache", task_chars=cfg.task_chars)
     rng = np.random.default_rng(cfg.seed)
     held = np.sort(rng.permutation(n_text)[:max(4, n_text // 10)])
@@ -135,11 +109,7 @@ def _data(cfg: SparseConfig, out: Path) -> dict[str, Any]:
 
 
 def _build(cfg: SparseConfig, vocab: int, pattern: str) -> torch.nn.Module:
-    from longreach.models import ModelConfig, build_model
-
-    torch.manual_seed(cfg.seed)  # every pattern starts from the same weights
-    model = build_model(ModelConfig(vocab_size=vocab, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                    max_seq_len=cfg.seq_len))
+    model = cfg.build_model(vocab)  # every pattern starts from the same weights
     _set_seams(model, cfg.attention(pattern), cfg.seq_len)
     return model
 
