@@ -118,7 +118,11 @@ def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: boo
     body = as_json(result)
     body.update(study=name, quick=bool(quick), config=marker["config"], seconds=seconds, resumed=ctx.resumed)
     (out / "study.json").write_text(json.dumps(body, indent=1, default=float))
-    (out / "study.md").write_text(markdown(name, result, seconds))
+    text = markdown(name, result, seconds)
+    if ctx.resumed:  # say what the wall time does not include
+        text = text.replace(f"Wall time: {seconds:.0f} s", f"Wall time: {seconds:.0f} s (this run; steps read back "
+                            f"from an earlier run: {', '.join(ctx.resumed)})", 1)
+    (out / "study.md").write_text(text)
     ctx.log(f"wrote {out / 'study.md'} and study.json ({seconds:.0f} s"
             + (f", {len(ctx.resumed)} steps read back" if ctx.resumed else "") + ")")
     return result
