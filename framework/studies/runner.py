@@ -112,20 +112,29 @@ def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: boo
     prepare_out(out, marker, force=force)
     ctx = StudyContext(out, quick=quick)
     ctx.log(f"study {name} into {out}" + (" (quick)" if quick else ""))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = study.run(cfg, ctx)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     body = as_json(result)
-    body.update(study=name, quick=bool(quick), config=marker["config"], seconds=seconds, resumed=ctx.resumed)
+    body.update(study=name, quick=bool(quick), config=marker["config"], seconds=seconds, cpu_seconds=cpu,
+                resumed=ctx.resumed)
     (out / "study.json").write_text(json.dumps(body, indent=1, default=float))
     text = markdown(name, result, seconds)
-    if ctx.resumed:  # say what the wall time does not include
-        text = text.replace(f"Wall time: {seconds:.0f} s", f"Wall time: {seconds:.0f} s (this run; steps read back "
-                            f"from an earlier run: {', '.join(ctx.resumed)})", 1)
+    where = f"Wall time: {seconds:.0f} s"
+    extra = f" (CPU {cpu:.0f} s, {_torch_threads()} threads" + (
+        f"; steps read back from an earlier run: {', '.join(ctx.resumed)})" if ctx.resumed else ")")
+    text = text.replace(where, where + extra, 1)
     (out / "study.md").write_text(text)
     ctx.log(f"wrote {out / 'study.md'} and study.json ({seconds:.0f} s"
             + (f", {len(ctx.resumed)} steps read back" if ctx.resumed else "") + ")")
     return result
+
+
+def _torch_threads() -> int:
+    """torch's CPU threads (what the study's timings ran on)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,13 +233,21 @@ def _findings(cfg: SparseConfig, evals: dict[str, dict[str, float]], tps: dict[s
                       "full-attention training (its headline, Llama2-7B 8k PG19/proof-pile: LoRA + S2 8.20/2.78 vs "
                       "full fine-tune 7.93/2.73, +3%/+2%)",
             ours=f"S2 {evals['s2']['ppl_full']:.4g} vs full {full:.4g} ({100 * gap('s2'):+.1f}%)",
-            reproduced=gap("s2") < 0.10, why="'close' read as within 10%"))
+            reproduced=gap("s2") < 0.10,
+            why="'close' read as no more than 10% above full" + (
+                "; here S2 is *below* full: after a few hundred steps from scratch on text with mostly local "
+                "structure the local pattern learns faster (its own-pattern ppl "
+                f"{evals['s2']['ppl_own']:.4g} is lower still), while the paper fine-tunes a converged model"
+                if gap("s2") < 0 else "")))
     if "sf" in evals and "s2" in evals:
         out.append(Finding(
             claim="SF-Attn (shifted groups + sinks) is below S2-Attn",
             published="SinkLoRA PG19 ablation: SF-Attn 8.64 vs S2 alone 9.09",
             ours=f"SF {evals['sf']['ppl_full']:.4g} vs S2 {evals['s2']['ppl_full']:.4g} (full-attention eval)",
-            reproduced=evals["sf"]["ppl_full"] <= evals["s2"]["ppl_full"]))
+            reproduced=evals["sf"]["ppl_full"] <= evals["s2"]["ppl_full"],
+            why="" if evals["sf"]["ppl_full"] <= evals["s2"]["ppl_full"] else
+            f"the ablation fine-tunes Llama2-7B at 8k; here the models train from scratch at {cfg.seq_len} tokens "
+            "with one seed, so a difference of a few percent may be noise"))
     if "ssa" in evals:
         e = evals["ssa"]
         out.append(Finding(
