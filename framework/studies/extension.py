@@ -105,18 +105,13 @@ def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext
 
     train = torch.as_tensor(np.load(out / "pretrain_tokens.npy"))  # [N]
     rng = np.random.default_rng(cfg.seed)
-    tok = Tokenizer(tokenizer)
-    model = cfg.build_model(tok.vocab_size)
-    # windows start at a document's first token (after its BOS, as the passkey prompts do), so a task of at
-    # most ~L tokens is seen whole: a random slice would mostly cut the key or the answer off, and the model
-    # would rarely learn to retrieve across L
-    starts_at = np.flatnonzero(train.numpy()[: len(train) - cfg.seq_len - 2] == tok.bos_id) + 1  # [n_docs]
+    model = cfg.build_model(Tokenizer(tokenizer).vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     sched = warmup_decay(opt, cfg.pretrain_steps, 30)
     span = torch.arange(cfg.seq_len + 1)
     losses = []
     for step in range(cfg.pretrain_steps):
-        starts = torch.as_tensor(starts_at[rng.integers(0, len(starts_at), cfg.batch)])  # [B]
+        starts = torch.as_tensor(rng.integers(0, len(train) - cfg.seq_len - 1, cfg.batch))
         losses.append(lm_step(model, opt, sched, train[starts[:, None] + span]))  # batch [B, L+1]
         if step % 250 == 0 or step == cfg.pretrain_steps - 1:
             ctx.log(f"pretrain step {step}/{cfg.pretrain_steps} loss {losses[-1]:.3f}")
