@@ -18,7 +18,11 @@ import torch
 
 from longreach.errors import ConfigError
 
-__all__ = ["ensemble_forward"]
+__all__ = ["ENSEMBLE_FIRST_STEP", "ensemble_forward", "ensemble_nll"]
+
+ENSEMBLE_FIRST_STEP = 1 << 30
+"""Step index of the first evaluation sample: far from any training step, so the ensemble's masks are
+fresh draws rather than masks some training step used."""
 
 
 def ensemble_forward(
@@ -47,3 +51,24 @@ def ensemble_forward(
     assert total is not None
     mean = total / int(n)
     return mean.log() if log else mean
+
+
+def ensemble_nll(hidden_fn: Callable[[int], torch.Tensor], weight: torch.Tensor, labels: torch.Tensor, n: int,
+                 *, first_step: int = ENSEMBLE_FIRST_STEP, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss of the SSA self-ensemble: −log of the mean probability of ``n`` passes.
+
+    Args:
+        hidden_fn: ``hidden_fn(step) -> [B, S, dim]`` final hidden states of one pass with the SSA sample
+            of ``step`` (training masks on, no gradients needed).
+        weight: ``[V, dim]`` output projection.
+        labels: ``[B, S]`` target ids (``ignore_index`` where no loss).
+        n: number of passes (1: a single subsampled pass).
+        first_step: step index of the first sample.
+
+    Returns:
+        ``(loss_sum, n_tokens)``: float64 sum of the ensemble's token losses and the count of scored tokens.
+    """
+    logp = ensemble_forward(lambda i: hidden_fn(i) @ weight.t(), n, first_step=first_step, log=True)  # [B, S, V]
+    valid = labels != ignore_index  # [B, S]
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # [B, S]
+    return -(picked.double() * valid).sum(), valid.sum()

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("longreach.launchers.launch:main", "start a job: torchrun single/multi-node, Slurm, DeepSpeed, accelerate"),
     "report": ("longreach.bench.report:main", "turn benchmark results into tables and plots"),
     "plan": ("longreach.planning.plan:main", "plan parallel degrees and memory for a model and sequence length"),
+    "study": ("longreach.studies.runner:main", "run an evidence study (published effect vs ours) into runs/study-NAME"),
 }
 BENCH: dict[str, tuple[str, str]] = {
     "cp": ("longreach.bench.cp:main", "context-parallel strategies: communication, work balance, time"),

@@ -32,7 +32,7 @@ from longreach.parallel import pad_to_layout
 from longreach.parallel.config import ParallelConfig
 from longreach.parallel.layouts import layout_multiple
 from longreach.engines import unwrap
-from longreach.model_setup import cp_group, parallelize
+from longreach.model_setup import build_inner_attention, cp_group, parallelize
 from longreach.trainer import Batch, build_mesh, prepare_batch
 
 IGNORE_INDEX = -100
@@ -77,27 +77,41 @@ class NativeLM:
         layout: sequence layout under context parallelism.
     """
 
-    def __init__(self, model: nn.Module, *, group: dist.ProcessGroup | None = None, layout: str = "zigzag") -> None:
+    def __init__(self, model: nn.Module, *, group: dist.ProcessGroup | None = None, layout: str = "zigzag",
+                 ensemble: int = 1) -> None:
         self.model, self.group, self.layout = model.eval(), group, layout
         self.size = dist.get_world_size(group) if group is not None else 1
         self.device = next(model.parameters()).device
+        self.ensemble = ensemble
+        """SSA self-ensemble passes of :meth:`loss` (1: one dense pass; the seams must hold SSA masks)."""
 
     @classmethod
     def build(cls, model: nn.Module, *, world: int, strategy: str = "ring", layout: str = "zigzag",
-              ulysses_degree: int | None = None, linear_variant: str = "lasp2") -> "NativeLM":
-        """Parallelize ``model`` over all ``world`` ranks (context parallelism only; ``world`` 1: as is)."""
+              ulysses_degree: int | None = None, linear_variant: str = "lasp2", attention: Any = None) -> "NativeLM":
+        """Parallelize ``model`` over all ``world`` ranks (context parallelism only; ``world`` 1: as is).
+
+        ``attention``: the job's ``attention:`` section when its SSA self-ensemble evaluation is wanted
+        (``pattern: ssa``, ``eval_ensemble > 1``): the seams then get its masks and :meth:`loss` averages
+        ``eval_ensemble`` subsampled passes.
+        """
+        ensemble = attention.eval_ensemble if attention is not None and attention.pattern == "ssa" else 1
         if world == 1:
-            return cls(model, layout=layout)
+            if ensemble > 1:
+                for m in model.modules():
+                    if hasattr(m, "inner_attention"):
+                        m.inner_attention = build_inner_attention(attention, seq_len=model.cfg.max_seq_len)
+            return cls(model, layout=layout, ensemble=ensemble)
 
         try:
             par = ParallelConfig(dp=1, cp=world, strategy=strategy, layout=layout, ulysses_degree=ulysses_degree,
                                  linear_variant=linear_variant)
         except ValueError as e:
             raise UserError(str(e)) from None
-        job = JobConfig(model=model.cfg, parallel=par, train=TrainConfig(seq_len=layout_multiple(layout, world)))
+        job = JobConfig(model=model.cfg, parallel=par, train=TrainConfig(seq_len=layout_multiple(layout, world)),
+                        **({"attention": attention} if ensemble > 1 else {}))
         mesh, _, _ = build_mesh(par, world, next(model.parameters()).device)
         model = parallelize(model, job, mesh)
-        return cls(model, group=cp_group(mesh), layout=layout)
+        return cls(model, group=cp_group(mesh), layout=layout, ensemble=ensemble)
 
     def _shard(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[Any, ...]:
         """``ids [1, S]`` → this rank's (ids, positions, labels, ctx); padded to the layout multiple."""
@@ -114,7 +128,14 @@ class NativeLM:
         """Mean next-token loss of ``ids [1, S]`` (one window; identical on every rank)."""
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)  # [1, S]
         x, pos, lab, ctx = self._shard(ids, labels)
-        loss_sum, n = self.model(x, pos, ctx, labels=lab)
+        if self.ensemble > 1:  # SSA self-ensemble: mean probability of passes with fresh samples
+            from longreach.ssa import ensemble_nll
+
+            train_ctx = dataclasses.replace(ctx, training=True)
+            loss_sum, n = ensemble_nll(lambda step: self.model(x, pos, dataclasses.replace(train_ctx, step=step)),
+                                       _unwrap(self.model).output_weight(), lab, self.ensemble)
+        else:
+            loss_sum, n = self.model(x, pos, ctx, labels=lab)
         tot = torch.stack([loss_sum.double().reshape(()), torch.as_tensor(n, dtype=torch.float64).reshape(())])
         if self.size > 1:
             dist.all_reduce(tot, group=self.group)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longreach.attention import AttentionConfig
+from longreach.configio import from_dict
 from longreach.errors import UserError
 from longreach.evaluation.common import greedy_decode
 from longreach.evaluation.native import NativeLM, native_perplexity
@@ -94,10 +96,23 @@ def open_model(source: str, *, strategy: str = "none", layout: str = "zigzag", u
         opened.hf, opened.tokenizer = model, tokenizer
     else:
         model = load_model(src, device=device, dtype=torch_dtype)
+        attention = _ssa_ensemble(src)
         opened.native = NativeLM.build(model, world=world, strategy=strategy if strategy != "none" else "ring",
-                                       layout=layout, ulysses_degree=ulysses_degree, linear_variant=linear_variant)
+                                       layout=layout, ulysses_degree=ulysses_degree, linear_variant=linear_variant,
+                                       attention=attention)
+        if attention is not None:
+            opened.notes.append(f"SSA self-ensemble evaluation: {attention.eval_ensemble} subsampled passes "
+                                "(attention.eval_ensemble)")
         opened.tokenizer = load_tokenizer(src)
     if rank == 0:
-        print(f"loaded {src.describe()}" + (f" on {world} ranks ({strategy}, {layout})" if world > 1 else ""),
-              flush=True)
+        print(f"loaded {src.describe()}" + (f" on {world} ranks ({strategy}, {layout})" if world > 1 else "")
+              + "".join(f"; {n}" for n in opened.notes), flush=True)
     return opened
+
+
+def _ssa_ensemble(src: Any) -> Any:
+    """The source's ``attention:`` section when it asks for SSA self-ensemble evaluation, else None."""
+    section = (src.config or {}).get("attention")
+    if not isinstance(section, dict) or section.get("pattern") != "ssa" or int(section.get("eval_ensemble", 1)) <= 1:
+        return None
+    return from_dict(AttentionConfig, section, source=f"{src.describe()}: attention")

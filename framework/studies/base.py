@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["STUDIES", "Finding", "Study", "StudyContext", "StudyResult", "Table", "markdown", "register"]
+__all__ = ["STUDIES", "Finding", "Study", "StudyContext", "StudyResult", "Table", "TinyLMConfig", "embedded_documents",
+           "encode_documents", "lm_step", "markdown", "register", "warmup_decay"]
 
 T = TypeVar("T")
 
@@ -100,6 +101,117 @@ class StudyContext:
         os.replace(tmp, f)
         self.log(f"{key}: {time.perf_counter() - t:.1f}s")
         return value
+
+    def pyplot(self) -> Any:
+        """``matplotlib.pyplot`` on the Agg backend, or None (logged) when matplotlib is not installed."""
+        try:
+            import matplotlib
+        except ModuleNotFoundError:
+            self.log("plots skipped: matplotlib is not installed (pip install matplotlib)")
+            return None
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+
+
+@dataclass(kw_only=True, slots=True)
+class TinyLMConfig:
+    """What studies of a tiny Llama trained on the embedded corpus share (each study's config extends it)."""
+
+    seq_len: int = 128
+    """Training sequence length."""
+    dim: int = 128
+    """Model width."""
+    n_layers: int = 2
+    """Model depth."""
+    n_heads: int = 4
+    """Attention heads (as many key/value heads)."""
+    batch: int = 16
+    """Sequences per training step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW, linear warm-up, linear decay to 10%)."""
+    vocab_size: int = 512
+    """Tokenizer pieces (digits split one per piece; at least 300)."""
+    harvest_chars: int = 400_000
+    """Standard-library docstring characters of the embedded corpus."""
+    passkey_fraction: float = 0.1
+    """Share of documents that are passkey tasks."""
+    recall_fraction: float = 0.1
+    """Share of documents that are associative-recall tasks."""
+    task_chars: int = 500
+    """Longest task document in characters."""
+    seed: int = 0
+    """Seed of data, initialisation and batches."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "dim", "n_layers", "n_heads", "batch", "task_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must divide by n_heads {self.n_heads}")
+
+    def build_model(self, vocab: int) -> Any:
+        """A freshly initialised longreach Llama of this size (seeded with ``seed``)."""
+        import torch
+
+        from longreach.models import ModelConfig, build_model
+
+        torch.manual_seed(self.seed)
+        return build_model(ModelConfig(vocab_size=vocab, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                                       max_seq_len=self.seq_len))
+
+
+def embedded_documents(cfg: TinyLMConfig, cache: Path, *, task_chars: int, tokenizer: str | None = None
+                       ) -> tuple[Any, list[str], int]:
+    """(tokenizer, documents, number of leading docstring documents) of the embedded corpus: standard-library
+    docstrings, then passkey and associative-recall tasks of at most ``task_chars`` characters. The
+    tokenizer is trained once into ``cache`` (or read from the file ``tokenizer``)."""
+    from longreach.data.config import DataConfig
+    from longreach.data.corpus import corpus_documents
+    from longreach.data.harvest import harvest_docstrings
+    from longreach.data.tokenizer import load_or_train_tokenizer
+
+    dcfg = DataConfig(source="embedded", harvest_chars=cfg.harvest_chars, vocab_size=cfg.vocab_size,
+                      passkey_fraction=cfg.passkey_fraction, recall_fraction=cfg.recall_fraction,
+                      task_chars=task_chars, split_digits=True, seed=cfg.seed, cache_dir=str(cache),
+                      tokenizer=tokenizer)
+    n_text = len(list(harvest_docstrings(cfg.harvest_chars)))
+    return load_or_train_tokenizer(dcfg), corpus_documents(dcfg), n_text
+
+
+def encode_documents(tok: Any, docs: list[str], idx: Any) -> Any:
+    """``[N]`` int64 token ids of ``docs[idx]`` in that order, each document between BOS and EOS."""
+    import numpy as np
+
+    return np.concatenate([np.asarray([tok.bos_id] + tok.encode(docs[int(i)]) + [tok.eos_id], dtype=np.int64)
+                           for i in idx])
+
+
+def warmup_decay(optimizer: Any, steps: int, warmup: int) -> Any:
+    """A ``LambdaLR``: linear warm-up over ``warmup`` steps, then linear decay to 10% at ``steps``."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / max(1, warmup)) * max(0.1, 1 - k / max(1, steps)))
+
+
+def lm_step(model: Any, optimizer: Any, scheduler: Any, tokens: Any, ctx: Any = None) -> float:
+    """One next-token training step of a longreach decoder on ``tokens [B, S+1]`` (grad clip 1.0).
+
+    Returns:
+        The step's mean token loss.
+    """
+    import torch
+
+    loss_sum, n = model(tokens[:, :-1], None, ctx, labels=tokens[:, 1:])  # inputs [B, S], labels [B, S]
+    loss = loss_sum / n
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return float(loss.detach())
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,315 @@
+"""Study "extension": a base model pretrained at L, extended to 4L with each recipe (CPU, minutes).
+
+1. **Data.** The embedded corpus (standard-library docstrings + passkey and associative-recall tasks,
+   digits one token each). Pre-training tasks are at most ~L tokens long, so a window of L holds whole
+   tasks; the fine-tuning mix is the same training docstrings with *fresh* tasks up to ~4L tokens (passkeys
+   at every depth, so the extended models see retrieval at the new lengths). Held-out docstring modules
+   are the perplexity text.
+2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
+   sentencepiece tokenizer). The study checks that it retrieves passkeys at L: an extension can only
+   be judged against a base that retrieves where it was trained.
+3. **Recipes**, all from the HF export with linear position interpolation (PI) to 4L: LongLoRA (LoRA +
+   S2-Attn, embeddings and norms trained), SinkLoRA (LoRA + SF-Attn + 4 sinks), full fine-tuning with full
+   attention; and two baselines without any training: RoPE scaled by PI and by YaRN.
+4. **Evaluation** of every model with full attention (LongLoRA protocol): perplexity at L, 2L, 4L
+   (independent windows every 256 tokens) and passkey accuracy by depth at L and 4L (greedy decoding,
+   exact match, ``seeds`` keys per depth); heat-maps depth × length per model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
+                                    encode_documents, lm_step, register, warmup_decay)
+
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@dataclass(kw_only=True, slots=True)
+class ExtensionConfig(TinyLMConfig):
+    """Everything the study's numbers depend on (``configs/study_extension.yaml``). ``seq_len`` is the
+    pre-training context L, ``batch``/``lr`` the base model's (30 warm-up steps), ``task_chars`` the longest
+    pre-training task (~L tokens; the fine-tuning tasks reach ``factor`` x this)."""
+
+    factor: int = 4
+    """Context extension factor."""
+    pretrain_steps: int = 3000
+    """Base model optimizer steps."""
+    finetune_steps: int = 600
+    """Optimizer steps of each extension recipe."""
+    finetune_batch: int = 4
+    """Sequences of ``factor`` x L tokens per fine-tuning step."""
+    lora_lr: float = 2e-3
+    """Learning rate of the LoRA recipes."""
+    full_lr: float = 5e-4
+    """Learning rate of full fine-tuning."""
+    seeds: int = 10
+    """Passkey keys per (length, depth)."""
+    ppl_windows: int = 16
+    """Perplexity windows per length."""
+
+    def __post_init__(self) -> None:
+        TinyLMConfig.__post_init__(self)
+        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.factor < 2:
+            raise ValueError(f"factor must be >= 2 (an extension), got {self.factor}")
+
+    def quick(self) -> "ExtensionConfig":
+        """The smallest setting (tests): a few steps of everything."""
+        return replace(self, seq_len=128, factor=2, dim=32, n_layers=1, n_heads=2, pretrain_steps=4, batch=2, vocab_size=400,
+                       harvest_chars=30_000, task_chars=250, finetune_steps=2, finetune_batch=1, seeds=1,
+                       ppl_windows=1)
+
+
+def _finetune_api() -> dict[str, Any]:
+    """The HF fine-tuning job's config classes and entry point (the one import of them here)."""
+    from longreach.hf import config, train
+
+    api = {name: getattr(config, name) for name in ("FinetuneConfig", "FTAttention", "FTData", "FTRun", "FTTrain",
+                                                     "HFSource")}
+    return {**api, "finetune": train.finetune}
+
+
+def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
+    """Write pretrain/fine-tune/held-out token files; return their sizes and the tokenizer file."""
+    tok, docs, n_text = embedded_documents(cfg, out / "cache", task_chars=cfg.task_chars)
+    rng = np.random.default_rng(cfg.seed)
+    held = np.sort(rng.permutation(n_text)[:max(4, n_text // 20)])  # held-out docstring modules
+    keep = np.setdiff1d(np.arange(len(docs)), held)
+    train = encode_documents(tok, docs, rng.permutation(keep))  # [N]
+    val = encode_documents(tok, docs, held)  # [N_val] natural text only
+    # fine-tuning: the same training docstrings, fresh tasks up to factor x longer (the seed shifts the keys)
+    _, long_docs, _ = embedded_documents(replace(cfg, seed=cfg.seed + 1), out / "cache",
+                                 task_chars=cfg.factor * cfg.task_chars, tokenizer=str(tok.path))
+    long_keep = np.setdiff1d(np.arange(len(long_docs)), held)
+    tune = encode_documents(tok, long_docs, rng.permutation(long_keep))
+    for name, arr in (("pretrain", train), ("finetune", tune), ("val", val)):
+        np.save(out / f"{name}_tokens.npy", arr)
+    n_pk = sum(d.startswith("There is an important piece") for d in long_docs)
+    return {"documents": len(docs), "docstring_modules": n_text, "held_out": len(held), "pretrain_tokens": len(train),
+            "finetune_tokens": len(tune), "finetune_passkey_docs": n_pk, "val_tokens": len(val),
+            "tokenizer": str(tok.path)}
+
+
+def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext) -> dict[str, Any]:
+    """Train the base model at L and export it to HF (``base_hf``)."""
+    from longreach.data.tokenizer import Tokenizer
+    from longreach.hf.convert import save_hf
+
+    train = torch.as_tensor(np.load(out / "pretrain_tokens.npy"))  # [N]
+    rng = np.random.default_rng(cfg.seed)
+    model = cfg.build_model(Tokenizer(tokenizer).vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    sched = warmup_decay(opt, cfg.pretrain_steps, 30)
+    span = torch.arange(cfg.seq_len + 1)
+    losses = []
+    for step in range(cfg.pretrain_steps):
+        starts = torch.as_tensor(rng.integers(0, len(train) - cfg.seq_len - 1, cfg.batch))
+        losses.append(lm_step(model, opt, sched, train[starts[:, None] + span]))  # batch [B, L+1]
+        if step % 250 == 0 or step == cfg.pretrain_steps - 1:
+            ctx.log(f"pretrain step {step}/{cfg.pretrain_steps} loss {losses[-1]:.3f}")
+    save_hf(model.eval(), out / "base_hf", sp_model_file=tokenizer)
+    return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
+
+
+def _evaluate(checkpoint: Path, val: np.ndarray, cfg: ExtensionConfig, rope: Any = None) -> dict[str, Any]:
+    """Perplexity at L, 2L, 4L and passkey accuracy by depth at L and 4L, with full attention.
+
+    ``rope``: a :class:`~longreach.hf.rope.RopeScaling` applied to the loaded model without training.
+    """
+    from longreach.evaluation.passkey import accuracy_table, passkey_retrieval
+    from longreach.evaluation.perplexity import perplexity
+    from longreach.hf.load import load_hf
+    from longreach.hf.patch import AttentionPatch, patch_attention
+    from longreach.hf.rope import apply_rope_scaling, rebuild_rotary
+
+    long = cfg.factor * cfg.seq_len
+    model, tok = load_hf(checkpoint, dtype=torch.float32, device="cpu")
+    if rope is not None:
+        apply_rope_scaling(model.config, rope, target_len=long)
+        rebuild_rotary(model)
+    patch_attention(model, AttentionPatch(backend="cpu"))
+    ppl = {}
+    for n in sorted({cfg.seq_len, 2 * cfg.seq_len, long}):
+        ppl[str(n)] = perplexity(model, val, length=n, stride=256, max_windows=cfg.ppl_windows).ppl
+    recs = passkey_retrieval(model, tok, lengths=[cfg.seq_len, long], depths=DEPTHS, seeds=cfg.seeds, seed=cfg.seed)
+    table = accuracy_table(recs)
+    return {"ppl": ppl, "passkey": {str(n): row for n, row in zip(table["lengths"], table["accuracy"])},
+            "examples": [(r.length, r.answer, r.generated) for r in recs[:: max(1, len(recs) // 6)]]}
+
+
+RECIPES: dict[str, tuple[str, str]] = {
+    "LongLoRA (LoRA + S2)": ("longlora", "s2"),
+    "SinkLoRA (LoRA + SF + 4 sinks)": ("sinklora", "sf"),
+    "full fine-tune (full attention)": ("full", "full"),
+}
+"""Recipe row name -> (recipe.method, attention.pattern)."""
+
+
+def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str) -> dict[str, Any]:
+    """Extend the base export to 4L with one recipe (PI); the export lands in ``METHOD_PATTERN/export``."""
+    from longreach.hf.recipes import RecipeConfig
+    from longreach.hf.rope import RopeScaling
+    from longreach.parallel.config import ParallelConfig
+
+    ft = _finetune_api()
+    run = out / f"{method}_{pattern}"
+    job = ft["FinetuneConfig"](
+        hf=ft["HFSource"](path=str(out / "base_hf"), dtype="float32"),
+        recipe=RecipeConfig(method=method, target_len=cfg.factor * cfg.seq_len, rope=RopeScaling(type="linear")),
+        attention=ft["FTAttention"](pattern=pattern, backend="cpu"),
+        parallel=ParallelConfig(cp=1),
+        data=ft["FTData"](source="tokens", tokens_path=str(out / "finetune_tokens.npy"), seed=cfg.seed),
+        run=ft["FTRun"](out_dir=str(run), steps=cfg.finetune_steps, log_every=50, seed=cfg.seed, overwrite=True),
+        train=ft["FTTrain"](lr=cfg.full_lr if method == "full" else cfg.lora_lr, warmup_steps=5,
+                            micro_batch_size=cfg.finetune_batch),
+    )
+    summary = ft["finetune"](job)
+    losses = summary.get("losses") or []
+    return {"trainable_fraction": summary["trainable"]["fraction"], "export": str(run / "export"),
+            "last_loss": float(np.mean(losses[-10:])) if losses else None}
+
+
+@register("extension", ExtensionConfig,
+          "context extension L -> 4L: LongLoRA, SinkLoRA, full fine-tune, PI/YaRN without training "
+          "(passkey by depth, perplexity at L/2L/4L)")
+def run(cfg: ExtensionConfig, ctx: StudyContext) -> StudyResult:
+    from longreach.hf.rope import RopeScaling
+
+    out = ctx.out
+    data = ctx.step("data", lambda: _data(cfg, out))
+    ctx.log(f"data: {data['documents']} documents, {data['pretrain_tokens']} pre-training tokens, "
+            f"{data['finetune_tokens']} fine-tuning tokens ({data['finetune_passkey_docs']} passkey documents "
+            f"up to ~{cfg.factor}L), {data['val_tokens']} held-out tokens")
+    base = ctx.step("pretrain", lambda: _pretrain(cfg, out, data["tokenizer"], ctx))
+    val = np.load(out / "val_tokens.npy")
+    base_hf = out / "base_hf"
+    rows: dict[str, dict[str, Any]] = {}
+    rows["base (no fine-tune, no scaling)"] = ctx.step("eval-base", lambda: _evaluate(base_hf, val, cfg))
+    rows["PI, no fine-tune"] = ctx.step("eval-pi", lambda: _evaluate(
+        base_hf, val, cfg, RopeScaling(type="linear", factor=float(cfg.factor))))
+    rows["YaRN, no fine-tune"] = ctx.step("eval-yarn", lambda: _evaluate(
+        base_hf, val, cfg, RopeScaling(type="yarn", factor=float(cfg.factor))))
+    trainable: dict[str, float] = {}
+    for name, (method, pattern) in RECIPES.items():
+        key = f"{method}-{pattern}"
+        ft = ctx.step(f"finetune-{key}", lambda m=method, p=pattern: _finetune(cfg, out, m, p))
+        trainable[name] = ft["trainable_fraction"]
+        rows[name] = ctx.step(f"eval-{key}", lambda e=ft["export"]: _evaluate(Path(e), val, cfg))
+    return _report(cfg, ctx, rows, trainable, data, base)
+
+
+def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, Any]], trainable: dict[str, float],
+            data: dict[str, Any], base: dict[str, Any]) -> StudyResult:
+    n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
+    lens = list(rows[next(iter(rows))]["ppl"])
+    ppl_table = Table(title="Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
+                      columns=["model", "trainable"] + [f"ppl @{n}" for n in lens] + [f"passkey @{n1}",
+                                                                                       f"passkey @{n4}"],
+                      rows=[[name, f"{100 * trainable[name]:.1f}%" if name in trainable else "–"]
+                            + [r["ppl"][n] for n in lens]
+                            + [float(np.mean(r["passkey"][n1])), float(np.mean(r["passkey"][n4]))]
+                            for name, r in rows.items()],
+                      note=f"L = {cfg.seq_len}, extended to {cfg.factor}L = {n4}; every recipe uses linear position "
+                           f"interpolation (PI); passkey: {cfg.seeds} keys x {len(DEPTHS)} depths per length.")
+    depth_table = Table(title="Passkey accuracy by depth of the key",
+                        columns=["model", "length"] + [f"depth {d:.2f}" for d in DEPTHS],
+                        rows=[[name, int(n)] + list(r["passkey"][n]) for name, r in rows.items() for n in (n1, n4)])
+    findings = _findings(cfg, rows)
+    plots = _plots(cfg, ctx, rows)
+    return StudyResult(tables=[ppl_table, depth_table], findings=findings, plots=plots,
+                       data={"rows": rows, "trainable_fraction": trainable, "data": data, "pretrain": base,
+                             "depths": DEPTHS})
+
+
+def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Finding]:
+    n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
+    pk = {name: float(np.mean(r["passkey"][n4])) for name, r in rows.items()}
+    p4 = {name: r["ppl"][n4] for name, r in rows.items()}
+    base_name, pi_name, yarn_name = "base (no fine-tune, no scaling)", "PI, no fine-tune", "YaRN, no fine-tune"
+    longlora, sinklora, full = list(RECIPES)
+    base_l = float(np.mean(rows[base_name]["passkey"][n1]))
+    best_base_4 = max(pk[base_name], pk[pi_name], pk[yarn_name])
+    ext_4 = min(pk[longlora], pk[sinklora], pk[full])
+
+    def gain(name: str) -> float:  # share of full fine-tuning's perplexity improvement over PI without training
+        whole = math.log(p4[pi_name]) - math.log(p4[full])
+        return (math.log(p4[pi_name]) - math.log(p4[name])) / whole if whole > 0 else float("nan")
+
+    return [
+        Finding(claim=f"the base model retrieves passkeys at its training length L={n1}",
+                published="prerequisite of the passkey test (LongLoRA, Landmark Attention: base models retrieve "
+                          "inside their pre-training context)",
+                ours=f"base passkey @{n1}: {base_l:.2f}", reproduced=base_l >= 0.5,
+                why="" if base_l >= 0.5 else "the base is too small or undertrained for retrieval at L"),
+        Finding(claim=f"extended models retrieve at {cfg.factor}L={n4} where the base cannot",
+                published="LongLoRA (passkey retrieval figure): Llama2-7B extended to 32k retrieves passkeys up "
+                          "to 32k, the 4k base fails beyond 4k",
+                ours=f"passkey @{n4}: LongLoRA {pk[longlora]:.2f}, SinkLoRA {pk[sinklora]:.2f}, full "
+                     f"{pk[full]:.2f}; base {pk[base_name]:.2f}, PI {pk[pi_name]:.2f}, YaRN {pk[yarn_name]:.2f}",
+                reproduced=ext_4 > best_base_4),
+        Finding(claim=f"perplexity at {cfg.factor}L: full fine-tune <= SinkLoRA <= LongLoRA",
+                published="LongLoRA (Llama2-7B, 8k): PG19/proof-pile ppl LoRA + S2 8.20/2.78 vs full fine-tune "
+                          "7.93/2.73; SinkLoRA PG19 ablation: SF-Attn 8.64 vs S2 9.09",
+                ours=f"ppl @{n4}: full {p4[full]:.3g}, SinkLoRA {p4[sinklora]:.3g}, LongLoRA {p4[longlora]:.3g}",
+                reproduced=p4[full] <= p4[sinklora] <= p4[longlora]),
+        Finding(claim="SinkLoRA recovers more of full fine-tuning's perplexity improvement than LongLoRA",
+                published="SinkLoRA: 92% of the full-attention improvement vs LongLoRA's 39%",
+                ours=f"SinkLoRA {100 * gain(sinklora):.0f}%, LongLoRA {100 * gain(longlora):.0f}% (log-ppl at "
+                     f"{n4}, from PI without training to full fine-tuning)",
+                reproduced=gain(sinklora) > gain(longlora)),
+        Finding(claim=f"every extended model is far below the base at {cfg.factor}L",
+                published="Position Interpolation (Chen et al. 2023), LongLoRA: a model evaluated beyond its "
+                          "pre-training window without extension reaches very high perplexity; extended models stay "
+                          "near their short-context level",
+                ours=f"ppl @{n4}: base {p4[base_name]:.3g}, PI {p4[pi_name]:.3g}; extended "
+                     f"{min(p4[longlora], p4[sinklora], p4[full]):.3g}-{max(p4[longlora], p4[sinklora], p4[full]):.3g}",
+                reproduced=max(p4[longlora], p4[sinklora], p4[full]) < min(p4[base_name], p4[pi_name])),
+        Finding(claim="without fine-tuning, YaRN extends better than PI",
+                published="YaRN (Peng et al. 2023): high frequencies left unscaled plus an attention temperature "
+                          "degrade less than PI without fine-tuning; PI (Chen et al. 2023) needs ~1000 fine-tuning steps",
+                ours=f"ppl @{n4}: YaRN {p4[yarn_name]:.3g}, PI {p4[pi_name]:.3g}",
+                reproduced=p4[yarn_name] < p4[pi_name]),
+    ]
+
+
+def _plots(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, Any]]) -> list[str]:
+    plt = ctx.pyplot()
+    if plt is None:
+        return []
+    n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 2.6), squeeze=False)
+    for ax, (name, r) in zip(axes[0], rows.items()):
+        acc = np.asarray([r["passkey"][n1], r["passkey"][n4]], dtype=float)  # [lengths, depths]
+        ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(DEPTHS)), [f"{d:.2f}" for d in DEPTHS], fontsize=7)
+        ax.set_yticks([0, 1], [n1, n4])
+        ax.set_title(name, fontsize=7)
+        ax.set_xlabel("depth", fontsize=7)
+        for i in range(acc.shape[0]):
+            for j in range(acc.shape[1]):
+                ax.text(j, i, f"{acc[i, j]:.1f}", ha="center", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(ctx.out / "passkey_heatmaps.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, r in rows.items():
+        lens = [int(n) for n in r["ppl"]]
+        ax.plot(lens, list(r["ppl"].values()), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("evaluated context (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(ctx.out / "perplexity.png", dpi=100)
+    plt.close(fig)
+    return ["passkey_heatmaps.png", "perplexity.png"]

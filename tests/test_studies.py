@@ -1,0 +1,162 @@
+"""``longreach study``: the extension and sparse studies' smallest settings through the CLI, resuming,
+bad input, and the SSA self-ensemble evaluation they use."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from longreach.launchers import cli
+
+
+def _study(capsys, *args: str) -> tuple[int, str, str]:
+    rc = cli.main(["study", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _check_report(out: Path, titles: list[str], n_findings: int) -> dict:
+    md = (out / "study.md").read_text()
+    body = json.loads((out / "study.json").read_text())
+    for t in titles:
+        assert f"## {t}" in md
+    assert "## Published effects" in md and md.count("\n| ") >= n_findings
+    assert [t["title"] for t in body["tables"]] == titles
+    assert len(body["findings"]) == n_findings
+    for f in body["findings"]:
+        assert f["published"] and f["ours"] and f["reproduced"] in (True, False, None)
+    for p in body["plots"]:
+        assert (out / p).stat().st_size > 0
+    return body
+
+
+def _rerun_resumes(capsys, name: str, out: Path) -> None:
+    """A second run reads every step back (same files, untouched) instead of recomputing it."""
+    steps = sorted(out.glob("steps/*.json"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in steps}
+    rc, stdout, _ = _study(capsys, name, "--quick", "--out", str(out), "--threads", "1")
+    assert rc == 0
+    body = json.loads((out / "study.json").read_text())
+    assert sorted(body["resumed"]) == sorted(p.stem for p in steps)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("steps/*.json"))} == stamps
+    assert "done in an earlier run" in stdout
+
+
+def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ext"
+    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1")
+    assert rc == 0, err
+    assert "pretrain ..." in stdout and "finetune-sinklora-sf" in stdout
+    body = _check_report(out, ["Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
+                               "Passkey accuracy by depth of the key"], 6)
+    rows = body["data"]["rows"]
+    assert set(rows) == {"base (no fine-tune, no scaling)", "PI, no fine-tune", "YaRN, no fine-tune",
+                         "LongLoRA (LoRA + S2)", "SinkLoRA (LoRA + SF + 4 sinks)", "full fine-tune (full attention)"}
+    for r in rows.values():  # ppl at L, 2L (= 4L here: factor 2 in the quick setting)
+        assert list(r["ppl"]) == ["128", "256"] and all(math.isfinite(v) and v > 1 for v in r["ppl"].values())
+        assert set(r["passkey"]) == {"128", "256"} and all(len(v) == 5 for v in r["passkey"].values())
+    # the fine-tuning mix holds passkey tasks (longer than the pre-training ones)
+    assert body["data"]["data"]["finetune_passkey_docs"] > 0
+    assert body["data"]["trainable_fraction"]["full fine-tune (full attention)"] == 1.0
+    assert 0 < body["data"]["trainable_fraction"]["LongLoRA (LoRA + S2)"] < 1
+    _rerun_resumes(capsys, "extension", out)
+
+
+def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sparse"
+    rc, _, err = _study(capsys, "sparse", "--quick", "--out", str(out), "--threads", "1")
+    assert rc == 0, err
+    body = _check_report(out, ["Equal steps (3 x 1 x 128 tokens), same data and initial weights"], 4)
+    assert [r[0] for r in body["tables"][0]["rows"]] == ["full attention", "S2 (LongLoRA)", "SF (SinkLoRA)", "SSA",
+                                                         "PowerAttention"]
+    ev = body["data"]["evals"]
+    assert math.isfinite(ev["ssa"]["ppl_ensemble"]) and all(math.isfinite(e["ppl_full"]) for e in ev.values())
+    # same initial weights and batches: full attention's own pattern is its full-attention evaluation
+    assert ev["full"]["ppl_own"] == pytest.approx(ev["full"]["ppl_full"], rel=1e-5)
+    assert all(v["median"] > 0 for v in body["data"]["tokens_per_s"].values())
+    _rerun_resumes(capsys, "sparse", out)
+
+
+def test_study_list_and_bad_input(tmp_path: Path, capsys) -> None:
+    rc, stdout, _ = _study(capsys, "--list")
+    assert rc == 0 and "extension" in stdout and "sparse" in stdout
+    rc, _, err = _study(capsys, "extensoin")
+    assert rc == 2 and "unknown study 'extensoin'" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seq_len: 128\npretrain_step: 5\n")
+    rc, _, err = _study(capsys, "extension", "--config", str(bad), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "pretrain_step" in err and str(bad) in err and not (tmp_path / "o").exists()
+    rc, _, err = _study(capsys, "sparse", "--quick", "--steps=many", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "steps" in err and not (tmp_path / "o").exists()
+    rc, _, err = _study(capsys, "sparse", "--config", str(tmp_path / "missing.yaml"))
+    assert rc == 2 and "missing.yaml" in err
+    # a non-empty folder that is not a study run is never touched, even with --force
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    for extra in ([], ["--force"]):
+        rc, _, err = _study(capsys, "sparse", "--quick", "--out", str(other), *extra)
+        assert rc == 2 and "not a study run folder" in err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"] and (other / "notes.txt").read_text() == "keep"
+
+
+def test_run_folder_of_another_config_is_refused_and_force_starts_over(tmp_path: Path) -> None:
+    from longreach.studies.runner import MARKER, prepare_out
+
+    out = tmp_path / "run"
+    prepare_out(out, {"study": "sparse", "quick": True, "config": {"steps": 3}}, force=False)
+    (out / "steps").mkdir()
+    (out / "steps" / "data.json").write_text("{}")
+    prepare_out(out, {"study": "sparse", "quick": True, "config": {"steps": 3}}, force=False)  # resume
+    assert (out / "steps" / "data.json").is_file()
+    from longreach.errors import UserError
+
+    with pytest.raises(UserError, match="another config"):
+        prepare_out(out, {"study": "sparse", "quick": True, "config": {"steps": 4}}, force=False)
+    with pytest.raises(UserError, match="another study"):
+        prepare_out(out, {"study": "extension", "quick": True, "config": {}}, force=False)
+    assert (out / "steps" / "data.json").is_file()  # nothing lost by the refusals
+    prepare_out(out, {"study": "sparse", "quick": True, "config": {"steps": 4}}, force=True)
+    assert not (out / "steps").exists() and json.loads((out / MARKER).read_text())["config"] == {"steps": 4}
+
+
+def test_ssa_eval_ensemble_averages_distinct_subsampled_passes() -> None:
+    """NativeLM's loss with ``attention.eval_ensemble = n`` is −log of the mean probability of n passes,
+    each with its own SSA sample (pairwise different, and different from dense attention)."""
+    from longreach.attention import AttentionConfig, AttentionContext
+    from longreach.evaluation.native import NativeLM
+    from longreach.evaluation.runner import _ssa_ensemble
+    from longreach.models import ModelConfig, build_model
+    from longreach.ssa import ENSEMBLE_FIRST_STEP
+
+    torch.manual_seed(0)
+    n = 3
+    att = AttentionConfig(pattern="ssa", backend="reference", ssa_ratio=0.25, ssa_window=1, ssa_block=8,
+                          eval_ensemble=n)
+    model = build_model(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=96)).double()
+    lm = NativeLM.build(model, world=1, attention=att)
+    assert lm.ensemble == n
+    ids = torch.randint(0, 64, (1, 96))
+    with torch.no_grad():
+        probs = [torch.softmax(model(ids, None, AttentionContext(training=True, step=ENSEMBLE_FIRST_STEP + i))
+                               @ model.output_weight().t(), dim=-1) for i in range(n)]  # n x [1, S, V]
+        dense = torch.softmax(model(ids, None, AttentionContext(training=False)) @ model.output_weight().t(), -1)
+    for i in range(n):
+        assert not torch.allclose(probs[i], dense, atol=1e-6)
+        for j in range(i):
+            assert not torch.allclose(probs[i], probs[j], atol=1e-6), (i, j)
+    mean = torch.stack(probs).mean(0)[0, :-1]  # [S-1, V]
+    ref = -mean.gather(-1, ids[0, 1:, None]).log().mean()
+    assert lm.loss(ids) == pytest.approx(float(ref), rel=1e-6)
+    lm.ensemble = 1  # one dense pass: the plain loss (the seams' SSA masks are training-only)
+    dense_ref = -dense[0, :-1].gather(-1, ids[0, 1:, None]).log().mean()
+    assert lm.loss(ids) == pytest.approx(float(dense_ref), rel=1e-6)
+    # `longreach eval` reads it from a checkpoint's job config; other patterns or n = 1 leave evaluation dense
+    src = SimpleNamespace(config={"attention": {"pattern": "ssa", "eval_ensemble": 4}}, describe=lambda: "run")
+    assert _ssa_ensemble(src).eval_ensemble == 4
+    for section in ({"pattern": "ssa", "eval_ensemble": 1}, {"pattern": "s2", "eval_ensemble": 4}, None):
+        assert _ssa_ensemble(SimpleNamespace(config={"attention": section}, describe=lambda: "run")) is None
