@@ -69,6 +69,10 @@ class LinearStudyConfig:
     seed: int = 0
     """Seed of data, initialisation and batches."""
 
+    def quick(self) -> LinearStudyConfig:
+        """The smallest setting (tests, ``--quick``): a few steps of everything."""
+        return dataclasses.replace(self, **QUICK)
+
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "seq_len", "batch", "steps", "eval_every",
                      "eval_windows", "timing_rounds"):
@@ -161,7 +165,7 @@ def _exponent(lengths: list[int], secs: list[float]) -> float:
 def run(cfg: LinearStudyConfig, ctx: StudyContext) -> StudyResult:
     """Train both models, time both across lengths, compare; see the module docstring."""
     if ctx.quick:
-        cfg = dataclasses.replace(cfg, **QUICK)
+        cfg = cfg.quick()  # idempotent: the runner may have shrunk it already
     corpus = build_corpus(ctx.path("cache"), vocab_size=cfg.vocab_size, harvest_chars=cfg.harvest_chars,
                           task_documents=cfg.task_documents, task_chars=cfg.task_chars, seed=cfg.seed)
     ctx.log(f"corpus: {corpus.sizes()} tokens")

@@ -96,6 +96,10 @@ class MixturesStudyConfig:
     seed: int = 0
     """Seed of data, initialisation and batches."""
 
+    def quick(self) -> MixturesStudyConfig:
+        """The smallest setting (tests, ``--quick``): a few steps of everything."""
+        return dataclasses.replace(self, **QUICK)
+
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "moe_experts", "moe_top_k", "seq_len", "batch",
                      "scratch_steps", "seed_steps", "branch_steps", "mix_steps", "bam_top_k", "eval_every",
@@ -228,7 +232,7 @@ def _at_budget(curve: list[list[Any]], flops_per_step: float, offset: float, bud
 def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     """Train every arm (cached per step) and compare; see the module docstring."""
     if ctx.quick:
-        cfg = dataclasses.replace(cfg, **QUICK)
+        cfg = cfg.quick()  # idempotent: the runner may have shrunk it already
     corpus = build_corpus(ctx.path("cache"), vocab_size=cfg.vocab_size, harvest_chars=cfg.harvest_chars,
                           task_documents=cfg.task_documents, task_chars=cfg.task_chars, seed=cfg.seed)
     ctx.log(f"corpus: {corpus.sizes()} tokens")
