@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register
-from longreach.studies.lm import TrainSpec, build_corpus, param_count, plot_curves, train_lm
+from longreach.studies.lm import CorpusConfig, TrainSpec, build_corpus, param_count, plot_curves, train_lm
 
 __all__ = ["LinearStudyConfig", "build_pair", "run"]
 
 
 @dataclass(kw_only=True, slots=True)
-class LinearStudyConfig:
+class LinearStudyConfig(CorpusConfig):
     """Sizes and budgets of the linear-attention study (recipe ``configs/study_linear.yaml``)."""
 
     dim: int = 128
@@ -58,16 +58,6 @@ class LinearStudyConfig:
     """Sequence lengths of the throughput measurement."""
     timing_rounds: int = 3
     """Interleaved timing rounds (after one warm-up round)."""
-    vocab_size: int = 512
-    """Tokenizer pieces."""
-    harvest_chars: int = 1_000_000
-    """Standard-library docstring characters (domain ``docs``)."""
-    task_documents: int = 600
-    """Generated documents (domain ``tasks``)."""
-    task_chars: int = 1500
-    """Longest generated document in characters."""
-    seed: int = 0
-    """Seed of data, initialisation and batches."""
 
     def quick(self) -> LinearStudyConfig:
         """The smallest setting (tests, ``--quick``): a few steps of everything."""
@@ -166,8 +156,7 @@ def run(cfg: LinearStudyConfig, ctx: StudyContext) -> StudyResult:
     """Train both models, time both across lengths, compare; see the module docstring."""
     if ctx.quick:
         cfg = cfg.quick()  # idempotent: the runner may have shrunk it already
-    corpus = build_corpus(ctx.path("cache"), vocab_size=cfg.vocab_size, harvest_chars=cfg.harvest_chars,
-                          task_documents=cfg.task_documents, task_chars=cfg.task_chars, seed=cfg.seed)
+    corpus = build_corpus(ctx.path("cache"), cfg)
     ctx.log(f"corpus: {corpus.sizes()} tokens")
     runs = {m: _train(ctx, cfg, corpus, m) for m in MODELS}
     timing = ctx.step("throughput", lambda: _throughput(cfg, corpus.vocab_size, ctx.log))

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Corpus", "TrainSpec", "attention_core_flops", "build_corpus", "evaluate", "load_weights", "param_count", "plot_curves",
-           "save_weights", "step_flops", "train_lm"]
+__all__ = ["Corpus", "CorpusConfig", "TrainSpec", "attention_core_flops", "build_corpus", "evaluate", "load_weights",
+           "param_count", "plot_curves", "save_weights", "step_flops", "train_lm"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,19 +43,27 @@ class Corpus:
         return {f"{d}/{part}": int(len(s[d])) for part, s in (("train", self.train), ("val", self.val)) for d in s}
 
 
-def build_corpus(cache: Path, *, vocab_size: int, harvest_chars: int, task_documents: int, task_chars: int,
-                 seed: int, val_fraction: float = 0.05) -> Corpus:
-    """Tokenize the two domains with a sentencepiece tokenizer trained on both (cached in ``cache``).
+@dataclass(kw_only=True, slots=True)
+class CorpusConfig:
+    """The corpus settings a study config shares (study configs extend this class)."""
 
-    Args:
-        cache: tokenizer cache folder.
-        vocab_size: tokenizer pieces (digits split one per piece).
-        harvest_chars: characters of standard-library docstrings (``docs``).
-        task_documents: generated documents (``tasks``): 40% passkey, 30% recall, 30% sentences.
-        task_chars: longest generated document, in characters.
-        seed: seed of the generated documents and of the held-out split.
-        val_fraction: share of each domain's documents held out (at least 2).
-    """
+    vocab_size: int = 512
+    """Tokenizer pieces (digits split one per piece; at least 300)."""
+    harvest_chars: int = 1_000_000
+    """Standard-library docstring characters (domain ``docs``)."""
+    task_documents: int = 600
+    """Generated documents (domain ``tasks``): 40% passkey, 30% associative recall, 30% sentences."""
+    task_chars: int = 1500
+    """Longest generated document in characters."""
+    seed: int = 0
+    """Seed of data, initialisation and batches."""
+
+
+def build_corpus(cache: Path, cfg: CorpusConfig, *, val_fraction: float = 0.05) -> Corpus:
+    """Tokenize the two domains with a sentencepiece tokenizer trained on both (cached in ``cache``);
+    ``val_fraction`` of each domain's documents (at least 2) are held out."""
+    vocab_size, harvest_chars, seed = cfg.vocab_size, cfg.harvest_chars, cfg.seed
+    task_documents, task_chars = cfg.task_documents, cfg.task_chars
     from longreach.data.config import DataConfig
     from longreach.data.harvest import harvest_docstrings
     from longreach.data.synthetic import synthetic_documents

@@ -37,14 +37,14 @@ import numpy as np
 import torch
 
 from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register
-from longreach.studies.lm import (Corpus, TrainSpec, attention_core_flops, build_corpus, load_weights, param_count, plot_curves,
-                                  save_weights, step_flops, train_lm)
+from longreach.studies.lm import (Corpus, CorpusConfig, TrainSpec, attention_core_flops, build_corpus, load_weights,
+                                  param_count, plot_curves, save_weights, step_flops, train_lm)
 
 __all__ = ["MixturesStudyConfig", "build_arm", "ffn_only_state_dict", "run"]
 
 
 @dataclass(kw_only=True, slots=True)
-class MixturesStudyConfig:
+class MixturesStudyConfig(CorpusConfig):
     """Sizes and budgets of the mixtures study (recipe ``configs/study_mixtures.yaml``)."""
 
     dim: int = 96
@@ -63,6 +63,9 @@ class MixturesStudyConfig:
     """Always-on heads of arm (b)."""
     moh_top_k: int = 4
     """Routed heads active per token of arm (b)."""
+    moh_execution: str = "masked"
+    """MoH execution: ``masked`` (every head computed, unrouted ones zeroed) or ``routed`` (only the routed
+    pairs); the same outputs and gradients, masked is the faster of the two at this size on CPU."""
     seq_len: int = 128
     """Tokens per training sequence."""
     batch: int = 8
@@ -81,20 +84,10 @@ class MixturesStudyConfig:
     """FFN experts per token of the upcycled mixtures."""
     bam_share_kv: bool = False
     """BAM attention experts share one (averaged) K/V projection."""
-    vocab_size: int = 512
-    """Tokenizer pieces."""
-    harvest_chars: int = 1_000_000
-    """Standard-library docstring characters (domain ``docs``)."""
-    task_documents: int = 600
-    """Generated documents (domain ``tasks``)."""
-    task_chars: int = 1500
-    """Longest generated document in characters."""
     eval_every: int = 25
     """Held-out loss every this many steps."""
     eval_windows: int = 8
     """Held-out windows per domain."""
-    seed: int = 0
-    """Seed of data, initialisation and batches."""
 
     def quick(self) -> MixturesStudyConfig:
         """The smallest setting (tests, ``--quick``): a few steps of everything."""
@@ -114,6 +107,8 @@ class MixturesStudyConfig:
         if not 0 <= self.moh_shared < self.n_heads or not 1 <= self.moh_top_k <= self.n_heads - self.moh_shared:
             raise ValueError(f"mixtures: need 0 <= moh_shared < n_heads={self.n_heads} and 1 <= moh_top_k <= "
                              f"{self.n_heads - self.moh_shared}; got {self.moh_shared}, {self.moh_top_k}")
+        if self.moh_execution not in ("masked", "routed"):
+            raise ValueError(f"mixtures.moh_execution must be masked or routed, got {self.moh_execution!r}")
         if self.bam_top_k > 2:
             raise ValueError(f"mixtures.bam_top_k must be 1 or 2 (two branches), got {self.bam_top_k}")
 
@@ -144,7 +139,8 @@ def build_arm(cfg: MixturesStudyConfig, arm: str, vocab_size: int) -> tuple[Any,
         "moe": lambda: ModelConfig(**{**base, "ffn_hidden": cfg.ffn_hidden // cfg.moe_top_k}, ffn_type="moe",
                                    extra={"moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k}),
         "moh": lambda: ModelConfig(**base, attention_type="moh",
-                                   extra={"moh_shared": cfg.moh_shared, "moh_top_k": cfg.moh_top_k}),
+                                   extra={"moh_shared": cfg.moh_shared, "moh_top_k": cfg.moh_top_k,
+                                          "moh_execution": cfg.moh_execution}),
         "seed": lambda: seed,
         "bam": lambda: bam_model_config(seed, 2, share_kv=cfg.bam_share_kv, top_k=cfg.bam_top_k),
         "ffn_only": lambda: ModelConfig(**base, parallel_block=True, ffn_type="moe",
@@ -233,8 +229,7 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     """Train every arm (cached per step) and compare; see the module docstring."""
     if ctx.quick:
         cfg = cfg.quick()  # idempotent: the runner may have shrunk it already
-    corpus = build_corpus(ctx.path("cache"), vocab_size=cfg.vocab_size, harvest_chars=cfg.harvest_chars,
-                          task_documents=cfg.task_documents, task_chars=cfg.task_chars, seed=cfg.seed)
+    corpus = build_corpus(ctx.path("cache"), cfg)
     ctx.log(f"corpus: {corpus.sizes()} tokens")
     both = {"docs": 0.5, "tasks": 0.5}
     runs: dict[str, dict[str, Any]] = {}
