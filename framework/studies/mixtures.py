@@ -245,23 +245,23 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
                                           mix={domain: 1.0}, init=seed_state, save=True)
     from longreach.mixtures import upcycle_state_dicts
 
-    _, seed_model = build_arm(cfg, "seed", corpus.vocab_size)
+    seed_cfg, _ = build_arm(cfg, "seed", corpus.vocab_size)
     branches = [load_weights(weights / f"branch_{d}.pt") for d in ("docs", "tasks")]
-    mix_cfg, bam_state = upcycle_state_dicts(branches, seed_model.cfg, share_kv=cfg.bam_share_kv, top_k=cfg.bam_top_k,
-                                             seed=cfg.seed)
+
+    def upcycled(share_kv: bool) -> dict[str, torch.Tensor]:
+        return upcycle_state_dicts(branches, seed_cfg, share_kv=share_kv, top_k=cfg.bam_top_k, seed=cfg.seed)[1]
+
     f_seed = runs["seed"]["flops_per_step"]
     f_bam = _flops_per_step(ctx, cfg, "bam", corpus.vocab_size)
     f_ffn = _flops_per_step(ctx, cfg, "ffn_only", corpus.vocab_size)
     branch_flops = 2 * cfg.branch_steps * f_seed
-    mix_flops = cfg.mix_steps * f_bam
-    runs["bam"] = _train(ctx, cfg, corpus, "bam", "bam", steps=cfg.mix_steps, mix=both, init=bam_state)
-    ffn_state = ffn_only_state_dict(upcycle_state_dicts(branches, seed_model.cfg, top_k=cfg.bam_top_k,
-                                                        seed=cfg.seed)[1], 2)
-    ffn_steps = max(1, round(mix_flops / f_ffn))
-    runs["ffn_only"] = _train(ctx, cfg, corpus, "ffn_only", "ffn_only", steps=ffn_steps, mix=both, init=ffn_state)
+    mix_flops = cfg.mix_steps * f_bam  # BAM's mixture stage sets the budget of the other two arms
+    runs["bam"] = _train(ctx, cfg, corpus, "bam", "bam", steps=cfg.mix_steps, mix=both,
+                         init=upcycled(cfg.bam_share_kv))
+    runs["ffn_only"] = _train(ctx, cfg, corpus, "ffn_only", "ffn_only", steps=max(1, round(mix_flops / f_ffn)),
+                              mix=both, init=ffn_only_state_dict(upcycled(False), 2))
     dense_steps = max(1, round((branch_flops + mix_flops) / f_seed))
     runs["dense_cont"] = _train(ctx, cfg, corpus, "dense_cont", "seed", steps=dense_steps, mix=both, init=seed_state)
-    del mix_cfg
     return _report(ctx, cfg, corpus, runs, f_seed=f_seed, f_bam=f_bam, f_ffn=f_ffn, branch_flops=branch_flops)
 
 
@@ -283,7 +283,8 @@ def _report(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, runs: d
         _row(f"MoH {active_heads} of {cfg.n_heads} heads", runs["moh"],
              active=f"{active_heads}/{cfg.n_heads} heads ({active_heads / cfg.n_heads:.0%})", steps=cfg.scratch_steps),
     ], note=f"Trained on docs and tasks 50/50, {cfg.seq_len}-token sequences, batch {cfg.batch}; held-out loss "
-            f"over {cfg.eval_windows} windows per domain. tokens/s: wall clock on a shared machine (indicative only).")
+            f"over {cfg.eval_windows} windows per domain. tokens/s: wall clock on a shared machine (indicative "
+            f"only); MoH ran its {cfg.moh_execution} execution.")
     steps = {"bam": cfg.mix_steps, "ffn_only": runs["ffn_only"]["tokens"] // (cfg.batch * cfg.seq_len),
              "dense_cont": runs["dense_cont"]["tokens"] // (cfg.batch * cfg.seq_len)}
     bam = Table(title="(c) BAM vs dense continuation vs FFN-only upcycling, equal FLOPs after the seed", columns=cols,
