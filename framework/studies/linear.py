@@ -87,8 +87,8 @@ def build_pair(cfg: LinearStudyConfig, vocab_size: int, *, max_seq_len: int) -> 
     their configs are built. TNL's SGLU width F' solves ``P_tnl(F') = P_llama`` (both are linear in F)."""
     from longreach.models import ModelConfig, build_model
 
-    base = dict(vocab_size=vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_seq_len=max_seq_len,
-                tie_embeddings=True)
+    base = dict(vocab_size=vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                max_seq_len=max_seq_len, tie_embeddings=True)
 
     def tnl(ffn: int) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
@@ -167,13 +167,15 @@ def run(cfg: LinearStudyConfig, ctx: StudyContext) -> StudyResult:
     for i, s in enumerate(lengths):
         ratios = [a / b for a, b in zip(secs["llama"]["wall"][i], secs["transnormer"]["wall"][i])]  # per round
         rows.append([s, s / med["llama"]["wall"][i], s / med["transnormer"]["wall"][i], statistics.median(ratios),
-                     f"{min(ratios):.2f}–{max(ratios):.2f}", s / med["llama"]["cpu"][i], s / med["transnormer"]["cpu"][i],
+                     f"{min(ratios):.2f}–{max(ratios):.2f}", s / med["llama"]["cpu"][i],
+                     s / med["transnormer"]["cpu"][i],
                      med["llama"]["cpu"][i] / med["transnormer"]["cpu"][i]])
-    exps = {m: _exponent(lengths, med[m]["cpu"]) for m in MODELS} if len(lengths) > 1 else {m: float("nan") for m in MODELS}
+    exps = {m: _exponent(lengths, med[m]["cpu"]) if len(lengths) > 1 else float("nan") for m in MODELS}
     speed = Table(title="Training tokens/s (forward + backward, batch 1) against sequence length",
                   columns=["length", "Llama tok/s", "TNL tok/s", "TNL speed-up (wall, median)", "spread",
                            "Llama tok/CPU-s", "TNL tok/CPU-s", "TNL speed-up (CPU time)"], rows=rows,
-                  note=f"{cfg.timing_rounds} interleaved rounds after a warm-up, {timing['threads']} torch thread(s), "
+                  note=f"{cfg.timing_rounds} interleaved rounds after a warm-up, {timing['threads']} torch "
+                       f"thread(s), "
                        f"shared machine; step-time growth exponent between the two longest lengths (CPU time): "
                        f"Llama {exps['llama']:.2f}, TNL {exps['transnormer']:.2f}.")
     quality = Table(title="Equal parameters and tokens: held-out loss", columns=[
@@ -184,7 +186,8 @@ def run(cfg: LinearStudyConfig, ctx: StudyContext) -> StudyResult:
                                                                           ("transnormer", "TransNormerLLM"))],
         note=f"{cfg.steps} steps of {cfg.batch}x{cfg.seq_len} tokens, docs and tasks 50/50, same batches for both.")
     plots = [p for p in (
-        plot_curves(ctx.out / "linear_loss.png", {m: [(c[1], _mean_loss(c[3])) for c in runs[m]["curve"]] for m in MODELS},
+        plot_curves(ctx.out / "linear_loss.png",
+                    {m: [(c[1], _mean_loss(c[3])) for c in runs[m]["curve"]] for m in MODELS},
                     title="held-out loss, equal parameters", xlabel="training tokens", ylabel="mean held-out loss",
                     log=ctx.log),
         plot_curves(ctx.out / "linear_throughput.png", {m: [(s, s / t) for s, t in zip(lengths, med[m]["cpu"])]
@@ -219,7 +222,8 @@ def _findings(cfg: LinearStudyConfig, runs: dict[str, Any], rows: list[list[Any]
         Finding(claim="Lightning attention's training speed advantage grows with sequence length",
                 published="Lightning Attention-2 (b4 h32 d128, bf16, A100): 32k forward 17.66 ms vs FlashAttention-2 "
                           "162.9 ms (9.2x), backward 74.6 vs 470.7 ms",
-                ours=f"TNL/Llama tokens per CPU-second {first[-1]:.2f}x at {first[0]} → {last[-1]:.2f}x at {last[0]}; "
+                ours=f"TNL/Llama tokens per CPU-second {first[-1]:.2f}x at {first[0]} → {last[-1]:.2f}x at "
+                     f"{last[0]}; "
                      f"step-time growth exponent Llama {exps['llama']:.2f}, TNL {exps['transnormer']:.2f}",
                 reproduced=last[-1] > first[-1],
                 why="CPU, whole model (projections and FFN included, so the attention share sets the gap); the "

@@ -190,9 +190,12 @@ def train_lm(model: nn.Module, corpus: Corpus, spec: TrainSpec, *, log: Callable
     seconds, losses = 0.0, []
     for step in range(1, spec.steps + 1):
         which = rng.choice(len(domains), size=spec.batch, p=weights)
-        x = torch.cat([_windows(corpus.train[domains[d]], rng.integers(0, len(corpus.train[domains[d]]) - spec.seq_len - 1,
-                                                                        int((which == d).sum())), spec.seq_len)
-                       for d in range(len(domains)) if (which == d).any()])  # [B, L+1]
+        parts = []
+        for d, name_d in enumerate(domains):
+            stream, count = corpus.train[name_d], int((which == d).sum())
+            if count:
+                parts.append(_windows(stream, rng.integers(0, len(stream) - spec.seq_len - 1, count), spec.seq_len))
+        x = torch.cat(parts)  # [B, L+1]
         t = time.perf_counter()
         loss, aux = _loss(model, x)
         (loss if aux is None else loss + aux).backward()

@@ -10,9 +10,9 @@ Three comparisons on one two-domain corpus (standard-library docstrings + genera
     top-``moh_top_k`` of the routed ones (default 2 + 4 of 6 = 75% of the heads per token), same
     parameters otherwise, equal tokens.
 (c) **BAM** (Branch-Attend-Mix, Zhang et al. 2024): a dense parallel-block seed is branched into two
-    copies continued on different domains (docs, tasks), then upcycled (:func:`longreach.mixtures.upcycle_state_dicts`:
-    attention experts in a soft mixture, FFN experts top-1 routed, the rest averaged) and continued on
-    the mix. Against it, from the same seed and the same branches:
+    copies continued on different domains (docs, tasks), then upcycled
+    (:func:`longreach.mixtures.upcycle_state_dicts`: attention experts in a soft mixture, FFN experts
+    top-1 routed, the rest averaged) and continued on the mix. Against it, from the same seed and the same branches:
 
     * **dense continuation**: the seed continued on the mix for the FLOPs of both branches plus BAM's
       mixture stage;
@@ -115,7 +115,8 @@ class MixturesStudyConfig(CorpusConfig):
 
 #: the smallest setting (tests): a few steps of every arm
 QUICK = dict(dim=32, n_layers=1, n_heads=4, ffn_hidden=64, moe_experts=4, moh_shared=1, moh_top_k=2, seq_len=32,
-             batch=2, scratch_steps=3, seed_steps=2, branch_steps=2, mix_steps=2, vocab_size=400, harvest_chars=20_000,
+             batch=2, scratch_steps=3, seed_steps=2, branch_steps=2, mix_steps=2, vocab_size=400,
+             harvest_chars=20_000,
              task_documents=16, task_chars=300, eval_every=4, eval_windows=2)
 
 ARMS = ("dense", "moe", "moh", "seed", "bam", "ffn_only")
@@ -131,8 +132,8 @@ def build_arm(cfg: MixturesStudyConfig, arm: str, vocab_size: int) -> tuple[Any,
     from longreach.mixtures import bam_model_config
     from longreach.models import ModelConfig, build_model
 
-    base = dict(vocab_size=vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, max_seq_len=cfg.seq_len,
-                ffn_hidden=cfg.ffn_hidden, tie_embeddings=True)
+    base = dict(vocab_size=vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                max_seq_len=cfg.seq_len, ffn_hidden=cfg.ffn_hidden, tie_embeddings=True)
     seed = ModelConfig(**base, parallel_block=True)
     configs = {
         "dense": lambda: ModelConfig(**base),
@@ -186,7 +187,8 @@ def _train(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, key: str
         _, model = build_arm(cfg, arm, corpus.vocab_size)
         if init is not None:
             model.load_state_dict(init)
-        spec = TrainSpec(steps=steps, batch=cfg.batch, seq_len=cfg.seq_len, lr=lr or cfg.lr, min_lr=(lr or cfg.lr) / 10,
+        peak = lr or cfg.lr
+        spec = TrainSpec(steps=steps, batch=cfg.batch, seq_len=cfg.seq_len, lr=peak, min_lr=peak / 10,
                          warmup_steps=min(20, max(1, steps // 10)), eval_every=cfg.eval_every,
                          eval_windows=cfg.eval_windows, seed=cfg.seed, mix=mix)
         rec = train_lm(model, corpus, spec, log=ctx.log, name=key)
@@ -281,7 +283,8 @@ def _report(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, runs: d
         _row("dense", runs["dense"], active=f"FFN {f}, {cfg.n_heads} heads", steps=cfg.scratch_steps),
         _row(f"MoE top-{k} of {e}", runs["moe"], active=f"FFN {k}x{f // k}", steps=cfg.scratch_steps),
         _row(f"MoH {active_heads} of {cfg.n_heads} heads", runs["moh"],
-             active=f"{active_heads}/{cfg.n_heads} heads ({active_heads / cfg.n_heads:.0%})", steps=cfg.scratch_steps),
+             active=f"{active_heads}/{cfg.n_heads} heads ({active_heads / cfg.n_heads:.0%})",
+             steps=cfg.scratch_steps),
     ], note=f"Trained on docs and tasks 50/50, {cfg.seq_len}-token sequences, batch {cfg.batch}; held-out loss "
             f"over {cfg.eval_windows} windows per domain. tokens/s: wall clock on a shared machine (indicative "
             f"only); MoH ran its {cfg.moh_execution} execution.")
@@ -339,9 +342,9 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
               ) -> list[Finding]:
     loss = {n: _mean_loss(r["val"]) for n, r in runs.items()}
     gaps = [r[-1] for r in budget_rows if r[-1] is not None]
-    trend = ("the gap to dense continuation shrinks with compute (" + " → ".join(f"{g:+.3f}" for g in gaps) + ")"
-             if len(gaps) > 1 and gaps[-1] < gaps[0] - 1e-3 else
-             "the gap to dense continuation does not shrink with compute (" + " → ".join(f"{g:+.3f}" for g in gaps) + ")")
+    shrinks = len(gaps) > 1 and gaps[-1] < gaps[0] - 1e-3
+    trend = (f"BAM − dense continuation at 1/4, 1/2, 3/4, all of the mixture stage's FLOPs: "
+             + " → ".join(f"{g:+.3f}" for g in gaps) + (" (shrinking)" if shrinks else " (not shrinking)"))
     active = cfg.moh_shared + cfg.moh_top_k
     return [
         Finding(claim=f"MoE beats dense at equal active parameters and tokens (top-{cfg.moe_top_k} of "
