@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Corpus", "CorpusConfig", "TrainSpec", "attention_core_flops", "build_corpus", "evaluate", "load_weights",
-           "param_count", "plot_curves", "save_weights", "step_flops", "train_lm"]
+__all__ = ["Corpus", "CorpusConfig", "TrainSpec", "attention_core_flops", "build_corpus", "evaluate", "gap_trend",
+           "load_weights", "mean_loss", "param_count", "plot_curves", "save_weights", "step_flops", "train_lm"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -215,6 +215,19 @@ def train_lm(model: nn.Module, corpus: Corpus, spec: TrainSpec, *, log: Callable
     tokens = spec.steps * spec.batch * spec.seq_len
     return {"curve": curve, "val": curve[-1][3], "tokens": tokens, "seconds": seconds,
             "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+def mean_loss(val: dict[str, float]) -> float:
+    """Mean over domains of a ``{domain: held-out loss}`` record."""
+    return sum(val.values()) / len(val)
+
+
+def gap_trend(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """``a − b`` mean held-out loss of two :func:`train_lm` records evaluated at the same steps: at the
+    first evaluation after step 0, halfway and at the end."""
+    gaps = [(ca[0], mean_loss(ca[3]) - mean_loss(cb[3])) for ca, cb in zip(a["curve"][1:], b["curve"][1:])]
+    picks = sorted({0, len(gaps) // 2, len(gaps) - 1}) if gaps else []
+    return " → ".join(f"{gaps[i][1]:+.3f} (step {gaps[i][0]})" for i in picks)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
