@@ -79,7 +79,7 @@ class MixturesStudyConfig(CorpusConfig):
     """Steps of BAM's dense seed."""
     branch_steps: int = 75
     """Steps of each BAM branch on its own domain."""
-    mix_steps: int = 100
+    mix_steps: int = 300
     """Steps of the BAM mixture on the mix (the budget of the other arms follows from its FLOPs)."""
     bam_top_k: int = 1
     """FFN experts per token of the upcycled mixtures."""
@@ -369,7 +369,10 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
                 ours=f"held-out loss BAM {loss['bam']:.3f} vs dense continuation {loss['dense_cont']:.3f}; {trend}",
                 reproduced=loss["bam"] < loss["dense_cont"],
                 why=f"{cfg.seed_steps}-step seed, {cfg.branch_steps}-step branches on different domains, "
-                    f"{cfg.mix_steps} mixture steps. The earlier 4.82 vs 4.78 has no recorded setting; the BAM path "
+                    f"{cfg.mix_steps} mixture steps. Each branch forgets the other domain (branch tasks: docs loss "
+                    f"{runs['branch_tasks']['val']['docs']:.2f}, the seed's {runs['seed']['val']['docs']:.2f}), so "
+                    f"the upcycled model starts at {mean_loss(runs['bam']['curve'][0][3]):.2f} mean loss against "
+                    f"the seed's {mean_loss(runs['seed']['val']):.2f} and spends its budget recovering. The earlier 4.82 vs 4.78 has no recorded setting; the BAM path "
                     "in the tests (test_journey_2_bam) trains the seed 2 steps, each branch and the mixture 1 step "
                     "and scores random tokens: too short to tell"),
     ]
