@@ -36,6 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from longreach.mixtures import bam_model_config
+from longreach.models import ModelConfig, build_model
+from longreach.models.config import MoEOptions, MoHOptions
 from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register
 from longreach.studies.lm import (Corpus, CorpusConfig, TrainSpec, attention_core_flops, build_corpus, gap_trend,
                                   load_weights, mean_loss, param_count, plot_curves, save_weights, step_flops,
@@ -130,24 +133,20 @@ def build_arm(cfg: MixturesStudyConfig, arm: str, vocab_size: int) -> tuple[Any,
     ``seed`` (dense parallel block, BAM's seed), ``bam`` (its upcycled architecture) and ``ffn_only``
     (parallel block, dense attention, the seeds' FFNs as experts).
     """
-    from longreach.mixtures import bam_model_config
-    from longreach.models import ModelConfig, build_model
-
     base = dict(vocab_size=vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                 max_seq_len=cfg.seq_len, ffn_hidden=cfg.ffn_hidden, tie_embeddings=True)
     seed = ModelConfig(**base, parallel_block=True)
     configs = {
         "dense": lambda: ModelConfig(**base),
         "moe": lambda: ModelConfig(**{**base, "ffn_hidden": cfg.ffn_hidden // cfg.moe_top_k}, ffn_type="moe",
-                                   extra={"moe_experts": cfg.moe_experts, "moe_top_k": cfg.moe_top_k}),
+                                   moe=MoEOptions(experts=cfg.moe_experts, top_k=cfg.moe_top_k)),
         "moh": lambda: ModelConfig(**base, attention_type="moh",
-                                   extra={"moh_shared": cfg.moh_shared, "moh_top_k": cfg.moh_top_k,
-                                          "moh_execution": cfg.moh_execution}),
+                                   moh=MoHOptions(shared=cfg.moh_shared, top_k=cfg.moh_top_k,
+                                                  execution=cfg.moh_execution)),
         "seed": lambda: seed,
         "bam": lambda: bam_model_config(seed, 2, share_kv=cfg.bam_share_kv, top_k=cfg.bam_top_k),
         "ffn_only": lambda: ModelConfig(**base, parallel_block=True, ffn_type="moe",
-                                        extra={"moe_experts": 2, "moe_top_k": cfg.bam_top_k,
-                                               "moe_hidden": cfg.ffn_hidden}),
+                                        moe=MoEOptions(experts=2, top_k=cfg.bam_top_k, hidden=cfg.ffn_hidden)),
     }
     model_cfg = configs[arm]()
     torch.manual_seed(cfg.seed)
