@@ -133,7 +133,7 @@ class NativeLM:
 
             train_ctx = dataclasses.replace(ctx, training=True)
             loss_sum, n = ensemble_nll(lambda step: self.model(x, pos, dataclasses.replace(train_ctx, step=step)),
-                                       _unwrap(self.model).output_weight(), lab, self.ensemble)
+                                       unwrap(self.model).output_weight(), lab, self.ensemble)
         else:
             loss_sum, n = self.model(x, pos, ctx, labels=lab)
         tot = torch.stack([loss_sum.double().reshape(()), torch.as_tensor(n, dtype=torch.float64).reshape(())])
