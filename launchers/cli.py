@@ -74,7 +74,7 @@ def _resolve(target: str, command: str) -> Callable[[list[str]], int]:
         # only "the command's own module is absent" is a user-facing message; other import errors are bugs
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise UserError(f"'longreach {command}' is not available in this installation "
-                            f"({module_name} is not installed yet)") from None
+                            f"({module_name} is not part of this installation)") from None
         raise
     func = getattr(module, func_name, None)
     if func is None:

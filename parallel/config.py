@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .layouts import LAYOUTS, layout_multiple
+from .layouts import LAYOUTS
+from .layouts import check_divisible as _check_divisible
 from .mesh import ParallelDims
 
 STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
@@ -23,12 +24,8 @@ __all__ = ["LAYOUTS", "LINEAR_VARIANTS", "ParallelConfig", "STRATEGIES", "check_
 
 
 def check_divisible(seq_len: int, *, layout: str, cp: int, setting: str = "train.seq_len") -> None:
-    """Raise ``ValueError`` naming ``setting`` unless ``seq_len`` divides by what ``layout`` needs on ``cp``
-    ranks (cp; 2·cp for zigzag)."""
-    m = layout_multiple(layout, cp)
-    if seq_len % m:
-        raise ValueError(f"{setting}={seq_len} does not divide by {m}, as parallel.layout={layout!r} needs on "
-                         f"parallel.cp={cp} ranks; use a multiple of {m}")
+    """:func:`longreach.parallel.layouts.check_divisible` naming ``train.seq_len`` by default."""
+    _check_divisible(seq_len, layout=layout, cp=cp, setting=setting)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -48,14 +48,18 @@ def layout_multiple(layout: str, world_size: int) -> int:
     return 2 * world_size if layout == "zigzag" else world_size
 
 
+def check_divisible(seq_len: int, *, layout: str, cp: int, setting: str = "sequence length") -> None:
+    """The one sequence-divisibility check: raise ``ValueError`` naming ``setting`` unless ``seq_len``
+    divides by what ``layout`` needs on ``cp`` ranks (cp; 2·cp for zigzag)."""
+    m = layout_multiple(layout, cp)
+    if seq_len % m:
+        raise ValueError(f"{setting}={seq_len} does not divide by {m}, as parallel.layout={layout!r} needs on "
+                         f"parallel.cp={cp} ranks; use a multiple of {m} (or pad it: "
+                         "longreach.parallel.pad_to_layout)")
+
+
 def _check_len(seq_len: int, layout: str, world_size: int) -> None:
-    m = layout_multiple(layout, world_size)
-    if seq_len % m != 0:
-        raise ValueError(
-            f"sequence length {seq_len} does not divide by {m} as layout={layout!r} needs on "
-            f"{world_size} context-parallel ranks; pad it (longreach.parallel.pad_to_layout) or change "
-            "the sequence length"
-        )
+    check_divisible(seq_len, layout=layout, cp=world_size)
 
 
 def positions_for(seq_len: int, layout: str, rank: int, world_size: int) -> torch.Tensor:

@@ -70,7 +70,7 @@ def mask_density(mask, seq_len: int, heads: int, chunk: int = 1024) -> float:
 
 
 def target_ratio(name: str, ideal: float) -> float:
-    """The issue's target for time ÷ dense causal: 1.25 × ideal + 0.05 (1.5 × for SSA)."""
+    """The target for time ÷ dense causal: 1.25 × ideal + 0.05 (1.5 × for SSA)."""
     return (1.5 if name == "ssa" else 1.25) * ideal + 0.05
 
 

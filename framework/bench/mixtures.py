@@ -126,7 +126,7 @@ def build_cases(args: argparse.Namespace) -> list[LayerCase]:
         cases.append(attn_case(f"{moh_name}, {execution}", moh, cases[0].name,
                                _attn_flops(b, s, dim, d, computed, hkv, h)))
     mohs["masked"].load_state_dict(mohs["routed"].state_dict())
-    cases += _core_cases(mohs["routed"], x, cos, sin, ctx, inner, cases[0].name, b, s, d, h, active)
+    cases += _core_cases(mohs["routed"], x, cos, sin, ctx, inner, b, s, d, h, active)
     hq = max(1, h // 2)
     sqa_kv = math.gcd(hq, hkv)  # K/V heads must divide H_q
     cases.append(attn_case(f"sqa H_q={hq} H_kv={sqa_kv}",
@@ -153,7 +153,7 @@ def build_cases(args: argparse.Namespace) -> list[LayerCase]:
 
 
 def _core_cases(moh: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: Any, inner: Any,
-                layer_base: str, b: int, s: int, d: int, h: int, active: int) -> list[LayerCase]:
+                b: int, s: int, d: int, h: int, active: int) -> list[LayerCase]:
     """The attention core alone: the dense inner attention vs MoH's routed per-head outputs on one q, k, v."""
     with torch.no_grad():
         xd = x.detach()

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from longreach.errors import UserError
-from longreach.parallel.layouts import group_rank_size, layout_multiple, positions_for, shard_sequence
+from longreach.parallel.layouts import check_divisible, group_rank_size, positions_for, shard_sequence
 
 __all__ = ["shard_batch"]
 
@@ -50,19 +50,12 @@ def shard_batch(batch: dict[str, Any], layout: str, group: dist.ProcessGroup | N
         return out
     rank, size = group_rank_size(group)
     try:
-        multiple = layout_multiple(layout, size)
+        check_divisible(seq_len, layout=layout, cp=size, setting="train.seq_len")
     except ValueError as exc:
-        raise UserError(f"parallel.layout: {exc}") from None
-    if seq_len % multiple != 0:
-        raise UserError(f"train.seq_len={seq_len} does not divide by {multiple}, as parallel.layout={layout!r} "
-                        f"needs on {size} context-parallel ranks")
+        raise UserError(str(exc)) from None
     for key in _SEQ_KEYS:
         if key in batch and batch[key] is not None:
             out[key] = shard_sequence(batch[key], layout=layout, group=group, dim=1)  # [B, S / P]
     out["positions"] = positions_for(seq_len, layout, rank, size)  # [S / P]
     return out
 
-
-def unshard_positions(seq_len: int, layout: str, world_size: int) -> torch.Tensor:
-    """``[P, S / P]`` global positions held by each rank (for checks and tools)."""
-    return torch.stack([positions_for(seq_len, layout, r, world_size) for r in range(world_size)])

@@ -21,11 +21,12 @@ from longreach.models.config import MoAOptions, MoEOptions, MoHOptions, ModelCon
 from .bam import MoAConfig, MoAttention, bam_model_config, upcycle_state_dicts
 from .moe import MoEConfig, MoEFFN, expert_parameter_names, is_expert_parameter
 from .moh import MoHConfig, MoHAttention, moh_from_dense
-from .routing import RoutingTap  # noqa: F401  (re-exported)
+from .routing import RoutingTap
 from .sqa import SQAConfig, SQAttention
 
 __all__ = [
-    "MoAConfig", "MoAttention", "MoEConfig", "MoEFFN", "MoHAttention", "MoHConfig", "SQAConfig", "SQAttention",
+    "MoAConfig", "MoAttention", "MoEConfig", "MoEFFN", "MoHAttention", "MoHConfig", "RoutingTap", "SQAConfig",
+    "SQAttention",
     "bam_model_config", "convert_to_moh", "expert_parameter_names", "is_expert_parameter", "moa_config",
     "moe_config", "moh_config", "moh_from_dense", "shard_experts", "sqa_config", "upcycle_state_dicts",
 ]

@@ -158,10 +158,6 @@ class ModelShape:
             out.update(norms=(e + 4) * h + 4, loss=e * h + 4)
         return out
 
-    def activation_bytes_per_token(self, dtype_bytes: int = 2) -> float:
-        """Bytes one block keeps for backward per token without checkpointing (sum of the measured parts)."""
-        return sum(self.saved_bytes_per_token(dtype_bytes).values())
-
 
 MODELS: dict[str, ModelShape] = {
     "llama2_7b": ModelShape(name="Llama-2-7B", layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008, vocab=32000),

@@ -15,7 +15,7 @@ from longreach.kernels.api import resolve_backend
 from ..ring_flash_adapter import try_attention as ring_flash_attention
 from ..comm import CPGroup, group_ranks
 from ..config import STRATEGIES
-from ..layouts import LAYOUTS, DocumentZigzag, group_rank_size, layout_multiple, positions_for
+from ..layouts import LAYOUTS, DocumentZigzag, check_divisible, group_rank_size, layout_multiple, positions_for
 from .allgather import AllGatherEngine, AllGatherPlan
 from .hybrid import HybridEngine, HybridPlan
 
@@ -121,11 +121,9 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: st
     seq_len = q.shape[1] * world
     if isinstance(layout, DocumentZigzag):
         layout.check(seq_len, world)
-    elif seq_len % layout_multiple(layout, world) != 0:
-        raise ValueError(
-            f"sequence length {seq_len} ({q.shape[1]} local tokens × {world} ranks) does not divide by "
-            f"{layout_multiple(layout, world)} as layout={layout!r} needs; pad it (longreach.parallel.pad_to_layout)"
-        )
+    else:
+        check_divisible(seq_len, layout=layout, cp=world,
+                        setting=f"sequence length ({q.shape[1]} local tokens × {world} ranks)")
     degree = _degree(strategy, ulysses_degree, world)
     if degree > 1:
         if h % degree != 0 and strategy == "ulysses":
