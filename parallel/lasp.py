@@ -25,6 +25,8 @@ with its own backward. All communication goes through :mod:`longreach.parallel.c
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -99,6 +101,17 @@ def _chunk_carry(lam: torch.Tensor, crossing: torch.Tensor | None, t: int) -> to
     return lam if crossing is None else lam * crossing[t].to(lam.dtype)
 
 
+def _backward_setup(ctx: Any, d_entering: torch.Tensor) -> tuple:
+    """What both state-passing backwards start from: (group, layout, rank, size, this rank's chunks, chunk
+    count, contiguous d_entering ``[L, B, H, D, E]``, per-chunk decay λ^n ``[1, H, 1, 1]``)."""
+    group, layout = ctx.group, ctx.layout
+    rank, size = group_rank_size(group)
+    mine = local_chunks(layout, rank, size)
+    d_entering = d_entering.contiguous()
+    lam = _chunk_decay(ctx.decay, ctx.n, d_entering)
+    return group, layout, rank, size, mine, len(mine) * size, d_entering, lam
+
+
 class _Lasp2States(torch.autograd.Function):
     """``M_local [L, B, H, D, E]`` → entering states of the local chunks ``[L, B, H, D, E]``.
 
@@ -123,12 +136,7 @@ class _Lasp2States(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_entering):
-        group, layout = ctx.group, ctx.layout
-        rank, size = group_rank_size(group)
-        mine = local_chunks(layout, rank, size)
-        nchunks = len(mine) * size
-        d_entering = d_entering.contiguous()
-        lam = _chunk_decay(ctx.decay, ctx.n, d_entering)
+        group, layout, rank, size, mine, nchunks, d_entering, lam = _backward_setup(ctx, d_entering)
         parts = _all_gather(d_entering, group, size)  # [P, L, B, H, D, E]
         g_all = _in_chunk_order(parts, layout, nchunks, size)
         # dM_u = Σ_{t>u} λ^{n(t−1−u)} dKV_t: a suffix scan in chunk order
@@ -171,12 +179,7 @@ class _Lasp1States(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_entering):
-        group, layout = ctx.group, ctx.layout
-        rank, size = group_rank_size(group)
-        mine = local_chunks(layout, rank, size)
-        nchunks = len(mine) * size
-        d_entering = d_entering.contiguous()
-        lam = _chunk_decay(ctx.decay, ctx.n, d_entering)
+        group, layout, rank, size, mine, nchunks, d_entering, lam = _backward_setup(ctx, d_entering)
         dm: dict[int, torch.Tensor] = {}
         carry = None
         for t in sorted(mine, reverse=True):

@@ -169,7 +169,8 @@ def _as_dry_run(words: list[str]) -> tuple[str, list[str]]:
 def test_every_recipe_has_a_header_command():
     from longreach.configio import _packaged_configs
 
-    assert {name for name, _ in HEADERS} == set(_packaged_configs())
+    # study recipes (configs/study_*.yaml) are run by `longreach study NAME` (tests/test_studies*.py)
+    assert {name for name, _ in HEADERS} == {n for n in _packaged_configs() if not n.startswith("study_")}
 
 
 @pytest.mark.parametrize("recipe,words", HEADERS, ids=[f"{n}:{i}" for i, (n, _) in enumerate(HEADERS)])
