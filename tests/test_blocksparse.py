@@ -133,9 +133,9 @@ def test_cpu_sparse_skips_empty_tiles(monkeypatch):
     calls = []
     real = slices_cpu.CpuRunner.forward
 
-    def spy(self, q, k, v, *, causal, mask, scale):
+    def spy(self, q, k, v, *, causal, mask, scale, window=None):
         calls.append(q.shape[0] * q.shape[2] * k.shape[2])  # units × rows × keys
-        return real(self, q, k, v, causal=causal, mask=mask, scale=scale)
+        return real(self, q, k, v, causal=causal, mask=mask, scale=scale, window=window)
 
     monkeypatch.setattr(slices_cpu.CpuRunner, "forward", spy)
     monkeypatch.setattr(slice_plan, "TILE", 32)

@@ -211,6 +211,17 @@ def test_flash_runs_one_varlen_call_per_bucket(flash_standin):
     assert fwd == [("fwd", (4 + 3) * 2, True), ("fwd", 2 * 2, True)]
 
 
+def test_flash_runs_band_units_with_its_own_window(flash_standin):
+    """A sliding window's band units (query units forward, key units backward) reach flash-attn as
+    ``window_size`` instead of a mask: out, LSE and every gradient equal the reference."""
+    failures = compare("flash", M.sliding_window(100), sq=512, h=4, hkv=2, dtype=torch.float32, tol=2e-5)
+    assert not failures, failures
+    windows = set(standin.WINDOWS)
+    assert windows, "no band unit reached flash-attn's window_size"
+    assert all(min(w) == 0 and max(w) > 0 for w in windows), windows  # (left, 0) or (0, right)
+    assert any(w[0] > 0 for w in windows)  # query units: keys r … r + n − m
+
+
 def test_auto_routes_cuda_to_flash_and_cpu_to_slices():
     from longreach.kernels.api import resolve_backend
 

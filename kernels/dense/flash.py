@@ -7,7 +7,8 @@ with ``return_attn_probs=True``. The backward of a unit must use the *global* ou
 parallelism), which flash-attn's public autograd cannot take, so it calls
 ``flash_attn.flash_attn_interface._flash_attn_varlen_backward``; its signature changed across releases
 (``window_size`` became ``window_size_left``/``_right``, ``softcap`` appeared), so arguments are passed by
-the names the installed version declares. Units flash-attn cannot run (explicit tile masks, float32)
+the names the installed version declares. Band units run with flash-attn's own ``window_size`` (the
+executor hands their window beside the mask). Units flash-attn cannot run (explicit tile masks, float32)
 go to PyTorch's memory-efficient SDPA kernel (``aten._scaled_dot_product_efficient_attention`` and its
 backward, which take an LSE); on a CPU tensor (tests with a stand-in ``flash_attn``) to the CPU flash kernel.
 
@@ -69,7 +70,7 @@ class SdpaRunner:
         bias = torch.zeros(*mask.shape[:-1], pad, dtype=dtype, device=mask.device)[..., :n]
         return bias.masked_fill_(~mask, float("-inf")).expand(mask.shape[0], hg, *mask.shape[2:])
 
-    def forward(self, q, k, v, *, causal, mask, scale):
+    def forward(self, q, k, v, *, causal, mask, scale, window=None):  # window: the mask says it
         rep = q.shape[1] // k.shape[1]
         k, v = (x.repeat_interleave(rep, 1) if rep > 1 else x for x in (k, v))
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -80,7 +81,7 @@ class SdpaRunner:
             lse, out = lse.masked_fill(empty, float("-inf")), out.masked_fill(empty[..., None], 0.0)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale, window=None):
         n, hk, rep = k.shape[0], k.shape[1], q.shape[1] // k.shape[1]
         ke, ve = (x.repeat_interleave(rep, 1) if rep > 1 else x for x in (k, v))
         width = self._lse_len(str(q.device), q.shape[2])
@@ -111,26 +112,29 @@ class FlashRunner:
         cu = torch.arange(0, (n + 1) * s, s, dtype=torch.int32, device=x.device)
         return x.transpose(1, 2).reshape(n * s, h, d), cu
 
-    def _usable(self, q, mask):
-        return mask is None and q.dtype in FLASH_DTYPES and _flash_module() is not None
+    def _usable(self, q, mask, window):
+        """flash-attn runs the unit: no mask, or a band mask given as its window (native in flash-attn)."""
+        return (mask is None or window is not None) and q.dtype in FLASH_DTYPES and _flash_module() is not None
 
-    def forward(self, q, k, v, *, causal, mask, scale):
-        if not self._usable(q, mask):
+    def forward(self, q, k, v, *, causal, mask, scale, window=None):
+        if not self._usable(q, mask, window):
             return self._fallback(q).forward(q, k, v, causal=causal, mask=mask, scale=scale)
+        left, right = window if window is not None else (-1, -1)
         n, h, m, _ = q.shape
         sk = k.shape[2]
         (qp, cu_q), (kp, cu_k), (vp, _) = self._pack(q), self._pack(k), self._pack(v)
         out, lse, _ = _flash_module().flash_attn_varlen_func(
             qp, kp, vp, cu_q, cu_k, m, sk, dropout_p=0.0, softmax_scale=scale, causal=causal,
-            return_attn_probs=True)
+            window_size=(left, right), return_attn_probs=True)
         out = out.view(n, m, h, -1).transpose(1, 2)  # [N, H, m, E]
         # LSE is [H, total_q] in current releases, [N, H, max_seqlen_q] in older ones
         lse = lse.view(h, n, m).transpose(0, 1) if lse.dim() == 2 else lse[..., :m]
         return out, lse.float()
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale):
-        if not self._usable(q, mask):
+    def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale, window=None):
+        if not self._usable(q, mask, window):
             return self._fallback(q).backward(dout, q, k, v, out, lse, causal=causal, mask=mask, scale=scale)
+        left, right = window if window is not None else (-1, -1)
         n, h, m, _ = q.shape
         sk = k.shape[2]
         (qp, cu_q), (kp, cu_k), (vp, _) = self._pack(q), self._pack(k), self._pack(v)
@@ -140,7 +144,7 @@ class FlashRunner:
         _varlen_backward(
             _flash_module(), dout=dop, q=qp, k=kp, v=vp, out=op, softmax_lse=lse_p, dq=dq, dk=dk, dv=dv,
             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=m, max_seqlen_k=sk, dropout_p=0.0,
-            softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
+            softmax_scale=scale, causal=causal, window_size_left=left, window_size_right=right, softcap=0.0,
             alibi_slopes=None, deterministic=False, rng_state=None,
         )
         return (dq.view(n, m, h, -1).transpose(1, 2), dk.view(n, sk, -1, dk.shape[-1]).transpose(1, 2),

@@ -62,7 +62,7 @@ def reduce_kv(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
 class CpuRunner:
     """Bucket runner on the aten CPU flash kernel (``[N, H, S, D]`` inputs)."""
 
-    def forward(self, q, k, v, *, causal, mask, scale):
+    def forward(self, q, k, v, *, causal, mask, scale, window=None):  # window: the mask says it
         k, v = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
         out, lse = _fwd(q, k, v, 0.0, causal, attn_mask=_additive(mask, q.dtype), scale=scale)[:2]
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -75,7 +75,7 @@ class CpuRunner:
                 out = out.masked_fill(empty[..., None], 0.0)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale):
+    def backward(self, dout, q, k, v, out, lse, *, causal, mask, scale, window=None):
         hk = k.shape[1]
         # the kernel reads strided inputs but copies dout unless it is contiguous as [N, m, H, E] (its layout)
         dout = dout.transpose(1, 2).contiguous().transpose(1, 2)

@@ -2,12 +2,14 @@
 
 A *runner* wraps one device kernel in ``[N, H, S, D]`` layout (units stacked in N):
 
-    forward(q, k, v, *, causal, mask, scale) -> (out [N, Hg, m, E], lse [N, Hg, m] float32)
-    backward(dout, q, k, v, out, lse, *, causal, mask, scale) -> (dq, dk, dv)
+    forward(q, k, v, *, causal, mask, scale, window=None) -> (out [N, Hg, m, E], lse [N, Hg, m] float32)
+    backward(dout, q, k, v, out, lse, *, causal, mask, scale, window=None) -> (dq, dk, dv)
 
 with q ``[N, Hg, m, D]``, k/v ``[N, Hk, n, D|E]`` (Hk divides Hg, GQA inside the call), ``causal`` square and
 diagonal-aligned, ``mask`` None or ``bool [N, Hd, m, n]`` (rows it leaves empty must come back as out = 0,
-lse = −inf). ``backward`` receives the *global* out and lse of its rows (finite: rows empty everywhere have
+lse = −inf). ``window = (left, right)`` accompanies the mask of a band bucket and says the same thing in
+flash-attn's terms (keys ``r + n − m − left … r + n − m + right`` for row r), so a kernel with native
+windows runs it without the mask. ``backward`` receives the *global* out and lse of its rows (finite: rows empty everywhere have
 no unit), so every unit's gradients are exact for the whole attention, as context parallelism needs.
 
 Tensors are viewed as ``[S·H, B, D]`` (a free view for B = 1) so that gathering a bucket's cells and
@@ -30,9 +32,11 @@ __all__ = ["Runner", "forward", "backward"]
 
 
 class Runner(Protocol):
-    def forward(self, q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float): ...
+    def forward(self, q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float,
+                window: tuple[int, int] | None = None): ...
 
-    def backward(self, dout, q, k, v, out, lse, *, causal: bool, mask: torch.Tensor | None, scale: float): ...
+    def backward(self, dout, q, k, v, out, lse, *, causal: bool, mask: torch.Tensor | None, scale: float,
+                 window: tuple[int, int] | None = None): ...
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -104,6 +108,12 @@ def _shapes(bucket: Bucket) -> tuple[tuple[int, int, int], tuple[int, int, int]]
     return (u, m, bucket.heads.shape[1]), (u, bucket.keys.shape[1], bucket.kv_heads.shape[1])
 
 
+def _window(bucket: Bucket) -> tuple[int, int] | None:
+    """A band bucket's mask as a flash-attn window (left, right) around the bottom-right diagonal
+    (:attr:`Bucket.window`)."""
+    return bucket.window
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMask, scale: float,
             runner: Runner, *, tiles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [B, Sq, H, D]`` over ``k/v [B, Sk, Hkv, D|E]`` under ``placed``.
@@ -135,7 +145,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, placed: PlacedMas
             continue
         o, l = runner.forward(_gather(qc, qi, qs, bucket.q_block), _gather(kc, ki, ks, bucket.k_block),
                               _gather(vc, ki, ks, bucket.k_block),
-                              causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, qs[0], b), scale=scale)
+                              causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, qs[0], b), scale=scale,
+                              window=_window(bucket))
         o, l = _cells_of(o, qs[0]).to(acc), _cells_of(l, qs[0]).to(acc)  # [U·m·Hg, B, E], [U·m·Hg, B]
         if not bucket.first:
             mo, ml = out.index_select(0, qi), lse.index_select(0, qi)
@@ -167,7 +178,7 @@ def _forward_regular(bucket: Bucket, q, k, v, out: torch.Tensor, lse: torch.Tens
     (u, m, hg), (_, n, hk) = _shapes(bucket)
     o, l = runner.forward(_units(q, r0, rs, u, m, h0, hg), _units(k, k0, ks, u, n, kh0, hk),
                           _units(v, k0, ks, u, n, kh0, hk), causal=bucket.kind == CAUSAL_KIND, mask=mask,
-                          scale=scale)  # [U, Hg, m, E], [U, Hg, m]
+                          scale=scale, window=_window(bucket))  # [U, Hg, m, E], [U, Hg, m]
     ov, lv = _units(out, r0, rs, u, m, h0, hg), _units(lse, r0, rs, u, m, h0, hg)
     if bucket.first:
         ov.copy_(o)
@@ -197,7 +208,8 @@ def _backward_regular(bucket: Bucket, tensors: tuple, grads: tuple, mask: torch.
         rows = [_units(x, ra, rs, c, m, h0, hg) for x in (dout, q, out, lse)]
         keys = [_units(x, ka, ks, c, n, kh0, hk) for x in (k, v)]
         gq, gk, gv = runner.backward(rows[0], rows[1], *keys, rows[2], rows[3], causal=bucket.kind == CAUSAL_KIND,
-                                     mask=None if mask is None else mask[a:a + c], scale=scale)
+                                     mask=None if mask is None else mask[a:a + c], scale=scale,
+                                     window=_window(bucket))
         _add_units(_units(dq, ra, rs, c, m, h0, hg), gq, m, rs)
         _add_units(_units(dk, ka, ks, c, n, kh0, hk), gk, n, ks)
         _add_units(_units(dv, ka, ks, c, n, kh0, hk), gv, n, ks)
@@ -251,6 +263,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             *(_gather(x, qi, qs, bucket.q_block) for x in (doc, qc)), _gather(kc, ki, ks, bucket.k_block),
             _gather(vc, ki, ks, bucket.k_block), _gather(oc, qi, qs, bucket.q_block),
             lg.contiguous(), causal=bucket.kind == CAUSAL_KIND, mask=_unit_mask(mask, u, b), scale=scale,
+            window=_window(bucket),
         )
         for grad, g, index, block in ((dq, gq, qi, bucket.q_block), (dk, gk, ki, bucket.k_block),
                                       (dv, gv, ki, bucket.k_block)):

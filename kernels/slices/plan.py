@@ -76,6 +76,8 @@ class Bucket:
         q_block, k_block: ``q_index`` / ``k_index`` are runs of this many consecutive cells, each starting at a
             multiple of it (gathered a block at a time).
         split: regular buckets of this one's units, one per head group (what runs on strided views), or None.
+        window: for band units (the shared mask is :func:`band_mask`), the same pattern as flash-attn's
+            ``window_size`` (left, right) about the bottom-right diagonal; None otherwise.
     """
 
     kind: str
@@ -92,6 +94,7 @@ class Bucket:
     q_block: int = 1
     k_block: int = 1
     split: list[Bucket] | None = None
+    window: tuple[int, int] | None = None
     _copies: dict = field(default_factory=dict)
 
     def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -404,6 +407,9 @@ def _bucket(kind: str, part: list[tuple], h: int, hkv: int, *, first: bool) -> B
     b.k_index = (b.keys[:, :, None] * hkv + b.kv_heads[:, None, :]).reshape(-1)
     b.regular = _regular(b)
     b.q_block, b.k_block = _block(b.q_index), _block(b.k_index)
+    m, n = b.rows.shape[1], b.keys.shape[1]
+    if mask is not None and mask.shape[0] == 1 and masks[0] is band_mask(m, n):
+        b.window = (max(n - m, 0), max(m - n, 0))  # query unit: keys r … r + n − m; key unit: rows j … j + m − n
     return b
 
 
