@@ -39,9 +39,9 @@ class ExtensionConfig(TinyLMConfig):
 
     factor: int = 4
     """Context extension factor."""
-    pretrain_steps: int = 3000
+    pretrain_steps: int = 2500
     """Base model optimizer steps."""
-    finetune_steps: int = 600
+    finetune_steps: int = 300
     """Optimizer steps of each extension recipe."""
     finetune_batch: int = 4
     """Sequences of ``factor`` x L tokens per fine-tuning step."""
@@ -49,7 +49,7 @@ class ExtensionConfig(TinyLMConfig):
     """Learning rate of the LoRA recipes."""
     full_lr: float = 5e-4
     """Learning rate of full fine-tuning."""
-    aligned_fraction: float = 0.5
+    aligned_fraction: float = 0.75
     """Share of pre-training windows that start at a task document's first token (the rest start anywhere,
     so text is seen at every offset)."""
     finetune_task_chars: int = 1700
