@@ -1,10 +1,11 @@
 """Study "extension": a base model pretrained at L, extended to 4L with each recipe (CPU, minutes).
 
 1. **Data.** The embedded corpus (standard-library docstrings + passkey and associative-recall tasks,
-   digits one token each). Pre-training tasks are at most ~L tokens long, so a window of L holds whole
-   tasks; the fine-tuning mix is the same training docstrings with *fresh* tasks up to ~4L tokens (passkeys
-   at every depth, so the extended models see retrieval at the new lengths). Held-out docstring modules
-   are the perplexity text.
+   digits one token each). Pre-training tasks are at most ~L tokens long and ``aligned_fraction`` of the
+   pre-training windows start at a task's first token (the rest anywhere), so whole tasks are seen often;
+   the fine-tuning mix is *fresh* tasks up to ~4L tokens (passkeys at every depth), packed whole into the
+   fine-tuning loader's windows of 4L with the training docstrings filling the rest. Held-out docstring
+   modules are the perplexity text.
 2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
    sentencepiece tokenizer). The study checks that it retrieves passkeys at L: an extension can only
    be judged against a base that retrieves where it was trained.
