@@ -296,7 +296,12 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Fin
                           "to 32k, the 4k base fails beyond 4k",
                 ours=f"passkey @{n4}: LongLoRA {pk[longlora]:.2f}, SinkLoRA {pk[sinklora]:.2f}, full "
                      f"{pk[full]:.2f}; base {pk[base_name]:.2f}, PI {pk[pi_name]:.2f}, YaRN {pk[yarn_name]:.2f}",
-                reproduced=ext_4 > best_base_4),
+                reproduced=ext_4 > best_base_4,
+                why="" if ext_4 > best_base_4 else (
+                    f"position interpolation alone breaks the base's retrieval even at L (PI @{n1}: "
+                    f"{float(np.mean(rows[pi_name]['passkey'][n1])):.2f}), and {cfg.finetune_steps} fine-tuning "
+                    f"steps did not re-learn it (extended models @{n1}: "
+                    f"{max(float(np.mean(rows[k]['passkey'][n1])) for k in RECIPES):.2f} at best)")),
         Finding(claim=f"perplexity at {cfg.factor}L: full fine-tune <= SinkLoRA <= LongLoRA",
                 published="LongLoRA (Llama2-7B, 8k): PG19/proof-pile ppl LoRA + S2 8.20/2.78 vs full fine-tune "
                           "7.93/2.73; SinkLoRA PG19 ablation: SF-Attn 8.64 vs S2 9.09",
