@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,27 @@ def test_ssa_eval_ensemble_averages_distinct_subsampled_passes() -> None:
     assert _ssa_ensemble(src).eval_ensemble == 4
     for section in ({"pattern": "ssa", "eval_ensemble": 1}, {"pattern": "s2", "eval_ensemble": 4}, None):
         assert _ssa_ensemble(SimpleNamespace(config={"attention": section}, describe=lambda: "run")) is None
+
+
+def test_extension_pack_keeps_every_task_whole_inside_one_window() -> None:
+    from longreach.studies.extension import _pack
+
+    rng = np.random.default_rng(0)
+    tasks = [np.concatenate([[1], rng.integers(10, 100, int(n)), [2]]) for n in rng.integers(3, 30, 40)]
+    tasks.append(np.arange(200, 260))  # longer than a window: left out
+    text = np.arange(1000, 1037)
+    width = 32
+    packed = _pack(tasks, text, width)
+    assert len(packed) % width == 0
+    windows = packed.reshape(-1, width).tolist()
+    found = []
+    for w in windows:  # each window: whole tasks from its first token, then running text
+        i = 0
+        while i < width and w[i] == 1:
+            j = w.index(2, i)
+            found.append(w[i:j + 1])
+            i = j + 1
+        assert all(t >= 1000 for t in w[i:])
+    assert found == [t.tolist() for t in tasks[:-1]]
+    fill = [t for w in windows for t in w if t >= 1000]
+    assert fill == [1000 + k % 37 for k in range(len(fill))]  # the text read on cyclically, nothing skipped

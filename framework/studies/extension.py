@@ -1,10 +1,11 @@
 """Study "extension": a base model pretrained at L, extended to 4L with each recipe (CPU, minutes).
 
 1. **Data.** The embedded corpus (standard-library docstrings + passkey and associative-recall tasks,
-   digits one token each). Pre-training tasks are at most ~L tokens long, so a window of L holds whole
-   tasks; the fine-tuning mix is the same training docstrings with *fresh* tasks up to ~4L tokens (passkeys
-   at every depth, so the extended models see retrieval at the new lengths). Held-out docstring modules
-   are the perplexity text.
+   digits one token each). Pre-training tasks are at most ~L tokens long and ``aligned_fraction`` of the
+   pre-training windows start at a task's first token (the rest anywhere), so whole tasks are seen often;
+   the fine-tuning mix is *fresh* tasks up to ~4L tokens (passkeys at every depth), packed whole into the
+   fine-tuning loader's windows of 4L with the training docstrings filling the rest. Held-out docstring
+   modules are the perplexity text.
 2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
    sentencepiece tokenizer). The study checks that it retrieves passkeys at L: an extension can only
    be judged against a base that retrieves where it was trained.
@@ -39,9 +40,9 @@ class ExtensionConfig(TinyLMConfig):
 
     factor: int = 4
     """Context extension factor."""
-    pretrain_steps: int = 3000
+    pretrain_steps: int = 2500
     """Base model optimizer steps."""
-    finetune_steps: int = 600
+    finetune_steps: int = 300
     """Optimizer steps of each extension recipe."""
     finetune_batch: int = 4
     """Sequences of ``factor`` x L tokens per fine-tuning step."""
@@ -49,6 +50,11 @@ class ExtensionConfig(TinyLMConfig):
     """Learning rate of the LoRA recipes."""
     full_lr: float = 5e-4
     """Learning rate of full fine-tuning."""
+    aligned_fraction: float = 0.75
+    """Share of pre-training windows that start at a task document's first token (the rest start anywhere,
+    so text is seen at every offset)."""
+    finetune_task_chars: int = 1700
+    """Longest fine-tuning task in characters (a passkey task of ~``factor`` x L tokens)."""
     seeds: int = 10
     """Passkey keys per (length, depth)."""
     ppl_windows: int = 16
@@ -56,16 +62,18 @@ class ExtensionConfig(TinyLMConfig):
 
     def __post_init__(self) -> None:
         TinyLMConfig.__post_init__(self)
-        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows"):
+        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows", "finetune_task_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.aligned_fraction <= 1.0:
+            raise ValueError(f"aligned_fraction must be in [0, 1], got {self.aligned_fraction}")
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (an extension), got {self.factor}")
 
     def quick(self) -> "ExtensionConfig":
         """The smallest setting (tests): a few steps of everything."""
         return replace(self, seq_len=128, factor=2, dim=32, n_layers=1, n_heads=2, pretrain_steps=4, batch=2, vocab_size=400,
-                       harvest_chars=30_000, task_chars=250, finetune_steps=2, finetune_batch=1, seeds=1,
+                       harvest_chars=30_000, task_chars=250, finetune_task_chars=500, finetune_steps=2, finetune_batch=1, seeds=1,
                        ppl_windows=1)
 
 
@@ -78,25 +86,54 @@ def _finetune_api() -> dict[str, Any]:
     return {**api, "finetune": train.finetune}
 
 
+def _encode(tok: Any, docs: list[str], idx: Any) -> list[np.ndarray]:
+    """Each of ``docs[idx]`` as ``[n]`` int64 ids between BOS and EOS."""
+    return [np.asarray([tok.bos_id] + tok.encode(docs[int(i)]) + [tok.eos_id], dtype=np.int64) for i in idx]
+
+
+def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int) -> np.ndarray:
+    """``[W * width]`` tokens: windows of ``width`` that each hold whole task documents from their first token,
+    the rest of the window running text (``text`` read on cyclically). Tasks longer than ``width`` are left out.
+    The fine-tuning loader cuts its windows at multiples of ``width``, so every task there is seen whole."""
+    windows, pos, i = [], 0, 0
+    tasks = [t for t in tasks if len(t) <= width]
+    while i < len(tasks):
+        parts, used = [], 0
+        while i < len(tasks) and used + len(tasks[i]) <= width:
+            parts.append(tasks[i])
+            used, i = used + len(tasks[i]), i + 1
+        fill = np.take(text, np.arange(pos, pos + width - used), mode="wrap")  # [width - used]
+        pos += width - used
+        windows.append(np.concatenate(parts + [fill]))
+    return np.concatenate(windows)
+
+
 def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
-    """Write pretrain/fine-tune/held-out token files; return their sizes and the tokenizer file."""
+    """Write pretrain/fine-tune/held-out token files (and the pre-training task starts); return their sizes
+    and the tokenizer file."""
     tok, docs, n_text = embedded_documents(cfg, out / "cache", task_chars=cfg.task_chars)
     rng = np.random.default_rng(cfg.seed)
     held = np.sort(rng.permutation(n_text)[:max(4, n_text // 20)])  # held-out docstring modules
-    keep = np.setdiff1d(np.arange(len(docs)), held)
-    train = encode_documents(tok, docs, rng.permutation(keep))  # [N]
+    keep = rng.permutation(np.setdiff1d(np.arange(len(docs)), held))
+    pieces = _encode(tok, docs, keep)
+    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])  # [D] first token of each document
+    train = np.concatenate(pieces)  # [N]
+    task_starts = starts[keep >= n_text]  # documents after the docstrings are tasks
     val = encode_documents(tok, docs, held)  # [N_val] natural text only
-    # fine-tuning: the same training docstrings, fresh tasks up to factor x longer (the seed shifts the keys)
+    # fine-tuning: fresh tasks up to ~factor x longer (the seed shifts the keys), packed whole into windows of
+    # factor x L whose remainder is the training docstrings
     _, long_docs, _ = embedded_documents(replace(cfg, seed=cfg.seed + 1), out / "cache",
-                                 task_chars=cfg.factor * cfg.task_chars, tokenizer=str(tok.path))
-    long_keep = np.setdiff1d(np.arange(len(long_docs)), held)
-    tune = encode_documents(tok, long_docs, rng.permutation(long_keep))
+                                 task_chars=cfg.finetune_task_chars, tokenizer=str(tok.path))
+    text_idx = rng.permutation(np.setdiff1d(np.arange(n_text), held))
+    tune = _pack(_encode(tok, long_docs, rng.permutation(np.arange(n_text, len(long_docs)))),
+                 encode_documents(tok, long_docs, text_idx), cfg.factor * cfg.seq_len)
     for name, arr in (("pretrain", train), ("finetune", tune), ("val", val)):
         np.save(out / f"{name}_tokens.npy", arr)
+    np.save(out / "pretrain_task_starts.npy", task_starts)
     n_pk = sum(d.startswith("There is an important piece") for d in long_docs)
     return {"documents": len(docs), "docstring_modules": n_text, "held_out": len(held), "pretrain_tokens": len(train),
-            "finetune_tokens": len(tune), "finetune_passkey_docs": n_pk, "val_tokens": len(val),
-            "tokenizer": str(tok.path)}
+            "pretrain_tasks": len(task_starts), "finetune_tokens": len(tune), "finetune_passkey_docs": n_pk,
+            "val_tokens": len(val), "tokenizer": str(tok.path)}
 
 
 def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext) -> dict[str, Any]:
@@ -105,6 +142,8 @@ def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext
     from longreach.hf.convert import save_hf
 
     train = torch.as_tensor(np.load(out / "pretrain_tokens.npy"))  # [N]
+    task_starts = np.load(out / "pretrain_task_starts.npy")  # [T]
+    last = len(train) - cfg.seq_len - 1
     rng = np.random.default_rng(cfg.seed)
     model = cfg.build_model(Tokenizer(tokenizer).vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
@@ -112,8 +151,10 @@ def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext
     span = torch.arange(cfg.seq_len + 1)
     losses = []
     for step in range(cfg.pretrain_steps):
-        starts = torch.as_tensor(rng.integers(0, len(train) - cfg.seq_len - 1, cfg.batch))
-        losses.append(lm_step(model, opt, sched, train[starts[:, None] + span]))  # batch [B, L+1]
+        starts = rng.integers(0, last, cfg.batch)  # [B]
+        aligned = rng.random(cfg.batch) < cfg.aligned_fraction
+        starts[aligned] = np.minimum(rng.choice(task_starts, int(aligned.sum())), last)
+        losses.append(lm_step(model, opt, sched, train[torch.as_tensor(starts)[:, None] + span]))  # batch [B, L+1]
         if step % 250 == 0 or step == cfg.pretrain_steps - 1:
             ctx.log(f"pretrain step {step}/{cfg.pretrain_steps} loss {losses[-1]:.3f}")
     save_hf(model.eval(), out / "base_hf", sp_model_file=tokenizer)
@@ -255,7 +296,12 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Fin
                           "to 32k, the 4k base fails beyond 4k",
                 ours=f"passkey @{n4}: LongLoRA {pk[longlora]:.2f}, SinkLoRA {pk[sinklora]:.2f}, full "
                      f"{pk[full]:.2f}; base {pk[base_name]:.2f}, PI {pk[pi_name]:.2f}, YaRN {pk[yarn_name]:.2f}",
-                reproduced=ext_4 > best_base_4),
+                reproduced=ext_4 > best_base_4,
+                why="" if ext_4 > best_base_4 else (
+                    f"position interpolation alone breaks the base's retrieval even at L (PI @{n1}: "
+                    f"{float(np.mean(rows[pi_name]['passkey'][n1])):.2f}), and {cfg.finetune_steps} fine-tuning "
+                    f"steps did not re-learn it (extended models @{n1}: "
+                    f"{max(float(np.mean(rows[k]['passkey'][n1])) for k in RECIPES):.2f} at best)")),
         Finding(claim=f"perplexity at {cfg.factor}L: full fine-tune <= SinkLoRA <= LongLoRA",
                 published="LongLoRA (Llama2-7B, 8k): PG19/proof-pile ppl LoRA + S2 8.20/2.78 vs full fine-tune "
                           "7.93/2.73; SinkLoRA PG19 ablation: SF-Attn 8.64 vs S2 9.09",
