@@ -192,9 +192,17 @@ def bf16_gradients_worker(rank: int, world: int, seed: int, seq_len: int) -> dic
     return res
 
 
-def test_bf16_gradients_over_ranks_are_no_worse_than_one_call() -> None:
-    """Two gloo ranks, bf16: ring steps, Ulysses with replicated K/V heads and all-gather over documents give
-    gradients no further from float64 (L2 error; max within 2×) than one bf16 kernel call on one rank."""
+#: L2-error headroom over one bf16 call for a case whose ring steps are one kernel call each: each step's
+#: partial is rounded to bf16 once before the float32 sum, as in flash-attn rings (0.97–1.12× one call's
+#: L2 error over seeds 4–6 at 2 and 4 ranks; float32 partials measure 0.62–0.91×).
+ONE_CALL_PER_STEP_HEADROOM = 1.15
+
+
+def test_bf16_gradients_over_ranks_stay_near_one_call() -> None:
+    """Two gloo ranks, bf16: Ulysses with replicated K/V heads and all-gather over documents (steps split into
+    several calls: float32 partials) give gradients no further from float64 (L2 error; max within 2×) than one
+    bf16 kernel call on one rank; the zigzag ring (one call per step, bf16 partials summed in float32) stays
+    within :data:`ONE_CALL_PER_STEP_HEADROOM` of it in L2 (max within 3×) (its errors equal ring-flash-attn's: see the peers test)."""
     from longreach.testing import run_ranks
 
     seed, seq_len = 4, 256
@@ -212,25 +220,31 @@ def test_bf16_gradients_over_ranks_are_no_worse_than_one_call() -> None:
             pos, *grads = r[name]
             for full, part in zip(ours, grads):
                 full[:, pos] = part
+        # the max error is decided by how a few elements round: one more rounding per step may double it
+        l2, worst = (ONE_CALL_PER_STEP_HEADROOM, 3.0) if name == "ring zigzag causal" else (1.0, 2.0)
         for got, single, w in zip(ours, (qs.grad, ks.grad, vs.grad), want):
             err, base = _errors(got, w), _errors(single, w)
-            assert err[1] <= base[1] and err[0] <= 2 * base[0], (name, err, base)
+            assert err[1] <= l2 * base[1] and err[0] <= worst * base[0], (name, err, base)
 
 
-def test_cp_asks_for_float32_partials_where_the_backend_gives_them() -> None:
-    """bf16 on CPU: float32 partials from every backend that takes ``grad_dtype``; float32 inputs and backends
-    without the keyword keep today's call."""
+def test_cp_asks_for_float32_partials_only_for_split_steps() -> None:
+    """bf16 on CPU: float32 partials from every backend that takes ``grad_dtype`` when a step takes several
+    kernel calls (or one call's result is summed with others); one call per step, float32 inputs and
+    backends without the keyword keep the input dtype."""
     from types import SimpleNamespace
 
     x = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16)
+    two, one = [object(), object()], [object()]
     for name in ("cpu", "reference", "slices", "cpu_sparse"):
+        assert blocks.partial_grad_dtype(get_backend(name), x, two) == torch.float32
         assert blocks.partial_grad_dtype(get_backend(name), x) == torch.float32
-    assert blocks.partial_grad_dtype(get_backend("cpu"), x.float()) is None
+        assert blocks.partial_grad_dtype(get_backend(name), x, one) is None
+    assert blocks.partial_grad_dtype(get_backend("cpu"), x.float(), two) is None
 
     def backward(dout, q, k, v, out, lse, *, mask=None, scale=None):  # the contract without the keyword
         return q, k, v
 
-    assert blocks.partial_grad_dtype(SimpleNamespace(backward=backward), x) is None
+    assert blocks.partial_grad_dtype(SimpleNamespace(backward=backward), x, two) is None
 
 
 def test_peers_standin_computes_what_the_cpu_backend_computes(monkeypatch) -> None:
@@ -397,4 +411,7 @@ def test_bench_cp_peers_worker_runs_every_pair_exactly() -> None:
             tol = 1e-5 if r[f"{side}_dtype"] == "float32" else 3e-2
             assert r[f"{side}_out_err"] < tol and r[f"{side}_grad_err"] < 2 * tol, r
         assert r["ours_kernel_calls"] <= r["peer_kernel_calls"], r
+        if r["ours_dtype"] == r["peer_dtype"]:  # no worse than the peer against float64 (same dtype)
+            for err in ("out_err", "grad_err", "out_l2", "grad_l2"):
+                assert r[f"ours_{err}"] <= 1.02 * r[f"peer_{err}"] + 1e-7, (err, r)
         assert len(r["ours_s"]) == len(r["peer_s"]) == 1

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_into, reduce_scatter_into
-from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, partial_grad_dtype, plan, prefill_out, schedule,
+from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, pack_kv, partial_grad_dtype, plan, prefill_out, schedule,
+                     unpack_kv,
                      tile_size)
 from .ring import acc_dtype
 
@@ -77,7 +78,7 @@ class AllGatherEngine:
             return kv.unsqueeze(0), None
         buf = torch.empty((self.size * kv.shape[0],) + tuple(kv.shape[1:]), dtype=kv.dtype, device=kv.device)
         work = all_gather_into(buf, kv, group=self.group, async_op=True)
-        return buf.view((self.size,) + tuple(kv.shape)), work  # [P, B, n, Hkv, D+E]
+        return buf.view((self.size,) + tuple(kv.shape)), work  # [P, *pack_kv's shape]
 
     def _order(self) -> list[int]:
         return _order(self.rank, self.size)
@@ -87,7 +88,7 @@ class AllGatherEngine:
         b, n, h, _ = q.shape
         d = k.shape[-1]
         ad = acc_dtype(q.dtype)
-        kv = torch.cat([k, v], dim=-1).contiguous()  # [B, n, Hkv, D+E]
+        kv = pack_kv(k, v).contiguous()  # one all-gather for K and V
         full, work = self._gather(kv)
         out = torch.empty(b, n, h, v.shape[-1], dtype=ad, device=q.device)  # [B, n, H, E]
         lse = torch.empty((b, h, n), dtype=ad, device=q.device)  # [B, H, n]
@@ -97,7 +98,7 @@ class AllGatherEngine:
                 work.wait()
                 work = None
             src = kv if j == self.rank else full[j]
-            forward_jobs(self.jobs[j], self.backend, q, src[..., :d], src[..., d:], out, lse, scale=self.scale)
+            forward_jobs(self.jobs[j], self.backend, q, *unpack_kv(src, d), out, lse, scale=self.scale)
         if work is not None:
             work.wait()
         out_q = out.to(q.dtype)
@@ -107,28 +108,30 @@ class AllGatherEngine:
         q, k, v, out, lse = saved
         d = k.shape[-1]
         ad = acc_dtype(q.dtype)
-        kv = torch.cat([k, v], dim=-1).contiguous()  # [B, n, Hkv, D+E]
+        kv = pack_kv(k, v).contiguous()  # one all-gather for K and V
         full, work = self._gather(kv)
-        grad_dtype = partial_grad_dtype(self.backend, q)
         dq = torch.empty(q.shape, dtype=ad, device=q.device)
         for s in self.plan.q_prefill:
             dq[:, s].zero_()
-        dkv = torch.empty((self.size,) + tuple(kv.shape), dtype=ad, device=q.device)  # [P, B, n, Hkv, D+E]
+        dkv = torch.empty((self.size,) + tuple(kv.shape), dtype=ad, device=q.device)  # [P, *pack_kv's shape]
         for j in range(self.size):
             for s in self.plan.k_prefill[j]:
-                dkv[j][:, s].zero_()
+                for part in unpack_kv(dkv[j], d):
+                    part[:, s].zero_()
         for j in self._order():
             if j != self.rank and work is not None:
                 work.wait()
                 work = None
             src = kv if j == self.rank else full[j]
-            backward_jobs(self.jobs[j], self.backend, dout, q, src[..., :d], src[..., d:], out, lse, dq,
-                          dkv[j][..., :d], dkv[j][..., d:], scale=self.scale, grad_dtype=grad_dtype)
+            backward_jobs(self.jobs[j], self.backend, dout, q, *unpack_kv(src, d), out, lse, dq,
+                          *unpack_kv(dkv[j], d), scale=self.scale,
+                          grad_dtype=partial_grad_dtype(self.backend, q, self.jobs[j]))
         if work is not None:
             work.wait()
         if self.size > 1:
-            local = torch.empty(kv.shape, dtype=ad, device=q.device)  # [B, n, Hkv, D+E]
+            local = torch.empty(kv.shape, dtype=ad, device=q.device)  # pack_kv's shape
             reduce_scatter_into(local, dkv.view((self.size * kv.shape[0],) + tuple(kv.shape[1:])), group=self.group)
         else:
             local = dkv[0]
-        return dq.to(q.dtype), local[..., :d].to(k.dtype), local[..., d:].to(v.dtype)
+        dk, dv = unpack_kv(local, d)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -376,6 +376,22 @@ def prefill_out(out: torch.Tensor, lse: torch.Tensor, rows: list[slice]) -> None
         lse[:, :, s].fill_(float("-inf"))
 
 
+def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K and V in one buffer (one message per step) from which :func:`unpack_kv` takes each back as a dense
+    tensor: ``[2, B, Sk, Hkv, D]`` when K and V have one shape (the kernel then reads unstrided K/V: on
+    CPU a strided K/V costs the aten forward about 20%), else ``[B, Sk, Hkv, D+E]``."""
+    if k.shape == v.shape:
+        return torch.stack([k, v])
+    return torch.cat([k, v], dim=-1)
+
+
+def unpack_kv(kv: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) views of a :func:`pack_kv` buffer (or of a buffer of that shape, e.g. dK/dV); ``d``: K's head size."""
+    if kv.dim() == 5:
+        return kv[0], kv[1]
+    return kv[..., :d], kv[..., d:]
+
+
 def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor, *,
                guard: bool) -> None:
     """In-place form of :func:`longreach.kernels.merge.merge_attention` for a running result.
@@ -420,15 +436,20 @@ def _takes_grad_dtype(backward) -> bool:
     return "grad_dtype" in inspect.signature(backward).parameters
 
 
-def partial_grad_dtype(backend: ModuleType, q: torch.Tensor) -> torch.dtype | None:
-    """The ``grad_dtype`` to ask ``backend.backward`` for when its results are partial sums: the float32
-    accumulation dtype for reduced-precision inputs on CPU, where the backend supports it; else None.
+def partial_grad_dtype(backend: ModuleType, q: torch.Tensor, jobs: list[Job] | None = None) -> torch.dtype | None:
+    """The ``grad_dtype`` to ask ``backend.backward`` for in one step of ``jobs`` whose results are partial
+    sums: float32 for reduced-precision inputs on CPU when the step takes several kernel calls (and the
+    backend supports the keyword); None (the input dtype) otherwise.
 
-    On CPU a float32 partial costs one float32 run of the aten kernel on float32 copies of the call's
-    inputs instead of a bf16 run (measured 1.2–1.3× the bf16 backward call, about 1.15× a ring
-    forward + backward pass). CUDA kernels (flash-attn) write gradients in the input dtype, so there the
-    partials stay in it, as ring-flash-attn's do."""
+    The rule: a step's contribution to a gradient is rounded to the input dtype at most once. A step done
+    in one kernel call hands its partials over in the input dtype, as flash-attn rings do (flash-attn writes
+    gradients in the input dtype; on CPU a float32 partial costs a float32 run of the aten kernel on float32
+    copies, 1.2–1.3× the bf16 backward call); a step the mask splits into several calls (document or
+    pattern tiles) gets float32 partials, so splitting a step never costs accuracy over one call per step.
+    ``jobs`` None: the caller sums the results of one call with others (replicated K/V heads)."""
     if q.dtype in (torch.float32, torch.float64) or q.device.type != "cpu" or not _takes_grad_dtype(backend.backward):
+        return None
+    if jobs is not None and len(jobs) <= 1:
         return None
     return torch.float32
 
@@ -439,8 +460,8 @@ def backward_jobs(jobs: list[Job], backend: ModuleType, dout: torch.Tensor, q: t
     """Each job's gradients (from the global ``out``/``lse``) into ``dq``/``dk``/``dv`` in place.
 
     The accumulators are in float32 (float64 for float64 inputs) whatever the input dtype, so partial
-    gradients are summed across calls and ring steps in float32 and rounded once; with ``grad_dtype``
-    (:func:`partial_grad_dtype`) the backend hands them over unrounded too.
+    gradients are summed across calls and ring steps in float32 and rounded once at the end; with
+    ``grad_dtype`` (:func:`partial_grad_dtype`) the backend hands them over unrounded too.
     """
     extra = {} if grad_dtype is None else {"grad_dtype": grad_dtype}
     for job in jobs:

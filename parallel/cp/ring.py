@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import p2p
-from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, needs, partial_grad_dtype, plan, prefill_out,
-                     schedule)
+from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, needs, pack_kv, partial_grad_dtype, plan,
+                     prefill_out, schedule, unpack_kv)
 
 #: The one tag of every ring message (matching is by order, as under NCCL).
 TAG = 0
@@ -122,7 +122,7 @@ def _rotate_kv(ring: Ring, t: int, kv: torch.Tensor | None, free: list[torch.Ten
     sends = [(kv, ring.next_peer, TAG)] if kv is not None and t + 1 <= ring.reach[src] else []
     nxt, recvs = None, []
     if ring.holds(t + 1):
-        nxt = _buffer(free, like.shape, like.dtype, like.device)  # [B, Sk, Hkv, D+E]
+        nxt = _buffer(free, like.shape, like.dtype, like.device)  # like pack_kv's buffer
         recvs = [(nxt, ring.prev_peer, TAG)]
     return p2p(sends, recvs), nxt
 
@@ -156,14 +156,14 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
     out = torch.empty(b, sq, h, v.shape[-1], dtype=ad, device=q.device)  # [B, Sq, H, E]
     lse = torch.empty((b, h, sq), dtype=ad, device=q.device)  # [B, H, Sq]
     prefill_out(out, lse, ring.q_prefill)
-    kv: torch.Tensor | None = torch.cat([k, v], dim=-1)  # [B, Sk, Hkv, D+E]: one message per step
+    kv: torch.Tensor | None = pack_kv(k, v)  # one message per step
     like = kv
     free: list[torch.Tensor] = []
     for t in range(ring.size):
         src = ring.source(t)
         works, nxt = _rotate_kv(ring, t, kv, free, like)
         if kv is not None:
-            forward_jobs(ring.jobs[src], backend, q, kv[..., :d], kv[..., d:], out, lse, scale=scale)
+            forward_jobs(ring.jobs[src], backend, q, *unpack_kv(kv, d), out, lse, scale=scale)
         _wait(works)
         if kv is not None:
             free.append(kv)  # sent and used: receives the K/V of a later step
@@ -176,8 +176,9 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward over the ring: K/V go round again, each source's dK/dV accumulator travels with them.
 
-    Every kernel call's partial gradients reach the float32 accumulators unrounded where the backend can
-    give them (:func:`~.blocks.partial_grad_dtype`), so bf16 gradients are rounded once, by the caller.
+    Partial gradients are summed in float32 accumulators and rounded once by the caller; each step's
+    contribution is rounded to the input dtype at most once before the sum (not at all when the mask
+    splits the step into several calls: :func:`~.blocks.partial_grad_dtype`).
 
     Args:
         dout: ``[B, Sq, H, E]``; out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]`` are the *global* results.
@@ -190,15 +191,15 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
     """
     d = k.shape[-1]
     ad = acc_dtype(q.dtype)
-    grad_dtype = partial_grad_dtype(backend, q)
     job = _single_call(ring, q.shape[1])
     if job is not None:
-        extra = {"grad_dtype": grad_dtype} if kv_summed and grad_dtype is not None else {}
+        grad_dtype = partial_grad_dtype(backend, q) if kv_summed else None
+        extra = {} if grad_dtype is None else {"grad_dtype": grad_dtype}
         return backend.backward(dout, q, k, v, out, lse, mask=job.placed, scale=scale, **extra)
     dq = torch.empty(q.shape, dtype=ad, device=q.device)
     for s in ring.q_prefill:
         dq[:, s].zero_()
-    kv: torch.Tensor | None = torch.cat([k, v], dim=-1)  # [B, Sk, Hkv, D+E]
+    kv: torch.Tensor | None = pack_kv(k, v)
     kv_shape, like = kv.shape, kv
     kv_free: list[torch.Tensor] = []
     acc_free: list[torch.Tensor] = []  # float32 accumulators no message holds any more
@@ -212,11 +213,13 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
         kv_works, nxt = _rotate_kv(ring, t, kv, kv_free, like)
         acc = None
         if kv is not None:
-            acc = _buffer(acc_free, kv_shape, ad, k.device)  # [B, Sk, Hkv, D+E]
+            acc = _buffer(acc_free, kv_shape, ad, k.device)  # dK/dV, laid out as pack_kv's buffer
             for s in ring.k_prefill[src]:
-                acc[:, s].zero_()
-            backward_jobs(ring.jobs[src], backend, dout, q, kv[..., :d], kv[..., d:], out, lse, dq,
-                          acc[..., :d], acc[..., d:], scale=scale, grad_dtype=grad_dtype)
+                for part in unpack_kv(acc, d):
+                    part[:, s].zero_()
+            backward_jobs(ring.jobs[src], backend, dout, q, *unpack_kv(kv, d), out, lse, dq,
+                          *unpack_kv(acc, d), scale=scale,
+                          grad_dtype=partial_grad_dtype(backend, q, ring.jobs[src]))
         # the accumulator for this step's source arrives from the previous member (sent last step)
         _wait(dkv_works)
         if in_flight is not None:
@@ -254,4 +257,4 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
         recvs = [(ret_in, ring.peers[end], TAG)]
     _wait(p2p([(acc, owner, TAG) for acc, owner in returns], recvs))
     dkv = ret_in if ret_in is not None else own_final
-    return dq, dkv[..., :d], dkv[..., d:]
+    return (dq, *unpack_kv(dkv, d))
