@@ -166,6 +166,6 @@ def test_engine_option_typo_is_rejected_when_the_config_loads(tmp_path):
     assert cfg.engine == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=2))
     assert cfg.engine.splits_experts()  # fp32 compute: ZeRO-2 keeps the experts split
     bf16 = cfg.engine.with_precision(cfg.train.precision)
-    assert (bf16.zero_stage, bf16.splits_experts()) == (2, False)  # bf16: experts stay replicated
+    assert (bf16.zero_stage, bf16.splits_experts()) == (2, True)  # bf16: fp32 expert masters beside ZeRO-2
     recipe = load_config(JobConfig, "tnl_7b")
     assert recipe.engine.kind == "native" and recipe.engine.fsdp and recipe.engine.splits_experts()

@@ -9,6 +9,7 @@ before DeepSpeed's communication layer starts (gloo does the reductions; the op 
 from __future__ import annotations
 
 import json
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
@@ -97,55 +98,76 @@ def init_deepspeed_distributed() -> None:
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed's engine; with split experts (ZeRO 1/2, fp32: ``EngineConfig.splits_experts``) it owns
-    them beside DeepSpeed.
+    """DeepSpeed's engine; with split experts (``EngineConfig.splits_experts``: ZeRO 0-2, any precision)
+    it owns them beside DeepSpeed.
 
     DeepSpeed is given the dense parameters only (ZeRO shards their optimizer state and gradients). The
-    expert parameters, split over cp by ``longreach.model_setup``, have their own torch optimizer here: at
-    each accumulation boundary their gradients are completed over the dp replicas (``finish_expert_gradients``),
-    their squared norm joins DeepSpeed's global norm (one clip coefficient for everything), and they are
-    stepped with the LR DeepSpeed's optimizer uses. Checkpoints: DeepSpeed's own files hold the dense part;
-    the expert weights and moments go through DCP as ``Shard(0)`` DTensors over cp (:meth:`checkpoint_state`).
+    expert parameters, split over cp by ``longreach.model_setup``, stay fp32 whatever ``train.precision``
+    says: DeepSpeed's bf16/fp16 casts the module, the engine puts the experts' fp32 tensors back, and the
+    experts compute in the activations' dtype (``SwiGLUExperts`` casts its weights), so the fp32 weights are
+    the masters and no bf16 rounding drops an update. They have their own torch optimizer here: at each
+    accumulation boundary their gradients are completed over the dp replicas (``finish_expert_gradients``)
+    and divided by DeepSpeed's loss scale (fp16), their squared norm joins DeepSpeed's global norm (one
+    clip coefficient for everything; under ZeRO-0 the engine measures and clips both parts itself), and
+    they are stepped with the LR DeepSpeed's optimizer uses, or not at all when DeepSpeed skips the step
+    (fp16 overflow, which expert gradients trigger too). Checkpoints: DeepSpeed's own files hold the dense
+    part; the expert weights and moments go through DCP as ``Shard(0)`` DTensors over cp, beside the dense
+    weights as DeepSpeed's fp32 masters (:meth:`checkpoint_state`).
     """
 
     kind = "deepspeed"
     expert_optimizer: torch.optim.Optimizer | None = None
     _expert_sq: float = 0.0
+    _grad_norm: float | None = None
 
     def backward(self, loss: torch.Tensor) -> None:
         # The trainer normalises the loss by the global token count itself: no 1/grad_accum scaling.
         self.model.backward(loss, scale_wrt_gas=False)
         self._grad_norm = None
         boundary = self.model.is_gradient_accumulation_boundary()
-        if self.cfg.zero_stage == 0 and boundary:
-            # ZeRO-0 with a torch optimizer does not record a global norm: measure the (reduced) grads
-            norms = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
-            self._grad_norm = float(torch.stack(norms).norm()) if norms else 0.0
         held = self._take_expert_gradients() if boundary and self.expert_optimizer is not None else None
+        if self.cfg.zero_stage == 0 and boundary:
+            # ZeRO-0 records no global norm DeepSpeed's way: measure the (reduced) dense gradients here,
+            # and with split experts clip both parts by the one global norm (DeepSpeed's clipping is off)
+            scale = _loss_scale(self.ds_optimizer)
+            dense = [p.grad for p in self.module.parameters() if p.grad is not None]
+            sq = sum((g.detach().double().pow(2).sum() for g in dense), torch.zeros((), dtype=torch.float64))
+            total = float(sq.sqrt()) / scale
+            if held is not None:
+                total = (total ** 2 + self._expert_sq) ** 0.5
+                coef = _clip_coef(total, self.grad_clip)
+                if coef < 1.0:
+                    for g in dense:
+                        g.mul_(coef)
+            self._grad_norm = total
         # DeepSpeed counts micro-steps in step(); it only updates at the accumulation boundary.
         self.model.step()
         if held is not None:
             self._step_experts(held)
 
     def _take_expert_gradients(self) -> list[torch.Tensor]:
-        """Complete the expert gradients (undo the trainer's replica scale, sum over dp replicas), record
-        their squared norm over the cp group, and keep them away from DeepSpeed's step."""
+        """Complete the expert gradients (undo the trainer's replica scale and DeepSpeed's loss scale, sum
+        over dp replicas), record their squared norm over the cp group, and keep them away from DeepSpeed's
+        step."""
         # the trainer scales the loss by the dp × cp replica count: all ranks under DeepSpeed
         shards = finish_expert_gradients(self.module, dist.get_world_size())
-        grads = [p.grad for p in shards.params]
-        self._expert_sq = float(expert_norm_sq(shards))
+        scale = _loss_scale(self.ds_optimizer)
+        grads = [p.grad.div_(scale) if scale != 1.0 else p.grad for p in shards.params]
+        self._expert_sq = float(expert_norm_sq(shards))  # the same on every rank: reduced over dp and cp
         for p in shards.params:
             p.grad = None
         return grads
 
     def _step_experts(self, grads: list[torch.Tensor]) -> None:
-        max_norm = self.grad_clip or 0.0
-        total = self.model.get_global_grad_norm()  # DeepSpeed's norm, experts included (see build)
-        coef = 1.0
-        if max_norm > 0 and total is not None:
-            coef = 1.0 / max(1.0, (float(total) + 1e-6) / max_norm)  # DeepSpeed's own clip rule
+        if getattr(self.ds_optimizer, "overflow", False) or not math.isfinite(self._expert_sq):
+            return  # DeepSpeed skipped the step (fp16 overflow; expert gradients count, see build)
+        if self.cfg.zero_stage == 0:
+            coef = _clip_coef(self._grad_norm, self.grad_clip)
+        else:
+            total = self.model.get_global_grad_norm()  # DeepSpeed's norm, experts included (see build)
+            coef = _clip_coef(float(total), self.grad_clip) if total is not None else 1.0
         for p, g in zip(expert_shards(self.module).params, grads):
-            p.grad = g.mul_(coef)
+            p.grad = g.mul_(coef) if coef < 1.0 else g
         lr = self.optimizer.param_groups[0]["lr"]  # the schedule drives DeepSpeed's optimizer
         for group in self.expert_optimizer.param_groups:
             group["lr"] = lr
@@ -172,10 +194,33 @@ class DeepSpeedEngine(Engine):
         if self.expert_optimizer is None:
             return {"engine": self.model}
         # DeepSpeed's files get the model with this rank's plain expert tensors (rank 0's copy is what
-        # DeepSpeed keeps, and DCP's expert state loads after it); DCP gets every rank's experts.
+        # DeepSpeed keeps, and DCP's expert state loads after it); DCP gets every rank's experts, and the
+        # dense weights as DeepSpeed's fp32 masters (what an export of a bf16/fp16 run must read)
         return {"engine": _PlainExpertsEngine(self.model, self.module), "model": self.module,
                 "expert_optimizer": self.expert_optimizer}
 
+    def dense_masters(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(module parameter, its fp32 master)`` for DeepSpeed's trainable parameters under bf16/fp16 (ZeRO
+        0-2; the masters are DeepSpeed's, full size); empty in fp32, where the module holds the masters.
+        Collective under ZeRO 1/2 (the partitions are gathered)."""
+        if self.cfg.mixed_precision == "fp32" or self.cfg.zero_stage == 3:
+            return []
+        opt = self.model.optimizer
+        if hasattr(opt, "fp16_groups"):  # ZeRO-0: DeepSpeed's fp16 wrappers (fused: flat masters; unfused: lists)
+            from torch._utils import _unflatten_dense_tensors
+
+            flat = getattr(opt, "fp32_groups_flat", None)
+            masters = ([_unflatten_dense_tensors(f, ps) for f, ps in zip(flat, opt.fp16_groups)] if flat is not None
+                       else opt.fp32_groups)
+            return [(p, m) for params, group in zip(opt.fp16_groups, masters) for p, m in zip(params, group)]
+        from deepspeed.utils import safe_get_full_fp32_param  # ZeRO 1/2: linked high-precision partitions
+
+        pairs = []
+        for p in self.module.parameters():
+            master = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if master is not None:
+                pairs.append((p, master.detach().to(p.device)))
+        return pairs
 
     def close(self) -> None:
         """Hand the module back with the fp32 master weights in its trainable parameters.
@@ -185,25 +230,44 @@ class DeepSpeedEngine(Engine):
         reads the module after training (probe, export) would silently drop it. ZeRO-3 parameters stay
         partitioned (the export gathers them).
         """
-        if not self.model.bfloat16_enabled() or self.cfg.zero_stage == 3:
+        if not self.model.bfloat16_enabled():
             return
-        opt = self.model.optimizer
-        if hasattr(opt, "fp16_groups"):  # ZeRO-0: DeepSpeed's fp16 wrappers (fused: flat masters; unfused: lists)
-            from torch._utils import _unflatten_dense_tensors
+        for p, master in self.dense_masters():
+            p.data = master.detach().clone()
 
-            flat = getattr(opt, "fp32_groups_flat", None)
-            masters = ([_unflatten_dense_tensors(f, ps) for f, ps in zip(flat, opt.fp16_groups)] if flat is not None
-                       else opt.fp32_groups)
-            for params, group in zip(opt.fp16_groups, masters):
-                for p, master in zip(params, group):
-                    p.data = master.detach().clone()
+
+def _masters_in_state_dict(eng: DeepSpeedEngine, shards: Any) -> None:
+    """Under bf16/fp16 with split experts, the module's ``state_dict()`` for DCP (not DeepSpeed's own files:
+    ``shards.dtensor_state`` off) gives the dense weights as DeepSpeed's fp32 masters, under every name of a
+    tied weight (one tensor, so DCP still saves it once)."""
+
+    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        if not shards.dtensor_state:
             return
-        from deepspeed.utils import safe_get_full_fp32_param  # ZeRO 1/2: linked high-precision partitions
+        names: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(prefix + name)
+        for p, master in eng.dense_masters():
+            for key in names.get(id(p), ()):
+                if key in state_dict:
+                    state_dict[key] = master
 
-        for p in self.module.parameters():
-            master = safe_get_full_fp32_param(p) if p.requires_grad else None
-            if master is not None:
-                p.data = master.detach().to(p.device).clone()
+    eng.module.register_state_dict_post_hook(hook)
+
+
+def _loss_scale(optimizer: Any) -> float:
+    """DeepSpeed's current loss scale (fp16; 1 otherwise)."""
+    scale = getattr(optimizer, "loss_scale", None)
+    if scale is None:
+        scale = getattr(optimizer, "cur_scale", 1.0)
+    return float(scale)
+
+
+def _clip_coef(total: float | None, max_norm: float | None) -> float:
+    """DeepSpeed's clip rule: gradients are multiplied by ``max_norm / (total + 1e-6)`` when that is < 1."""
+    if not max_norm or total is None:
+        return 1.0
+    return 1.0 / max(1.0, (total + 1e-6) / max_norm)
 
 
 class _PlainExpertsEngine:
@@ -247,29 +311,54 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
     if group is not None and dist.get_world_size(group) != dist.get_world_size():
         raise ConfigError("engine.kind=deepspeed reduces gradients over all ranks; a sub-group is not supported")
     init_deepspeed_distributed()
-    conf = deepspeed_config(cfg, world_size=dist.get_world_size(), grad_accum=grad_accum,
-                            micro_batch_size=micro_batch_size, grad_clip=grad_clip)
     shards = expert_shards(model)
+    # ZeRO-0 with split experts: the engine clips dense and expert gradients by one norm itself
+    own_clip = shards is not None and cfg.zero_stage == 0
+    conf = deepspeed_config(cfg, world_size=dist.get_world_size(), grad_accum=grad_accum,
+                            micro_batch_size=micro_batch_size, grad_clip=None if own_clip else grad_clip)
     if shards is None:
         optimizer = optimizer_factory(model.parameters())
     else:  # split experts: DeepSpeed gets the dense parameters only (class docstring)
         experts = {id(p) for p in shards.params}
         optimizer = optimizer_factory([p for p in model.parameters() if id(p) not in experts])
-        local = [p.detach().clone() for p in shards.params]  # DeepSpeed broadcasts rank 0's module at start
+        # DeepSpeed broadcasts rank 0's module at start and casts it to bf16/fp16: keep this rank's fp32 experts
+        local = [p.detach().clone() for p in shards.params]
     ds_engine, ds_opt, _, _ = ds.initialize(model=model, optimizer=optimizer, config=conf)
     eng = DeepSpeedEngine(cfg, ds_engine, ds_engine.module, optimizer, group)
     eng.ds_optimizer = ds_opt
     eng.grad_clip = grad_clip
     if shards is not None:
-        with torch.no_grad():
-            for p, mine in zip(shards.params, local):
-                p.copy_(mine)
+        for p, mine in zip(shards.params, local):
+            p.data = mine
         eng.expert_optimizer = optimizer_factory(shards.params)
         # the factory may make a (no-decay) group that holds no expert; DCP cannot name an empty group
         eng.expert_optimizer.param_groups[:] = [g for g in eng.expert_optimizer.param_groups if g["params"]]
         expert_optimizer_hooks(model, eng.expert_optimizer)
-        _with_expert_norm(eng, ds_opt)
+        if cfg.zero_stage == 0:
+            _experts_out_of_allreduce(ds_engine, shards)
+        else:
+            _with_expert_norm(eng, ds_opt)
+        if cfg.mixed_precision != "fp32":
+            _masters_in_state_dict(eng, shards)
     return eng
+
+
+def _experts_out_of_allreduce(ds_engine: Any, shards: Any) -> None:
+    """ZeRO-0 all-reduces every module gradient at the boundary (``allreduce_gradients``): hold the expert
+    gradients back from it (they are summed over their dp replicas only, ``finish_expert_gradients``)."""
+    reduce = ds_engine.allreduce_gradients
+
+    def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
+        held = [p.grad for p in shards.params]
+        for p in shards.params:
+            p.grad = None
+        try:
+            return reduce(*args, **kwargs)
+        finally:
+            for p, g in zip(shards.params, held):
+                p.grad = g
+
+    ds_engine.allreduce_gradients = allreduce_gradients
 
 
 def ulysses_attention(local_attention: Callable[..., torch.Tensor], group: Any = None) -> nn.Module:

@@ -1,0 +1,112 @@
+"""Spawned-rank workers for tests/test_expert_engines.py: the MoE job with its experts split over cp=2 under
+each engine, against the same job with every expert replicated under native DDP."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
+
+from longreach.metrics import read_metrics
+from longreach.trainer import train
+from workers.trainer import MOE_OPTIONS, SyntheticBatches, _full_state_from_checkpoint, moe_job
+from workers.trainer import _close as _rel_close
+
+COMMON = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
+          "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
+          "parallel.layout": "zigzag", "attention.backend": "cpu"}
+
+# bf16 keeps 8 significant bits (relative rounding 2^-9 ≈ 2e-3 per value, summed over the layers' matmuls):
+# a bf16 run follows the fp32 one to a few 1e-3 in loss; 2e-2 leaves room without hiding a wrong expert
+# gradient (a missing dp reduction or a dropped 1/scale moves the loss by > 1e-1 within 4 steps at lr 1e-2).
+BF16_TOL = 2e-2
+
+ENGINE_RUNS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, float]] = {
+    # name: (split run's overrides, the step-2 checkpoint resumed under these overrides or None, tolerance)
+    "fsdp2": ({"engine.options": {"fsdp": True}}, {}, 1e-5),  # resumed under DDP (another engine's layout)
+    "deepspeed_zero1": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}},
+                        {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}}, 1e-5),
+    "deepspeed_zero0": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 0}}, None, 1e-5),
+    "accelerate": ({"engine.kind": "accelerate"}, {}, 1e-5),  # resumed under native DDP
+    "deepspeed_zero2_bf16": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2},
+                              "train.precision": "bf16"},
+                             {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2},
+                              "train.precision": "bf16"}, BF16_TOL),
+}
+
+
+def _run(out_dir: str, name: str, ep: bool, over: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    cfg = moe_job(moe={"expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **COMMON, **over})
+    data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0)
+    return cfg, train(cfg, data=data)
+
+
+def _compare(label: str, got: list[dict], want: list[dict], tol: float, failures: list[str]) -> None:
+    for a, b in zip(want, got, strict=True):
+        for key in ("loss", "grad_norm"):
+            if not abs(a[key] - b[key]) <= tol * abs(a[key]):
+                failures.append(f"{label} step {a['step']} {key}: {b[key]!r} != replicated {a[key]!r} (tol {tol:g})")
+
+
+def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engines: list[str]) -> list[str]:
+    """Experts split over cp=2 under each of ``engines`` (:data:`ENGINE_RUNS`) against the MoE model trained
+    under plain DDP with every expert on every rank, 4 steps each.
+
+    Checks per engine: losses and grad norms per step equal the replicated run's (1e-5; bf16 runs against
+    the fp32 run within :data:`BF16_TOL`); this rank holds half the expert parameters; the checkpoint's
+    weights, experts gathered by DCP on one process (another layout and world size), equal the replicated
+    run's final weights (fp32 runs) and are all fp32 (:func:`_check_checkpoint`); and the step-2 checkpoint
+    resumed under the given engine gives the same steps 3 and 4 as the straight run (1e-5: optimizer
+    moments and masters saved).
+    """
+    failures: list[str] = []
+    cfg_rep, rep = _run(out_dir, "ddp_replicated", False, {})
+    want = read_metrics(rep["metrics"])
+    full_rep = _full_state_from_checkpoint(rep["checkpoint"], cfg_rep) if rank == 0 else None
+    m = cfg_rep.model
+    all_experts = m.n_layers * 3 * MOE_OPTIONS["experts"] * m.dim * m.ffn_hidden
+    for engine in engines:
+        split_over, resume_over, tol = ENGINE_RUNS[engine]
+        try:
+            cfg_split, split = _run(out_dir, f"{engine}_split", True, split_over)
+        except Exception as e:  # noqa: BLE001 - reported per engine; the other engines still run
+            failures.append(f"{engine}: {type(e).__name__}: {e}")
+            continue
+        _compare(f"{engine} split experts", read_metrics(split["metrics"]), want, tol, failures)
+        if split["expert_params"] != all_experts // 2:
+            failures.append(f"{engine}: rank {rank} holds {split['expert_params']} expert parameters, want "
+                            f"{all_experts // 2}")
+        straight = read_metrics(split["metrics"])
+        if rank == 0:
+            _check_checkpoint(engine, split["checkpoint"], cfg_split, full_rep if tol <= 1e-5 else None, failures)
+            if resume_over is not None:
+                shutil.rmtree(sorted(Path(out_dir, f"{engine}_split", "checkpoints").glob("step-*"))[-1])
+        if resume_over is None:
+            continue
+        dist.barrier()
+        _, again = _run(out_dir, f"{engine}_split", True, resume_over)  # the step-2 checkpoint resumed
+        if not abs(again["first_loss"] - straight[2]["loss"]) <= 1e-5 * abs(straight[2]["loss"]):
+            failures.append(f"{engine} resume did not start at step 3: first loss {again['first_loss']!r}, "
+                            f"step 3 loss {straight[2]['loss']!r}")
+        _compare(f"{engine} step-2 checkpoint resumed", read_metrics(split["metrics"]), straight, 1e-5, failures)
+    return failures
+
+
+def _check_checkpoint(engine: str, ckpt: str, cfg: Any, full_rep: dict[str, Any] | None, failures: list[str]) -> None:
+    """The checkpoint read by one process (DCP gathers the split experts): every weight fp32 (bf16 runs:
+    DeepSpeed's fp32 masters and the fp32 experts) and, when ``full_rep`` is given, equal to the replicated
+    run's final weights (1e-4). Mixed-precision runs are not compared weight by weight: Adam's first steps
+    move each weight by ±lr whatever the gradient's size, so a weight whose gradient is near zero lands on
+    either side in bf16 and fp32 runs alike."""
+    full_split = _full_state_from_checkpoint(ckpt, cfg)
+    for k, v in (full_rep or {}).items():
+        msg = _rel_close(k, full_split[k], v, 1e-4)
+        if msg:
+            failures.append(f"{engine} final weights: {msg}")
+    saved = FileSystemReader(f"{ckpt}/model").read_metadata().state_dict_metadata
+    low = sorted(k for k, md in saved.items() if k.startswith("model.") and md.properties.dtype != torch.float32)
+    if low:
+        failures.append(f"{engine}: checkpoint weights not fp32: {low[:3]}")
