@@ -134,7 +134,7 @@ class EngineConfig:
 
     def splits_experts(self) -> bool:
         """Whether this engine keeps split experts (``model.moe.expert_parallel``) out of its own data
-        parallelism and reduces them itself: native DDP and FSDP2, accelerate, and DeepSpeed ZeRO 0-2 in
+        parallelism and reduces them itself: native DDP and FSDP2, accelerate, and DeepSpeed ZeRO 0-3 in
         fp32, bf16 and fp16 (DeepSpeed shards the dense part, the engine steps the experts beside it) except
         ZeRO-0 with fp16. :meth:`expert_split_problem` says why not."""
         return self.expert_split_problem() is None
@@ -143,9 +143,6 @@ class EngineConfig:
         """None when this engine splits experts (:meth:`splits_experts`), else what to change."""
         if self.kind != "deepspeed":
             return None
-        if self.zero_stage == 3:
-            return ("engine.options.zero_stage=3 partitions every module parameter, the split experts too; "
-                    "use zero_stage 0, 1 or 2 with model.moe.expert_parallel")
         if self.zero_stage == 0 and self.mixed_precision == "fp16":
             return ("train.precision=fp16 with engine.options.zero_stage=0 keeps DeepSpeed's overflow check blind "
                     "to the split experts; use zero_stage 1 or 2, or bf16")

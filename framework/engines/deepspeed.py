@@ -12,15 +12,16 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from longreach.errors import ConfigError
-from longreach.mixtures.expert_parallel import (expert_norm_sq, expert_optimizer_hooks, expert_shards,
-                                                finish_expert_gradients)
+from longreach.mixtures.expert_parallel import (as_expert_dtensor, expert_norm_sq, expert_optimizer_hooks,
+                                                expert_shards, finish_expert_gradients)
 
 from .base import Engine, EngineConfig, OptimizerFactory
 
@@ -98,8 +99,8 @@ def init_deepspeed_distributed() -> None:
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed's engine; with split experts (``EngineConfig.splits_experts``: ZeRO 0-2, any precision)
-    it owns them beside DeepSpeed.
+    """DeepSpeed's engine; with split experts (``EngineConfig.splits_experts``: ZeRO 0-3, any precision, but
+    not ZeRO-0 with fp16) it owns them beside DeepSpeed.
 
     DeepSpeed is given the dense parameters only (ZeRO shards their optimizer state and gradients). The
     expert parameters, split over cp by ``longreach.model_setup``, stay fp32 whatever ``train.precision``
@@ -196,7 +197,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's files get the model with this rank's plain expert tensors (rank 0's copy is what
         # DeepSpeed keeps, and DCP's expert state loads after it); DCP gets every rank's experts, and the
         # dense weights as DeepSpeed's fp32 masters (what an export of a bf16/fp16 run must read)
-        return {"engine": _PlainExpertsEngine(self.model, self.module), "model": self.module,
+        model = _Zero3CheckpointView(self.module, expert_shards(self.module)) if self.cfg.zero_stage == 3 else self.module
+        return {"engine": _PlainExpertsEngine(self.model, self.module), "model": model,
                 "expert_optimizer": self.expert_optimizer}
 
     def dense_masters(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -302,6 +304,96 @@ def _with_expert_norm(eng: DeepSpeedEngine, zero_optimizer: Any) -> None:
     zero_optimizer.scaled_global_norm = scaled_global_norm
 
 
+def _with_expert_norm_zero3(eng: DeepSpeedEngine, zero_optimizer: Any) -> None:
+    """ZeRO-3's global gradient norm (combined from per-group norms × loss scale) with the split experts'
+    norm as one more group."""
+    groups = zero_optimizer._get_norm_groups
+
+    def norm_groups() -> list[torch.Tensor]:
+        dense = groups()
+        expert = math.sqrt(eng._expert_sq) * float(zero_optimizer.loss_scale)
+        return [*dense, torch.tensor(expert, dtype=dense[0].dtype, device=dense[0].device)]
+
+    zero_optimizer._get_norm_groups = norm_groups
+
+
+def _hide_experts(model: nn.Module, shards: Any) -> None:
+    """Take the split experts out of the module tree DeepSpeed ZeRO-3 sees (before ``deepspeed.initialize``).
+
+    ZeRO-3 partitions every parameter of the module it is given over all ranks and walks them all in its
+    hooks and steps; the experts, already split over cp and reduced over dp by the engine, must stay whole
+    on their rank. Each stays an attribute of its module (``self.weight`` still resolves, so forward is
+    unchanged) but leaves ``_parameters``: ``parameters()``, ``state_dict()`` and DeepSpeed skip it.
+    :class:`_Zero3CheckpointView` names them for checkpoints.
+    """
+    owners = {id(p) for p in shards.params}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in owners:
+                del module._parameters[name]
+                module.__dict__[name] = p
+
+
+class _Zero3CheckpointView(nn.Module):
+    """The whole model as DCP sees it under ZeRO-3 with split experts: dense weights gathered as DeepSpeed's
+    fp32 masters, the experts (out of the module tree, :func:`_hide_experts`) as ``Shard(0)`` DTensors over
+    cp, under the model's own names — so a checkpoint reads back on one process (export, ``sources``) or
+    under another engine like any other.
+
+    ``named_parameters()`` yields the experts only (the expert optimizer's parameters, for DCP's optimizer
+    state); attribute paths resolve in the model. Loading restores the experts; the dense part comes back
+    from DeepSpeed's own files, loaded first.
+    """
+
+    def __init__(self, module: nn.Module, shards: Any) -> None:
+        super().__init__()
+        self.__dict__["_model"] = module  # not a child: named_parameters() is the experts only
+        self.__dict__["_shards"] = shards
+        self.__dict__["_names"] = [n.replace(_CHECKPOINT_PREFIX, "") for n in shards.names]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_model"], name)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in zip(self._names, self._shards.params):
+            yield prefix + name, p
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Full fp32 dense weights (gathered: collective), buffers, and the experts as DTensors."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        model = self._model
+        sd: dict[str, Any] = {}
+        seen: dict[int, torch.Tensor] = {}
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, p in params.items():
+            if id(p) not in seen:
+                full = safe_get_full_fp32_param(p) if p.requires_grad else None
+                if full is None:  # frozen: not in the optimizer, gather the module's copy
+                    with deepspeed.zero.GatheredParameters([p]):
+                        full = p.detach().clone()
+                seen[id(p)] = full.float()
+            sd[name.replace(_CHECKPOINT_PREFIX, "")] = seen[id(p)]  # tied names share one tensor
+        for name, b in model.state_dict().items():
+            if name not in params:
+                sd[name.replace(_CHECKPOINT_PREFIX, "")] = b
+        for name, p in zip(self._names, self._shards.params):
+            sd[name] = as_expert_dtensor(p.detach(), self._shards.ep_mesh)
+        return sd
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        with torch.no_grad():
+            for name, p in zip(self._names, self._shards.params):
+                v = state_dict[name]
+                p.copy_(v.to_local() if hasattr(v, "to_local") else v)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+
 def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: OptimizerFactory, *,
                     group: Any = None, grad_accum: int = 1, micro_batch_size: int = 1,
                     grad_clip: float | None = None) -> Engine:
@@ -323,6 +415,8 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
         optimizer = optimizer_factory([p for p in model.parameters() if id(p) not in experts])
         # DeepSpeed broadcasts rank 0's module at start and casts it to bf16/fp16: keep this rank's fp32 experts
         local = [p.detach().clone() for p in shards.params]
+        if cfg.zero_stage == 3:
+            _hide_experts(model, shards)
     ds_engine, ds_opt, _, _ = ds.initialize(model=model, optimizer=optimizer, config=conf)
     eng = DeepSpeedEngine(cfg, ds_engine, ds_engine.module, optimizer, group)
     eng.ds_optimizer = ds_opt
@@ -336,9 +430,11 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
         expert_optimizer_hooks(model, eng.expert_optimizer)
         if cfg.zero_stage == 0:
             _experts_out_of_allreduce(ds_engine, shards)
+        elif cfg.zero_stage == 3:
+            _with_expert_norm_zero3(eng, ds_opt)
         else:
             _with_expert_norm(eng, ds_opt)
-        if cfg.mixed_precision != "fp32":
+        if cfg.mixed_precision != "fp32" and cfg.zero_stage < 3:  # ZeRO-3: _Zero3CheckpointView
             _masters_in_state_dict(eng, shards)
     return eng
 

@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
 from longreach.metrics import read_metrics
+from longreach.models import build_model
+from longreach.sources import read_state_dict, resolve_source
 from longreach.trainer import train
 from workers.trainer import MOE_OPTIONS, SyntheticBatches, _full_state_from_checkpoint, moe_job
 from workers.trainer import _close as _rel_close
@@ -29,17 +31,22 @@ ENGINE_RUNS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, float]] = {
     "fsdp2": ({"engine.options": {"fsdp": True}}, {}, 1e-5),  # resumed under DDP (another engine's layout)
     "deepspeed_zero1": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}},
                         {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}}, 1e-5),
+    "deepspeed_zero3": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 3}},
+                        {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 3}}, 1e-5),
     "deepspeed_zero0": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 0}}, None, 1e-5),
     "accelerate": ({"engine.kind": "accelerate"}, {}, 1e-5),  # resumed under native DDP
     "deepspeed_zero2_bf16": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2},
                               "train.precision": "bf16"},
                              {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2},
                               "train.precision": "bf16"}, BF16_TOL),
+    "deepspeed_zero3_bf16": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 3},
+                              "train.precision": "bf16"}, None, BF16_TOL),
 }
 
 
 def _run(out_dir: str, name: str, ep: bool, over: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    cfg = moe_job(moe={"expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **COMMON, **over})
+    # the engine's keys first: each section is replaced in turn and checked against the others (fp16)
+    cfg = moe_job(moe={"expert_parallel": ep}, **{**over, "run.out_dir": f"{out_dir}/{name}", **COMMON, **over})
     data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0)
     return cfg, train(cfg, data=data)
 
@@ -71,7 +78,7 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
     for engine in engines:
         split_over, resume_over, tol = ENGINE_RUNS[engine]
         try:
-            cfg_split, split = _run(out_dir, f"{engine}_split", True, split_over)
+            _, split = _run(out_dir, f"{engine}_split", True, split_over)
         except Exception as e:  # noqa: BLE001 - reported per engine; the other engines still run
             failures.append(f"{engine}: {type(e).__name__}: {e}")
             continue
@@ -81,7 +88,7 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
                             f"{all_experts // 2}")
         straight = read_metrics(split["metrics"])
         if rank == 0:
-            _check_checkpoint(engine, split["checkpoint"], cfg_split, full_rep if tol <= 1e-5 else None, failures)
+            _check_checkpoint(engine, split["checkpoint"], full_rep if tol <= 1e-5 else None, failures)
             if resume_over is not None:
                 shutil.rmtree(sorted(Path(out_dir, f"{engine}_split", "checkpoints").glob("step-*"))[-1])
         if resume_over is None:
@@ -92,16 +99,45 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
             failures.append(f"{engine} resume did not start at step 3: first loss {again['first_loss']!r}, "
                             f"step 3 loss {straight[2]['loss']!r}")
         _compare(f"{engine} step-2 checkpoint resumed", read_metrics(split["metrics"]), straight, 1e-5, failures)
+    if "deepspeed_zero2_bf16" in engines:
+        _bf16_updates_kept(rank, out_dir, failures)
     return failures
 
 
-def _check_checkpoint(engine: str, ckpt: str, cfg: Any, full_rep: dict[str, Any] | None, failures: list[str]) -> None:
-    """The checkpoint read by one process (DCP gathers the split experts): every weight fp32 (bf16 runs:
+def _bf16_updates_kept(rank: int, out_dir: str, failures: list[str]) -> None:
+    """DeepSpeed bf16 with split experts at lr 1e-5: Adam moves each weight by ~1e-5 a step, below half the
+    bf16 spacing of a weight of size 0.02 (6e-5). The fp32 expert weights must still move (most of them to a
+    value a bf16 weight could not hold apart from its start), and the checkpoint's dense weights must be
+    DeepSpeed's fp32 masters (most not representable in bf16), not the module's bf16 copies."""
+    over = {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2}, "train.precision": "bf16",
+            "train.lr": 1e-5, "train.min_lr": 0.0, "run.steps": 2, "run.save_every": 0}
+    cfg, summary = _run(out_dir, "deepspeed_zero2_bf16_small_lr", True, over)
+    if rank != 0:
+        return
+    torch.manual_seed(cfg.run.seed)  # the trainer's initial weights
+    init = build_model(cfg.model).state_dict()
+    final = _full_state_from_checkpoint(summary["checkpoint"], cfg)
+    for k, v in final.items():
+        bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+        if ".experts." in k:
+            start = init[k]  # a bf16 weight would stay at bf16(start): the update is below its resolution
+            kept = ((v != start) & (v != bf16(start)) & (bf16(v) == bf16(start))).float().mean().item()
+            if kept < 0.5:
+                failures.append(f"bf16 {k}: only {kept:.0%} of the expert weights moved by less than bf16 resolves")
+        elif v.dim() > 1:
+            fp32 = (v != bf16(v)).float().mean().item()
+            if fp32 < 0.5:
+                failures.append(f"bf16 {k}: the checkpoint holds bf16 values ({fp32:.0%} need fp32), not the masters")
+
+
+def _check_checkpoint(engine: str, ckpt: str, full_rep: dict[str, Any] | None, failures: list[str]) -> None:
+    """The checkpoint read by one process as ``longreach export`` reads it (``longreach.sources``; DCP gathers
+    the split experts): every weight fp32 (bf16 runs:
     DeepSpeed's fp32 masters and the fp32 experts) and, when ``full_rep`` is given, equal to the replicated
     run's final weights (1e-4). Mixed-precision runs are not compared weight by weight: Adam's first steps
     move each weight by ±lr whatever the gradient's size, so a weight whose gradient is near zero lands on
     either side in bf16 and fp32 runs alike."""
-    full_split = _full_state_from_checkpoint(ckpt, cfg)
+    full_split = read_state_dict(resolve_source(ckpt))
     for k, v in (full_rep or {}).items():
         msg = _rel_close(k, full_split[k], v, 1e-4)
         if msg:
