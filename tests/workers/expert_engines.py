@@ -146,3 +146,27 @@ def _check_checkpoint(engine: str, ckpt: str, full_rep: dict[str, Any] | None, f
     low = sorted(k for k, md in saved.items() if k.startswith("model.") and md.properties.dtype != torch.float32)
     if low:
         failures.append(f"{engine}: checkpoint weights not fp32: {low[:3]}")
+
+
+def engines_and_expert_bytes(rank: int, world_size: int, out_dir: str, engines: list[str],
+                             bench_engines: list[str]) -> dict[str, Any]:
+    """One spawn (a gloo group costs seconds): :func:`engine_expert_parallel_checks` over ``engines``; the
+    per-rank expert bytes ``longreach bench mixtures --expert-bytes`` counts under ``bench_engines`` (4
+    experts of dim 16, hidden 24); and the ConfigError of a configuration that cannot split experts
+    (DeepSpeed ZeRO-0 with fp16), or None if none was raised."""
+    from longreach.bench.mixtures import expert_bytes_worker
+    from longreach.errors import ConfigError
+    from longreach.model_setup import parallelize
+    from longreach.trainer import build_mesh
+
+    failures = engine_expert_parallel_checks(rank, world_size, out_dir, engines)
+    counts = expert_bytes_worker(rank, world_size, bench_engines, 4, 16, 24)
+    cfg = moe_job(moe={"expert_parallel": True}, **{"engine.kind": "deepspeed", "engine.options": {"zero_stage": 0},
+                                                     "train.precision": "fp16", **COMMON})
+    mesh, _, _ = build_mesh(cfg.parallel, world_size, torch.device("cpu"))
+    try:
+        parallelize(build_model(cfg.model), cfg, mesh)
+        error = None
+    except ConfigError as e:
+        error = str(e)
+    return {"failures": failures, "expert_bytes": counts, "zero0_fp16_error": error}
