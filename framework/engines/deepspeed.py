@@ -230,8 +230,12 @@ class DeepSpeedEngine(Engine):
         DeepSpeed's bf16 modes keep bf16 copies in the module and the fp32 masters in the optimizer: an
         update at lr 2e-5 moves the master of a norm weight of 1.0 but not its bf16 copy, so whatever
         reads the module after training (probe, export) would silently drop it. ZeRO-3 parameters stay
-        partitioned (the export gathers them).
+        partitioned (the export gathers them); split experts hidden from ZeRO-3 are parameters of their
+        modules again.
         """
+        shards = expert_shards(self.module)
+        if shards is not None and self.cfg.zero_stage == 3:
+            _unhide_experts(self.module, shards)  # DeepSpeed is done with the module: experts back in the tree
         if not self.model.bfloat16_enabled():
             return
         for p, master in self.dense_masters():
@@ -332,6 +336,16 @@ def _hide_experts(model: nn.Module, shards: Any) -> None:
             if p is not None and id(p) in owners:
                 del module._parameters[name]
                 module.__dict__[name] = p
+
+
+def _unhide_experts(model: nn.Module, shards: Any) -> None:
+    """Undo :func:`_hide_experts`: each split expert is a registered parameter of its module again."""
+    owners = {id(p) for p in shards.params}
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, nn.Parameter) and id(value) in owners:
+                del module.__dict__[name]
+                module._parameters[name] = value
 
 
 class _Zero3CheckpointView(nn.Module):
