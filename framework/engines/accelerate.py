@@ -3,10 +3,12 @@
 Split experts (``longreach.mixtures.expert_parallel``) are kept out of accelerate's DDP as the native
 engine keeps them out of its own: their names go on DDP's ignore list before ``prepare`` builds the DDP
 wrapper, and the engine completes their gradients over the dp replicas in :meth:`Engine.sync_gradients`.
-accelerate's bf16 autocasts around fp32 parameters, so the experts' fp32 weights are their own masters.
+accelerate's bf16 autocasts around fp32 parameters, so the experts' fp32 weights are their own masters; under
+fp16 the expert-aware global norm decides a skipped step for every rank alike (:meth:`AccelerateEngine.step`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from .base import Engine, EngineConfig, OptimizerFactory
 
 class AccelerateEngine(Engine):
     kind = "accelerate"
+    _overflow = False  # split experts: this step's global gradient norm was not finite (fp16)
 
     def __init__(self, *args: Any, accelerator: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -48,9 +51,19 @@ class AccelerateEngine(Engine):
             return float(norm) if norm is not None else 0.0
         self.accelerator.unscale_gradients()  # fp16: the GradScaler's unscale (a no-op otherwise)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        return clip_grad_norm(self.module, params, max_norm if max_norm else float("inf"))
+        total = clip_grad_norm(self.module, params, max_norm if max_norm else float("inf"))
+        # the same on every rank: dense gradients are replicated, the experts' norm is summed over cp
+        self._overflow = not math.isfinite(total)
+        return total
 
     def step(self) -> None:
+        scaler = self.accelerator.scaler
+        if scaler is not None and self._overflow:
+            # fp16 overflow in split experts: each rank's GradScaler saw only its own experts, so one may skip
+            # the step and another not; skip on every rank and back the scale off alike
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            self.prepared_optimizer.zero_grad(set_to_none=True)
+            return
         # the prepared optimizer applies accelerate's GradScaler under fp16
         self.prepared_optimizer.step()
         self.prepared_optimizer.zero_grad(set_to_none=True)
