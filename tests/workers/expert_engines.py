@@ -75,6 +75,7 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
     full_rep = _full_state_from_checkpoint(rep["checkpoint"], cfg_rep) if rank == 0 else None
     m = cfg_rep.model
     all_experts = m.n_layers * 3 * MOE_OPTIONS["experts"] * m.dim * m.ffn_hidden
+    finals: dict[str, str] = {}
     for engine in engines:
         split_over, resume_over, tol = ENGINE_RUNS[engine]
         try:
@@ -87,6 +88,7 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
             failures.append(f"{engine}: rank {rank} holds {split['expert_params']} expert parameters, want "
                             f"{all_experts // 2}")
         straight = read_metrics(split["metrics"])
+        finals[engine] = split["checkpoint"]
         if rank == 0:
             _check_checkpoint(engine, split["checkpoint"], full_rep if tol <= 1e-5 else None, failures)
             if resume_over is not None:
@@ -101,7 +103,26 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
         _compare(f"{engine} step-2 checkpoint resumed", read_metrics(split["metrics"]), straight, 1e-5, failures)
     if "deepspeed_zero2_bf16" in engines:
         _bf16_updates_kept(rank, out_dir, failures)
+    if "deepspeed_zero3" in finals:
+        _across_engines(out_dir, rep["checkpoint"], finals["deepspeed_zero3"], failures)
     return failures
+
+
+def _across_engines(out_dir: str, native_ckpt: str, zero3_ckpt: str, failures: list[str]) -> None:
+    """Weights across engines (``checkpoint.init_from``): DeepSpeed ZeRO-3 with split experts starts from the
+    replicated DDP run's final checkpoint, native DDP with split experts from the ZeRO-3 run's (its experts
+    gathered from both ranks' DCP shards). The two checkpoints hold the same weights (checked to 1e-4 above),
+    so both runs' first losses agree (1e-4), and differ from a fresh model's (the weights were loaded)."""
+    over = {"run.steps": 1, "run.save_every": 0}
+    zero3 = {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 3}}
+    _, a = _run(out_dir, "zero3_from_native", True, {**zero3, **over, "checkpoint.init_from": native_ckpt})
+    _, b = _run(out_dir, "native_from_zero3", True, {**over, "checkpoint.init_from": zero3_ckpt})
+    _, fresh = _run(out_dir, "native_fresh", True, over)
+    if not abs(a["first_loss"] - b["first_loss"]) <= 1e-4 * abs(b["first_loss"]):
+        failures.append(f"init_from across engines: ZeRO-3 from the DDP checkpoint {a['first_loss']!r} != DDP from "
+                        f"the ZeRO-3 checkpoint {b['first_loss']!r}")
+    if abs(b["first_loss"] - fresh["first_loss"]) <= 1e-3 * abs(fresh["first_loss"]):
+        failures.append(f"init_from across engines: the loaded weights give the fresh model's loss {fresh['first_loss']!r}")
 
 
 def _bf16_updates_kept(rank: int, out_dir: str, failures: list[str]) -> None:
