@@ -229,8 +229,7 @@ ENGINE_SPECS: dict[str, tuple[str, dict[str, Any], str]] = {
     "deepspeed": ("deepspeed", {"zero_stage": 1}, "fp32"),
     **{f"zero{z}": ("deepspeed", {"zero_stage": z}, "fp32") for z in range(4)},
     **{f"zero{z}-bf16": ("deepspeed", {"zero_stage": z}, "bf16") for z in range(4)},
-    "accelerate": ("accelerate", {}, "fp32"),
-    "accelerate-bf16": ("accelerate", {}, "bf16"),
+    "accelerate": ("accelerate", {}, "fp32"),  # bf16: the same fp32 parameters under autocast
 }
 ENGINES = tuple(ENGINE_SPECS)
 DEFAULT_EP_ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16", "accelerate")

@@ -176,10 +176,9 @@ class DeepSpeedEngine(Engine):
         self.expert_optimizer.zero_grad(set_to_none=True)
 
     def clip_grad_norm(self, max_norm: float | None) -> float:
-        # DeepSpeed clips inside its step (config "gradient_clipping"); report what it measured.
-        norm = self.model.get_global_grad_norm()
-        if norm is None:
-            norm = getattr(self, "_grad_norm", None)
+        # DeepSpeed clips inside its step (config "gradient_clipping"); report what it measured, or under
+        # ZeRO-0 what the engine measured before clipping (DeepSpeed's ZeRO-0 optimizers measure after it)
+        norm = self._grad_norm if self._grad_norm is not None else self.model.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
 
     def step(self) -> None:
@@ -187,6 +186,8 @@ class DeepSpeedEngine(Engine):
 
     def skip_step(self) -> None:
         self.model.zero_grad()
+        if self.expert_optimizer is not None:  # accumulated expert gradients (ZeRO-3: not among the module's)
+            self.expert_optimizer.zero_grad(set_to_none=True)
 
     def no_sync(self) -> Any:
         return nullcontext()  # DeepSpeed defers reduction to the boundary on its own

@@ -27,7 +27,8 @@ COMMON = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train
 BF16_TOL = 2e-2
 
 ENGINE_RUNS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, float]] = {
-    # name: (split run's overrides, the step-2 checkpoint resumed under these overrides or None, tolerance)
+    # name: (split run's overrides, the step-2 checkpoint resumed under these overrides or None, tolerance
+    # against the replicated DDP run, or against REFERENCES[name] where given)
     "fsdp2": ({"engine.options": {"fsdp": True}}, {}, 1e-5),  # resumed under DDP (another engine's layout)
     "deepspeed_zero1": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}},
                         {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}}, 1e-5),
@@ -35,6 +36,8 @@ ENGINE_RUNS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, float]] = {
                         {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 3}}, 1e-5),
     "deepspeed_zero0": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 0}}, None, 1e-5),
     "accelerate": ({"engine.kind": "accelerate"}, {}, 1e-5),  # resumed under native DDP
+    "deepspeed_zero0_bf16": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 0},
+                              "train.precision": "bf16"}, None, BF16_TOL),
     "deepspeed_zero2_bf16": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2},
                               "train.precision": "bf16"},
                              {"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2},
@@ -42,6 +45,10 @@ ENGINE_RUNS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, float]] = {
     "deepspeed_zero3_bf16": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 3},
                               "train.precision": "bf16"}, None, BF16_TOL),
 }
+# DeepSpeed's ZeRO-0 bf16 optimizer (FP16_UnfusedOptimizer: bf16 gradients all-reduced, masters started from
+# the bf16 weights) moves away from fp32 by more than bf16 rounding (grad norm 1.30 vs 1.68 at step 3 with
+# every expert replicated): its split-expert run is compared with DeepSpeed's own run of experts replicated.
+REFERENCES = {"deepspeed_zero0_bf16": ENGINE_RUNS["deepspeed_zero0_bf16"][0]}
 
 
 def _run(out_dir: str, name: str, ep: bool, over: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -83,7 +90,10 @@ def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engi
         except Exception as e:  # noqa: BLE001 - reported per engine; the other engines still run
             failures.append(f"{engine}: {type(e).__name__}: {e}")
             continue
-        _compare(f"{engine} split experts", read_metrics(split["metrics"]), want, tol, failures)
+        ref = want
+        if engine in REFERENCES:
+            ref = read_metrics(_run(out_dir, f"{engine}_replicated", False, REFERENCES[engine])[1]["metrics"])
+        _compare(f"{engine} split experts", read_metrics(split["metrics"]), ref, tol, failures)
         if split["expert_params"] != all_experts // 2:
             failures.append(f"{engine}: rank {rank} holds {split['expert_params']} expert parameters, want "
                             f"{all_experts // 2}")
