@@ -145,7 +145,7 @@ class EngineConfig:
             return None
         if self.zero_stage == 0 and self.mixed_precision == "fp16":
             return ("train.precision=fp16 with engine.options.zero_stage=0 keeps DeepSpeed's overflow check blind "
-                    "to the split experts; use zero_stage 1 or 2, or bf16")
+                    "to the split experts; use zero_stage 1, 2 or 3, or bf16")
         return None
 
 

@@ -423,6 +423,8 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
     own_clip = shards is not None and cfg.zero_stage == 0
     conf = deepspeed_config(cfg, world_size=dist.get_world_size(), grad_accum=grad_accum,
                             micro_batch_size=micro_batch_size, grad_clip=None if own_clip else grad_clip)
+    if shards is not None:
+        _check_user_config(cfg, conf)
     if shards is None:
         optimizer = optimizer_factory(model.parameters())
     else:  # split experts: DeepSpeed gets the dense parameters only (class docstring)
@@ -443,6 +445,10 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
         # the factory may make a (no-decay) group that holds no expert; DCP cannot name an empty group
         eng.expert_optimizer.param_groups[:] = [g for g in eng.expert_optimizer.param_groups if g["params"]]
         expert_optimizer_hooks(model, eng.expert_optimizer)
+        if hasattr(ds_opt, "bf16_groups"):  # BF16_Optimizer (fp32 gradient accumulation): grads off the params
+            raise ConfigError("model.moe.expert_parallel with DeepSpeed's BF16_Optimizer (bf16 with "
+                              "data_types.grad_accum_dtype=fp32 in engine.deepspeed_config) is not supported: drop "
+                              "that setting")
         if cfg.zero_stage == 0:
             _experts_out_of_allreduce(ds_engine, shards)
         elif cfg.zero_stage == 3:
@@ -452,6 +458,21 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
         if cfg.mixed_precision != "fp32" and cfg.zero_stage < 3:  # ZeRO-3: _Zero3CheckpointView
             _masters_in_state_dict(eng, shards)
     return eng
+
+
+def _check_user_config(cfg: EngineConfig, conf: dict[str, Any]) -> None:
+    """Split experts follow ``engine.options.zero_stage`` and ``train.precision``: an ``engine.deepspeed_config``
+    file that changes either would leave them handled for another configuration than DeepSpeed runs."""
+    stage = conf.get("zero_optimization", {}).get("stage", 0)
+    if stage != cfg.zero_stage:
+        raise ConfigError(f"engine.deepspeed_config sets zero_optimization.stage={stage} but "
+                          f"engine.options.zero_stage={cfg.zero_stage}; with model.moe.expert_parallel set the stage "
+                          "in engine.options.zero_stage only")
+    for key, precision in (("bf16", "bf16"), ("fp16", "fp16")):
+        if bool(conf.get(key, {}).get("enabled", False)) != (cfg.mixed_precision == precision):
+            raise ConfigError(f"engine.deepspeed_config sets {key}.enabled against train.precision="
+                              f"{cfg.mixed_precision}; with model.moe.expert_parallel set the precision in "
+                              "train.precision only")
 
 
 def _experts_out_of_allreduce(ds_engine: Any, shards: Any) -> None:
