@@ -1,4 +1,7 @@
-"""DeepSpeed engine: ZeRO 1/2/3 from a generated DeepSpeed config, and DeepSpeed-Ulysses attention.
+"""DeepSpeed engine: ZeRO 0-3 from a generated DeepSpeed config, and DeepSpeed-Ulysses attention.
+
+Experts split over cp stay beside DeepSpeed's data parallelism (:class:`DeepSpeedEngine`; the changes to
+DeepSpeed's engine and optimizers that this needs are in ``longreach.engines.deepspeed_experts``).
 
 On CPU DeepSpeed runs over gloo (``deepspeed.init_distributed(dist_backend="gloo")``). We always
 hand DeepSpeed a *torch* optimizer: its fused CPU/GPU optimizers are C++ extensions that compile for
@@ -12,18 +15,20 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from longreach.errors import ConfigError
-from longreach.mixtures.expert_parallel import (as_expert_dtensor, expert_norm_sq, expert_optimizer_hooks,
-                                                expert_shards, finish_expert_gradients)
+from longreach.mixtures.expert_parallel import (expert_norm_sq, expert_optimizer_hooks, expert_shards,
+                                                finish_expert_gradients)
 
 from .base import Engine, EngineConfig, OptimizerFactory
+from .deepspeed_experts import (PlainExpertsEngine, Zero3CheckpointView, check_user_config, experts_out_of_allreduce,
+                                hide_experts, masters_in_state_dict, unhide_experts, with_expert_norm,
+                                with_expert_norm_zero3)
 
 
 def deepspeed_config(cfg: EngineConfig, *, world_size: int, grad_accum: int = 1, micro_batch_size: int = 1,
@@ -198,8 +203,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed's files get the model with this rank's plain expert tensors (rank 0's copy is what
         # DeepSpeed keeps, and DCP's expert state loads after it); DCP gets every rank's experts, and the
         # dense weights as DeepSpeed's fp32 masters (what an export of a bf16/fp16 run must read)
-        model = _Zero3CheckpointView(self.module, expert_shards(self.module)) if self.cfg.zero_stage == 3 else self.module
-        return {"engine": _PlainExpertsEngine(self.model, self.module), "model": model,
+        model = Zero3CheckpointView(self.module, expert_shards(self.module)) if self.cfg.zero_stage == 3 else self.module
+        return {"engine": PlainExpertsEngine(self.model, self.module), "model": model,
                 "expert_optimizer": self.expert_optimizer}
 
     def dense_masters(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -236,30 +241,11 @@ class DeepSpeedEngine(Engine):
         """
         shards = expert_shards(self.module)
         if shards is not None and self.cfg.zero_stage == 3:
-            _unhide_experts(self.module, shards)  # DeepSpeed is done with the module: experts back in the tree
+            unhide_experts(self.module, shards)  # DeepSpeed is done with the module: experts back in the tree
         if not self.model.bfloat16_enabled():
             return
         for p, master in self.dense_masters():
             p.data = master.detach().clone()
-
-
-def _masters_in_state_dict(eng: DeepSpeedEngine, shards: Any) -> None:
-    """Under bf16/fp16 with split experts, the module's ``state_dict()`` for DCP (not DeepSpeed's own files:
-    ``shards.dtensor_state`` off) gives the dense weights as DeepSpeed's fp32 masters, under every name of a
-    tied weight (one tensor, so DCP still saves it once)."""
-
-    def hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        if not shards.dtensor_state:
-            return
-        names: dict[int, list[str]] = {}
-        for name, p in module.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(prefix + name)
-        for p, master in eng.dense_masters():
-            for key in names.get(id(p), ()):
-                if key in state_dict:
-                    state_dict[key] = master
-
-    eng.module.register_state_dict_post_hook(hook)
 
 
 def _loss_scale(optimizer: Any) -> float:
@@ -277,138 +263,6 @@ def _clip_coef(total: float | None, max_norm: float | None) -> float:
     return 1.0 / max(1.0, (total + 1e-6) / max_norm)
 
 
-class _PlainExpertsEngine:
-    """A DeepSpeed engine's save/load with the model's expert weights as plain local tensors."""
-
-    def __init__(self, engine: Any, module: nn.Module) -> None:
-        self.engine, self.module = engine, module
-
-    def _plain(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        shards = expert_shards(self.module)
-        shards.dtensor_state = False
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            shards.dtensor_state = True
-
-    def save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        return self._plain(self.engine.save_checkpoint, *args, **kwargs)
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
-        return self._plain(self.engine.load_checkpoint, *args, **kwargs)
-
-
-def _with_expert_norm(eng: DeepSpeedEngine, zero_optimizer: Any) -> None:
-    """Make ZeRO's global gradient norm include the split experts' (recorded before each step)."""
-    dense_norm = zero_optimizer.scaled_global_norm
-
-    def scaled_global_norm(norm_type: int = 2) -> torch.Tensor:
-        dense = dense_norm(norm_type)  # norm × loss scale
-        return torch.sqrt(dense.double() ** 2 + eng._expert_sq * float(zero_optimizer.loss_scale) ** 2).to(dense.dtype)
-
-    zero_optimizer.scaled_global_norm = scaled_global_norm
-
-
-def _with_expert_norm_zero3(eng: DeepSpeedEngine, zero_optimizer: Any) -> None:
-    """ZeRO-3's global gradient norm (combined from per-group norms × loss scale) with the split experts'
-    norm as one more group."""
-    groups = zero_optimizer._get_norm_groups
-
-    def norm_groups() -> list[torch.Tensor]:
-        dense = groups()
-        expert = math.sqrt(eng._expert_sq) * float(zero_optimizer.loss_scale)
-        return [*dense, torch.tensor(expert, dtype=dense[0].dtype, device=dense[0].device)]
-
-    zero_optimizer._get_norm_groups = norm_groups
-
-
-def _hide_experts(model: nn.Module, shards: Any) -> None:
-    """Take the split experts out of the module tree DeepSpeed ZeRO-3 sees (before ``deepspeed.initialize``).
-
-    ZeRO-3 partitions every parameter of the module it is given over all ranks and walks them all in its
-    hooks and steps; the experts, already split over cp and reduced over dp by the engine, must stay whole
-    on their rank. Each stays an attribute of its module (``self.weight`` still resolves, so forward is
-    unchanged) but leaves ``_parameters``: ``parameters()``, ``state_dict()`` and DeepSpeed skip it.
-    :class:`_Zero3CheckpointView` names them for checkpoints.
-    """
-    owners = {id(p) for p in shards.params}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None and id(p) in owners:
-                del module._parameters[name]
-                module.__dict__[name] = p
-
-
-def _unhide_experts(model: nn.Module, shards: Any) -> None:
-    """Undo :func:`_hide_experts`: each split expert is a registered parameter of its module again."""
-    owners = {id(p) for p in shards.params}
-    for module in model.modules():
-        for name, value in list(vars(module).items()):
-            if isinstance(value, nn.Parameter) and id(value) in owners:
-                del module.__dict__[name]
-                module._parameters[name] = value
-
-
-class _Zero3CheckpointView(nn.Module):
-    """The whole model as DCP sees it under ZeRO-3 with split experts: dense weights gathered as DeepSpeed's
-    fp32 masters, the experts (out of the module tree, :func:`_hide_experts`) as ``Shard(0)`` DTensors over
-    cp, under the model's own names — so a checkpoint reads back on one process (export, ``sources``) or
-    under another engine like any other.
-
-    ``named_parameters()`` yields the experts only (the expert optimizer's parameters, for DCP's optimizer
-    state); attribute paths resolve in the model. Loading restores the experts; the dense part comes back
-    from DeepSpeed's own files, loaded first.
-    """
-
-    def __init__(self, module: nn.Module, shards: Any) -> None:
-        super().__init__()
-        self.__dict__["_model"] = module  # not a child: named_parameters() is the experts only
-        self.__dict__["_shards"] = shards
-        self.__dict__["_names"] = [n.replace(_CHECKPOINT_PREFIX, "") for n in shards.names]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_model"], name)
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True,
-                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, p in zip(self._names, self._shards.params):
-            yield prefix + name, p
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Full fp32 dense weights (gathered: collective), buffers, and the experts as DTensors."""
-        import deepspeed
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        model = self._model
-        sd: dict[str, Any] = {}
-        seen: dict[int, torch.Tensor] = {}
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for name, p in params.items():
-            if id(p) not in seen:
-                full = safe_get_full_fp32_param(p) if p.requires_grad else None
-                if full is None:  # frozen: not in the optimizer, gather the module's copy
-                    with deepspeed.zero.GatheredParameters([p]):
-                        full = p.detach().clone()
-                seen[id(p)] = full.float()
-            sd[name.replace(_CHECKPOINT_PREFIX, "")] = seen[id(p)]  # tied names share one tensor
-        for name, b in model.state_dict().items():
-            if name not in params:
-                sd[name.replace(_CHECKPOINT_PREFIX, "")] = b
-        for name, p in zip(self._names, self._shards.params):
-            sd[name] = as_expert_dtensor(p.detach(), self._shards.ep_mesh)
-        return sd
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        with torch.no_grad():
-            for name, p in zip(self._names, self._shards.params):
-                v = state_dict[name]
-                p.copy_(v.to_local() if hasattr(v, "to_local") else v)
-        return nn.modules.module._IncompatibleKeys([], [])
-
-
 def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: OptimizerFactory, *,
                     group: Any = None, grad_accum: int = 1, micro_batch_size: int = 1,
                     grad_clip: float | None = None) -> Engine:
@@ -424,7 +278,7 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
     conf = deepspeed_config(cfg, world_size=dist.get_world_size(), grad_accum=grad_accum,
                             micro_batch_size=micro_batch_size, grad_clip=None if own_clip else grad_clip)
     if shards is not None:
-        _check_user_config(cfg, conf)
+        check_user_config(cfg, conf)
     if shards is None:
         optimizer = optimizer_factory(model.parameters())
     else:  # split experts: DeepSpeed gets the dense parameters only (class docstring)
@@ -433,7 +287,7 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
         # DeepSpeed broadcasts rank 0's module at start and casts it to bf16/fp16: keep this rank's fp32 experts
         local = [p.detach().clone() for p in shards.params]
         if cfg.zero_stage == 3:
-            _hide_experts(model, shards)
+            hide_experts(model, shards)
     ds_engine, ds_opt, _, _ = ds.initialize(model=model, optimizer=optimizer, config=conf)
     eng = DeepSpeedEngine(cfg, ds_engine, ds_engine.module, optimizer, group)
     eng.ds_optimizer = ds_opt
@@ -450,47 +304,14 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
                               "data_types.grad_accum_dtype=fp32 in engine.deepspeed_config) is not supported: drop "
                               "that setting")
         if cfg.zero_stage == 0:
-            _experts_out_of_allreduce(ds_engine, shards)
+            experts_out_of_allreduce(ds_engine, shards)
         elif cfg.zero_stage == 3:
-            _with_expert_norm_zero3(eng, ds_opt)
+            with_expert_norm_zero3(eng, ds_opt)
         else:
-            _with_expert_norm(eng, ds_opt)
-        if cfg.mixed_precision != "fp32" and cfg.zero_stage < 3:  # ZeRO-3: _Zero3CheckpointView
-            _masters_in_state_dict(eng, shards)
+            with_expert_norm(eng, ds_opt)
+        if cfg.mixed_precision != "fp32" and cfg.zero_stage < 3:  # ZeRO-3: Zero3CheckpointView
+            masters_in_state_dict(eng, shards)
     return eng
-
-
-def _check_user_config(cfg: EngineConfig, conf: dict[str, Any]) -> None:
-    """Split experts follow ``engine.options.zero_stage`` and ``train.precision``: an ``engine.deepspeed_config``
-    file that changes either would leave them handled for another configuration than DeepSpeed runs."""
-    stage = conf.get("zero_optimization", {}).get("stage", 0)
-    if stage != cfg.zero_stage:
-        raise ConfigError(f"engine.deepspeed_config sets zero_optimization.stage={stage} but "
-                          f"engine.options.zero_stage={cfg.zero_stage}; with model.moe.expert_parallel set the stage "
-                          "in engine.options.zero_stage only")
-    for key, precision in (("bf16", "bf16"), ("fp16", "fp16")):
-        if bool(conf.get(key, {}).get("enabled", False)) != (cfg.mixed_precision == precision):
-            raise ConfigError(f"engine.deepspeed_config sets {key}.enabled against train.precision="
-                              f"{cfg.mixed_precision}; with model.moe.expert_parallel set the precision in "
-                              "train.precision only")
-
-
-def _experts_out_of_allreduce(ds_engine: Any, shards: Any) -> None:
-    """ZeRO-0 all-reduces every module gradient at the boundary (``allreduce_gradients``): hold the expert
-    gradients back from it (they are summed over their dp replicas only, ``finish_expert_gradients``)."""
-    reduce = ds_engine.allreduce_gradients
-
-    def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
-        held = [p.grad for p in shards.params]
-        for p in shards.params:
-            p.grad = None
-        try:
-            return reduce(*args, **kwargs)
-        finally:
-            for p, g in zip(shards.params, held):
-                p.grad = g
-
-    ds_engine.allreduce_gradients = allreduce_gradients
 
 
 def ulysses_attention(local_attention: Callable[..., torch.Tensor], group: Any = None) -> nn.Module:
