@@ -4,9 +4,9 @@
 because every later step copies or hides the module tree the earlier ones changed:
 
 1. :func:`~longreach.mixtures.expert_parallel.apply_expert_parallel` — MoE layers with
-   ``model.moe.expert_parallel`` under cp > 1 keep only this rank's ``E / cp`` experts, when the
-   configured engine reduces split experts itself (:meth:`~longreach.engines.EngineConfig.splits_experts`);
-   before the optimizer exists, so it only ever holds this rank's experts.
+   ``model.moe.expert_parallel`` under cp > 1 keep only this rank's ``E / cp`` experts (an engine that
+   cannot reduce split experts itself, :meth:`~longreach.engines.EngineConfig.splits_experts`, is a
+   ConfigError); before the optimizer exists, so it only ever holds this rank's experts.
 2. :func:`apply_attention_seam` — every module with an ``inner_attention`` gets the configured inner
    attention (local, or context-parallel through ``longreach.parallel.cp_attention``), and every module
    with a ``parallelize_context(cp_group, parallel_cfg)`` hook (linear-attention layers, MoE layers left
@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longreach.attention import ContextParallelAttention, LocalAttention, pattern_masks
 from longreach.engines.base import as_engine_config
-from longreach.errors import UserError
+from longreach.errors import ConfigError, UserError
 from longreach.mixtures.expert_parallel import apply_expert_parallel, expert_parallel_layers, rename_expert_parameters
 from longreach.models.base import tile_experts, tile_sequence
 from longreach.parallel.comm import CPGroup
@@ -122,7 +122,10 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any) -> nn.Module:
     engine = as_engine_config(getattr(job_cfg, "engine", None) or "native")
     train = getattr(job_cfg, "train", None)
     engine = engine.with_precision(getattr(train, "precision", None) or "fp32")  # the engine computes in it
-    split = group is not None and engine.splits_experts() and bool(expert_parallel_layers(model))
+    split = group is not None and bool(expert_parallel_layers(model))
+    if split and not engine.splits_experts():  # never hold every expert on every rank silently
+        raise ConfigError(f"model.moe.expert_parallel cannot split the experts under engine.kind={engine.kind}: "
+                          f"{engine.expert_split_problem()}")
     ep_layers = apply_expert_parallel(model, mesh, group) if split else []  # 1
     apply_attention_seam(model, job_cfg, mesh, skip=ep_layers)  # 2
     # HF fine-tuning jobs have no model section: their train section holds sequence_tile / checkpoint_offload

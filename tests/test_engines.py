@@ -166,6 +166,26 @@ def test_engine_option_typo_is_rejected_when_the_config_loads(tmp_path):
     assert cfg.engine == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=2))
     assert cfg.engine.splits_experts()  # fp32 compute: ZeRO-2 keeps the experts split
     bf16 = cfg.engine.with_precision(cfg.train.precision)
-    assert (bf16.zero_stage, bf16.splits_experts()) == (2, False)  # bf16: experts stay replicated
+    assert (bf16.zero_stage, bf16.splits_experts()) == (2, True)  # bf16: fp32 expert masters beside ZeRO-2
     recipe = load_config(JobConfig, "tnl_7b")
     assert recipe.engine.kind == "native" and recipe.engine.fsdp and recipe.engine.splits_experts()
+
+
+def test_split_experts_follow_engine_options_not_the_deepspeed_file(tmp_path):
+    """With split experts the engine handles them for engine.options.zero_stage and train.precision: a
+    DeepSpeed JSON that changes either is a ConfigError naming both settings; ZeRO-0 with fp16 cannot split."""
+    from longreach.engines.deepspeed import deepspeed_config
+    from longreach.engines.deepspeed_experts import check_user_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = as_engine_config({"kind": "deepspeed", "zero_stage": 1, "deepspeed_config": str(user)})
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage=3 but engine\.options\.zero_stage=1"):
+        check_user_config(cfg, deepspeed_config(cfg, world_size=2))
+    user.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match=r"bf16\.enabled against train\.precision=fp32"):
+        check_user_config(cfg, deepspeed_config(cfg, world_size=2))
+    plain = as_engine_config({"kind": "deepspeed", "zero_stage": 3}).with_precision("bf16")
+    check_user_config(plain, deepspeed_config(plain, world_size=2))  # consistent: no error
+    fp16 = as_engine_config({"kind": "deepspeed", "zero_stage": 0}).with_precision("fp16")
+    assert not fp16.splits_experts() and "zero_stage=0" in fp16.expert_split_problem()

@@ -18,7 +18,8 @@ for backward (exact, any device) and, on CUDA, the peak allocated during forward
 
 With ``--expert-bytes`` it also spawns gloo ranks (default 2, all of them the context-parallel group the
 experts are split over) and reports the bytes of expert weights each rank holds under each engine — native
-DDP, FSDP2 and DeepSpeed ZeRO — with ``model.moe.expert_parallel`` on, against the total.
+DDP, FSDP2, DeepSpeed ZeRO 0-3 in fp32 and bf16, and accelerate — with ``model.moe.expert_parallel`` on,
+against the total.
 
     longreach bench mixtures                       # 8k tokens, dim 512, 8 heads of 64, 3 rounds
     longreach bench mixtures --seq-len 2048 --rounds 5 --json out.json
@@ -221,17 +222,38 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-ENGINES = ("ddp", "fsdp2", "deepspeed")
+# --expert-bytes: engine name -> (engine.kind, engine.options, train.precision)
+ENGINE_SPECS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "ddp": ("native", {}, "fp32"),
+    "fsdp2": ("native", {"fsdp": True}, "fp32"),
+    "deepspeed": ("deepspeed", {"zero_stage": 1}, "fp32"),
+    **{f"zero{z}": ("deepspeed", {"zero_stage": z}, "fp32") for z in range(4)},
+    **{f"zero{z}-bf16": ("deepspeed", {"zero_stage": z}, "bf16") for z in range(4)},
+    "accelerate": ("accelerate", {}, "fp32"),  # bf16: the same fp32 parameters under autocast
+}
+ENGINES = tuple(ENGINE_SPECS)
+DEFAULT_EP_ENGINES = ("ddp", "fsdp2", "zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16", "accelerate")
+
+
+def _held_bytes(p: torch.Tensor) -> int:
+    """Bytes of ``p`` this rank stores: an FSDP2 DTensor's local shard, a DeepSpeed ZeRO-3 partition."""
+    if hasattr(p, "ds_tensor"):
+        p = p.ds_tensor
+    elif hasattr(p, "to_local"):
+        p = p.to_local()
+    return p.numel() * p.element_size()
 
 
 def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts: int, dim: int, hidden: int
                         ) -> dict[str, dict[str, int]]:
-    """One rank: build a 2-layer MoE model with experts split over cp = all ranks, wrap it in each engine,
-    and count the expert-weight bytes this rank stores (FSDP2/DeepSpeed: their local shards)."""
+    """One rank: build a 2-layer MoE model with experts split over cp = all ranks, wrap it in each engine
+    (:data:`ENGINE_SPECS`), and count the expert-weight bytes this rank stores (FSDP2/DeepSpeed: their
+    local shards; split experts stay fp32 under bf16: they are their own masters)."""
     import dataclasses
 
     from longreach.engines import EngineConfig, build_engine
     from longreach.job import JobConfig
+    from longreach.mixtures.expert_parallel import expert_shards
     from longreach.models import build_model
     from longreach.models.config import MoEOptions, ModelConfig
     from longreach.parallel.config import ParallelConfig
@@ -244,22 +266,26 @@ def expert_bytes_worker(rank: int, world_size: int, engines: list[str], experts:
         torch.manual_seed(0)
         model_cfg = ModelConfig(vocab_size=64, dim=dim, n_layers=2, n_heads=4, n_kv_heads=4, ffn_type="moe",
                                 moe=MoEOptions(experts=experts, top_k=2, hidden=hidden, expert_parallel=True))
-        job = JobConfig(model=model_cfg, parallel=ParallelConfig(cp=world_size, layout="contiguous"))
-        ecfg = {"ddp": EngineConfig(), "fsdp2": EngineConfig(kind="native", options={"fsdp": True}),
-                "deepspeed": EngineConfig(kind="deepspeed", options={"zero_stage": 1})}[name]
-        job = dataclasses.replace(job, engine=ecfg)
+        kind, options, precision = ENGINE_SPECS[name]
+        ecfg = EngineConfig(kind=kind, options=options)
+        job = JobConfig(model=model_cfg, parallel=ParallelConfig(cp=world_size, layout="contiguous"), engine=ecfg)
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, precision=precision))
         model = parallelize(build_model(model_cfg), job, mesh)
-        engine = build_engine(ecfg, model, lambda ps: torch.optim.AdamW(ps, lr=1e-3), mesh=mesh)
-        model = engine.module
-        expert = total = 0
-        for pname, p in model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            nbytes = local.numel() * local.element_size()
-            total += nbytes
-            if ".experts." in pname:
-                expert += nbytes
+        engine = build_engine(ecfg.with_precision(precision), model, lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+                              mesh=mesh)
+        shards = expert_shards(engine.module)
+        split = {id(p) for p in shards.params} if shards is not None else set()
+        expert = sum(_held_bytes(p) for p in shards.params) if shards is not None else 0
+        total = expert
+        for pname, p in engine.module.named_parameters():  # ZeRO-3: the split experts are not among them
+            if id(p) in split:
+                continue
+            total += _held_bytes(p)
+            if ".experts." in pname:  # experts left replicated (none when split)
+                expert += _held_bytes(p)
         out[name] = {"expert_bytes": expert, "param_bytes": total,
                      "expert_bytes_total": 2 * 3 * experts * dim * hidden * 4}
+        engine.close()
     return out
 
 
@@ -306,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--expert-bytes", action="store_true",
-                   help="also count per-rank expert bytes under native DDP, FSDP2 and DeepSpeed (gloo ranks)")
+                   help="also count per-rank expert bytes under native DDP, FSDP2, DeepSpeed ZeRO 0-3 (fp32, bf16) "
+                        "and accelerate (gloo ranks)")
     p.add_argument("--ep-ranks", type=int, default=2, help="gloo ranks for --expert-bytes (default 2)")
-    p.add_argument("--ep-engines", default=",".join(ENGINES), help="engines for --expert-bytes: " + ", ".join(ENGINES))
+    p.add_argument("--ep-engines", default=",".join(DEFAULT_EP_ENGINES),
+                   help="engines for --expert-bytes (default: %(default)s); any of " + ", ".join(ENGINES))
     p.add_argument("--json", default=None, help="write the rows here")
     return p
 
@@ -349,7 +377,7 @@ def main(argv: list[str]) -> int:
         eb = result["expert_bytes"] = run_expert_bytes(args)
         for r, per in enumerate(eb["per_rank"]):
             for name, c in per.items():
-                print(f"expert bytes, {name:<9} rank {r}/{eb['ranks']}: {c['expert_bytes']} of "
+                print(f"expert bytes, {name:<15} rank {r}/{eb['ranks']}: {c['expert_bytes']} of "
                       f"{c['expert_bytes_total']} ({c['expert_bytes'] / c['expert_bytes_total']:.3f}); all "
                       f"parameters on this rank {c['param_bytes']}")
     if args.json:

@@ -133,13 +133,20 @@ class EngineConfig:
         return out
 
     def splits_experts(self) -> bool:
-        """Whether this engine keeps split experts (``model.moe.expert_parallel``) out of its own
-        data parallelism and reduces them itself: native DDP and FSDP2, and DeepSpeed ZeRO 1/2 in fp32
-        (DeepSpeed shards the dense part, the engine steps the experts beside it). Otherwise experts stay
-        in the layer's replicated-parameter mode (each rank computes only its experts but holds all)."""
-        if self.kind == "native":
-            return True
-        return self.kind == "deepspeed" and self.zero_stage in (1, 2) and self.mixed_precision == "fp32"
+        """Whether this engine keeps split experts (``model.moe.expert_parallel``) out of its own data
+        parallelism and reduces them itself: native DDP and FSDP2, accelerate, and DeepSpeed ZeRO 0-3 in
+        fp32, bf16 and fp16 (DeepSpeed shards the dense part, the engine steps the experts beside it) except
+        ZeRO-0 with fp16. :meth:`expert_split_problem` says why not."""
+        return self.expert_split_problem() is None
+
+    def expert_split_problem(self) -> str | None:
+        """None when this engine splits experts (:meth:`splits_experts`), else what to change."""
+        if self.kind != "deepspeed":
+            return None
+        if self.zero_stage == 0 and self.mixed_precision == "fp16":
+            return ("train.precision=fp16 with engine.options.zero_stage=0 keeps DeepSpeed's overflow check blind "
+                    "to the split experts; use zero_stage 1, 2 or 3, or bf16")
+        return None
 
 
 def as_engine_config(section: Any) -> EngineConfig:

@@ -34,8 +34,8 @@ from .moe import MoEFFN, expert_parameter_names, is_expert_parameter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExpertShards", "apply_expert_parallel", "clip_grad_norm", "expert_optimizer_hooks", "expert_shards",
-           "finish_expert_gradients", "reduce_expert_gradients"]
+__all__ = ["ExpertShards", "apply_expert_parallel", "as_expert_dtensor", "clip_grad_norm", "expert_optimizer_hooks",
+           "expert_shards", "finish_expert_gradients", "reduce_expert_gradients"]
 
 _SHARDS_ATTR = "_longreach_expert_shards"
 
@@ -118,7 +118,9 @@ def rename_expert_parameters(model: nn.Module) -> None:
         shards.names = expert_parameter_names(model)
 
 
-def _as_dtensor(local: torch.Tensor, ep_mesh: Any) -> torch.Tensor:
+def as_expert_dtensor(local: torch.Tensor, ep_mesh: Any) -> torch.Tensor:
+    """This rank's experts ``local [E / P, ...]`` as the DTensor ``[E, ...]`` sharded ``Shard(0)`` over ``ep_mesh``
+    (sharing ``local``'s storage: a checkpoint load into it writes the parameter)."""
     shape = (local.shape[0] * ep_mesh.size(),) + tuple(local.shape[1:])  # [E, ...] global
     return DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
                               stride=torch.empty(shape, device="meta").stride())
@@ -133,7 +135,7 @@ def _experts_to_dtensor(shards: ExpertShards):
         for name, p in module.named_parameters(recurse=False):
             key = prefix + name
             if is_expert_parameter(p) and key in state_dict and isinstance(state_dict[key], torch.Tensor):
-                state_dict[key] = _as_dtensor(state_dict[key], shards.ep_mesh)
+                state_dict[key] = as_expert_dtensor(state_dict[key], shards.ep_mesh)
 
     return hook
 
@@ -164,7 +166,7 @@ def expert_optimizer_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -
             if p is None or id(p) not in owners:
                 continue
             # a new dict: Optimizer.state_dict() shares the live per-parameter state dicts
-            sd["state"][idx] = {k: _as_dtensor(v, shards.ep_mesh)
+            sd["state"][idx] = {k: as_expert_dtensor(v, shards.ep_mesh)
                                 if isinstance(v, torch.Tensor) and v.shape == p.shape else v  # moments, not step
                                 for k, v in st.items()}
 

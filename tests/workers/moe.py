@@ -2,24 +2,18 @@
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
-from longreach.metrics import read_metrics
 from longreach.mixtures.moe import MoEConfig, MoEFFN
 from longreach.mixtures.moh import MoHAttention, MoHConfig
 from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
 from longreach.models.rope import RotaryEmbedding
 from longreach.parallel import sequence_positions, shard_sequence
-from longreach.trainer import train
-from workers.trainer import MOE_OPTIONS, SyntheticBatches, _full_state_from_checkpoint, moe_job
-from workers.trainer import _close as _rel_close
 
 
 def _close(name: str, a: torch.Tensor, b: torch.Tensor, failures: list[str], tol: float = 1e-9) -> None:
@@ -261,63 +255,3 @@ def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[s
             _close(f"{tag} d{name}", g, p_ref.grad, failures)
     return failures
 
-
-ENGINE_RUNS = {
-    "fsdp2": ({"engine.options": {"fsdp": True}}, {}),  # resumed under DDP (another engine's layout)
-    "deepspeed": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 1}},) * 2,  # resumed as is
-    "deepspeed_zero2": ({"engine.kind": "deepspeed", "engine.options": {"zero_stage": 2}},) * 2,
-}
-
-
-def engine_expert_parallel_checks(rank: int, world_size: int, out_dir: str, engine: str) -> list[str]:
-    """Experts split over cp=2 under ``engine`` (``fsdp2``: the cp dim is the expert mesh dim, the rest
-    FSDP2-sharded; ``deepspeed``: ZeRO-1 on the dense part) against the same MoE model trained under plain
-    DDP without expert parallelism, 4 steps each.
-
-    Checks: equal losses and grad norms per step (1e-5); half the expert parameters on this rank; the
-    checkpoint's experts, gathered by DCP on one process (another layout and world size), equal the
-    replicated run's final weights; and the step-2 checkpoint resumed (FSDP2's under DDP: another
-    engine's layout; DeepSpeed's under DeepSpeed) gives the same steps 3 and 4 (optimizer moments saved).
-    """
-    common = {"run.steps": 4, "run.save_every": 2, "checkpoint.keep_last": 0, "train.seq_len": 32,
-              "train.micro_batch_size": 2, "train.lr": 1e-2, "train.warmup_steps": 1, "parallel.cp": 2,
-              "parallel.layout": "zigzag", "attention.backend": "cpu"}
-    split_over, resume_over = ENGINE_RUNS[engine]
-    failures: list[str] = []
-
-    def run(name: str, ep: bool, over: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        cfg = moe_job(moe={"expert_parallel": ep}, **{"run.out_dir": f"{out_dir}/{name}", **common, **over})
-        data = SyntheticBatches(vocab=cfg.model.vocab_size, seq_len=cfg.train.seq_len, batch=2, seed=0)
-        return cfg, train(cfg, data=data)
-
-    cfg_rep, rep = run("ddp_replicated", False, {})
-    cfg_split, split = run(f"{engine}_split", True, split_over)
-
-    def compare(label: str, got: list[dict], want: list[dict]) -> None:
-        for a, b in zip(want, got, strict=True):
-            for key in ("loss", "grad_norm"):
-                if abs(a[key] - b[key]) > 1e-5 * abs(a[key]):
-                    failures.append(f"{label} step {a['step']} {key}: {b[key]!r} != replicated {a[key]!r}")
-
-    want = read_metrics(rep["metrics"])
-    compare(f"{engine} split experts", read_metrics(split["metrics"]), want)
-    m = cfg_rep.model
-    all_experts = m.n_layers * 3 * MOE_OPTIONS["experts"] * m.dim * m.ffn_hidden
-    if split["expert_params"] != all_experts // 2:
-        failures.append(f"{engine}: rank {rank} holds {split['expert_params']} expert parameters, want "
-                        f"{all_experts // 2}")
-    if rank == 0:
-        full_rep = _full_state_from_checkpoint(rep["checkpoint"], cfg_rep)
-        full_split = _full_state_from_checkpoint(split["checkpoint"], cfg_split)
-        for k, v in full_rep.items():
-            msg = _rel_close(k, full_split[k], v, 1e-4)
-            if msg:
-                failures.append(f"{engine} final weights: {msg}")
-        shutil.rmtree(sorted(Path(out_dir, f"{engine}_split", "checkpoints").glob("step-*"))[-1])
-    dist.barrier()
-    _, again = run(f"{engine}_split", True, resume_over)  # the step-2 checkpoint resumed
-    if abs(again["first_loss"] - want[2]["loss"]) > 1e-5 * abs(want[2]["loss"]):
-        failures.append(f"{engine} resume did not start at step 3: first loss {again['first_loss']!r}, "
-                        f"step 3 loss {want[2]['loss']!r}")
-    compare(f"{engine} step-2 checkpoint resumed", read_metrics(split["metrics"]), want)
-    return failures
