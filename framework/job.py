@@ -142,7 +142,7 @@ class JobConfig:
 def check_job_sections(train: TrainConfig, parallel: ParallelConfig, engine: EngineConfig) -> None:
     """Checks across the train, parallel and engine sections (a job's and a fine-tuning job's alike)."""
     try:
-        check_divisible(train.seq_len, layout=parallel.layout, cp=parallel.cp)
+        check_divisible(train.seq_len, layout=parallel.layout, cp=parallel.cp, setting="train.seq_len")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if train.precision == "fp16" and engine.kind == "native":

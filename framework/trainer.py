@@ -140,7 +140,7 @@ def check_config(cfg: Any, world_size: int) -> None:
     cp = par.cp
     try:
         par.dims(world_size)
-        check_divisible(tr.seq_len, layout=par.layout, cp=cp)
+        check_divisible(tr.seq_len, layout=par.layout, cp=cp, setting="train.seq_len")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     moe = getattr(getattr(cfg, "model", None), "moe", None)

@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .layouts import LAYOUTS
-from .layouts import check_divisible as _check_divisible
+from .layouts import LAYOUTS, check_divisible
 from .mesh import ParallelDims
 
 STRATEGIES = ("ring", "ulysses", "hybrid", "allgather")
@@ -21,11 +20,6 @@ LINEAR_VARIANTS = ("lasp1", "lasp2")
 """Sequence parallelism of linear-attention layers."""
 
 __all__ = ["LAYOUTS", "LINEAR_VARIANTS", "ParallelConfig", "STRATEGIES", "check_divisible"]
-
-
-def check_divisible(seq_len: int, *, layout: str, cp: int, setting: str = "train.seq_len") -> None:
-    """:func:`longreach.parallel.layouts.check_divisible` naming ``train.seq_len`` by default."""
-    _check_divisible(seq_len, layout=layout, cp=cp, setting=setting)
 
 
 @dataclass(kw_only=True, slots=True)
