@@ -285,7 +285,7 @@ def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:
     from longreach.bench.cp import format_peers, summarize_peers
 
     rec = {"pair": "a ÷ b", "world": 2, "seq_len": 64, "rank": 0, "ours_s": [1.0, 3.0, 2.0],
-           "peer_s": [2.0, 2.0, 4.0]}
+           "peer_s": [2.0, 2.0, 4.0], "ours_cpu_s": [3.0, 3.0, 3.0], "peer_cpu_s": [1.0, 2.0, 4.0]}
     for side in ("ours", "peer"):
         rec.update({f"{side}_dtype": "bfloat16", f"{side}_kernel_calls": 4, f"{side}_aten_calls": 9,
                     f"{side}_out_err": 1e-3, f"{side}_grad_err": 2e-3})
@@ -294,7 +294,9 @@ def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:
     assert len(rows) == 2
     assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["ratio_max"] == pytest.approx(1.5)
     assert rows[0]["ours_ms"] == pytest.approx(2000.0) and rows[0]["peer_ms"] == pytest.approx(2000.0)
-    assert "not run: d: not importable" in format_peers(rows)
+    assert rows[0]["cpu_ratio"] == pytest.approx(1.5) and rows[0]["cpu_ratio_min"] == pytest.approx(0.75)
+    text = format_peers(rows)
+    assert "not run: d: not importable" in text and " 1.50  0.75-3.00" in text
 
 
 def test_bench_dispatch_counter_sees_what_the_comm_recorder_sees() -> None:
@@ -414,4 +416,4 @@ def test_bench_cp_peers_worker_runs_every_pair_exactly() -> None:
         if r["ours_dtype"] == r["peer_dtype"]:  # no worse than the peer against float64 (same dtype)
             for err in ("out_err", "grad_err", "out_l2", "grad_l2"):
                 assert r[f"ours_{err}"] <= 1.02 * r[f"peer_{err}"] + 1e-7, (err, r)
-        assert len(r["ours_s"]) == len(r["peer_s"]) == 1
+        assert len(r["ours_s"]) == len(r["peer_s"]) == len(r["ours_cpu_s"]) == len(r["peer_cpu_s"]) == 1

@@ -113,6 +113,9 @@ def summarize_peers(records: list[dict]) -> list[dict]:
         row.update(ours_ms=1e3 * statistics.median(r["ours_s"]), peer_ms=1e3 * statistics.median(r["peer_s"]),
                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                    rounds=len(ratios))
+        if "ours_cpu_s" in r:
+            cpu = [a / b for a, b in zip(r["ours_cpu_s"], r["peer_cpu_s"])]
+            row.update(cpu_ratio=statistics.median(cpu), cpu_ratio_min=min(cpu), cpu_ratio_max=max(cpu))
         for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err", "out_l2", "grad_l2"):
             if f"ours_{k}" in r:
                 row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
@@ -131,7 +134,7 @@ def skipped_peers(records: list[dict]) -> dict[str, str]:
 
 def format_peers(rows: list[dict]) -> str:
     head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
-            f"{'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
+            f"{'(min-max)':>12} {'cpu ratio':>9} {'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
             f"{'grad err ours/peer':>19} {'grad L2 ours/peer':>19}")
 
     cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
@@ -146,7 +149,9 @@ def format_peers(rows: list[dict]) -> str:
 
     def line(r: dict) -> str:
         spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f}"
-        return " ".join([*(format(r[k], f) for k, f in cols), spread, *(both(r, *s) for s in sides)])
+        cpu = (f"{r['cpu_ratio']:>9.2f} {r['cpu_ratio_min']:>5.2f}-{r['cpu_ratio_max']:<6.2f}" if "cpu_ratio" in r
+               else f"{'-':>9} {'':12}")
+        return " ".join([*(format(r[k], f) for k, f in cols), spread, cpu, *(both(r, *s) for s in sides)])
 
     return _lines(head, rows, lambda r: f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6}", line)
 
@@ -171,7 +176,8 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
         print(f"skipped {name}: {why}")
     _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
           f"gloo on CPU, {args.threads} thread(s)/rank; ratio = longreach ÷ peer per round "
-          f"(median of {args.rounds}, interleaved); calls are per pass on rank 0",
+          f"(median of {args.rounds}, interleaved; wall clock of the slowest rank, and CPU clock of all ranks); "
+          f"calls are per pass on rank 0",
           format_peers(rows), args.json, {"config": cfg, "worlds": worlds, "rows": rows, "records": records})
     return 0
 

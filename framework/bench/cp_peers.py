@@ -12,7 +12,8 @@ installed, no stand-in) is skipped with its reason.
 Every side gets this rank's tokens of the same seeded float64 sequence under its own layout (USP's
 differs from longreach's hybrid layout), is checked against the float64 single-process reference, and
 is timed in interleaved rounds (the side that runs first alternates), a pass lasting as long as its
-slowest rank.
+slowest rank (wall clock); the CPU clock of a pass is the CPU time of every rank's computing thread
+together (waits for messages excluded), which a shared machine disturbs far less.
 """
 from __future__ import annotations
 
@@ -235,13 +236,18 @@ def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
             if "error" in rec:
                 continue
             times: dict[str, list[float]] = {ours: [], peer: []}
+            cpu: dict[str, list[float]] = {ours: [], peer: []}
             for r in range(cfg["rounds"]):
                 for name in ((ours, peer) if r % 2 == 0 else (peer, ours)):  # alternate who goes first
                     dist.barrier()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     _pass(sides[name].fn, *inputs[name])
-                    el = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                    dist.all_reduce(el, op=dist.ReduceOp.MAX)  # a pass takes as long as its slowest rank
-                    times[name].append(float(el))
+                    wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                    used = torch.tensor([time.thread_time() - c0], dtype=torch.float64)
+                    dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # a pass takes as long as its slowest rank
+                    dist.all_reduce(used)  # CPU time of the pass on every rank's computing thread together
+                    times[name].append(float(wall))
+                    cpu[name].append(float(used))
             rec["ours_s"], rec["peer_s"] = times[ours], times[peer]
+            rec["ours_cpu_s"], rec["peer_cpu_s"] = cpu[ours], cpu[peer]
     return recs
