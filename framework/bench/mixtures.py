@@ -22,6 +22,7 @@ DDP, FSDP2 and DeepSpeed ZeRO — with ``model.moe.expert_parallel`` on, against
 
     longreach bench mixtures                       # 8k tokens, dim 512, 8 heads of 64, 3 rounds
     longreach bench mixtures --seq-len 2048 --rounds 5 --json out.json
+    longreach bench mixtures --only "moh core,moe"    # only these rows and their dense partners
     longreach bench mixtures --expert-bytes --rounds 1 --seq-len 256
 """
 from __future__ import annotations
@@ -169,6 +170,19 @@ def _core_cases(moh: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
                       forward=lambda: moh._attend(q, k, v, ctx), inputs=[q, k, v])]
 
 
+def _selected(cases: list[LayerCase], only: str | None) -> list[LayerCase]:
+    """The cases whose name contains one of the comma-separated fragments of ``only``, with their baselines."""
+    if not only:
+        return cases
+    fragments = [f.strip() for f in only.split(",") if f.strip()]
+    keep = {c.name for c in cases if any(f in c.name for f in fragments)}
+    if not keep:
+        raise UserError(f"bench mixtures --only={only!r}: no layer name contains any of {fragments}; layers: "
+                        + "; ".join(c.name for c in cases))
+    keep |= {c.baseline for c in cases if c.name in keep and c.baseline is not None}
+    return [c for c in cases if c.name in keep]
+
+
 def _measure(case: LayerCase, backward: bool) -> float:
     for t in case.inputs:
         t.grad = None
@@ -194,7 +208,7 @@ def _peak_cuda(case: LayerCase) -> float | None:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved rounds over every case; one row per case with medians, ratio spreads and memory."""
-    cases = build_cases(args)
+    cases = _selected(build_cases(args), args.only)
     for case in cases:  # warm-up: first-call allocations and kernel selection
         _measure(case, True)
     times: dict[str, dict[str, list[float]]] = {c.name: {"fwd": [], "fwd_bwd": []} for c in cases}
@@ -309,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also count per-rank expert bytes under native DDP, FSDP2 and DeepSpeed (gloo ranks)")
     p.add_argument("--ep-ranks", type=int, default=2, help="gloo ranks for --expert-bytes (default 2)")
     p.add_argument("--ep-engines", default=",".join(ENGINES), help="engines for --expert-bytes: " + ", ".join(ENGINES))
+    p.add_argument("--only", default=None,
+                   help="comma-separated name fragments: time only the layers whose name contains one (and their "
+                        "dense partners), e.g. --only moh,moe")
     p.add_argument("--json", default=None, help="write the rows here")
     return p
 
@@ -323,6 +340,8 @@ def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.moh_shared < args.heads or not 1 <= args.moh_top_k <= args.heads - args.moh_shared:
         raise UserError(f"bench mixtures: need 0 <= --moh-shared < --heads and 1 <= --moh-top-k <= "
                         f"{args.heads - args.moh_shared} (the routed heads); got {args.moh_shared}, {args.moh_top_k}")
+    if args.only is not None and not [f for f in args.only.split(",") if f.strip()]:
+        raise UserError("bench mixtures: --only needs at least one layer-name fragment, e.g. --only moh,moe")
     args.ep_engines = [e.strip() for e in str(args.ep_engines).split(",") if e.strip()]
     bad = [e for e in args.ep_engines if e not in ENGINES]
     if bad:
