@@ -44,7 +44,7 @@ from longreach.kernels.masks import Mask
 from longreach.parallel.comm import group_ranks, p2p
 from longreach.parallel.layouts import positions_for
 
-__all__ = ["WINDOW", "QueryBlock", "RoutedPlan", "plan_blocks", "routed_attention", "supports_routed",
+__all__ = ["COARSE_ROWS", "WINDOW", "QueryBlock", "RoutedPlan", "plan_blocks", "routed_attention", "supports_routed",
            "window_size"]
 
 #: Smallest causal window, in local tokens. A window's tile computes about twice the pairs it needs, so the
@@ -52,6 +52,9 @@ __all__ = ["WINDOW", "QueryBlock", "RoutedPlan", "plan_blocks", "routed_attentio
 WINDOW = 256
 #: Longer sequences get longer windows: at most this many per sequence (fewer, larger calls).
 MAX_WINDOWS = 64
+#: Routed query rows of a coarse block (see :func:`plan_blocks`): the CPU flash kernel runs 256-row query
+#: tiles from 768 query rows on, about twice as fast per pair as its small-tile path.
+COARSE_ROWS = 768
 #: The one tag of the routed heads' ring messages (matching is by posting order).
 TAG = 0
 
@@ -90,11 +93,15 @@ class QueryBlock:
     """``[Bq, n, Rq]`` bool: the row is a routed (token, head) pair (False: padding)."""
     q_pos: torch.Tensor
     """``[Bq, n, Rq]`` global position of each query row (CPU)."""
-    window: tuple[int, int] | None
-    """Causal blocks: the global positions (first, last) of the window's tokens; None: ``mask`` placed."""
+    keys: tuple[int, int] | None
+    """Causal blocks: the global key positions ``[lo, hi)`` run in one unmasked call (all before the queries)."""
+    tile: tuple[int, int] | None
+    """Causal blocks: the global key positions ``[first, last]`` of the block's own window, run with the causal
+    pattern placed elementwise (None: no tile)."""
     mask: Mask | None
+    """Other masks: the layer's mask, placed at the queries' positions against every key."""
     dst: torch.Tensor
-    """``[V]`` flat index of each valid row in ``[B·S·R]`` (b, token, head)."""
+    """``[V]`` index of each valid row among the routed pairs (``active`` flattened, in (b, token, head) order)."""
     src: torch.Tensor
     """``[V]`` flat index of the same row in the block's ``[Bq·n·Rq]``."""
 
@@ -104,12 +111,14 @@ class RoutedPlan:
     """Blocks, key/value heads and ring of one routed call."""
 
     blocks: list[QueryBlock]
+    pairs: torch.Tensor
+    """``[N]`` flat index in ``[B·S·R]`` of every routed pair, in order (the packed rows)."""
     kv_heads: slice
     """The key/value heads the routed heads read (the ring carries only these)."""
     kv_of_head: torch.Tensor
     """``[R]`` index of each routed head's key/value head inside ``kv_heads``."""
     chunk_pos: list[torch.Tensor]
-    """Sorted-or-not global positions of each cp rank's keys (one entry without context parallelism)."""
+    """Global positions of each cp rank's keys (one entry without context parallelism)."""
     seq_len: int
     num_heads: int
     first_head: int
@@ -125,67 +134,100 @@ class RoutedPlan:
         return len(self.chunk_pos)
 
 
-def _flat_index(block_rows: int, tokens: torch.Tensor, valid: torch.Tensor, heads: slice, *, seq: int,
-                routed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dst, src): flat ``[B·S·R]`` index and flat block index of the valid rows of ``tokens`` ``[Bq, n, Rq]``."""
-    bq, n, rq = tokens.shape
-    b = torch.arange(block_rows, block_rows + bq).view(bq, 1, 1)
-    h = torch.arange(heads.start, heads.stop).view(1, 1, rq)
-    dst = ((b * seq + tokens) * routed + h)[valid]
-    src = torch.arange(bq * n * rq).view(bq, n, rq)[valid]
-    return dst, src
-
-
-def _windows(pos_sorted: torch.Tensor, width: int, stride: int) -> list[tuple[int, int]]:
-    """Cut sorted local positions into windows of ``width`` tokens, also where positions jump by more than
-    ``stride`` (a zigzag chunk boundary), so no window's positions span a gap."""
+def _windows(pos_sorted: torch.Tensor, width: int, stride: int) -> list[list[tuple[int, int]]]:
+    """Runs of sorted local positions without gaps (a jump by more than ``stride``: a zigzag chunk boundary),
+    each cut into windows of at most ``width`` tokens ``(lo, hi)``."""
     n = pos_sorted.numel()
-    cuts = set(range(0, n, width))
-    cuts |= set((torch.nonzero(pos_sorted[1:] - pos_sorted[:-1] > stride).view(-1) + 1).tolist())
-    edges = sorted(cuts) + [n]
-    return list(zip(edges[:-1], edges[1:]))
+    gaps = (torch.nonzero(pos_sorted[1:] - pos_sorted[:-1] > stride).view(-1) + 1).tolist()
+    runs = []
+    for a, b in zip([0] + gaps, gaps + [n]):
+        edges = list(range(a, b, width)) + [b]
+        runs.append(list(zip(edges[:-1], edges[1:])))
+    return runs
+
+
+def _coarse_groups(counts: list[torch.Tensor], coarse_rows: int) -> list[tuple[int, int, bool]]:
+    """Group consecutive windows of one run, from its end backwards, until some (row, head) has
+    ``coarse_rows`` routed queries: ``(first, stop, coarse)`` window ranges; the windows left at the start of
+    the run (fewer rows) form a group with ``coarse`` False."""
+    groups = []
+    stop = len(counts)
+    total = torch.zeros_like(counts[0]) if counts else None
+    for i in range(len(counts) - 1, -1, -1):
+        total = total + counts[i]
+        if int(total.max()) >= coarse_rows:
+            groups.append((i, stop, True))
+            stop, total = i, torch.zeros_like(total)
+    if stop > 0:
+        groups.append((0, stop, False))
+    return groups[::-1]
 
 
 def plan_blocks(active: torch.Tensor, pos: torch.Tensor, *, causal: bool, row_masks: list[Mask], stride: int = 1,
-                width: int | None = None) -> list[QueryBlock]:
+                width: int | None = None, coarse_rows: int | None = None) -> list[QueryBlock]:
     """Query blocks of one routed call.
+
+    Causal blocks come in two levels. Consecutive windows are grouped (from the end of the sequence back)
+    until some (row, head) has ``coarse_rows`` routed queries; such a group's queries run as one coarse block
+    against every key before the group (an unmasked call of many rows: the CPU flash kernel switches to its
+    fast 256-row tiles at 768 query rows). Each window of the group then runs the keys of the group before it
+    unmasked and its own keys as a causal tile. Windows of a group too small to be coarse run every key
+    before them themselves.
 
     Args:
         active: ``[B, S, R]`` bool (CPU), the routed pairs; pos: ``[S]`` global positions of the local tokens.
         causal: the mask is plain causal and ``pos`` is sorted: windowed blocks over every row and head.
             Otherwise one block per (row, head) with that row's mask from ``row_masks``.
-        stride: the position step of a layout without gaps (P under stripe): a larger jump starts a window.
-        width: tokens per window (default :func:`window_size`).
+        stride: the position step of a layout without gaps (P under stripe): a larger jump starts a new run.
+        width: tokens per window (default :func:`window_size`); coarse_rows: default :data:`COARSE_ROWS`.
 
     Returns:
-        The blocks; their valid rows are every active pair exactly once.
+        The blocks. Every routed pair is a valid row of exactly one block that is not coarse, and of at most
+        one coarse block; padded rows (``valid`` False) belong to the block's window.
     """
     b, s, r = active.shape
+    flat = active.reshape(-1)
+    packed = torch.full((flat.numel(),), -1, dtype=torch.long)
+    packed[flat] = torch.arange(int(flat.sum()))  # flat (b, token, head) -> index among the routed pairs
+
+    def block(rows: slice, heads: slice, tok: torch.Tensor, valid: torch.Tensor, **kw: Any) -> QueryBlock:
+        bq, n, rq = tok.shape
+        bi = torch.arange(rows.start, rows.start + bq).view(bq, 1, 1)
+        hi = torch.arange(heads.start, heads.stop).view(1, 1, rq)
+        return QueryBlock(rows=rows, heads=heads, tokens=tok, valid=valid, q_pos=pos[tok],
+                          dst=packed[((bi * s + tok) * r + hi)[valid]], src=torch.arange(bq * n * rq)[valid.view(-1)],
+                          **kw)
+
     blocks: list[QueryBlock] = []
     if not causal:
         for i in range(b):
             for j in range(r):
                 tok = torch.nonzero(active[i, :, j]).view(1, -1, 1)  # [1, n, 1]
-                if tok.numel() == 0:
-                    continue
-                valid = torch.ones_like(tok, dtype=torch.bool)
-                dst, src = _flat_index(i, tok, valid, slice(j, j + 1), seq=s, routed=r)
-                blocks.append(QueryBlock(rows=slice(i, i + 1), heads=slice(j, j + 1), tokens=tok, valid=valid,
-                                         q_pos=pos[tok], window=None, mask=row_masks[i], dst=dst, src=src))
+                if tok.numel():
+                    blocks.append(block(slice(i, i + 1), slice(j, j + 1), tok, torch.ones_like(tok, dtype=torch.bool),
+                                        keys=None, tile=None, mask=row_masks[i]))
         return blocks
-    for lo, hi in _windows(pos, width or window_size(s), stride):
+
+    def window_block(lo: int, hi: int, keys: tuple[int, int], tile: tuple[int, int] | None) -> None:
         sub = active[:, lo:hi]  # [B, w, R]
         counts = sub.sum(1)  # [B, R]
         n = int(counts.max())
         if n == 0:
-            continue
+            return
         # routed tokens first, in position order (a stable sort of "not routed"); padding takes the others
         first = torch.sort((~sub).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # [B, n, R]
-        tok = lo + first
         valid = torch.arange(n).view(1, n, 1) < counts.view(b, 1, r)  # [B, n, R]
-        dst, src = _flat_index(0, tok, valid, slice(0, r), seq=s, routed=r)
-        blocks.append(QueryBlock(rows=slice(0, b), heads=slice(0, r), tokens=tok, valid=valid, q_pos=pos[tok],
-                                 window=(int(pos[lo]), int(pos[hi - 1])), mask=None, dst=dst, src=src))
+        blocks.append(block(slice(0, b), slice(0, r), lo + first, valid, keys=keys, tile=tile, mask=None))
+
+    for run in _windows(pos, width or window_size(s), stride):
+        counts = [active[:, lo:hi].sum(1) for lo, hi in run]  # each [B, R]
+        for g0, g1, coarse in _coarse_groups(counts, coarse_rows or COARSE_ROWS):
+            start = int(pos[run[g0][0]])
+            if coarse:
+                window_block(run[g0][0], run[g1 - 1][1], (0, start), None)
+            for lo, hi in run[g0:g1]:
+                first = int(pos[lo])
+                window_block(lo, hi, (start if coarse else 0, first), (first, int(pos[hi - 1])))
     return blocks
 
 
@@ -234,30 +276,39 @@ def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.exp(s - lse.unsqueeze(-1))
 
 
-def _key_ranges(blk: QueryBlock, k_pos: torch.Tensor) -> tuple[int, int]:
-    """(a, c) for sorted chunk keys: keys ``[0, a)`` precede the window (all allowed), ``[a, c)`` lie inside it."""
-    lo, hi = blk.window  # type: ignore[misc]
-    return int(torch.searchsorted(k_pos, lo)), int(torch.searchsorted(k_pos, hi, right=True))
+def _place(plan: RoutedPlan, blk: QueryBlock, k_pos: torch.Tensor, q: torch.Tensor) -> tuple[Any, ModuleType]:
+    """The block's mask placed against one chunk's keys, and the backend that runs it."""
+    placed = blk.mask.place(blk.q_pos.view(-1), k_pos, seq_len=plan.seq_len,  # type: ignore[union-attr]
+                            heads=torch.tensor([plan.first_head + blk.heads.start]), num_heads=plan.num_heads)
+    return placed, get_backend(resolve_backend(plan.backend, q, placed))
+
+
+def _ranges(blk: QueryBlock, k_pos: torch.Tensor) -> tuple[slice, slice]:
+    """Index ranges of a sorted chunk's keys: those run unmasked, and those of the block's causal tile."""
+    lo, hi = blk.keys  # type: ignore[misc]
+    keys = slice(int(torch.searchsorted(k_pos, lo)), int(torch.searchsorted(k_pos, hi)))
+    if blk.tile is None:
+        return keys, slice(0, 0)
+    first, last = blk.tile
+    return keys, slice(int(torch.searchsorted(k_pos, first)), int(torch.searchsorted(k_pos, last, right=True)))
 
 
 def _forward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, kv: torch.Tensor, k_pos: torch.Tensor,
                    d: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Partial (out ``[Bq, n, Rq, E]``, lse ``[Bq, Rq, n]``) of the block over disjoint key sets of one chunk."""
     kvb, _ = _block_kv(plan, blk, kv)  # [Bq, Sk, Hb, D+E]
-    if blk.window is None:
-        placed = blk.mask.place(blk.q_pos.view(-1), k_pos, seq_len=plan.seq_len,  # type: ignore[union-attr]
-                                heads=torch.tensor([plan.first_head + blk.heads.start]), num_heads=plan.num_heads)
-        backend = get_backend(resolve_backend(plan.backend, qb, placed))
+    if blk.keys is None:
+        placed, backend = _place(plan, blk, k_pos, qb)
         return [backend.forward(qb, kvb[..., :d], kvb[..., d:], mask=placed, scale=plan.scale)]
-    a, c = _key_ranges(blk, k_pos)
+    keys, tile = _ranges(blk, k_pos)
     parts = []
-    if a > 0:
+    if keys.stop > keys.start:
         backend = get_backend(resolve_backend(plan.backend, qb, None))
-        parts.append(backend.forward(qb, kvb[:, :a, :, :d], kvb[:, :a, :, d:], mask=None, scale=plan.scale))
-    if c > a:
+        parts.append(backend.forward(qb, kvb[:, keys, :, :d], kvb[:, keys, :, d:], mask=None, scale=plan.scale))
+    if tile.stop > tile.start:
         acc = _acc(qb.dtype)
-        kt = kvb[:, a:c].to(acc)  # [Bq, m, Hb, D+E]
-        s = _tile_scores(qb.to(acc), kt[..., :d], blk.q_pos.to(qb.device), k_pos[a:c].to(qb.device), plan.scale)
+        kt = kvb[:, tile].to(acc)  # [Bq, m, Hb, D+E]
+        s = _tile_scores(qb.to(acc), kt[..., :d], blk.q_pos.to(qb.device), k_pos[tile].to(qb.device), plan.scale)
         lse = torch.logsumexp(s, dim=-1)  # [Bq, Rq, n]
         out = torch.einsum("bhnm,bmhe->bnhe", _probs(s, lse), _expand(kt[..., d:], qb.shape[2]))  # [Bq, n, Rq, E]
         parts.append((out, lse))
@@ -266,9 +317,10 @@ def _forward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, kv: torc
 
 def _backward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, kv: torch.Tensor, k_pos: torch.Tensor, dkv: torch.Tensor, d: int
-                    ) -> torch.Tensor:
+                    ) -> torch.Tensor | None:
     """Gradients of the block against one chunk: adds dK/dV into ``dkv`` ``[B, Sk, Hs, D+E]`` and returns dq
-    ``[Bq, n, Rq, D]`` (accumulation dtype). ``out``/``lse`` are the block's global results."""
+    ``[Bq, n, Rq, D]`` (accumulation dtype; None: no key of the chunk). ``out``/``lse`` are the block rows'
+    global results (padded rows: zero queries, output gradients and outputs, lse 0)."""
     kvb, heads = _block_kv(plan, blk, kv)
     target = dkv[blk.rows]  # [Bq, Sk, Hs, D+E] (a view: slice of rows)
     acc = dkv.dtype
@@ -280,36 +332,35 @@ def _backward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, dout: t
         else:
             target[:, keys].index_add_(2, heads, g)
 
-    if blk.window is None:
-        placed = blk.mask.place(blk.q_pos.view(-1), k_pos, seq_len=plan.seq_len,  # type: ignore[union-attr]
-                                heads=torch.tensor([plan.first_head + blk.heads.start]), num_heads=plan.num_heads)
-        backend = get_backend(resolve_backend(plan.backend, qb, placed))
+    if blk.keys is None:
+        placed, backend = _place(plan, blk, k_pos, qb)
         gq, gk, gv = backend.backward(dout, qb, kvb[..., :d], kvb[..., d:], out, lse, mask=placed, scale=plan.scale)
         add(slice(None), gk, gv)
         return gq.to(acc)
-    a, c = _key_ranges(blk, k_pos)
-    dq = torch.zeros(qb.shape, dtype=acc, device=qb.device)  # [Bq, n, Rq, D]
-    if a > 0:
+    keys, tile = _ranges(blk, k_pos)
+    dq = None
+    if keys.stop > keys.start:
         backend = get_backend(resolve_backend(plan.backend, qb, None))
-        gq, gk, gv = backend.backward(dout, qb, kvb[:, :a, :, :d], kvb[:, :a, :, d:], out, lse, mask=None,
+        gq, gk, gv = backend.backward(dout, qb, kvb[:, keys, :, :d], kvb[:, keys, :, d:], out, lse, mask=None,
                                       scale=plan.scale)
-        dq += gq
-        add(slice(0, a), gk, gv)
-    if c > a:
+        dq = gq.to(acc)
+        add(keys, gk, gv)
+    if tile.stop > tile.start:
         rq = qb.shape[2]
-        qf, kt, do = qb.to(acc), kvb[:, a:c].to(acc), dout.to(acc)
+        qf, kt, do = qb.to(acc), kvb[:, tile].to(acc), dout.to(acc)
         kx, vx = _expand(kt[..., :d], rq), _expand(kt[..., d:], rq)  # [Bq, m, Rq, D], [Bq, m, Rq, E]
-        p = _probs(_tile_scores(qf, kt[..., :d], blk.q_pos.to(qb.device), k_pos[a:c].to(qb.device), plan.scale),
+        p = _probs(_tile_scores(qf, kt[..., :d], blk.q_pos.to(qb.device), k_pos[tile].to(qb.device), plan.scale),
                    lse.to(acc))  # [Bq, Rq, n, m]
         delta = (do * out.to(acc)).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # [Bq, Rq, n, 1]
         ds = p * (torch.einsum("bnhe,bmhe->bhnm", do, vx) - delta) * plan.scale  # [Bq, Rq, n, m]
-        dq += torch.einsum("bhnm,bmhd->bnhd", ds, kx)
+        gq = torch.einsum("bhnm,bmhd->bnhd", ds, kx)
+        dq = gq if dq is None else dq + gq
         gk = torch.einsum("bhnm,bnhd->bmhd", ds, qf)  # [Bq, m, Rq, D]
         gv = torch.einsum("bhnm,bnhe->bmhe", p, do)  # [Bq, m, Rq, E]
         hb = kvb.shape[2]
         if hb != rq:  # sum each GQA group of query heads onto its key/value head
             gk, gv = gk.view(*gk.shape[:2], hb, rq // hb, -1).sum(3), gv.view(*gv.shape[:2], hb, rq // hb, -1).sum(3)
-        add(slice(a, c), gk, gv)
+        add(tile, gk, gv)
     return dq
 
 
@@ -346,6 +397,12 @@ def _chunks(plan: RoutedPlan, kv: torch.Tensor):
         spare, cur = cur, incoming  # the sent chunk's buffer receives the chunk after next
 
 
+def _padded(packed: torch.Tensor, blk: QueryBlock) -> torch.Tensor:
+    """Rows ``[N, W]`` of the routed pairs → the block's ``[Bq·n·Rq, W]`` (padding rows 0)."""
+    out = packed.new_zeros(blk.valid.numel(), packed.shape[-1])
+    return out.index_copy_(0, blk.src.to(packed.device), packed[blk.dst.to(packed.device)])
+
+
 class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RoutedPlan):  # type: ignore[override]
@@ -360,38 +417,52 @@ class _RoutedAttention(torch.autograd.Function):
                 for o, l in _forward_chunk(plan, blk, qbs[i], chunk, plan.chunk_pos[src], d):
                     o, l = o.to(acc), l.to(acc)
                     results[i] = (o, l) if results[i] is None else merge_attention(*results[i], o, l)
-        out = q.new_zeros(b * s * r, e)  # [B·S·R, E]
-        saved = []
-        for blk, qb, res in zip(plan.blocks, qbs, results):
-            if res is None:  # no key allowed anywhere: out 0, lse −inf
-                res = (qb.new_zeros(*qb.shape[:3], e, dtype=acc), qb.new_full(
-                    (qb.shape[0], qb.shape[2], qb.shape[1]), float("-inf"), dtype=acc))
-            out.index_copy_(0, blk.dst.to(q.device), res[0].reshape(-1, e)[blk.src.to(q.device)].to(q.dtype))
-            saved.append(res)
-        ctx.save_for_backward(q, k, v)
-        ctx.plan, ctx.results = plan, saved
-        return out.view(b, s, r, e)
+        # merge every block's rows into the routed pairs (a pair sits in a coarse block and a window block)
+        n = plan.pairs.numel()
+        out = torch.zeros((1, n, 1, e), dtype=acc, device=q.device)  # [1, N, 1, E]
+        lse = torch.full((1, 1, n), float("-inf"), dtype=acc, device=q.device)  # [1, 1, N]
+        for blk, res in zip(plan.blocks, results):
+            if res is None:
+                continue
+            dst, src = blk.dst.to(q.device), blk.src.to(q.device)
+            o = res[0].reshape(-1, e)[src].view(1, -1, 1, e)
+            l = res[1].permute(0, 2, 1).reshape(-1)[src].view(1, 1, -1)
+            o, l = merge_attention(out[:, dst], lse[:, :, dst], o, l)
+            out[:, dst], lse[:, :, dst] = o, l
+        out, lse = out.view(n, e), lse.view(n)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        full = q.new_zeros(b * s * r, e)  # [B·S·R, E]
+        return full.index_copy_(0, plan.pairs.to(q.device), out.to(q.dtype)).view(b, s, r, e)
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
-        q, k, v = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         plan: RoutedPlan = ctx.plan
         b, s, r = plan.shape
         d, e = k.shape[-1], v.shape[-1]
         acc = _acc(q.dtype)
         kv = torch.cat([k[:, :, plan.kv_heads], v[:, :, plan.kv_heads]], dim=-1)  # [B, S, Hs, D+E]
-        qbs = [_gather(q, blk) for blk in plan.blocks]
-        douts = [_gather(dout, blk) * blk.valid.to(dout.device).unsqueeze(-1) for blk in plan.blocks]  # padding: 0
-        dqs = [torch.zeros(qb.shape, dtype=acc, device=q.device) for qb in qbs]
+        pairs = plan.pairs.to(q.device)
+        q_rows = q.reshape(-1, d)[pairs]  # [N, D]
+        dout_rows = dout.reshape(-1, e)[pairs]  # [N, E]
+        lse_rows = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).view(-1, 1)  # [N, 1]
+        blocks = []  # per block: q, dout, out [Bq, n, Rq, *] and lse [Bq, Rq, n]; padded rows all 0
+        for blk in plan.blocks:
+            shape = tuple(blk.valid.shape)
+            blocks.append((_padded(q_rows, blk).view(*shape, d), _padded(dout_rows, blk).view(*shape, e),
+                           _padded(out, blk).view(*shape, e), _padded(lse_rows, blk).view(shape).permute(0, 2, 1)))
+        dq_rows = torch.zeros((pairs.numel(), d), dtype=acc, device=q.device)  # [N, D]
         nxt_peer, prev_peer = (_peers(plan) if plan.size > 1 else (0, 0))
         pending: list[dist.Work] = []
         sent: torch.Tensor | None = None
         received: torch.Tensor | None = None
-        for t, src, chunk in _chunks(plan, kv):
+        for _, src, chunk in _chunks(plan, kv):
             dkv = torch.zeros(chunk.shape, dtype=acc, device=chunk.device)  # [B, Sk, Hs, D+E]
-            for i, blk in enumerate(plan.blocks):
-                o, l = ctx.results[i]
-                dqs[i] += _backward_chunk(plan, blk, qbs[i], douts[i], o, l, chunk, plan.chunk_pos[src], dkv, d)
+            for blk, (qb, dob, ob, lb) in zip(plan.blocks, blocks):
+                g = _backward_chunk(plan, blk, qb, dob, ob, lb, chunk, plan.chunk_pos[src], dkv, d)
+                if g is not None:
+                    dq_rows.index_add_(0, blk.dst.to(q.device), g.reshape(-1, d)[blk.src.to(q.device)])
             # this source's accumulator so far arrives from the previous member; add it and pass it on (after
             # the last step the next member is the owner)
             _wait(pending)
@@ -405,14 +476,13 @@ class _RoutedAttention(torch.autograd.Function):
             sent = dkv
         _wait(pending)
         dkv_own = received  # [B, S, Hs, D+E]: every rank's gradients of this rank's K/V
-        dq = q.new_zeros(b * s * r, d, dtype=acc)  # [B·S·R, D]
-        for blk, g in zip(plan.blocks, dqs):
-            dq.index_copy_(0, blk.dst.to(q.device), g.reshape(-1, d)[blk.src.to(q.device)])
+        dq = q.new_zeros(b * s * r, d)  # [B·S·R, D]
+        dq.index_copy_(0, pairs, dq_rows.to(q.dtype))
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         dk[:, :, plan.kv_heads] = dkv_own[..., :d].to(k.dtype)
         dv[:, :, plan.kv_heads] = dkv_own[..., d:].to(v.dtype)
-        return dq.view(b, s, r, d).to(q.dtype), dk, dv, None
+        return dq.view(b, s, r, d), dk, dv, None
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor, *, first_head: int,
@@ -450,8 +520,10 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: 
     group_size = num_heads // hkv
     heads_kv = (first_head + torch.arange(r)) // group_size  # [R] key/value head of each routed head
     kv_lo = int(heads_kv[0])
+    act = active.cpu()
     plan = RoutedPlan(
-        blocks=plan_blocks(active.cpu(), pos, causal=causal, row_masks=row_masks, stride=size),
+        blocks=plan_blocks(act, pos, causal=causal, row_masks=row_masks, stride=size),
+        pairs=torch.nonzero(act.reshape(-1)).view(-1),
         kv_heads=slice(kv_lo, int(heads_kv[-1]) + 1), kv_of_head=heads_kv - kv_lo, chunk_pos=chunk_pos,
         seq_len=seq_len, num_heads=num_heads, first_head=first_head,
         scale=ctx.scale if ctx.scale is not None else 1.0 / math.sqrt(d), backend=inner.backend, group=group,
