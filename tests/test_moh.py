@@ -318,9 +318,11 @@ def test_moh_routed_under_every_cp_strategy(world_size):
         cases += [dict(strategy="hybrid", layout="zigzag", ulysses_degree=2),
                   dict(strategy="ring", layout="contiguous", docs=True, variant="qnorm"),
                   dict(strategy="hybrid", layout="zigzag", ulysses_degree=2, small=True),
-                  dict(strategy="ring", layout="zigzag", small=True, shared=3)]
+                  dict(strategy="ring", layout="zigzag", small=True, shared=3),
+                  dict(strategy="ulysses", layout="stripe", small=True, backend="auto")]
     else:
-        cases = [dict(strategy="ring", layout="zigzag", small=True), dict(strategy="allgather", layout="stripe", small=True),
+        cases = [dict(strategy="ring", layout="zigzag", small=True),
+                 dict(strategy="allgather", layout="stripe", small=True, backend="auto"),
                  dict(strategy="ring", layout="contiguous", docs=True)]
     cases += [dict(strategy="ulysses", layout="contiguous", small=True), dict(strategy="ulysses", layout="zigzag")]
     results = run_ranks(routed_under_cp, world_size, args=(cases,))

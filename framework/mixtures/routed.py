@@ -262,18 +262,61 @@ def _expand(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t if t.shape[2] == heads else t.repeat_interleave(heads // t.shape[2], dim=2)
 
 
-def _tile_scores(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, scale: float
-                 ) -> torch.Tensor:
-    """Causal scores of a window's tile: ``[Bq, Rq, n, m]`` with −inf where key position > query position."""
-    s = torch.einsum("bnhd,bmhd->bhnm", q, _expand(k, q.shape[2])) * scale  # [Bq, Rq, n, m]
-    allowed = q_pos.permute(0, 2, 1).unsqueeze(-1) >= k_pos.view(1, 1, 1, -1)  # [Bq, Rq, n, m]
-    return s.masked_fill(~allowed, float("-inf"))
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Causal pattern of a tile: ``[Bq, Rq, n, m]``, key position <= query position."""
+    return q_pos.permute(0, 2, 1).unsqueeze(-1) >= k_pos.view(1, 1, 1, -1)
 
 
-def _probs(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """exp(s − lse) with rows of lse = −inf (no allowed key) giving 0."""
-    lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    return torch.exp(s - lse.unsqueeze(-1))
+_CPU_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _on_cpu_kernel(backend: str, q: torch.Tensor, d: int, e: int) -> bool:
+    """Whether a tile runs on the CPU flash kernel with an additive mask (else materialised scores)."""
+    return backend == "cpu" and q.device.type == "cpu" and d == e
+
+
+def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+                  cpu_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal tile: q ``[Bq, n, Rq, D]`` against k ``[Bq, m, Rq, D]``, v ``[Bq, m, Rq, E]`` with ``allowed``
+    ``[Bq, Rq, n, m]``. Returns out ``[Bq, n, Rq, E]`` and lse ``[Bq, Rq, n]`` (rows with no allowed key:
+    0 and −inf)."""
+    acc = _acc(q.dtype)
+    none = ~allowed.any(-1)  # [Bq, Rq, n]
+    if cpu_kernel:
+        bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+        out, lse = _CPU_FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias,
+                            scale=scale)
+        out = out.transpose(1, 2).to(acc)  # [Bq, n, Rq, E]
+    else:
+        sc = torch.einsum("bnhd,bmhd->bhnm", q.to(acc), k.to(acc)) * scale  # [Bq, Rq, n, m]
+        lse = torch.logsumexp(sc.masked_fill(~allowed, float("-inf")), dim=-1)  # [Bq, Rq, n]
+        p = torch.exp(sc - torch.where(none, 0.0, lse).unsqueeze(-1)).masked_fill_(~allowed, 0.0)
+        out = torch.einsum("bhnm,bmhe->bnhe", p, v.to(acc))  # [Bq, n, Rq, E]
+    if bool(none.any()):
+        out = out.masked_fill(none.permute(0, 2, 1).unsqueeze(-1), 0.0)
+    return out, lse.to(acc).masked_fill(none, float("-inf"))
+
+
+def _tile_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, allowed: torch.Tensor, scale: float, cpu_kernel: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of a causal tile (shapes as :func:`_tile_forward`) given the rows' *global* out and lse
+    (finite). Returns dq, dk, dv in the accumulation dtype."""
+    acc = _acc(q.dtype)
+    if cpu_kernel:
+        bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+        dq, dk, dv = _CPU_BWD(dout.transpose(1, 2).to(q.dtype).contiguous(), q.transpose(1, 2), k.transpose(1, 2),
+                              v.transpose(1, 2), out.transpose(1, 2).to(q.dtype).contiguous(),
+                              lse.to(acc).contiguous(), 0.0, False, attn_mask=bias, scale=scale)
+        return dq.transpose(1, 2).to(acc), dk.transpose(1, 2).to(acc), dv.transpose(1, 2).to(acc)
+    qf, kf, vf, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    sc = torch.einsum("bnhd,bmhd->bhnm", qf, kf) * scale  # [Bq, Rq, n, m]
+    p = torch.exp(sc - lse.to(acc).unsqueeze(-1)).masked_fill_(~allowed, 0.0)  # [Bq, Rq, n, m]
+    delta = (do * out.to(acc)).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # [Bq, Rq, n, 1]
+    ds = p * (torch.einsum("bnhe,bmhe->bhnm", do, vf) - delta) * scale  # [Bq, Rq, n, m]
+    return (torch.einsum("bhnm,bmhd->bnhd", ds, kf), torch.einsum("bhnm,bnhd->bmhd", ds, qf),
+            torch.einsum("bhnm,bnhe->bmhe", p, do))
 
 
 def _place(plan: RoutedPlan, blk: QueryBlock, k_pos: torch.Tensor, q: torch.Tensor) -> tuple[Any, ModuleType]:
@@ -306,11 +349,11 @@ def _forward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, kv: torc
         backend = get_backend(resolve_backend(plan.backend, qb, None))
         parts.append(backend.forward(qb, kvb[:, keys, :, :d], kvb[:, keys, :, d:], mask=None, scale=plan.scale))
     if tile.stop > tile.start:
-        acc = _acc(qb.dtype)
-        kt = kvb[:, tile].to(acc)  # [Bq, m, Hb, D+E]
-        s = _tile_scores(qb.to(acc), kt[..., :d], blk.q_pos.to(qb.device), k_pos[tile].to(qb.device), plan.scale)
-        lse = torch.logsumexp(s, dim=-1)  # [Bq, Rq, n]
-        out = torch.einsum("bhnm,bmhe->bnhe", _probs(s, lse), _expand(kt[..., d:], qb.shape[2]))  # [Bq, n, Rq, E]
+        rq = qb.shape[2]
+        kt = kvb[:, tile]  # [Bq, m, Hb, D+E]
+        allowed = _allowed(blk.q_pos.to(qb.device), k_pos[tile].to(qb.device))  # [Bq, Rq, n, m]
+        out, lse = _tile_forward(qb, _expand(kt[..., :d], rq), _expand(kt[..., d:], rq), allowed, plan.scale,
+                                 _on_cpu_kernel(resolve_backend(plan.backend, qb, None), qb, d, kt.shape[-1] - d))
         parts.append((out, lse))
     return parts
 
@@ -347,16 +390,12 @@ def _backward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, dout: t
         add(keys, gk, gv)
     if tile.stop > tile.start:
         rq = qb.shape[2]
-        qf, kt, do = qb.to(acc), kvb[:, tile].to(acc), dout.to(acc)
-        kx, vx = _expand(kt[..., :d], rq), _expand(kt[..., d:], rq)  # [Bq, m, Rq, D], [Bq, m, Rq, E]
-        p = _probs(_tile_scores(qf, kt[..., :d], blk.q_pos.to(qb.device), k_pos[tile].to(qb.device), plan.scale),
-                   lse.to(acc))  # [Bq, Rq, n, m]
-        delta = (do * out.to(acc)).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # [Bq, Rq, n, 1]
-        ds = p * (torch.einsum("bnhe,bmhe->bhnm", do, vx) - delta) * plan.scale  # [Bq, Rq, n, m]
-        gq = torch.einsum("bhnm,bmhd->bnhd", ds, kx)
+        kt = kvb[:, tile]  # [Bq, m, Hb, D+E]
+        allowed = _allowed(blk.q_pos.to(qb.device), k_pos[tile].to(qb.device))  # [Bq, Rq, n, m]
+        gq, gk, gv = _tile_backward(dout, qb, _expand(kt[..., :d], rq), _expand(kt[..., d:], rq), out, lse, allowed,
+                                    plan.scale, _on_cpu_kernel(resolve_backend(plan.backend, qb, None), qb, d,
+                                                               kt.shape[-1] - d))
         dq = gq if dq is None else dq + gq
-        gk = torch.einsum("bhnm,bnhd->bmhd", ds, qf)  # [Bq, m, Rq, D]
-        gv = torch.einsum("bhnm,bnhe->bmhe", p, do)  # [Bq, m, Rq, E]
         hb = kvb.shape[2]
         if hb != rq:  # sum each GQA group of query heads onto its key/value head
             gk, gv = gk.view(*gk.shape[:2], hb, rq // hb, -1).sum(3), gv.view(*gv.shape[:2], hb, rq // hb, -1).sum(3)

@@ -28,7 +28,7 @@ def _layer(case: dict[str, Any], seed: int, dim: int, execution: str) -> MoHAtte
     for r in (layer.router_shared, layer.router_routed, layer.router_mix):
         if r is not None:
             torch.nn.init.normal_(r.weight, std=1.0)
-    layer.inner_attention = LocalAttention("reference")
+    layer.inner_attention = LocalAttention(case.get("backend", "reference"))
     return layer
 
 
@@ -36,10 +36,10 @@ def routed_under_cp(rank: int, world_size: int, cases: list[dict[str, Any]]) -> 
     """MoH with routed execution on this rank's shard (``ContextParallelAttention``) against one rank.
 
     Each case: ``strategy``, ``layout``, optional ``ulysses_degree``, ``variant``, ``docs`` (packed
-    documents), ``kv_heads``, ``shared``, ``small`` (tiny windows and coarse blocks, so every level of the
+    documents), ``kv_heads``, ``shared``, ``backend``, ``small`` (tiny windows and coarse blocks, so every level of the
     block plan runs under the ring). The same seeded layer runs on the full sequence on every rank, masked
     (every head computed) and routed, and on the shard with routed execution; output, input gradient and the
-    rank-summed parameter gradients must agree (float64, reference backend).
+    rank-summed parameter gradients must agree (float64; reference backend unless ``backend``).
 
     Returns:
         (failures, per case the p2p operations ``(kind, bytes)`` the sharded call posted, and the number of
@@ -67,7 +67,8 @@ def routed_under_cp(rank: int, world_size: int, cases: list[dict[str, Any]]) -> 
         cp = _layer(case, 7 + i, dim, "routed")  # the same seeded weights
         layout = case["layout"]
         cp.inner_attention = ContextParallelAttention(strategy=case["strategy"], layout=layout,
-                                                      ulysses_degree=case.get("ulysses_degree"), backend="reference")
+                                                      ulysses_degree=case.get("ulysses_degree"),
+                                                      backend=case.get("backend", "reference"))
         sh = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
         ctx = AttentionContext(seq_len=s, positions=sequence_positions(s, layout=layout), cu_seqlens=cu)
         x_loc = sh(x).requires_grad_(True)
