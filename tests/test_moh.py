@@ -314,7 +314,8 @@ def test_moh_routed_under_every_cp_strategy(world_size):
     from workers.moh import routed_under_cp
 
     if world_size == 4:
-        cases = [dict(strategy=st, layout=lay) for st in ("ring", "ulysses", "allgather") for lay in ("zigzag", "stripe")]
+        cases = [dict(strategy=st, layout=lay)
+                 for st in ("ring", "ulysses", "allgather") for lay in ("zigzag", "stripe")]
         cases += [dict(strategy="hybrid", layout="zigzag", ulysses_degree=2),
                   dict(strategy="ring", layout="contiguous", docs=True, variant="qnorm"),
                   dict(strategy="hybrid", layout="zigzag", ulysses_degree=2, small=True),

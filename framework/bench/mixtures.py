@@ -23,6 +23,7 @@ DDP, FSDP2 and DeepSpeed ZeRO — with ``model.moe.expert_parallel`` on, against
     longreach bench mixtures                       # 8k tokens, dim 512, 8 heads of 64, 3 rounds
     longreach bench mixtures --seq-len 2048 --rounds 5 --json out.json
     longreach bench mixtures --only "moh core,moe"    # only these rows and their dense partners
+    longreach bench mixtures --threads 1 --clock cpu  # CPU time of the process: steadier on a shared machine
     longreach bench mixtures --expert-bytes --rounds 1 --seq-len 256
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
+from longreach.bench.kernels import CLOCKS
 from longreach.errors import UserError
 from longreach.mixtures.bam import MoAConfig, MoAttention
 from longreach.mixtures.moe import MoEConfig, MoEFFN
@@ -183,19 +185,19 @@ def _selected(cases: list[LayerCase], only: str | None) -> list[LayerCase]:
     return [c for c in cases if c.name in keep]
 
 
-def _measure(case: LayerCase, backward: bool) -> float:
+def _measure(case: LayerCase, backward: bool, clock: Callable[[], float] = time.perf_counter) -> float:
     for t in case.inputs:
         t.grad = None
     if case.module is not None:
         case.module.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
+    t0 = clock()
     if backward:
         out = case.forward()
         out.backward(torch.ones_like(out))
     else:
         with torch.no_grad():
             case.forward()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _peak_cuda(case: LayerCase) -> float | None:
@@ -214,8 +216,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     times: dict[str, dict[str, list[float]]] = {c.name: {"fwd": [], "fwd_bwd": []} for c in cases}
     for r in range(args.rounds):
         for case in cases:
-            times[case.name]["fwd"].append(_measure(case, False))
-            times[case.name]["fwd_bwd"].append(_measure(case, True))
+            times[case.name]["fwd"].append(_measure(case, False, CLOCKS[args.clock]))
+            times[case.name]["fwd_bwd"].append(_measure(case, True, CLOCKS[args.clock]))
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     by_name = {c.name: c for c in cases}
     rows = []
@@ -319,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="local attention backend (default auto)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall (default) or cpu: CPU time of the process, steadier on a shared machine (--threads 1)")
     p.add_argument("--expert-bytes", action="store_true",
                    help="also count per-rank expert bytes under native DDP, FSDP2 and DeepSpeed (gloo ranks)")
     p.add_argument("--ep-ranks", type=int, default=2, help="gloo ranks for --expert-bytes (default 2)")
@@ -359,7 +363,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     setting = (f"S={args.seq_len} B={args.batch} dim={args.dim} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
                f"{args.dtype} backend={args.backend}")
-    print(f"bench mixtures: {setting}, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads", flush=True)
+    print(f"bench mixtures: {setting}, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock", flush=True)
     result: dict[str, Any] = {"config": vars(args), "rows": run(args)}
     print(_table(result["rows"]) + "\nratios: this layer's time / its dense partner's, per round (median, min-max); "
           "FLOP ratio: analytic forward FLOPs / the partner's; saved MiB: bytes autograd keeps for backward; "

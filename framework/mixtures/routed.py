@@ -368,12 +368,12 @@ def _backward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, dout: t
     target = dkv[blk.rows]  # [Bq, Sk, Hs, D+E] (a view: slice of rows)
     acc = dkv.dtype
 
-    def add(keys: slice, gk: torch.Tensor, gv: torch.Tensor) -> None:
-        g = torch.cat([gk, gv], dim=-1).to(acc)  # [Bq, m, Hb, D+E]
+    def add(keys: slice, gk: torch.Tensor, gv: torch.Tensor) -> None:  # gk [Bq, m, Hb, D], gv [Bq, m, Hb, E]
         if isinstance(heads, slice):
-            target[:, keys, heads].add_(g)
+            target[:, keys, heads, :d].add_(gk)
+            target[:, keys, heads, d:].add_(gv)
         else:
-            target[:, keys].index_add_(2, heads, g)
+            target[:, keys].index_add_(2, heads, torch.cat([gk, gv], dim=-1).to(acc))
 
     if blk.keys is None:
         placed, backend = _place(plan, blk, k_pos, qb)
