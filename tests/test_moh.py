@@ -253,6 +253,9 @@ def test_routed_attention_uneven_empty_and_full_heads(first_head, num_heads, kv_
     grads = torch.autograd.grad(got, (q, k, v), dout)
     for name, g_got, g_want in zip("qkv", grads, torch.autograd.grad(want, (q, k, v), dout)):
         torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12, msg=f"d{name}")
+    none = routed_mod.routed_attention(q, k, v, torch.zeros_like(active), first_head=first_head, num_heads=num_heads,
+                                       inner=LocalAttention("auto"), ctx=AttentionContext())
+    assert bool((none == 0).all()) and all(bool((g == 0).all()) for g in torch.autograd.grad(none, (q, k, v), dout))
 
 
 @pytest.mark.parametrize("skewed", [False, True])
@@ -338,3 +341,23 @@ def test_moh_routed_under_every_cp_strategy(world_size):
             assert gathers == 0 and sizes == [b * chunk * kv_read * width * 8], (rank, case, sizes, gathers)
             # forward: P-1 K/V chunks in; backward: P-1 K/V chunks and P dK/dV accumulators in
             assert sum(kind == "recv" for kind, _ in ops) == 3 * world_size - 2, (rank, case, ops)
+
+
+def test_bench_mixtures_only_times_the_chosen_rows_and_their_partners(tmp_path, capsys):
+    """``bench mixtures --only``: just the named rows and their dense partners; a fragment naming no row is a
+    user error (exit 2) that lists the rows."""
+    import json
+
+    from longreach.launchers import cli
+
+    tiny = ["--seq-len", "24", "--dim", "16", "--heads", "4", "--kv-heads", "2", "--head-dim", "4", "--moh-shared", "1",
+            "--moh-top-k", "1", "--moe-experts", "4", "--ffn-hidden", "8", "--rounds", "1", "--clock", "cpu"]
+    out = tmp_path / "rows.json"
+    assert cli.main(["bench", "mixtures", *tiny, "--only", "moh core", "--json", str(out)]) == 0
+    rows = {r["layer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense attn core H=4", "moh core (2 of 4 heads active)"}
+    assert rows["moh core (2 of 4 heads active)"]["fwd_bwd_ratio"] > 0
+    capsys.readouterr()
+    assert cli.main(["bench", "mixtures", *tiny, "--only", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--only" in err and "moh core" in err and "Traceback" not in err

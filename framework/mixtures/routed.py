@@ -30,7 +30,7 @@ Exactness: every (token, head) output equals the dense layer's, and inactive pai
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
@@ -128,6 +128,8 @@ class RoutedPlan:
     rank: int
     shape: tuple[int, int, int]
     """(B, S_local, R)."""
+    kv_index: dict[tuple[int, int], slice | torch.Tensor] = field(default_factory=dict)
+    """Per routed-head range of a block: its key/value heads (a slice in GQA groups, or gathered heads)."""
 
     @property
     def size(self) -> int:
@@ -247,14 +249,17 @@ def _gather(t: torch.Tensor, blk: QueryBlock) -> torch.Tensor:
 def _block_kv(plan: RoutedPlan, blk: QueryBlock, kv: torch.Tensor) -> tuple[torch.Tensor, slice | torch.Tensor]:
     """The chunk's K/V for the block's rows and heads, ``[Bq, Sk, Hb, D+E]`` with the block's query heads in
     GQA groups over Hb, and how its heads index the chunk's (a slice view, or gathered heads)."""
-    idx = plan.kv_of_head[blk.heads]
-    first, count = int(idx[0]), int(idx[-1]) - int(idx[0]) + 1
-    if idx.numel() % count == 0 and torch.equal(idx, torch.arange(first, first + count).repeat_interleave(
-            idx.numel() // count)):
-        heads: slice | torch.Tensor = slice(first, first + count)
+    key = (blk.heads.start, blk.heads.stop)
+    heads = plan.kv_index.get(key)
+    if heads is None:  # once per plan and head range
+        idx = plan.kv_of_head[blk.heads]
+        first, count = int(idx[0]), int(idx[-1]) - int(idx[0]) + 1
+        grouped = idx.numel() % count == 0 and torch.equal(
+            idx, torch.arange(first, first + count).repeat_interleave(idx.numel() // count))
+        heads = plan.kv_index[key] = slice(first, first + count) if grouped else idx.to(kv.device)
+    if isinstance(heads, slice):
         return kv[blk.rows, :, heads], heads
-    idx = idx.to(kv.device)
-    return kv[blk.rows].index_select(2, idx), idx
+    return kv[blk.rows].index_select(2, heads), heads
 
 
 def _expand(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -456,19 +461,31 @@ class _RoutedAttention(torch.autograd.Function):
                 for o, l in _forward_chunk(plan, blk, qbs[i], chunk, plan.chunk_pos[src], d):
                     o, l = o.to(acc), l.to(acc)
                     results[i] = (o, l) if results[i] is None else merge_attention(*results[i], o, l)
-        # merge every block's rows into the routed pairs (a pair sits in a coarse block and a window block)
+        # every routed pair is a row of exactly one block that is not coarse: copy those, then merge the
+        # coarse blocks' rows (disjoint among themselves) into them
         n = plan.pairs.numel()
-        out = torch.zeros((1, n, 1, e), dtype=acc, device=q.device)  # [1, N, 1, E]
-        lse = torch.full((1, 1, n), float("-inf"), dtype=acc, device=q.device)  # [1, 1, N]
-        for blk, res in zip(plan.blocks, results):
+        parts: dict[bool, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {False: [], True: []}
+        for blk, qb, res in zip(plan.blocks, qbs, results):
+            coarse = blk.keys is not None and blk.tile is None
             if res is None:
-                continue
-            dst, src = blk.dst.to(q.device), blk.src.to(q.device)
-            o = res[0].reshape(-1, e)[src].view(1, -1, 1, e)
-            l = res[1].permute(0, 2, 1).reshape(-1)[src].view(1, 1, -1)
-            o, l = merge_attention(out[:, dst], lse[:, :, dst], o, l)
-            out[:, dst], lse[:, :, dst] = o, l
-        out, lse = out.view(n, e), lse.view(n)
+                if coarse:
+                    continue
+                res = (qb.new_zeros(*qb.shape[:3], e, dtype=acc),
+                       qb.new_full((qb.shape[0], qb.shape[2], qb.shape[1]), float("-inf"), dtype=acc))
+            src = blk.src.to(q.device)
+            parts[coarse].append((blk.dst.to(q.device), res[0].reshape(-1, e)[src],
+                                  res[1].permute(0, 2, 1).reshape(-1)[src]))
+        out = torch.zeros((n, e), dtype=acc, device=q.device)  # [N, E]
+        lse = torch.full((n,), float("-inf"), dtype=acc, device=q.device)  # [N]
+        if parts[False]:
+            dst, o, l = (torch.cat(t) for t in zip(*parts[False]))
+            out.index_copy_(0, dst, o)
+            lse.index_copy_(0, dst, l)
+        if parts[True]:
+            dst, o, l = (torch.cat(t) for t in zip(*parts[True]))
+            o, l = merge_attention(out[dst].view(1, -1, 1, e), lse[dst].view(1, 1, -1), o.view(1, -1, 1, e),
+                                   l.view(1, 1, -1))
+            out[dst], lse[dst] = o.view(-1, e), l.view(-1)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         full = q.new_zeros(b * s * r, e)  # [B·S·R, E]
