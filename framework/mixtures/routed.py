@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -246,9 +246,11 @@ def _gather(t: torch.Tensor, blk: QueryBlock) -> torch.Tensor:
     return t[b, blk.tokens.to(t.device), h]
 
 
-def _block_kv(plan: RoutedPlan, blk: QueryBlock, kv: torch.Tensor) -> tuple[torch.Tensor, slice | torch.Tensor]:
-    """The chunk's K/V for the block's rows and heads, ``[Bq, Sk, Hb, D+E]`` with the block's query heads in
-    GQA groups over Hb, and how its heads index the chunk's (a slice view, or gathered heads)."""
+def _block_kv(plan: RoutedPlan, blk: QueryBlock, chunk: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor, slice | torch.Tensor]:
+    """The chunk's K ``[Bq, Sk, Hb, D]`` and V ``[Bq, Sk, Hb, E]`` for the block's rows and heads, the block's
+    query heads in GQA groups over Hb, and how its heads index the chunk's (a slice view, or gathered heads)."""
+    kc, vc = chunk
     key = (blk.heads.start, blk.heads.stop)
     heads = plan.kv_index.get(key)
     if heads is None:  # once per plan and head range
@@ -256,10 +258,10 @@ def _block_kv(plan: RoutedPlan, blk: QueryBlock, kv: torch.Tensor) -> tuple[torc
         first, count = int(idx[0]), int(idx[-1]) - int(idx[0]) + 1
         grouped = idx.numel() % count == 0 and torch.equal(
             idx, torch.arange(first, first + count).repeat_interleave(idx.numel() // count))
-        heads = plan.kv_index[key] = slice(first, first + count) if grouped else idx.to(kv.device)
+        heads = plan.kv_index[key] = slice(first, first + count) if grouped else idx.to(kc.device)
     if isinstance(heads, slice):
-        return kv[blk.rows, :, heads], heads
-    return kv[blk.rows].index_select(2, heads), heads
+        return kc[blk.rows, :, heads], vc[blk.rows, :, heads], heads
+    return kc[blk.rows].index_select(2, heads), vc[blk.rows].index_select(2, heads), heads
 
 
 def _expand(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -276,31 +278,35 @@ _CPU_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _on_cpu_kernel(backend: str, q: torch.Tensor, d: int, e: int) -> bool:
+def _on_cpu_kernel(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a tile runs on the CPU flash kernel with an additive mask (else materialised scores)."""
-    return backend == "cpu" and q.device.type == "cpu" and d == e
+    return backend == "cpu" and q.device.type == "cpu" and k.shape[-1] == v.shape[-1]
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask: 0 where allowed, −inf elsewhere."""
+    return torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), float("-inf"), dtype=dtype))
 
 
 def _tile_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
-                  cpu_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  cpu_kernel: bool, may_be_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal tile: q ``[Bq, n, Rq, D]`` against k ``[Bq, m, Rq, D]``, v ``[Bq, m, Rq, E]`` with ``allowed``
     ``[Bq, Rq, n, m]``. Returns out ``[Bq, n, Rq, E]`` and lse ``[Bq, Rq, n]`` (rows with no allowed key:
-    0 and −inf)."""
+    0 and −inf; ``may_be_empty`` False promises there are none, as when the tile holds each row's own key)."""
     acc = _acc(q.dtype)
-    none = ~allowed.any(-1)  # [Bq, Rq, n]
-    if cpu_kernel:
-        bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
-        out, lse = _CPU_FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias,
-                            scale=scale)
-        out = out.transpose(1, 2).to(acc)  # [Bq, n, Rq, E]
-    else:
+    if not cpu_kernel:  # rows with no allowed key: lse −inf, and every p of the row masked to 0
         sc = torch.einsum("bnhd,bmhd->bhnm", q.to(acc), k.to(acc)) * scale  # [Bq, Rq, n, m]
         lse = torch.logsumexp(sc.masked_fill(~allowed, float("-inf")), dim=-1)  # [Bq, Rq, n]
-        p = torch.exp(sc - torch.where(none, 0.0, lse).unsqueeze(-1)).masked_fill_(~allowed, 0.0)
-        out = torch.einsum("bhnm,bmhe->bnhe", p, v.to(acc))  # [Bq, n, Rq, E]
-    if bool(none.any()):
+        p = torch.exp(sc - lse.unsqueeze(-1)).masked_fill_(~allowed, 0.0)
+        return torch.einsum("bhnm,bmhe->bnhe", p, v.to(acc)), lse  # [Bq, n, Rq, E]
+    out, lse = _CPU_FWD(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+                        attn_mask=_bias(allowed, q.dtype), scale=scale)
+    out, lse = out.transpose(1, 2).to(acc), lse.to(acc)  # [Bq, n, Rq, E], [Bq, Rq, n]
+    if may_be_empty:
+        none = ~allowed.any(-1)  # [Bq, Rq, n]
         out = out.masked_fill(none.permute(0, 2, 1).unsqueeze(-1), 0.0)
-    return out, lse.to(acc).masked_fill(none, float("-inf"))
+        lse = lse.masked_fill(none, float("-inf"))
+    return out, lse
 
 
 def _tile_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -310,10 +316,9 @@ def _tile_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     (finite). Returns dq, dk, dv in the accumulation dtype."""
     acc = _acc(q.dtype)
     if cpu_kernel:
-        bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
         dq, dk, dv = _CPU_BWD(dout.transpose(1, 2).to(q.dtype).contiguous(), q.transpose(1, 2), k.transpose(1, 2),
                               v.transpose(1, 2), out.transpose(1, 2).to(q.dtype).contiguous(),
-                              lse.to(acc).contiguous(), 0.0, False, attn_mask=bias, scale=scale)
+                              lse.to(acc).contiguous(), 0.0, False, attn_mask=_bias(allowed, q.dtype), scale=scale)
         return dq.transpose(1, 2).to(acc), dk.transpose(1, 2).to(acc), dv.transpose(1, 2).to(acc)
     qf, kf, vf, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     sc = torch.einsum("bnhd,bmhd->bhnm", qf, kf) * scale  # [Bq, Rq, n, m]
@@ -341,67 +346,63 @@ def _ranges(blk: QueryBlock, k_pos: torch.Tensor) -> tuple[slice, slice]:
     return keys, slice(int(torch.searchsorted(k_pos, first)), int(torch.searchsorted(k_pos, last, right=True)))
 
 
-def _forward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, kv: torch.Tensor, k_pos: torch.Tensor,
-                   d: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _forward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, chunk: tuple[torch.Tensor, torch.Tensor],
+                   k_pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Partial (out ``[Bq, n, Rq, E]``, lse ``[Bq, Rq, n]``) of the block over disjoint key sets of one chunk."""
-    kvb, _ = _block_kv(plan, blk, kv)  # [Bq, Sk, Hb, D+E]
+    kb, vb, _ = _block_kv(plan, blk, chunk)  # [Bq, Sk, Hb, D], [Bq, Sk, Hb, E]
     if blk.keys is None:
         placed, backend = _place(plan, blk, k_pos, qb)
-        return [backend.forward(qb, kvb[..., :d], kvb[..., d:], mask=placed, scale=plan.scale)]
+        return [backend.forward(qb, kb, vb, mask=placed, scale=plan.scale)]
     keys, tile = _ranges(blk, k_pos)
     parts = []
     if keys.stop > keys.start:
         backend = get_backend(resolve_backend(plan.backend, qb, None))
-        parts.append(backend.forward(qb, kvb[:, keys, :, :d], kvb[:, keys, :, d:], mask=None, scale=plan.scale))
+        parts.append(backend.forward(qb, kb[:, keys], vb[:, keys], mask=None, scale=plan.scale))
     if tile.stop > tile.start:
         rq = qb.shape[2]
-        kt = kvb[:, tile]  # [Bq, m, Hb, D+E]
         allowed = _allowed(blk.q_pos.to(qb.device), k_pos[tile].to(qb.device))  # [Bq, Rq, n, m]
-        out, lse = _tile_forward(qb, _expand(kt[..., :d], rq), _expand(kt[..., d:], rq), allowed, plan.scale,
-                                 _on_cpu_kernel(resolve_backend(plan.backend, qb, None), qb, d, kt.shape[-1] - d))
+        out, lse = _tile_forward(qb, _expand(kb[:, tile], rq), _expand(vb[:, tile], rq), allowed, plan.scale,
+                                 _on_cpu_kernel(resolve_backend(plan.backend, qb, None), qb, kb, vb), plan.size > 1)
         parts.append((out, lse))
     return parts
 
 
 def _backward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, dout: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, kv: torch.Tensor, k_pos: torch.Tensor, dkv: torch.Tensor, d: int
-                    ) -> torch.Tensor | None:
-    """Gradients of the block against one chunk: adds dK/dV into ``dkv`` ``[B, Sk, Hs, D+E]`` and returns dq
-    ``[Bq, n, Rq, D]`` (accumulation dtype; None: no key of the chunk). ``out``/``lse`` are the block rows'
-    global results (padded rows: zero queries, output gradients and outputs, lse 0)."""
-    kvb, heads = _block_kv(plan, blk, kv)
-    target = dkv[blk.rows]  # [Bq, Sk, Hs, D+E] (a view: slice of rows)
-    acc = dkv.dtype
+                    lse: torch.Tensor, chunk: tuple[torch.Tensor, torch.Tensor], k_pos: torch.Tensor,
+                    grads: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """Gradients of the block against one chunk: adds dK/dV into ``grads`` (``[B, Sk, Hs, D]``,
+    ``[B, Sk, Hs, E]``) and returns dq ``[Bq, n, Rq, D]`` (accumulation dtype; None: no key of the chunk).
+    ``out``/``lse`` are the block rows' global results (padded rows: zero queries, output gradients and
+    outputs, lse 0)."""
+    kb, vb, heads = _block_kv(plan, blk, chunk)
+    acc = grads[0].dtype
 
     def add(keys: slice, gk: torch.Tensor, gv: torch.Tensor) -> None:  # gk [Bq, m, Hb, D], gv [Bq, m, Hb, E]
-        if isinstance(heads, slice):
-            target[:, keys, heads, :d].add_(gk)
-            target[:, keys, heads, d:].add_(gv)
-        else:
-            target[:, keys].index_add_(2, heads, torch.cat([gk, gv], dim=-1).to(acc))
+        for target, g in zip(grads, (gk, gv)):
+            if isinstance(heads, slice):
+                target[blk.rows, keys, heads].add_(g)
+            else:
+                target[blk.rows, keys].index_add_(2, heads, g.to(acc))
 
     if blk.keys is None:
         placed, backend = _place(plan, blk, k_pos, qb)
-        gq, gk, gv = backend.backward(dout, qb, kvb[..., :d], kvb[..., d:], out, lse, mask=placed, scale=plan.scale)
+        gq, gk, gv = backend.backward(dout, qb, kb, vb, out, lse, mask=placed, scale=plan.scale)
         add(slice(None), gk, gv)
         return gq.to(acc)
     keys, tile = _ranges(blk, k_pos)
     dq = None
     if keys.stop > keys.start:
         backend = get_backend(resolve_backend(plan.backend, qb, None))
-        gq, gk, gv = backend.backward(dout, qb, kvb[:, keys, :, :d], kvb[:, keys, :, d:], out, lse, mask=None,
-                                      scale=plan.scale)
+        gq, gk, gv = backend.backward(dout, qb, kb[:, keys], vb[:, keys], out, lse, mask=None, scale=plan.scale)
         dq = gq.to(acc)
         add(keys, gk, gv)
     if tile.stop > tile.start:
         rq = qb.shape[2]
-        kt = kvb[:, tile]  # [Bq, m, Hb, D+E]
         allowed = _allowed(blk.q_pos.to(qb.device), k_pos[tile].to(qb.device))  # [Bq, Rq, n, m]
-        gq, gk, gv = _tile_backward(dout, qb, _expand(kt[..., :d], rq), _expand(kt[..., d:], rq), out, lse, allowed,
-                                    plan.scale, _on_cpu_kernel(resolve_backend(plan.backend, qb, None), qb, d,
-                                                               kt.shape[-1] - d))
+        gq, gk, gv = _tile_backward(dout, qb, _expand(kb[:, tile], rq), _expand(vb[:, tile], rq), out, lse, allowed,
+                                    plan.scale, _on_cpu_kernel(resolve_backend(plan.backend, qb, None), qb, kb, vb))
         dq = gq if dq is None else dq + gq
-        hb = kvb.shape[2]
+        hb = kb.shape[2]
         if hb != rq:  # sum each GQA group of query heads onto its key/value head
             gk, gv = gk.view(*gk.shape[:2], hb, rq // hb, -1).sum(3), gv.view(*gv.shape[:2], hb, rq // hb, -1).sum(3)
         add(tile, gk, gv)
@@ -424,19 +425,24 @@ def _wait(works: list[dist.Work]) -> None:
         w.wait()
 
 
-def _chunks(plan: RoutedPlan, kv: torch.Tensor):
-    """Yield (step, source rank, the source's K/V chunk) round the ring, receiving the next chunk while the
-    caller computes on the current one (two chunk buffers, reused)."""
-    nxt_peer, prev_peer = (_peers(plan) if plan.size > 1 else (0, 0))
+def _chunks(plan: RoutedPlan, k: torch.Tensor, v: torch.Tensor
+            ) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Yield (source rank, its K ``[B, S/P, Hs, D]`` and V ``[B, S/P, Hs, E]``) round the ring, receiving the
+    next chunk (K and V in one message) while the caller computes on the current one; two chunk buffers."""
+    if plan.size == 1:
+        yield plan.rank, (k, v)
+        return
+    d = k.shape[-1]
+    nxt_peer, prev_peer = _peers(plan)
     spare: torch.Tensor | None = None
-    cur = kv
+    cur = torch.cat([k, v], dim=-1)  # [B, S/P, Hs, D+E]
     for t in range(plan.size):
         works: list[dist.Work] = []
         incoming = None
         if t + 1 < plan.size:
-            incoming = spare if spare is not None else torch.empty_like(kv)  # [B, S/P, Hs, D+E]
+            incoming = spare if spare is not None else torch.empty_like(cur)
             works = p2p([(cur, nxt_peer, TAG)], [(incoming, prev_peer, TAG)])
-        yield t, (plan.rank - t) % plan.size, cur
+        yield (plan.rank - t) % plan.size, (cur[..., :d], cur[..., d:])
         _wait(works)
         spare, cur = cur, incoming  # the sent chunk's buffer receives the chunk after next
 
@@ -453,12 +459,11 @@ class _RoutedAttention(torch.autograd.Function):
         b, s, r = plan.shape
         d, e = k.shape[-1], v.shape[-1]
         acc = _acc(q.dtype)
-        kv = torch.cat([k[:, :, plan.kv_heads], v[:, :, plan.kv_heads]], dim=-1)  # [B, S, Hs, D+E]
         qbs = [_gather(q, blk) for blk in plan.blocks]  # each [Bq, n, Rq, D]
         results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(plan.blocks)
-        for _, src, chunk in _chunks(plan, kv):
+        for src, chunk in _chunks(plan, k[:, :, plan.kv_heads], v[:, :, plan.kv_heads]):
             for i, blk in enumerate(plan.blocks):
-                for o, l in _forward_chunk(plan, blk, qbs[i], chunk, plan.chunk_pos[src], d):
+                for o, l in _forward_chunk(plan, blk, qbs[i], chunk, plan.chunk_pos[src]):
                     o, l = o.to(acc), l.to(acc)
                     results[i] = (o, l) if results[i] is None else merge_attention(*results[i], o, l)
         # every routed pair is a row of exactly one block that is not coarse: copy those, then merge the
@@ -498,7 +503,6 @@ class _RoutedAttention(torch.autograd.Function):
         b, s, r = plan.shape
         d, e = k.shape[-1], v.shape[-1]
         acc = _acc(q.dtype)
-        kv = torch.cat([k[:, :, plan.kv_heads], v[:, :, plan.kv_heads]], dim=-1)  # [B, S, Hs, D+E]
         pairs = plan.pairs.to(q.device)
         q_rows = q.reshape(-1, d)[pairs]  # [N, D]
         dout_rows = dout.reshape(-1, e)[pairs]  # [N, E]
@@ -509,35 +513,38 @@ class _RoutedAttention(torch.autograd.Function):
             blocks.append((_padded(q_rows, blk).view(*shape, d), _padded(dout_rows, blk).view(*shape, e),
                            _padded(out, blk).view(*shape, e), _padded(lse_rows, blk).view(shape).permute(0, 2, 1)))
         dq_rows = torch.zeros((pairs.numel(), d), dtype=acc, device=q.device)  # [N, D]
-        nxt_peer, prev_peer = (_peers(plan) if plan.size > 1 else (0, 0))
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        direct = plan.size == 1 and k.dtype == v.dtype == acc  # accumulate straight into dK/dV
         pending: list[dist.Work] = []
         sent: torch.Tensor | None = None
         received: torch.Tensor | None = None
-        for _, src, chunk in _chunks(plan, kv):
-            dkv = torch.zeros(chunk.shape, dtype=acc, device=chunk.device)  # [B, Sk, Hs, D+E]
+        for src, chunk in _chunks(plan, k[:, :, plan.kv_heads], v[:, :, plan.kv_heads]):
+            if direct:
+                grads = (dk[:, :, plan.kv_heads], dv[:, :, plan.kv_heads])
+            else:
+                dkv = torch.zeros(chunk[0].shape[:3] + (d + e,), dtype=acc, device=q.device)  # [B, Sk, Hs, D+E]
+                grads = (dkv[..., :d], dkv[..., d:])
             for blk, (qb, dob, ob, lb) in zip(plan.blocks, blocks):
-                g = _backward_chunk(plan, blk, qb, dob, ob, lb, chunk, plan.chunk_pos[src], dkv, d)
+                g = _backward_chunk(plan, blk, qb, dob, ob, lb, chunk, plan.chunk_pos[src], grads)
                 if g is not None:
                     dq_rows.index_add_(0, blk.dst.to(q.device), g.reshape(-1, d)[blk.src.to(q.device)])
+            if plan.size == 1:
+                received = None if direct else dkv
+                break
             # this source's accumulator so far arrives from the previous member; add it and pass it on (after
             # the last step the next member is the owner)
             _wait(pending)
             if received is not None:
                 dkv += received
-            if plan.size == 1:
-                received = dkv
-                break
             received = torch.empty_like(dkv) if sent is None else sent
-            pending = p2p([(dkv, nxt_peer, TAG)], [(received, prev_peer, TAG)])
+            pending = p2p([(dkv, _peers(plan)[0], TAG)], [(received, _peers(plan)[1], TAG)])
             sent = dkv
         _wait(pending)
-        dkv_own = received  # [B, S, Hs, D+E]: every rank's gradients of this rank's K/V
+        if received is not None:  # [B, S, Hs, D+E]: every rank's gradients of this rank's K/V
+            dk[:, :, plan.kv_heads] = received[..., :d].to(k.dtype)
+            dv[:, :, plan.kv_heads] = received[..., d:].to(v.dtype)
         dq = q.new_zeros(b * s * r, d)  # [B·S·R, D]
         dq.index_copy_(0, pairs, dq_rows.to(q.dtype))
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        dk[:, :, plan.kv_heads] = dkv_own[..., :d].to(k.dtype)
-        dv[:, :, plan.kv_heads] = dkv_own[..., d:].to(v.dtype)
         return dq.view(b, s, r, d), dk, dv, None
 
 
