@@ -160,38 +160,15 @@ def _randomise_routers(moh: MoHAttention) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("heads", [(8, 2, 3, 2), (6, 3, 0, 2), (4, 4, 2, 1)])
-def test_moh_routed_execution_equals_masked_forward_backward(backend, heads):
+@pytest.mark.parametrize("heads", [(8, 2, 3, 2), (8, 2, 4, 2), (6, 3, 0, 2), (4, 4, 2, 1), (8, 8, 2, 6)])
+@pytest.mark.parametrize("documents", [True, False])
+def test_moh_routed_execution_equals_masked_forward_backward(backend, heads, documents, monkeypatch):
     """Routed-only execution (shared heads one call, routed heads on gathered queries) equals computing
-    every head and masking: output, input gradient and every parameter gradient (router included)."""
-    import copy
-
-    from longreach.attention import LocalAttention
-
-    h, hkv, hs, k = heads
-    torch.manual_seed(h + hs)
-    cfg = MoHConfig(dim=24, n_heads=h, n_kv_heads=hkv, head_dim=8, n_shared=hs, top_k=k, execution="masked")
-    masked = MoHAttention(cfg).double()
-    _randomise_routers(masked)
-    masked.inner_attention = LocalAttention(backend)
-    routed = copy.deepcopy(masked)
-    routed.cfg = dataclasses.replace(cfg, execution="routed")
-    b, s = 2, 37
-    x = torch.randn(b, s, 24, dtype=torch.float64)
-    pos = torch.arange(s).view(1, s).expand(b, s)
-    cos, sin = RotaryEmbedding(8, 10000.0, None, 64)(pos, s, dtype=torch.float64)
-    ctx = AttentionContext(cu_seqlens=torch.tensor([0, 5, 6, 30, s]))  # packed documents, one of length 1
-    _same_fwd_bwd(masked, routed, x, cos, sin, ctx, rtol_out=1e-10, rtol_grad=1e-9)
-    for (name, p_r), p_m in zip(routed.named_parameters(), masked.parameters()):
-        torch.testing.assert_close(p_r.grad, p_m.grad, rtol=1e-9, atol=1e-12, msg=name)
-
-
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("heads", [(8, 2, 3, 2), (8, 2, 4, 2), (6, 3, 0, 2), (8, 8, 2, 6)])
-def test_moh_routed_causal_blocks_equal_masked(backend, heads, monkeypatch):
-    """Plain causal attention runs the windowed block plan (coarse blocks, window blocks, causal tiles): with
-    tiny windows every level runs; routed equals masked in output and every gradient, for GQA with routed
-    heads off a group boundary (gathered K/V heads), on it, all heads routed, and every routed head active."""
+    every head and masking: output, input gradient and every parameter gradient (router included). Packed
+    documents run one block per (row, head) with the mask placed; plain causal attention runs the windowed
+    block plan, with tiny windows so that coarse blocks, window blocks and causal tiles all run. Heads: GQA
+    with routed heads off a group boundary (gathered K/V heads) and on it, all heads routed, MHA, and every
+    routed head active."""
     import copy
 
     from longreach.attention import LocalAttention
@@ -211,7 +188,9 @@ def test_moh_routed_causal_blocks_equal_masked(backend, heads, monkeypatch):
     x = torch.randn(b, s, 24, dtype=torch.float64)
     pos = torch.arange(s).view(1, s).expand(b, s)
     cos, sin = RotaryEmbedding(8, 10000.0, None, 64)(pos, s, dtype=torch.float64)
-    _same_fwd_bwd(masked, routed, x, cos, sin, AttentionContext(), rtol_out=1e-10, rtol_grad=1e-9)
+    # packed documents, one of length 1
+    ctx = AttentionContext(cu_seqlens=torch.tensor([0, 5, 6, 30, s]) if documents else None)
+    _same_fwd_bwd(masked, routed, x, cos, sin, ctx, rtol_out=1e-10, rtol_grad=1e-9)
     for (name, p_r), p_m in zip(routed.named_parameters(), masked.parameters()):
         torch.testing.assert_close(p_r.grad, p_m.grad, rtol=1e-9, atol=1e-12, msg=name)
 
