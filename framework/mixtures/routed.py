@@ -461,7 +461,7 @@ class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: RoutedPlan):  # type: ignore[override]
         b, s, r = plan.shape
-        d, e = k.shape[-1], v.shape[-1]
+        e = v.shape[-1]
         acc = _acc(q.dtype)
         qbs = [_gather(q, blk) for blk in plan.blocks]  # each [Bq, n, Rq, D]
         results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(plan.blocks)
