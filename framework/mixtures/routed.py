@@ -351,23 +351,24 @@ def _ranges(blk: QueryBlock, k_pos: torch.Tensor) -> tuple[slice, slice]:
 
 
 def _forward_chunk(plan: RoutedPlan, blk: QueryBlock, qb: torch.Tensor, chunk: tuple[torch.Tensor, torch.Tensor],
-                   k_pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Partial (out ``[Bq, n, Rq, E]``, lse ``[Bq, Rq, n]``) of the block over disjoint key sets of one chunk."""
+                   k_pos: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Partials (part, out ``[Bq, n, Rq, E]``, lse ``[Bq, Rq, n]``) of the block over disjoint key sets of one
+    chunk; part 0: the unmasked (or mask-placed) keys, 1: the causal tile."""
     kb, vb, _ = _block_kv(plan, blk, chunk)  # [Bq, Sk, Hb, D], [Bq, Sk, Hb, E]
     if blk.keys is None:
         placed, backend = _place(plan, blk, k_pos, qb)
-        return [backend.forward(qb, kb, vb, mask=placed, scale=plan.scale)]
+        return [(0, *backend.forward(qb, kb, vb, mask=placed, scale=plan.scale))]
     keys, tile = _ranges(blk, k_pos)
     parts = []
     if keys.stop > keys.start:
         backend = get_backend(resolve_backend(plan.backend, qb, None))
-        parts.append(backend.forward(qb, kb[:, keys], vb[:, keys], mask=None, scale=plan.scale))
+        parts.append((0, *backend.forward(qb, kb[:, keys], vb[:, keys], mask=None, scale=plan.scale)))
     if tile.stop > tile.start:
         rq = qb.shape[2]
         allowed = _allowed(blk.q_pos.to(qb.device), k_pos[tile].to(qb.device))  # [Bq, Rq, n, m]
         out, lse = _tile_forward(qb, _expand(kb[:, tile], rq), _expand(vb[:, tile], rq), allowed, plan.scale,
                                  _on_cpu_kernel(resolve_backend(plan.backend, qb, None), qb, kb, vb), plan.size > 1)
-        parts.append((out, lse))
+        parts.append((1, out, lse))
     return parts
 
 
@@ -464,34 +465,34 @@ class _RoutedAttention(torch.autograd.Function):
         e = v.shape[-1]
         acc = _acc(q.dtype)
         qbs = [_gather(q, blk) for blk in plan.blocks]  # each [Bq, n, Rq, D]
-        results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(plan.blocks)
+        # per block and part (keys, tile), merged over the ring's chunks
+        results: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = [[None, None] for _ in plan.blocks]
         for src, chunk in _chunks(plan, k[:, :, plan.kv_heads], v[:, :, plan.kv_heads]):
             for i, blk in enumerate(plan.blocks):
-                for o, l in _forward_chunk(plan, blk, qbs[i], chunk, plan.chunk_pos[src]):
-                    o, l = o.to(acc), l.to(acc)
-                    results[i] = (o, l) if results[i] is None else merge_attention(*results[i], o, l)
-        # every routed pair is a row of exactly one block that is not coarse: copy those, then merge the
-        # coarse blocks' rows (disjoint among themselves) into them
+                for part, o, l in _forward_chunk(plan, blk, qbs[i], chunk, plan.chunk_pos[src]):
+                    o, l, prev = o.to(acc), l.to(acc), results[i][part]
+                    results[i][part] = (o, l) if prev is None else merge_attention(*prev, o, l)
+        # into one row per routed pair, by kind of partial: every pair has at most one of each (a window
+        # block's keys and tile, a coarse block's keys), so each kind is one copy or one merge over all rows
         n = plan.pairs.numel()
-        parts: dict[bool, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {False: [], True: []}
-        for blk, qb, res in zip(plan.blocks, qbs, results):
+        kinds: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[], [], []]  # keys, tile, coarse
+        for blk, res in zip(plan.blocks, results):
             coarse = blk.keys is not None and blk.tile is None
-            if res is None:
-                if coarse:
-                    continue
-                res = (qb.new_zeros(*qb.shape[:3], e, dtype=acc),
-                       qb.new_full((qb.shape[0], qb.shape[2], qb.shape[1]), float("-inf"), dtype=acc))
             src = blk.src.to(q.device)
-            parts[coarse].append((blk.dst.to(q.device), res[0].reshape(-1, e)[src],
-                                  res[1].permute(0, 2, 1).reshape(-1)[src]))
+            for part, r_part in enumerate(res):
+                if r_part is not None:
+                    kinds[2 if coarse else part].append((blk.dst.to(q.device), r_part[0].reshape(-1, e)[src],
+                                                         r_part[1].permute(0, 2, 1).reshape(-1)[src]))
         out = torch.zeros((n, e), dtype=acc, device=q.device)  # [N, E]
         lse = torch.full((n,), float("-inf"), dtype=acc, device=q.device)  # [N]
-        if parts[False]:
-            dst, o, l = (torch.cat(t) for t in zip(*parts[False]))
-            out.index_copy_(0, dst, o)
-            lse.index_copy_(0, dst, l)
-        if parts[True]:
-            dst, o, l = (torch.cat(t) for t in zip(*parts[True]))
+        for kind, rows in enumerate(kinds):
+            if not rows:
+                continue
+            dst, o, l = (torch.cat(t) for t in zip(*rows))
+            if kind == 0:
+                out.index_copy_(0, dst, o)
+                lse.index_copy_(0, dst, l)
+                continue
             o, l = merge_attention(out[dst].view(1, -1, 1, e), lse[dst].view(1, 1, -1), o.view(1, -1, 1, e),
                                    l.view(1, 1, -1))
             out[dst], lse[dst] = o.view(-1, e), l.view(-1)
