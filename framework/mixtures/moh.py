@@ -18,8 +18,8 @@ heads on the gathered queries of the tokens routed to them against the full keys
 batch row of a window in one padded call (:func:`longreach.mixtures.routed.routed_attention`; under
 context parallelism the routed heads pass K/V chunks of S/P tokens round the cp group as a ring).
 ``"masked"`` computes every head and multiplies the unrouted ones by zero (one inner call; the reference
-the routed execution is tested against). Both give the same output and
-gradients; an inner attention that is not one of ours (a foreign callable) always runs masked.
+the routed execution is tested against). Both give the same output and gradients; an inner attention
+that is not one of ours (a foreign callable) always runs masked.
 :func:`moh_from_dense` turns a dense attention layer into MoH keeping its q/k/v/o weights (routers zero).
 """
 from __future__ import annotations
