@@ -59,6 +59,9 @@ MAX_WINDOWS = 64
 #: kernel also switches to 256-row query tiles from 768 rows). At 8k tokens on one CPU thread the routed
 #: forward took about 0.57 s of CPU without coarse blocks and 0.42 s with them.
 COARSE_ROWS = 768
+#: A window's (row, head) query sets are padded into one block while the routed rows fill at least this
+#: share of it; below (unbalanced routing, e.g. one head taking every token) each runs as its own block.
+MIN_FILL = 2 / 3
 #: The one tag of the routed heads' ring messages (matching is by posting order).
 TAG = 0
 
@@ -174,7 +177,9 @@ def plan_blocks(active: torch.Tensor, pos: torch.Tensor, *, causal: bool, row_ma
                 width: int | None = None, coarse_rows: int | None = None) -> list[QueryBlock]:
     """Query blocks of one routed call.
 
-    Causal blocks come in two levels. Consecutive windows are grouped (from the end of the sequence back)
+    Causal blocks hold every batch row and routed head of a window, padded to the largest (row, head) count,
+    unless the routed rows would fill less than :data:`MIN_FILL` of that (then one block per (row, head)).
+    They come in two levels. Consecutive windows are grouped (from the end of the sequence back)
     until some (row, head) has ``coarse_rows`` routed queries; such a group's queries run as one coarse block
     against every key before the group (one unmasked call of many rows). Each window of the group then runs
     the keys of the group before it unmasked and its own keys as a causal tile. Windows of a group too small
@@ -219,6 +224,12 @@ def plan_blocks(active: torch.Tensor, pos: torch.Tensor, *, causal: bool, row_ma
         counts = sub.sum(1)  # [B, R]
         n = int(counts.max())
         if n == 0:
+            return
+        if int(counts.sum()) < MIN_FILL * b * r * n:  # unbalanced routing: one block per (row, head), no padding
+            for i, j in torch.nonzero(counts).tolist():
+                tok = lo + torch.nonzero(sub[i, :, j]).view(1, -1, 1)  # [1, n_ij, 1]
+                blocks.append(block(slice(i, i + 1), slice(j, j + 1), tok, torch.ones_like(tok, dtype=torch.bool),
+                                    keys=keys, tile=tile, mask=None))
             return
         # routed tokens first, in position order (a stable sort of "not routed"); padding takes the others
         first = torch.sort((~sub).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # [B, n, R]
