@@ -160,80 +160,186 @@ def _randomise_routers(moh: MoHAttention) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
-@pytest.mark.parametrize("heads", [(8, 2, 3, 2), (6, 3, 0, 2), (4, 4, 2, 1)])
-def test_moh_routed_execution_equals_masked_forward_backward(backend, heads):
+@pytest.mark.parametrize("heads", [(8, 2, 3, 2), (8, 2, 4, 2), (6, 3, 0, 2), (4, 4, 2, 1), (8, 8, 2, 6)])
+@pytest.mark.parametrize("documents", [True, False])
+def test_moh_routed_execution_equals_masked_forward_backward(backend, heads, documents, monkeypatch):
     """Routed-only execution (shared heads one call, routed heads on gathered queries) equals computing
-    every head and masking: output, input gradient and every parameter gradient (router included)."""
+    every head and masking: output, input gradient and every parameter gradient (router included). Packed
+    documents run one block per (row, head) with the mask placed; plain causal attention runs the windowed
+    block plan, with tiny windows so that coarse blocks, window blocks and causal tiles all run. Heads: GQA
+    with routed heads off a group boundary (gathered K/V heads) and on it, all heads routed, MHA, and every
+    routed head active."""
     import copy
 
     from longreach.attention import LocalAttention
+    from longreach.mixtures import routed as routed_mod
 
+    monkeypatch.setattr(routed_mod, "WINDOW", 8)
+    monkeypatch.setattr(routed_mod, "COARSE_ROWS", 6)
     h, hkv, hs, k = heads
-    torch.manual_seed(h + hs)
+    torch.manual_seed(h + hs + k)
     cfg = MoHConfig(dim=24, n_heads=h, n_kv_heads=hkv, head_dim=8, n_shared=hs, top_k=k, execution="masked")
     masked = MoHAttention(cfg).double()
     _randomise_routers(masked)
     masked.inner_attention = LocalAttention(backend)
     routed = copy.deepcopy(masked)
     routed.cfg = dataclasses.replace(cfg, execution="routed")
-    b, s = 2, 37
+    b, s = 2, 45
     x = torch.randn(b, s, 24, dtype=torch.float64)
     pos = torch.arange(s).view(1, s).expand(b, s)
     cos, sin = RotaryEmbedding(8, 10000.0, None, 64)(pos, s, dtype=torch.float64)
-    ctx = AttentionContext(cu_seqlens=torch.tensor([0, 5, 6, 30, s]))  # packed documents, one of length 1
+    # packed documents, one of length 1
+    ctx = AttentionContext(cu_seqlens=torch.tensor([0, 5, 6, 30, s]) if documents else None)
     _same_fwd_bwd(masked, routed, x, cos, sin, ctx, rtol_out=1e-10, rtol_grad=1e-9)
     for (name, p_r), p_m in zip(routed.named_parameters(), masked.parameters()):
         torch.testing.assert_close(p_r.grad, p_m.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_moh_routed_execution_computes_only_routed_pairs():
-    """The routed heads' kernel calls see exactly the chosen (token, head) pairs: with documents (one call
-    per routed head) Σ queries = B·S·k; with plain causal attention the (query, key) pairs computed cover
-    the causal ones of the chosen queries and exceed them by less than one window per query."""
+def _routed_reference(q, k, v, active, first_head: int, num_heads: int) -> torch.Tensor:
+    """Dense causal attention of every routed head in float64 (materialised scores), zero where not active."""
+    s = q.shape[1]
+    kv = (first_head + torch.arange(q.shape[2])) // (num_heads // k.shape[2])  # [R] key/value head per query head
+    sc = torch.einsum("bqhd,bkhd->bhqk", q, k[:, :, kv]) / q.shape[-1] ** 0.5
+    sc = sc.masked_fill(~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", sc.softmax(-1), v[:, :, kv]) * active[..., None]
+
+
+@pytest.mark.parametrize("min_fill", [0.0, 1.0])
+@pytest.mark.parametrize("first_head,num_heads,kv_heads", [(2, 6, 3), (1, 5, 1), (3, 7, 7)])
+def test_routed_attention_uneven_empty_and_full_heads(first_head, num_heads, kv_heads, min_fill, monkeypatch):
+    """routed_attention on a hand-made routing: a head with no token, a head with every token, uneven counts,
+    B=2 with different routings per row; with every window padded into one block (min fill 0) and with a
+    block per (row, head) (min fill 1), output and dq, dk, dv equal the float64 dense reference, and
+    unrouted pairs are exactly zero."""
     from longreach.attention import LocalAttention
-    from longreach.kernels import get_backend
-    from longreach.mixtures.routed import WINDOW
+    from longreach.mixtures import routed as routed_mod
 
-    torch.manual_seed(5)
-    cfg = MoHConfig(dim=16, n_heads=6, n_kv_heads=2, head_dim=4, n_shared=2, top_k=1)
-    moh = MoHAttention(cfg).double()
-    _randomise_routers(moh)
-    moh.inner_attention = LocalAttention("reference")
-    backend = get_backend("reference")
-    calls: list[tuple[int, int]] = []  # (query, head) rows and keys of each call
-    orig = backend.forward
-
-    def spy(q, k, v, **kw):
-        calls.append((q.shape[0] * q.shape[1] * q.shape[2], k.shape[1]))
-        return orig(q, k, v, **kw)
-
-    b, s = 2, 2 * WINDOW + 9
-    x = torch.randn(b, s, 16, dtype=torch.float64)
-    pos = torch.arange(s).view(1, s).expand(b, s)
-    cos, sin = RotaryEmbedding(4, 10000.0, None, 2 * s)(pos, s, dtype=torch.float64)
-    backend.forward = spy
-    try:
-        moh(x, cos, sin, AttentionContext(cu_seqlens=torch.tensor([0, s])))  # one document: not plain causal
-        documents, calls[:] = list(calls), []
-        moh(x, cos, sin, AttentionContext())
-    finally:
-        backend.forward = orig
-    # first the one dense call of the 2 shared heads (their GQA group of 3 query heads), then the routed heads
-    assert documents[0] == (b * s * 3, s)
-    assert sum(rows for rows, _ in documents[1:]) == b * s * cfg.top_k == int(moh.routed_active.sum())
-    routed_pos = moh.routed_active.nonzero()[:, 1]  # position of every chosen (token, head) pair
-    needed = int((routed_pos + 1).sum())  # causal keys of each chosen query
-    computed = sum(rows * keys for rows, keys in calls[1:])
-    assert needed <= computed < needed + routed_pos.numel() * WINDOW
-    assert computed < 0.6 * b * cfg.n_routed * s * (s + 1) / 2  # far below every routed head computed densely
+    monkeypatch.setattr(routed_mod, "WINDOW", 8)
+    monkeypatch.setattr(routed_mod, "COARSE_ROWS", 10)
+    monkeypatch.setattr(routed_mod, "MIN_FILL", min_fill)
+    torch.manual_seed(first_head)
+    b, s, d, r = 2, 53, 8, num_heads - first_head
+    g = torch.Generator().manual_seed(3)
+    active = torch.rand(b, s, r, generator=g) < torch.linspace(0.1, 0.7, r)  # uneven per head
+    active[:, :, 0] = False  # nobody routed to the first routed head
+    active[0, :, -1] = True  # every token of row 0 routed to the last
+    q = torch.randn(b, s, r, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, s, kv_heads, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, s, kv_heads, d, dtype=torch.float64, requires_grad=True)
+    got = routed_mod.routed_attention(q, k, v, active, first_head=first_head, num_heads=num_heads,
+                                      inner=LocalAttention("auto"), ctx=AttentionContext())
+    want = _routed_reference(q, k, v, active, first_head, num_heads)
+    assert bool((got[~active] == 0).all())
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    dout = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (q, k, v), dout)
+    for name, g_got, g_want in zip("qkv", grads, torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12, msg=f"d{name}")
+    none = routed_mod.routed_attention(q, k, v, torch.zeros_like(active), first_head=first_head, num_heads=num_heads,
+                                       inner=LocalAttention("auto"), ctx=AttentionContext())
+    assert bool((none == 0).all()) and all(bool((g == 0).all()) for g in torch.autograd.grad(none, (q, k, v), dout))
 
 
-def test_moh_routed_under_every_cp_strategy():
+@pytest.mark.parametrize("skewed", [False, True])
+def test_plan_blocks_cover_each_routed_pair_and_its_causal_keys_once(skewed):
+    """The block plan: every routed pair is a valid row of exactly one window block and at most one coarse
+    block; padded rows lie in the block's window; for each pair the blocks' unmasked key ranges and tile
+    partition [0, last of its window] with no overlap; the pairs computed (padding included) stay close to the
+    causal count, with balanced routing (padded blocks) and with one (row, head) taking every token and one
+    head none (a block per (row, head) where padding would waste too much)."""
+    from longreach.mixtures.routed import plan_blocks
+
+    b, s, r, width = 2, 600, 4, 64
+    g = torch.Generator().manual_seed(0)
+    if skewed:
+        active = torch.rand(b, s, r, generator=g) < torch.tensor([0.05, 0.3, 0.0, 0.6])
+        active[1, :, 2] = True
+    else:
+        active = torch.zeros(b, s, r, dtype=torch.bool).scatter(2, torch.rand(b, s, r, generator=g).topk(
+            2, dim=-1).indices, True)  # top-2 of 4: each head about half the tokens
+    blocks = plan_blocks(active, torch.arange(s), causal=True, row_masks=[], width=width, coarse_rows=100)
+    pairs = torch.nonzero(active.reshape(-1)).view(-1)
+    n = pairs.numel()
+    in_window, in_coarse = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    covered: dict[int, list[tuple[int, int]]] = {}  # pair -> key position ranges [lo, hi)
+    computed = 0
+    for blk in blocks:
+        bq, rows, rq = blk.tokens.shape
+        heads = torch.arange(blk.heads.start, blk.heads.stop)
+        assert bool(active[blk.rows][torch.arange(bq).view(-1, 1, 1), blk.tokens, heads][blk.valid].all())
+        lo_pos, hi_pos = int(blk.q_pos.min()), int(blk.q_pos.max())
+        if blk.tile is not None:
+            assert blk.tile[0] <= lo_pos and hi_pos <= blk.tile[1] and blk.keys[1] == blk.tile[0]
+            in_window[blk.dst] += 1
+        else:
+            in_coarse[blk.dst] += 1
+        assert blk.keys[1] <= lo_pos  # unmasked keys all precede every query row (padding included)
+        ranges = [blk.keys] + ([(blk.tile[0], blk.tile[1] + 1)] if blk.tile else [])
+        for i in blk.dst.tolist():
+            covered.setdefault(i, []).extend(ranges)
+        computed += bq * rows * rq * sum(hi - lo for lo, hi in ranges)
+    assert bool((in_window == 1).all()) and int(in_coarse.max()) <= 1 and int(in_coarse.sum()) > 0
+    flat_pos = (pairs // r) % s
+    needed = 0
+    for i, ranges in covered.items():
+        spans = sorted(ranges)
+        assert spans[0][0] == 0 and all(a[1] == c[0] for a, c in zip(spans, spans[1:]))  # contiguous, disjoint
+        assert spans[-1][1] > int(flat_pos[i])  # reaches the query itself
+        needed += int(flat_pos[i]) + 1
+    assert needed <= computed < 1.35 * needed
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_moh_routed_under_every_cp_strategy(world_size):
+    """Routed heads under ring, Ulysses, hybrid and all-gather at 2 and 4 ranks equal single-rank routed and
+    masked (output, dx, every parameter gradient); under Ulysses (no point-to-point traffic of its own) every
+    message is one K/V chunk or dK/dV accumulator of S/P tokens of the key/value heads the routed heads read,
+    and nothing is all-gathered: the routed heads never hold the whole sequence's K/V."""
     from longreach.testing import run_ranks
-    from workers.moe import moh_routed_under_cp
+    from workers.moh import routed_under_cp
 
-    cases = [dict(strategy=st, layout=lay) for st in ("ring", "ulysses", "allgather") for lay in ("zigzag", "stripe")]
-    cases += [dict(strategy="hybrid", layout="zigzag", ulysses_degree=2),
-              dict(strategy="ring", layout="contiguous", docs=True, variant="qnorm")]
-    failures = [f for r in run_ranks(moh_routed_under_cp, 4, args=(cases,)) for f in r]
+    if world_size == 4:
+        cases = [dict(strategy=st, layout=lay)
+                 for st in ("ring", "ulysses", "allgather") for lay in ("zigzag", "stripe")]
+        cases += [dict(strategy="hybrid", layout="zigzag", ulysses_degree=2),
+                  dict(strategy="ring", layout="contiguous", docs=True, variant="qnorm"),
+                  dict(strategy="hybrid", layout="zigzag", ulysses_degree=2, small=True),
+                  dict(strategy="ring", layout="zigzag", small=True, shared=3),
+                  dict(strategy="ulysses", layout="stripe", small=True, backend="auto")]
+    else:
+        cases = [dict(strategy="ring", layout="zigzag", small=True),
+                 dict(strategy="allgather", layout="stripe", small=True, backend="auto"),
+                 dict(strategy="ring", layout="contiguous", docs=True)]
+    cases += [dict(strategy="ulysses", layout="contiguous", small=True), dict(strategy="ulysses", layout="zigzag")]
+    results = run_ranks(routed_under_cp, world_size, args=(cases,))
+    failures = [f for fails, _ in results for f in fails]
     assert not failures, "\n".join(failures)
+    b, chunk, kv_read, width = 2, 12, 1, 12  # B, S/P rows, K/V heads of routed heads 4..7 (GQA 4), D+E
+    for rank, (_, comms) in enumerate(results):
+        for case, (ops, gathers) in zip(cases, comms):
+            if case["strategy"] != "ulysses":
+                continue
+            sizes = sorted({nbytes for _, nbytes in ops})
+            assert gathers == 0 and sizes == [b * chunk * kv_read * width * 8], (rank, case, sizes, gathers)
+            # forward: P-1 K/V chunks in; backward: P-1 K/V chunks and P dK/dV accumulators in
+            assert sum(kind == "recv" for kind, _ in ops) == 3 * world_size - 2, (rank, case, ops)
+
+
+def test_bench_mixtures_only_times_the_chosen_rows_and_their_partners(tmp_path, capsys):
+    """``bench mixtures --only``: just the named rows and their dense partners; a fragment naming no row is a
+    user error (exit 2) that lists the rows."""
+    import json
+
+    from longreach.launchers import cli
+
+    tiny = ["--seq-len", "24", "--dim", "16", "--heads", "4", "--kv-heads", "2", "--head-dim", "4", "--moh-shared", "1",
+            "--moh-top-k", "1", "--moe-experts", "4", "--ffn-hidden", "8", "--rounds", "1", "--clock", "cpu"]
+    out = tmp_path / "rows.json"
+    assert cli.main(["bench", "mixtures", *tiny, "--only", "moh core", "--json", str(out)]) == 0
+    rows = {r["layer"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense attn core H=4", "moh core (2 of 4 heads active)"}
+    assert rows["moh core (2 of 4 heads active)"]["fwd_bwd_ratio"] > 0
+    capsys.readouterr()
+    assert cli.main(["bench", "mixtures", *tiny, "--only", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--only" in err and "moh core" in err and "Traceback" not in err

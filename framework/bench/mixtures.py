@@ -23,6 +23,8 @@ against the total.
 
     longreach bench mixtures                       # 8k tokens, dim 512, 8 heads of 64, 3 rounds
     longreach bench mixtures --seq-len 2048 --rounds 5 --json out.json
+    longreach bench mixtures --only "moh core,moe"    # only these rows and their dense partners
+    longreach bench mixtures --threads 1 --clock cpu  # CPU time of the process: steadier on a shared machine
     longreach bench mixtures --expert-bytes --rounds 1 --seq-len 256
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 
 from longreach.attention import AttentionContext, LocalAttention
+from longreach.bench.kernels import CLOCKS
 from longreach.errors import UserError
 from longreach.mixtures.bam import MoAConfig, MoAttention
 from longreach.mixtures.moe import MoEConfig, MoEFFN
@@ -170,19 +173,32 @@ def _core_cases(moh: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
                       forward=lambda: moh._attend(q, k, v, ctx), inputs=[q, k, v])]
 
 
-def _measure(case: LayerCase, backward: bool) -> float:
+def _selected(cases: list[LayerCase], only: str | None) -> list[LayerCase]:
+    """The cases whose name contains one of the comma-separated fragments of ``only``, with their baselines."""
+    if not only:
+        return cases
+    fragments = [f.strip() for f in only.split(",") if f.strip()]
+    keep = {c.name for c in cases if any(f in c.name for f in fragments)}
+    if not keep:
+        raise UserError(f"bench mixtures --only={only!r}: no layer name contains any of {fragments}; layers: "
+                        + "; ".join(c.name for c in cases))
+    keep |= {c.baseline for c in cases if c.name in keep and c.baseline is not None}
+    return [c for c in cases if c.name in keep]
+
+
+def _measure(case: LayerCase, backward: bool, clock: Callable[[], float] = time.perf_counter) -> float:
     for t in case.inputs:
         t.grad = None
     if case.module is not None:
         case.module.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
+    t0 = clock()
     if backward:
         out = case.forward()
         out.backward(torch.ones_like(out))
     else:
         with torch.no_grad():
             case.forward()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _peak_cuda(case: LayerCase) -> float | None:
@@ -195,14 +211,14 @@ def _peak_cuda(case: LayerCase) -> float | None:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Interleaved rounds over every case; one row per case with medians, ratio spreads and memory."""
-    cases = build_cases(args)
+    cases = _selected(build_cases(args), args.only)
     for case in cases:  # warm-up: first-call allocations and kernel selection
         _measure(case, True)
     times: dict[str, dict[str, list[float]]] = {c.name: {"fwd": [], "fwd_bwd": []} for c in cases}
     for r in range(args.rounds):
         for case in cases:
-            times[case.name]["fwd"].append(_measure(case, False))
-            times[case.name]["fwd_bwd"].append(_measure(case, True))
+            times[case.name]["fwd"].append(_measure(case, False, CLOCKS[args.clock]))
+            times[case.name]["fwd_bwd"].append(_measure(case, True, CLOCKS[args.clock]))
         print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     by_name = {c.name: c for c in cases}
     rows = []
@@ -331,12 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", help="local attention backend (default auto)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall (default) or cpu: CPU time of the process, steadier on a shared machine (--threads 1)")
     p.add_argument("--expert-bytes", action="store_true",
                    help="also count per-rank expert bytes under native DDP, FSDP2, DeepSpeed ZeRO 0-3 (fp32, bf16) "
                         "and accelerate (gloo ranks)")
     p.add_argument("--ep-ranks", type=int, default=2, help="gloo ranks for --expert-bytes (default 2)")
     p.add_argument("--ep-engines", default=",".join(DEFAULT_EP_ENGINES),
                    help="engines for --expert-bytes (default: %(default)s); any of " + ", ".join(ENGINES))
+    p.add_argument("--only", default=None,
+                   help="comma-separated name fragments: time only the layers whose name contains one (and their "
+                        "dense partners), e.g. --only moh,moe")
     p.add_argument("--json", default=None, help="write the rows here")
     return p
 
@@ -351,6 +372,8 @@ def _check(args: argparse.Namespace) -> None:
     if not 0 <= args.moh_shared < args.heads or not 1 <= args.moh_top_k <= args.heads - args.moh_shared:
         raise UserError(f"bench mixtures: need 0 <= --moh-shared < --heads and 1 <= --moh-top-k <= "
                         f"{args.heads - args.moh_shared} (the routed heads); got {args.moh_shared}, {args.moh_top_k}")
+    if args.only is not None and not [f for f in args.only.split(",") if f.strip()]:
+        raise UserError("bench mixtures: --only needs at least one layer-name fragment, e.g. --only moh,moe")
     args.ep_engines = [e.strip() for e in str(args.ep_engines).split(",") if e.strip()]
     bad = [e for e in args.ep_engines if e not in ENGINES]
     if bad:
@@ -368,7 +391,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     setting = (f"S={args.seq_len} B={args.batch} dim={args.dim} H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
                f"{args.dtype} backend={args.backend}")
-    print(f"bench mixtures: {setting}, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads", flush=True)
+    print(f"bench mixtures: {setting}, {args.rounds} interleaved rounds, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock", flush=True)
     result: dict[str, Any] = {"config": vars(args), "rows": run(args)}
     print(_table(result["rows"]) + "\nratios: this layer's time / its dense partner's, per round (median, min-max); "
           "FLOP ratio: analytic forward FLOPs / the partner's; saved MiB: bytes autograd keeps for backward; "

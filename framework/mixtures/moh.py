@@ -13,12 +13,13 @@ Heads are split into ``n_shared`` shared heads (always on) and ``H − n_shared`
   softmaxed, top-k, and used as a binary mask; shared heads are a fixed set with weight 1.
 
 Execution (``execution``): ``"routed"`` (default) computes only the pairs the router picks — the shared
-heads in one call of the layer's inner attention (local or context-parallel, any strategy), each routed
-head on the gathered queries of the tokens routed to it against the full keys
-(:func:`longreach.mixtures.routed.routed_attention`; under context parallelism the routed heads gather
-their K/V from the cp group). ``"masked"`` computes every head and multiplies the unrouted ones by zero
-(one inner call; the reference the routed execution is tested against). Both give the same output and
-gradients; an inner attention that is not one of ours (a foreign callable) always runs masked.
+heads in one call of the layer's inner attention (local or context-parallel, any strategy), the routed
+heads on the gathered queries of the tokens routed to them against the full keys, every routed head and
+batch row of a window in one padded call (:func:`longreach.mixtures.routed.routed_attention`; under
+context parallelism the routed heads pass K/V chunks of S/P tokens round the cp group as a ring).
+``"masked"`` computes every head and multiplies the unrouted ones by zero (one inner call; the reference
+the routed execution is tested against). Both give the same output and gradients; an inner attention
+that is not one of ours (a foreign callable) always runs masked.
 :func:`moh_from_dense` turns a dense attention layer into MoH keeping its q/k/v/o weights (routers zero).
 """
 from __future__ import annotations

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from longreach.attention import AttentionContext, ContextParallelAttention, LocalAttention
+from longreach.attention import AttentionContext, ContextParallelAttention
 from longreach.mixtures.moe import MoEConfig, MoEFFN
-from longreach.mixtures.moh import MoHAttention, MoHConfig
 from longreach.mixtures.routing import attention_mix, explicit_attention_matrix, similarity_mix
-from longreach.models.rope import RotaryEmbedding
 from longreach.parallel import sequence_positions, shard_sequence
 
 
@@ -206,52 +203,3 @@ def ep_and_cp_routing(rank: int, world_size: int, cases: list[dict]) -> tuple[li
     if world_size == 4:
         setups += [("hybrid", "zigzag", 2), ("ulysses", "stripe", None)]
     return ep_equivalence(rank, world_size, cases), cp_attention_routing(rank, world_size, setups)
-
-
-def moh_routed_under_cp(rank: int, world_size: int, cases: list[dict]) -> list[str]:
-    """MoH with routed-only execution under context parallelism against the single-rank masked layer.
-
-    Each case: ``strategy``, ``layout``, optional ``ulysses_degree``, ``variant``, ``docs`` (packed
-    documents). The same seeded layer runs (a) on one rank with every head computed and masked, on the
-    full sequence, and (b) on this rank's shard with routed execution through ``ContextParallelAttention``;
-    output, input gradient and the rank-summed parameter gradients must agree (float64, reference backend).
-    """
-    failures: list[str] = []
-    for i, case in enumerate(cases):
-        tag = f"P={world_size} {case}"
-        torch.manual_seed(100 + i)
-        b, s, dim = 2, 8 * world_size, 24
-        cfg = MoHConfig(dim=dim, n_heads=8, n_kv_heads=2, head_dim=6, n_shared=4, top_k=2,
-                        variant=case.get("variant", "router"), execution="masked")
-        ref = MoHAttention(cfg).double()
-        for r in (ref.router_shared, ref.router_routed, ref.router_mix):
-            if r is not None:
-                torch.nn.init.normal_(r.weight, std=1.0)
-        ref.inner_attention = LocalAttention("reference")
-        cp = copy.deepcopy(ref)
-        x = torch.randn(b, s, dim, dtype=torch.float64)
-        target = torch.randn(b, s, dim, dtype=torch.float64)
-        pos = torch.arange(s).view(1, s).expand(b, s)
-        cos, sin = RotaryEmbedding(6, 10000.0, None, 4 * s)(pos, s, dtype=torch.float64)
-        cu = torch.tensor([0, 3, s // 2 + 1, s]) if case.get("docs") else None
-        x_ref = x.clone().requires_grad_(True)
-        y_ref = ref(x_ref, cos, sin, AttentionContext(cu_seqlens=cu))
-        (y_ref * target).sum().backward()
-
-        cp.cfg = replace(cfg, execution="routed")
-        layout = case["layout"]
-        cp.inner_attention = ContextParallelAttention(strategy=case["strategy"], layout=layout,
-                                                      ulysses_degree=case.get("ulysses_degree"), backend="reference")
-        sh = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
-        ctx = AttentionContext(seq_len=s, positions=sequence_positions(s, layout=layout), cu_seqlens=cu)
-        x_loc = sh(x).requires_grad_(True)
-        y = cp(x_loc, sh(cos), sh(sin), ctx)
-        (y * sh(target)).sum().backward()
-        _close(f"{tag} out", y, sh(y_ref.detach()), failures)
-        _close(f"{tag} dx", x_loc.grad, sh(x_ref.grad), failures)
-        for (name, p), p_ref in zip(cp.named_parameters(), ref.parameters()):
-            g = p.grad.clone()
-            dist.all_reduce(g)
-            _close(f"{tag} d{name}", g, p_ref.grad, failures)
-    return failures
-
