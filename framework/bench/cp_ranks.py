@@ -1,24 +1,22 @@
-"""Rank-side code of ``longreach bench cp``: per-rank time, bytes and work of every strategy × layout,
-and the side-by-side comparison with peer implementations (``--peers``).
+"""Rank-side code of ``longreach bench cp``: per-rank time, bytes and work of every strategy × layout
+(the ``--peers`` comparison's ranks are :mod:`longreach.bench.cp_peers`).
 
-:func:`bench_worker` and :func:`peers_worker` run on each spawned rank (``longreach.testing.run_ranks``)
-and return plain records; :mod:`longreach.bench.cp` combines the ranks and prints the tables.
+:func:`bench_worker` runs on each spawned rank (``longreach.testing.run_ranks``) and returns plain
+records; :mod:`longreach.bench.cp` combines the ranks and prints the tables.
 """
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from longreach.kernels import attention, get_backend
+from longreach.kernels import attention
 from longreach.kernels import masks as M
 from longreach.parallel import cp_attention, shard_sequence
 from longreach.parallel.comm import CommRecorder, WorkCounter
-from longreach.parallel.cp import layout_positions
 
 
 def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
