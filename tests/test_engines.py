@@ -86,7 +86,7 @@ def test_engine_config_errors(kwargs, msg):
 
 def test_as_engine_config_from_job_section():
     cfg = as_engine_config({"kind": "deepspeed", "options": {"zero_stage": 3}}).with_precision("bf16")
-    assert cfg.kind == "deepspeed" and cfg.zero_stage == 3 and cfg.mixed_precision == "bf16"
+    assert cfg.kind == "deepspeed" and cfg.zero_stage == 3 and cfg.precision == "bf16"
     assert cfg == EngineConfig(kind="deepspeed", options=EngineOptions(zero_stage=3))
     with pytest.raises(ConfigError, match="loss scaler"):
         as_engine_config("native").with_precision("fp16")

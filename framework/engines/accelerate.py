@@ -79,7 +79,7 @@ def build_accelerate(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opt
 
     if group is not None and dist.is_initialized() and dist.get_world_size(group) != dist.get_world_size():
         raise ConfigError("engine.kind=accelerate reduces gradients over all ranks; a sub-group is not supported")
-    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.mixed_precision]
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp,
                               device_placement=torch.cuda.is_available())
     shards = expert_shards(model)

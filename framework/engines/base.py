@@ -114,7 +114,6 @@ class EngineConfig:
     # the options as attributes: what the engines read
     fsdp = property(lambda self: self.options.fsdp)
     zero_stage = property(lambda self: self.options.zero_stage)
-    mixed_precision = property(lambda self: self.precision)
     cpu_offload = property(lambda self: self.options.cpu_offload)
     activation_offload = property(lambda self: self.options.activation_offload)
     reshard_after_forward = property(lambda self: self.options.reshard_after_forward)
@@ -143,7 +142,7 @@ class EngineConfig:
         """None when this engine splits experts (:meth:`splits_experts`), else what to change."""
         if self.kind != "deepspeed":
             return None
-        if self.zero_stage == 0 and self.mixed_precision == "fp16":
+        if self.zero_stage == 0 and self.precision == "fp16":
             return ("train.precision=fp16 with engine.options.zero_stage=0 keeps DeepSpeed's overflow check blind "
                     "to the split experts; use zero_stage 1, 2 or 3, or bf16")
         return None
@@ -193,9 +192,9 @@ class Engine:
 
     # -- forward
     def autocast(self) -> Any:
-        if self.cfg.mixed_precision == "fp32":
+        if self.cfg.precision == "fp32":
             return nullcontext()
-        dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         device = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.autocast(device_type=device, dtype=dtype)
 

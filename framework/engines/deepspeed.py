@@ -61,9 +61,9 @@ def deepspeed_config(cfg: EngineConfig, *, world_size: int, grad_accum: int = 1,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-    if cfg.mixed_precision == "bf16":
+    if cfg.precision == "bf16":
         conf["bf16"] = {"enabled": True}
-    elif cfg.mixed_precision == "fp16":
+    elif cfg.precision == "fp16":
         conf["fp16"] = {"enabled": True, "initial_scale_power": 16}
     if cfg.deepspeed_config:
         path = Path(cfg.deepspeed_config)
@@ -211,7 +211,7 @@ class DeepSpeedEngine(Engine):
         """``(module parameter, its fp32 master)`` for DeepSpeed's trainable parameters under bf16/fp16 (ZeRO
         0-2; the masters are DeepSpeed's, full size); empty in fp32, where the module holds the masters.
         Collective under ZeRO 1/2 (the partitions are gathered)."""
-        if self.cfg.mixed_precision == "fp32" or self.cfg.zero_stage == 3:
+        if self.cfg.precision == "fp32" or self.cfg.zero_stage == 3:
             return []
         opt = self.model.optimizer
         if hasattr(opt, "fp16_groups"):  # ZeRO-0: DeepSpeed's fp16 wrappers (fused: flat masters; unfused: lists)
@@ -309,7 +309,7 @@ def build_deepspeed(cfg: EngineConfig, model: nn.Module, optimizer_factory: Opti
             with_expert_norm_zero3(eng, ds_opt)
         else:
             with_expert_norm(eng, ds_opt)
-        if cfg.mixed_precision != "fp32" and cfg.zero_stage < 3:  # ZeRO-3: Zero3CheckpointView
+        if cfg.precision != "fp32" and cfg.zero_stage < 3:  # ZeRO-3: Zero3CheckpointView
             masters_in_state_dict(eng, shards)
     return eng
 

@@ -188,9 +188,9 @@ def check_user_config(cfg: EngineConfig, conf: dict[str, Any]) -> None:
                           f"engine.options.zero_stage={cfg.zero_stage}; with model.moe.expert_parallel set the stage "
                           "in engine.options.zero_stage only")
     for key, precision in (("bf16", "bf16"), ("fp16", "fp16")):
-        if bool(conf.get(key, {}).get("enabled", False)) != (cfg.mixed_precision == precision):
+        if bool(conf.get(key, {}).get("enabled", False)) != (cfg.precision == precision):
             raise ConfigError(f"engine.deepspeed_config sets {key}.enabled against train.precision="
-                              f"{cfg.mixed_precision}; with model.moe.expert_parallel set the precision in "
+                              f"{cfg.precision}; with model.moe.expert_parallel set the precision in "
                               "train.precision only")
 
 

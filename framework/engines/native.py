@@ -124,7 +124,7 @@ def build_native(cfg: EngineConfig, model: nn.Module, optimizer_factory: Optimiz
         return DDPEngine(cfg, ddp, model, optimizer, group)
 
     kwargs: dict[str, Any] = {"mesh": _fsdp_mesh(mesh, group), "reshard_after_forward": cfg.reshard_after_forward}
-    if cfg.mixed_precision == "bf16":
+    if cfg.precision == "bf16":
         # parameters are gathered in bf16 for compute; gradients are reduced in fp32 for accuracy
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cfg.cpu_offload:
