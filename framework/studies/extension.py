@@ -349,9 +349,9 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Fin
                 why="" if retrieves else (
                     f"this {cfg.n_layers}-layer base retrieves only keys within ~L of the question: with its "
                     f"positions kept in the trained range ({yarn_name}: ppl @{n4} {p4[yarn_name]:.3g}, passkey "
-                    f"@{n1} {pk1[yarn_name]:.2f}) it still finds no key farther away at {n4} ({far(yarn_name):.2f}), "
+                    f"@{n1} {pk1[yarn_name]:.2f}) its accuracy on keys farther away at {n4} is {far(yarn_name):.2f}, "
                     f"and {cfg.finetune_steps} fine-tuning steps on passkeys up to {n4} tokens did not teach it "
-                    f"({max(far(k) for k in RECIPES):.2f} at best). PI breaks retrieval even at L "
+                    f"({max(far(k) for k in RECIPES):.2f} at best, base {far(base_name):.2f}). PI breaks retrieval even at L "
                     f"({pk1[pi_name]:.2f}), as does YaRN with its published beta (every frequency of this L "
                     f"interpolated; {pk1[yarn_paper]:.2f})")),
         Finding(claim=f"perplexity at {cfg.factor}L: full fine-tune <= SinkLoRA <= LongLoRA",
