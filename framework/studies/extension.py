@@ -12,9 +12,9 @@
 3. **Recipes**, all from the HF export extended to 4L with ``finetune_rope``: LongLoRA (LoRA + S2-Attn,
    embeddings and norms trained), SinkLoRA (LoRA + SF-Attn + 4 sinks), full fine-tuning with full attention;
    and three baselines without any training: RoPE scaled by PI, by YaRN with its published beta (32 / 1,
-   attention factor 0.1 ln s + 1) and by YaRN with beta counted for this L (``yarn_*``). The papers use PI
-   (LongLoRA, SinkLoRA); PI breaks this base's retrieval even at L, so the recipe uses YaRN with beta for L,
-   which keeps it (the study's first findings show both).
+   attention factor 0.1 ln s + 1) and by YaRN with beta counted for this L (``yarn_*``). The recipes use PI
+   as LongLoRA and SinkLoRA publish it; ``finetune_rope: yarn`` fine-tunes from YaRN with beta for L instead,
+   which keeps the base's retrieval at L (PI does not).
 4. **Evaluation** of every model with full attention (LongLoRA protocol): perplexity at L, 2L, 4L
    (independent windows every 256 tokens) and passkey accuracy by depth at L and 4L (greedy decoding,
    exact match, ``seeds`` keys per depth); heat-maps depth × length per model.
@@ -56,7 +56,7 @@ class ExtensionConfig(TinyLMConfig):
     aligned_fraction: float = 0.75
     """Share of pre-training windows that start at a task document's first token (the rest start anywhere,
     so text is seen at every offset)."""
-    finetune_rope: str = "yarn"
+    finetune_rope: str = "linear"
     """RoPE scaling of the fine-tuned recipes: ``linear`` (position interpolation, what LongLoRA and SinkLoRA
     publish) or ``yarn`` (with the ``yarn_*`` settings below)."""
     yarn_beta_fast: float = 2.0
