@@ -32,6 +32,11 @@ def _check_report(out: Path, titles: list[str], n_findings: int) -> dict:
         assert f["published"] and f["ours"] and f["reproduced"] in (True, False, None)
     for p in body["plots"]:
         assert (out / p).stat().st_size > 0
+    # the timing a reader needs to judge a wall time on a shared machine: wall, CPU, threads, load
+    clock = body["clock"]
+    assert clock["wall_s"] > 0 and clock["cpu_s"] > 0 and clock["threads"] == 1 and clock["cpus"] >= 1
+    assert clock["load_1min_start"] >= 0 and clock["load_1min_end"] >= 0 and body["seconds"] == clock["wall_s"]
+    assert f"Wall time: {clock['wall_s']:.0f} s (CPU {clock['cpu_s']:.0f} s" in md and "1-minute load average" in md
     return body
 
 
@@ -55,8 +60,9 @@ def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> N
     body = _check_report(out, ["Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
                                "Passkey accuracy by depth of the key"], 6)
     rows = body["data"]["rows"]
-    assert set(rows) == {"base (no fine-tune, no scaling)", "PI, no fine-tune", "YaRN, no fine-tune",
-                         "LongLoRA (LoRA + S2)", "SinkLoRA (LoRA + SF + 4 sinks)", "full fine-tune (full attention)"}
+    assert set(rows) == {"base (no fine-tune, no scaling)", "PI, no fine-tune", "YaRN (published beta 32), no fine-tune",
+                         "YaRN (beta for L), no fine-tune", "LongLoRA (LoRA + S2)", "SinkLoRA (LoRA + SF + 4 sinks)",
+                         "full fine-tune (full attention)"}
     for r in rows.values():  # ppl at L, 2L (= 4L here: factor 2 in the quick setting)
         assert list(r["ppl"]) == ["128", "256"] and all(math.isfinite(v) and v > 1 for v in r["ppl"].values())
         assert set(r["passkey"]) == {"128", "256"} and all(len(v) == 5 for v in r["passkey"].values())
@@ -64,6 +70,11 @@ def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> N
     assert body["data"]["data"]["finetune_passkey_docs"] > 0
     assert body["data"]["trainable_fraction"]["full fine-tune (full attention)"] == 1.0
     assert 0 < body["data"]["trainable_fraction"]["LongLoRA (LoRA + S2)"] < 1
+    # each fine-tuned export (what the evaluation loads) carries the recipe's extended RoPE (PI, factor 2 here)
+    for run in ("longlora_s2", "sinklora_sf", "full_full"):
+        conf = json.loads((out / run / "export" / "config.json").read_text())
+        rope = conf.get("rope_parameters") or conf.get("rope_scaling")
+        assert (rope["rope_type"], rope["factor"]) == ("linear", 2.0)
     _rerun_resumes(capsys, "extension", out)
 
 
@@ -185,3 +196,45 @@ def test_extension_pack_keeps_every_task_whole_inside_one_window() -> None:
     assert found == [t.tolist() for t in tasks[:-1]]
     fill = [t for w in windows for t in w if t >= 1000]
     assert fill == [1000 + k % 37 for k in range(len(fill))]  # the text read on cyclically, nothing skipped
+
+
+def test_extension_findings_follow_the_numbers() -> None:
+    """The retrieval-at-4L, perplexity-order and YaRN findings read their direction from the rows: a table where
+    the fine-tuned recipes find keys deep in 4L (and the base does not) reproduces the effect, one where they
+    only find keys next to the question does not, and says why."""
+    from longreach.studies.extension import BASELINES, RECIPES, ExtensionConfig, _findings, _rope
+
+    cfg = ExtensionConfig()
+    longlora, sinklora, full = RECIPES
+
+    def row(ppl4: float, pk_l: float, pk_4: list[float]) -> dict:
+        return {"ppl": {"128": 12.0, "256": 13.0, "512": ppl4}, "passkey": {"128": [pk_l] * 5, "512": pk_4}}
+
+    near = [0.0, 0.0, 0.0, 0.0, 1.0]  # only the key next to the question (depth 1)
+    rows = {"base (no fine-tune, no scaling)": row(40.0, 0.9, [0.0, 0.0, 0.0, 0.0, 0.6]),
+            "PI, no fine-tune": row(30.0, 0.0, [0.0] * 5),
+            "YaRN (published beta 32), no fine-tune": row(14.0, 0.0, [0.0] * 5),
+            "YaRN (beta for L), no fine-tune": row(14.5, 0.8, near),
+            longlora: row(14.2, 0.8, near), sinklora: row(14.1, 0.8, near), full: row(13.9, 0.9, near)}
+    assert set(rows) == {"base (no fine-tune, no scaling)", *BASELINES, *RECIPES}
+    def finding(text: str):
+        return next(f for f in _findings(cfg, rows) if text in f.claim)
+
+    retrieval = finding("retrieve at 4L")
+    assert retrieval.reproduced is False and "within ~L of the question" in retrieval.why
+    assert finding("full fine-tune <= SinkLoRA").reproduced is True
+    assert finding("recovers more").reproduced is True  # ppl @4L: SinkLoRA 14.1 < LongLoRA 14.2
+    assert finding("YaRN extends better").reproduced is True
+    deep = [0.6, 0.8, 0.7, 0.9, 1.0]
+    rows.update({longlora: row(14.2, 0.8, deep), sinklora: row(14.1, 0.8, deep), full: row(13.9, 0.9, deep)})
+    assert finding("retrieve at 4L").reproduced is True and finding("retrieve at 4L").why == ""
+    rows[sinklora] = row(14.3, 0.8, deep)  # SinkLoRA behind LongLoRA: the order is not reproduced
+    assert finding("full fine-tune <= SinkLoRA").reproduced is False
+    # the RoPE of each arm: PI, YaRN with the study's betas, YaRN with transformers' published defaults
+    assert (_rope(cfg, "linear").type, _rope(cfg, "linear").factor) == ("linear", 4.0)
+    yarn = _rope(cfg, "yarn")
+    assert (yarn.type, yarn.beta_fast, yarn.beta_slow, yarn.attention_factor) == ("yarn", 2.0, 1.0, 1.0)
+    paper = _rope(cfg, "yarn-published")
+    assert (paper.type, paper.beta_fast, paper.attention_factor) == ("yarn", None, None)
+    with pytest.raises(ValueError, match="finetune_rope"):
+        ExtensionConfig(finetune_rope="ntk")

@@ -246,11 +246,12 @@ def _cell(v: Any) -> str:
     return "–" if v is None else str(v)
 
 
-def markdown(name: str, result: StudyResult, seconds: float | None = None) -> str:
-    """The study's report: every table, then the findings table (published vs ours)."""
+def markdown(name: str, result: StudyResult, seconds: float | None = None, *, detail: str = "") -> str:
+    """The study's report: the wall time (``detail`` in brackets after it: CPU time, load), every table, then
+    the findings table (published vs ours)."""
     lines = [f"# Study: {name}", ""]
     if seconds is not None:
-        lines += [f"Wall time: {seconds:.0f} s", ""]
+        lines += [f"Wall time: {seconds:.0f} s" + (f" ({detail})" if detail else ""), ""]
     for t in result.tables:
         lines += [f"## {t.title}", "", "| " + " | ".join(t.columns) + " |",
                   "|" + "---|" * len(t.columns)]

@@ -9,9 +9,12 @@
 2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
    sentencepiece tokenizer). The study checks that it retrieves passkeys at L: an extension can only
    be judged against a base that retrieves where it was trained.
-3. **Recipes**, all from the HF export with linear position interpolation (PI) to 4L: LongLoRA (LoRA +
-   S2-Attn, embeddings and norms trained), SinkLoRA (LoRA + SF-Attn + 4 sinks), full fine-tuning with full
-   attention; and two baselines without any training: RoPE scaled by PI and by YaRN.
+3. **Recipes**, all from the HF export extended to 4L with ``finetune_rope``: LongLoRA (LoRA + S2-Attn,
+   embeddings and norms trained), SinkLoRA (LoRA + SF-Attn + 4 sinks), full fine-tuning with full attention;
+   and three baselines without any training: RoPE scaled by PI, by YaRN with its published beta (32 / 1,
+   attention factor 0.1 ln s + 1) and by YaRN with beta counted for this L (``yarn_*``). The recipes use PI
+   as LongLoRA and SinkLoRA publish it; ``finetune_rope: yarn`` fine-tunes from YaRN with beta for L instead,
+   which keeps the base's retrieval at L (PI does not).
 4. **Evaluation** of every model with full attention (LongLoRA protocol): perplexity at L, 2L, 4L
    (independent windows every 256 tokens) and passkey accuracy by depth at L and 4L (greedy decoding,
    exact match, ``seeds`` keys per depth); heat-maps depth × length per model.
@@ -53,6 +56,18 @@ class ExtensionConfig(TinyLMConfig):
     aligned_fraction: float = 0.75
     """Share of pre-training windows that start at a task document's first token (the rest start anywhere,
     so text is seen at every offset)."""
+    finetune_rope: str = "linear"
+    """RoPE scaling of the fine-tuned recipes: ``linear`` (position interpolation, what LongLoRA and SinkLoRA
+    publish) or ``yarn`` (with the ``yarn_*`` settings below)."""
+    yarn_beta_fast: float = 2.0
+    """YaRN's beta: frequencies that rotate more than this many times over L are kept as they are. The
+    published 32 is meant for L = 4096: at L = 128 with head_dim 32 the fastest frequency rotates ~20 times, so
+    32 interpolates every frequency, like PI."""
+    yarn_beta_slow: float = 1.0
+    """YaRN's alpha: frequencies that rotate fewer times than this over L are fully interpolated (ramp between)."""
+    yarn_attention_factor: float = 1.0
+    """YaRN's multiplier of cos/sin (attention temperature); the published 0.1 ln s + 1 is used by the
+    "YaRN (published)" baseline."""
     finetune_task_chars: int = 1700
     """Longest fine-tuning task in characters (a passkey task of ~``factor`` x L tokens)."""
     seeds: int = 10
@@ -67,6 +82,11 @@ class ExtensionConfig(TinyLMConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.aligned_fraction <= 1.0:
             raise ValueError(f"aligned_fraction must be in [0, 1], got {self.aligned_fraction}")
+        if self.finetune_rope not in ("linear", "yarn"):
+            raise ValueError(f"finetune_rope must be linear or yarn, got {self.finetune_rope!r}")
+        if not 0 < self.yarn_beta_slow < self.yarn_beta_fast:
+            raise ValueError(f"yarn_beta_slow must be in (0, yarn_beta_fast), got {self.yarn_beta_slow}, "
+                             f"{self.yarn_beta_fast}")
         if self.factor < 2:
             raise ValueError(f"factor must be >= 2 (an extension), got {self.factor}")
 
@@ -187,6 +207,13 @@ def _evaluate(checkpoint: Path, val: np.ndarray, cfg: ExtensionConfig, rope: Any
             "examples": [(r.length, r.answer, r.generated) for r in recs[:: max(1, len(recs) // 6)]]}
 
 
+BASELINES: dict[str, tuple[str, str]] = {
+    "PI, no fine-tune": ("eval-pi", "linear"),
+    "YaRN (published beta 32), no fine-tune": ("eval-yarn-published", "yarn-published"),
+    "YaRN (beta for L), no fine-tune": ("eval-yarn", "yarn"),
+}
+"""Row name -> (step key, :func:`_rope` kind) of the extensions without training."""
+
 RECIPES: dict[str, tuple[str, str]] = {
     "LongLoRA (LoRA + S2)": ("longlora", "s2"),
     "SinkLoRA (LoRA + SF + 4 sinks)": ("sinklora", "sf"),
@@ -195,17 +222,30 @@ RECIPES: dict[str, tuple[str, str]] = {
 """Recipe row name -> (recipe.method, attention.pattern)."""
 
 
-def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str) -> dict[str, Any]:
-    """Extend the base export to 4L with one recipe (PI); the export lands in ``METHOD_PATTERN/export``."""
-    from longreach.hf.recipes import RecipeConfig
+def _rope(cfg: ExtensionConfig, kind: str) -> Any:
+    """The :class:`~longreach.hf.rope.RopeScaling` to ``factor`` x L of ``kind``: ``linear`` (PI), ``yarn`` (the
+    study's betas and attention factor) or ``yarn-published`` (transformers' defaults: beta 32 / 1, attention
+    factor 0.1 ln s + 1)."""
     from longreach.hf.rope import RopeScaling
+
+    factor = float(cfg.factor)
+    if kind == "yarn":
+        return RopeScaling(type="yarn", factor=factor, beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow,
+                           attention_factor=cfg.yarn_attention_factor)
+    return RopeScaling(type="yarn" if kind == "yarn-published" else "linear", factor=factor)
+
+
+def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str) -> dict[str, Any]:
+    """Extend the base export to 4L with one recipe (``finetune_rope``); the export lands in
+    ``METHOD_PATTERN/export``."""
+    from longreach.hf.recipes import RecipeConfig
     from longreach.parallel.config import ParallelConfig
 
     ft = _finetune_api()
     run = out / f"{method}_{pattern}"
     job = ft["FinetuneConfig"](
         hf=ft["HFSource"](path=str(out / "base_hf"), dtype="float32"),
-        recipe=RecipeConfig(method=method, target_len=cfg.factor * cfg.seq_len, rope=RopeScaling(type="linear")),
+        recipe=RecipeConfig(method=method, target_len=cfg.factor * cfg.seq_len, rope=_rope(cfg, cfg.finetune_rope)),
         attention=ft["FTAttention"](pattern=pattern, backend="cpu"),
         parallel=ParallelConfig(cp=1),
         data=ft["FTData"](source="tokens", tokens_path=str(out / "finetune_tokens.npy"), seed=cfg.seed),
@@ -223,8 +263,6 @@ def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str) -> dic
           "context extension L -> 4L: LongLoRA, SinkLoRA, full fine-tune, PI/YaRN without training "
           "(passkey by depth, perplexity at L/2L/4L)")
 def run(cfg: ExtensionConfig, ctx: StudyContext) -> StudyResult:
-    from longreach.hf.rope import RopeScaling
-
     out = ctx.out
     data = ctx.step("data", lambda: _data(cfg, out))
     ctx.log(f"data: {data['documents']} documents, {data['pretrain_tokens']} pre-training tokens, "
@@ -235,10 +273,8 @@ def run(cfg: ExtensionConfig, ctx: StudyContext) -> StudyResult:
     base_hf = out / "base_hf"
     rows: dict[str, dict[str, Any]] = {}
     rows["base (no fine-tune, no scaling)"] = ctx.step("eval-base", lambda: _evaluate(base_hf, val, cfg))
-    rows["PI, no fine-tune"] = ctx.step("eval-pi", lambda: _evaluate(
-        base_hf, val, cfg, RopeScaling(type="linear", factor=float(cfg.factor))))
-    rows["YaRN, no fine-tune"] = ctx.step("eval-yarn", lambda: _evaluate(
-        base_hf, val, cfg, RopeScaling(type="yarn", factor=float(cfg.factor))))
+    for name, (key, kind) in BASELINES.items():
+        rows[name] = ctx.step(key, lambda k=kind: _evaluate(base_hf, val, cfg, _rope(cfg, k)))
     trainable: dict[str, float] = {}
     for name, (method, pattern) in RECIPES.items():
         key = f"{method}-{pattern}"
@@ -259,8 +295,11 @@ def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, A
                             + [r["ppl"][n] for n in lens]
                             + [float(np.mean(r["passkey"][n1])), float(np.mean(r["passkey"][n4]))]
                             for name, r in rows.items()],
-                      note=f"L = {cfg.seq_len}, extended to {cfg.factor}L = {n4}; every recipe uses linear position "
-                           f"interpolation (PI); passkey: {cfg.seeds} keys x {len(DEPTHS)} depths per length.")
+                      note=f"L = {cfg.seq_len}, extended to {cfg.factor}L = {n4}; the fine-tuned recipes use "
+                           + ("linear position interpolation (PI)" if cfg.finetune_rope == "linear" else
+                              f"YaRN (beta {cfg.yarn_beta_fast:g}/{cfg.yarn_beta_slow:g}, attention factor "
+                              f"{cfg.yarn_attention_factor:g})")
+                           + f"; passkey: {cfg.seeds} keys x {len(DEPTHS)} depths per length.")
     depth_table = Table(title="Passkey accuracy by depth of the key",
                         columns=["model", "length"] + [f"depth {d:.2f}" for d in DEPTHS],
                         rows=[[name, int(n)] + list(r["passkey"][n]) for name, r in rows.items() for n in (n1, n4)])
@@ -274,56 +313,74 @@ def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, A
 def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Finding]:
     n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
     pk = {name: float(np.mean(r["passkey"][n4])) for name, r in rows.items()}
+    pk1 = {name: float(np.mean(r["passkey"][n1])) for name, r in rows.items()}
     p4 = {name: r["ppl"][n4] for name, r in rows.items()}
-    base_name, pi_name, yarn_name = "base (no fine-tune, no scaling)", "PI, no fine-tune", "YaRN, no fine-tune"
+    base_name = "base (no fine-tune, no scaling)"
+    pi_name, yarn_paper, yarn_name = list(BASELINES)
+    # the fine-tuned recipes start from the base with their RoPE scaling: that row is their no-training reference
+    start = pi_name if cfg.finetune_rope == "linear" else yarn_name
+    rope_words = "PI" if cfg.finetune_rope == "linear" else f"YaRN (beta {cfg.yarn_beta_fast:g}/{cfg.yarn_beta_slow:g})"
     longlora, sinklora, full = list(RECIPES)
-    base_l = float(np.mean(rows[base_name]["passkey"][n1]))
-    best_base_4 = max(pk[base_name], pk[pi_name], pk[yarn_name])
     ext_4 = min(pk[longlora], pk[sinklora], pk[full])
+    deep = [i for i, d in enumerate(DEPTHS) if d < 1.0]  # keys more than ~L tokens before the question at 4L
 
-    def gain(name: str) -> float:  # share of full fine-tuning's perplexity improvement over PI without training
-        whole = math.log(p4[pi_name]) - math.log(p4[full])
-        return (math.log(p4[pi_name]) - math.log(p4[name])) / whole if whole > 0 else float("nan")
+    def far(name: str) -> float:  # passkey @4L with the key farther than ~L from the question
+        return float(np.mean([rows[name]["passkey"][n4][i] for i in deep]))
 
+    def gain(name: str) -> float:  # share of full fine-tuning's perplexity improvement over the untrained start
+        whole = math.log(p4[start]) - math.log(p4[full])
+        return (math.log(p4[start]) - math.log(p4[name])) / whole if whole > 0 else float("nan")
+
+    retrieves = ext_4 > pk[base_name] and min(far(k) for k in RECIPES) > far(base_name)
     return [
         Finding(claim=f"the base model retrieves passkeys at its training length L={n1}",
                 published="prerequisite of the passkey test (LongLoRA, Landmark Attention: base models retrieve "
                           "inside their pre-training context)",
-                ours=f"base passkey @{n1}: {base_l:.2f}", reproduced=base_l >= 0.5,
-                why="" if base_l >= 0.5 else "the base is too small or undertrained for retrieval at L"),
+                ours=f"base passkey @{n1}: {pk1[base_name]:.2f}", reproduced=pk1[base_name] >= 0.5,
+                why="" if pk1[base_name] >= 0.5 else "the base is too small or undertrained for retrieval at L"),
         Finding(claim=f"extended models retrieve at {cfg.factor}L={n4} where the base cannot",
                 published="LongLoRA (passkey retrieval figure): Llama2-7B extended to 32k retrieves passkeys up "
                           "to 32k, the 4k base fails beyond 4k",
-                ours=f"passkey @{n4}: LongLoRA {pk[longlora]:.2f}, SinkLoRA {pk[sinklora]:.2f}, full "
-                     f"{pk[full]:.2f}; base {pk[base_name]:.2f}, PI {pk[pi_name]:.2f}, YaRN {pk[yarn_name]:.2f}",
-                reproduced=ext_4 > best_base_4,
-                why="" if ext_4 > best_base_4 else (
-                    f"position interpolation alone breaks the base's retrieval even at L (PI @{n1}: "
-                    f"{float(np.mean(rows[pi_name]['passkey'][n1])):.2f}), and {cfg.finetune_steps} fine-tuning "
-                    f"steps did not re-learn it (extended models @{n1}: "
-                    f"{max(float(np.mean(rows[k]['passkey'][n1])) for k in RECIPES):.2f} at best)")),
+                ours=f"passkey @{n4} (keys deeper than ~L before the question): LongLoRA {pk[longlora]:.2f} "
+                     f"({far(longlora):.2f}), SinkLoRA {pk[sinklora]:.2f} ({far(sinklora):.2f}), full {pk[full]:.2f} "
+                     f"({far(full):.2f}); base {pk[base_name]:.2f} ({far(base_name):.2f}); passkey @{n1}: "
+                     f"LongLoRA {pk1[longlora]:.2f}, SinkLoRA {pk1[sinklora]:.2f}, full {pk1[full]:.2f}",
+                reproduced=retrieves,
+                why="" if retrieves else (
+                    f"this {cfg.n_layers}-layer base retrieves only keys within ~L of the question: with its "
+                    f"positions kept in the trained range ({yarn_name}: ppl @{n4} {p4[yarn_name]:.3g}, passkey "
+                    f"@{n1} {pk1[yarn_name]:.2f}) its accuracy on keys farther away at {n4} is {far(yarn_name):.2f}, "
+                    f"and {cfg.finetune_steps} fine-tuning steps on passkeys up to {n4} tokens did not teach it "
+                    f"({max(far(k) for k in RECIPES):.2f} at best, base {far(base_name):.2f}). PI breaks retrieval even at L "
+                    f"({pk1[pi_name]:.2f}), as does YaRN with its published beta (every frequency of this L "
+                    f"interpolated; {pk1[yarn_paper]:.2f})")),
         Finding(claim=f"perplexity at {cfg.factor}L: full fine-tune <= SinkLoRA <= LongLoRA",
                 published="LongLoRA (Llama2-7B, 8k): PG19/proof-pile ppl LoRA + S2 8.20/2.78 vs full fine-tune "
                           "7.93/2.73; SinkLoRA PG19 ablation: SF-Attn 8.64 vs S2 9.09",
-                ours=f"ppl @{n4}: full {p4[full]:.3g}, SinkLoRA {p4[sinklora]:.3g}, LongLoRA {p4[longlora]:.3g}",
+                ours=f"ppl @{n4}: full {p4[full]:.3g}, SinkLoRA {p4[sinklora]:.3g}, LongLoRA {p4[longlora]:.3g} "
+                     f"(all {rope_words})",
                 reproduced=p4[full] <= p4[sinklora] <= p4[longlora]),
         Finding(claim="SinkLoRA recovers more of full fine-tuning's perplexity improvement than LongLoRA",
                 published="SinkLoRA: 92% of the full-attention improvement vs LongLoRA's 39%",
                 ours=f"SinkLoRA {100 * gain(sinklora):.0f}%, LongLoRA {100 * gain(longlora):.0f}% (log-ppl at "
-                     f"{n4}, from PI without training to full fine-tuning)",
+                     f"{n4}, from {start} to full fine-tuning)",
                 reproduced=gain(sinklora) > gain(longlora)),
         Finding(claim=f"every extended model is far below the base at {cfg.factor}L",
                 published="Position Interpolation (Chen et al. 2023), LongLoRA: a model evaluated beyond its "
                           "pre-training window without extension reaches very high perplexity; extended models stay "
                           "near their short-context level",
-                ours=f"ppl @{n4}: base {p4[base_name]:.3g}, PI {p4[pi_name]:.3g}; extended "
+                ours=f"ppl @{n4}: base {p4[base_name]:.3g}; extended "
                      f"{min(p4[longlora], p4[sinklora], p4[full]):.3g}-{max(p4[longlora], p4[sinklora], p4[full]):.3g}",
-                reproduced=max(p4[longlora], p4[sinklora], p4[full]) < min(p4[base_name], p4[pi_name])),
+                reproduced=max(p4[longlora], p4[sinklora], p4[full]) < p4[base_name]),
         Finding(claim="without fine-tuning, YaRN extends better than PI",
                 published="YaRN (Peng et al. 2023): high frequencies left unscaled plus an attention temperature "
                           "degrade less than PI without fine-tuning; PI (Chen et al. 2023) needs ~1000 fine-tuning steps",
-                ours=f"ppl @{n4}: YaRN {p4[yarn_name]:.3g}, PI {p4[pi_name]:.3g}",
-                reproduced=p4[yarn_name] < p4[pi_name]),
+                ours=f"ppl @{n4}: YaRN beta for L {p4[yarn_name]:.3g} (passkey @{n1} {pk1[yarn_name]:.2f}), "
+                     f"published beta {p4[yarn_paper]:.3g} ({pk1[yarn_paper]:.2f}); PI {p4[pi_name]:.3g} "
+                     f"({pk1[pi_name]:.2f})",
+                reproduced=max(p4[yarn_name], p4[yarn_paper]) < p4[pi_name],
+                why=f"YaRN's beta counts rotations over L: at L={n1} the published beta 32 interpolates every "
+                    f"frequency; beta {cfg.yarn_beta_fast:g}/{cfg.yarn_beta_slow:g} keeps those that rotate within L"),
     ]
 
 
