@@ -51,6 +51,9 @@ class LinearStudyConfig(CorpusConfig):
     """Training steps of each model."""
     lr: float = 3e-3
     """Peak learning rate (cosine to a tenth)."""
+    tnl_lrpe: bool = True
+    """TNL's learnable relative positional encoding (LRPE) on q and k of every linear layer, the
+    positional scheme of TransNormerLLM's recipe beside its decay (off: the decay alone)."""
     eval_every: int = 25
     """Held-out loss every this many steps."""
     eval_windows: int = 8
@@ -94,7 +97,8 @@ def build_pair(cfg: LinearStudyConfig, vocab_size: int, *, max_seq_len: int) -> 
     def tnl(ffn: int) -> torch.nn.Module:
         torch.manual_seed(cfg.seed)
         return build_model(ModelConfig(**base, arch="transnormer", ffn_hidden=ffn,
-                                       extra={"linear_backend": "auto", "linear_chunk_size": 64}))
+                                       extra={"linear_backend": "auto", "linear_chunk_size": 64,
+                                              "lrpe": cfg.tnl_lrpe}))
 
     torch.manual_seed(cfg.seed)
     llama = build_model(ModelConfig(**base, ffn_hidden=cfg.ffn_hidden))

@@ -76,13 +76,16 @@ class MixturesStudyConfig(CorpusConfig):
     """Sequences per step."""
     lr: float = 3e-3
     """Peak learning rate (cosine to a tenth)."""
-    scratch_steps: int = 200
+    scratch_steps: int = 500
     """Steps of the from-scratch arms (a) and (b)."""
     seed_steps: int = 150
     """Steps of BAM's dense seed."""
     branch_steps: int = 75
     """Steps of each BAM branch on its own domain."""
-    mix_steps: int = 300
+    branch_other: float = 0.2
+    """Share of each branch's sequences drawn from the other domain (a small data mix, as BTX/BAM's
+    domain mixes keep general data, limits what a branch forgets); 0 = its own domain alone."""
+    mix_steps: int = 450
     """Steps of the BAM mixture on the mix (the budget of the other arms follows from its FLOPs)."""
     bam_top_k: int = 1
     """FFN experts per token of the upcycled mixtures."""
@@ -113,6 +116,8 @@ class MixturesStudyConfig(CorpusConfig):
                              f"{self.n_heads - self.moh_shared}; got {self.moh_shared}, {self.moh_top_k}")
         if self.moh_execution not in ("masked", "routed"):
             raise ValueError(f"mixtures.moh_execution must be masked or routed, got {self.moh_execution!r}")
+        if not 0.0 <= self.branch_other < 1.0:
+            raise ValueError(f"mixtures.branch_other must be in [0, 1), got {self.branch_other}")
         if self.bam_top_k > 2:
             raise ValueError(f"mixtures.bam_top_k must be 1 or 2 (two branches), got {self.bam_top_k}")
 
@@ -238,9 +243,10 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     weights = ctx.path("weights")
     runs["seed"] = _train(ctx, cfg, corpus, "seed", "seed", steps=cfg.seed_steps, mix=both, save=True)
     seed_state = load_weights(weights / "seed.pt")
-    for domain in ("docs", "tasks"):
+    for domain, other in (("docs", "tasks"), ("tasks", "docs")):
+        mix = {domain: 1.0 - cfg.branch_other, other: cfg.branch_other} if cfg.branch_other else {domain: 1.0}
         runs[f"branch_{domain}"] = _train(ctx, cfg, corpus, f"branch_{domain}", "seed", steps=cfg.branch_steps,
-                                          mix={domain: 1.0}, init=seed_state, save=True)
+                                          mix=mix, init=seed_state, save=True)
     from longreach.mixtures import upcycle_state_dicts
 
     seed_cfg, _ = build_arm(cfg, "seed", corpus.vocab_size)
