@@ -142,3 +142,15 @@ def test_linear_pair_has_equal_parameters_and_mixtures_config_errors_name_the_se
         MixturesStudyConfig(branch_other=1.0)
     with pytest.raises(ValueError, match="n_heads must be a power of two"):
         LinearStudyConfig(n_heads=6)
+
+
+def test_lead_from_is_the_step_after_which_the_first_run_stays_ahead():
+    from longreach.studies.lm import lead_from
+
+    def record(losses):  # one domain; evaluations at steps 0, 10, 20, ...
+        return {"curve": [[10 * i, 0, None, {"docs": v}] for i, v in enumerate(losses)]}
+
+    dense = record([6.0, 4.0, 3.0, 2.5, 2.2])
+    assert lead_from(record([6.0, 4.5, 2.9, 2.6, 2.1]), dense) == 40  # ahead at 20, behind at 30: from 40 on
+    assert lead_from(record([6.0, 3.9, 2.9, 2.4, 2.1]), dense) == 10
+    assert lead_from(record([6.0, 3.9, 2.9, 2.4, 2.3]), dense) is None  # ends behind

@@ -41,8 +41,8 @@ from longreach.models import ModelConfig, build_model
 from longreach.models.config import MoEOptions, MoHOptions
 from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register
 from longreach.studies.lm import (Corpus, CorpusConfig, TrainSpec, attention_core_flops, build_corpus, gap_trend,
-                                  load_weights, mean_loss, param_count, plot_curves, save_weights, step_flops,
-                                  train_lm)
+                                  lead_from, load_weights, mean_loss, param_count, plot_curves, save_weights,
+                                  step_flops, train_lm)
 
 __all__ = ["MixturesStudyConfig", "build_arm", "ffn_only_state_dict", "run"]
 
@@ -341,6 +341,8 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
     trend = (f"BAM − dense continuation at 1/4, 1/2, 3/4, all of the mixture stage's FLOPs: "
              + " → ".join(f"{g:+.3f}" for g in gaps) + (" (shrinking)" if shrinks else " (not shrinking)"))
     active = cfg.moh_shared + cfg.moh_top_k
+    moe_lead = lead_from(runs["moe"], runs["dense"])
+    start = mean_loss(runs["bam"]["curve"][0][3])  # the upcycled BAM before its first mixture step
     return [
         Finding(claim=f"MoE beats dense at equal active parameters and tokens (top-{cfg.moe_top_k} of "
                       f"{cfg.moe_experts})",
@@ -350,8 +352,9 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
                      f"training {gap_trend(runs['moe'], runs['dense'])}",
                 reproduced=loss["moe"] < loss["dense"],
                 why=f"{runs['dense']['tokens']} training tokens: each expert sees ~{cfg.moe_top_k}/{cfg.moe_experts} "
-                    "of them and the router starts untrained, so the MoE starts behind; the shrinking gap says "
-                    "whether more tokens would close it"),
+                    "of them and the router starts untrained, so the MoE starts behind; "
+                    + (f"it leads from step {moe_lead} on" if moe_lead is not None else
+                       "it has not caught up by the last step (a shrinking gap says more tokens might close it)")),
         Finding(claim=f"MoH with {active / cfg.n_heads:.0%} of heads active matches or beats dense attention",
                 published="MoH (Jin et al. 2024): MoH-LLaMA3-8B with 75% of heads active, 64.0% average on 14 "
                           "benchmarks, +2.4 over LLaMA3-8B",
@@ -373,11 +376,14 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
                           "seed trained on with the same compute",
                 ours=f"held-out loss BAM {loss['bam']:.3f} vs dense continuation {loss['dense_cont']:.3f}; {trend}",
                 reproduced=loss["bam"] < loss["dense_cont"],
-                why=f"{cfg.seed_steps}-step seed, {cfg.branch_steps}-step branches on different domains, "
-                    f"{cfg.mix_steps} mixture steps. Each branch forgets the other domain (branch tasks: docs loss "
-                    f"{runs['branch_tasks']['val']['docs']:.2f}, the seed's {runs['seed']['val']['docs']:.2f}), so "
-                    f"the upcycled model starts at {mean_loss(runs['bam']['curve'][0][3]):.2f} mean loss against "
-                    f"the seed's {mean_loss(runs['seed']['val']):.2f} and spends its budget recovering. The earlier 4.82 vs 4.78 has no recorded setting; the BAM path "
-                    "in the tests (test_journey_2_bam) trains the seed 2 steps, each branch and the mixture 1 step "
-                    "and scores random tokens: too short to tell"),
+                why=f"{cfg.seed_steps}-step seed, {cfg.branch_steps}-step branches ({1 - cfg.branch_other:.0%} "
+                    f"their own domain, {cfg.branch_other:.0%} the other), {cfg.mix_steps} mixture steps. Branch "
+                    f"tasks' docs loss {runs['branch_tasks']['val']['docs']:.2f}, branch docs' tasks loss "
+                    f"{runs['branch_docs']['val']['tasks']:.2f} (the seed's {runs['seed']['val']['docs']:.2f}, "
+                    f"{runs['seed']['val']['tasks']:.2f}); the upcycled model starts at {start:.2f} mean loss "
+                    f"against the seed's {mean_loss(runs['seed']['val']):.2f}"
+                    + (" and spends part of its budget recovering" if start > mean_loss(runs["seed"]["val"]) else "")
+                    + ", while dense continuation spends the branches' FLOPs on the mix as well. The earlier 4.82 "
+                    "vs 4.78 has no recorded setting; the BAM path in the tests (test_journey_2_bam) trains the "
+                    "seed 2 steps, each branch and the mixture 1 step and scores random tokens: too short to tell"),
     ]
