@@ -76,6 +76,10 @@ class MixturesStudyConfig(CorpusConfig):
     """Sequences per step."""
     lr: float = 3e-3
     """Peak learning rate (cosine to a tenth)."""
+    continue_lr: float = 1e-3
+    """Peak learning rate of every stage that starts from trained weights (branches, BAM, FFN-only,
+    dense continuation): continued training warms up to less than a from-scratch run, so the upcycled
+    mixtures keep what their branches learnt."""
     scratch_steps: int = 500
     """Steps of the from-scratch arms (a) and (b)."""
     seed_steps: int = 150
@@ -101,6 +105,8 @@ class MixturesStudyConfig(CorpusConfig):
         return dataclasses.replace(self, **QUICK)
 
     def __post_init__(self) -> None:
+        if not self.lr > 0 or not self.continue_lr > 0:
+            raise ValueError(f"mixtures.lr and mixtures.continue_lr must be > 0, got {self.lr}, {self.continue_lr}")
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "moe_experts", "moe_top_k", "seq_len", "batch",
                      "scratch_steps", "seed_steps", "branch_steps", "mix_steps", "bam_top_k", "eval_every",
                      "eval_windows"):
@@ -246,7 +252,7 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     for domain, other in (("docs", "tasks"), ("tasks", "docs")):
         mix = {domain: 1.0 - cfg.branch_other, other: cfg.branch_other} if cfg.branch_other else {domain: 1.0}
         runs[f"branch_{domain}"] = _train(ctx, cfg, corpus, f"branch_{domain}", "seed", steps=cfg.branch_steps,
-                                          mix=mix, init=seed_state, save=True)
+                                          mix=mix, init=seed_state, save=True, lr=cfg.continue_lr)
     from longreach.mixtures import upcycle_state_dicts
 
     seed_cfg, _ = build_arm(cfg, "seed", corpus.vocab_size)
@@ -261,11 +267,12 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     branch_flops = 2 * cfg.branch_steps * f_seed
     mix_flops = cfg.mix_steps * f_bam  # BAM's mixture stage sets the budget of the other two arms
     runs["bam"] = _train(ctx, cfg, corpus, "bam", "bam", steps=cfg.mix_steps, mix=both,
-                         init=upcycled(cfg.bam_share_kv))
+                         init=upcycled(cfg.bam_share_kv), lr=cfg.continue_lr)
     runs["ffn_only"] = _train(ctx, cfg, corpus, "ffn_only", "ffn_only", steps=max(1, round(mix_flops / f_ffn)),
-                              mix=both, init=ffn_only_state_dict(upcycled(False), 2))
+                              mix=both, init=ffn_only_state_dict(upcycled(False), 2), lr=cfg.continue_lr)
     dense_steps = max(1, round((branch_flops + mix_flops) / f_seed))
-    runs["dense_cont"] = _train(ctx, cfg, corpus, "dense_cont", "seed", steps=dense_steps, mix=both, init=seed_state)
+    runs["dense_cont"] = _train(ctx, cfg, corpus, "dense_cont", "seed", steps=dense_steps, mix=both, init=seed_state,
+                                lr=cfg.continue_lr)
     return _report(ctx, cfg, corpus, runs, f_seed=f_seed, f_bam=f_bam, f_ffn=f_ffn, branch_flops=branch_flops)
 
 
@@ -370,7 +377,9 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
                 reproduced=loss["bam"] < loss["ffn_only"],
                 why=f"two branches of a {runs['seed']['params']}-parameter seed; equal FLOPs in the mixture stage "
                     f"({cfg.mix_steps} BAM steps, {runs['ffn_only']['tokens'] // (cfg.batch * cfg.seq_len)} "
-                    "FFN-only steps)"),
+                    f"FFN-only steps: BAM's soft attention mixture computes both attention experts, "
+                    f"{runs['bam']['flops_per_step'] / runs['ffn_only']['flops_per_step']:.2f}x the FLOPs of an "
+                    "FFN-only step)"),
         Finding(claim="BAM beats dense continuation of the seed at equal compute",
                 published="BTX (Sukhbaatar et al. 2024), which BAM extends: the upcycled mixture beats the dense "
                           "seed trained on with the same compute",
