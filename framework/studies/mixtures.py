@@ -76,10 +76,6 @@ class MixturesStudyConfig(CorpusConfig):
     """Sequences per step."""
     lr: float = 3e-3
     """Peak learning rate (cosine to a tenth)."""
-    continue_lr: float = 1e-3
-    """Peak learning rate of every stage that starts from trained weights (branches, BAM, FFN-only,
-    dense continuation): continued training warms up to less than a from-scratch run, so the upcycled
-    mixtures keep what their branches learnt."""
     scratch_steps: int = 500
     """Steps of the from-scratch arms (a) and (b)."""
     seed_steps: int = 150
@@ -105,8 +101,6 @@ class MixturesStudyConfig(CorpusConfig):
         return dataclasses.replace(self, **QUICK)
 
     def __post_init__(self) -> None:
-        if not self.lr > 0 or not self.continue_lr > 0:
-            raise ValueError(f"mixtures.lr and mixtures.continue_lr must be > 0, got {self.lr}, {self.continue_lr}")
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "moe_experts", "moe_top_k", "seq_len", "batch",
                      "scratch_steps", "seed_steps", "branch_steps", "mix_steps", "bam_top_k", "eval_every",
                      "eval_windows"):
@@ -252,7 +246,7 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     for domain, other in (("docs", "tasks"), ("tasks", "docs")):
         mix = {domain: 1.0 - cfg.branch_other, other: cfg.branch_other} if cfg.branch_other else {domain: 1.0}
         runs[f"branch_{domain}"] = _train(ctx, cfg, corpus, f"branch_{domain}", "seed", steps=cfg.branch_steps,
-                                          mix=mix, init=seed_state, save=True, lr=cfg.continue_lr)
+                                          mix=mix, init=seed_state, save=True)
     from longreach.mixtures import upcycle_state_dicts
 
     seed_cfg, _ = build_arm(cfg, "seed", corpus.vocab_size)
@@ -267,12 +261,11 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     branch_flops = 2 * cfg.branch_steps * f_seed
     mix_flops = cfg.mix_steps * f_bam  # BAM's mixture stage sets the budget of the other two arms
     runs["bam"] = _train(ctx, cfg, corpus, "bam", "bam", steps=cfg.mix_steps, mix=both,
-                         init=upcycled(cfg.bam_share_kv), lr=cfg.continue_lr)
+                         init=upcycled(cfg.bam_share_kv))
     runs["ffn_only"] = _train(ctx, cfg, corpus, "ffn_only", "ffn_only", steps=max(1, round(mix_flops / f_ffn)),
-                              mix=both, init=ffn_only_state_dict(upcycled(False), 2), lr=cfg.continue_lr)
+                              mix=both, init=ffn_only_state_dict(upcycled(False), 2))
     dense_steps = max(1, round((branch_flops + mix_flops) / f_seed))
-    runs["dense_cont"] = _train(ctx, cfg, corpus, "dense_cont", "seed", steps=dense_steps, mix=both, init=seed_state,
-                                lr=cfg.continue_lr)
+    runs["dense_cont"] = _train(ctx, cfg, corpus, "dense_cont", "seed", steps=dense_steps, mix=both, init=seed_state)
     return _report(ctx, cfg, corpus, runs, f_seed=f_seed, f_bam=f_bam, f_ffn=f_ffn, branch_flops=branch_flops)
 
 
@@ -350,6 +343,8 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
     active = cfg.moh_shared + cfg.moh_top_k
     moe_lead = lead_from(runs["moe"], runs["dense"])
     start = mean_loss(runs["bam"]["curve"][0][3])  # the upcycled BAM before its first mixture step
+    after = mean_loss(runs["bam"]["curve"][1][3])  # ... at its first evaluation
+    dense_steps = runs["dense_cont"]["tokens"] // (cfg.batch * cfg.seq_len)
     return [
         Finding(claim=f"MoE beats dense at equal active parameters and tokens (top-{cfg.moe_top_k} of "
                       f"{cfg.moe_experts})",
@@ -390,9 +385,9 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
                     f"tasks' docs loss {runs['branch_tasks']['val']['docs']:.2f}, branch docs' tasks loss "
                     f"{runs['branch_docs']['val']['tasks']:.2f} (the seed's {runs['seed']['val']['docs']:.2f}, "
                     f"{runs['seed']['val']['tasks']:.2f}); the upcycled model starts at {start:.2f} mean loss "
-                    f"against the seed's {mean_loss(runs['seed']['val']):.2f}"
-                    + (" and spends part of its budget recovering" if start > mean_loss(runs["seed"]["val"]) else "")
-                    + ", while dense continuation spends the branches' FLOPs on the mix as well. The earlier 4.82 "
-                    "vs 4.78 has no recorded setting; the BAM path in the tests (test_journey_2_bam) trains the "
+                    f"against the seed's {mean_loss(runs['seed']['val']):.2f} and is at {after:.2f} after "
+                    f"{runs['bam']['curve'][1][0]} mixture steps (warm-up to the peak rate). Dense continuation "
+                    f"spends the branches' FLOPs on the mix too: {dense_steps} steps to BAM's {cfg.mix_steps}. The "
+                    "earlier 4.82 vs 4.78 has no recorded setting; the BAM path in the tests (test_journey_2_bam) trains the "
                     "seed 2 steps, each branch and the mixture 1 step and scores random tokens: too short to tell"),
     ]
