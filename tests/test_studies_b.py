@@ -60,6 +60,14 @@ def test_mixtures_quick_runs_and_resumes(tmp_path, monkeypatch, one_thread):
     import longreach.studies.mixtures as mixtures
 
     out = tmp_path / "mixtures"
+    mixes: dict[str, dict[str, float]] = {}
+    train_lm = mixtures.train_lm
+
+    def recording(model, corpus, spec, *, log, name):
+        mixes[name] = spec.mix
+        return train_lm(model, corpus, spec, log=log, name=name)
+
+    monkeypatch.setattr(mixtures, "train_lm", recording)
     result, ctx = _run("mixtures", out, lines := [])
     keys = {"dense", "moe", "moh", "seed", "branch_docs", "branch_tasks", "flops_bam", "flops_ffn_only", "bam",
             "ffn_only", "dense_cont"}
@@ -72,6 +80,13 @@ def test_mixtures_quick_runs_and_resumes(tmp_path, monkeypatch, one_thread):
     assert abs(runs["ffn_only"]["tokens"] // (2 * 32) * f["ffn_only"] - bam_budget) <= f["ffn_only"]
     assert f["bam"] > f["seed"]  # two attention experts per token
     assert any("moe: step 3/3" in line for line in lines)
+    # each branch keeps a share of the other domain in its batches; every other arm trains on the 50/50 mix
+    other = mixtures.MixturesStudyConfig().branch_other
+    assert 0 < other < 0.5
+    assert mixes.pop("branch_docs") == {"docs": 1 - other, "tasks": other}
+    assert mixes.pop("branch_tasks") == {"tasks": 1 - other, "docs": other}
+    assert all(m == {"docs": 0.5, "tasks": 0.5} for m in mixes.values())
+    assert set(mixes) == {"dense", "moe", "moh", "seed", "bam", "ffn_only", "dense_cont"}
     again = _resume_without_training(mixtures, "mixtures", out, monkeypatch, keys)
     assert _numbers(again) == _numbers(result)
 
@@ -119,8 +134,23 @@ def test_linear_pair_has_equal_parameters_and_mixtures_config_errors_name_the_se
     pair = build_pair(cfg, 512, max_seq_len=64)
     llama, tnl = (param_count(pair[m]) for m in ("llama", "transnormer"))
     assert type(pair["transnormer"]).__name__ == "TransNormerLLM"
+    assert cfg.tnl_lrpe and all(layer.token_mixer.lrpe is not None for layer in pair["transnormer"].layers)
     assert abs(llama - tnl) <= 3 * cfg.dim * cfg.n_layers / 2, (llama, tnl)  # within half an FFN unit
     with pytest.raises(ValueError, match="ffn_hidden=383 must divide by moe_top_k=2"):
         MixturesStudyConfig(ffn_hidden=383)
+    with pytest.raises(ValueError, match="mixtures.branch_other must be in"):
+        MixturesStudyConfig(branch_other=1.0)
     with pytest.raises(ValueError, match="n_heads must be a power of two"):
         LinearStudyConfig(n_heads=6)
+
+
+def test_lead_from_is_the_step_after_which_the_first_run_stays_ahead():
+    from longreach.studies.lm import lead_from
+
+    def record(losses):  # one domain; evaluations at steps 0, 10, 20, ...
+        return {"curve": [[10 * i, 0, None, {"docs": v}] for i, v in enumerate(losses)]}
+
+    dense = record([6.0, 4.0, 3.0, 2.5, 2.2])
+    assert lead_from(record([6.0, 4.5, 2.9, 2.6, 2.1]), dense) == 40  # ahead at 20, behind at 30: from 40 on
+    assert lead_from(record([6.0, 3.9, 2.9, 2.4, 2.1]), dense) == 10
+    assert lead_from(record([6.0, 3.9, 2.9, 2.4, 2.3]), dense) is None  # ends behind

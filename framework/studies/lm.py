@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 __all__ = ["Corpus", "CorpusConfig", "TrainSpec", "attention_core_flops", "build_corpus", "evaluate", "gap_trend",
-           "load_weights", "mean_loss", "param_count", "plot_curves", "save_weights", "step_flops", "train_lm"]
+           "lead_from", "load_weights", "mean_loss", "param_count", "plot_curves", "save_weights", "step_flops", "train_lm"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -228,6 +228,18 @@ def gap_trend(a: dict[str, Any], b: dict[str, Any]) -> str:
     gaps = [(ca[0], mean_loss(ca[3]) - mean_loss(cb[3])) for ca, cb in zip(a["curve"][1:], b["curve"][1:])]
     picks = sorted({0, len(gaps) // 2, len(gaps) - 1}) if gaps else []
     return " → ".join(f"{gaps[i][1]:+.3f} (step {gaps[i][0]})" for i in picks)
+
+
+def lead_from(a: dict[str, Any], b: dict[str, Any]) -> int | None:
+    """The first evaluation step from which ``a``'s mean held-out loss stays below ``b``'s at every later
+    evaluation (two :func:`train_lm` records evaluated at the same steps), or None when it ends behind."""
+    step = None
+    for ca, cb in zip(a["curve"][1:], b["curve"][1:]):
+        if mean_loss(ca[3]) < mean_loss(cb[3]):
+            step = ca[0] if step is None else step
+        else:
+            step = None
+    return step
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
