@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from longreach.mixtures import bam_model_config
@@ -338,7 +337,7 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
     loss = {n: mean_loss(r["val"]) for n, r in runs.items()}
     gaps = [r[-1] for r in budget_rows if r[-1] is not None]
     shrinks = len(gaps) > 1 and gaps[-1] < gaps[0] - 1e-3
-    trend = (f"BAM − dense continuation at 1/4, 1/2, 3/4, all of the mixture stage's FLOPs: "
+    trend = ("BAM − dense continuation at 1/4, 1/2, 3/4, all of the mixture stage's FLOPs: "
              + " → ".join(f"{g:+.3f}" for g in gaps) + (" (shrinking)" if shrinks else " (not shrinking)"))
     active = cfg.moh_shared + cfg.moh_top_k
     moe_lead = lead_from(runs["moe"], runs["dense"])
