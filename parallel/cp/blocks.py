@@ -378,8 +378,8 @@ def prefill_out(out: torch.Tensor, lse: torch.Tensor, rows: list[slice]) -> None
 
 def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """K and V in one buffer (one message per step) from which :func:`unpack_kv` takes each back as a dense
-    tensor: ``[2, B, Sk, Hkv, D]`` when K and V have one shape (the kernel then reads unstrided K/V: on
-    CPU a strided K/V costs the aten forward about 20%), else ``[B, Sk, Hkv, D+E]``."""
+    tensor: ``[2, B, Sk, Hkv, D]`` when K and V have one shape (the kernel reads K and V as the caller's
+    own layout, not as strided halves of a wider row), else ``[B, Sk, Hkv, D+E]``."""
     if k.shape == v.shape:
         return torch.stack([k, v])
     return torch.cat([k, v], dim=-1)
