@@ -189,3 +189,18 @@ def test_split_experts_follow_engine_options_not_the_deepspeed_file(tmp_path):
     check_user_config(plain, deepspeed_config(plain, world_size=2))  # consistent: no error
     fp16 = as_engine_config({"kind": "deepspeed", "zero_stage": 0}).with_precision("fp16")
     assert not fp16.splits_experts() and "zero_stage=0" in fp16.expert_split_problem()
+
+
+def test_experts_that_cannot_split_fail_when_the_config_loads():
+    """A job whose engine cannot split experts (DeepSpeed ZeRO-0 with fp16) while model.moe.expert_parallel is
+    set under cp > 1 is refused when the config loads, naming the settings (before any run folder exists);
+    the same engine without cp, or with bf16, loads."""
+    from longreach.configio import load_config
+    from longreach.job import JobConfig
+
+    ds0 = ["--engine.kind=deepspeed", "--engine.options={zero_stage: 0}"]
+    with pytest.raises(ConfigError, match=r"model\.moe\.expert_parallel cannot split the experts under "
+                                          r"engine\.kind=deepspeed: train\.precision=fp16 with engine\.options\.zero_stage=0"):
+        load_config(JobConfig, "moe_tiny_cpu", [*ds0, "--train.precision=fp16"])
+    assert load_config(JobConfig, "moe_tiny_cpu", [*ds0, "--train.precision=bf16"]).parallel.cp == 2
+    assert load_config(JobConfig, "moe_tiny_cpu", [*ds0, "--train.precision=fp16", "--parallel.cp=1"]).parallel.cp == 1

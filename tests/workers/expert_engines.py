@@ -192,10 +192,10 @@ def engines_and_expert_bytes(rank: int, world_size: int, out_dir: str, engines: 
 
     failures = engine_expert_parallel_checks(rank, world_size, out_dir, engines)
     counts = expert_bytes_worker(rank, world_size, bench_engines, 4, 16, 24)
-    cfg = moe_job(moe={"expert_parallel": True}, **{"engine.kind": "deepspeed", "engine.options": {"zero_stage": 0},
-                                                     "train.precision": "fp16", **COMMON})
-    mesh, _, _ = build_mesh(cfg.parallel, world_size, torch.device("cpu"))
-    try:
+    try:  # the job config refuses it when it loads (before any run folder), parallelize as a second guard
+        cfg = moe_job(moe={"expert_parallel": True}, **{"engine.kind": "deepspeed", "engine.options": {"zero_stage": 0},
+                                                         "train.precision": "fp16", **COMMON})
+        mesh, _, _ = build_mesh(cfg.parallel, world_size, torch.device("cpu"))
         parallelize(build_model(cfg.model), cfg, mesh)
         error = None
     except ConfigError as e:
