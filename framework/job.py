@@ -139,11 +139,8 @@ class JobConfig:
         check_job_sections(self.train, self.parallel, self.engine)
         moe = self.model.moe
         if moe is not None and moe.expert_parallel and self.parallel.cp > 1:
-            # the same check model_setup.parallelize makes, here so a run folder is never started for it
-            problem = self.engine.with_precision(self.train.precision).expert_split_problem()
-            if problem:
-                raise ConfigError(f"model.moe.expert_parallel cannot split the experts under "
-                                  f"engine.kind={self.engine.kind}: {problem}")
+            # here so a run folder is never started for it (model_setup.parallelize checks again)
+            self.engine.with_precision(self.train.precision).require_expert_split()
 
 
 def check_job_sections(train: TrainConfig, parallel: ParallelConfig, engine: EngineConfig) -> None:

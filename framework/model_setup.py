@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longreach.attention import ContextParallelAttention, LocalAttention, pattern_masks
 from longreach.engines.base import as_engine_config
-from longreach.errors import ConfigError, UserError
+from longreach.errors import UserError
 from longreach.mixtures.expert_parallel import apply_expert_parallel, expert_parallel_layers, rename_expert_parameters
 from longreach.models.base import tile_experts, tile_sequence
 from longreach.parallel.comm import CPGroup
@@ -123,9 +123,8 @@ def parallelize(model: nn.Module, job_cfg: Any, mesh: Any) -> nn.Module:
     train = getattr(job_cfg, "train", None)
     engine = engine.with_precision(getattr(train, "precision", None) or "fp32")  # the engine computes in it
     split = group is not None and bool(expert_parallel_layers(model))
-    if split and not engine.splits_experts():  # never hold every expert on every rank silently
-        raise ConfigError(f"model.moe.expert_parallel cannot split the experts under engine.kind={engine.kind}: "
-                          f"{engine.expert_split_problem()}")
+    if split:  # never hold every expert on every rank silently
+        engine.require_expert_split()
     ep_layers = apply_expert_parallel(model, mesh, group) if split else []  # 1
     apply_attention_seam(model, job_cfg, mesh, skip=ep_layers)  # 2
     # HF fine-tuning jobs have no model section: their train section holds sequence_tile / checkpoint_offload

@@ -138,6 +138,14 @@ class EngineConfig:
         ZeRO-0 with fp16. :meth:`expert_split_problem` says why not."""
         return self.expert_split_problem() is None
 
+    def require_expert_split(self) -> None:
+        """Raise the ConfigError naming the settings when this engine cannot split experts (what a job with
+        ``model.moe.expert_parallel`` under cp > 1 needs)."""
+        problem = self.expert_split_problem()
+        if problem:
+            raise ConfigError(f"model.moe.expert_parallel cannot split the experts under engine.kind={self.kind}: "
+                              f"{problem}")
+
     def expert_split_problem(self) -> str | None:
         """None when this engine splits experts (:meth:`splits_experts`), else what to change."""
         if self.kind != "deepspeed":
