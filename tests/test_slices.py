@@ -249,3 +249,32 @@ def test_bench_kernels_cpu_clock(tmp_path, capsys):
     row = next(r for r in result["masks"] if r["mask"] == "sliding_window")
     for col in ("fwd:slices", "fwdbwd:slices"):
         assert row[col]["rounds"] == 2 and row[col]["min"] <= row[col]["median"] <= row[col]["max"]
+
+
+def test_bench_kernels_layout_suite(tmp_path, capsys):
+    """``bench kernels --suite layout`` times the CPU kernel on token-major and heads-first q/k/v of the three
+    zigzag block shapes, and the two layouts give the same results (what the context-parallel layers rely on)."""
+    import json
+
+    from longreach.bench import kernels as bench_kernels
+    from longreach.kernels.api import get_backend
+    from longreach.parallel.cp.blocks import heads_major
+
+    out = tmp_path / "l.json"
+    assert bench_kernels.main(["--suite", "layout", "--seq-len", "64", "--heads", "2", "--head-dim", "16",
+                               "--rounds", "2", "--json", str(out)]) == 0
+    assert "heads-first ÷ token-major" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["layout"]
+    assert [r["block"] for r in rows] == ["causal 64x64", "full 32x64", "full 64x32"]
+    for r in rows:
+        assert r["fwdbwd"]["rounds"] == 2 and 0 < r["fwdbwd"]["min"] <= r["fwdbwd"]["median"] <= r["fwdbwd"]["max"]
+    # same values either way, forward and backward; heads-first q gives a heads-first out
+    be, g = get_backend("cpu"), torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 48, 4, 16, generator=g).bfloat16() for _ in range(4))
+    o1, l1 = be.forward(q, k, v, mask=M.causal())
+    qh, kh, vh = (heads_major(t) for t in (q, k, v))
+    o2, l2 = be.forward(qh, kh, vh, mask=M.causal())
+    assert o2.transpose(1, 2).is_contiguous() and o1.is_contiguous()
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    for a, b in zip(be.backward(do, q, k, v, o1, l1, mask=M.causal()), be.backward(do, qh, kh, vh, o2, l2, mask=M.causal())):
+        assert torch.equal(a, b)

@@ -149,6 +149,45 @@ def run_masks(args: argparse.Namespace) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+def run_layout(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The CPU kernel on the same q/k/v stored token-major and heads-first, for the block shapes of a
+    zigzag ring step (the diagonal causal block and the two half blocks): per pass, heads-first time ÷
+    token-major time, interleaved rounds. dout is token-major in both (the layout the context-parallel
+    layers hand the kernel)."""
+    from longreach.kernels import masks as M
+    from longreach.kernels.api import get_backend
+    from longreach.parallel.cp.blocks import heads_major
+
+    torch.manual_seed(0)
+    be = get_backend("cpu")
+    s, h, d, b = args.seq_len, args.heads, args.head_dim, args.batch
+    hkv, dtype = max(1, h // args.gqa), getattr(torch, args.dtype)
+    shapes = {f"causal {s}x{s}": (s, s, M.causal()), f"full {s // 2}x{s}": (s // 2, s, None),
+              f"full {s}x{s // 2}": (s, s // 2, None)}
+
+    def step(q, k, v, mask, bwd: bool) -> Callable[[], None]:
+        def go() -> None:
+            out, lse = be.forward(q, k, v, mask=mask, scale=None)
+            if bwd:
+                be.backward(torch.ones(out.shape, dtype=out.dtype), q, k, v, out, lse, mask=mask, scale=None)
+        return go
+
+    rows = []
+    for name, (sq, sk, mask) in shapes.items():
+        q = torch.randn(b, sq, h, d, dtype=dtype)  # [B, Sq, H, D] token-major
+        k, v = (torch.randn(b, sk, hkv, d, dtype=dtype) for _ in range(2))
+        row: dict[str, Any] = {"block": name}
+        for pass_name in args.passes:
+            bwd = pass_name == "fwdbwd"
+            ratios = interleaved({"tokens": step(q, k, v, mask, bwd),
+                                  "heads": step(*(heads_major(t) for t in (q, k, v)), mask, bwd)},
+                                 "tokens", args.rounds, args.clock)
+            row[pass_name] = _summary(ratios["heads"])
+            row[f"{pass_name}:seconds"] = _summary(ratios["_baseline_seconds"])
+        rows.append(row)
+    return rows
+
+
 def run_model(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Training-step tokens/s of a small longreach Llama per attention pattern, interleaved rounds.
 
@@ -249,7 +288,7 @@ def _table(rows: list[dict[str, Any]], passes: list[str], backends: list[str]) -
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longreach bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", choices=("masks", "model", "lightning"), default="masks",
+    p.add_argument("--suite", choices=("masks", "model", "lightning", "layout"), default="masks",
                    help="masks (default), model (training steps per pattern) or lightning (longreach.bench.lightning)")
     p.add_argument("--patterns", default="full,s2", help="--suite model: patterns, the first is the baseline")
     p.add_argument("--model-dim", type=int, default=256, help="--suite model: width (default 256)")
@@ -282,6 +321,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _main_layout(args: argparse.Namespace) -> int:
+    args.passes = ["fwdbwd"] if args.backward else [x.strip() for x in args.passes.split(",") if x.strip()]
+    if any(x not in PASSES for x in args.passes) or args.rounds < 1 or args.seq_len < 2 or args.seq_len % 2 \
+            or args.heads % args.gqa:
+        raise UserError(f"bench kernels --suite layout: --passes from {', '.join(PASSES)}, --rounds >= 1, an even "
+                        "--seq-len and --heads divisible by --gqa")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"bench kernels --suite layout: cpu kernel, q/k/v heads-first ÷ token-major, S={args.seq_len} "
+          f"B={args.batch} H={args.heads} D={args.head_dim} {args.dtype}, {args.rounds} interleaved rounds, "
+          f"{torch.get_num_threads()} threads, {args.clock} clock", flush=True)
+    rows = run_layout(args)
+    for row in rows:
+        cells = [f"{p}: {row[p]['median']:.3f} [{row[p]['min']:.3f}-{row[p]['max']:.3f}] "
+                 f"(token-major {row[p + ':seconds']['median'] * 1e3:.1f} ms)" for p in args.passes]
+        print(f"  {row['block']:<16} " + "   ".join(cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "layout": rows}, f, indent=1, default=str)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``longreach bench kernels``."""
     args = build_parser().parse_args(argv)
@@ -303,6 +364,8 @@ def main(argv: list[str]) -> int:
             with open(args.json, "w") as f:
                 json.dump({"config": vars(args), "model": rows}, f, indent=1, default=str)
         return 0
+    if args.suite == "layout":
+        return _main_layout(args)
     args.masks = [m.strip() for m in args.masks.split(",") if m.strip()]
     for m in args.masks:
         if m not in MASK_NAMES:

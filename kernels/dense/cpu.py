@@ -21,6 +21,16 @@ _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+#: The memory order this kernel reads fastest: q/k/v stored ``[B, H, S, D]`` behind the logical ``[B, S, H, D]``
+#: (each head's rows one dense block: a bf16 forward call about 0.9× the token-major time, float32 0.95–0.99×;
+#: ``longreach bench kernels --suite layout``).
+LAYOUT = "heads"
+
+
+def _heads_first(x: torch.Tensor) -> bool:
+    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(2) > x.stride(1)
+
+
 def _one_call(placed: PlacedMask | None, sq: int, sk: int) -> bool | None:
     """``is_causal`` when one kernel call computes the mask exactly (no mask, aligned causal), else None."""
     if placed is None:
@@ -65,7 +75,8 @@ def forward(
     out, lse = _fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal, scale=scale)
     out = out.transpose(1, 2)  # [B, Sq, H, E]
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return out.contiguous(), lse
+    # heads-first q (the context-parallel layers' layout, :data:`LAYOUT`) gets out as the kernel wrote it
+    return (out if _heads_first(q) else out.contiguous()), lse
 
 
 def backward(
@@ -95,10 +106,11 @@ def backward(
     # finite lse gives them zero probability.
     lse_k = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     lse_k = lse_k.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
+    # dout and out as they come (the kernel reads any strides; a token-major dout is its own layout)
     dq, dk, dv = _bwd(
-        dout.transpose(1, 2).to(q.dtype).contiguous(),
+        dout.transpose(1, 2).to(q.dtype),
         q.transpose(1, 2), expand_kv(k.transpose(1, 2), q.shape[2]), expand_kv(v.transpose(1, 2), q.shape[2]),
-        out.transpose(1, 2).to(q.dtype).contiguous(), lse_k, 0.0, is_causal, scale=scale,
+        out.transpose(1, 2).to(q.dtype), lse_k, 0.0, is_causal, scale=scale,
     )
     hkv, gd = k.shape[2], grad_dtype or cd
     return (dq.transpose(1, 2).to(gd), reduce_kv(dk, hkv).transpose(1, 2).to(gd),

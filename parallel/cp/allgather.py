@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_into, reduce_scatter_into
-from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, pack_kv, partial_grad_dtype, plan, prefill_out, schedule,
-                     unpack_kv,
+from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, heads_first, heads_major, pack_kv, packed_shape,
+                     partial_grad_dtype, plan, prefill_out, schedule, unpack_kv,
                      tile_size)
 from .ring import acc_dtype
 
@@ -88,9 +88,15 @@ class AllGatherEngine:
         b, n, h, _ = q.shape
         d = k.shape[-1]
         ad = acc_dtype(q.dtype)
-        kv = pack_kv(k, v).contiguous()  # one all-gather for K and V
+        heads = heads_first(self.backend)
+        kv = pack_kv(k, v, heads=heads).contiguous()  # one all-gather for K and V
         full, work = self._gather(kv)
-        out = torch.empty(b, n, h, v.shape[-1], dtype=ad, device=q.device)  # [B, n, H, E]
+        if heads:  # see ring_forward
+            qk = heads_major(q)
+            out = torch.empty(b, h, n, v.shape[-1], dtype=ad, device=q.device).transpose(1, 2)  # [B, n, H, E]
+        else:
+            qk = q
+            out = torch.empty(b, n, h, v.shape[-1], dtype=ad, device=q.device)  # [B, n, H, E]
         lse = torch.empty((b, h, n), dtype=ad, device=q.device)  # [B, H, n]
         prefill_out(out, lse, self.plan.q_prefill)
         for j in self._order():
@@ -98,22 +104,25 @@ class AllGatherEngine:
                 work.wait()
                 work = None
             src = kv if j == self.rank else full[j]
-            forward_jobs(self.jobs[j], self.backend, q, *unpack_kv(src, d), out, lse, scale=self.scale)
+            forward_jobs(self.jobs[j], self.backend, qk, *unpack_kv(src, d, heads=heads), out, lse, scale=self.scale)
         if work is not None:
             work.wait()
-        out_q = out.to(q.dtype)
+        out_q = torch.empty(out.shape, dtype=q.dtype, device=q.device).copy_(out)  # token-major, as q
         return out_q, lse, (q, k, v, out_q, lse)
 
     def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, out, lse = saved
         d = k.shape[-1]
         ad = acc_dtype(q.dtype)
-        kv = pack_kv(k, v).contiguous()  # one all-gather for K and V
+        heads = heads_first(self.backend)
+        kv = pack_kv(k, v, heads=heads).contiguous()  # one all-gather for K and V
         full, work = self._gather(kv)
         dq = torch.empty(q.shape, dtype=ad, device=q.device)
         for s in self.plan.q_prefill:
             dq[:, s].zero_()
-        dkv = torch.empty((self.size,) + tuple(kv.shape), dtype=ad, device=q.device)  # [P, *pack_kv's shape]
+        qk = heads_major(q) if heads else q
+        shape = packed_shape(k, v)  # dK/dV token-major (the kernels' gradient layout)
+        dkv = torch.empty((self.size,) + shape, dtype=ad, device=q.device)  # [P, *shape]
         for j in range(self.size):
             for s in self.plan.k_prefill[j]:
                 for part in unpack_kv(dkv[j], d):
@@ -123,14 +132,14 @@ class AllGatherEngine:
                 work.wait()
                 work = None
             src = kv if j == self.rank else full[j]
-            backward_jobs(self.jobs[j], self.backend, dout, q, *unpack_kv(src, d), out, lse, dq,
+            backward_jobs(self.jobs[j], self.backend, dout, qk, *unpack_kv(src, d, heads=heads), out, lse, dq,
                           *unpack_kv(dkv[j], d), scale=self.scale,
                           grad_dtype=partial_grad_dtype(self.backend, q, self.jobs[j]))
         if work is not None:
             work.wait()
         if self.size > 1:
-            local = torch.empty(kv.shape, dtype=ad, device=q.device)  # pack_kv's shape
-            reduce_scatter_into(local, dkv.view((self.size * kv.shape[0],) + tuple(kv.shape[1:])), group=self.group)
+            local = torch.empty(shape, dtype=ad, device=q.device)
+            reduce_scatter_into(local, dkv.view((self.size * shape[0],) + shape[1:]), group=self.group)
         else:
             local = dkv[0]
         dk, dv = unpack_kv(local, d)

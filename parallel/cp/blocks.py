@@ -376,18 +376,44 @@ def prefill_out(out: torch.Tensor, lse: torch.Tensor, rows: list[slice]) -> None
         lse[:, :, s].fill_(float("-inf"))
 
 
-def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def heads_first(backend: ModuleType) -> bool:
+    """Whether ``backend`` reads q/k/v fastest stored heads-first (``[B, H, S, D]`` memory behind the
+    logical ``[B, S, H, D]``): its ``LAYOUT`` is ``"heads"`` (the aten CPU kernel: each head's rows one
+    dense block; in bf16 a forward call takes about 0.9× the time of the token-major layout flash-attn's API
+    takes, in float32 0.95–0.99×: ``longreach bench kernels --suite layout``)."""
+    return getattr(backend, "LAYOUT", "tokens") == "heads"
+
+
+def heads_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, S, H, D]`` with the same values and shape, stored heads-first (no copy if it already is)."""
+    t = x.transpose(1, 2)
+    return x if t.is_contiguous() else t.contiguous().transpose(1, 2)
+
+
+def pack_kv(k: torch.Tensor, v: torch.Tensor, *, heads: bool = False) -> torch.Tensor:
     """K and V in one buffer (one message per step) from which :func:`unpack_kv` takes each back as a dense
-    tensor: ``[2, B, Sk, Hkv, D]`` when K and V have one shape (the kernel reads K and V as the caller's
-    own layout, not as strided halves of a wider row), else ``[B, Sk, Hkv, D+E]``."""
+    tensor: ``[2, B, Sk, Hkv, D]`` when K and V have one shape (``[2, B, Hkv, Sk, D]`` with ``heads``: each
+    head's keys one dense block, see :func:`heads_first`), else ``[B, Sk, Hkv, D+E]``."""
     if k.shape == v.shape:
+        if heads:
+            return torch.stack([k.transpose(1, 2), v.transpose(1, 2)])
         return torch.stack([k, v])
     return torch.cat([k, v], dim=-1)
 
 
-def unpack_kv(kv: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, V) views of a :func:`pack_kv` buffer (or of a buffer of that shape, e.g. dK/dV); ``d``: K's head size."""
+def packed_shape(k: torch.Tensor, v: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the token-major :func:`pack_kv` buffer of ``k`` and ``v`` (dK/dV accumulators)."""
+    if k.shape == v.shape:
+        return (2,) + tuple(k.shape)
+    return tuple(k.shape[:-1]) + (k.shape[-1] + v.shape[-1],)
+
+
+def unpack_kv(kv: torch.Tensor, d: int, *, heads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) ``[B, Sk, Hkv, ·]`` views of a :func:`pack_kv` buffer packed with the same ``heads`` (or of a
+    buffer of that shape, e.g. dK/dV); ``d``: K's head size."""
     if kv.dim() == 5:
+        if heads:
+            return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
         return kv[0], kv[1]
     return kv[..., :d], kv[..., d:]
 

@@ -23,9 +23,9 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from .blocks import MaskSpec, tile_size
+from .blocks import MaskSpec, heads_first, tile_size
 from .ring import Ring, acc_dtype, ring_backward, ring_forward
-from .ulysses import TokenOrder, heads_to_seq, seq_to_heads
+from .ulysses import TokenOrder, heads_to_seq_many, seq_to_heads_many
 
 
 @dataclass
@@ -72,35 +72,39 @@ class HybridEngine:
     want_lse: bool
 
     # -- layout changes ---------------------------------------------------------------------------
-    def _gather(self, x: torch.Tensor, replicate: int = 1) -> torch.Tensor:
-        """[B, n, Hx, D] sequence-split → [B, U·n, hl, D] head-split, in global order."""
+    def _gather(self, xs: list[torch.Tensor], replicate: list[int], heads: list[bool]) -> list[torch.Tensor]:
+        """[B, n, Hx, D] sequence-split → [B, U·n, hl, D] head-split, in global order, all of ``xs`` in one
+        all-to-all per dtype/head size (``heads``: stored heads-first where the backend reads that best)."""
         if self.plan.degree == 1:
-            return x
-        return heads_to_seq(x, group=self.ulysses_group, degree=self.plan.degree, replicate=replicate,
-                            order=self.plan.order)
+            return list(xs)
+        hf = heads_first(self.backend)
+        return heads_to_seq_many(xs, group=self.ulysses_group, degree=self.plan.degree, replicate=replicate,
+                                 order=self.plan.order, heads=[h and hf for h in heads])
 
-    def _scatter(self, x: torch.Tensor, replicate: int = 1) -> torch.Tensor:
+    def _scatter(self, xs: list[torch.Tensor], replicate: list[int]) -> list[torch.Tensor]:
         """Inverse of :meth:`_gather`."""
         if self.plan.degree == 1:
-            return x
-        return seq_to_heads(x, group=self.ulysses_group, degree=self.plan.degree, replicate=replicate,
-                            order=self.plan.order)
+            return list(xs)
+        return seq_to_heads_many(xs, group=self.ulysses_group, degree=self.plan.degree, replicate=replicate,
+                                 order=self.plan.order)
 
     # -- passes -----------------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """q ``[B, n, H, D]``, k/v ``[B, n, Hkv, D|E]`` → out ``[B, n, H, E]``, lse ``[B, H, n]`` (or empty), saved."""
         rep = self.plan.replicate
-        qh = self._gather(q)  # [B, U·n, H/U, D]
-        kh = self._gather(k, rep)  # [B, U·n, Hkv/U or 1, D]
-        vh = self._gather(v, rep)
+        # [B, U·n, H/U, D], [B, U·n, Hkv/U or 1, D|E]
+        qh, kh, vh = self._gather([q, k, v], [1, rep, rep], [True, True, True])
         out, lse = ring_forward(self.plan.ring, self.backend, qh, kh, vh, scale=self.scale)
-        out_h = out.to(q.dtype)  # [B, U·n, H/U, E]
+        if self.plan.degree == 1:  # the caller's layout (token-major), in the same copy as the cast
+            out_h = torch.empty(out.shape, dtype=q.dtype, device=q.device).copy_(out)
+        else:
+            out_h = out.to(q.dtype)  # [B, U·n, H/U, E]; the all-to-all's copy reads either layout
         del out
-        out_local = self._scatter(out_h)  # [B, n, H, E]
+        out_local, = self._scatter([out_h], [1])  # [B, n, H, E]
         lse_local = torch.empty(0, dtype=lse.dtype, device=lse.device)
         if self.want_lse:
-            l = self._scatter(lse.transpose(1, 2).unsqueeze(-1))  # [B, n, H, 1]
+            l, = self._scatter([lse.transpose(1, 2).unsqueeze(-1)], [1])  # [B, n, H, 1]
             lse_local = l.squeeze(-1).transpose(1, 2).contiguous()  # [B, H, n]
         if self.regather:
             # keep the sequence-split tensors the caller holds anyway, not head-split copies of them
@@ -110,23 +114,25 @@ class HybridEngine:
     @property
     def regather(self) -> bool:
         """Hybrid (1 < U < P) saves the local q, k, v, out and redoes their all-to-alls in the backward, so
-        its saved memory is ring's (the head-split copies would add q + k + v + out per layer). Ulysses
-        (U = P) keeps the head-split tensors, as DeepSpeed's Ulysses does: its backward stays 4 all-to-alls."""
+        its saved memory is ring's (the head-split copies would add q + k + v + out per layer); they travel
+        with dout in one all-to-all. Ulysses (U = P) keeps the head-split tensors, as DeepSpeed's Ulysses
+        does. Either way a pass is four all-to-alls: q/k/v and out forward, dout (with the regathered
+        tensors) and dq/dk/dv backward (DeepSpeed's Ulysses makes eight: one per tensor)."""
         return self.plan.degree > 1 and self.plan.ring.size > 1
 
     def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rep = self.plan.replicate
-        if self.regather:
+        if self.regather:  # the saved tensors and dout in one all-to-all
             q, k, v, out_local, lse = saved
-            qh, kh, vh, out_h = self._gather(q), self._gather(k, rep), self._gather(v, rep), self._gather(out_local)
+            qh, kh, vh, out_h, dh = self._gather([q, k, v, out_local, dout], [1, rep, rep, 1, 1],
+                                                 [True, True, True, True, False])
         else:
             qh, kh, vh, out_h, lse = saved
-        dh = self._gather(dout)  # [B, U·n, H/U, E]
+            dh, = self._gather([dout], [1], [False])  # [B, U·n, H/U, E]
         dq, dk, dv = ring_backward(self.plan.ring, self.backend, dh, qh, kh, vh, out_h, lse, scale=self.scale,
                                    kv_summed=rep > 1)
-        dq = self._scatter(dq.to(qh.dtype))
-        # replicated K/V heads: sum the replicas' gradients in float32, round once
+        # replicated K/V heads: sum the replicas' gradients in float32, round once (their own all-to-all
+        # then, as their dtype differs from dq's)
         kv_dtype = acc_dtype(kh.dtype) if rep > 1 else kh.dtype
-        dk = self._scatter(dk.to(kv_dtype), rep).to(kh.dtype)
-        dv = self._scatter(dv.to(kv_dtype), rep).to(vh.dtype)
-        return dq, dk, dv
+        dq, dk, dv = self._scatter([dq.to(qh.dtype), dk.to(kv_dtype), dv.to(kv_dtype)], [1, rep, rep])
+        return dq, dk.to(kh.dtype), dv.to(vh.dtype)

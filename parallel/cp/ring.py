@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import p2p
-from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, needs, pack_kv, partial_grad_dtype, plan,
-                     prefill_out, schedule, unpack_kv)
+from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, heads_first, heads_major, needs, pack_kv,
+                     packed_shape, partial_grad_dtype, plan, prefill_out, schedule, unpack_kv)
 
 #: The one tag of every ring message (matching is by order, as under NCCL).
 TAG = 0
@@ -144,7 +144,8 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
         q: ``[B, Sq, H, D]`` local queries; k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, E]`` local K/V.
 
     Returns:
-        out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]``, both in the accumulation dtype (float32/64).
+        out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]``, both in the accumulation dtype (float32/64); out is
+        stored heads-first when the backend reads that layout best (:func:`~.blocks.heads_first`).
     """
     b, sq, h, _ = q.shape
     d = k.shape[-1]
@@ -153,17 +154,22 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
     if job is not None:
         out, lse = backend.forward(q, k, v, mask=job.placed, scale=scale)
         return out.to(ad), lse.to(ad)
-    out = torch.empty(b, sq, h, v.shape[-1], dtype=ad, device=q.device)  # [B, Sq, H, E]
+    heads = heads_first(backend)
+    if heads:  # one copy of the local queries; every call of every step then reads dense head blocks
+        q = heads_major(q)
+        out = torch.empty(b, h, sq, v.shape[-1], dtype=ad, device=q.device).transpose(1, 2)  # [B, Sq, H, E]
+    else:
+        out = torch.empty(b, sq, h, v.shape[-1], dtype=ad, device=q.device)  # [B, Sq, H, E]
     lse = torch.empty((b, h, sq), dtype=ad, device=q.device)  # [B, H, Sq]
     prefill_out(out, lse, ring.q_prefill)
-    kv: torch.Tensor | None = pack_kv(k, v)  # one message per step
+    kv: torch.Tensor | None = pack_kv(k, v, heads=heads)  # one message per step
     like = kv
     free: list[torch.Tensor] = []
     for t in range(ring.size):
         src = ring.source(t)
         works, nxt = _rotate_kv(ring, t, kv, free, like)
         if kv is not None:
-            forward_jobs(ring.jobs[src], backend, q, *unpack_kv(kv, d), out, lse, scale=scale)
+            forward_jobs(ring.jobs[src], backend, q, *unpack_kv(kv, d, heads=heads), out, lse, scale=scale)
         _wait(works)
         if kv is not None:
             free.append(kv)  # sent and used: receives the K/V of a later step
@@ -199,8 +205,12 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
     dq = torch.empty(q.shape, dtype=ad, device=q.device)
     for s in ring.q_prefill:
         dq[:, s].zero_()
-    kv: torch.Tensor | None = pack_kv(k, v)
-    kv_shape, like = kv.shape, kv
+    heads = heads_first(backend)
+    if heads:
+        q = heads_major(q)
+    kv: torch.Tensor | None = pack_kv(k, v, heads=heads)
+    # dK/dV accumulators are token-major (the layout kernels write gradients in) whatever K/V's layout
+    kv_shape, like = packed_shape(k, v), kv
     kv_free: list[torch.Tensor] = []
     acc_free: list[torch.Tensor] = []  # float32 accumulators no message holds any more
     dkv_in: torch.Tensor | None = None  # accumulator received for the source held at this step
@@ -213,11 +223,11 @@ def ring_backward(ring: Ring, backend: ModuleType, dout: torch.Tensor, q: torch.
         kv_works, nxt = _rotate_kv(ring, t, kv, kv_free, like)
         acc = None
         if kv is not None:
-            acc = _buffer(acc_free, kv_shape, ad, k.device)  # dK/dV, laid out as pack_kv's buffer
+            acc = _buffer(acc_free, kv_shape, ad, k.device)  # dK/dV, token-major pack_kv layout
             for s in ring.k_prefill[src]:
                 for part in unpack_kv(acc, d):
                     part[:, s].zero_()
-            backward_jobs(ring.jobs[src], backend, dout, q, *unpack_kv(kv, d), out, lse, dq,
+            backward_jobs(ring.jobs[src], backend, dout, q, *unpack_kv(kv, d, heads=heads), out, lse, dq,
                           *unpack_kv(acc, d), scale=scale,
                           grad_dtype=partial_grad_dtype(backend, q, ring.jobs[src]))
         # the accumulator for this step's source arrives from the previous member (sent last step)

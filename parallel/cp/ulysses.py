@@ -58,38 +58,120 @@ class TokenOrder:
         return cls("segments", segments=segs)
 
 
-def _to_sequence(recv: torch.Tensor, order: TokenOrder | None) -> torch.Tensor:
-    """``[U, B, n, hl, D]`` member-major → ``[B, U·n, hl, D]`` in global order (one copy)."""
+def _to_sequence(recv: torch.Tensor, order: TokenOrder | None, heads: bool = False) -> torch.Tensor:
+    """``[U, B, n, hl, D]`` member-major → ``[B, U·n, hl, D]`` in global order (one copy; stored
+    heads-first with ``heads``, :func:`~.blocks.heads_first`)."""
     u, b, n, hl, d = recv.shape
     if order is None or order.kind in ("members", "index"):
+        if heads:
+            y = recv.permute(1, 3, 0, 2, 4).reshape(b, hl, u * n, d)  # [B, hl, U·n, D]
+            if order is not None and order.kind == "index":
+                y = y.index_select(2, order.perm.to(y.device))
+            return y.transpose(1, 2)
         y = recv.permute(1, 0, 2, 3, 4).reshape(b, u * n, hl, d)
         return y if order is None or order.kind == "members" else y.index_select(1, order.perm.to(y.device))
     if order.kind == "interleave":
+        if heads:
+            return recv.permute(1, 3, 2, 0, 4).reshape(b, hl, n * u, d).transpose(1, 2)
         return recv.permute(1, 2, 0, 3, 4).reshape(b, n * u, hl, d)
-    y = recv.new_empty(b, u * n, hl, d)
+    y = recv.new_empty(b, hl, u * n, d).transpose(1, 2) if heads else recv.new_empty(b, u * n, hl, d)
     for m, s, ln, dst in order.segments:
         y[:, dst:dst + ln].copy_(recv[m, :, s:s + ln])
     return y
 
 
-def _to_members(x: torch.Tensor, degree: int, order: TokenOrder | None) -> torch.Tensor:
-    """Inverse of :func:`_to_sequence`: ``[B, U·n, hl, D]`` → contiguous ``[U, B, n, hl, D]``."""
+def _to_members(x: torch.Tensor, degree: int, order: TokenOrder | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of :func:`_to_sequence`: ``[B, U·n, hl, D]`` (token-major or heads-first) → ``[U, B, n, hl, D]``
+    (one copy, into ``out`` if given, else a new contiguous tensor)."""
     b, un, hl, d = x.shape
     n = un // degree
+    if out is None:
+        out = x.new_empty(degree, b, n, hl, d)
     if order is not None and order.kind == "index":
         x = x.index_select(1, torch.argsort(order.perm).to(x.device))
     if order is None or order.kind in ("members", "index"):
-        return x.reshape(b, degree, n, hl, d).permute(1, 0, 2, 3, 4).contiguous()
+        return out.copy_(x.unflatten(1, (degree, n)).permute(1, 0, 2, 3, 4))
     if order.kind == "interleave":
-        return x.reshape(b, n, degree, hl, d).permute(2, 0, 1, 3, 4).contiguous()
-    send = x.new_empty(degree, b, n, hl, d)
+        return out.copy_(x.unflatten(1, (n, degree)).permute(2, 0, 1, 3, 4))
     for m, s, ln, dst in order.segments:
-        send[m, :, s:s + ln].copy_(x[:, dst:dst + ln])
-    return send
+        out[m, :, s:s + ln].copy_(x[:, dst:dst + ln])
+    return out
+
+
+def _groups(xs: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``xs`` that can share one all-to-all buffer (same dtype, head size, batch and length)."""
+    keys: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        keys.setdefault((x.dtype, x.shape[0], x.shape[1], x.shape[-1], x.device), []).append(i)
+    return list(keys.values())
+
+
+def heads_to_seq_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None, degree: int,
+                      replicate: list[int] | None = None, order: TokenOrder | None = None,
+                      heads: list[bool] | None = None) -> list[torch.Tensor]:
+    """:func:`heads_to_seq` of several tensors, one all-to-all per (dtype, head size) group: each
+    destination's heads of every tensor travel in one message (q, k and v in the forward; q, k, v, out
+    and dout in a regathering backward), so a pass pays one collective's latency, not one per tensor.
+    ``replicate`` and ``heads`` are per tensor (default 1 and False)."""
+    replicate = replicate or [1] * len(xs)
+    heads = heads or [False] * len(xs)
+    result: list[torch.Tensor | None] = [None] * len(xs)
+    for idx in _groups(xs):
+        parts = []
+        for i in idx:
+            x, r = xs[i], replicate[i]
+            b, n, hx, d = x.shape
+            if r > 1:
+                x = x.index_select(2, torch.arange(degree, device=x.device) // r)  # [B, n, U, D]
+            parts.append(x.unflatten(2, (degree, -1)))  # [B, n, U, hl, D]
+        b, n, _, _, d = parts[0].shape
+        widths = [p.shape[3] for p in parts]
+        send = parts[0].new_empty(degree, b, n, sum(widths), d)  # [U (dest), B, n, Σhl, D]
+        off = 0
+        for p, w in zip(parts, widths):
+            send[:, :, :, off:off + w].copy_(p.permute(2, 0, 1, 3, 4))
+            off += w
+        del parts
+        recv = torch.empty_like(send)
+        all_to_all_single(recv, send, group=group)  # [U (source), B, n, Σhl, D]
+        del send
+        off = 0
+        for i, w in zip(idx, widths):
+            result[i] = _to_sequence(recv[:, :, :, off:off + w], order, heads[i])
+            off += w
+    return result  # type: ignore[return-value]
+
+
+def seq_to_heads_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None, degree: int,
+                      replicate: list[int] | None = None, order: TokenOrder | None = None) -> list[torch.Tensor]:
+    """:func:`seq_to_heads` of several tensors, one all-to-all per (dtype, head size) group."""
+    replicate = replicate or [1] * len(xs)
+    result: list[torch.Tensor | None] = [None] * len(xs)
+    for idx in _groups(xs):
+        b, un, _, d = xs[idx[0]].shape
+        n = un // degree
+        widths = [xs[i].shape[2] for i in idx]
+        send = xs[idx[0]].new_empty(degree, b, n, sum(widths), d)  # [U (dest), B, n, Σhl, D]
+        off = 0
+        for i, w in zip(idx, widths):
+            _to_members(xs[i], degree, order, out=send[:, :, :, off:off + w])
+            off += w
+        recv = torch.empty_like(send)
+        all_to_all_single(recv, send, group=group)  # [U (head group), B, n, Σhl, D]
+        del send
+        off = 0
+        for i, w in zip(idx, widths):
+            y = recv[:, :, :, off:off + w].permute(1, 2, 0, 3, 4).reshape(b, n, degree * w, d)  # [B, n, U·hl, D]
+            if replicate[i] > 1:
+                y = y.view(b, n, degree // replicate[i], replicate[i], d).sum(3)  # [B, n, Hkv, D]
+            result[i] = y
+            off += w
+    return result  # type: ignore[return-value]
 
 
 def heads_to_seq(x: torch.Tensor, *, group: dist.ProcessGroup | None, degree: int, replicate: int = 1,
-                 order: TokenOrder | None = None) -> torch.Tensor:
+                 order: TokenOrder | None = None, heads: bool = False) -> torch.Tensor:
     """Scatter heads, gather sequence.
 
     Args:
@@ -97,22 +179,13 @@ def heads_to_seq(x: torch.Tensor, *, group: dist.ProcessGroup | None, degree: in
         degree: U, ranks in the Ulysses group.
         replicate: 1 to split the Hx heads evenly; r > 1 when Hx·r == U (destination j gets head j // r).
         order: where each member's tokens go (None: member after member).
+        heads: store the result heads-first (the layout the CPU kernel reads best), at no extra copy.
 
     Returns:
         ``[B, U·n, Hx/U (or 1), D]``: this rank's heads for the tokens of every group member, in ``order``.
     """
-    b, n, hx, d = x.shape
-    if replicate > 1:
-        idx = torch.arange(degree, device=x.device) // replicate
-        x = x.index_select(2, idx)  # [B, n, U, D]
-        hl = 1
-    else:
-        hl = hx // degree
-    send = x.reshape(b, n, degree, hl, d).permute(2, 0, 1, 3, 4).contiguous()  # [U, B, n, hl, D]
-    recv = torch.empty_like(send)
-    all_to_all_single(recv, send, group=group)  # [U (source), B, n, hl, D]
-    del send
-    return _to_sequence(recv, order)
+    return heads_to_seq_many([x], group=group, degree=degree, replicate=[replicate], order=order,
+                             heads=[heads])[0]
 
 
 def seq_to_heads(x: torch.Tensor, *, group: dist.ProcessGroup | None, degree: int, replicate: int = 1,
@@ -122,13 +195,4 @@ def seq_to_heads(x: torch.Tensor, *, group: dist.ProcessGroup | None, degree: in
     With ``replicate`` r > 1 (hl = 1), the U received head copies are summed in groups of r, giving
     ``[B, n, U/r, D]`` (the gradient of the replication).
     """
-    b, un, hl, d = x.shape
-    n = un // degree
-    send = _to_members(x, degree, order)  # [U (dest), B, n, hl, D]
-    recv = torch.empty_like(send)
-    all_to_all_single(recv, send, group=group)  # [U (head group), B, n, hl, D]
-    del send
-    y = recv.permute(1, 2, 0, 3, 4).reshape(b, n, degree * hl, d)  # [B, n, U·hl, D]
-    if replicate > 1:
-        y = y.view(b, n, degree // replicate, replicate, d).sum(3)  # [B, n, Hkv, D]
-    return y
+    return seq_to_heads_many([x], group=group, degree=degree, replicate=[replicate], order=order)[0]

@@ -283,6 +283,14 @@ def counters_worker(rank: int, world: int, seq_len: int) -> dict:
     with CommRecorder() as rec:
         cp_attention(ql, kl, vl, strategy="ring", layout="contiguous", causal=False)
     res[("ring", "contiguous", "full")] = {"sent": dict(rec.sent), "kv_bytes": 2 * kl.numel() * kl.element_size()}
+    # all-to-alls of a training pass (forward + backward), Ulysses and (even worlds) hybrid
+    for strategy, degree in (("ulysses", None), ("hybrid", 2)):
+        if strategy == "hybrid" and (world % 2 or world == 2):
+            continue
+        ql, kl, vl = (shard_sequence(t, layout="zigzag").requires_grad_(True) for t in (q, k, v))
+        with CommRecorder() as rec:
+            cp_attention(ql, kl, vl, strategy=strategy, layout="zigzag", ulysses_degree=degree).sum().backward()
+        res[(strategy, "pass")] = {"calls": dict(rec.calls)}
     return res
 
 
