@@ -385,9 +385,12 @@ def heads_first(backend: ModuleType) -> bool:
 
 
 def heads_major(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, S, H, D]`` with the same values and shape, stored heads-first (no copy if it already is)."""
-    t = x.transpose(1, 2)
-    return x if t.is_contiguous() else t.contiguous().transpose(1, 2)
+    """``x`` ``[B, S, H, D]`` with the same values and shape, stored heads-first: no copy if each head's
+    ``[S, D]`` rows already form one dense block (a heads-first tensor or a slice of its heads)."""
+    _, s, h, d = x.shape
+    if x.stride(3) == 1 and (s == 1 or x.stride(1) == d) and (h == 1 or x.stride(2) >= s * d):
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def pack_kv(k: torch.Tensor, v: torch.Tensor, *, heads: bool = False) -> torch.Tensor:

@@ -113,11 +113,15 @@ def heads_to_seq_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None
     """:func:`heads_to_seq` of several tensors, one all-to-all per (dtype, head size) group: each
     destination's heads of every tensor travel in one message (q, k and v in the forward; q, k, v, out
     and dout in a regathering backward), so a pass pays one collective's latency, not one per tensor.
-    ``replicate`` and ``heads`` are per tensor (default 1 and False)."""
+    ``replicate`` and ``heads`` are per tensor (default 1 and False).
+
+    The tensors of one layout leave the receive buffer in one reordering copy (they are packed side by
+    side), as views of one buffer: each is stored as :func:`heads_to_seq` stores it alone."""
     replicate = replicate or [1] * len(xs)
     heads = heads or [False] * len(xs)
     result: list[torch.Tensor | None] = [None] * len(xs)
     for idx in _groups(xs):
+        idx = sorted(idx, key=lambda i: heads[i])  # one layout's tensors side by side
         parts = []
         for i in idx:
             x, r = xs[i], replicate[i]
@@ -136,10 +140,15 @@ def heads_to_seq_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None
         recv = torch.empty_like(send)
         all_to_all_single(recv, send, group=group)  # [U (source), B, n, Σhl, D]
         del send
-        off = 0
-        for i, w in zip(idx, widths):
-            result[i] = _to_sequence(recv[:, :, :, off:off + w], order, heads[i])
-            off += w
+        offs = [sum(widths[:j]) for j in range(len(idx) + 1)]
+        for hf in (False, True):
+            mine = [j for j, i in enumerate(idx) if heads[i] == hf]
+            if not mine:
+                continue
+            lo = offs[mine[0]]
+            seq = _to_sequence(recv[:, :, :, lo:offs[mine[-1] + 1]], order, hf)  # [B, U·n, Σ, D]
+            for j in mine:
+                result[idx[j]] = seq[:, :, offs[j] - lo:offs[j + 1] - lo]
     return result  # type: ignore[return-value]
 
 
