@@ -62,8 +62,8 @@ def test_bytes_equal_theoretical_minimum(world: int) -> None:
             assert e["sent"] == {"all_to_all": expect}
             assert e["calls"] == {"all_to_all": 2}  # q/k/v in one message, then out
             assert c[("allgather", layout)]["sent"] == {"all_gather": (p - 1) * kv}
-        # a training pass is four all-to-alls (q/k/v, out; dout with hybrid's regathered q/k/v/out,
-        # dq/dk/dv), replicated K/V heads included; hybrid adds its ring's p2p
+        # a training pass is four all-to-alls (q/k/v, out; dout with hybrid's regathered out (and K/V
+        # when replicated), dq/dk/dv), replicated K/V heads included; hybrid adds its ring's p2p
         assert c[("ulysses", "pass")]["calls"] == {"all_to_all": 4}
         if ("hybrid", "pass") in c:
             calls = c[("hybrid", "pass")]["calls"]
@@ -212,8 +212,9 @@ def test_attention_memory_is_linear_in_sequence_length(world: int) -> None:
 
 
 def test_hybrid_saves_no_more_than_ring() -> None:
-    """Bytes kept for the backward beyond the caller's own q, k, v and output: hybrid (P=4, U=2)
-    within 1.2× of ring at the same shape (it saves the local tensors and redoes their all-to-alls)."""
+    """Bytes kept for the backward beyond the caller's output (which its output projection keeps anyway):
+    hybrid (P=4, U=2) within 1.2× of ring at the same shape (it keeps q, k, v head-split, the same bytes
+    as ring's local q, k, v, and the local out, whose all-to-all it redoes)."""
     mem = _suite(4)[0]["memory"]
     for (strategy, mask, s), (_, _, extra) in mem.items():
         if strategy == "hybrid":

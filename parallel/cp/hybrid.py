@@ -107,27 +107,34 @@ class HybridEngine:
             l, = self._scatter([lse.transpose(1, 2).unsqueeze(-1)], [1])  # [B, n, H, 1]
             lse_local = l.squeeze(-1).transpose(1, 2).contiguous()  # [B, H, n]
         if self.regather:
-            # keep the sequence-split tensors the caller holds anyway, not head-split copies of them
-            return out_local, lse_local, (q, k, v, out_local, lse)
+            # out: the sequence-split tensor the caller keeps anyway (its output projection saves it), not a
+            # head-split copy of it. q, k and v are kept head-split: the same bytes as the local tensors
+            # (nothing else holds those after RoPE and the projections), and no all-to-all to redo; K/V
+            # heads replicated r times would be r times the bytes, so those stay local and travel again.
+            if rep > 1:
+                return out_local, lse_local, (qh, k, v, out_local, lse)
+            return out_local, lse_local, (qh, kh, vh, out_local, lse)
         return out_local, lse_local, (qh, kh, vh, out_h, lse)
 
     @property
     def regather(self) -> bool:
-        """Hybrid (1 < U < P) saves the local q, k, v, out and redoes their all-to-alls in the backward, so
-        its saved memory is ring's (the head-split copies would add q + k + v + out per layer); they travel
-        with dout in one all-to-all. Ulysses (U = P) keeps the head-split tensors, as DeepSpeed's Ulysses
-        does. Either way a pass is four all-to-alls: q/k/v and out forward, dout (with the regathered
-        tensors) and dq/dk/dv backward (DeepSpeed's Ulysses makes eight: one per tensor)."""
+        """Hybrid (1 < U < P) saves the local out (and local K/V when their heads are replicated) and redoes
+        its all-to-all in the backward, together with dout's, so its saved memory is ring's (a head-split
+        copy would add one out per layer). Ulysses
+        (U = P) keeps the head-split out, as DeepSpeed's Ulysses does. Either way a pass is four
+        all-to-alls: q/k/v and out forward, dout (with hybrid's out) and dq/dk/dv backward (DeepSpeed's
+        Ulysses makes eight: one per tensor)."""
         return self.plan.degree > 1 and self.plan.ring.size > 1
 
     def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rep = self.plan.replicate
-        if self.regather:  # the saved tensors and dout in one all-to-all
-            q, k, v, out_local, lse = saved
-            qh, kh, vh, out_h, dh = self._gather([q, k, v, out_local, dout], [1, rep, rep, 1, 1],
-                                                 [True, True, True, True, False])
+        qh, kh, vh, out_saved, lse = saved
+        if self.regather and rep > 1:  # local K/V, out and dout in one all-to-all
+            kh, vh, out_h, dh = self._gather([kh, vh, out_saved, dout], [rep, rep, 1, 1], [True, True, True, False])
+        elif self.regather:  # out and dout in one all-to-all
+            out_h, dh = self._gather([out_saved, dout], [1, 1], [True, False])
         else:
-            qh, kh, vh, out_h, lse = saved
+            out_h = out_saved
             dh, = self._gather([dout], [1], [False])  # [B, U·n, H/U, E]
         dq, dk, dv = ring_backward(self.plan.ring, self.backend, dh, qh, kh, vh, out_h, lse, scale=self.scale,
                                    kv_summed=rep > 1)

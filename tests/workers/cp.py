@@ -409,8 +409,9 @@ def memory_worker(rank: int, world: int, lengths: tuple[int, ...], strategies: t
                     out = cp_attention(q, k, v, strategy=strategy, layout="zigzag", mask=mask,
                                        ulysses_degree=_degree(strategy, world))
                     out.backward(torch.ones_like(out))
-                # beyond the inputs and the output, which the caller holds anyway
-                held = {t.data_ptr() for t in (q, k, v, out)}
+                # beyond the output, which the caller's output projection keeps anyway (q, k and v are held by
+                # nothing but the attention after RoPE and the projections, so their copies count)
+                held = {out.data_ptr()}
                 extra = sum(nb for ptr, nb in dict(saved).items() if ptr not in held)
                 res[(strategy, mname, seq_len)] = (big.numel, big.op, extra)
     return res
