@@ -109,10 +109,16 @@ def test_hybrid_token_order_needs_no_reorder_pass(layout: str, kind: str) -> Non
         assert order.kind == kind
         if kind == "segments":
             assert len(order.segments) <= 2 * degree  # each member's two zigzag chunks (the middle two touch)
-        recv = torch.stack([m.double() for m in members])[:, None, :, None, None]  # [U, B, n, 1, 1]
-        seq = _to_sequence(recv, order)  # [B, U·n, 1, 1]
-        assert torch.equal(seq.flatten(), torch.sort(torch.cat(members)).values.double())
-        assert torch.equal(_to_members(seq, degree, order), recv)
+        # [U, B, n, 2, 1]: head 1 holds the negated positions
+        recv = torch.stack([m.double() for m in members])[:, None, :, None, None] * torch.tensor([1.0, -1.0]).view(
+            1, 1, 1, 2, 1).double()
+        want = torch.sort(torch.cat(members)).values.double()
+        for heads in (False, True):
+            seq = _to_sequence(recv, order, heads)  # [B, U·n, 2, 1]
+            assert torch.equal(seq[0, :, 0, 0], want) and torch.equal(seq[0, :, 1, 0], -want)
+            if heads:  # stored heads-first: each head's tokens one dense block
+                assert seq.transpose(1, 2).is_contiguous()
+            assert torch.equal(_to_members(seq, degree, order), recv)
 
 
 def test_in_place_merge_matches_merge_attention() -> None:

@@ -63,8 +63,9 @@ def _to_sequence(recv: torch.Tensor, order: TokenOrder | None, heads: bool = Fal
     heads-first with ``heads``, :func:`~.blocks.heads_first`)."""
     u, b, n, hl, d = recv.shape
     if order is None or order.kind in ("members", "index"):
-        if heads:
-            y = recv.permute(1, 3, 0, 2, 4).reshape(b, hl, u * n, d)  # [B, hl, U·n, D]
+        if heads:  # a copy, never a reshape: a reshape may return a token-major view of recv
+            y = recv.new_empty(b, hl, u * n, d)  # [B, hl, U·n, D]
+            y.view(b, hl, u, n, d).copy_(recv.permute(1, 3, 0, 2, 4))
             if order is not None and order.kind == "index":
                 y = y.index_select(2, order.perm.to(y.device))
             return y.transpose(1, 2)
@@ -72,7 +73,9 @@ def _to_sequence(recv: torch.Tensor, order: TokenOrder | None, heads: bool = Fal
         return y if order is None or order.kind == "members" else y.index_select(1, order.perm.to(y.device))
     if order.kind == "interleave":
         if heads:
-            return recv.permute(1, 3, 2, 0, 4).reshape(b, hl, n * u, d).transpose(1, 2)
+            y = recv.new_empty(b, hl, n * u, d)
+            y.view(b, hl, n, u, d).copy_(recv.permute(1, 3, 2, 0, 4))
+            return y.transpose(1, 2)
         return recv.permute(1, 2, 0, 3, 4).reshape(b, n * u, hl, d)
     y = recv.new_empty(b, hl, u * n, d).transpose(1, 2) if heads else recv.new_empty(b, u * n, hl, d)
     for m, s, ln, dst in order.segments:
