@@ -1,7 +1,7 @@
 """The ranks of ``longreach bench cp --peers``: longreach beside peer implementations on identical inputs.
 
 Pairs (causal, forward + backward): longreach's zigzag ring against ring-flash-attn's and yunchang's
-zigzag rings (bf16), longreach's Ulysses against DeepSpeed's ``DistributedAttention`` (float32), and
+zigzag rings (bf16), longreach's Ulysses against DeepSpeed's ``DistributedAttention`` (float32 and bf16), and
 longreach's hybrid (U = 2) against yunchang's USP ``LongContextAttention`` with its zigzag ring (bf16,
 4+ ranks). ring-flash-attn and yunchang call flash-attn's ``_flash_attn_forward`` /
 ``_flash_attn_backward``; a checkout's ``tests/peers`` holds a CPU stand-in for those two functions
@@ -37,6 +37,7 @@ PEER_PAIRS = (
     ("longreach ring zigzag", "ring-flash-attn zigzag"),
     ("longreach ring zigzag", "yunchang ring zigzag"),
     ("longreach ulysses", "DeepSpeed Ulysses"),
+    ("longreach ulysses bf16", "DeepSpeed Ulysses bf16"),
     ("longreach hybrid u=2", "yunchang USP u=2"),
 )
 #: Ranks per Ulysses group of the hybrid pair.
@@ -97,6 +98,7 @@ def _longreach(rank: int, world: int, scale: float) -> dict[str, Side | str]:
     sides: dict[str, Side | str] = {
         "longreach ring zigzag": side("zigzag", torch.bfloat16, strategy="ring"),
         "longreach ulysses": side("contiguous", torch.float32, strategy="ulysses"),
+        "longreach ulysses bf16": side("contiguous", torch.bfloat16, strategy="ulysses"),
     }
     if world > HYBRID_DEGREE and world % HYBRID_DEGREE == 0:
         sides["longreach hybrid u=2"] = side("zigzag", torch.bfloat16, strategy="hybrid", ulysses_degree=HYBRID_DEGREE)
@@ -157,9 +159,9 @@ def _deepspeed(rank: int, world: int, scale: float) -> dict[str, Side | str]:
 
         ds = DistributedAttention(local, dist.group.WORLD, scatter_idx=2, gather_idx=1)
     except Exception as e:  # noqa: BLE001
-        return {"DeepSpeed Ulysses": _why(e)}
-    return {"DeepSpeed Ulysses": Side(_layout("contiguous", rank, world), torch.float32,
-                                      lambda q, k, v: ds(q, k, v, 0))}
+        return dict.fromkeys(("DeepSpeed Ulysses", "DeepSpeed Ulysses bf16"), _why(e))
+    return {name: Side(_layout("contiguous", rank, world), dtype, lambda q, k, v: ds(q, k, v, 0))
+            for name, dtype in (("DeepSpeed Ulysses", torch.float32), ("DeepSpeed Ulysses bf16", torch.bfloat16))}
 
 
 def peer_sides(rank: int, world: int, cfg: dict) -> dict[str, Side | str]:
