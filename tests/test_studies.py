@@ -198,6 +198,28 @@ def test_extension_pack_keeps_every_task_whole_inside_one_window() -> None:
     assert fill == [1000 + k % 37 for k in range(len(fill))]  # the text read on cyclically, nothing skipped
 
 
+def test_extension_key_distances_count_tokens_from_the_key_to_the_answer() -> None:
+    """The data step's diagnosis of the task mixes: tokens between a passkey document's key and its answer, for
+    passkey documents only, and the share of keys farther back than L."""
+    from longreach.data.synthetic import passkey_prompt
+    from longreach.studies.extension import _distance_summary, _key_distances
+
+    class Words:  # one token per whitespace-separated word
+        def encode(self, text: str) -> list[int]:
+            return [0] * len(text.split())
+
+    filler_words = len("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.".split())
+    docs = [passkey_prompt(6, d, 123).text for d in (0.0, 0.5, 1.0)] + ["Remember the following facts. The x is 1."]
+    dist = _key_distances(Words(), docs)
+    # after "The pass key is": "123. Remember it. 123 is the pass key." (8 words), the filler after the key,
+    # then "What is the pass key? The pass key is" (9 words)
+    assert dist.tolist() == [8 + 6 * filler_words + 9, 8 + 3 * filler_words + 9, 8 + 9]
+    summary = _distance_summary(dist, 30)
+    assert summary["tasks"] == 3 and summary["max"] == int(dist.max()) and summary["quartiles"][1] == int(dist[1])
+    assert summary["beyond_L"] == 2 / 3
+    assert _distance_summary(dist[:0], 30)["tasks"] == 0
+
+
 def test_extension_findings_follow_the_numbers() -> None:
     """The retrieval-at-4L, perplexity-order and YaRN findings read their direction from the rows: a table where
     the fine-tuned recipes find keys deep in 4L (and the base does not) reproduces the effect, one where they
@@ -227,7 +249,12 @@ def test_extension_findings_follow_the_numbers() -> None:
     assert finding("YaRN extends better").reproduced is True
     deep = [0.6, 0.8, 0.7, 0.9, 1.0]
     rows.update({longlora: row(14.2, 0.8, deep), sinklora: row(14.1, 0.8, deep), full: row(13.9, 0.9, deep)})
-    assert finding("retrieve at 4L").reproduced is True and finding("retrieve at 4L").why == ""
+    retrieval = finding("retrieve at 4L")
+    assert retrieval.reproduced is True and "PI without training: passkey @128 0.00 (base 0.90)" in retrieval.why
+    assert "full 0.90" in retrieval.why and f"{cfg.finetune_steps} fine-tuning steps (passkey tasks)" in retrieval.why
+    mix = {"tasks": 2100, "quartiles": [40, 120, 260], "max": 470, "beyond_L": 0.42}
+    with_mix = next(f for f in _findings(cfg, rows, mix) if "retrieve at 4L" in f.claim)
+    assert "2100 passkey tasks, 42% with the key farther back than L" in with_mix.why
     rows[sinklora] = row(14.3, 0.8, deep)  # SinkLoRA behind LongLoRA: the order is not reproduced
     assert finding("full fine-tune <= SinkLoRA").reproduced is False
     # the RoPE of each arm: PI, YaRN with the study's betas, YaRN with transformers' published defaults

@@ -3,9 +3,10 @@
 1. **Data.** The embedded corpus (standard-library docstrings + passkey and associative-recall tasks,
    digits one token each). Pre-training tasks are at most ~L tokens long and ``aligned_fraction`` of the
    pre-training windows start at a task's first token (the rest anywhere), so whole tasks are seen often;
-   the fine-tuning mix is *fresh* tasks up to ~4L tokens (passkeys at every depth), packed whole into the
-   fine-tuning loader's windows of 4L with the training docstrings filling the rest. Held-out docstring
-   modules are the perplexity text.
+   the fine-tuning mix is one *fresh* passkey task per fine-tuning sequence, each 2L to ~4L tokens long with
+   its key at a uniform depth (keys up to ~4L back, evenly spread), plus fresh recall tasks, packed whole
+   into the fine-tuning loader's windows of 4L with the training docstrings filling the rest. The data step
+   records how far back the keys of each mix lie. Held-out docstring modules are the perplexity text.
 2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
    sentencepiece tokenizer). The study checks that it retrieves passkeys at L: an extension can only
    be judged against a base that retrieves where it was trained.
@@ -33,6 +34,8 @@ from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, T
                                     encode_documents, lm_step, register, warmup_decay)
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+PASSKEY_INTRO = "There is an important piece"
+"""The first words of every passkey document (how the data step tells them from the other tasks)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -69,7 +72,8 @@ class ExtensionConfig(TinyLMConfig):
     """YaRN's multiplier of cos/sin (attention temperature); the published 0.1 ln s + 1 is used by the
     "YaRN (published)" baseline."""
     finetune_task_chars: int = 1700
-    """Longest fine-tuning task in characters (a passkey task of ~``factor`` x L tokens)."""
+    """Longest fine-tuning task in characters (a passkey task of ~``factor`` x L tokens; the fine-tuning passkey
+    tasks are half as long up to this)."""
     seeds: int = 10
     """Passkey keys per (length, depth)."""
     ppl_windows: int = 16
@@ -128,6 +132,42 @@ def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate(windows)
 
 
+def _key_distances(tok: Any, docs: list[str]) -> np.ndarray:
+    """``[P]`` tokens from the key of each passkey document among ``docs`` to its answer: how far back the model
+    must look to answer (0 where the key sits right before the question; other documents are skipped)."""
+    from longreach.data.synthetic import PASSKEY_QUESTION
+
+    needle = "The pass key is"
+    dist = []
+    for d in docs:
+        if not d.startswith(PASSKEY_INTRO):
+            continue
+        key_end = d.index(needle) + len(needle)  # the key follows
+        ask_end = d.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION)  # the answer follows
+        dist.append(len(tok.encode(d[:ask_end])) - len(tok.encode(d[:key_end])))
+    return np.asarray(dist, dtype=np.int64)
+
+
+def _distance_summary(dist: np.ndarray, seq_len: int) -> dict[str, Any]:
+    """Key-to-answer distances ``[P]`` as the data step records them: count, quartiles, maximum and the share
+    of keys farther back than ``seq_len`` (what the base, trained at L, never had to reach)."""
+    if not len(dist):
+        return {"tasks": 0, "quartiles": [], "max": 0, "beyond_L": 0.0}
+    return {"tasks": int(len(dist)), "quartiles": [int(q) for q in np.quantile(dist, [0.25, 0.5, 0.75])],
+            "max": int(dist.max()), "beyond_L": float(np.mean(dist > seq_len))}
+
+
+def _long_passkeys(count: int, max_chars: int, rng: np.random.Generator) -> list[str]:
+    """``count`` passkey documents of ``max_chars // 2`` to ``max_chars`` characters with the key at a uniform
+    depth, so that the distance from key to answer spreads evenly up to the document's length (the generic
+    generator draws lengths from 1 filler up, which leaves few keys far back)."""
+    from longreach.data.synthetic import FILLER, passkey_prompt
+
+    most = max(1, max_chars // (len(FILLER) + 1))  # filler repeats in max_chars
+    return [passkey_prompt(int(rng.integers((most + 1) // 2, most + 1)), float(rng.random()),
+                           int(rng.integers(1, 50001))).text for _ in range(count)]
+
+
 def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     """Write pretrain/fine-tune/held-out token files (and the pre-training task starts); return their sizes
     and the tokenizer file."""
@@ -140,20 +180,27 @@ def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     train = np.concatenate(pieces)  # [N]
     task_starts = starts[keep >= n_text]  # documents after the docstrings are tasks
     val = encode_documents(tok, docs, held)  # [N_val] natural text only
-    # fine-tuning: fresh tasks up to ~factor x longer (the seed shifts the keys), packed whole into windows of
-    # factor x L whose remainder is the training docstrings
+    # fine-tuning: one fresh passkey task per fine-tuning sequence, each filling most of the factor x L window with
+    # its key at any depth (so keys lie up to ~factor x L back), plus fresh recall tasks (the seed shifts their
+    # contents), packed whole into windows of factor x L whose remainder is the training docstrings
     _, long_docs, _ = embedded_documents(replace(cfg, seed=cfg.seed + 1), out / "cache",
-                                 task_chars=cfg.finetune_task_chars, tokenizer=str(tok.path))
+                                         task_chars=cfg.finetune_task_chars, tokenizer=str(tok.path))
+    keys = _long_passkeys(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_task_chars, rng)
+    tasks = keys + [d for d in long_docs[n_text:] if not d.startswith(PASSKEY_INTRO)]
     text_idx = rng.permutation(np.setdiff1d(np.arange(n_text), held))
-    tune = _pack(_encode(tok, long_docs, rng.permutation(np.arange(n_text, len(long_docs)))),
-                 encode_documents(tok, long_docs, text_idx), cfg.factor * cfg.seq_len)
+    tune = _pack(_encode(tok, tasks, rng.permutation(len(tasks))), encode_documents(tok, long_docs, text_idx),
+                 cfg.factor * cfg.seq_len)
     for name, arr in (("pretrain", train), ("finetune", tune), ("val", val)):
         np.save(out / f"{name}_tokens.npy", arr)
     np.save(out / "pretrain_task_starts.npy", task_starts)
-    n_pk = sum(d.startswith("There is an important piece") for d in long_docs)
+    # how far back each passkey task's answer must look: the base's tasks stay inside L, the fine-tuning tasks
+    # reach ~factor x L
     return {"documents": len(docs), "docstring_modules": n_text, "held_out": len(held), "pretrain_tokens": len(train),
-            "pretrain_tasks": len(task_starts), "finetune_tokens": len(tune), "finetune_passkey_docs": n_pk,
-            "val_tokens": len(val), "tokenizer": str(tok.path)}
+            "pretrain_tasks": len(task_starts), "finetune_tokens": len(tune), "finetune_passkey_docs": len(keys),
+            "finetune_tasks": len(tasks), "val_tokens": len(val), "tokenizer": str(tok.path),
+            "pretrain_key_distance": _distance_summary(_key_distances(tok, docs[n_text:]), cfg.seq_len),
+            "finetune_key_distance": _distance_summary(_key_distances(tok, keys), cfg.seq_len),
+            "finetune_windows": len(tune) // (cfg.factor * cfg.seq_len)}
 
 
 def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext) -> dict[str, Any]:
@@ -268,6 +315,10 @@ def run(cfg: ExtensionConfig, ctx: StudyContext) -> StudyResult:
     ctx.log(f"data: {data['documents']} documents, {data['pretrain_tokens']} pre-training tokens, "
             f"{data['finetune_tokens']} fine-tuning tokens ({data['finetune_passkey_docs']} passkey documents "
             f"up to ~{cfg.factor}L), {data['val_tokens']} held-out tokens")
+    for part in ("pretrain", "finetune"):
+        kd = data[f"{part}_key_distance"]
+        ctx.log(f"{part} passkey tasks: {kd['tasks']}, key-to-answer distance quartiles {kd['quartiles']} tokens, "
+                f"max {kd['max']}, {100 * kd['beyond_L']:.0f}% farther than L={cfg.seq_len}")
     base = ctx.step("pretrain", lambda: _pretrain(cfg, out, data["tokenizer"], ctx))
     val = np.load(out / "val_tokens.npy")
     base_hf = out / "base_hf"
@@ -303,14 +354,17 @@ def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, A
     depth_table = Table(title="Passkey accuracy by depth of the key",
                         columns=["model", "length"] + [f"depth {d:.2f}" for d in DEPTHS],
                         rows=[[name, int(n)] + list(r["passkey"][n]) for name, r in rows.items() for n in (n1, n4)])
-    findings = _findings(cfg, rows)
+    findings = _findings(cfg, rows, data.get("finetune_key_distance"))
     plots = _plots(cfg, ctx, rows)
     return StudyResult(tables=[ppl_table, depth_table], findings=findings, plots=plots,
                        data={"rows": rows, "trainable_fraction": trainable, "data": data, "pretrain": base,
                              "depths": DEPTHS})
 
 
-def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Finding]:
+def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], mix: dict[str, Any] | None = None
+              ) -> list[Finding]:
+    """The published effects against ``rows`` (one :func:`_evaluate` record per model); ``mix`` is the data
+    step's ``finetune_key_distance`` (how far back the fine-tuning tasks' keys lie), quoted in the "why"."""
     n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
     pk = {name: float(np.mean(r["passkey"][n4])) for name, r in rows.items()}
     pk1 = {name: float(np.mean(r["passkey"][n1])) for name, r in rows.items()}
@@ -332,6 +386,11 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Fin
         return (math.log(p4[start]) - math.log(p4[name])) / whole if whole > 0 else float("nan")
 
     retrieves = ext_4 > pk[base_name] and min(far(k) for k in RECIPES) > far(base_name)
+    tasks = (f"{mix['tasks']} passkey tasks, {100 * mix['beyond_L']:.0f}% with the key farther back than L"
+             if mix else "passkey tasks")
+    taught = (f"{cfg.finetune_steps} fine-tuning steps ({tasks}) bring it to passkey @{n1} "
+              f"LongLoRA {pk1[longlora]:.2f}, SinkLoRA {pk1[sinklora]:.2f}, full {pk1[full]:.2f} and reach keys "
+              f"farther than L back at {n4}, which the base does not")
     return [
         Finding(claim=f"the base model retrieves passkeys at its training length L={n1}",
                 published="prerequisite of the passkey test (LongLoRA, Landmark Attention: base models retrieve "
@@ -346,11 +405,12 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Fin
                      f"({far(full):.2f}); base {pk[base_name]:.2f} ({far(base_name):.2f}); passkey @{n1}: "
                      f"LongLoRA {pk1[longlora]:.2f}, SinkLoRA {pk1[sinklora]:.2f}, full {pk1[full]:.2f}",
                 reproduced=retrieves,
-                why="" if retrieves else (
+                why=(f"{rope_words} without training: passkey @{n1} {pk1[start]:.2f} (base {pk1[base_name]:.2f}); "
+                     f"{taught}") if retrieves else (
                     f"this {cfg.n_layers}-layer base retrieves only keys within ~L of the question: with its "
                     f"positions kept in the trained range ({yarn_name}: ppl @{n4} {p4[yarn_name]:.3g}, passkey "
                     f"@{n1} {pk1[yarn_name]:.2f}) its accuracy on keys farther away at {n4} is {far(yarn_name):.2f}, "
-                    f"and {cfg.finetune_steps} fine-tuning steps on passkeys up to {n4} tokens did not teach it "
+                    f"and {cfg.finetune_steps} fine-tuning steps ({tasks}) did not teach it "
                     f"({max(far(k) for k in RECIPES):.2f} at best, base {far(base_name):.2f}). PI breaks retrieval even at L "
                     f"({pk1[pi_name]:.2f}), as does YaRN with its published beta (every frequency of this L "
                     f"interpolated; {pk1[yarn_paper]:.2f})")),
