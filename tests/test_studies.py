@@ -229,8 +229,9 @@ def test_extension_findings_follow_the_numbers() -> None:
     cfg = ExtensionConfig()
     longlora, sinklora, full = RECIPES
 
-    def row(ppl4: float, pk_l: float, pk_4: list[float]) -> dict:
-        return {"ppl": {"128": 12.0, "256": 13.0, "512": ppl4}, "passkey": {"128": [pk_l] * 5, "512": pk_4}}
+    def row(ppl4: float, pk_l: float, pk_4: list[float]) -> dict:  # digit-copy loss: near 0 where L retrieves
+        return {"ppl": {"128": 12.0, "256": 13.0, "512": ppl4}, "passkey": {"128": [pk_l] * 5, "512": pk_4},
+                "copy_nll": 2.2 * (1 - pk_l)}
 
     near = [0.0, 0.0, 0.0, 0.0, 1.0]  # only the key next to the question (depth 1)
     rows = {"base (no fine-tune, no scaling)": row(40.0, 0.9, [0.0, 0.0, 0.0, 0.0, 0.6]),
@@ -251,7 +252,8 @@ def test_extension_findings_follow_the_numbers() -> None:
     rows.update({longlora: row(14.2, 0.8, deep), sinklora: row(14.1, 0.8, deep), full: row(13.9, 0.9, deep)})
     retrieval = finding("retrieve at 4L")
     assert retrieval.reproduced is True and "PI without training: passkey @128 0.00 (base 0.90)" in retrieval.why
-    assert "full 0.90" in retrieval.why and f"{cfg.finetune_steps} fine-tuning steps (passkey tasks)" in retrieval.why
+    assert f"{cfg.finetune_steps} fine-tuning steps (passkey tasks)" in retrieval.why
+    assert "base 0.22, PI untrained 2.20, LongLoRA 0.44, SinkLoRA 0.44, full 0.22" in retrieval.why
     mix = {"tasks": 2100, "quartiles": [40, 120, 260], "max": 470, "beyond_L": 0.42}
     with_mix = next(f for f in _findings(cfg, rows, mix) if "retrieve at 4L" in f.claim)
     assert "2100 passkey tasks, 42% with the key farther back than L" in with_mix.why

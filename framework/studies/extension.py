@@ -3,8 +3,9 @@
 1. **Data.** The embedded corpus (standard-library docstrings + passkey and associative-recall tasks,
    digits one token each). Pre-training tasks are at most ~L tokens long and ``aligned_fraction`` of the
    pre-training windows start at a task's first token (the rest anywhere), so whole tasks are seen often;
-   the fine-tuning mix is one *fresh* passkey task per fine-tuning sequence, each 2L to ~4L tokens long with
-   its key at a uniform depth (keys up to ~4L back, evenly spread), plus fresh recall tasks, packed whole
+   the fine-tuning mix is one *fresh* passkey task per fine-tuning sequence, each 2L to ~4L tokens long, half
+   with the key at a uniform depth (keys up to ~4L back), half with it within L/2 of the question (in reach of
+   the sparse training patterns), plus fresh recall tasks, packed whole
    into the fine-tuning loader's windows of 4L with the training docstrings filling the rest. The data step
    records how far back the keys of each mix lie. Held-out docstring modules are the perplexity text.
 2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from longreach.data.synthetic import FILLER
 from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
                                     encode_documents, lm_step, register, warmup_decay)
 
@@ -48,13 +50,13 @@ class ExtensionConfig(TinyLMConfig):
     """Context extension factor."""
     pretrain_steps: int = 2500
     """Base model optimizer steps."""
-    finetune_steps: int = 300
+    finetune_steps: int = 1200
     """Optimizer steps of each extension recipe."""
     finetune_batch: int = 4
     """Sequences of ``factor`` x L tokens per fine-tuning step."""
     lora_lr: float = 2e-3
     """Learning rate of the LoRA recipes."""
-    full_lr: float = 5e-4
+    full_lr: float = 1e-3
     """Learning rate of full fine-tuning."""
     aligned_fraction: float = 0.75
     """Share of pre-training windows that start at a task document's first token (the rest start anywhere,
@@ -157,15 +159,22 @@ def _distance_summary(dist: np.ndarray, seq_len: int) -> dict[str, Any]:
             "max": int(dist.max()), "beyond_L": float(np.mean(dist > seq_len))}
 
 
-def _long_passkeys(count: int, max_chars: int, rng: np.random.Generator) -> list[str]:
-    """``count`` passkey documents of ``max_chars // 2`` to ``max_chars`` characters with the key at a uniform
-    depth, so that the distance from key to answer spreads evenly up to the document's length (the generic
-    generator draws lengths from 1 filler up, which leaves few keys far back)."""
-    from longreach.data.synthetic import FILLER, passkey_prompt
+def _long_passkeys(count: int, max_chars: int, near: int, rng: np.random.Generator) -> list[str]:
+    """``count`` passkey documents of ``max_chars // 2`` to ``max_chars`` characters (the generic generator draws
+    lengths from one filler repeat up, which leaves few keys far back). Every other document has its key at a
+    uniform depth, so that key-to-answer distances spread evenly up to the document's length; the others have
+    it at most ``near`` filler repeats before the question, within the reach of the sparse training patterns
+    (S2 and SF attend within groups of L/4 of the window, shifted by half a group), which cannot learn a
+    lookup from keys they do not see."""
+    from longreach.data.synthetic import passkey_prompt
 
     most = max(1, max_chars // (len(FILLER) + 1))  # filler repeats in max_chars
-    return [passkey_prompt(int(rng.integers((most + 1) // 2, most + 1)), float(rng.random()),
-                           int(rng.integers(1, 50001))).text for _ in range(count)]
+    docs = []
+    for i in range(count):
+        n = int(rng.integers((most + 1) // 2, most + 1))
+        depth = float(rng.random()) if i % 2 == 0 else (n - int(rng.integers(0, min(near, n) + 1))) / n
+        docs.append(passkey_prompt(n, depth, int(rng.integers(1, 50001))).text)
+    return docs
 
 
 def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
@@ -180,12 +189,14 @@ def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     train = np.concatenate(pieces)  # [N]
     task_starts = starts[keep >= n_text]  # documents after the docstrings are tasks
     val = encode_documents(tok, docs, held)  # [N_val] natural text only
-    # fine-tuning: one fresh passkey task per fine-tuning sequence, each filling most of the factor x L window with
-    # its key at any depth (so keys lie up to ~factor x L back), plus fresh recall tasks (the seed shifts their
-    # contents), packed whole into windows of factor x L whose remainder is the training docstrings
+    # fine-tuning: one fresh passkey task per fine-tuning sequence, each filling half to most of the factor x L
+    # window, half of them with the key at any depth (up to ~factor x L back), half with it within L/2 of the
+    # question; plus fresh recall tasks (the seed shifts their contents), packed whole into windows of factor x L
+    # whose remainder is the training docstrings
     _, long_docs, _ = embedded_documents(replace(cfg, seed=cfg.seed + 1), out / "cache",
                                          task_chars=cfg.finetune_task_chars, tokenizer=str(tok.path))
-    keys = _long_passkeys(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_task_chars, rng)
+    near = max(1, cfg.seq_len // 2 // len(tok.encode(" " + FILLER)))  # filler repeats in L/2 tokens
+    keys = _long_passkeys(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_task_chars, near, rng)
     tasks = keys + [d for d in long_docs[n_text:] if not d.startswith(PASSKEY_INTRO)]
     text_idx = rng.permutation(np.setdiff1d(np.arange(n_text), held))
     tune = _pack(_encode(tok, tasks, rng.permutation(len(tasks))), encode_documents(tok, long_docs, text_idx),
@@ -228,8 +239,30 @@ def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext
     return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
 
 
+@torch.no_grad()
+def _copy_nll(model: Any, tok: Any, cfg: ExtensionConfig) -> float:
+    """Mean loss (nats per digit; chance ln 10 = 2.30) on the key's second occurrence in passkey prompts of L
+    tokens ("The pass key is N. Remember it. N is the pass key."): copying digits from ~8 tokens back, the
+    in-context copy that every retrieved answer also needs. ``seeds`` five-digit keys at depth 0.5."""
+    from longreach.evaluation.common import TextCodec
+    from longreach.evaluation.passkey import build_prompt
+
+    codec = TextCodec(tok)
+    losses = []
+    for s in range(cfg.seeds):
+        key = int(np.random.default_rng([cfg.seed, 8, s]).integers(10_000, 50_001))
+        prompt, ans, answer = build_prompt(codec, cfg.seq_len, 0.5, key)
+        digits = ans[-len(answer):]  # one token per digit
+        second = [i for i in range(len(prompt) - len(digits)) if prompt[i:i + len(digits)] == digits][1]
+        logits = model(input_ids=torch.as_tensor([prompt[:second + len(digits)]])).logits[0]  # [S, V]
+        logp = torch.log_softmax(logits[second - 1:second - 1 + len(digits)].float(), dim=-1)  # [5, V]
+        losses.append(-float(logp[torch.arange(len(digits)), torch.as_tensor(digits)].mean()))
+    return float(np.mean(losses))
+
+
 def _evaluate(checkpoint: Path, val: np.ndarray, cfg: ExtensionConfig, rope: Any = None) -> dict[str, Any]:
-    """Perplexity at L, 2L, 4L and passkey accuracy by depth at L and 4L, with full attention.
+    """Perplexity at L, 2L, 4L, passkey accuracy by depth at L and 4L and the digit-copy loss at L
+    (:func:`_copy_nll`), with full attention.
 
     ``rope``: a :class:`~longreach.hf.rope.RopeScaling` applied to the loaded model without training.
     """
@@ -251,6 +284,7 @@ def _evaluate(checkpoint: Path, val: np.ndarray, cfg: ExtensionConfig, rope: Any
     recs = passkey_retrieval(model, tok, lengths=[cfg.seq_len, long], depths=DEPTHS, seeds=cfg.seeds, seed=cfg.seed)
     table = accuracy_table(recs)
     return {"ppl": ppl, "passkey": {str(n): row for n, row in zip(table["lengths"], table["accuracy"])},
+            "copy_nll": _copy_nll(model, tok, cfg),
             "examples": [(r.length, r.answer, r.generated) for r in recs[:: max(1, len(recs) // 6)]]}
 
 
@@ -340,17 +374,18 @@ def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, A
     n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
     lens = list(rows[next(iter(rows))]["ppl"])
     ppl_table = Table(title="Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
-                      columns=["model", "trainable"] + [f"ppl @{n}" for n in lens] + [f"passkey @{n1}",
-                                                                                       f"passkey @{n4}"],
+                      columns=["model", "trainable"] + [f"ppl @{n}" for n in lens]
+                      + [f"passkey @{n1}", f"passkey @{n4}", f"digit-copy loss @{n1}"],
                       rows=[[name, f"{100 * trainable[name]:.1f}%" if name in trainable else "–"]
                             + [r["ppl"][n] for n in lens]
-                            + [float(np.mean(r["passkey"][n1])), float(np.mean(r["passkey"][n4]))]
+                            + [float(np.mean(r["passkey"][n1])), float(np.mean(r["passkey"][n4])), r["copy_nll"]]
                             for name, r in rows.items()],
                       note=f"L = {cfg.seq_len}, extended to {cfg.factor}L = {n4}; the fine-tuned recipes use "
                            + ("linear position interpolation (PI)" if cfg.finetune_rope == "linear" else
                               f"YaRN (beta {cfg.yarn_beta_fast:g}/{cfg.yarn_beta_slow:g}, attention factor "
                               f"{cfg.yarn_attention_factor:g})")
-                           + f"; passkey: {cfg.seeds} keys x {len(DEPTHS)} depths per length.")
+                           + f"; passkey: {cfg.seeds} keys x {len(DEPTHS)} depths per length; digit-copy loss: "
+                           "nats per digit on the key's second occurrence, ~8 tokens after the first (chance 2.30).")
     depth_table = Table(title="Passkey accuracy by depth of the key",
                         columns=["model", "length"] + [f"depth {d:.2f}" for d in DEPTHS],
                         rows=[[name, int(n)] + list(r["passkey"][n]) for name, r in rows.items() for n in (n1, n4)])
@@ -388,9 +423,9 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], mix: dict[s
     retrieves = ext_4 > pk[base_name] and min(far(k) for k in RECIPES) > far(base_name)
     tasks = (f"{mix['tasks']} passkey tasks, {100 * mix['beyond_L']:.0f}% with the key farther back than L"
              if mix else "passkey tasks")
-    taught = (f"{cfg.finetune_steps} fine-tuning steps ({tasks}) bring it to passkey @{n1} "
-              f"LongLoRA {pk1[longlora]:.2f}, SinkLoRA {pk1[sinklora]:.2f}, full {pk1[full]:.2f} and reach keys "
-              f"farther than L back at {n4}, which the base does not")
+    cp = {name: r["copy_nll"] for name, r in rows.items()}
+    copying = (f"digit-copy loss @{n1} (nats, chance 2.30): base {cp[base_name]:.2f}, {rope_words} untrained "
+               f"{cp[start]:.2f}, LongLoRA {cp[longlora]:.2f}, SinkLoRA {cp[sinklora]:.2f}, full {cp[full]:.2f}")
     return [
         Finding(claim=f"the base model retrieves passkeys at its training length L={n1}",
                 published="prerequisite of the passkey test (LongLoRA, Landmark Attention: base models retrieve "
@@ -406,14 +441,15 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], mix: dict[s
                      f"LongLoRA {pk1[longlora]:.2f}, SinkLoRA {pk1[sinklora]:.2f}, full {pk1[full]:.2f}",
                 reproduced=retrieves,
                 why=(f"{rope_words} without training: passkey @{n1} {pk1[start]:.2f} (base {pk1[base_name]:.2f}); "
-                     f"{taught}") if retrieves else (
+                     f"{cfg.finetune_steps} fine-tuning steps ({tasks}) restore the in-context copy ({copying}) and "
+                     f"reach keys farther than L back at {n4}, which the base does not") if retrieves else (
                     f"this {cfg.n_layers}-layer base retrieves only keys within ~L of the question: with its "
                     f"positions kept in the trained range ({yarn_name}: ppl @{n4} {p4[yarn_name]:.3g}, passkey "
                     f"@{n1} {pk1[yarn_name]:.2f}) its accuracy on keys farther away at {n4} is {far(yarn_name):.2f}, "
                     f"and {cfg.finetune_steps} fine-tuning steps ({tasks}) did not teach it "
                     f"({max(far(k) for k in RECIPES):.2f} at best, base {far(base_name):.2f}). PI breaks retrieval even at L "
                     f"({pk1[pi_name]:.2f}), as does YaRN with its published beta (every frequency of this L "
-                    f"interpolated; {pk1[yarn_paper]:.2f})")),
+                    f"interpolated; {pk1[yarn_paper]:.2f}); {copying}")),
         Finding(claim=f"perplexity at {cfg.factor}L: full fine-tune <= SinkLoRA <= LongLoRA",
                 published="LongLoRA (Llama2-7B, 8k): PG19/proof-pile ppl LoRA + S2 8.20/2.78 vs full fine-tune "
                           "7.93/2.73; SinkLoRA PG19 ablation: SF-Attn 8.64 vs S2 9.09",
