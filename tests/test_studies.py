@@ -66,8 +66,13 @@ def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> N
     for r in rows.values():  # ppl at L, 2L (= 4L here: factor 2 in the quick setting)
         assert list(r["ppl"]) == ["128", "256"] and all(math.isfinite(v) and v > 1 for v in r["ppl"].values())
         assert set(r["passkey"]) == {"128", "256"} and all(len(v) == 5 for v in r["passkey"].values())
+        assert math.isfinite(r["copy_nll"]) and r["copy_nll"] >= 0
     # the fine-tuning mix holds passkey tasks (longer than the pre-training ones)
-    assert body["data"]["data"]["finetune_passkey_docs"] > 0
+    data = body["data"]["data"]
+    assert data["finetune_passkey_docs"] == 6  # one long and two short per fine-tuning sequence: 2 steps x 1
+    # the data step's record of how far back the keys lie (pre-training tasks of 250 characters: inside L)
+    assert data["finetune_key_distance"]["tasks"] == 6 and data["pretrain_key_distance"]["tasks"] > 0
+    assert 0 < data["pretrain_key_distance"]["max"] < 128 and data["pretrain_key_distance"]["beyond_L"] == 0.0
     assert body["data"]["trainable_fraction"]["full fine-tune (full attention)"] == 1.0
     assert 0 < body["data"]["trainable_fraction"]["LongLoRA (LoRA + S2)"] < 1
     # each fine-tuned export (what the evaluation loads) carries the recipe's extended RoPE (PI, factor 2 here)
@@ -220,6 +225,55 @@ def test_extension_key_distances_count_tokens_from_the_key_to_the_answer() -> No
     assert _distance_summary(dist[:0], 30)["tasks"] == 0
 
 
+def test_extension_long_passkeys_spread_keys_and_keep_half_within_reach() -> None:
+    """The fine-tuning passkey tasks: half to all of the longest length; even ones with the key anywhere, odd
+    ones with at most ``near`` filler repeats between key and question."""
+    from longreach.data.synthetic import FILLER
+    from longreach.studies.extension import _long_passkeys
+
+    docs = _long_passkeys(400, 18 * (len(FILLER) + 1), 2, np.random.default_rng(0))
+    fillers = [d.count(FILLER) for d in docs]
+    after = [d.split("is the pass key.")[1].count(FILLER) for d in docs]  # repeats between key and question
+    assert len(docs) == 400 and min(fillers) == 9 and max(fillers) == 18
+    assert max(after[1::2]) == 2 and min(after[1::2]) == 0
+    assert max(after[0::2]) >= 15 and np.mean([a / f for a, f in zip(after[0::2], fillers[0::2])]) == pytest.approx(0.5, abs=0.06)
+    assert len({d.split("The pass key is ")[1].split(".")[0] for d in docs}) > 390  # fresh keys
+
+
+def test_extension_copy_loss_scores_the_second_occurrence_of_the_key() -> None:
+    """The digit-copy loss reads the logits that predict the key's second occurrence: ~0 for a model that puts
+    all its mass on the true next token, ln V for a uniform one, and high for one that is right only elsewhere."""
+    from longreach.studies.extension import ExtensionConfig, _copy_nll
+
+    class Chars:  # one token per character (digits one token each), a longreach-style tokenizer
+        sp = None
+
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) for c in text]
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(i) for i in ids)
+
+    class Oracle(torch.nn.Module):  # logits [1, S, 128]: 30 on the token that follows (what a copy would give)
+        def __init__(self, right: bool) -> None:
+            super().__init__()
+            self.right = right
+
+        def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+            nxt = torch.roll(input_ids[0], -1 if self.right else -2)  # [S]
+            return SimpleNamespace(logits=30.0 * torch.nn.functional.one_hot(nxt, 128).float()[None])
+
+    cfg = ExtensionConfig(seq_len=600, seeds=3)
+    assert _copy_nll(Oracle(True), Chars(), cfg) < 1e-6
+    assert _copy_nll(Oracle(False), Chars(), cfg) > 20
+    uniform = SimpleNamespace(logits=None)
+
+    def flat(input_ids: torch.Tensor) -> SimpleNamespace:
+        uniform.logits = torch.zeros(1, input_ids.shape[1], 128)
+        return uniform
+    assert _copy_nll(flat, Chars(), cfg) == pytest.approx(math.log(128))
+
+
 def test_extension_findings_follow_the_numbers() -> None:
     """The retrieval-at-4L, perplexity-order and YaRN findings read their direction from the rows: a table where
     the fine-tuned recipes find keys deep in 4L (and the base does not) reproduces the effect, one where they
@@ -257,6 +311,11 @@ def test_extension_findings_follow_the_numbers() -> None:
     mix = {"tasks": 2100, "quartiles": [40, 120, 260], "max": 470, "beyond_L": 0.42}
     with_mix = next(f for f in _findings(cfg, rows, mix) if "retrieve at 4L" in f.claim)
     assert "2100 passkey tasks, 42% with the key farther back than L" in with_mix.why
+    rows[longlora] = row(14.2, 0.1, [0.0] * 5)  # only some recipes reach deep keys: named, with their numbers
+    partial = finding("retrieve at 4L")
+    assert partial.reproduced is False
+    assert partial.why.startswith("SinkLoRA (LoRA + SF + 4 sinks) (0.75), full fine-tune (full attention) (0.75) reach")
+    assert "LongLoRA (LoRA + S2) (0.00, passkey @128 0.10) do not" in partial.why
     rows[sinklora] = row(14.3, 0.8, deep)  # SinkLoRA behind LongLoRA: the order is not reproduced
     assert finding("full fine-tune <= SinkLoRA").reproduced is False
     # the RoPE of each arm: PI, YaRN with the study's betas, YaRN with transformers' published defaults
