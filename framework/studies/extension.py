@@ -3,9 +3,9 @@
 1. **Data.** The embedded corpus (standard-library docstrings + passkey and associative-recall tasks,
    digits one token each). Pre-training tasks are at most ~L tokens long and ``aligned_fraction`` of the
    pre-training windows start at a task's first token (the rest anywhere), so whole tasks are seen often;
-   the fine-tuning mix is one *fresh* long passkey task per fine-tuning sequence, each 2L to ~4L tokens long,
-   half with the key at a uniform depth (keys up to ~4L back), half with it within L/2 of the question (in reach
-   of the sparse training patterns), two short passkey tasks per sequence and fresh recall tasks, packed whole
+   the fine-tuning mix is one *fresh* passkey task per fine-tuning sequence, each 2L to ~4L tokens long, half
+   with the key at a uniform depth (keys up to ~4L back), half with it within L/2 of the question (in reach of
+   the sparse training patterns), plus fresh recall tasks, packed whole
    into the fine-tuning loader's windows of 4L with the training docstrings filling the rest. The data step
    records how far back the keys of each mix lie. Held-out docstring modules are the perplexity text.
 2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longreach.data.synthetic import FILLER, make_passkey
+from longreach.data.synthetic import FILLER
 from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
                                     encode_documents, lm_step, register, warmup_decay)
 
@@ -164,8 +164,8 @@ def _long_passkeys(count: int, max_chars: int, near: int, rng: np.random.Generat
     lengths from one filler repeat up, which leaves few keys far back). Every other document has its key at a
     uniform depth, so that key-to-answer distances spread evenly up to the document's length; the others have
     it at most ``near`` filler repeats before the question, within the reach of the sparse training patterns
-    (S2 and SF attend within groups of L/4 of the window, shifted by half a group), which cannot learn a
-    lookup from keys they do not see."""
+    (S2 and SF attend within groups of a quarter of the window, half the heads shifted by half a group), which
+    cannot learn a lookup from keys they do not see."""
     from longreach.data.synthetic import passkey_prompt
 
     most = max(1, max_chars // (len(FILLER) + 1))  # filler repeats in max_chars
@@ -189,17 +189,14 @@ def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     train = np.concatenate(pieces)  # [N]
     task_starts = starts[keep >= n_text]  # documents after the docstrings are tasks
     val = encode_documents(tok, docs, held)  # [N_val] natural text only
-    # fine-tuning: one fresh long passkey task per fine-tuning sequence, each filling half to most of the factor x L
+    # fine-tuning: one fresh passkey task per fine-tuning sequence, each filling half to most of the factor x L
     # window, half of them with the key at any depth (up to ~factor x L back), half with it within L/2 of the
-    # question; two short ones (up to a quarter of that) per sequence, so that more answers are trained per step;
-    # fresh recall tasks (the seed shifts their contents); all packed whole into windows of factor x L whose
-    # remainder is the training docstrings
+    # question; plus fresh recall tasks (the seed shifts their contents), packed whole into windows of factor x L
+    # whose remainder is the training docstrings
     _, long_docs, _ = embedded_documents(replace(cfg, seed=cfg.seed + 1), out / "cache",
                                          task_chars=cfg.finetune_task_chars, tokenizer=str(tok.path))
     near = max(1, cfg.seq_len // 2 // len(tok.encode(" " + FILLER)))  # filler repeats in L/2 tokens
-    count = cfg.finetune_steps * cfg.finetune_batch
-    keys = _long_passkeys(count, cfg.finetune_task_chars, near, rng)
-    keys += [make_passkey(rng, cfg.finetune_task_chars // 4).text for _ in range(2 * count)]  # more answers per step
+    keys = _long_passkeys(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_task_chars, near, rng)
     tasks = keys + [d for d in long_docs[n_text:] if not d.startswith(PASSKEY_INTRO)]
     text_idx = rng.permutation(np.setdiff1d(np.arange(n_text), held))
     tune = _pack(_encode(tok, tasks, rng.permutation(len(tasks))), encode_documents(tok, long_docs, text_idx),
