@@ -66,8 +66,13 @@ def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> N
     for r in rows.values():  # ppl at L, 2L (= 4L here: factor 2 in the quick setting)
         assert list(r["ppl"]) == ["128", "256"] and all(math.isfinite(v) and v > 1 for v in r["ppl"].values())
         assert set(r["passkey"]) == {"128", "256"} and all(len(v) == 5 for v in r["passkey"].values())
+        assert math.isfinite(r["copy_nll"]) and r["copy_nll"] >= 0
     # the fine-tuning mix holds passkey tasks (longer than the pre-training ones)
-    assert body["data"]["data"]["finetune_passkey_docs"] > 0
+    data = body["data"]["data"]
+    assert data["finetune_passkey_docs"] == 2  # one per fine-tuning sequence: 2 steps x 1
+    # the data step's record of how far back the keys lie (pre-training tasks of 250 characters: inside L)
+    assert data["finetune_key_distance"]["tasks"] == 2 and data["pretrain_key_distance"]["tasks"] > 0
+    assert 0 < data["pretrain_key_distance"]["max"] < 128 and data["pretrain_key_distance"]["beyond_L"] == 0.0
     assert body["data"]["trainable_fraction"]["full fine-tune (full attention)"] == 1.0
     assert 0 < body["data"]["trainable_fraction"]["LongLoRA (LoRA + S2)"] < 1
     # each fine-tuned export (what the evaluation loads) carries the recipe's extended RoPE (PI, factor 2 here)
@@ -198,6 +203,77 @@ def test_extension_pack_keeps_every_task_whole_inside_one_window() -> None:
     assert fill == [1000 + k % 37 for k in range(len(fill))]  # the text read on cyclically, nothing skipped
 
 
+def test_extension_key_distances_count_tokens_from_the_key_to_the_answer() -> None:
+    """The data step's diagnosis of the task mixes: tokens between a passkey document's key and its answer, for
+    passkey documents only, and the share of keys farther back than L."""
+    from longreach.data.synthetic import passkey_prompt
+    from longreach.studies.extension import _distance_summary, _key_distances
+
+    class Words:  # one token per whitespace-separated word
+        def encode(self, text: str) -> list[int]:
+            return [0] * len(text.split())
+
+    filler_words = len("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.".split())
+    docs = [passkey_prompt(6, d, 123).text for d in (0.0, 0.5, 1.0)] + ["Remember the following facts. The x is 1."]
+    dist = _key_distances(Words(), docs)
+    # after "The pass key is": "123. Remember it. 123 is the pass key." (8 words), the filler after the key,
+    # then "What is the pass key? The pass key is" (9 words)
+    assert dist.tolist() == [8 + 6 * filler_words + 9, 8 + 3 * filler_words + 9, 8 + 9]
+    summary = _distance_summary(dist, 30)
+    assert summary["tasks"] == 3 and summary["max"] == int(dist.max()) and summary["quartiles"][1] == int(dist[1])
+    assert summary["beyond_L"] == 2 / 3
+    assert _distance_summary(dist[:0], 30)["tasks"] == 0
+
+
+def test_extension_long_passkeys_spread_keys_and_keep_half_within_reach() -> None:
+    """The fine-tuning passkey tasks: half to all of the longest length; even ones with the key anywhere, odd
+    ones with at most ``near`` filler repeats between key and question."""
+    from longreach.data.synthetic import FILLER
+    from longreach.studies.extension import _long_passkeys
+
+    docs = _long_passkeys(400, 18 * (len(FILLER) + 1), 2, np.random.default_rng(0))
+    fillers = [d.count(FILLER) for d in docs]
+    after = [d.split("is the pass key.")[1].count(FILLER) for d in docs]  # repeats between key and question
+    assert len(docs) == 400 and min(fillers) == 9 and max(fillers) == 18
+    assert max(after[1::2]) == 2 and min(after[1::2]) == 0
+    assert max(after[0::2]) >= 15 and np.mean([a / f for a, f in zip(after[0::2], fillers[0::2])]) == pytest.approx(0.5, abs=0.06)
+    assert len({d.split("The pass key is ")[1].split(".")[0] for d in docs}) > 390  # fresh keys
+
+
+def test_extension_copy_loss_scores_the_second_occurrence_of_the_key() -> None:
+    """The digit-copy loss reads the logits that predict the key's second occurrence: ~0 for a model that puts
+    all its mass on the true next token, ln V for a uniform one, and high for one that is right only elsewhere."""
+    from longreach.studies.extension import ExtensionConfig, _copy_nll
+
+    class Chars:  # one token per character (digits one token each), a longreach-style tokenizer
+        sp = None
+
+        def encode(self, text: str) -> list[int]:
+            return [ord(c) for c in text]
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(i) for i in ids)
+
+    class Oracle(torch.nn.Module):  # logits [1, S, 128]: 30 on the token that follows (what a copy would give)
+        def __init__(self, right: bool) -> None:
+            super().__init__()
+            self.right = right
+
+        def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+            nxt = torch.roll(input_ids[0], -1 if self.right else -2)  # [S]
+            return SimpleNamespace(logits=30.0 * torch.nn.functional.one_hot(nxt, 128).float()[None])
+
+    cfg = ExtensionConfig(seq_len=600, seeds=3)
+    assert _copy_nll(Oracle(True), Chars(), cfg) < 1e-6
+    assert _copy_nll(Oracle(False), Chars(), cfg) > 20
+    uniform = SimpleNamespace(logits=None)
+
+    def flat(input_ids: torch.Tensor) -> SimpleNamespace:
+        uniform.logits = torch.zeros(1, input_ids.shape[1], 128)
+        return uniform
+    assert _copy_nll(flat, Chars(), cfg) == pytest.approx(math.log(128))
+
+
 def test_extension_findings_follow_the_numbers() -> None:
     """The retrieval-at-4L, perplexity-order and YaRN findings read their direction from the rows: a table where
     the fine-tuned recipes find keys deep in 4L (and the base does not) reproduces the effect, one where they
@@ -207,8 +283,9 @@ def test_extension_findings_follow_the_numbers() -> None:
     cfg = ExtensionConfig()
     longlora, sinklora, full = RECIPES
 
-    def row(ppl4: float, pk_l: float, pk_4: list[float]) -> dict:
-        return {"ppl": {"128": 12.0, "256": 13.0, "512": ppl4}, "passkey": {"128": [pk_l] * 5, "512": pk_4}}
+    def row(ppl4: float, pk_l: float, pk_4: list[float]) -> dict:  # digit-copy loss: near 0 where L retrieves
+        return {"ppl": {"128": 12.0, "256": 13.0, "512": ppl4}, "passkey": {"128": [pk_l] * 5, "512": pk_4},
+                "copy_nll": 2.2 * (1 - pk_l)}
 
     near = [0.0, 0.0, 0.0, 0.0, 1.0]  # only the key next to the question (depth 1)
     rows = {"base (no fine-tune, no scaling)": row(40.0, 0.9, [0.0, 0.0, 0.0, 0.0, 0.6]),
@@ -227,7 +304,18 @@ def test_extension_findings_follow_the_numbers() -> None:
     assert finding("YaRN extends better").reproduced is True
     deep = [0.6, 0.8, 0.7, 0.9, 1.0]
     rows.update({longlora: row(14.2, 0.8, deep), sinklora: row(14.1, 0.8, deep), full: row(13.9, 0.9, deep)})
-    assert finding("retrieve at 4L").reproduced is True and finding("retrieve at 4L").why == ""
+    retrieval = finding("retrieve at 4L")
+    assert retrieval.reproduced is True and "PI without training: passkey @128 0.00 (base 0.90)" in retrieval.why
+    assert f"{cfg.finetune_steps} fine-tuning steps (passkey tasks)" in retrieval.why
+    assert "base 0.22, PI untrained 2.20, LongLoRA 0.44, SinkLoRA 0.44, full 0.22" in retrieval.why
+    mix = {"tasks": 2100, "quartiles": [40, 120, 260], "max": 470, "beyond_L": 0.42}
+    with_mix = next(f for f in _findings(cfg, rows, mix) if "retrieve at 4L" in f.claim)
+    assert "2100 passkey tasks, 42% with the key farther back than L" in with_mix.why
+    rows[longlora] = row(14.2, 0.1, [0.0] * 5)  # only some recipes reach deep keys: named, with their numbers
+    partial = finding("retrieve at 4L")
+    assert partial.reproduced is False
+    assert partial.why.startswith("SinkLoRA (LoRA + SF + 4 sinks) (0.75), full fine-tune (full attention) (0.75) reach")
+    assert "LongLoRA (LoRA + S2) (0.00, passkey @128 0.10) do not" in partial.why
     rows[sinklora] = row(14.3, 0.8, deep)  # SinkLoRA behind LongLoRA: the order is not reproduced
     assert finding("full fine-tune <= SinkLoRA").reproduced is False
     # the RoPE of each arm: PI, YaRN with the study's betas, YaRN with transformers' published defaults

@@ -3,9 +3,11 @@
 1. **Data.** The embedded corpus (standard-library docstrings + passkey and associative-recall tasks,
    digits one token each). Pre-training tasks are at most ~L tokens long and ``aligned_fraction`` of the
    pre-training windows start at a task's first token (the rest anywhere), so whole tasks are seen often;
-   the fine-tuning mix is *fresh* tasks up to ~4L tokens (passkeys at every depth), packed whole into the
-   fine-tuning loader's windows of 4L with the training docstrings filling the rest. Held-out docstring
-   modules are the perplexity text.
+   the fine-tuning mix is one *fresh* passkey task per fine-tuning sequence, each 2L to ~4L tokens long, half
+   with the key at a uniform depth (keys up to ~4L back), half with it within L/2 of the question (in reach of
+   the sparse training patterns), plus fresh recall tasks, packed whole
+   into the fine-tuning loader's windows of 4L with the training docstrings filling the rest. The data step
+   records how far back the keys of each mix lie. Held-out docstring modules are the perplexity text.
 2. **Base model.** A tiny Llama pretrained with longreach at L and exported to HF (weights, config,
    sentencepiece tokenizer). The study checks that it retrieves passkeys at L: an extension can only
    be judged against a base that retrieves where it was trained.
@@ -29,10 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from longreach.data.synthetic import FILLER
 from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
                                     encode_documents, lm_step, register, warmup_decay)
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+PASSKEY_INTRO = "There is an important piece"
+"""The first words of every passkey document (how the data step tells them from the other tasks)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -45,13 +50,13 @@ class ExtensionConfig(TinyLMConfig):
     """Context extension factor."""
     pretrain_steps: int = 2500
     """Base model optimizer steps."""
-    finetune_steps: int = 300
+    finetune_steps: int = 1200
     """Optimizer steps of each extension recipe."""
     finetune_batch: int = 4
     """Sequences of ``factor`` x L tokens per fine-tuning step."""
     lora_lr: float = 2e-3
     """Learning rate of the LoRA recipes."""
-    full_lr: float = 5e-4
+    full_lr: float = 1e-3
     """Learning rate of full fine-tuning."""
     aligned_fraction: float = 0.75
     """Share of pre-training windows that start at a task document's first token (the rest start anywhere,
@@ -69,7 +74,8 @@ class ExtensionConfig(TinyLMConfig):
     """YaRN's multiplier of cos/sin (attention temperature); the published 0.1 ln s + 1 is used by the
     "YaRN (published)" baseline."""
     finetune_task_chars: int = 1700
-    """Longest fine-tuning task in characters (a passkey task of ~``factor`` x L tokens)."""
+    """Longest fine-tuning task in characters (a passkey task of ~``factor`` x L tokens; the fine-tuning passkey
+    tasks are half as long up to this)."""
     seeds: int = 10
     """Passkey keys per (length, depth)."""
     ppl_windows: int = 16
@@ -128,6 +134,49 @@ def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate(windows)
 
 
+def _key_distances(tok: Any, docs: list[str]) -> np.ndarray:
+    """``[P]`` tokens from the key of each passkey document among ``docs`` to its answer: how far back the model
+    must look to answer (0 where the key sits right before the question; other documents are skipped)."""
+    from longreach.data.synthetic import PASSKEY_QUESTION
+
+    needle = "The pass key is"
+    dist = []
+    for d in docs:
+        if not d.startswith(PASSKEY_INTRO):
+            continue
+        key_end = d.index(needle) + len(needle)  # the key follows
+        ask_end = d.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION)  # the answer follows
+        dist.append(len(tok.encode(d[:ask_end])) - len(tok.encode(d[:key_end])))
+    return np.asarray(dist, dtype=np.int64)
+
+
+def _distance_summary(dist: np.ndarray, seq_len: int) -> dict[str, Any]:
+    """Key-to-answer distances ``[P]`` as the data step records them: count, quartiles, maximum and the share
+    of keys farther back than ``seq_len`` (what the base, trained at L, never had to reach)."""
+    if not len(dist):
+        return {"tasks": 0, "quartiles": [], "max": 0, "beyond_L": 0.0}
+    return {"tasks": int(len(dist)), "quartiles": [int(q) for q in np.quantile(dist, [0.25, 0.5, 0.75])],
+            "max": int(dist.max()), "beyond_L": float(np.mean(dist > seq_len))}
+
+
+def _long_passkeys(count: int, max_chars: int, near: int, rng: np.random.Generator) -> list[str]:
+    """``count`` passkey documents of ``max_chars // 2`` to ``max_chars`` characters (the generic generator draws
+    lengths from one filler repeat up, which leaves few keys far back). Every other document has its key at a
+    uniform depth, so that key-to-answer distances spread evenly up to the document's length; the others have
+    it at most ``near`` filler repeats before the question, within the reach of the sparse training patterns
+    (S2 and SF attend within groups of a quarter of the window, half the heads shifted by half a group), which
+    cannot learn a lookup from keys they do not see."""
+    from longreach.data.synthetic import passkey_prompt
+
+    most = max(1, max_chars // (len(FILLER) + 1))  # filler repeats in max_chars
+    docs = []
+    for i in range(count):
+        n = int(rng.integers((most + 1) // 2, most + 1))
+        depth = float(rng.random()) if i % 2 == 0 else (n - int(rng.integers(0, min(near, n) + 1))) / n
+        docs.append(passkey_prompt(n, depth, int(rng.integers(1, 50001))).text)
+    return docs
+
+
 def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     """Write pretrain/fine-tune/held-out token files (and the pre-training task starts); return their sizes
     and the tokenizer file."""
@@ -140,20 +189,29 @@ def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     train = np.concatenate(pieces)  # [N]
     task_starts = starts[keep >= n_text]  # documents after the docstrings are tasks
     val = encode_documents(tok, docs, held)  # [N_val] natural text only
-    # fine-tuning: fresh tasks up to ~factor x longer (the seed shifts the keys), packed whole into windows of
-    # factor x L whose remainder is the training docstrings
+    # fine-tuning: one fresh passkey task per fine-tuning sequence, each filling half to most of the factor x L
+    # window, half of them with the key at any depth (up to ~factor x L back), half with it within L/2 of the
+    # question; plus fresh recall tasks (the seed shifts their contents), packed whole into windows of factor x L
+    # whose remainder is the training docstrings
     _, long_docs, _ = embedded_documents(replace(cfg, seed=cfg.seed + 1), out / "cache",
-                                 task_chars=cfg.finetune_task_chars, tokenizer=str(tok.path))
+                                         task_chars=cfg.finetune_task_chars, tokenizer=str(tok.path))
+    near = max(1, cfg.seq_len // 2 // len(tok.encode(" " + FILLER)))  # filler repeats in L/2 tokens
+    keys = _long_passkeys(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_task_chars, near, rng)
+    tasks = keys + [d for d in long_docs[n_text:] if not d.startswith(PASSKEY_INTRO)]
     text_idx = rng.permutation(np.setdiff1d(np.arange(n_text), held))
-    tune = _pack(_encode(tok, long_docs, rng.permutation(np.arange(n_text, len(long_docs)))),
-                 encode_documents(tok, long_docs, text_idx), cfg.factor * cfg.seq_len)
+    tune = _pack(_encode(tok, tasks, rng.permutation(len(tasks))), encode_documents(tok, long_docs, text_idx),
+                 cfg.factor * cfg.seq_len)
     for name, arr in (("pretrain", train), ("finetune", tune), ("val", val)):
         np.save(out / f"{name}_tokens.npy", arr)
     np.save(out / "pretrain_task_starts.npy", task_starts)
-    n_pk = sum(d.startswith("There is an important piece") for d in long_docs)
+    # how far back each passkey task's answer must look: the base's tasks stay inside L, the fine-tuning tasks
+    # reach ~factor x L
     return {"documents": len(docs), "docstring_modules": n_text, "held_out": len(held), "pretrain_tokens": len(train),
-            "pretrain_tasks": len(task_starts), "finetune_tokens": len(tune), "finetune_passkey_docs": n_pk,
-            "val_tokens": len(val), "tokenizer": str(tok.path)}
+            "pretrain_tasks": len(task_starts), "finetune_tokens": len(tune), "finetune_passkey_docs": len(keys),
+            "finetune_tasks": len(tasks), "val_tokens": len(val), "tokenizer": str(tok.path),
+            "pretrain_key_distance": _distance_summary(_key_distances(tok, docs[n_text:]), cfg.seq_len),
+            "finetune_key_distance": _distance_summary(_key_distances(tok, keys), cfg.seq_len),
+            "finetune_windows": len(tune) // (cfg.factor * cfg.seq_len)}
 
 
 def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext) -> dict[str, Any]:
@@ -181,8 +239,30 @@ def _pretrain(cfg: ExtensionConfig, out: Path, tokenizer: str, ctx: StudyContext
     return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-20:]))}
 
 
+@torch.no_grad()
+def _copy_nll(model: Any, tok: Any, cfg: ExtensionConfig) -> float:
+    """Mean loss (nats per digit; chance ln 10 = 2.30) on the key's second occurrence in passkey prompts of L
+    tokens ("The pass key is N. Remember it. N is the pass key."): copying digits from ~8 tokens back, the
+    in-context copy that every retrieved answer also needs. ``seeds`` five-digit keys at depth 0.5."""
+    from longreach.evaluation.common import TextCodec
+    from longreach.evaluation.passkey import build_prompt
+
+    codec = TextCodec(tok)
+    losses = []
+    for s in range(cfg.seeds):
+        key = int(np.random.default_rng([cfg.seed, 8, s]).integers(10_000, 50_001))
+        prompt, ans, answer = build_prompt(codec, cfg.seq_len, 0.5, key)
+        digits = ans[-len(answer):]  # one token per digit
+        second = [i for i in range(len(prompt) - len(digits)) if prompt[i:i + len(digits)] == digits][1]
+        logits = model(input_ids=torch.as_tensor([prompt[:second + len(digits)]])).logits[0]  # [S, V]
+        logp = torch.log_softmax(logits[second - 1:second - 1 + len(digits)].float(), dim=-1)  # [5, V]
+        losses.append(-float(logp[torch.arange(len(digits)), torch.as_tensor(digits)].mean()))
+    return float(np.mean(losses))
+
+
 def _evaluate(checkpoint: Path, val: np.ndarray, cfg: ExtensionConfig, rope: Any = None) -> dict[str, Any]:
-    """Perplexity at L, 2L, 4L and passkey accuracy by depth at L and 4L, with full attention.
+    """Perplexity at L, 2L, 4L, passkey accuracy by depth at L and 4L and the digit-copy loss at L
+    (:func:`_copy_nll`), with full attention.
 
     ``rope``: a :class:`~longreach.hf.rope.RopeScaling` applied to the loaded model without training.
     """
@@ -204,6 +284,7 @@ def _evaluate(checkpoint: Path, val: np.ndarray, cfg: ExtensionConfig, rope: Any
     recs = passkey_retrieval(model, tok, lengths=[cfg.seq_len, long], depths=DEPTHS, seeds=cfg.seeds, seed=cfg.seed)
     table = accuracy_table(recs)
     return {"ppl": ppl, "passkey": {str(n): row for n, row in zip(table["lengths"], table["accuracy"])},
+            "copy_nll": _copy_nll(model, tok, cfg),
             "examples": [(r.length, r.answer, r.generated) for r in recs[:: max(1, len(recs) // 6)]]}
 
 
@@ -268,6 +349,10 @@ def run(cfg: ExtensionConfig, ctx: StudyContext) -> StudyResult:
     ctx.log(f"data: {data['documents']} documents, {data['pretrain_tokens']} pre-training tokens, "
             f"{data['finetune_tokens']} fine-tuning tokens ({data['finetune_passkey_docs']} passkey documents "
             f"up to ~{cfg.factor}L), {data['val_tokens']} held-out tokens")
+    for part in ("pretrain", "finetune"):
+        kd = data[f"{part}_key_distance"]
+        ctx.log(f"{part} passkey tasks: {kd['tasks']}, key-to-answer distance quartiles {kd['quartiles']} tokens, "
+                f"max {kd['max']}, {100 * kd['beyond_L']:.0f}% farther than L={cfg.seq_len}")
     base = ctx.step("pretrain", lambda: _pretrain(cfg, out, data["tokenizer"], ctx))
     val = np.load(out / "val_tokens.npy")
     base_hf = out / "base_hf"
@@ -289,28 +374,55 @@ def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, A
     n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
     lens = list(rows[next(iter(rows))]["ppl"])
     ppl_table = Table(title="Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
-                      columns=["model", "trainable"] + [f"ppl @{n}" for n in lens] + [f"passkey @{n1}",
-                                                                                       f"passkey @{n4}"],
+                      columns=["model", "trainable"] + [f"ppl @{n}" for n in lens]
+                      + [f"passkey @{n1}", f"passkey @{n4}", f"digit-copy loss @{n1}"],
                       rows=[[name, f"{100 * trainable[name]:.1f}%" if name in trainable else "–"]
                             + [r["ppl"][n] for n in lens]
-                            + [float(np.mean(r["passkey"][n1])), float(np.mean(r["passkey"][n4]))]
+                            + [float(np.mean(r["passkey"][n1])), float(np.mean(r["passkey"][n4])), r["copy_nll"]]
                             for name, r in rows.items()],
                       note=f"L = {cfg.seq_len}, extended to {cfg.factor}L = {n4}; the fine-tuned recipes use "
                            + ("linear position interpolation (PI)" if cfg.finetune_rope == "linear" else
                               f"YaRN (beta {cfg.yarn_beta_fast:g}/{cfg.yarn_beta_slow:g}, attention factor "
                               f"{cfg.yarn_attention_factor:g})")
-                           + f"; passkey: {cfg.seeds} keys x {len(DEPTHS)} depths per length.")
+                           + f"; passkey: {cfg.seeds} keys x {len(DEPTHS)} depths per length; digit-copy loss: "
+                           "nats per digit on the key's second occurrence, ~8 tokens after the first (chance 2.30).")
     depth_table = Table(title="Passkey accuracy by depth of the key",
                         columns=["model", "length"] + [f"depth {d:.2f}" for d in DEPTHS],
                         rows=[[name, int(n)] + list(r["passkey"][n]) for name, r in rows.items() for n in (n1, n4)])
-    findings = _findings(cfg, rows)
+    findings = _findings(cfg, rows, data.get("finetune_key_distance"))
     plots = _plots(cfg, ctx, rows)
     return StudyResult(tables=[ppl_table, depth_table], findings=findings, plots=plots,
                        data={"rows": rows, "trainable_fraction": trainable, "data": data, "pretrain": base,
                              "depths": DEPTHS})
 
 
-def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Finding]:
+def _no_retrieval_why(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], far: Any, tasks: str, copying: str
+                      ) -> str:
+    """Why the retrieval finding failed, from the numbers: which recipes reach keys farther than L back at 4L
+    (``far(name)``: their accuracy there) and what the others lost, or, when none does, what the base can reach."""
+    n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
+    base_name = "base (no fine-tune, no scaling)"
+    pi_name, yarn_paper, yarn_name = list(BASELINES)
+    pk1 = {name: float(np.mean(r["passkey"][n1])) for name, r in rows.items()}
+    reached = [k for k in RECIPES if far(k) > far(base_name)]
+    if reached:
+        others = [k for k in RECIPES if k not in reached]
+        return (f"{', '.join(f'{k} ({far(k):.2f})' for k in reached)} reach keys farther than L back at {n4} "
+                f"(base {far(base_name):.2f}) after {cfg.finetune_steps} steps ({tasks}); "
+                f"{', '.join(f'{k} ({far(k):.2f}, passkey @{n1} {pk1[k]:.2f})' for k in others)} do not, "
+                f"trained on the same data with their sparse attention ({copying})")
+    return (f"this {cfg.n_layers}-layer base retrieves only keys within ~L of the question: with its "
+            f"positions kept in the trained range ({yarn_name}: passkey @{n1} {pk1[yarn_name]:.2f}) its accuracy on "
+            f"keys farther away at {n4} is {far(yarn_name):.2f}, and {cfg.finetune_steps} fine-tuning steps ({tasks}) "
+            f"did not teach it ({max(far(k) for k in RECIPES):.2f} at best, base {far(base_name):.2f}). PI breaks "
+            f"retrieval even at L ({pk1[pi_name]:.2f}), as does YaRN with its published beta (every frequency of "
+            f"this L interpolated; {pk1[yarn_paper]:.2f}); {copying}")
+
+
+def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], mix: dict[str, Any] | None = None
+              ) -> list[Finding]:
+    """The published effects against ``rows`` (one :func:`_evaluate` record per model); ``mix`` is the data
+    step's ``finetune_key_distance`` (how far back the fine-tuning tasks' keys lie), quoted in the "why"."""
     n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
     pk = {name: float(np.mean(r["passkey"][n4])) for name, r in rows.items()}
     pk1 = {name: float(np.mean(r["passkey"][n1])) for name, r in rows.items()}
@@ -332,6 +444,11 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Fin
         return (math.log(p4[start]) - math.log(p4[name])) / whole if whole > 0 else float("nan")
 
     retrieves = ext_4 > pk[base_name] and min(far(k) for k in RECIPES) > far(base_name)
+    tasks = (f"{mix['tasks']} passkey tasks, {100 * mix['beyond_L']:.0f}% with the key farther back than L"
+             if mix else "passkey tasks")
+    cp = {name: r["copy_nll"] for name, r in rows.items()}
+    copying = (f"digit-copy loss @{n1} (nats, chance 2.30): base {cp[base_name]:.2f}, {rope_words} untrained "
+               f"{cp[start]:.2f}, LongLoRA {cp[longlora]:.2f}, SinkLoRA {cp[sinklora]:.2f}, full {cp[full]:.2f}")
     return [
         Finding(claim=f"the base model retrieves passkeys at its training length L={n1}",
                 published="prerequisite of the passkey test (LongLoRA, Landmark Attention: base models retrieve "
@@ -346,14 +463,10 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]]) -> list[Fin
                      f"({far(full):.2f}); base {pk[base_name]:.2f} ({far(base_name):.2f}); passkey @{n1}: "
                      f"LongLoRA {pk1[longlora]:.2f}, SinkLoRA {pk1[sinklora]:.2f}, full {pk1[full]:.2f}",
                 reproduced=retrieves,
-                why="" if retrieves else (
-                    f"this {cfg.n_layers}-layer base retrieves only keys within ~L of the question: with its "
-                    f"positions kept in the trained range ({yarn_name}: ppl @{n4} {p4[yarn_name]:.3g}, passkey "
-                    f"@{n1} {pk1[yarn_name]:.2f}) its accuracy on keys farther away at {n4} is {far(yarn_name):.2f}, "
-                    f"and {cfg.finetune_steps} fine-tuning steps on passkeys up to {n4} tokens did not teach it "
-                    f"({max(far(k) for k in RECIPES):.2f} at best, base {far(base_name):.2f}). PI breaks retrieval even at L "
-                    f"({pk1[pi_name]:.2f}), as does YaRN with its published beta (every frequency of this L "
-                    f"interpolated; {pk1[yarn_paper]:.2f})")),
+                why=(f"{rope_words} without training: passkey @{n1} {pk1[start]:.2f} (base {pk1[base_name]:.2f}); "
+                     f"{cfg.finetune_steps} fine-tuning steps ({tasks}) restore the in-context copy ({copying}) and "
+                     f"reach keys farther than L back at {n4}, which the base does not") if retrieves
+                else _no_retrieval_why(cfg, rows, far, tasks, copying)),
         Finding(claim=f"perplexity at {cfg.factor}L: full fine-tune <= SinkLoRA <= LongLoRA",
                 published="LongLoRA (Llama2-7B, 8k): PG19/proof-pile ppl LoRA + S2 8.20/2.78 vs full fine-tune "
                           "7.93/2.73; SinkLoRA PG19 ablation: SF-Attn 8.64 vs S2 9.09",
