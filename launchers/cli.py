@@ -163,13 +163,21 @@ def _interrupted(signum: int) -> int:
         # a torchrun worker whose peers are stopping too: the process-group destructors at interpreter exit
         # can wait on a peer that is already gone (until the agent SIGKILLs us), so leave now; the run
         # folder's lock and partial checkpoints were handled by the finally blocks that already ran
-        import logging
-
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(128 + signum)
+        _leave(128 + signum)
     return 128 + signum
+
+
+def _leave(code: int) -> None:
+    """End a torchrun worker now with ``code``: logs and streams flushed, no interpreter teardown. The
+    destructors of communication threads at teardown can abort the process ("terminate called without
+    an active exception", exit -6) after its command succeeded, and the agent then stops the other ranks
+    and fails the job; every command has closed its files and process groups by the time it returns."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -294,4 +302,7 @@ def demo_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # torchrun -m longreach.launchers.cli train …
-    sys.exit(main())
+    status = main()
+    if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        _leave(status)
+    sys.exit(status)
