@@ -171,7 +171,9 @@ def _leave(code: int) -> None:
     """End a torchrun worker now with ``code``: logs and streams flushed, no interpreter teardown. The
     destructors of communication threads at teardown can abort the process ("terminate called without
     an active exception", exit -6) after its command succeeded, and the agent then stops the other ranks
-    and fails the job; every command has closed its files and process groups by the time it returns."""
+    and fails the job; every command has closed its files and process groups by the time it returns.
+    Used after success and on a stop signal; a rank that failed otherwise exits normally, so the agent
+    reports the peer whose failure broke it (a SIGKILLed rank) rather than this rank's exit 1."""
     import logging
 
     logging.shutdown()
@@ -303,6 +305,6 @@ def demo_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":  # torchrun -m longreach.launchers.cli train …
     status = main()
-    if "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
-        _leave(status)
+    if status == 0 and "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        _leave(status)  # a failing rank keeps the teardown: the agent must see its peer's failure first
     sys.exit(status)
