@@ -13,6 +13,7 @@ zigzag: a member's two chunks at the two ends of the group's span), so no separa
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,25 @@ def _groups(xs: list[torch.Tensor]) -> list[list[int]]:
     return list(keys.values())
 
 
+def _exchange(fills: list[Callable[[torch.Tensor], object]], widths: list[int], like: torch.Tensor,
+              group: dist.ProcessGroup | None) -> tuple[torch.Tensor, list[int]]:
+    """One all-to-all of several tensors packed side by side along the head axis.
+
+    ``like`` ``[U, B, n, ·, D]`` gives the send buffer's other sizes, dtype and device; ``fills[j]`` writes
+    tensor j's ``[U (destination), B, n, widths[j], D]`` part into the view it is given. Returns the receive
+    buffer ``[U (source), B, n, Σwidths, D]`` and where each tensor's heads lie in it (``offs[j]:offs[j + 1]``)."""
+    u, b, n, _, d = like.shape
+    offs = [0]
+    for w in widths:
+        offs.append(offs[-1] + w)
+    send = like.new_empty(u, b, n, offs[-1], d)
+    for fill, lo, hi in zip(fills, offs, offs[1:]):
+        fill(send[:, :, :, lo:hi])
+    recv = torch.empty_like(send)
+    all_to_all_single(recv, send, group=group)
+    return recv, offs
+
+
 def heads_to_seq_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None, degree: int,
                       replicate: list[int] | None = None, order: TokenOrder | None = None,
                       heads: list[bool] | None = None) -> list[torch.Tensor]:
@@ -128,22 +148,12 @@ def heads_to_seq_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None
         parts = []
         for i in idx:
             x, r = xs[i], replicate[i]
-            b, n, hx, d = x.shape
             if r > 1:
                 x = x.index_select(2, torch.arange(degree, device=x.device) // r)  # [B, n, U, D]
-            parts.append(x.unflatten(2, (degree, -1)))  # [B, n, U, hl, D]
-        b, n, _, _, d = parts[0].shape
-        widths = [p.shape[3] for p in parts]
-        send = parts[0].new_empty(degree, b, n, sum(widths), d)  # [U (dest), B, n, Σhl, D]
-        off = 0
-        for p, w in zip(parts, widths):
-            send[:, :, :, off:off + w].copy_(p.permute(2, 0, 1, 3, 4))
-            off += w
+            parts.append(x.unflatten(2, (degree, -1)).permute(2, 0, 1, 3, 4))  # [U, B, n, hl, D]
+        recv, offs = _exchange([lambda out, p=p: out.copy_(p) for p in parts], [p.shape[3] for p in parts],
+                               parts[0], group)  # [U (source), B, n, Σhl, D]
         del parts
-        recv = torch.empty_like(send)
-        all_to_all_single(recv, send, group=group)  # [U (source), B, n, Σhl, D]
-        del send
-        offs = [sum(widths[:j]) for j in range(len(idx) + 1)]
         for hf in (False, True):
             mine = [j for j, i in enumerate(idx) if heads[i] == hf]
             if not mine:
@@ -161,24 +171,17 @@ def seq_to_heads_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None
     replicate = replicate or [1] * len(xs)
     result: list[torch.Tensor | None] = [None] * len(xs)
     for idx in _groups(xs):
-        b, un, _, d = xs[idx[0]].shape
-        n = un // degree
-        widths = [xs[i].shape[2] for i in idx]
-        send = xs[idx[0]].new_empty(degree, b, n, sum(widths), d)  # [U (dest), B, n, Σhl, D]
-        off = 0
-        for i, w in zip(idx, widths):
-            _to_members(xs[i], degree, order, out=send[:, :, :, off:off + w])
-            off += w
-        recv = torch.empty_like(send)
-        all_to_all_single(recv, send, group=group)  # [U (head group), B, n, Σhl, D]
-        del send
-        off = 0
-        for i, w in zip(idx, widths):
-            y = recv[:, :, :, off:off + w].permute(1, 2, 0, 3, 4).reshape(b, n, degree * w, d)  # [B, n, U·hl, D]
+        fills = [lambda out, x=xs[i]: _to_members(x, degree, order, out=out) for i in idx]
+        recv, offs = _exchange(fills, [xs[i].shape[2] for i in idx],
+                               xs[idx[0]].unflatten(1, (degree, -1)).transpose(0, 1), group)
+        _, b, n, _, d = recv.shape  # [U (head group), B, n, Σhl, D]
+        for j, i in enumerate(idx):
+            w = offs[j + 1] - offs[j]
+            y = recv[:, :, :, offs[j]:offs[j + 1]].permute(1, 2, 0, 3, 4)  # [B, n, U, hl, D]
+            y = y.reshape(b, n, degree * w, d)  # [B, n, U·hl, D]
             if replicate[i] > 1:
                 y = y.view(b, n, degree // replicate[i], replicate[i], d).sum(3)  # [B, n, Hkv, D]
             result[i] = y
-            off += w
     return result  # type: ignore[return-value]
 
 
