@@ -258,7 +258,7 @@ def test_bench_kernels_layout_suite(tmp_path, capsys):
 
     from longreach.bench import kernels as bench_kernels
     from longreach.kernels.api import get_backend
-    from longreach.parallel.cp.blocks import heads_major
+    from longreach.kernels.dense import heads_major
 
     out = tmp_path / "l.json"
     assert bench_kernels.main(["--suite", "layout", "--seq-len", "64", "--heads", "2", "--head-dim", "16",

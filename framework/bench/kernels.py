@@ -156,7 +156,7 @@ def run_layout(args: argparse.Namespace) -> list[dict[str, Any]]:
     layers hand the kernel)."""
     from longreach.kernels import masks as M
     from longreach.kernels.api import get_backend
-    from longreach.parallel.cp.blocks import heads_major
+    from longreach.kernels.dense import heads_major
 
     torch.manual_seed(0)
     be = get_backend("cpu")

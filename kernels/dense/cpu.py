@@ -15,6 +15,7 @@ from ..masks import Mask, PlacedMask, place
 from ..masks.algebra import _Causal
 from ..slices import cpu as slices_cpu
 from ..slices.cpu import expand_kv, reduce_kv
+from . import is_heads_major
 from .reference import check_shapes, grad_compute_dtype
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -25,10 +26,6 @@ _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 #: (each head's rows one dense block: a bf16 forward call about 0.9× the token-major time, float32 0.95–0.99×;
 #: ``longreach bench kernels --suite layout``).
 LAYOUT = "heads"
-
-
-def _heads_first(x: torch.Tensor) -> bool:
-    return x.shape[1] > 1 and x.shape[2] > 1 and x.stride(2) > x.stride(1)
 
 
 def _one_call(placed: PlacedMask | None, sq: int, sk: int) -> bool | None:
@@ -76,7 +73,7 @@ def forward(
     out = out.transpose(1, 2)  # [B, Sq, H, E]
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     # heads-first q (the context-parallel layers' layout, :data:`LAYOUT`) gets out as the kernel wrote it
-    return (out if _heads_first(q) else out.contiguous()), lse
+    return (out if is_heads_major(q) else out.contiguous()), lse
 
 
 def backward(

@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather_into, reduce_scatter_into
-from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, heads_first, heads_major, pack_kv, packed_shape,
-                     partial_grad_dtype, plan, prefill_out, schedule, unpack_kv,
-                     tile_size)
+from .blocks import (Job, MaskSpec, backward_jobs, forward_buffers, forward_jobs, heads_first, heads_major, pack_kv,
+                     packed_shape, partial_grad_dtype, plan, prefill_out, schedule, tile_size, unpack_kv)
 from .ring import acc_dtype
 
 
@@ -85,19 +84,12 @@ class AllGatherEngine:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        b, n, h, _ = q.shape
         d = k.shape[-1]
         ad = acc_dtype(q.dtype)
         heads = heads_first(self.backend)
         kv = pack_kv(k, v, heads=heads).contiguous()  # one all-gather for K and V
         full, work = self._gather(kv)
-        if heads:  # see ring_forward
-            qk = heads_major(q)
-            out = torch.empty(b, h, n, v.shape[-1], dtype=ad, device=q.device).transpose(1, 2)  # [B, n, H, E]
-        else:
-            qk = q
-            out = torch.empty(b, n, h, v.shape[-1], dtype=ad, device=q.device)  # [B, n, H, E]
-        lse = torch.empty((b, h, n), dtype=ad, device=q.device)  # [B, H, n]
+        qk, out, lse = forward_buffers(q, v.shape[-1], ad, heads=heads)  # out [B, n, H, E], lse [B, H, n]
         prefill_out(out, lse, self.plan.q_prefill)
         for j in self._order():
             if j != self.rank and work is not None:

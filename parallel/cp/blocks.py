@@ -31,6 +31,7 @@ from types import ModuleType
 import torch
 
 from longreach.kernels import masks as M
+from longreach.kernels.dense import heads_major
 from longreach.kernels.masks import EMPTY, FULL, PARTIAL, Mask, PlacedMask
 
 from ..comm import record_work, work_wanted
@@ -384,13 +385,20 @@ def heads_first(backend: ModuleType) -> bool:
     return getattr(backend, "LAYOUT", "tokens") == "heads"
 
 
-def heads_major(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[B, S, H, D]`` with the same values and shape, stored heads-first: no copy if each head's
-    ``[S, D]`` rows already form one dense block (a heads-first tensor or a slice of its heads)."""
-    _, s, h, d = x.shape
-    if x.stride(3) == 1 and (s == 1 or x.stride(1) == d) and (h == 1 or x.stride(2) >= s * d):
-        return x
-    return x.transpose(1, 2).contiguous().transpose(1, 2)
+def forward_buffers(q: torch.Tensor, e: int, dtype: torch.dtype, *, heads: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The queries every call of a forward reads and its running result: ``(q, out, lse)``.
+
+    With ``heads`` (:func:`heads_first`) q is copied heads-first once (every call of every step then reads
+    dense head blocks) and out ``[B, Sq, H, E]`` is stored heads-first too; lse is ``[B, H, Sq]``. out and
+    lse are uninitialised (:func:`prefill_out` fills rows no call covers)."""
+    b, sq, h, _ = q.shape
+    if heads:
+        q = heads_major(q)
+        out = torch.empty(b, h, sq, e, dtype=dtype, device=q.device).transpose(1, 2)  # [B, Sq, H, E]
+    else:
+        out = torch.empty(b, sq, h, e, dtype=dtype, device=q.device)  # [B, Sq, H, E]
+    return q, out, torch.empty((b, h, sq), dtype=dtype, device=q.device)
 
 
 def pack_kv(k: torch.Tensor, v: torch.Tensor, *, heads: bool = False) -> torch.Tensor:

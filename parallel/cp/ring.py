@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import p2p
-from .blocks import (Job, MaskSpec, backward_jobs, forward_jobs, heads_first, heads_major, needs, pack_kv,
-                     packed_shape, partial_grad_dtype, plan, prefill_out, schedule, unpack_kv)
+from .blocks import (Job, MaskSpec, backward_jobs, forward_buffers, forward_jobs, heads_first, heads_major, needs,
+                     pack_kv, packed_shape, partial_grad_dtype, plan, prefill_out, schedule, unpack_kv)
 
 #: The one tag of every ring message (matching is by order, as under NCCL).
 TAG = 0
@@ -147,7 +147,7 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
         out ``[B, Sq, H, E]`` and lse ``[B, H, Sq]``, both in the accumulation dtype (float32/64); out is
         stored heads-first when the backend reads that layout best (:func:`~.blocks.heads_first`).
     """
-    b, sq, h, _ = q.shape
+    sq = q.shape[1]
     d = k.shape[-1]
     ad = acc_dtype(q.dtype)
     job = _single_call(ring, sq)
@@ -155,12 +155,7 @@ def ring_forward(ring: Ring, backend: ModuleType, q: torch.Tensor, k: torch.Tens
         out, lse = backend.forward(q, k, v, mask=job.placed, scale=scale)
         return out.to(ad), lse.to(ad)
     heads = heads_first(backend)
-    if heads:  # one copy of the local queries; every call of every step then reads dense head blocks
-        q = heads_major(q)
-        out = torch.empty(b, h, sq, v.shape[-1], dtype=ad, device=q.device).transpose(1, 2)  # [B, Sq, H, E]
-    else:
-        out = torch.empty(b, sq, h, v.shape[-1], dtype=ad, device=q.device)  # [B, Sq, H, E]
-    lse = torch.empty((b, h, sq), dtype=ad, device=q.device)  # [B, H, Sq]
+    q, out, lse = forward_buffers(q, v.shape[-1], ad, heads=heads)  # out [B, Sq, H, E], lse [B, H, Sq]
     prefill_out(out, lse, ring.q_prefill)
     kv: torch.Tensor | None = pack_kv(k, v, heads=heads)  # one message per step
     like = kv
