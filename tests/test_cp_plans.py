@@ -285,6 +285,18 @@ def test_bench_cp_peers_rejects_bad_settings(tmp_path) -> None:
         bench.main(["--peers", "--world-sizes", "4", "--seq-lens", "100"])
     with pytest.raises(UserError, match="--rounds"):
         bench.main(["--peers", "--rounds", "0"])
+    with pytest.raises(UserError, match="--pairs 'megatron' matches no pair"):
+        bench.main(["--peers", "--pairs", "megatron"])
+
+
+def test_bench_cp_peers_pairs_filter_selects_rows_by_name() -> None:
+    from longreach.bench.cp import select_pairs
+    from longreach.bench.cp_peers import PEER_PAIRS
+
+    assert select_pairs(None) == list(PEER_PAIRS)
+    assert select_pairs("DeepSpeed Ulysses") == [p for p in PEER_PAIRS if p[1].startswith("DeepSpeed")]
+    assert select_pairs("ulysses bf16") == [("longreach ulysses bf16", "DeepSpeed Ulysses bf16")]
+    assert select_pairs("USP, ring-flash") == [PEER_PAIRS[0], PEER_PAIRS[-1]]
 
 
 def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:

@@ -36,7 +36,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from longreach.bench.cp_peers import peers_worker
+from longreach.bench.cp_peers import PEER_PAIRS, peers_worker
 from longreach.bench.cp_ranks import bench_worker
 from longreach.errors import UserError
 from longreach.parallel.config import LAYOUTS, STRATEGIES
@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare with peer implementations (ring-flash-attn, yunchang, DeepSpeed Ulysses)")
     p.add_argument("--seq-lens", default="2048,8192", help="--peers: comma-separated global sequence lengths")
     p.add_argument("--rounds", type=int, default=7, help="--peers: interleaved timing rounds (default 7)")
+    p.add_argument("--pairs", default=None,
+                   help="--peers: comma-separated words; only the pairs whose name holds one of them run "
+                        "(e.g. 'ulysses' or 'DeepSpeed Ulysses bf16'; default: every pair)")
     p.add_argument("--peers-path", default=None,
                    help="--peers: folder with the flash-attn CPU stand-in (default: the checkout's tests/peers)")
     return p
@@ -156,6 +159,19 @@ def format_peers(rows: list[dict]) -> str:
     return _lines(head, rows, lambda r: f"{r['pair']:<50} {r['world']:>2} {r['seq_len']:>6}", line)
 
 
+def select_pairs(words: str | None) -> list[tuple[str, str]]:
+    """The (longreach, peer) pairs of :data:`PEER_PAIRS` whose row name holds one of the comma-separated
+    ``words`` (case-insensitive; None: all)."""
+    if words is None:
+        return list(PEER_PAIRS)
+    wanted = [w.strip().lower() for w in words.split(",") if w.strip()]
+    chosen = [p for p in PEER_PAIRS if any(w in f"{p[0]} ÷ {p[1]}".lower() for w in wanted)]
+    if not chosen:
+        names = "; ".join(f"{a} ÷ {b}" for a, b in PEER_PAIRS)
+        raise UserError(f"--pairs {words!r} matches no pair; the pairs are: {names}")
+    return chosen
+
+
 def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
     seq_lens = [int(x) for x in _csv(args.seq_lens, None, "seq-lens")]
     if args.rounds < 1:
@@ -165,11 +181,12 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
         if bad or args.heads % w:
             raise UserError(f"--seq-lens must divide by 2·P and --heads ({args.heads}) by P for every world size; "
                             f"P={w} fails")
+    pairs = select_pairs(args.pairs)
     path = peers_path(args.peers_path)
     print("flash-attn CPU stand-in: " + (path if path else "not found (run from a checkout with tests/peers); "
                                           "ring-flash-attn and yunchang will not run"))
     cfg = {"seq_lens": seq_lens, "rounds": args.rounds, "heads": args.heads, "head_dim": args.head_dim,
-           "seed": args.seed, "peers_path": path}
+           "seed": args.seed, "peers_path": path, "pairs": pairs}
     records = _run(peers_worker, worlds, cfg, args.threads, 3600)
     rows = summarize_peers(records)
     for name, why in skipped_peers(records).items():

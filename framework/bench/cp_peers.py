@@ -216,7 +216,7 @@ def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
         full = [torch.randn(1, seq_len, h, d, generator=g, dtype=torch.float64) for _ in range(4)]
         out_r, lse_r = ref.forward(*full[:3], mask=M.causal())
         want_full = [out_r, *ref.backward(full[3], *full[:3], out_r, lse_r, mask=M.causal())]
-        for ours, peer in PEER_PAIRS:
+        for ours, peer in (tuple(p) for p in cfg.get("pairs", PEER_PAIRS)):
             rec: dict = {"pair": f"{ours} ÷ {peer}", "world": world, "seq_len": seq_len, "rank": rank}
             recs.append(rec)
             skipped = {n: sides[n] for n in (ours, peer) if isinstance(sides[n], str)}
