@@ -332,6 +332,20 @@ def test_bench_dispatch_counter_sees_what_the_comm_recorder_sees() -> None:
         assert res["dispatch"] == ((world - 1) * local // world, 2), (rank, res)
 
 
+def test_ulysses_sends_large_token_major_gradients_alone_without_copy() -> None:
+    """dq/dk/dv of batch 1 are stored as the all-to-all sends them; from ``alone_bytes`` on each travels in
+    its own all-to-all straight from the kernel's output instead of being copied into one buffer. Same bytes,
+    two more calls (six per training pass instead of four), bitwise the same results."""
+    from longreach.testing import run_ranks
+    from workers.cp import alone_worker
+
+    for res in run_ranks(alone_worker, 2):
+        (calls_p, sent_p, *packed), (calls_a, sent_a, *alone) = res["packed"], res["alone"]
+        assert (calls_p, calls_a) == (4, 6) and sent_p == sent_a
+        for a, b in zip(packed, alone):
+            assert torch.equal(a, b)
+
+
 def test_peers_standin_flash_attn_func_matches_the_cpu_backend(monkeypatch) -> None:
     """flash-attn's public ``flash_attn_func`` (which yunchang's Ulysses path calls) in the stand-in: forward and
     backward through autograd equal longreach's ``cpu`` backend on the same inputs."""

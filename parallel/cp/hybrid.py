@@ -123,7 +123,8 @@ class HybridEngine:
         copy would add one out per layer). Ulysses
         (U = P) keeps the head-split out, as DeepSpeed's Ulysses does. Either way a pass is four
         all-to-alls: q/k/v and out forward, dout (with hybrid's out) and dq/dk/dv backward (DeepSpeed's
-        Ulysses makes eight: one per tensor)."""
+        Ulysses makes eight: one per tensor); dq/dk/dv of batch 1 from
+        :func:`~.ulysses.alone_bytes` on travel one each, uncopied (six)."""
         return self.plan.degree > 1 and self.plan.ring.size > 1
 
     def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -427,3 +427,26 @@ def alltoall_counts_worker(rank: int, world: int) -> dict[str, tuple[int, int]]:
     with CommRecorder() as rec, AllToAllBytes(world) as mode:
         cp_attention(ql, kl, vl, strategy="ulysses", layout="contiguous")
     return {"recorder": (rec.sent["all_to_all"], rec.calls["all_to_all"]), "dispatch": (mode.sent, mode.calls)}
+
+
+def alone_worker(rank: int, world: int) -> dict:
+    """A Ulysses training pass (batch 1, members in order) with every sendable tensor packed, then with every
+    one sent alone (``alone_bytes`` 0: dq/dk/dv, which the kernel leaves token-major, need no copy).
+    Returns ``{mode: (all-to-all calls, bytes sent, out, dq, dk, dv)}``."""
+    from longreach.parallel.cp import ulysses
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v, do = (torch.randn(1, 8 * world, 2 * world, 8, generator=g) for _ in range(4))
+    res = {}
+    default = ulysses.alone_bytes
+    for mode, limit in (("packed", 1 << 62), ("alone", 0)):
+        ulysses.alone_bytes = lambda device, limit=limit: limit
+        try:
+            ql, kl, vl = (shard_sequence(t, layout="contiguous").requires_grad_(True) for t in (q, k, v))
+            with CommRecorder() as rec:
+                out = cp_attention(ql, kl, vl, strategy="ulysses", layout="contiguous", causal=True)
+                out.backward(shard_sequence(do, layout="contiguous"))
+        finally:
+            ulysses.alone_bytes = default
+        res[mode] = (rec.calls["all_to_all"], rec.sent["all_to_all"], out.detach(), ql.grad, kl.grad, vl.grad)
+    return res
