@@ -313,8 +313,22 @@ def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:
     assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["ratio_max"] == pytest.approx(1.5)
     assert rows[0]["ours_ms"] == pytest.approx(2000.0) and rows[0]["peer_ms"] == pytest.approx(2000.0)
     assert rows[0]["cpu_ratio"] == pytest.approx(1.5) and rows[0]["cpu_ratio_min"] == pytest.approx(0.75)
+    assert (rows[0]["ratio_lo"], rows[0]["ratio_hi"], rows[0]["verdict"]) == (0.5, 1.5, "parity")
     text = format_peers(rows)
-    assert "not run: d: not importable" in text and " 1.50  0.75-3.00" in text
+    assert "not run: d: not importable" in text and " 1.50  0.75-3.00" in text and "parity" in text
+
+
+def test_median_interval_has_binomial_coverage() -> None:
+    """The median's interval: order statistics whose binomial coverage is the largest one ≥ 95%; the verdict
+    calls a ratio faster or slower only when the whole interval lies on one side of 1."""
+    from longreach.bench.cp import median_interval, verdict
+
+    xs = [0.91, 0.99, 0.93, 0.95, 1.02, 0.94, 0.96, 0.90, 0.97]  # n = 9: x(2)..x(8) (96.1%; x(3)..x(7) 82%)
+    assert median_interval(xs) == (0.91, 0.99)
+    assert median_interval(list(range(7))) == (0, 6)  # n = 7: x(1)..x(7) (98.4%; x(2)..x(6) 87.5%)
+    assert median_interval(list(range(21))) == (5, 15)  # n = 21: x(6)..x(16) (97.3%; x(7)..x(15) 92.2%)
+    assert median_interval([1.0, 2.0, 3.0]) == (1.0, 3.0)
+    assert verdict(0.91, 0.99) == "faster" and verdict(1.01, 1.2) == "slower" and verdict(0.9, 1.0) == "parity"
 
 
 def test_bench_dispatch_counter_sees_what_the_comm_recorder_sees() -> None:

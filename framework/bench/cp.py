@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -101,8 +102,29 @@ def peers_path(explicit: str | None) -> str | None:
     return None
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics x(k) and x(n+1-k) with the
+    largest k whose binomial coverage 1 - 2·P(Bin(n, 1/2) < k) is still at least ``level`` (n = 9: x(2)..x(8),
+    96%; n = 7: x(1)..x(7), 98%). Fewer than 6 values cannot reach 95%: the whole range then."""
+    xs, n = sorted(values), len(values)
+
+    def coverage(k: int) -> float:  # of [x(k), x(n+1-k)]: 1 - 2·P(Bin(n, 1/2) < k)
+        return 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
+
+    k = 1
+    while k < (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k]
+
+
+def verdict(lo: float, hi: float) -> str:
+    """``faster`` / ``slower`` when the ratio's interval lies below / above 1, else ``parity``."""
+    return "faster" if hi < 1 else "slower" if lo > 1 else "parity"
+
+
 def summarize_peers(records: list[dict]) -> list[dict]:
-    """Per (pair, world, seq_len): median times, ratio median / min / max over rounds, calls, errors."""
+    """Per (pair, world, seq_len): median times, ratio median / min / max over rounds with the 95% interval of
+    the median and its verdict, calls, errors."""
     rows = []
     for r in records:
         if r["rank"] != 0:
@@ -116,6 +138,8 @@ def summarize_peers(records: list[dict]) -> list[dict]:
         row.update(ours_ms=1e3 * statistics.median(r["ours_s"]), peer_ms=1e3 * statistics.median(r["peer_s"]),
                    ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                    rounds=len(ratios))
+        row["ratio_lo"], row["ratio_hi"] = median_interval(ratios)
+        row["verdict"] = verdict(row["ratio_lo"], row["ratio_hi"])
         if "ours_cpu_s" in r:
             cpu = [a / b for a, b in zip(r["ours_cpu_s"], r["peer_cpu_s"])]
             row.update(cpu_ratio=statistics.median(cpu), cpu_ratio_min=min(cpu), cpu_ratio_max=max(cpu))
@@ -137,7 +161,7 @@ def skipped_peers(records: list[dict]) -> dict[str, str]:
 
 def format_peers(rows: list[dict]) -> str:
     head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
-            f"{'(min-max)':>12} {'cpu ratio':>9} {'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
+            f"{'(min-max)':>12} {'95% CI':>11} {'verdict':<7} {'cpu ratio':>9} {'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
             f"{'grad err ours/peer':>19} {'grad L2 ours/peer':>19}")
 
     cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
@@ -151,7 +175,8 @@ def format_peers(rows: list[dict]) -> str:
         return f"{format(r['ours_' + k], a)}/{format(r['peer_' + k], b)}"
 
     def line(r: dict) -> str:
-        spread = f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f}"
+        spread = (f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<6.2f} {r['ratio_lo']:>5.2f}-{r['ratio_hi']:<5.2f} "
+                  f"{r['verdict']:<7}")
         cpu = (f"{r['cpu_ratio']:>9.2f} {r['cpu_ratio_min']:>5.2f}-{r['cpu_ratio_max']:<6.2f}" if "cpu_ratio" in r
                else f"{'-':>9} {'':12}")
         return " ".join([*(format(r[k], f) for k, f in cols), spread, cpu, *(both(r, *s) for s in sides)])
@@ -194,7 +219,8 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
     _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
           f"gloo on CPU, {args.threads} thread(s)/rank; ratio = longreach ÷ peer per round "
           f"(median of {args.rounds}, interleaved; wall clock of the slowest rank, and CPU clock of all ranks); "
-          f"calls are per pass on rank 0",
+          f"95% CI: distribution-free interval of the wall-clock median, verdict faster/slower only when it "
+          f"excludes 1; calls are per pass on rank 0",
           format_peers(rows), args.json, {"config": cfg, "worlds": worlds, "rows": rows, "records": records})
     return 0
 
