@@ -63,7 +63,8 @@ def test_bytes_equal_theoretical_minimum(world: int) -> None:
             assert e["calls"] == {"all_to_all": 2}  # q/k/v in one message, then out
             assert c[("allgather", layout)]["sent"] == {"all_gather": (p - 1) * kv}
         # a training pass is four all-to-alls (q/k/v, out; dout with hybrid's regathered out (and K/V
-        # when replicated), dq/dk/dv), replicated K/V heads included; hybrid adds its ring's p2p
+        # when replicated), dq/dk/dv), replicated K/V heads included; hybrid adds its ring's p2p. (Tensors
+        # this small never go alone: alone_bytes)
         assert c[("ulysses", "pass")]["calls"] == {"all_to_all": 4}
         if ("hybrid", "pass") in c:
             calls = c[("hybrid", "pass")]["calls"]
