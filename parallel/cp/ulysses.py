@@ -173,25 +173,27 @@ def alone_bytes(device: torch.device) -> int:
     return 1 << 20 if device.type == "cpu" else 1 << 25
 
 
-def _sendable(x: torch.Tensor, order: TokenOrder | None) -> bool:
-    """``x`` ``[B, U·n, hl, D]`` can be sent as it is stored: batch 1, members in order, token-major and
-    dense, so its ``[U, B, n, hl, D]`` view is the all-to-all's input, and large enough to go alone."""
-    return ((order is None or order.kind == "members") and x.shape[0] == 1 and x.is_contiguous()
+def _alone(x: torch.Tensor, order: TokenOrder | None) -> bool:
+    """``x`` ``[B, U·n, hl, D]`` travels in its own all-to-all: batch 1 and members in order, so its dense
+    token-major storage (the layout kernels write gradients in) viewed ``[U, B, n, hl, D]`` is the
+    all-to-all's input, and large enough to go alone. Decided from shape, dtype and order alone, so every
+    rank posts the same collectives (a tensor stored otherwise is copied, as packing would)."""
+    return ((order is None or order.kind == "members") and x.shape[0] == 1
             and x.numel() * x.element_size() >= alone_bytes(x.device))
 
 
 def seq_to_heads_many(xs: list[torch.Tensor], *, group: dist.ProcessGroup | None, degree: int,
                       replicate: list[int] | None = None, order: TokenOrder | None = None) -> list[torch.Tensor]:
     """:func:`seq_to_heads` of several tensors, one all-to-all per (dtype, head size) group; a large tensor
-    stored the way it is sent (:func:`_sendable`: dq/dk/dv of batch 1) takes its own, with no copy."""
+    of batch 1 (:func:`_alone`: dq/dk/dv, stored the way they are sent) takes its own, with no copy."""
     replicate = replicate or [1] * len(xs)
     result: list[torch.Tensor | None] = [None] * len(xs)
     for idx in _groups(xs):
-        alone = [i for i in idx if _sendable(xs[i], order)]
+        alone = [i for i in idx if _alone(xs[i], order)]
         packed = [i for i in idx if i not in alone]
         parts: list[tuple[list[int], torch.Tensor, list[int]]] = []  # (indices, receive buffer, offsets)
         for i in alone:
-            send = xs[i].view(degree, 1, -1, *xs[i].shape[2:])  # [U (dest), 1, n, hl, D]
+            send = xs[i].contiguous().view(degree, 1, -1, *xs[i].shape[2:])  # [U (dest), 1, n, hl, D]
             recv = torch.empty_like(send)
             all_to_all_single(recv, send, group=group)
             parts.append(([i], recv, [0, xs[i].shape[2]]))

@@ -430,7 +430,7 @@ def alltoall_counts_worker(rank: int, world: int) -> dict[str, tuple[int, int]]:
 
 
 def alone_worker(rank: int, world: int) -> dict:
-    """A Ulysses training pass (batch 1, members in order) with every sendable tensor packed, then with every
+    """A Ulysses training pass (batch 1, members in order) with every tensor packed, then with every
     one sent alone (``alone_bytes`` 0: dq/dk/dv, which the kernel leaves token-major, need no copy).
     Returns ``{mode: (all-to-all calls, bytes sent, out, dq, dk, dv)}``."""
     from longreach.parallel.cp import ulysses
