@@ -40,7 +40,8 @@ def _evals(sf: float, s2: float) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.parametrize(("pairs", "reproduced", "why"), [
-    ([(9.0, 10.0), (9.5, 10.0), (10.2, 10.0)], True, ""),  # below in the mean and in 2 of 3 seeds
+    ([(9.0, 10.0), (9.5, 10.0), (10.2, 10.0)], True, "in 2 of 3 seeds only"),  # below in the mean and most seeds
+    ([(9.0, 10.0), (9.5, 10.0)], True, ""),  # below in every seed
     ([(9.0, 10.0), (11.5, 10.0), (10.2, 10.0)], False, "the seeds disagree (1 of 3 below)"),
     ([(10.5, 10.0), (10.1, 10.0)], False, "S2 is below SF in every seed"),
     ([(10.5, 10.0)], False, "with one seed"),

@@ -318,7 +318,10 @@ def _sf_vs_s2(cfg: SparseConfig, evals: dict[str, dict[str, float]],
     reproduced = mean_below and below * 2 > n
     seeds = (f"; SF below S2 in {below} of {n} seeds (per seed {', '.join(f'{100 * d:+.1f}%' for d in diffs)})"
              if n > 1 else "")
-    if reproduced:
+    if reproduced and below < n:
+        why = (f"SF is below S2 in the mean and in {below} of {n} seeds only: the per-seed differences are as wide "
+               "as the effect, so the direction is weakly supported at this size")
+    elif reproduced:
         why = ""
     elif n == 1:
         why = (f"the ablation fine-tunes Llama2-7B at 8k; here the models train from scratch at {cfg.seq_len} "
