@@ -1,0 +1,47 @@
+"""``longreach study mixtures`` with several seeds for its from-scratch arms: one run of dense, MoE and MoH per
+seed, a per-seed table, and the MoE/MoH claims judged on the mean and on the seeds paired."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from longreach.studies import StudyContext, get_study
+
+
+def test_mixtures_scratch_seeds_train_each_arm_per_seed(tmp_path) -> None:
+    import longreach.studies.mixtures as mixtures
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dataclasses.replace(mixtures.MixturesStudyConfig().quick(), scratch_seeds=2)
+        result = get_study("mixtures").run(cfg, StudyContext(tmp_path / "m", log=lambda msg: None))
+    finally:
+        torch.set_num_threads(before)
+    steps = {p.stem for p in (tmp_path / "m" / "steps").glob("*.json")}
+    assert {"dense", "moe", "moh", "dense-s1", "moe-s1", "moh-s1"} <= steps
+    table = next(t for t in result.tables if t.title.startswith("(a, b) mean held-out loss per seed"))
+    (s0, s1, mean) = table.rows
+    assert (s0[0], s1[0], mean[0]) == (cfg.seed, cfg.seed + 1, "mean")
+    assert s0[1] != s1[1]  # another seed: other initial weights and batches
+    for c in range(1, len(mean)):
+        assert mean[c] == pytest.approx((s0[c] + s1[c]) / 2)
+    assert s0[4] == pytest.approx(s0[2] - s0[1]) and s1[5] == pytest.approx(s1[3] - s1[1])
+    moe = next(f for f in result.findings if f.claim.startswith("MoE beats dense"))
+    assert "mean of 2 seeds, below dense in" in moe.ours and "(seed 0)" in moe.ours
+    assert result.tables[0].title.endswith("(seed 0 of 2)")
+
+
+@pytest.mark.parametrize(("arm", "dense", "ok", "text"), [
+    ([1.0], [1.1], True, ""),
+    ([1.0, 1.2, 1.0], [1.1, 1.1, 1.1], True, "below dense in 2 of 3 (per seed -0.100, +0.100, -0.100)"),
+    ([1.0, 1.5, 1.2], [1.1, 1.1, 1.1], False, "below dense in 1 of 3"),  # one seed below, the mean above
+    ([1.2, 0.8], [1.1, 1.1], False, "below dense in 1 of 2"),  # the mean below, but no majority of seeds
+])
+def test_seeds_text_needs_the_mean_and_most_seeds(arm, dense, ok, text) -> None:
+    from longreach.studies.mixtures import _seeds_text
+
+    got, reproduced = _seeds_text(arm, dense)
+    assert reproduced is ok and text in got
