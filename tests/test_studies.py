@@ -52,11 +52,11 @@ def _rerun_resumes(capsys, name: str, out: Path) -> None:
     assert "done in an earlier run" in stdout
 
 
-def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None:
+def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_path: Path, capsys) -> None:
     out = tmp_path / "ext"
-    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1")
+    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1", "--workers", "2")
     assert rc == 0, err
-    assert "pretrain ..." in stdout and "finetune-sinklora-sf" in stdout
+    assert "pretrain ..." in stdout and "finetune-sinklora-sf ... (worker)" in stdout
     body = _check_report(out, ["Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
                                "Passkey accuracy by depth of the key"], 6)
     rows = body["data"]["rows"]
@@ -80,7 +80,18 @@ def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> N
         conf = json.loads((out / run / "export" / "config.json").read_text())
         rope = conf.get("rope_parameters") or conf.get("rope_scaling")
         assert (rope["rope_type"], rope["factor"]) == ("linear", 2.0)
+    assert body["clock"]["workers"] == 2 and "2 worker processes" in (out / "study.md").read_text()
     _rerun_resumes(capsys, "extension", out)
+    # the same study run here, step after step: every number as the two worker processes computed it
+    one = tmp_path / "ext1"
+    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(one), "--threads", "1", "--workers", "1")
+    assert rc == 0, err
+    assert "(worker)" not in stdout
+    body1 = json.loads((one / "study.json").read_text())
+    assert body1["data"]["rows"] == rows and body1["findings"] == body["findings"]
+    for f in sorted((out / "steps").glob("finetune-*.json")):
+        a, b = json.loads(f.read_text()), json.loads((one / "steps" / f.name).read_text())
+        assert a["last_loss"] == b["last_loss"] and a["trainable_fraction"] == b["trainable_fraction"]
 
 
 def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None:
@@ -187,8 +198,11 @@ def test_extension_pack_keeps_every_task_whole_inside_one_window() -> None:
     tasks.append(np.arange(200, 260))  # longer than a window: left out
     text = np.arange(1000, 1037)
     width = 32
-    packed = _pack(tasks, text, width)
-    assert len(packed) % width == 0
+    marks = [np.arange(len(t)) == len(t) - 2 for t in tasks]  # each task's token before its end marked
+    packed, flags = _pack(tasks, text, width, marks)
+    assert len(packed) % width == 0 and flags.shape == packed.shape
+    assert flags.sum() == len(tasks) - 1 and (packed[np.flatnonzero(flags) + 1] == 2).all()  # marks travel along
+    assert (_pack(tasks, text, width)[0] == packed).all() and not _pack(tasks, text, width)[1].any()
     windows = packed.reshape(-1, width).tolist()
     found = []
     for w in windows:  # each window: whole tasks from its first token, then running text
@@ -223,6 +237,23 @@ def test_extension_key_distances_count_tokens_from_the_key_to_the_answer() -> No
     assert summary["tasks"] == 3 and summary["max"] == int(dist.max()) and summary["quartiles"][1] == int(dist[1])
     assert summary["beyond_L"] == 2 / 3
     assert _distance_summary(dist[:0], 30)["tasks"] == 0
+
+
+def test_extension_answer_marks_cover_the_passkey_answer_only() -> None:
+    """The fine-tuning mix's answer tokens (what ``answer_weight`` weighs): after a passkey document's
+    question, before its EOS; nothing in other documents."""
+    from longreach.data.synthetic import passkey_prompt
+    from longreach.studies.extension import _answer_marks
+
+    class Words:  # one token per whitespace-separated word
+        def encode(self, text: str) -> list[int]:
+            return [0] * len(text.split())
+
+    doc = passkey_prompt(3, 0.5, 4321).text
+    n = 2 + len(doc.split())  # BOS, words, EOS
+    marks = _answer_marks(Words(), doc, n)
+    assert np.flatnonzero(marks).tolist() == [n - 2] and doc.split()[n - 3] == "4321."  # the answer word
+    assert not _answer_marks(Words(), "Remember the following facts. The x is 1.", 9).any()
 
 
 def test_extension_long_passkeys_spread_keys_and_keep_half_within_reach() -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from longreach.data.synthetic import FILLER
-from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
+from longreach.studies.base import (Finding, Step, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
                                     encode_documents, lm_step, register, warmup_decay)
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -117,21 +117,42 @@ def _encode(tok: Any, docs: list[str], idx: Any) -> list[np.ndarray]:
     return [np.asarray([tok.bos_id] + tok.encode(docs[int(i)]) + [tok.eos_id], dtype=np.int64) for i in idx]
 
 
-def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int) -> np.ndarray:
+def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int, marks: list[np.ndarray] | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
     """``[W * width]`` tokens: windows of ``width`` that each hold whole task documents from their first token,
     the rest of the window running text (``text`` read on cyclically). Tasks longer than ``width`` are left out.
-    The fine-tuning loader cuts its windows at multiples of ``width``, so every task there is seen whole."""
-    windows, pos, i = [], 0, 0
-    tasks = [t for t in tasks if len(t) <= width]
-    while i < len(tasks):
+    The fine-tuning loader cuts its windows at multiples of ``width``, so every task there is seen whole.
+
+    Returns:
+        The tokens ``[W * width]`` and beside them ``[W * width]`` bool: each task's ``marks`` (one ``[n]`` bool
+        per task, e.g. :func:`_answer_marks`; none marked without them), False on the running text.
+    """
+    windows, flags, pos, i = [], [], 0, 0
+    if marks is None:
+        marks = [np.zeros(len(t), dtype=bool) for t in tasks]
+    kept = [(t, m) for t, m in zip(tasks, marks) if len(t) <= width]
+    while i < len(kept):
         parts, used = [], 0
-        while i < len(tasks) and used + len(tasks[i]) <= width:
-            parts.append(tasks[i])
-            used, i = used + len(tasks[i]), i + 1
+        while i < len(kept) and used + len(kept[i][0]) <= width:
+            parts.append(kept[i])
+            used, i = used + len(kept[i][0]), i + 1
         fill = np.take(text, np.arange(pos, pos + width - used), mode="wrap")  # [width - used]
         pos += width - used
-        windows.append(np.concatenate(parts + [fill]))
-    return np.concatenate(windows)
+        windows.append(np.concatenate([t for t, _ in parts] + [fill]))
+        flags.append(np.concatenate([m for _, m in parts] + [np.zeros(len(fill), dtype=bool)]))
+    return np.concatenate(windows), np.concatenate(flags)
+
+
+def _answer_marks(tok: Any, doc: str, n: int) -> np.ndarray:
+    """``[n]`` bool over a document's ``n`` ids (BOS, its tokens, EOS): True on a passkey document's answer (every
+    token after its question "... The pass key is", EOS excepted), False elsewhere and on other documents."""
+    from longreach.data.synthetic import PASSKEY_QUESTION
+
+    marks = np.zeros(n, dtype=bool)
+    if doc.startswith(PASSKEY_INTRO):
+        ask_end = doc.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION)
+        marks[1 + len(tok.encode(doc[:ask_end])):n - 1] = True  # after BOS and the question, before EOS
+    return marks
 
 
 def _key_distances(tok: Any, docs: list[str]) -> np.ndarray:
@@ -199,10 +220,13 @@ def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     keys = _long_passkeys(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_task_chars, near, rng)
     tasks = keys + [d for d in long_docs[n_text:] if not d.startswith(PASSKEY_INTRO)]
     text_idx = rng.permutation(np.setdiff1d(np.arange(n_text), held))
-    tune = _pack(_encode(tok, tasks, rng.permutation(len(tasks))), encode_documents(tok, long_docs, text_idx),
-                 cfg.factor * cfg.seq_len)
+    order = rng.permutation(len(tasks))
+    encoded = _encode(tok, tasks, order)
+    tune, answers = _pack(encoded, encode_documents(tok, long_docs, text_idx), cfg.factor * cfg.seq_len,
+                          [_answer_marks(tok, tasks[int(i)], len(e)) for i, e in zip(order, encoded)])
     for name, arr in (("pretrain", train), ("finetune", tune), ("val", val)):
         np.save(out / f"{name}_tokens.npy", arr)
+    np.save(out / "finetune_answers.npy", answers)  # [N_tune] bool: passkey answer tokens
     np.save(out / "pretrain_task_starts.npy", task_starts)
     # how far back each passkey task's answer must look: the base's tasks stay inside L, the fine-tuning tasks
     # reach ~factor x L
@@ -356,16 +380,22 @@ def run(cfg: ExtensionConfig, ctx: StudyContext) -> StudyResult:
     base = ctx.step("pretrain", lambda: _pretrain(cfg, out, data["tokenizer"], ctx))
     val = np.load(out / "val_tokens.npy")
     base_hf = out / "base_hf"
-    rows: dict[str, dict[str, Any]] = {}
-    rows["base (no fine-tune, no scaling)"] = ctx.step("eval-base", lambda: _evaluate(base_hf, val, cfg))
-    for name, (key, kind) in BASELINES.items():
-        rows[name] = ctx.step(key, lambda k=kind: _evaluate(base_hf, val, cfg, _rope(cfg, k)))
+    # the recipes (fine-tune, then evaluate the export) and the untrained evaluations are independent once the
+    # base exists: ctx.workers processes run them at once, the longest (the fine-tuning chains) queued first
+    chains = [Step(key=f"finetune-{method}-{pattern}", fn=_finetune, args=(cfg, out, method, pattern),
+                   then=lambda ft, k=f"{method}-{pattern}": Step(key=f"eval-{k}", fn=_evaluate,
+                                                                  args=(Path(ft["export"]), val, cfg)))
+              for method, pattern in RECIPES.values()]
+    chains.append(Step(key="eval-base", fn=_evaluate, args=(base_hf, val, cfg)))
+    chains += [Step(key=key, fn=_evaluate, args=(base_hf, val, cfg, _rope(cfg, kind)))
+               for key, kind in BASELINES.values()]
+    done = ctx.steps(chains)
+    rows: dict[str, dict[str, Any]] = {"base (no fine-tune, no scaling)": done["eval-base"]}
+    rows.update({name: done[key] for name, (key, _) in BASELINES.items()})
     trainable: dict[str, float] = {}
     for name, (method, pattern) in RECIPES.items():
-        key = f"{method}-{pattern}"
-        ft = ctx.step(f"finetune-{key}", lambda m=method, p=pattern: _finetune(cfg, out, m, p))
-        trainable[name] = ft["trainable_fraction"]
-        rows[name] = ctx.step(f"eval-{key}", lambda e=ft["export"]: _evaluate(Path(e), val, cfg))
+        trainable[name] = done[f"finetune-{method}-{pattern}"]["trainable_fraction"]
+        rows[name] = done[f"eval-{method}-{pattern}"]
     return _report(cfg, ctx, rows, trainable, data, base)
 
 

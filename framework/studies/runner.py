@@ -1,7 +1,7 @@
 """``longreach study NAME``: run one evidence study into a resumable run folder.
 
     longreach study --list
-    longreach study NAME [--config PATH] [--out DIR] [--quick] [--threads N] [--force] [--key=value …]
+    longreach study NAME [--config PATH] [--out DIR] [--quick] [--threads N] [--workers N] [--force] [--key=value …]
 
 The recipe ``configs/study_NAME.yaml`` (or ``--config``) loads strictly into the study's config
 dataclass; ``--key=value`` overrides any of its fields, ``--quick`` first shrinks it to the study's
@@ -11,6 +11,10 @@ smallest setting (what the tests run: the config's ``quick()`` when it has one, 
   refused instead of mixing results; ``--force`` starts over);
 * ``steps/*.json`` — each finished step (a rerun continues after the last one);
 * ``study.md`` (tables, published-vs-ours findings, plots), ``study.json`` and the PNG plots.
+
+``--workers N`` (default: 2, or 1 on a single core) runs a study's independent chains of steps in N
+processes of one torch thread each (the extension study's recipes and evaluations); results are the same
+as with ``--workers 1``, and the CPU time reported counts the workers.
 
 Progress lines go to stdout. A bad name, config or ``--out`` is one ``longreach: error:`` line and exit
 status 2, with nothing in the folder changed.
@@ -104,18 +108,19 @@ def prepare_out(out: Path, marker: dict[str, Any], *, force: bool) -> None:
     tmp.replace(out / MARKER)
 
 
-def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: bool = False) -> StudyResult:
-    """Run study ``name`` with config ``cfg`` into ``out`` (resuming its finished steps) and write the
-    report files ``study.md`` and ``study.json``."""
+def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: bool = False, workers: int = 1
+              ) -> StudyResult:
+    """Run study ``name`` with config ``cfg`` into ``out`` (resuming its finished steps; ``workers`` processes
+    for its independent steps) and write the report files ``study.md`` and ``study.json``."""
     study = _study(name)
     _, _, _, to_dict = _config_api()
     marker = {"study": name, "quick": bool(quick), "config": json.loads(json.dumps(to_dict(cfg), default=str))}
     prepare_out(out, marker, force=force)
-    ctx = StudyContext(out, quick=quick)
+    ctx = StudyContext(out, quick=quick, workers=workers)
     ctx.log(f"study {name} into {out}" + (" (quick)" if quick else ""))
     start = _clock()
     result = study.run(cfg, ctx)
-    clock = _elapsed(start, _clock())
+    clock = _elapsed(start, _clock(), workers)
     body = as_json(result)
     body.update(study=name, quick=bool(quick), config=marker["config"], seconds=clock["wall_s"],
                 cpu_seconds=clock["cpu_s"], clock=clock, resumed=ctx.resumed)
@@ -135,23 +140,25 @@ def _clock() -> dict[str, float]:
             "load": os.getloadavg()[0]}
 
 
-def _elapsed(start: dict[str, float], end: dict[str, float]) -> dict[str, Any]:
+def _elapsed(start: dict[str, float], end: dict[str, float], workers: int = 1) -> dict[str, Any]:
     """``study.json``'s ``clock``: what a reader needs to judge a wall time measured on a shared machine.
 
     Returns:
-        ``{"wall_s", "cpu_s" (this process, all threads), "children_cpu_s", "threads" (torch's), "cpus"
-        (cores the OS reports), "load_1min_start", "load_1min_end"}``.
+        ``{"wall_s", "cpu_s" (this process, all threads), "children_cpu_s" (worker processes included),
+        "threads" (torch's), "workers", "cpus" (cores the OS reports), "load_1min_start", "load_1min_end"}``.
     """
     return {"wall_s": end["wall"] - start["wall"], "cpu_s": end["cpu"] - start["cpu"],
-            "children_cpu_s": end["children"] - start["children"], "threads": _torch_threads(),
+            "children_cpu_s": end["children"] - start["children"], "threads": _torch_threads(), "workers": workers,
             "cpus": os.cpu_count() or 0, "load_1min_start": start["load"], "load_1min_end": end["load"]}
 
 
 def clock_note(clock: dict[str, Any]) -> str:
-    """The report's timing detail, e.g. "CPU 512 s, 1 threads, 2 cores; 1-minute load average 0.9 at start,
-    2.1 at end" (a load above the cores means other work shared the machine)."""
+    """The report's timing detail, e.g. "CPU 512 s + 300 s in child processes, 1 threads, 2 worker processes,
+    2 cores; 1-minute load average 0.9 at start, 2.1 at end" (a load above the cores means other work shared
+    the machine)."""
     children = f" + {clock['children_cpu_s']:.0f} s in child processes" if clock.get("children_cpu_s", 0) >= 1 else ""
-    return (f"CPU {clock['cpu_s']:.0f} s{children}, {clock['threads']} threads, {clock['cpus']} cores; 1-minute load "
+    workers = f", {clock['workers']} worker processes" if clock.get("workers", 1) > 1 else ""
+    return (f"CPU {clock['cpu_s']:.0f} s{children}, {clock['threads']} threads{workers}, {clock['cpus']} cores; 1-minute load "
             f"average {clock['load_1min_start']:.1f} at start, {clock['load_1min_end']:.1f} at end")
 
 
@@ -175,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run folder (default: runs/study-NAME)")
     p.add_argument("--quick", action="store_true", help="the smallest setting (a few steps of everything)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes (one torch thread each) for a study's independent steps (default: 2, or 1 on "
+                        "a single core)")
     p.add_argument("--force", action="store_true", help="start the run folder over instead of resuming")
     args, extra = p.parse_known_args(argv)
     if args.list:
@@ -187,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.name:
         raise UserError("longreach study: name a study (longreach study --list shows them)")
+    workers = min(2, os.cpu_count() or 1) if args.workers is None else args.workers
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
     study = _study(args.name)
     cfg = load_study_config(study, args.config, extra, quick=args.quick)
     if args.threads is not None:
@@ -195,5 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_study(args.name, cfg, Path(args.out or f"runs/study-{args.name}"), quick=args.quick, force=args.force)
+    run_study(args.name, cfg, Path(args.out or f"runs/study-{args.name}"), quick=args.quick, force=args.force,
+              workers=workers)
     return 0
