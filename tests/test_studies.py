@@ -36,6 +36,7 @@ def _check_report(out: Path, titles: list[str], n_findings: int) -> dict:
     clock = body["clock"]
     assert clock["wall_s"] > 0 and clock["cpu_s"] > 0 and clock["threads"] == 1 and clock["cpus"] >= 1
     assert clock["load_1min_start"] >= 0 and clock["load_1min_end"] >= 0 and body["seconds"] == clock["wall_s"]
+    assert 0 <= clock["stalled_s"] <= clock["wall_s"] and clock["workers"] >= 1
     assert f"Wall time: {clock['wall_s']:.0f} s (CPU {clock['cpu_s']:.0f} s" in md and "1-minute load average" in md
     return body
 
@@ -107,6 +108,28 @@ def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None
     assert ev["full"]["ppl_own"] == pytest.approx(ev["full"]["ppl_full"], rel=1e-5)
     assert all(v["median"] > 0 for v in body["data"]["tokens_per_s"].values())
     _rerun_resumes(capsys, "sparse", out)
+
+
+def test_stall_meter_counts_the_seconds_a_process_is_stopped() -> None:
+    """The report's "held still" seconds: a process stopped (SIGSTOP) for 2 s adds them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time; from longreach.studies.runner import StallMeter; m = StallMeter(tick=0.1, slack=0.3); "
+            "time.sleep(0.5); print(m.seconds, flush=True); time.sleep(3); print(m.close(), flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        before = float(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(2.0)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert float(out) - before >= 1.5
 
 
 def test_study_list_and_bad_input(tmp_path: Path, capsys) -> None:

@@ -1,7 +1,8 @@
 """``longreach study NAME``: run one evidence study into a resumable run folder.
 
     longreach study --list
-    longreach study NAME [--config PATH] [--out DIR] [--quick] [--threads N] [--workers N] [--force] [--key=value …]
+    longreach study NAME [--config PATH] [--out DIR] [--quick] [--threads N] [--workers N] [--force]
+                         [--key=value …]
 
 The recipe ``configs/study_NAME.yaml`` (or ``--config``) loads strictly into the study's config
 dataclass; ``--key=value`` overrides any of its fields, ``--quick`` first shrinks it to the study's
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from longreach.errors import UserError
 from longreach.studies import MODULES, get_study
 from longreach.studies.base import Study, StudyContext, StudyResult, as_json, markdown
 
-__all__ = ["MARKER", "clock_note", "load_study_config", "main", "prepare_out", "run_study"]
+__all__ = ["MARKER", "StallMeter", "clock_note", "load_study_config", "main", "prepare_out", "run_study"]
 
 MARKER = "study-run.json"
 """The file that makes a folder a study run folder."""
@@ -118,9 +120,12 @@ def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: boo
     prepare_out(out, marker, force=force)
     ctx = StudyContext(out, quick=quick, workers=workers)
     ctx.log(f"study {name} into {out}" + (" (quick)" if quick else ""))
-    start = _clock()
-    result = study.run(cfg, ctx)
-    clock = _elapsed(start, _clock(), workers)
+    start, stalls = _clock(), StallMeter()
+    try:
+        result = study.run(cfg, ctx)
+    finally:
+        stalled = stalls.close()
+    clock = _elapsed(start, _clock(), workers, stalled)
     body = as_json(result)
     body.update(study=name, quick=bool(quick), config=marker["config"], seconds=clock["wall_s"],
                 cpu_seconds=clock["cpu_s"], clock=clock, resumed=ctx.resumed)
@@ -133,6 +138,33 @@ def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: boo
     return result
 
 
+class StallMeter:
+    """Wall seconds this process was held still although it had work: stopped (SIGSTOP, as another job's timing
+    run on a shared machine does) or starved of CPU. A ticker thread wakes every ``tick`` seconds; each gap
+    longer than ``tick + slack`` counts beyond ``tick`` (the monotonic clock runs on while a process is stopped).
+    """
+
+    def __init__(self, tick: float = 0.5, slack: float = 1.0) -> None:
+        self.seconds = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, args=(tick, slack), daemon=True, name="stall-meter")
+        self._thread.start()
+
+    def _tick(self, tick: float, slack: float) -> None:
+        last = time.monotonic()
+        while not self._done.wait(tick):
+            now = time.monotonic()
+            if now - last > tick + slack:
+                self.seconds += now - last - tick
+            last = now
+
+    def close(self) -> float:
+        """Stop the ticker; the seconds held still."""
+        self._done.set()
+        self._thread.join()
+        return self.seconds
+
+
 def _clock() -> dict[str, float]:
     """Wall clock, this process's CPU time (every thread), its finished children's, and the 1-minute load."""
     t = os.times()
@@ -140,26 +172,31 @@ def _clock() -> dict[str, float]:
             "load": os.getloadavg()[0]}
 
 
-def _elapsed(start: dict[str, float], end: dict[str, float], workers: int = 1) -> dict[str, Any]:
+def _elapsed(start: dict[str, float], end: dict[str, float], workers: int = 1, stalled: float = 0.0
+             ) -> dict[str, Any]:
     """``study.json``'s ``clock``: what a reader needs to judge a wall time measured on a shared machine.
 
     Returns:
         ``{"wall_s", "cpu_s" (this process, all threads), "children_cpu_s" (worker processes included),
-        "threads" (torch's), "workers", "cpus" (cores the OS reports), "load_1min_start", "load_1min_end"}``.
+        "threads" (torch's), "workers", "cpus" (cores the OS reports), "load_1min_start", "load_1min_end",
+        "stalled_s" (:class:`StallMeter`)}``.
     """
     return {"wall_s": end["wall"] - start["wall"], "cpu_s": end["cpu"] - start["cpu"],
             "children_cpu_s": end["children"] - start["children"], "threads": _torch_threads(), "workers": workers,
-            "cpus": os.cpu_count() or 0, "load_1min_start": start["load"], "load_1min_end": end["load"]}
+            "cpus": os.cpu_count() or 0, "load_1min_start": start["load"], "load_1min_end": end["load"],
+            "stalled_s": stalled}
 
 
 def clock_note(clock: dict[str, Any]) -> str:
     """The report's timing detail, e.g. "CPU 512 s + 300 s in child processes, 1 threads, 2 worker processes,
-    2 cores; 1-minute load average 0.9 at start, 2.1 at end" (a load above the cores means other work shared
-    the machine)."""
+    2 cores; 1-minute load average 0.9 at start, 2.1 at end; held still 95 s of the wall time (stopped or
+    starved)" (a load above the cores, or time held still, means other work shared the machine)."""
     children = f" + {clock['children_cpu_s']:.0f} s in child processes" if clock.get("children_cpu_s", 0) >= 1 else ""
     workers = f", {clock['workers']} worker processes" if clock.get("workers", 1) > 1 else ""
-    return (f"CPU {clock['cpu_s']:.0f} s{children}, {clock['threads']} threads{workers}, {clock['cpus']} cores; 1-minute load "
-            f"average {clock['load_1min_start']:.1f} at start, {clock['load_1min_end']:.1f} at end")
+    stalled = (f"; held still {clock['stalled_s']:.0f} s of the wall time (stopped or starved)"
+               if clock.get("stalled_s", 0) >= 1 else "")
+    return (f"CPU {clock['cpu_s']:.0f} s{children}, {clock['threads']} threads{workers}, {clock['cpus']} cores; "
+            f"1-minute load average {clock['load_1min_start']:.1f} at start, {clock['load_1min_end']:.1f} at end{stalled}")
 
 
 def _torch_threads() -> int:
