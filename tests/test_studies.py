@@ -57,7 +57,7 @@ def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_p
     out = tmp_path / "ext"
     rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1", "--workers", "2")
     assert rc == 0, err
-    assert "pretrain ..." in stdout and "finetune-sinklora-sf ... (worker)" in stdout
+    assert "pretrain ..." in stdout and "finetune-sinklora-sf ... (queued for 2 worker processes)" in stdout
     body = _check_report(out, ["Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
                                "Passkey accuracy by depth of the key"], 6)
     rows = body["data"]["rows"]
@@ -83,11 +83,12 @@ def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_p
         assert (rope["rope_type"], rope["factor"]) == ("linear", 2.0)
     assert body["clock"]["workers"] == 2 and "2 worker processes" in (out / "study.md").read_text()
     _rerun_resumes(capsys, "extension", out)
+    assert json.loads((out / "study.json").read_text())["clock"]["workers"] == 1  # every step read back
     # the same study run here, step after step: every number as the two worker processes computed it
     one = tmp_path / "ext1"
     rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(one), "--threads", "1", "--workers", "1")
     assert rc == 0, err
-    assert "(worker)" not in stdout
+    assert "worker processes" not in stdout
     body1 = json.loads((one / "study.json").read_text())
     assert body1["data"]["rows"] == rows and body1["findings"] == body["findings"]
     for f in sorted((out / "steps").glob("finetune-*.json")):
@@ -100,6 +101,7 @@ def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None
     rc, _, err = _study(capsys, "sparse", "--quick", "--out", str(out), "--threads", "1")
     assert rc == 0, err
     body = _check_report(out, ["Equal steps (3 x 1 x 128 tokens), same data and initial weights"], 4)
+    assert body["clock"]["workers"] == 1  # its steps run in this process whatever --workers says
     assert [r[0] for r in body["tables"][0]["rows"]] == ["full attention", "S2 (LongLoRA)", "SF (SinkLoRA)", "SSA",
                                                          "PowerAttention"]
     ev = body["data"]["evals"]
@@ -145,6 +147,8 @@ def test_study_list_and_bad_input(tmp_path: Path, capsys) -> None:
     assert rc == 2 and "steps" in err and not (tmp_path / "o").exists()
     rc, _, err = _study(capsys, "sparse", "--config", str(tmp_path / "missing.yaml"))
     assert rc == 2 and "missing.yaml" in err
+    rc, _, err = _study(capsys, "extension", "--quick", "--workers", "0", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "--workers must be >= 1, got 0" in err and not (tmp_path / "o").exists()
     # a non-empty folder that is not a study run is never touched, even with --force
     other = tmp_path / "mine"
     other.mkdir()

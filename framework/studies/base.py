@@ -104,6 +104,8 @@ class StudyContext:
         """True for the smallest setting (tests): a few steps of everything."""
         self.workers = workers
         """Processes that run independent chains of steps at once (:meth:`steps`); 1 runs them here in turn."""
+        self.pooled = False
+        """Whether any step ran in worker processes (studies without :meth:`steps` never do)."""
         self._log = log or (lambda msg: print(msg, flush=True))
         self._t0 = time.perf_counter()
         self.resumed: list[str] = []
@@ -163,7 +165,8 @@ class StudyContext:
         with ProcessPoolExecutor(self.workers, mp_context=spawn, initializer=_one_thread) as pool:
             def submit(step: Step | None) -> None:
                 if step is not None:
-                    self.log(f"{step.key} ... (worker)")
+                    self.pooled = True
+                    self.log(f"{step.key} ... (queued for {self.workers} worker processes)")
                     pending[pool.submit(_run_step, step.fn, step.args)] = step
 
             for head in chains:

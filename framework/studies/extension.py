@@ -20,6 +20,10 @@
 4. **Evaluation** of every model with full attention (LongLoRA protocol): perplexity at L, 2L, 4L
    (independent windows every 256 tokens) and passkey accuracy by depth at L and 4L (greedy decoding,
    exact match, ``seeds`` keys per depth); heat-maps depth × length per model.
+
+Once the base exists, the recipes (fine-tune, then evaluate) and the untrained evaluations are independent:
+``longreach study extension --workers N`` runs them in N processes of one torch thread each, with the same
+numbers as one after another.
 """
 from __future__ import annotations
 

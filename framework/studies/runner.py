@@ -125,7 +125,7 @@ def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: boo
         result = study.run(cfg, ctx)
     finally:
         stalled = stalls.close()
-    clock = _elapsed(start, _clock(), workers, stalled)
+    clock = _elapsed(start, _clock(), workers if ctx.pooled else 1, stalled)
     body = as_json(result)
     body.update(study=name, quick=bool(quick), config=marker["config"], seconds=clock["wall_s"],
                 cpu_seconds=clock["cpu_s"], clock=clock, resumed=ctx.resumed)
