@@ -112,6 +112,35 @@ def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None
     _rerun_resumes(capsys, "sparse", out)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_study_steps_run_chains_resume_and_stop_at_a_failure(tmp_path: Path, workers: int) -> None:
+    """``ctx.steps``: each chain follows ``then`` from its result, every result lands in ``steps/KEY.json`` (the
+    same in worker processes as here), a rerun reads finished steps back, and a failing step raises after the
+    finished ones are kept."""
+    from longreach.studies.base import Step, StudyContext
+
+    def chains(bad: bool) -> list[Step]:
+        return [Step(key="root", fn=math.sqrt, args=(16.0,),
+                     then=lambda v: Step(key="root2", fn=math.sqrt, args=(v,))),
+                Step(key="power", fn=math.pow, args=(2.0, 10.0)),
+                Step(key="bad", fn=math.sqrt, args=(-1.0 if bad else 1.0,))]
+
+    lines: list[str] = []
+    ctx = StudyContext(tmp_path, workers=workers, log=lines.append)
+    with pytest.raises(ValueError, match="math domain error"):
+        ctx.steps(chains(bad=True))
+    assert not (tmp_path / "steps" / "bad.json").exists() and ctx.pooled == (workers > 1)
+    ctx = StudyContext(tmp_path, workers=workers, log=lines.append)
+    assert ctx.steps(chains(bad=False)) == {"root": 4.0, "root2": 2.0, "power": 1024.0, "bad": 1.0}
+    assert {p.stem: json.loads(p.read_text()) for p in (tmp_path / "steps").glob("*.json")} == {
+        "root": 4.0, "root2": 2.0, "power": 1024.0, "bad": 1.0}
+    assert "bad" not in ctx.resumed and set(ctx.resumed) <= {"root", "root2", "power"}
+    again = StudyContext(tmp_path, workers=workers, log=lines.append)
+    assert again.steps(chains(bad=False))["root2"] == 2.0
+    assert sorted(again.resumed) == ["bad", "power", "root", "root2"]
+    assert not again.pooled  # nothing left to run
+
+
 def test_stall_meter_counts_the_seconds_a_process_is_stopped() -> None:
     """The report's "held still" seconds: a process stopped (SIGSTOP) for 2 s adds them."""
     import os

@@ -5,9 +5,9 @@ A study is a function ``run(cfg, ctx) -> StudyResult`` over a typed config datac
 (:meth:`StudyContext.step`): each step's JSON-serialisable result is written to ``steps/KEY.json`` inside
 the run folder, so a rerun of an interrupted study skips every finished step. Independent chains of steps
 (:class:`Step`, :meth:`StudyContext.steps`) run in ``ctx.workers`` worker processes of one torch thread each,
-with the same results as one after another. Its result is tables (rendered
-as markdown), **findings** (the paper's published effect beside ours, and whether its direction was
-reproduced) and plots written into the run folder.
+with the same results as one after another. Its result is tables (rendered as markdown), **findings** (the
+paper's published effect beside ours, and whether its direction was reproduced) and plots written into the
+run folder.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["STUDIES", "Finding", "Step", "Study", "StudyContext", "StudyResult", "Table", "TinyLMConfig", "embedded_documents",
-           "encode_documents", "lm_step", "markdown", "register", "warmup_decay"]
+__all__ = ["STUDIES", "Finding", "Step", "Study", "StudyContext", "StudyResult", "Table", "TinyLMConfig",
+           "embedded_documents", "encode_documents", "lm_step", "markdown", "register", "warmup_decay"]
 
 T = TypeVar("T")
 
