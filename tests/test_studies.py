@@ -55,7 +55,8 @@ def _rerun_resumes(capsys, name: str, out: Path) -> None:
 
 def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_path: Path, capsys) -> None:
     out = tmp_path / "ext"
-    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1", "--workers", "2")
+    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1",
+                             "--workers", "2")
     assert rc == 0, err
     assert "pretrain ..." in stdout and "finetune-sinklora-sf ... (queued for 2 worker processes)" in stdout
     body = _check_report(out, ["Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
@@ -86,7 +87,8 @@ def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_p
     assert json.loads((out / "study.json").read_text())["clock"]["workers"] == 1  # every step read back
     # the same study run here, step after step: every number as the two worker processes computed it
     one = tmp_path / "ext1"
-    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(one), "--threads", "1", "--workers", "1")
+    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(one), "--threads", "1",
+                             "--workers", "1")
     assert rc == 0, err
     assert "worker processes" not in stdout
     body1 = json.loads((one / "study.json").read_text())
@@ -114,9 +116,9 @@ def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_study_steps_run_chains_resume_and_stop_at_a_failure(tmp_path: Path, workers: int) -> None:
-    """``ctx.steps``: each chain follows ``then`` from its result, every result lands in ``steps/KEY.json`` (the
-    same in worker processes as here), a rerun reads finished steps back, and a failing step raises after the
-    finished ones are kept."""
+    """``ctx.steps``: each chain follows ``then`` from its result, every result lands in ``steps/KEY.json``
+    (the same in worker processes as here), a rerun reads finished steps back, and a failing step raises
+    after the finished ones are kept."""
     from longreach.studies.base import Step, StudyContext
 
     def chains(bad: bool) -> list[Step]:
@@ -149,8 +151,9 @@ def test_stall_meter_counts_the_seconds_a_process_is_stopped() -> None:
     import sys
     import time
 
-    code = ("import time; from longreach.studies.runner import StallMeter; m = StallMeter(tick=0.1, slack=0.3); "
-            "time.sleep(0.5); print(m.seconds, flush=True); time.sleep(3); print(m.close(), flush=True)")
+    code = ("import time; from longreach.studies.runner import StallMeter; "
+            "m = StallMeter(tick=0.1, slack=0.3); time.sleep(0.5); print(m.seconds, flush=True); "
+            "time.sleep(3); print(m.close(), flush=True)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         before = float(proc.stdout.readline())
@@ -257,7 +260,8 @@ def test_extension_pack_keeps_every_task_whole_inside_one_window() -> None:
     marks = [np.arange(len(t)) == len(t) - 2 for t in tasks]  # each task's token before its end marked
     packed, flags = _pack(tasks, text, width, marks)
     assert len(packed) % width == 0 and flags.shape == packed.shape
-    assert flags.sum() == len(tasks) - 1 and (packed[np.flatnonzero(flags) + 1] == 2).all()  # marks travel along
+    assert flags.sum() == len(tasks) - 1  # every task but the one left out
+    assert (packed[np.flatnonzero(flags) + 1] == 2).all()  # the marks travel with their tokens
     assert (_pack(tasks, text, width)[0] == packed).all() and not _pack(tasks, text, width)[1].any()
     windows = packed.reshape(-1, width).tolist()
     found = []

@@ -68,8 +68,8 @@ class StudyResult:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One step of a chain run by :meth:`StudyContext.steps`: ``fn(*args)`` runs in a worker process, so ``fn``
-    is a module-level function and ``args`` plain data (both are pickled)."""
+    """One step of a chain run by :meth:`StudyContext.steps`: ``fn(*args)`` runs in a worker process, so
+    ``fn`` is a module-level function and ``args`` plain data (both are pickled)."""
 
     key: str
     """The step's name (its result is ``steps/KEY.json``)."""
@@ -103,7 +103,7 @@ class StudyContext:
         self.quick = quick
         """True for the smallest setting (tests): a few steps of everything."""
         self.workers = workers
-        """Processes that run independent chains of steps at once (:meth:`steps`); 1 runs them here in turn."""
+        """Processes that run independent chains of steps at once (:meth:`steps`); 1: here, in turn."""
         self.pooled = False
         """Whether any step ran in worker processes (studies without :meth:`steps` never do)."""
         self._log = log or (lambda msg: print(msg, flush=True))

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from longreach.data.synthetic import FILLER
-from longreach.studies.base import (Finding, Step, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
-                                    encode_documents, lm_step, register, warmup_decay)
+from longreach.studies.base import (Finding, Step, StudyContext, StudyResult, Table, TinyLMConfig,
+                                    embedded_documents, encode_documents, lm_step, register, warmup_decay)
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_INTRO = "There is an important piece"
@@ -128,8 +128,8 @@ def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int, marks: list[np.
     The fine-tuning loader cuts its windows at multiples of ``width``, so every task there is seen whole.
 
     Returns:
-        The tokens ``[W * width]`` and beside them ``[W * width]`` bool: each task's ``marks`` (one ``[n]`` bool
-        per task, e.g. :func:`_answer_marks`; none marked without them), False on the running text.
+        The tokens ``[W * width]`` and beside them ``[W * width]`` bool: each task's ``marks`` (one ``[n]``
+        bool per task, e.g. :func:`_answer_marks`; none marked without them), False on the running text.
     """
     windows, flags, pos, i = [], [], 0, 0
     if marks is None:
@@ -148,8 +148,9 @@ def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int, marks: list[np.
 
 
 def _answer_marks(tok: Any, doc: str, n: int) -> np.ndarray:
-    """``[n]`` bool over a document's ``n`` ids (BOS, its tokens, EOS): True on a passkey document's answer (every
-    token after its question "... The pass key is", EOS excepted), False elsewhere and on other documents."""
+    """``[n]`` bool over a document's ``n`` ids (BOS, its tokens, EOS): True on a passkey document's answer
+    (every token after its question "... The pass key is", EOS excepted), False elsewhere and on other
+    documents."""
     from longreach.data.synthetic import PASSKEY_QUESTION
 
     marks = np.zeros(n, dtype=bool)

@@ -139,15 +139,16 @@ def run_study(name: str, cfg: Any, out: Path, *, quick: bool = False, force: boo
 
 
 class StallMeter:
-    """Wall seconds this process was held still although it had work: stopped (SIGSTOP, as another job's timing
-    run on a shared machine does) or starved of CPU. A ticker thread wakes every ``tick`` seconds; each gap
-    longer than ``tick + slack`` counts beyond ``tick`` (the monotonic clock runs on while a process is stopped).
-    """
+    """Wall seconds this process was held still although it had work: stopped (SIGSTOP, as another job's
+    timing run on a shared machine does) or starved of CPU. A ticker thread wakes every ``tick`` seconds;
+    each gap longer than ``tick + slack`` counts beyond ``tick`` (the monotonic clock runs on while a process
+    is stopped)."""
 
     def __init__(self, tick: float = 0.5, slack: float = 1.0) -> None:
         self.seconds = 0.0
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._tick, args=(tick, slack), daemon=True, name="stall-meter")
+        self._thread = threading.Thread(target=self._tick, args=(tick, slack), daemon=True,
+                                        name="stall-meter")
         self._thread.start()
 
     def _tick(self, tick: float, slack: float) -> None:
@@ -182,7 +183,8 @@ def _elapsed(start: dict[str, float], end: dict[str, float], workers: int = 1, s
         "stalled_s" (:class:`StallMeter`)}``.
     """
     return {"wall_s": end["wall"] - start["wall"], "cpu_s": end["cpu"] - start["cpu"],
-            "children_cpu_s": end["children"] - start["children"], "threads": _torch_threads(), "workers": workers,
+            "children_cpu_s": end["children"] - start["children"], "threads": _torch_threads(),
+            "workers": workers,
             "cpus": os.cpu_count() or 0, "load_1min_start": start["load"], "load_1min_end": end["load"],
             "stalled_s": stalled}
 
@@ -195,8 +197,9 @@ def clock_note(clock: dict[str, Any]) -> str:
     workers = f", {clock['workers']} worker processes" if clock.get("workers", 1) > 1 else ""
     stalled = (f"; held still {clock['stalled_s']:.0f} s of the wall time (stopped or starved)"
                if clock.get("stalled_s", 0) >= 1 else "")
-    return (f"CPU {clock['cpu_s']:.0f} s{children}, {clock['threads']} threads{workers}, {clock['cpus']} cores; "
-            f"1-minute load average {clock['load_1min_start']:.1f} at start, {clock['load_1min_end']:.1f} at end{stalled}")
+    return (f"CPU {clock['cpu_s']:.0f} s{children}, {clock['threads']} threads{workers}, {clock['cpus']} "
+            f"cores; 1-minute load average {clock['load_1min_start']:.1f} at start, "
+            f"{clock['load_1min_end']:.1f} at end{stalled}")
 
 
 def _torch_threads() -> int:
@@ -220,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the smallest setting (a few steps of everything)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes (one torch thread each) for a study's independent steps (default: 2, or 1 on "
-                        "a single core)")
+                   help="processes (one torch thread each) for a study's independent steps (default: 2, or "
+                        "1 on a single core)")
     p.add_argument("--force", action="store_true", help="start the run folder over instead of resuming")
     args, extra = p.parse_known_args(argv)
     if args.list:
