@@ -257,12 +257,8 @@ def test_extension_pack_keeps_every_task_whole_inside_one_window() -> None:
     tasks.append(np.arange(200, 260))  # longer than a window: left out
     text = np.arange(1000, 1037)
     width = 32
-    marks = [np.arange(len(t)) == len(t) - 2 for t in tasks]  # each task's token before its end marked
-    packed, flags = _pack(tasks, text, width, marks)
-    assert len(packed) % width == 0 and flags.shape == packed.shape
-    assert flags.sum() == len(tasks) - 1  # every task but the one left out
-    assert (packed[np.flatnonzero(flags) + 1] == 2).all()  # the marks travel with their tokens
-    assert (_pack(tasks, text, width)[0] == packed).all() and not _pack(tasks, text, width)[1].any()
+    packed = _pack(tasks, text, width)
+    assert len(packed) % width == 0
     windows = packed.reshape(-1, width).tolist()
     found = []
     for w in windows:  # each window: whole tasks from its first token, then running text
@@ -297,23 +293,6 @@ def test_extension_key_distances_count_tokens_from_the_key_to_the_answer() -> No
     assert summary["tasks"] == 3 and summary["max"] == int(dist.max()) and summary["quartiles"][1] == int(dist[1])
     assert summary["beyond_L"] == 2 / 3
     assert _distance_summary(dist[:0], 30)["tasks"] == 0
-
-
-def test_extension_answer_marks_cover_the_passkey_answer_only() -> None:
-    """The fine-tuning mix's answer tokens (what ``answer_weight`` weighs): after a passkey document's
-    question, before its EOS; nothing in other documents."""
-    from longreach.data.synthetic import passkey_prompt
-    from longreach.studies.extension import _answer_marks
-
-    class Words:  # one token per whitespace-separated word
-        def encode(self, text: str) -> list[int]:
-            return [0] * len(text.split())
-
-    doc = passkey_prompt(3, 0.5, 4321).text
-    n = 2 + len(doc.split())  # BOS, words, EOS
-    marks = _answer_marks(Words(), doc, n)
-    assert np.flatnonzero(marks).tolist() == [n - 2] and doc.split()[n - 3] == "4321."  # the answer word
-    assert not _answer_marks(Words(), "Remember the following facts. The x is 1.", 9).any()
 
 
 def test_extension_long_passkeys_spread_keys_and_keep_half_within_reach() -> None:

@@ -121,43 +121,21 @@ def _encode(tok: Any, docs: list[str], idx: Any) -> list[np.ndarray]:
     return [np.asarray([tok.bos_id] + tok.encode(docs[int(i)]) + [tok.eos_id], dtype=np.int64) for i in idx]
 
 
-def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int, marks: list[np.ndarray] | None = None
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _pack(tasks: list[np.ndarray], text: np.ndarray, width: int) -> np.ndarray:
     """``[W * width]`` tokens: windows of ``width`` that each hold whole task documents from their first token,
     the rest of the window running text (``text`` read on cyclically). Tasks longer than ``width`` are left out.
-    The fine-tuning loader cuts its windows at multiples of ``width``, so every task there is seen whole.
-
-    Returns:
-        The tokens ``[W * width]`` and beside them ``[W * width]`` bool: each task's ``marks`` (one ``[n]``
-        bool per task, e.g. :func:`_answer_marks`; none marked without them), False on the running text.
-    """
-    windows, flags, pos, i = [], [], 0, 0
-    if marks is None:
-        marks = [np.zeros(len(t), dtype=bool) for t in tasks]
-    kept = [(t, m) for t, m in zip(tasks, marks) if len(t) <= width]
-    while i < len(kept):
+    The fine-tuning loader cuts its windows at multiples of ``width``, so every task there is seen whole."""
+    windows, pos, i = [], 0, 0
+    tasks = [t for t in tasks if len(t) <= width]
+    while i < len(tasks):
         parts, used = [], 0
-        while i < len(kept) and used + len(kept[i][0]) <= width:
-            parts.append(kept[i])
-            used, i = used + len(kept[i][0]), i + 1
+        while i < len(tasks) and used + len(tasks[i]) <= width:
+            parts.append(tasks[i])
+            used, i = used + len(tasks[i]), i + 1
         fill = np.take(text, np.arange(pos, pos + width - used), mode="wrap")  # [width - used]
         pos += width - used
-        windows.append(np.concatenate([t for t, _ in parts] + [fill]))
-        flags.append(np.concatenate([m for _, m in parts] + [np.zeros(len(fill), dtype=bool)]))
-    return np.concatenate(windows), np.concatenate(flags)
-
-
-def _answer_marks(tok: Any, doc: str, n: int) -> np.ndarray:
-    """``[n]`` bool over a document's ``n`` ids (BOS, its tokens, EOS): True on a passkey document's answer
-    (every token after its question "... The pass key is", EOS excepted), False elsewhere and on other
-    documents."""
-    from longreach.data.synthetic import PASSKEY_QUESTION
-
-    marks = np.zeros(n, dtype=bool)
-    if doc.startswith(PASSKEY_INTRO):
-        ask_end = doc.rindex(PASSKEY_QUESTION) + len(PASSKEY_QUESTION)
-        marks[1 + len(tok.encode(doc[:ask_end])):n - 1] = True  # after BOS and the question, before EOS
-    return marks
+        windows.append(np.concatenate(parts + [fill]))
+    return np.concatenate(windows)
 
 
 def _key_distances(tok: Any, docs: list[str]) -> np.ndarray:
@@ -225,13 +203,10 @@ def _data(cfg: ExtensionConfig, out: Path) -> dict[str, Any]:
     keys = _long_passkeys(cfg.finetune_steps * cfg.finetune_batch, cfg.finetune_task_chars, near, rng)
     tasks = keys + [d for d in long_docs[n_text:] if not d.startswith(PASSKEY_INTRO)]
     text_idx = rng.permutation(np.setdiff1d(np.arange(n_text), held))
-    order = rng.permutation(len(tasks))
-    encoded = _encode(tok, tasks, order)
-    tune, answers = _pack(encoded, encode_documents(tok, long_docs, text_idx), cfg.factor * cfg.seq_len,
-                          [_answer_marks(tok, tasks[int(i)], len(e)) for i, e in zip(order, encoded)])
+    tune = _pack(_encode(tok, tasks, rng.permutation(len(tasks))), encode_documents(tok, long_docs, text_idx),
+                 cfg.factor * cfg.seq_len)
     for name, arr in (("pretrain", train), ("finetune", tune), ("val", val)):
         np.save(out / f"{name}_tokens.npy", arr)
-    np.save(out / "finetune_answers.npy", answers)  # [N_tune] bool: passkey answer tokens
     np.save(out / "pretrain_task_starts.npy", task_starts)
     # how far back each passkey task's answer must look: the base's tasks stay inside L, the fine-tuning tasks
     # reach ~factor x L
