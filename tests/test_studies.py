@@ -36,6 +36,7 @@ def _check_report(out: Path, titles: list[str], n_findings: int) -> dict:
     clock = body["clock"]
     assert clock["wall_s"] > 0 and clock["cpu_s"] > 0 and clock["threads"] == 1 and clock["cpus"] >= 1
     assert clock["load_1min_start"] >= 0 and clock["load_1min_end"] >= 0 and body["seconds"] == clock["wall_s"]
+    assert 0 <= clock["stalled_s"] <= clock["wall_s"] and clock["workers"] >= 1
     assert f"Wall time: {clock['wall_s']:.0f} s (CPU {clock['cpu_s']:.0f} s" in md and "1-minute load average" in md
     return body
 
@@ -52,11 +53,12 @@ def _rerun_resumes(capsys, name: str, out: Path) -> None:
     assert "done in an earlier run" in stdout
 
 
-def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None:
+def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_path: Path, capsys) -> None:
     out = tmp_path / "ext"
-    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1")
+    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(out), "--threads", "1",
+                             "--workers", "2")
     assert rc == 0, err
-    assert "pretrain ..." in stdout and "finetune-sinklora-sf" in stdout
+    assert "pretrain ..." in stdout and "finetune-sinklora-sf ... (queued for 2 worker processes)" in stdout
     body = _check_report(out, ["Perplexity on held-out text and passkey accuracy (full-attention evaluation)",
                                "Passkey accuracy by depth of the key"], 6)
     rows = body["data"]["rows"]
@@ -80,7 +82,20 @@ def test_extension_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> N
         conf = json.loads((out / run / "export" / "config.json").read_text())
         rope = conf.get("rope_parameters") or conf.get("rope_scaling")
         assert (rope["rope_type"], rope["factor"]) == ("linear", 2.0)
+    assert body["clock"]["workers"] == 2 and "2 worker processes" in (out / "study.md").read_text()
     _rerun_resumes(capsys, "extension", out)
+    assert json.loads((out / "study.json").read_text())["clock"]["workers"] == 1  # every step read back
+    # the same study run here, step after step: every number as the two worker processes computed it
+    one = tmp_path / "ext1"
+    rc, stdout, err = _study(capsys, "extension", "--quick", "--out", str(one), "--threads", "1",
+                             "--workers", "1")
+    assert rc == 0, err
+    assert "worker processes" not in stdout
+    body1 = json.loads((one / "study.json").read_text())
+    assert body1["data"]["rows"] == rows and body1["findings"] == body["findings"]
+    for f in sorted((out / "steps").glob("finetune-*.json")):
+        a, b = json.loads(f.read_text()), json.loads((one / "steps" / f.name).read_text())
+        assert a["last_loss"] == b["last_loss"] and a["trainable_fraction"] == b["trainable_fraction"]
 
 
 def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None:
@@ -88,6 +103,7 @@ def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None
     rc, _, err = _study(capsys, "sparse", "--quick", "--out", str(out), "--threads", "1")
     assert rc == 0, err
     body = _check_report(out, ["Equal steps (3 x 1 x 128 tokens), same data and initial weights"], 4)
+    assert body["clock"]["workers"] == 1  # its steps run in this process whatever --workers says
     assert [r[0] for r in body["tables"][0]["rows"]] == ["full attention", "S2 (LongLoRA)", "SF (SinkLoRA)", "SSA",
                                                          "PowerAttention"]
     ev = body["data"]["evals"]
@@ -96,6 +112,58 @@ def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None
     assert ev["full"]["ppl_own"] == pytest.approx(ev["full"]["ppl_full"], rel=1e-5)
     assert all(v["median"] > 0 for v in body["data"]["tokens_per_s"].values())
     _rerun_resumes(capsys, "sparse", out)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_study_steps_run_chains_resume_and_stop_at_a_failure(tmp_path: Path, workers: int) -> None:
+    """``ctx.steps``: each chain follows ``then`` from its result, every result lands in ``steps/KEY.json``
+    (the same in worker processes as here), a rerun reads finished steps back, and a failing step raises
+    after the finished ones are kept."""
+    from longreach.studies.base import Step, StudyContext
+
+    def chains(bad: bool) -> list[Step]:
+        return [Step(key="root", fn=math.sqrt, args=(16.0,),
+                     then=lambda v: Step(key="root2", fn=math.sqrt, args=(v,))),
+                Step(key="power", fn=math.pow, args=(2.0, 10.0)),
+                Step(key="bad", fn=math.sqrt, args=(-1.0 if bad else 1.0,))]
+
+    lines: list[str] = []
+    ctx = StudyContext(tmp_path, workers=workers, log=lines.append)
+    with pytest.raises(ValueError, match="math domain error"):
+        ctx.steps(chains(bad=True))
+    assert not (tmp_path / "steps" / "bad.json").exists() and ctx.pooled == (workers > 1)
+    ctx = StudyContext(tmp_path, workers=workers, log=lines.append)
+    assert ctx.steps(chains(bad=False)) == {"root": 4.0, "root2": 2.0, "power": 1024.0, "bad": 1.0}
+    assert {p.stem: json.loads(p.read_text()) for p in (tmp_path / "steps").glob("*.json")} == {
+        "root": 4.0, "root2": 2.0, "power": 1024.0, "bad": 1.0}
+    assert "bad" not in ctx.resumed and set(ctx.resumed) <= {"root", "root2", "power"}
+    again = StudyContext(tmp_path, workers=workers, log=lines.append)
+    assert again.steps(chains(bad=False))["root2"] == 2.0
+    assert sorted(again.resumed) == ["bad", "power", "root", "root2"]
+    assert not again.pooled  # nothing left to run
+
+
+def test_stall_meter_counts_the_seconds_a_process_is_stopped() -> None:
+    """The report's "held still" seconds: a process stopped (SIGSTOP) for 2 s adds them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time; from longreach.studies.runner import StallMeter; "
+            "m = StallMeter(tick=0.1, slack=0.3); time.sleep(0.5); print(m.seconds, flush=True); "
+            "time.sleep(3); print(m.close(), flush=True)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        before = float(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(2.0)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    assert float(out) - before >= 1.5
 
 
 def test_study_list_and_bad_input(tmp_path: Path, capsys) -> None:
@@ -111,6 +179,8 @@ def test_study_list_and_bad_input(tmp_path: Path, capsys) -> None:
     assert rc == 2 and "steps" in err and not (tmp_path / "o").exists()
     rc, _, err = _study(capsys, "sparse", "--config", str(tmp_path / "missing.yaml"))
     assert rc == 2 and "missing.yaml" in err
+    rc, _, err = _study(capsys, "extension", "--quick", "--workers", "0", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "--workers must be >= 1, got 0" in err and not (tmp_path / "o").exists()
     # a non-empty folder that is not a study run is never touched, even with --force
     other = tmp_path / "mine"
     other.mkdir()

@@ -3,22 +3,26 @@
 A study is a function ``run(cfg, ctx) -> StudyResult`` over a typed config dataclass (loaded from
 ``configs/study_NAME.yaml`` by the strict loader). It does its work in named **steps**
 (:meth:`StudyContext.step`): each step's JSON-serialisable result is written to ``steps/KEY.json`` inside
-the run folder, so a rerun of an interrupted study skips every finished step. Its result is tables (rendered
-as markdown), **findings** (the paper's published effect beside ours, and whether its direction was
-reproduced) and plots written into the run folder.
+the run folder, so a rerun of an interrupted study skips every finished step. Independent chains of steps
+(:class:`Step`, :meth:`StudyContext.steps`) run in ``ctx.workers`` worker processes of one torch thread each,
+with the same results as one after another. Its result is tables (rendered as markdown), **findings** (the
+paper's published effect beside ours, and whether its direction was reproduced) and plots written into the
+run folder.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["STUDIES", "Finding", "Study", "StudyContext", "StudyResult", "Table", "TinyLMConfig", "embedded_documents",
-           "encode_documents", "lm_step", "markdown", "register", "warmup_decay"]
+__all__ = ["STUDIES", "Finding", "Step", "Study", "StudyContext", "StudyResult", "Table", "TinyLMConfig",
+           "embedded_documents", "encode_documents", "lm_step", "markdown", "register", "warmup_decay"]
 
 T = TypeVar("T")
 
@@ -62,13 +66,46 @@ class StudyResult:
     """Raw numbers, written into ``study.json``."""
 
 
-class StudyContext:
-    """The run folder, the size setting and progress output of one study run."""
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One step of a chain run by :meth:`StudyContext.steps`: ``fn(*args)`` runs in a worker process, so
+    ``fn`` is a module-level function and ``args`` plain data (both are pickled)."""
 
-    def __init__(self, out: Path, *, quick: bool = False, log: Callable[[str], None] | None = None) -> None:
+    key: str
+    """The step's name (its result is ``steps/KEY.json``)."""
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    then: Callable[[Any], "Step"] | None = None
+    """The chain's next step, made from this step's result (called in the study's process, never pickled)."""
+
+
+def _run_step(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, float]:
+    """In a worker: ``fn(*args)`` and its seconds."""
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
+
+
+def _one_thread() -> None:
+    """Worker initializer: one torch thread per worker process."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class StudyContext:
+    """The run folder, the size setting, the worker processes and progress output of one study run."""
+
+    def __init__(self, out: Path, *, quick: bool = False, workers: int = 1,
+                 log: Callable[[str], None] | None = None) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.out = Path(out)
         self.quick = quick
         """True for the smallest setting (tests): a few steps of everything."""
+        self.workers = workers
+        """Processes that run independent chains of steps at once (:meth:`steps`); 1: here, in turn."""
+        self.pooled = False
+        """Whether any step ran in worker processes (studies without :meth:`steps` never do)."""
         self._log = log or (lambda msg: print(msg, flush=True))
         self._t0 = time.perf_counter()
         self.resumed: list[str] = []
@@ -88,19 +125,85 @@ class StudyContext:
         """Run ``fn`` once per run folder: its JSON-serialisable result is kept in ``steps/KEY.json``
         (written atomically) and read back on a rerun, so an interrupted study resumes after its last
         finished step."""
-        f = self.path("steps") / f"{key}.json"
-        if f.exists():
-            self.resumed.append(key)
-            self.log(f"{key}: done in an earlier run (steps/{f.name})")
-            return json.loads(f.read_text())
+        if self._done(key):
+            return self._read(key)
         self.log(f"{key} ...")
         t = time.perf_counter()
         value = fn()
+        self._write(key, value, time.perf_counter() - t)
+        return value
+
+    def steps(self, chains: list[Step]) -> dict[str, Any]:
+        """Run independent chains of steps, each from its first :class:`Step` along ``then``, as :meth:`step`
+        runs one (each result kept in ``steps/KEY.json``; a finished step is read back, not rerun).
+
+        With ``workers`` > 1 the steps run in that many spawned processes of one torch thread each, the
+        chains' steps queued in the order given (put the longest chains first); with 1, here, chain after
+        chain. Each step computes from its arguments alone, so either way gives the same results. A failed
+        step stops the rest (finished steps stay on disk).
+
+        Returns:
+            Every step's result by key.
+        """
+        results: dict[str, Any] = {}
+
+        def ready(step: Step | None) -> Step | None:  # the chain's first step not done yet
+            while step is not None and self._done(step.key):
+                results[step.key] = self._read(step.key)
+                step = step.then(results[step.key]) if step.then else None
+            return step
+
+        if self.workers == 1:
+            for head in chains:
+                step = ready(head)
+                while step is not None:
+                    results[step.key] = self.step(step.key, lambda s=step: s.fn(*s.args))
+                    step = ready(step.then(results[step.key]) if step.then else None)
+            return results
+        pending: dict[Future, Step] = {}
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process that already ran torch threads
+        with ProcessPoolExecutor(self.workers, mp_context=spawn, initializer=_one_thread) as pool:
+            def submit(step: Step | None) -> None:
+                if step is not None:
+                    self.pooled = True
+                    self.log(f"{step.key} ... (queued for {self.workers} worker processes)")
+                    pending[pool.submit(_run_step, step.fn, step.args)] = step
+
+            for head in chains:
+                submit(ready(head))
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        step = pending.pop(fut)
+                        value, seconds = fut.result()
+                        self._write(step.key, value, seconds)
+                        results[step.key] = value
+                        submit(ready(step.then(value) if step.then else None))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # queued steps never start; running ones finish
+                raise
+        return results
+
+    def _file(self, key: str) -> Path:
+        return self.path("steps") / f"{key}.json"
+
+    def _done(self, key: str) -> bool:
+        return self._file(key).exists()
+
+    def _read(self, key: str) -> Any:
+        """A finished step's result, noted as read back."""
+        self.resumed.append(key)
+        self.log(f"{key}: done in an earlier run (steps/{key}.json)")
+        return json.loads(self._file(key).read_text())
+
+    def _write(self, key: str, value: Any, seconds: float) -> None:
+        """Keep a finished step's result (atomically: a half-written file never reads as done)."""
+        f = self._file(key)
         tmp = f.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(value, indent=1, default=float))
         os.replace(tmp, f)
-        self.log(f"{key}: {time.perf_counter() - t:.1f}s")
-        return value
+        self.log(f"{key}: {seconds:.1f}s")
 
     def pyplot(self) -> Any:
         """``matplotlib.pyplot`` on the Agg backend, or None (logged) when matplotlib is not installed."""

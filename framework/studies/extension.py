@@ -20,6 +20,10 @@
 4. **Evaluation** of every model with full attention (LongLoRA protocol): perplexity at L, 2L, 4L
    (independent windows every 256 tokens) and passkey accuracy by depth at L and 4L (greedy decoding,
    exact match, ``seeds`` keys per depth); heat-maps depth × length per model.
+
+Once the base exists, the recipes (fine-tune, then evaluate) and the untrained evaluations are independent:
+``longreach study extension --workers N`` runs them in N processes of one torch thread each, with the same
+numbers as one after another.
 """
 from __future__ import annotations
 
@@ -32,8 +36,8 @@ import numpy as np
 import torch
 
 from longreach.data.synthetic import FILLER
-from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
-                                    encode_documents, lm_step, register, warmup_decay)
+from longreach.studies.base import (Finding, Step, StudyContext, StudyResult, Table, TinyLMConfig,
+                                    embedded_documents, encode_documents, lm_step, register, warmup_decay)
 
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_INTRO = "There is an important piece"
@@ -356,16 +360,22 @@ def run(cfg: ExtensionConfig, ctx: StudyContext) -> StudyResult:
     base = ctx.step("pretrain", lambda: _pretrain(cfg, out, data["tokenizer"], ctx))
     val = np.load(out / "val_tokens.npy")
     base_hf = out / "base_hf"
-    rows: dict[str, dict[str, Any]] = {}
-    rows["base (no fine-tune, no scaling)"] = ctx.step("eval-base", lambda: _evaluate(base_hf, val, cfg))
-    for name, (key, kind) in BASELINES.items():
-        rows[name] = ctx.step(key, lambda k=kind: _evaluate(base_hf, val, cfg, _rope(cfg, k)))
+    # the recipes (fine-tune, then evaluate the export) and the untrained evaluations are independent once the
+    # base exists: ctx.workers processes run them at once, the longest (the fine-tuning chains) queued first
+    chains = [Step(key=f"finetune-{method}-{pattern}", fn=_finetune, args=(cfg, out, method, pattern),
+                   then=lambda ft, k=f"{method}-{pattern}": Step(key=f"eval-{k}", fn=_evaluate,
+                                                                  args=(Path(ft["export"]), val, cfg)))
+              for method, pattern in RECIPES.values()]
+    chains.append(Step(key="eval-base", fn=_evaluate, args=(base_hf, val, cfg)))
+    chains += [Step(key=key, fn=_evaluate, args=(base_hf, val, cfg, _rope(cfg, kind)))
+               for key, kind in BASELINES.values()]
+    done = ctx.steps(chains)
+    rows: dict[str, dict[str, Any]] = {"base (no fine-tune, no scaling)": done["eval-base"]}
+    rows.update({name: done[key] for name, (key, _) in BASELINES.items()})
     trainable: dict[str, float] = {}
     for name, (method, pattern) in RECIPES.items():
-        key = f"{method}-{pattern}"
-        ft = ctx.step(f"finetune-{key}", lambda m=method, p=pattern: _finetune(cfg, out, m, p))
-        trainable[name] = ft["trainable_fraction"]
-        rows[name] = ctx.step(f"eval-{key}", lambda e=ft["export"]: _evaluate(Path(e), val, cfg))
+        trainable[name] = done[f"finetune-{method}-{pattern}"]["trainable_fraction"]
+        rows[name] = done[f"eval-{method}-{pattern}"]
     return _report(cfg, ctx, rows, trainable, data, base)
 
 
