@@ -278,3 +278,15 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[float, float]]], *, tit
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def paired_seeds(ours: list[float], base: list[float], base_name: str) -> tuple[str, bool]:
+    """Final losses of two arms, one per seed, trained on the same batches per seed: ("; mean of n seeds, below
+    BASE in m of n (per seed …)", whether ours is below in the mean and in most seeds). One seed: ("", below)."""
+    diffs = [a - b for a, b in zip(ours, base)]
+    below = sum(x < 0 for x in diffs)
+    ok = sum(ours) < sum(base) and below * 2 > len(diffs)
+    if len(diffs) == 1:
+        return "", ok
+    return (f"; mean of {len(diffs)} seeds, below {base_name} in {below} of {len(diffs)} (per seed "
+            + ", ".join(f"{x:+.3f}" for x in diffs) + ")"), ok

@@ -40,8 +40,8 @@ from longreach.models import ModelConfig, build_model
 from longreach.models.config import MoEOptions, MoHOptions
 from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register
 from longreach.studies.lm import (Corpus, CorpusConfig, TrainSpec, attention_core_flops, build_corpus, gap_trend,
-                                  lead_from, load_weights, mean_loss, param_count, plot_curves, save_weights,
-                                  step_flops, train_lm)
+                                  lead_from, load_weights, mean_loss, paired_seeds, param_count, plot_curves,
+                                  save_weights, step_flops, train_lm)
 
 __all__ = ["MixturesStudyConfig", "build_arm", "ffn_only_state_dict", "run"]
 
@@ -144,17 +144,6 @@ def _suffix(k: int) -> str:
 def scratch_losses(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
     """Final mean held-out loss of every from-scratch arm, one per seed."""
     return {arm: [mean_loss(runs[arm + _suffix(k)]["val"]) for k in range(cfg.scratch_seeds)] for arm in SCRATCH}
-
-
-def _seeds_text(arm: list[float], dense: list[float]) -> tuple[str, bool]:
-    """(" ; below dense in m of n seeds (per seed …)", mean below and below in most seeds) of paired runs."""
-    diffs = [a - d for a, d in zip(arm, dense)]
-    below = sum(x < 0 for x in diffs)
-    ok = sum(arm) < sum(dense) and below * 2 > len(diffs)
-    if len(diffs) == 1:
-        return "", ok
-    return (f"; mean of {len(diffs)} seeds, below dense in {below} of {len(diffs)} (per seed "
-            + ", ".join(f"{x:+.3f}" for x in diffs) + ")"), ok
 
 
 def build_arm(cfg: MixturesStudyConfig, arm: str, vocab_size: int) -> tuple[Any, torch.nn.Module]:
@@ -378,8 +367,8 @@ def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_
     loss = {n: mean_loss(r["val"]) for n, r in runs.items()}
     per_seed = scratch_losses(cfg, runs)
     loss.update({arm: sum(v) / len(v) for arm, v in per_seed.items()})  # the scratch arms: mean over seeds
-    moe_seeds, moe_ok = _seeds_text(per_seed["moe"], per_seed["dense"])
-    moh_seeds, _ = _seeds_text(per_seed["moh"], per_seed["dense"])
+    moe_seeds, moe_ok = paired_seeds(per_seed["moe"], per_seed["dense"], "dense")
+    moh_seeds, _ = paired_seeds(per_seed["moh"], per_seed["dense"], "dense")
     matches = sum(m <= d + 0.01 for m, d in zip(per_seed["moh"], per_seed["dense"]))  # seeds where MoH matches
     moh_ok = loss["moh"] <= loss["dense"] + 0.01 and matches * 2 > cfg.scratch_seeds
     during = " (seed 0)" if cfg.scratch_seeds > 1 else ""

@@ -1,5 +1,5 @@
-"""``longreach study mixtures`` with several seeds for its from-scratch arms: one run of dense, MoE and MoH per
-seed, a per-seed table, and the MoE/MoH claims judged on the mean and on the seeds paired."""
+"""``longreach study mixtures`` and ``linear`` with several seeds: one run of each compared arm per seed, a
+per-seed table, and the claims judged on the mean and on the seeds paired."""
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +40,28 @@ def test_mixtures_scratch_seeds_train_each_arm_per_seed(tmp_path) -> None:
     ([1.0, 1.5, 1.2], [1.1, 1.1, 1.1], False, "below dense in 1 of 3"),  # one seed below, the mean above
     ([1.2, 0.8], [1.1, 1.1], False, "below dense in 1 of 2"),  # the mean below, but no majority of seeds
 ])
-def test_seeds_text_needs_the_mean_and_most_seeds(arm, dense, ok, text) -> None:
-    from longreach.studies.mixtures import _seeds_text
+def test_paired_seeds_need_the_mean_and_most_seeds(arm, dense, ok, text) -> None:
+    from longreach.studies.lm import paired_seeds
 
-    got, reproduced = _seeds_text(arm, dense)
+    got, reproduced = paired_seeds(arm, dense, "dense")
     assert reproduced is ok and text in got
+
+
+def test_linear_train_seeds_train_both_models_per_seed(tmp_path) -> None:
+    import longreach.studies.linear as linear
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = dataclasses.replace(linear.LinearStudyConfig().quick(), train_seeds=2)
+        result = get_study("linear").run(cfg, StudyContext(tmp_path / "l", log=lambda msg: None))
+    finally:
+        torch.set_num_threads(before)
+    steps = {p.stem for p in (tmp_path / "l" / "steps").glob("*.json")}
+    assert {"train_llama", "train_transnormer", "train_llama-s1", "train_transnormer-s1"} <= steps
+    table = next(t for t in result.tables if t.title == "Held-out mean loss per seed")
+    (s0, s1, mean) = table.rows
+    assert s0[1] != s1[1] and mean[3] == pytest.approx((s0[3] + s1[3]) / 2)
+    assert s1[3] == pytest.approx(s1[2] - s1[1])
+    tnl = next(f for f in result.findings if f.claim.startswith("TransNormerLLM"))
+    assert f"TNL {(s0[2] + s1[2]) / 2:.3f} vs Llama {(s0[1] + s1[1]) / 2:.3f}; mean of 2 seeds" in tnl.ours
