@@ -10,16 +10,21 @@ import torch
 from longreach.studies import StudyContext, get_study
 
 
-def test_mixtures_scratch_seeds_train_each_arm_per_seed(tmp_path) -> None:
-    import longreach.studies.mixtures as mixtures
-
+def _run_one_thread(name: str, cfg, out):
+    """Run study ``name`` with ``cfg`` into ``out`` on one torch thread (restored afterwards)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = dataclasses.replace(mixtures.MixturesStudyConfig().quick(), scratch_seeds=2)
-        result = get_study("mixtures").run(cfg, StudyContext(tmp_path / "m", log=lambda msg: None))
+        return get_study(name).run(cfg, StudyContext(out, log=lambda msg: None))
     finally:
         torch.set_num_threads(before)
+
+
+def test_mixtures_scratch_seeds_train_each_arm_per_seed(tmp_path) -> None:
+    import longreach.studies.mixtures as mixtures
+
+    cfg = dataclasses.replace(mixtures.MixturesStudyConfig().quick(), scratch_seeds=2)
+    result = _run_one_thread("mixtures", cfg, tmp_path / "m")
     steps = {p.stem for p in (tmp_path / "m" / "steps").glob("*.json")}
     assert {"dense", "moe", "moh", "dense-s1", "moe-s1", "moh-s1"} <= steps
     table = next(t for t in result.tables if t.title.startswith("(a, b) mean held-out loss per seed"))
@@ -50,13 +55,8 @@ def test_paired_seeds_need_the_mean_and_most_seeds(arm, dense, ok, text) -> None
 def test_linear_train_seeds_train_both_models_per_seed(tmp_path) -> None:
     import longreach.studies.linear as linear
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = dataclasses.replace(linear.LinearStudyConfig().quick(), train_seeds=2)
-        result = get_study("linear").run(cfg, StudyContext(tmp_path / "l", log=lambda msg: None))
-    finally:
-        torch.set_num_threads(before)
+    cfg = dataclasses.replace(linear.LinearStudyConfig().quick(), train_seeds=2)
+    result = _run_one_thread("linear", cfg, tmp_path / "l")
     steps = {p.stem for p in (tmp_path / "l" / "steps").glob("*.json")}
     assert {"train_llama", "train_transnormer", "train_llama-s1", "train_transnormer-s1"} <= steps
     table = next(t for t in result.tables if t.title == "Held-out mean loss per seed")
