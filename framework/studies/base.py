@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 __all__ = ["STUDIES", "Finding", "Step", "Study", "StudyContext", "StudyResult", "Table", "TinyLMConfig",
-           "embedded_documents", "encode_documents", "lm_step", "markdown", "register", "warmup_decay"]
+           "embedded_documents", "encode_documents", "lm_step", "markdown", "register", "seed_suffix", "warmup_decay",
+           "with_mean_row"]
 
 T = TypeVar("T")
 
@@ -77,6 +78,17 @@ class Step:
     args: tuple[Any, ...] = ()
     then: Callable[[Any], "Step"] | None = None
     """The chain's next step, made from this step's result (called in the study's process, never pickled)."""
+
+
+def seed_suffix(k: int) -> str:
+    """Step-key and file-name suffix of a study's training seed ``k`` (``seed + k``): none for the first, so a
+    one-seed run keeps its plain names (and an earlier run folder resumes), ``-sK`` for the others."""
+    return f"-s{k}" if k else ""
+
+
+def with_mean_row(rows: list[list[Any]]) -> list[list[Any]]:
+    """Per-seed table rows (first cell the seed, the others numbers) followed by a ``mean`` row."""
+    return [*rows, ["mean", *(sum(col) / len(col) for col in list(zip(*rows))[1:])]]
 
 
 def _run_step(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, float]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register
+from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register, seed_suffix, with_mean_row
 from longreach.studies.lm import (CorpusConfig, TrainSpec, build_corpus, gap_trend, lead_from, mean_loss,
                                   paired_seeds, param_count, plot_curves, train_lm)
 
@@ -142,11 +142,6 @@ def _throughput(cfg: LinearStudyConfig, vocab_size: int, log: Any) -> dict[str, 
             "params": {m: param_count(models[m]) for m in MODELS}, "seconds": times}
 
 
-def _suffix(k: int) -> str:
-    """Step-key suffix of training seed ``k`` (none for the first: one seed keeps the plain keys)."""
-    return f"-s{k}" if k else ""
-
-
 def _train(ctx: StudyContext, cfg: LinearStudyConfig, corpus: Any, name: str, k: int = 0) -> dict[str, Any]:
     """Train ``name`` for seed ``k`` (``cfg`` already seeded ``seed + k``)."""
     def work() -> dict[str, Any]:
@@ -156,7 +151,7 @@ def _train(ctx: StudyContext, cfg: LinearStudyConfig, corpus: Any, name: str, k:
                          eval_windows=cfg.eval_windows, seed=cfg.seed, mix={"docs": 0.5, "tasks": 0.5})
         return {**train_lm(model, corpus, spec, log=ctx.log, name=name), "params": param_count(model)}
 
-    return ctx.step(f"train_{name}{_suffix(k)}", work)
+    return ctx.step(f"train_{name}{seed_suffix(k)}", work)
 
 
 def _exponent(lengths: list[int], secs: list[float]) -> float:
@@ -215,9 +210,8 @@ def run(cfg: LinearStudyConfig, ctx: StudyContext) -> StudyResult:
     per_seed = {m: [mean_loss(r[m]["val"]) for r in seeded] for m in MODELS}
     if cfg.train_seeds > 1:
         quality.title += f" (seed {cfg.seed} of {cfg.train_seeds})"
-        seed_rows = [[cfg.seed + k, per_seed["llama"][k], per_seed["transnormer"][k],
-                      per_seed["transnormer"][k] - per_seed["llama"][k]] for k in range(cfg.train_seeds)]
-        seed_rows.append(["mean", *(sum(col) / len(col) for col in list(zip(*seed_rows))[1:])])
+        seed_rows = with_mean_row([[cfg.seed + k, per_seed["llama"][k], per_seed["transnormer"][k],
+                                    per_seed["transnormer"][k] - per_seed["llama"][k]] for k in range(cfg.train_seeds)])
         tables.insert(1, Table(title="Held-out mean loss per seed", columns=["seed", "Llama", "TNL", "TNL − Llama"],
                                rows=seed_rows, note="Each seed changes the initial weights and batch order of both "
                                                     "models alike."))

@@ -38,7 +38,7 @@ import torch
 from longreach.mixtures import bam_model_config
 from longreach.models import ModelConfig, build_model
 from longreach.models.config import MoEOptions, MoHOptions
-from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register
+from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register, seed_suffix, with_mean_row
 from longreach.studies.lm import (Corpus, CorpusConfig, TrainSpec, attention_core_flops, build_corpus, gap_trend,
                                   lead_from, load_weights, mean_loss, paired_seeds, param_count, plot_curves,
                                   save_weights, step_flops, train_lm)
@@ -136,14 +136,9 @@ ARMS = ("dense", "moe", "moh", "seed", "bam", "ffn_only")
 SCRATCH = ("dense", "moe", "moh")
 
 
-def _suffix(k: int) -> str:
-    """Run-key suffix of scratch seed ``k`` (none for the first: one seed keeps the plain keys)."""
-    return f"-s{k}" if k else ""
-
-
 def scratch_losses(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
     """Final mean held-out loss of every from-scratch arm, one per seed."""
-    return {arm: [mean_loss(runs[arm + _suffix(k)]["val"]) for k in range(cfg.scratch_seeds)] for arm in SCRATCH}
+    return {arm: [mean_loss(runs[arm + seed_suffix(k)]["val"]) for k in range(cfg.scratch_seeds)] for arm in SCRATCH}
 
 
 def build_arm(cfg: MixturesStudyConfig, arm: str, vocab_size: int) -> tuple[Any, torch.nn.Module]:
@@ -254,7 +249,7 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     for k in range(cfg.scratch_seeds):  # seed k's runs are "dense", "moe", "moh" (k = 0) or "dense-s1", …
         ck = dataclasses.replace(cfg, seed=cfg.seed + k)
         for arm in SCRATCH:
-            runs[arm + _suffix(k)] = _train(ctx, ck, corpus, arm + _suffix(k), arm, steps=cfg.scratch_steps,
+            runs[arm + seed_suffix(k)] = _train(ctx, ck, corpus, arm + seed_suffix(k), arm, steps=cfg.scratch_steps,
                                             mix=both)
 
     # (c) BAM: seed -> two branches -> upcycle -> continue; baselines at equal FLOPs
@@ -312,9 +307,9 @@ def _report(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, runs: d
     if cfg.scratch_seeds > 1:
         scratch.title += f" (seed {cfg.seed} of {cfg.scratch_seeds})"
         per_seed = scratch_losses(cfg, runs)
-        rows = [[cfg.seed + k, *(per_seed[a][k] for a in SCRATCH), per_seed["moe"][k] - per_seed["dense"][k],
-                 per_seed["moh"][k] - per_seed["dense"][k]] for k in range(cfg.scratch_seeds)]
-        rows.append(["mean", *(sum(col) / len(col) for col in list(zip(*rows))[1:])])
+        rows = with_mean_row([[cfg.seed + k, *(per_seed[a][k] for a in SCRATCH),
+                               per_seed["moe"][k] - per_seed["dense"][k], per_seed["moh"][k] - per_seed["dense"][k]]
+                              for k in range(cfg.scratch_seeds)])
         tables.append(Table(title="(a, b) mean held-out loss per seed, from scratch",
                             columns=["seed", "dense", f"MoE top-{k} of {e}", f"MoH {active_heads} of {cfg.n_heads}",
                                      "MoE − dense", "MoH − dense"], rows=rows,

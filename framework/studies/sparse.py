@@ -28,7 +28,7 @@ import torch
 
 from longreach.model_setup import build_inner_attention
 from longreach.studies.base import (Finding, StudyContext, StudyResult, Table, TinyLMConfig, embedded_documents,
-                                    encode_documents, lm_step, register, warmup_decay)
+                                    encode_documents, lm_step, register, seed_suffix, warmup_decay)
 
 PATTERNS = ("full", "s2", "sf", "ssa", "power")
 LABELS = {"full": "full attention", "s2": "S2 (LongLoRA)", "sf": "SF (SinkLoRA)", "ssa": "SSA",
@@ -122,11 +122,6 @@ def _build(cfg: SparseConfig, vocab: int, pattern: str) -> torch.nn.Module:
     return model
 
 
-def _suffix(k: int) -> str:
-    """File and step-key suffix of training run ``k`` (none for the first, so one seed keeps plain names)."""
-    return f"-s{k}" if k else ""
-
-
 def _train(cfg: SparseConfig, out: Path, vocab: int, ctx: StudyContext, k: int = 0) -> dict[str, Any]:
     """Train every pattern on the same batches, interleaved step by step; save the weights (run ``k``:
     ``cfg`` is already :meth:`SparseConfig.run_seed`'s)."""
@@ -150,11 +145,11 @@ def _train(cfg: SparseConfig, out: Path, vocab: int, ctx: StudyContext, k: int =
             losses[p].append(lm_step(models[p], opts[p], scheds[p], x, actx))  # x [B, S+1]
             seconds[p].append(time.perf_counter() - t)
         if step % 50 == 0 or step == cfg.steps - 1:
-            ctx.log(f"train{_suffix(k)} step {step}/{cfg.steps} "
+            ctx.log(f"train{seed_suffix(k)} step {step}/{cfg.steps} "
                     + " ".join(f"{p} {losses[p][-1]:.3f}" for p in order))
     folder = ctx.path("models")
     for p, m in models.items():
-        torch.save(m.state_dict(), folder / f"{p}{_suffix(k)}.pt")
+        torch.save(m.state_dict(), folder / f"{p}{seed_suffix(k)}.pt")
     skip = min(2, cfg.steps - 1)  # the first steps pay one-off costs (allocation, plan caches)
     tps = {p: [cfg.batch * cfg.seq_len / s for s in seconds[p][skip:]] for p in models}
     return {"losses": losses, "tokens_per_s": {p: {"median": float(np.median(v)), "q25": float(np.percentile(v, 25)),
@@ -182,7 +177,7 @@ def _evaluate(cfg: SparseConfig, out: Path, vocab: int, pattern: str, k: int = 0
 
     val = np.load(out / "val_tokens.npy")
     model = _build(cfg, vocab, pattern)
-    model.load_state_dict(torch.load(out / "models" / f"{pattern}{_suffix(k)}.pt"))
+    model.load_state_dict(torch.load(out / "models" / f"{pattern}{seed_suffix(k)}.pt"))
     model.eval()
     window = dict(length=cfg.seq_len, stride=cfg.seq_len, max_windows=cfg.eval_windows)
     res: dict[str, float] = {}
@@ -209,7 +204,7 @@ def run(cfg: SparseConfig, ctx: StudyContext) -> StudyResult:
             f"{data['val_tokens']} held-out tokens")
     runs = []  # per seed: (trained, evals)
     for k in range(cfg.seeds):
-        ck, sx = cfg.run_seed(k), _suffix(k)
+        ck, sx = cfg.run_seed(k), seed_suffix(k)
         trained = ctx.step(f"train{sx}", lambda ck=ck, k=k: _train(ck, out, data["vocab"], ctx, k))
         evals = {p: ctx.step(f"eval-{p}{sx}", lambda p=p, ck=ck, k=k: _evaluate(ck, out, data["vocab"], p, k))
                  for p in cfg.patterns}
