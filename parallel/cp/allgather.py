@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from ..comm import all_gather_into, reduce_scatter_into
 from .blocks import (Job, MaskSpec, backward_jobs, forward_buffers, forward_jobs, heads_first, heads_major, pack_kv,
-                     packed_shape, partial_grad_dtype, plan, prefill_out, schedule, tile_size, unpack_kv)
+                     packed_shape, partial_grad_dtype, plan, prefill_out, schedule, tile_size, token_major,
+                     unpack_kv)
 from .ring import acc_dtype
 
 
@@ -99,7 +100,7 @@ class AllGatherEngine:
             forward_jobs(self.jobs[j], self.backend, qk, *unpack_kv(src, d, heads=heads), out, lse, scale=self.scale)
         if work is not None:
             work.wait()
-        out_q = torch.empty(out.shape, dtype=q.dtype, device=q.device).copy_(out)  # token-major, as q
+        out_q = token_major(out, q.dtype)
         return out_q, lse, (q, k, v, out_q, lse)
 
     def backward(self, dout: torch.Tensor, saved: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

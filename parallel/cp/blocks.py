@@ -401,6 +401,14 @@ def forward_buffers(q: torch.Tensor, e: int, dtype: torch.dtype, *, heads: bool
     return q, out, torch.empty((b, h, sq), dtype=dtype, device=q.device)
 
 
+def token_major(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A forward's result ``[B, S, H, E]`` as the caller gets it: in ``dtype``, stored token-major like the
+    caller's q, in one copy (the cast and the layout change together), none if it already is."""
+    if out.dtype == dtype and out.is_contiguous():
+        return out
+    return torch.empty(out.shape, dtype=dtype, device=out.device).copy_(out)
+
+
 def pack_kv(k: torch.Tensor, v: torch.Tensor, *, heads: bool = False) -> torch.Tensor:
     """K and V in one buffer (one message per step) from which :func:`unpack_kv` takes each back as a dense
     tensor: ``[2, B, Sk, Hkv, D]`` when K and V have one shape (``[2, B, Hkv, Sk, D]`` with ``heads``: each

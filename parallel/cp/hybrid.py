@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from .blocks import MaskSpec, heads_first, tile_size
+from .blocks import MaskSpec, heads_first, tile_size, token_major
 from .ring import Ring, acc_dtype, ring_backward, ring_forward
 from .ulysses import TokenOrder, heads_to_seq_many, seq_to_heads_many
 
@@ -96,8 +96,8 @@ class HybridEngine:
         # [B, U·n, H/U, D], [B, U·n, Hkv/U or 1, D|E]
         qh, kh, vh = self._gather([q, k, v], [1, rep, rep], [True, True, True])
         out, lse = ring_forward(self.plan.ring, self.backend, qh, kh, vh, scale=self.scale)
-        if self.plan.degree == 1:  # the caller's layout (token-major), in the same copy as the cast
-            out_h = torch.empty(out.shape, dtype=q.dtype, device=q.device).copy_(out)
+        if self.plan.degree == 1:  # the caller's layout
+            out_h = token_major(out, q.dtype)
         else:
             out_h = out.to(q.dtype)  # [B, U·n, H/U, E]; the all-to-all's copy reads either layout
         del out
