@@ -289,7 +289,8 @@ def _table(rows: list[dict[str, Any]], passes: list[str], backends: list[str]) -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longreach bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", choices=("masks", "model", "lightning", "layout"), default="masks",
-                   help="masks (default), model (training steps per pattern) or lightning (longreach.bench.lightning)")
+                   help="masks (default), model (training steps per pattern), lightning (longreach.bench.lightning) "
+                        "or layout (the CPU kernel on heads-first vs token-major q/k/v)")
     p.add_argument("--patterns", default="full,s2", help="--suite model: patterns, the first is the baseline")
     p.add_argument("--model-dim", type=int, default=256, help="--suite model: width (default 256)")
     p.add_argument("--model-layers", type=int, default=4, help="--suite model: layers (default 4)")
