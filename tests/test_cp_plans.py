@@ -316,6 +316,14 @@ def test_bench_cp_peers_summary_takes_medians_of_interleaved_rounds() -> None:
     assert (rows[0]["ratio_lo"], rows[0]["ratio_hi"], rows[0]["verdict"]) == (0.5, 1.5, "parity")
     text = format_peers(rows)
     assert "not run: d: not importable" in text and " 1.50  0.75-3.00" in text and "parity" in text
+    assert "ours_kernel_ms" not in rows[0]
+
+    # --split: kernel ms per pass (median of its own rounds), the rest of the pass's median outside it
+    rows = summarize_peers([{**rec, "ours_kernel_s": [1.5, 0.5, 1.0], "peer_kernel_s": [1.0, 2.0, 1.0]}])
+    assert rows[0]["ours_kernel_ms"] == pytest.approx(1000.0) and rows[0]["peer_kernel_ms"] == pytest.approx(1000.0)
+    assert rows[0]["ours_outside_ms"] == pytest.approx(1000.0) and rows[0]["peer_outside_ms"] == pytest.approx(1000.0)
+    assert rows[0]["kernel_ratio"] == pytest.approx(1.0)  # per round: 1.5, 0.25, 1.0
+    assert "1000.0/1000.0" in format_peers(rows)
 
 
 def test_median_interval_has_binomial_coverage() -> None:
@@ -447,7 +455,8 @@ def test_bench_cp_peers_worker_runs_every_pair_exactly() -> None:
     from longreach.bench.cp_peers import PEER_PAIRS, peers_worker
     from longreach.testing import run_ranks
 
-    cfg = {"seq_lens": [64], "rounds": 1, "heads": 4, "head_dim": 16, "seed": 0, "peers_path": peers_path(None)}
+    cfg = {"seq_lens": [64], "rounds": 1, "heads": 4, "head_dim": 16, "seed": 0, "peers_path": peers_path(None),
+           "split": True}
     recs = [r for r in run_ranks(peers_worker, 4, args=(cfg,), timeout=600)[0]]
     assert [r["pair"] for r in recs] == [f"{a} ÷ {b}" for a, b in PEER_PAIRS]
     yunchang = importlib.util.find_spec("yunchang") is not None
@@ -464,3 +473,5 @@ def test_bench_cp_peers_worker_runs_every_pair_exactly() -> None:
             for err in ("out_err", "grad_err", "out_l2", "grad_l2"):
                 assert r[f"ours_{err}"] <= 1.02 * r[f"peer_{err}"] + 1e-7, (err, r)
         assert len(r["ours_s"]) == len(r["peer_s"]) == len(r["ours_cpu_s"]) == len(r["peer_cpu_s"]) == 1
+        for side in ("ours", "peer"):  # --split: the kernel's share of a pass, from rounds of its own
+            assert len(r[f"{side}_kernel_s"]) == 1 and r[f"{side}_kernel_s"][0] > 0, r

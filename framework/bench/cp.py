@@ -24,9 +24,12 @@ spread of the per-round ratio longreach ÷ peer, kernel calls and aten calls per
 against the float64 reference (max and L2). ring-flash-attn and yunchang need flash-attn: a checkout's
 ``tests/peers`` holds a CPU stand-in for the flash-attn functions they call (the same aten CPU flash
 kernel longreach calls), put on the ranks' path when found; a peer that does not import is skipped
-with a printed line saying why.
+with a printed line saying why. ``--split`` runs as many rounds again with the flash kernel timed
+alone (a dispatch mode around it, which slows every other aten call, so those passes are not the timed
+ones) and splits each side's pass into kernel ms (rank 0's median) and the rest, outside the kernel:
+what the context-parallel layer costs (communication, copies, merges and waits).
 
-    longreach bench cp --peers --world-sizes 2,4 --seq-lens 2048,8192 --rounds 7
+    longreach bench cp --peers --world-sizes 2,4 --seq-lens 2048,8192 --rounds 7 [--split]
 """
 from __future__ import annotations
 
@@ -82,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None,
                    help="--peers: comma-separated words; only the pairs whose name holds one of them run "
                         "(e.g. 'ulysses' or 'DeepSpeed Ulysses bf16'; default: every pair)")
+    p.add_argument("--split", action="store_true",
+                   help="--peers: as many rounds again, timing the flash kernel alone; adds kernel ms and the ms "
+                        "outside the kernel (the context-parallel layer: communication, copies, merges, waits) "
+                        "per side")
     p.add_argument("--peers-path", default=None,
                    help="--peers: folder with the flash-attn CPU stand-in (default: the checkout's tests/peers)")
     return p
@@ -146,6 +153,11 @@ def summarize_peers(records: list[dict]) -> list[dict]:
         for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err", "out_l2", "grad_l2"):
             if f"ours_{k}" in r:
                 row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
+        if "ours_kernel_s" in r:  # rank 0's kernel time per pass; outside = the pass's median less it
+            for side in ("ours", "peer"):
+                row[f"{side}_kernel_ms"] = 1e3 * statistics.median(r[f"{side}_kernel_s"])
+                row[f"{side}_outside_ms"] = row[f"{side}_ms"] - row[f"{side}_kernel_ms"]
+            row["kernel_ratio"] = statistics.median(a / b for a, b in zip(r["ours_kernel_s"], r["peer_kernel_s"]))
         rows.append(row)
     return rows
 
@@ -162,12 +174,14 @@ def skipped_peers(records: list[dict]) -> dict[str, str]:
 def format_peers(rows: list[dict]) -> str:
     head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
             f"{'(min-max)':>12} {'95% CI':>11} {'verdict':<7} {'cpu ratio':>9} {'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
-            f"{'grad err ours/peer':>19} {'grad L2 ours/peer':>19}")
+            f"{'grad err ours/peer':>19} {'grad L2 ours/peer':>19} {'kernel ms ours/peer':>13} "
+            f"{'outside ms ours/peer':>13}")
 
     cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
             ("peer_ms", ">8.1f"), ("ratio", ">6.2f"))
     sides = (("kernel_calls", ">5", "<6"), ("aten_calls", ">5", "<5"), ("out_err", ">9.1e", "<9.1e"),
-             ("grad_err", ">9.1e", "<9.1e"), ("grad_l2", ">9.1e", "<9.1e"))
+             ("grad_err", ">9.1e", "<9.1e"), ("grad_l2", ">9.1e", "<9.1e"), ("kernel_ms", ">6.1f", "<6.1f"),
+             ("outside_ms", ">6.1f", "<6.1f"))
 
     def both(r: dict, k: str, a: str, b: str) -> str:
         if f"ours_{k}" not in r:
@@ -211,7 +225,7 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
     print("flash-attn CPU stand-in: " + (path if path else "not found (run from a checkout with tests/peers); "
                                           "ring-flash-attn and yunchang will not run"))
     cfg = {"seq_lens": seq_lens, "rounds": args.rounds, "heads": args.heads, "head_dim": args.head_dim,
-           "seed": args.seed, "peers_path": path, "pairs": pairs}
+           "seed": args.seed, "peers_path": path, "pairs": pairs, "split": args.split}
     records = _run(peers_worker, worlds, cfg, args.threads, 3600)
     rows = summarize_peers(records)
     for name, why in skipped_peers(records).items():

@@ -56,18 +56,24 @@ class Side:
 
 
 class CallCounter(TorchDispatchMode):
-    """Counts aten calls, and calls of the CPU flash kernel (forward or backward), while active."""
+    """Counts aten calls, and calls of the CPU flash kernel (forward or backward) with the wall-clock seconds
+    spent inside them, while active."""
 
     def __init__(self) -> None:
         super().__init__()
         self.aten = 0
         self.kernel = 0
+        self.kernel_s = 0.0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
         self.aten += 1
-        if "_scaled_dot_product_flash_attention_for_cpu" in str(func):
-            self.kernel += 1
-        return func(*args, **(kwargs or {}))
+        if "_scaled_dot_product_flash_attention_for_cpu" not in str(func):
+            return func(*args, **(kwargs or {}))
+        self.kernel += 1
+        t0 = time.perf_counter()
+        result = func(*args, **(kwargs or {}))
+        self.kernel_s += time.perf_counter() - t0
+        return result
 
 
 def usp_positions(seq_len: int, rank: int, world: int, degree: int) -> torch.Tensor:
@@ -203,9 +209,24 @@ def _measure(rec: dict, side: str, s: Side, local: list[torch.Tensor], want: lis
     rec[f"{side}_out_l2"], rec[f"{side}_grad_l2"] = errs[0][1], max(e[1] for e in errs[1:])
 
 
+def _kernel_rounds(sides: dict, names: tuple[str, str], inputs: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per pass this rank spends inside the flash kernel, per side, over interleaved rounds of their
+    own (the dispatch mode that times the kernel slows every other aten call, so these passes are not the
+    timed ones)."""
+    kernel: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            dist.barrier()
+            with CallCounter() as calls:
+                _pass(sides[name].fn, *inputs[name])
+            kernel[name].append(calls.kernel_s)
+    return kernel
+
+
 def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
     """Interleaved rounds of each (longreach, peer) pair on identical inputs; one record per pair and length
-    (``error`` and ``skipped`` {name: why} where a side does not run)."""
+    (``error`` and ``skipped`` {name: why} where a side does not run). With ``cfg["split"]``, as many rounds
+    again time the kernel alone (``ours_kernel_s`` / ``peer_kernel_s``, this rank's)."""
     sides = peer_sides(rank, world, cfg)
     recs: list[dict] = []
     h, d = cfg["heads"], cfg["head_dim"]
@@ -252,4 +273,7 @@ def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
                     cpu[name].append(float(used))
             rec["ours_s"], rec["peer_s"] = times[ours], times[peer]
             rec["ours_cpu_s"], rec["peer_cpu_s"] = cpu[ours], cpu[peer]
+            if cfg.get("split"):
+                kernel = _kernel_rounds(sides, (ours, peer), inputs, cfg["rounds"])
+                rec["ours_kernel_s"], rec["peer_kernel_s"] = kernel[ours], kernel[peer]
     return recs
