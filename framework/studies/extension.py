@@ -60,6 +60,9 @@ class ExtensionConfig(TinyLMConfig):
     """Sequences of ``factor`` x L tokens per fine-tuning step."""
     lora_lr: float = 2e-3
     """Learning rate of the LoRA recipes."""
+    lora_rank: int = 8
+    """LoRA rank r of the LoRA recipes, with alpha = 2r (LongLoRA's r 8, alpha 16: the same alpha / r scale at
+    every rank)."""
     full_lr: float = 1e-3
     """Learning rate of full fine-tuning."""
     aligned_fraction: float = 0.75
@@ -87,7 +90,8 @@ class ExtensionConfig(TinyLMConfig):
 
     def __post_init__(self) -> None:
         TinyLMConfig.__post_init__(self)
-        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows", "finetune_task_chars"):
+        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows", "finetune_task_chars",
+                     "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.aligned_fraction <= 1.0:
@@ -330,7 +334,8 @@ def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str) -> dic
     run = out / f"{method}_{pattern}"
     job = ft["FinetuneConfig"](
         hf=ft["HFSource"](path=str(out / "base_hf"), dtype="float32"),
-        recipe=RecipeConfig(method=method, target_len=cfg.factor * cfg.seq_len, rope=_rope(cfg, cfg.finetune_rope)),
+        recipe=RecipeConfig(method=method, target_len=cfg.factor * cfg.seq_len, rope=_rope(cfg, cfg.finetune_rope),
+                            lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank),
         attention=ft["FTAttention"](pattern=pattern, backend="cpu"),
         parallel=ParallelConfig(cp=1),
         data=ft["FTData"](source="tokens", tokens_path=str(out / "finetune_tokens.npy"), seed=cfg.seed),
