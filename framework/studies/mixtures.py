@@ -113,8 +113,8 @@ class MixturesStudyConfig(CorpusConfig):
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "ffn_hidden", "moe_experts", "moe_top_k", "seq_len", "batch",
-                     "scratch_steps", "scratch_seeds", "seed_steps", "branch_steps", "mix_steps", "bam_seeds", "bam_top_k",
-                     "eval_every", "eval_windows"):
+                     "scratch_steps", "scratch_seeds", "seed_steps", "branch_steps", "mix_steps", "bam_seeds",
+                     "bam_top_k", "eval_every", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"mixtures.{name} must be >= 1, got {getattr(self, name)}")
         if self.ffn_hidden % self.moe_top_k:
@@ -391,9 +391,9 @@ def _report(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, runs: d
                         note="Branch gain: the dense continuation's held-out loss on a branch's own domain after both "
                              "branches' FLOPs minus that branch's (> 0: the branch learnt its domain better than "
                              "training on the mix). Kept at upcycling: the share of its branch's gain over the seed on "
-                             "that domain that the upcycled model has before its first mixture step. BAM − dense at step {cfg.mix_steps}: both after as many mixture "
-                             "steps (the branches and BAM's dearer step not charged; the dense continuation is "
-                             "mid-schedule there)."))
+                             "that domain that the upcycled model has before its first mixture step. BAM − dense "
+                             f"at step {cfg.mix_steps}: both after as many mixture steps (the branches and BAM's "
+                             "dearer step not charged; the dense continuation is mid-schedule there)."))
     series = {"BAM": (runs["bam"], f_bam, branch_flops), "FFN-only": (runs["ffn_only"], f_ffn, branch_flops),
               "dense continuation": (runs["dense_cont"], f_seed, diag[0]["dense_offset"])}
     plots = [p for p in (
