@@ -396,3 +396,24 @@ def test_extension_findings_follow_the_numbers() -> None:
     assert (paper.type, paper.beta_fast, paper.attention_factor) == ("yarn", None, None)
     with pytest.raises(ValueError, match="finetune_rope"):
         ExtensionConfig(finetune_rope="ntk")
+
+
+def test_extension_lora_rank_reaches_the_recipe_with_alpha_twice_the_rank(tmp_path: Path, monkeypatch) -> None:
+    import longreach.studies.extension as ext
+
+    jobs = []
+    api = ext._finetune_api()
+
+    def finetune(job):  # the job the study would run, kept instead of trained
+        jobs.append(job)
+        return {"trainable": {"fraction": 0.25}, "losses": [2.0, 1.0]}
+
+    monkeypatch.setattr(ext, "_finetune_api", lambda: {**api, "finetune": finetune})
+    for rank in (8, 32):
+        got = ext._finetune(ext.ExtensionConfig(lora_rank=rank), tmp_path, "longlora", "s2")
+        assert got == {"trainable_fraction": 0.25, "export": str(tmp_path / "longlora_s2" / "export"),
+                       "last_loss": 1.5}
+    assert [(j.recipe.lora_r, j.recipe.lora_alpha) for j in jobs] == [(8, 16), (32, 64)]
+    assert ext.ExtensionConfig().lora_rank == 8  # LongLoRA's r 8, alpha 16
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        ext.ExtensionConfig(lora_rank=0)
