@@ -512,15 +512,20 @@ def _bam_why(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], diag: li
     gain = max(avg("gain_docs"), avg("gain_tasks"))
     dense_steps = runs["dense_cont"]["tokens"] // (cfg.batch * cfg.seq_len)
     ratio = runs["bam"]["flops_per_step"] / runs["seed"]["flops_per_step"]
+    own, other = (1 - cfg.branch_other) * cfg.branch_steps, cfg.branch_steps  # batches of one domain, each
     return (f"{cfg.seed_steps}-step seed, {cfg.branch_steps}-step branches ({1 - cfg.branch_other:.0%} their own "
             f"domain), {cfg.mix_steps} mixture steps{over}. Measured: (1) the branches "
             + ("barely out-learn the mix" if gain < 0.1 else "specialise")
-            + f": on its own domain a branch is {avg('gain_docs'):+.3f} (docs) / {avg('gain_tasks'):+.3f} (tasks) "
-            f"nats below the dense continuation after the same FLOPs; (2) the upcycled model starts with "
-            f"{avg('kept_docs'):.0%} (docs) / {avg('kept_tasks'):.0%} (tasks) of its branches' gain over the seed; "
-            f"(3) per step BAM is {avg('equal_steps'):+.3f} from the dense continuation at step {cfg.mix_steps} "
-            f"(same tokens in the mixture stage, dense mid-schedule), but a BAM step costs {ratio:.2f}x a dense one"
+            + f": the dense continuation's loss after the branches' FLOPs minus a branch's on its own domain is "
+            f"{avg('gain_docs'):+.3f} (docs) / {avg('gain_tasks'):+.3f} (tasks) nats, the dense run having seen "
+            f"{other:g} batches' worth of each domain ({2 * cfg.branch_steps} steps x 50%) to a branch's {own:g} of "
+            f"its own; (2) the upcycled model starts with {avg('kept_docs'):.0%} (docs) / {avg('kept_tasks'):.0%} "
+            f"(tasks) of its branches' gain over the seed; (3) per step BAM is {avg('equal_steps'):+.3f} from the "
+            f"dense continuation at step {cfg.mix_steps} (same tokens in the mixture stage, dense mid-schedule), but a "
+            f"BAM step costs {ratio:.2f}x a dense one"
             + (f" and the dense continuation also spends the branches' FLOPs on the mix: {dense_steps} steps to "
                f"BAM's {cfg.mix_steps}" if cfg.dense_budget == "after_seed" else
                f"; the dense continuation gets BAM's mixture-stage FLOPs only: {dense_steps} steps")
-            + ". The earlier 4.82 vs 4.78 has no recorded setting")
+            + ". Separate runs with --dense_budget=mixture (the branches not charged) and a longer --mix_steps tell "
+              "the branch stage's cost and a still-closing gap apart (configs/study_mixtures.yaml records them). "
+              "The earlier 4.82 vs 4.78 has no recorded setting")
