@@ -348,7 +348,7 @@ def test_extension_findings_follow_the_numbers() -> None:
     """The retrieval-at-4L, perplexity-order and YaRN findings read their direction from the rows: a table where
     the fine-tuned recipes find keys deep in 4L (and the base does not) reproduces the effect, one where they
     only find keys next to the question does not, and says why."""
-    from longreach.studies.extension import BASELINES, RECIPES, ExtensionConfig, _findings, _rope
+    from longreach.studies.extension import BASELINES, LORA_MEASURED, RECIPES, ExtensionConfig, _findings, _rope
 
     cfg = ExtensionConfig()
     longlora, sinklora, full = RECIPES
@@ -386,6 +386,9 @@ def test_extension_findings_follow_the_numbers() -> None:
     assert partial.reproduced is False
     assert partial.why.startswith("SinkLoRA (LoRA + SF + 4 sinks) (0.75), full fine-tune (full attention) (0.75) reach")
     assert "LongLoRA (LoRA + S2) (0.00, passkey @128 0.10) do not" in partial.why
+    assert partial.why.endswith("the LoRA recipes' failure " + LORA_MEASURED)  # the rank sweep, when a LoRA arm fails
+    yarn_cfg = ExtensionConfig(finetune_rope="yarn")  # measured under PI only: not quoted for YaRN fine-tuning
+    assert LORA_MEASURED not in next(f for f in _findings(yarn_cfg, rows) if "retrieve at 4L" in f.claim).why
     rows[sinklora] = row(14.3, 0.8, deep)  # SinkLoRA behind LongLoRA: the order is not reproduced
     assert finding("full fine-tune <= SinkLoRA").reproduced is False
     # the RoPE of each arm: PI, YaRN with the study's betas, YaRN with transformers' published defaults
