@@ -21,7 +21,11 @@ Three comparisons on one two-domain corpus (standard-library docstrings + genera
 
     Compute is counted per training step with ``torch.utils.flop_counter`` (:func:`~longreach.studies.lm.step_flops`).
     Held-out loss against FLOPs spent after the seed is plotted and tabulated at several budgets, which
-    tells a mixture that is merely slow to recover from upcycling apart from one that loses.
+    tells a mixture that is merely slow to recover from upcycling apart from one that loses. The whole of (c)
+    runs once per seed (``bam_seeds``), and a table per seed says where BAM's loss comes from: how much better
+    each branch learnt its own domain than the dense continuation did with the same FLOPs, how much of that the
+    upcycled model keeps, and BAM against dense continuation at equal mixture steps. ``dense_budget: mixture``
+    gives the dense continuation BAM's mixture-stage FLOPs only (the branch stage not charged).
 
 Weights that later steps need (seed, branches, the upcycled mixtures) are kept in ``weights/`` of the run
 folder, so a resumed study picks up after its last finished step.
