@@ -416,7 +416,9 @@ LORA_MEASURED = (
     "evaluation steps alone, lora_rank r with alpha 2r; passkey @128 / @512, digit-copy loss): not the rank: r 8 / 32 "
     "/ 64 after 800 steps 0.02 / 0.00 / 0.02, 0 / 0 / 0, 0.18 / 0.08 / 0.12 (full fine-tuning after 800 steps: 0.06, "
     "0.06 (depth 1 only), 0.37: retrieval at 4L needs more than 800 steps here), r 64 after 1800 steps 0.14, 0, 0.37 "
-    "(r 8: 0.02, 0, 0.17); nor the frozen MLPs: r 8 with LoRA also on gate, up and down after 1800 steps 0.04, 0, 0.11"
+    "(r 8: 0.02, 0, 0.17); nor the frozen MLPs: r 8 with LoRA also on gate, up and down after 1800 steps 0.04, 0, "
+    "0.11; nor S2: r 8 with full attention after 1800 steps 0.08, 0.04 (depth 1 only), 0.90, though ppl@512 12.87 "
+    "(full fine-tuning 12.36, with S2 16.93)"
 )
 """What the LoRA recipes' rank and frozen MLPs were measured to contribute (quoted when they fail under PI)."""
 
@@ -435,7 +437,7 @@ def _no_retrieval_why(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], far
         return (f"{', '.join(f'{k} ({far(k):.2f})' for k in reached)} reach keys farther than L back at {n4} "
                 f"(base {far(base_name):.2f}) after {cfg.finetune_steps} steps ({tasks}); "
                 f"{', '.join(f'{k} ({far(k):.2f}, passkey @{n1} {pk1[k]:.2f})' for k in others)} do not, "
-                f"trained on the same data with their sparse attention ({copying})"
+                f"trained on the same data ({copying})"
                 + (f"; the LoRA recipes' failure {LORA_MEASURED}"
                    if cfg.finetune_rope == "linear" and set(others) & set(list(RECIPES)[:2]) else ""))
     return (f"this {cfg.n_layers}-layer base retrieves only keys within ~L of the question: with its "
