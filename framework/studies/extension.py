@@ -90,8 +90,8 @@ class ExtensionConfig(TinyLMConfig):
 
     def __post_init__(self) -> None:
         TinyLMConfig.__post_init__(self)
-        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows", "finetune_task_chars",
-                     "lora_rank"):
+        for name in ("pretrain_steps", "finetune_steps", "finetune_batch", "seeds", "ppl_windows",
+                     "finetune_task_chars", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.aligned_fraction <= 1.0:
@@ -413,14 +413,14 @@ def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, A
 
 LORA_MEASURED = (
     "measured beside the recipe's 1800-step run, on its base and fine-tuning data (the LongLoRA arm's fine-tune and "
-    "evaluation steps alone, lora_rank r with alpha 2r; passkey @128 / @512, digit-copy loss): not the rank alone: r "
-    "8 / 32 / 64 after 800 steps 0.02 / 0.00 / 0.02, 0 / 0 / 0, 0.18 / 0.08 / 0.12 (full fine-tuning after 800 steps: 0.06, "
-    "0.06 (depth 1 only), 0.37: retrieval at 4L needs more than 800 steps here), r 64 after 1800 steps 0.14, 0, 0.37 "
-    "(r 8: 0.02, 0, 0.17); nor the frozen MLPs: r 8 with LoRA also on gate, up and down after 1800 steps 0.04, 0, "
-    "0.11; nor S2: r 8 with full attention after 1800 steps 0.08, 0.04 (depth 1 only), 0.90, though ppl@512 12.87 "
-    "(full fine-tuning 12.36, with S2 16.93); all three lifted at once (r 64 on attention and MLP, full attention) "
-    "it retrieves: 0.12, 0.58 (keys farther than L 0.50, full fine-tuning 0.60), 0.38, at r 8 so lifted 0.02, 0.12 "
-    "(keys farther than L 0.08), 0.61: the LoRA recipes' restrictions together, none alone"
+    "evaluation steps alone, lora_rank r with alpha 2r; passkey @128 / @512, digit-copy loss): not the rank alone: "
+    "r 8 / 32 / 64 after 800 steps 0.02 / 0.00 / 0.02, 0 / 0 / 0, 0.18 / 0.08 / 0.12 (full fine-tuning after 800 "
+    "steps: 0.06, 0.06 (depth 1 only), 0.37: retrieval at 4L needs more than 800 steps here), r 64 after 1800 steps "
+    "0.14, 0, 0.37 (r 8: 0.02, 0, 0.17); nor the frozen MLPs: r 8 with LoRA also on gate, up and down after 1800 "
+    "steps 0.04, 0, 0.11; nor S2: r 8 with full attention after 1800 steps 0.08, 0.04 (depth 1 only), 0.90, though "
+    "ppl@512 12.87 (full fine-tuning 12.36, with S2 16.93); all three lifted at once (r 64 on attention and MLP, "
+    "full attention) it retrieves: 0.12, 0.58 (keys farther than L 0.50, full fine-tuning 0.60), 0.38, at r 8 so "
+    "lifted 0.02, 0.12 (keys farther than L 0.08), 0.61: the LoRA recipes' restrictions together, none alone"
 )
 """What the LoRA recipes' rank, frozen MLPs and sparse training pattern were measured to cost them (quoted when they
 fail under PI)."""
