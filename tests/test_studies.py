@@ -348,7 +348,7 @@ def test_extension_findings_follow_the_numbers() -> None:
     """The retrieval-at-4L, perplexity-order and YaRN findings read their direction from the rows: a table where
     the fine-tuned recipes find keys deep in 4L (and the base does not) reproduces the effect, one where they
     only find keys next to the question does not, and says why."""
-    from longreach.studies.extension import BASELINES, RECIPES, ExtensionConfig, _findings, _rope
+    from longreach.studies.extension import BASELINES, LORA_MEASURED, RECIPES, ExtensionConfig, _findings, _rope
 
     cfg = ExtensionConfig()
     longlora, sinklora, full = RECIPES
@@ -386,6 +386,9 @@ def test_extension_findings_follow_the_numbers() -> None:
     assert partial.reproduced is False
     assert partial.why.startswith("SinkLoRA (LoRA + SF + 4 sinks) (0.75), full fine-tune (full attention) (0.75) reach")
     assert "LongLoRA (LoRA + S2) (0.00, passkey @128 0.10) do not" in partial.why
+    assert partial.why.endswith("the LoRA recipes' failure " + LORA_MEASURED)  # the rank sweep, when a LoRA arm fails
+    yarn_cfg = ExtensionConfig(finetune_rope="yarn")  # measured under PI only: not quoted for YaRN fine-tuning
+    assert LORA_MEASURED not in next(f for f in _findings(yarn_cfg, rows) if "retrieve at 4L" in f.claim).why
     rows[sinklora] = row(14.3, 0.8, deep)  # SinkLoRA behind LongLoRA: the order is not reproduced
     assert finding("full fine-tune <= SinkLoRA").reproduced is False
     # the RoPE of each arm: PI, YaRN with the study's betas, YaRN with transformers' published defaults
@@ -396,3 +399,24 @@ def test_extension_findings_follow_the_numbers() -> None:
     assert (paper.type, paper.beta_fast, paper.attention_factor) == ("yarn", None, None)
     with pytest.raises(ValueError, match="finetune_rope"):
         ExtensionConfig(finetune_rope="ntk")
+
+
+def test_extension_lora_rank_reaches_the_recipe_with_alpha_twice_the_rank(tmp_path: Path, monkeypatch) -> None:
+    import longreach.studies.extension as ext
+
+    jobs = []
+    api = ext._finetune_api()
+
+    def finetune(job):  # the job the study would run, kept instead of trained
+        jobs.append(job)
+        return {"trainable": {"fraction": 0.25}, "losses": [2.0, 1.0]}
+
+    monkeypatch.setattr(ext, "_finetune_api", lambda: {**api, "finetune": finetune})
+    for rank in (8, 32):
+        got = ext._finetune(ext.ExtensionConfig(lora_rank=rank), tmp_path, "longlora", "s2")
+        assert got == {"trainable_fraction": 0.25, "export": str(tmp_path / "longlora_s2" / "export"),
+                       "last_loss": 1.5}
+    assert [(j.recipe.lora_r, j.recipe.lora_alpha) for j in jobs] == [(8, 16), (32, 64)]
+    assert ext.ExtensionConfig().lora_rank == 8  # LongLoRA's r 8, alpha 16
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        ext.ExtensionConfig(lora_rank=0)
