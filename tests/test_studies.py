@@ -98,6 +98,23 @@ def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_p
         assert a["last_loss"] == b["last_loss"] and a["trainable_fraction"] == b["trainable_fraction"]
 
 
+def test_mixtures_two_workers_match_one(tmp_path: Path, capsys) -> None:
+    """The mixtures study's chains (each seed's BAM chain, each scratch arm) in two worker processes give every
+    number one process gives, step after step (only the timings differ)."""
+    runs = {}
+    for workers in ("2", "1"):
+        out = tmp_path / f"w{workers}"
+        rc, stdout, err = _study(capsys, "mixtures", "--quick", "--out", str(out), "--threads", "1",
+                                 "--workers", workers)
+        assert rc == 0, err
+        assert ("(queued for 2 worker processes)" in stdout) == (workers == "2")
+        body = json.loads((out / "study.json").read_text())
+        assert body["clock"]["workers"] == int(workers)
+        runs[workers] = {k: {f: v for f, v in r.items() if f not in ("seconds", "tokens_per_s")}
+                         for k, r in body["data"]["runs"].items()}
+    assert runs["2"] == runs["1"] and {"dense", "seed", "bam", "ffn_only", "dense_cont"} <= set(runs["1"])
+
+
 def test_sparse_quick_through_the_cli_and_resume(tmp_path: Path, capsys) -> None:
     out = tmp_path / "sparse"
     rc, _, err = _study(capsys, "sparse", "--quick", "--out", str(out), "--threads", "1")

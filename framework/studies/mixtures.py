@@ -27,14 +27,17 @@ Three comparisons on one two-domain corpus (standard-library docstrings + genera
     upcycled model keeps, and BAM against dense continuation at equal mixture steps. ``dense_budget: mixture``
     gives the dense continuation BAM's mixture-stage FLOPs only (the branch stage not charged).
 
-Weights that later steps need (seed, branches, the upcycled mixtures) are kept in ``weights/`` of the run
-folder, so a resumed study picks up after its last finished step.
+Weights that later steps need (seed, branches) are kept in ``weights/`` of the run folder, so a resumed
+study picks up after its last finished step. Each seed's part (c) is one chain of steps and each scratch
+arm its own, so ``longreach study mixtures --workers N`` trains N of them at once, with the numbers of one
+process.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,7 +45,8 @@ import torch
 from longreach.mixtures import bam_model_config
 from longreach.models import ModelConfig, build_model
 from longreach.models.config import MoEOptions, MoHOptions
-from longreach.studies.base import Finding, StudyContext, StudyResult, Table, register, seed_suffix, with_mean_row
+from longreach.studies.base import (Finding, Step, StudyContext, StudyResult, Table, register, seed_suffix,
+                                   with_mean_row)
 from longreach.studies.lm import (Corpus, CorpusConfig, TrainSpec, attention_core_flops, build_corpus, gap_trend,
                                   lead_from, load_weights, mean_loss, paired_seeds, param_count, plot_curves,
                                   save_weights, step_flops, train_lm)
@@ -203,26 +207,44 @@ def ffn_only_state_dict(bam_state: dict[str, torch.Tensor], n_experts: int) -> d
     return out
 
 
-def _train(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, key: str, arm: str, *, steps: int,
-           mix: dict[str, float], init: dict[str, torch.Tensor] | None = None, save: bool = False,
-           lr: float | None = None) -> dict[str, Any]:
-    """One cached training step of the study: build the arm, load ``init``, train, optionally keep weights."""
-    def work() -> dict[str, Any]:
-        _, model = build_arm(cfg, arm, corpus.vocab_size)
-        if init is not None:
-            model.load_state_dict(init)
-        peak = lr or cfg.lr
-        spec = TrainSpec(steps=steps, batch=cfg.batch, seq_len=cfg.seq_len, lr=peak, min_lr=peak / 10,
-                         warmup_steps=min(20, max(1, steps // 10)), eval_every=cfg.eval_every,
-                         eval_windows=cfg.eval_windows, seed=cfg.seed, mix=mix)
-        rec = train_lm(model, corpus, spec, log=ctx.log, name=key)
-        rec["params"] = param_count(model)
-        rec["flops_per_step"] = _flops(cfg, arm, model, corpus.vocab_size)
-        if save:
-            save_weights(model, ctx.path("weights") / f"{key}.pt")
-        return rec
+def _print(msg: str) -> None:
+    print(f"  {msg}", flush=True)
 
-    return ctx.step(key, work)
+
+def _train(cfg: MixturesStudyConfig, corpus: Corpus, weights: Path, key: str, arm: str, steps: int,
+           mix: dict[str, float], init: str | None = None, sfx: str = "", save: bool = False) -> dict[str, Any]:
+    """One training step of the study (a :class:`Step`'s function: it runs here or in a worker process and
+    computes from its arguments alone): build the arm, start it from ``init`` (:func:`_initial_state` of
+    seed ``sfx``; None: the arm's own initialisation), train, and keep the weights in ``weights/KEY.pt``
+    with ``save``."""
+    _, model = build_arm(cfg, arm, corpus.vocab_size)
+    if init is not None:
+        model.load_state_dict(_initial_state(cfg, corpus, weights, init, sfx))
+    spec = TrainSpec(steps=steps, batch=cfg.batch, seq_len=cfg.seq_len, lr=cfg.lr, min_lr=cfg.lr / 10,
+                     warmup_steps=min(20, max(1, steps // 10)), eval_every=cfg.eval_every,
+                     eval_windows=cfg.eval_windows, seed=cfg.seed, mix=mix)
+    rec = train_lm(model, corpus, spec, log=_print, name=key)
+    rec["params"] = param_count(model)
+    rec["flops_per_step"] = _flops(cfg, arm, model, corpus.vocab_size)
+    if save:
+        save_weights(model, weights / f"{key}.pt")
+    return rec
+
+
+def _initial_state(cfg: MixturesStudyConfig, corpus: Corpus, weights: Path, init: str, sfx: str
+                   ) -> dict[str, torch.Tensor]:
+    """``seed``: the dense seed's weights; ``bam``: its two branches upcycled into BAM (attention experts,
+    K/V shared per ``cfg.bam_share_kv``); ``ffn_only``: the same upcycling with the attention averaged back
+    into one layer (FFN experts only), all of seed ``sfx``."""
+    if init == "seed":
+        return load_weights(weights / f"seed{sfx}.pt")
+    from longreach.mixtures import upcycle_state_dicts
+
+    seed_cfg, _ = build_arm(cfg, "seed", corpus.vocab_size)
+    branches = [load_weights(weights / f"branch_{d}{sfx}.pt") for d in ("docs", "tasks")]
+    share_kv = cfg.bam_share_kv if init == "bam" else False
+    state = upcycle_state_dicts(branches, seed_cfg, share_kv=share_kv, top_k=cfg.bam_top_k, seed=cfg.seed)[1]
+    return state if init == "bam" else ffn_only_state_dict(state, 2)
 
 
 def _flops(cfg: MixturesStudyConfig, arm: str, model: torch.nn.Module, vocab_size: int) -> float:
@@ -261,55 +283,53 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     corpus = build_corpus(ctx.path("cache"), cfg)
     ctx.log(f"corpus: {corpus.sizes()} tokens")
     both = {"docs": 0.5, "tasks": 0.5}
-    runs: dict[str, dict[str, Any]] = {}
-    for k in range(cfg.scratch_seeds):  # seed k's runs are "dense", "moe", "moh" (k = 0) or "dense-s1", …
-        ck = dataclasses.replace(cfg, seed=cfg.seed + k)
-        for arm in SCRATCH:
-            runs[arm + seed_suffix(k)] = _train(ctx, ck, corpus, arm + seed_suffix(k), arm, steps=cfg.scratch_steps,
-                                            mix=both)
-
-    # (c) BAM: seed -> two branches -> upcycle -> continue; baselines at equal FLOPs, once per seed
+    # (c) BAM: seed -> two branches -> upcycle -> continue; baselines at equal FLOPs, once per seed. Every
+    # seed's chain and every scratch arm is independent of the others: ctx.workers processes run them at once,
+    # the longest (the BAM chains) queued first
     f_bam = _flops_per_step(ctx, cfg, "bam", corpus.vocab_size)
     f_ffn = _flops_per_step(ctx, cfg, "ffn_only", corpus.vocab_size)
-    for k in range(cfg.bam_seeds):  # seed k's runs are "seed", "bam", … (k = 0) or "seed-s1", "bam-s1", …
-        runs.update(_bam_arms(ctx, dataclasses.replace(cfg, seed=cfg.seed + k), corpus, seed_suffix(k),
-                              f_bam=f_bam, f_ffn=f_ffn))
+    weights = ctx.path("weights")
+    chains = [_bam_chain(dataclasses.replace(cfg, seed=cfg.seed + k), corpus, weights, seed_suffix(k),
+                         f_bam=f_bam, f_ffn=f_ffn)
+              for k in range(cfg.bam_seeds)]  # seed k's runs are "seed", "bam", … (k = 0) or "seed-s1", …
+    for k in range(cfg.scratch_seeds):  # seed k's runs are "dense", "moe", "moh" (k = 0) or "dense-s1", …
+        ck = dataclasses.replace(cfg, seed=cfg.seed + k)
+        chains += [Step(key=arm + seed_suffix(k), fn=_train,
+                        args=(ck, corpus, weights, arm + seed_suffix(k), arm, cfg.scratch_steps, both))
+                   for arm in SCRATCH]
+    runs: dict[str, dict[str, Any]] = ctx.steps(chains)
     f_seed = runs["seed"]["flops_per_step"]
     return _report(ctx, cfg, corpus, runs, f_seed=f_seed, f_bam=f_bam, f_ffn=f_ffn,
                    branch_flops=2 * cfg.branch_steps * f_seed)
 
 
-def _bam_arms(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, sfx: str, *, f_bam: float, f_ffn: float
-              ) -> dict[str, dict[str, Any]]:
-    """Part (c) for one seed (``cfg.seed``; step keys and weight files end in ``sfx``): the dense seed, its two
-    branches, then BAM, FFN-only upcycling and dense continuation at equal FLOPs."""
+def _bam_chain(cfg: MixturesStudyConfig, corpus: Corpus, weights: Path, sfx: str, *, f_bam: float, f_ffn: float
+               ) -> Step:
+    """Part (c) for one seed (``cfg.seed``; step keys and weight files end in ``sfx``) as one chain: the dense
+    seed, its two branches, then BAM, FFN-only upcycling and dense continuation at equal FLOPs."""
     both = {"docs": 0.5, "tasks": 0.5}
-    weights = ctx.path("weights")
-    runs = {f"seed{sfx}": _train(ctx, cfg, corpus, f"seed{sfx}", "seed", steps=cfg.seed_steps, mix=both, save=True)}
-    seed_state = load_weights(weights / f"seed{sfx}.pt")
-    for domain, other in (("docs", "tasks"), ("tasks", "docs")):
-        mix = {domain: 1.0 - cfg.branch_other, other: cfg.branch_other} if cfg.branch_other else {domain: 1.0}
-        runs[f"branch_{domain}{sfx}"] = _train(ctx, cfg, corpus, f"branch_{domain}{sfx}", "seed",
-                                               steps=cfg.branch_steps, mix=mix, init=seed_state, save=True)
-    from longreach.mixtures import upcycle_state_dicts
 
-    seed_cfg, _ = build_arm(cfg, "seed", corpus.vocab_size)
-    branches = [load_weights(weights / f"branch_{d}{sfx}.pt") for d in ("docs", "tasks")]
+    def step(name: str, arm: str, steps: int, mix: dict[str, float], init: str | None = None, save: bool = False,
+             then: Step | None = None) -> Step:
+        return Step(key=f"{name}{sfx}", fn=_train, args=(cfg, corpus, weights, f"{name}{sfx}", arm, steps, mix, init,
+                                                         sfx, save),
+                    then=None if then is None else (lambda _: then))
 
-    def upcycled(share_kv: bool) -> dict[str, torch.Tensor]:
-        return upcycle_state_dicts(branches, seed_cfg, share_kv=share_kv, top_k=cfg.bam_top_k, seed=cfg.seed)[1]
+    def branch(domain: str, other: str) -> dict[str, float]:
+        return {domain: 1.0 - cfg.branch_other, other: cfg.branch_other} if cfg.branch_other else {domain: 1.0}
 
-    f_seed = runs[f"seed{sfx}"]["flops_per_step"]
     mix_flops = cfg.mix_steps * f_bam  # BAM's mixture stage sets the budget of the other two arms
-    runs[f"bam{sfx}"] = _train(ctx, cfg, corpus, f"bam{sfx}", "bam", steps=cfg.mix_steps, mix=both,
-                               init=upcycled(cfg.bam_share_kv))
-    runs[f"ffn_only{sfx}"] = _train(ctx, cfg, corpus, f"ffn_only{sfx}", "ffn_only",
-                                    steps=max(1, round(mix_flops / f_ffn)), mix=both,
-                                    init=ffn_only_state_dict(upcycled(False), 2))
-    dense_flops = mix_flops + (2 * cfg.branch_steps * f_seed if cfg.dense_budget == "after_seed" else 0.0)
-    runs[f"dense_cont{sfx}"] = _train(ctx, cfg, corpus, f"dense_cont{sfx}", "seed",
-                                      steps=max(1, round(dense_flops / f_seed)), mix=both, init=seed_state)
-    return runs
+
+    def after_seed(seed: dict[str, Any]) -> Step:
+        f_seed = seed["flops_per_step"]
+        dense_flops = mix_flops + (2 * cfg.branch_steps * f_seed if cfg.dense_budget == "after_seed" else 0.0)
+        dense = step("dense_cont", "seed", max(1, round(dense_flops / f_seed)), both, "seed")
+        ffn = step("ffn_only", "ffn_only", max(1, round(mix_flops / f_ffn)), both, "ffn_only", then=dense)
+        bam = step("bam", "bam", cfg.mix_steps, both, "bam", then=ffn)
+        tasks = step("branch_tasks", "seed", cfg.branch_steps, branch("tasks", "docs"), "seed", save=True, then=bam)
+        return step("branch_docs", "seed", cfg.branch_steps, branch("docs", "tasks"), "seed", save=True, then=tasks)
+
+    return dataclasses.replace(step("seed", "seed", cfg.seed_steps, both, save=True), then=after_seed)
 
 
 def _row(name: str, rec: dict[str, Any], *, active: str, steps: int) -> list[Any]:

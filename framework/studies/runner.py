@@ -14,8 +14,9 @@ smallest setting (what the tests run: the config's ``quick()`` when it has one, 
 * ``study.md`` (tables, published-vs-ours findings, plots), ``study.json`` and the PNG plots.
 
 ``--workers N`` (default: 2, or 1 on a single core) runs a study's independent chains of steps in N
-processes of one torch thread each (the extension study's recipes and evaluations); results are the same
-as with ``--workers 1``, and the CPU time reported counts the workers.
+processes of one torch thread each (the extension study's recipes and evaluations; the mixtures study's
+arms, one chain per BAM seed); results are the same as with ``--workers 1``, and the CPU time reported
+counts the workers.
 
 Progress lines go to stdout. A bad name, config or ``--out`` is one ``longreach: error:`` line and exit
 status 2, with nothing in the folder changed.
