@@ -98,6 +98,33 @@ def test_extension_quick_through_the_cli_resumes_and_two_workers_match_one(tmp_p
         assert a["last_loss"] == b["last_loss"] and a["trainable_fraction"] == b["trainable_fraction"]
 
 
+def test_extension_arm_refits_one_arm_from_a_run_folder(tmp_path: Path, capsys) -> None:
+    """``python -m longreach.studies.extension_arm``: with no change it reproduces the study's LongLoRA arm from the
+    run folder (fine-tuning loss and every evaluation number); with LoRA on the MLP and full attention it trains
+    more weights and records what it ran; the run folder is only read; a folder of another study is one error."""
+    from longreach.studies import extension_arm
+
+    run = tmp_path / "ext"
+    rc, _, err = _study(capsys, "extension", "--quick", "--out", str(run), "--threads", "1", "--workers", "1")
+    assert rc == 0, err
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    body = json.loads((run / "study.json").read_text())
+    assert extension_arm.main([str(run), str(tmp_path / "same")]) == 0
+    same = json.loads((tmp_path / "same" / "arm.json").read_text())
+    step = json.loads((run / "steps" / "finetune-longlora-s2.json").read_text())
+    assert same["last_loss"] == step["last_loss"] and same["attention"] == "s2" and not same["mlp"]
+    row = body["data"]["rows"]["LongLoRA (LoRA + S2)"]
+    assert same["ppl"] == row["ppl"] and same["passkey"] == row["passkey"] and same["copy_nll"] == row["copy_nll"]
+    assert extension_arm.main([str(run), str(tmp_path / "wide"), "--mlp", "--attention", "full", "--steps", "2"]) == 0
+    wide = json.loads((tmp_path / "wide" / "arm.json").read_text())
+    assert (wide["attention"], wide["mlp"], wide["steps"]) == ("full", True, 2)
+    assert wide["trainable_fraction"] > same["trainable_fraction"] and 0 <= wide["far"] <= 1
+    assert "keys farther than L" in capsys.readouterr().out
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert extension_arm.main([str(tmp_path / "wide"), str(tmp_path / "x")]) == 2
+    assert "not a finished extension study run folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_mixtures_two_workers_match_one(tmp_path: Path, capsys) -> None:
     """The mixtures study's chains (each seed's BAM chain, each scratch arm) in two worker processes give every
     number one process gives, step after step (only the timings differ)."""

@@ -324,9 +324,10 @@ def _rope(cfg: ExtensionConfig, kind: str) -> Any:
     return RopeScaling(type="yarn" if kind == "yarn-published" else "linear", factor=factor)
 
 
-def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str) -> dict[str, Any]:
+def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str, lora_targets: list[str] | None = None
+              ) -> dict[str, Any]:
     """Extend the base export to 4L with one recipe (``finetune_rope``); the export lands in
-    ``METHOD_PATTERN/export``."""
+    ``METHOD_PATTERN/export``. ``lora_targets``: the modules LoRA adapts (None: the recipe's, q/k/v/o)."""
     from longreach.hf.recipes import RecipeConfig
     from longreach.parallel.config import ParallelConfig
 
@@ -335,7 +336,8 @@ def _finetune(cfg: ExtensionConfig, out: Path, method: str, pattern: str) -> dic
     job = ft["FinetuneConfig"](
         hf=ft["HFSource"](path=str(out / "base_hf"), dtype="float32"),
         recipe=RecipeConfig(method=method, target_len=cfg.factor * cfg.seq_len, rope=_rope(cfg, cfg.finetune_rope),
-                            lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank),
+                            lora_r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                            **({} if lora_targets is None else {"lora_targets": list(lora_targets)})),
         attention=ft["FTAttention"](pattern=pattern, backend="cpu"),
         parallel=ParallelConfig(cp=1),
         data=ft["FTData"](source="tokens", tokens_path=str(out / "finetune_tokens.npy"), seed=cfg.seed),
