@@ -414,8 +414,9 @@ def _report(cfg: ExtensionConfig, ctx: StudyContext, rows: dict[str, dict[str, A
 
 
 LORA_MEASURED = (
-    "measured beside the recipe's 1800-step run, on its base and fine-tuning data (the LongLoRA arm's fine-tune and "
-    "evaluation steps alone, lora_rank r with alpha 2r; passkey @128 / @512, digit-copy loss): not the rank alone: "
+    "measured beside the recipe's 1800-step run, on its base and fine-tuning data (the LongLoRA arm alone, "
+    "`python -m longreach.studies.extension_arm RUN ARM --rank R [--mlp] [--attention full] --steps S`, lora_rank r "
+    "with alpha 2r; passkey @128 / @512, digit-copy loss): not the rank alone: "
     "r 8 / 32 / 64 after 800 steps 0.02 / 0.00 / 0.02, 0 / 0 / 0, 0.18 / 0.08 / 0.12 (full fine-tuning after 800 "
     "steps: 0.06, 0.06 (depth 1 only), 0.37: retrieval at 4L needs more than 800 steps here), r 64 after 1800 steps "
     "0.14, 0, 0.37 (r 8: 0.02, 0, 0.17); nor the frozen MLPs: r 8 with LoRA also on gate, up and down after 1800 "
