@@ -151,6 +151,8 @@ QUICK = dict(dim=32, n_layers=1, n_heads=4, ffn_hidden=64, moe_experts=4, moh_sh
 ARMS = ("dense", "moe", "moh", "seed", "bam", "ffn_only")
 #: the from-scratch arms, trained once per seed
 SCRATCH = ("dense", "moe", "moh")
+#: the mix every arm trains on but the branches: both domains alike
+BOTH = {"docs": 0.5, "tasks": 0.5}
 
 
 def scratch_losses(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]]) -> dict[str, list[float]]:
@@ -282,7 +284,6 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
         cfg = cfg.quick()  # idempotent: the runner may have shrunk it already
     corpus = build_corpus(ctx.path("cache"), cfg)
     ctx.log(f"corpus: {corpus.sizes()} tokens")
-    both = {"docs": 0.5, "tasks": 0.5}
     # (c) BAM: seed -> two branches -> upcycle -> continue; baselines at equal FLOPs, once per seed. Every
     # seed's chain and every scratch arm is independent of the others: ctx.workers processes run them at once,
     # the longest (the BAM chains) queued first
@@ -295,7 +296,7 @@ def run(cfg: MixturesStudyConfig, ctx: StudyContext) -> StudyResult:
     for k in range(cfg.scratch_seeds):  # seed k's runs are "dense", "moe", "moh" (k = 0) or "dense-s1", …
         ck = dataclasses.replace(cfg, seed=cfg.seed + k)
         chains += [Step(key=arm + seed_suffix(k), fn=_train,
-                        args=(ck, corpus, weights, arm + seed_suffix(k), arm, cfg.scratch_steps, both))
+                        args=(ck, corpus, weights, arm + seed_suffix(k), arm, cfg.scratch_steps, BOTH))
                    for arm in SCRATCH]
     runs: dict[str, dict[str, Any]] = ctx.steps(chains)
     f_seed = runs["seed"]["flops_per_step"]
@@ -307,7 +308,6 @@ def _bam_chain(cfg: MixturesStudyConfig, corpus: Corpus, weights: Path, sfx: str
                ) -> Step:
     """Part (c) for one seed (``cfg.seed``; step keys and weight files end in ``sfx``) as one chain: the dense
     seed, its two branches, then BAM, FFN-only upcycling and dense continuation at equal FLOPs."""
-    both = {"docs": 0.5, "tasks": 0.5}
 
     def step(name: str, arm: str, steps: int, mix: dict[str, float], init: str | None = None, save: bool = False,
              then: Step | None = None) -> Step:
@@ -323,13 +323,13 @@ def _bam_chain(cfg: MixturesStudyConfig, corpus: Corpus, weights: Path, sfx: str
     def after_seed(seed: dict[str, Any]) -> Step:
         f_seed = seed["flops_per_step"]
         dense_flops = mix_flops + (2 * cfg.branch_steps * f_seed if cfg.dense_budget == "after_seed" else 0.0)
-        dense = step("dense_cont", "seed", max(1, round(dense_flops / f_seed)), both, "seed")
-        ffn = step("ffn_only", "ffn_only", max(1, round(mix_flops / f_ffn)), both, "ffn_only", then=dense)
-        bam = step("bam", "bam", cfg.mix_steps, both, "bam", then=ffn)
+        dense = step("dense_cont", "seed", max(1, round(dense_flops / f_seed)), BOTH, "seed")
+        ffn = step("ffn_only", "ffn_only", max(1, round(mix_flops / f_ffn)), BOTH, "ffn_only", then=dense)
+        bam = step("bam", "bam", cfg.mix_steps, BOTH, "bam", then=ffn)
         tasks = step("branch_tasks", "seed", cfg.branch_steps, branch("tasks", "docs"), "seed", save=True, then=bam)
         return step("branch_docs", "seed", cfg.branch_steps, branch("docs", "tasks"), "seed", save=True, then=tasks)
 
-    return dataclasses.replace(step("seed", "seed", cfg.seed_steps, both, save=True), then=after_seed)
+    return dataclasses.replace(step("seed", "seed", cfg.seed_steps, BOTH, save=True), then=after_seed)
 
 
 def _row(name: str, rec: dict[str, Any], *, active: str, steps: int) -> list[Any]:
@@ -418,8 +418,7 @@ def _report(ctx: StudyContext, cfg: MixturesStudyConfig, corpus: Corpus, runs: d
                              "that domain that the upcycled model has before its first mixture step. BAM − dense "
                              f"at step {cfg.mix_steps}: both after as many mixture steps (the branches and BAM's "
                              "dearer step not charged; the dense continuation is mid-schedule there)."))
-    series = {"BAM": (runs["bam"], f_bam, branch_flops), "FFN-only": (runs["ffn_only"], f_ffn, branch_flops),
-              "dense continuation": (runs["dense_cont"], f_seed, diag[0]["dense_offset"])}
+    series = _bam_series(cfg, runs, "", f_seed=f_seed, f_bam=f_bam, f_ffn=f_ffn, branch_flops=branch_flops)
     plots = [p for p in (
         plot_curves(ctx.out / "mixtures_scratch.png",
                     {n: [(c[1], mean_loss(c[3])) for c in runs[n]["curve"]] for n in ("dense", "moe", "moh")},
@@ -440,15 +439,23 @@ BUDGETS = (0.25, 0.5, 0.75, 1.0)
 BUDGET_ARMS = ("BAM", "FFN-only", "dense continuation")
 
 
+def _bam_series(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], sfx: str, *, f_seed: float, f_bam: float,
+                f_ffn: float, branch_flops: float) -> dict[str, tuple[dict[str, Any], float, float]]:
+    """One seed's (c) arms against FLOPs after the seed: name -> (run, FLOPs per step, FLOPs charged before its
+    first step: the branches for the mixtures, and for the dense continuation unless ``dense_budget: mixture``
+    leaves them uncharged)."""
+    dense_offset = 0.0 if cfg.dense_budget == "after_seed" else branch_flops
+    return {"BAM": (runs[f"bam{sfx}"], f_bam, branch_flops), "FFN-only": (runs[f"ffn_only{sfx}"], f_ffn, branch_flops),
+            "dense continuation": (runs[f"dense_cont{sfx}"], f_seed, dense_offset)}
+
+
 def _bam_diagnostics(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], sfx: str, *, f_seed: float,
                      f_bam: float, f_ffn: float, branch_flops: float) -> dict[str, Any]:
     """One seed's (c) numbers: final losses, losses at the :data:`BUDGETS`, and where BAM's loss comes from
     (the branches' gain on their own domain, the upcycling jump, BAM against dense at equal steps)."""
     bam, ffn, dense = runs[f"bam{sfx}"], runs[f"ffn_only{sfx}"], runs[f"dense_cont{sfx}"]
-    offset = 0.0 if cfg.dense_budget == "after_seed" else branch_flops  # FLOPs charged before the dense run starts
     total = branch_flops + cfg.mix_steps * f_bam
-    series = {"BAM": (bam, f_bam, branch_flops), "FFN-only": (ffn, f_ffn, branch_flops),
-              "dense continuation": (dense, f_seed, offset)}
+    series = _bam_series(cfg, runs, sfx, f_seed=f_seed, f_bam=f_bam, f_ffn=f_ffn, branch_flops=branch_flops)
     budgets = [{n: _at_budget(r["curve"], fps, off, branch_flops + (total - branch_flops) * q)
                 for n, (r, fps, off) in series.items()} for q in BUDGETS]
 
@@ -464,8 +471,7 @@ def _bam_diagnostics(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], 
     return {"bam": mean_loss(bam["val"]), "ffn_only": mean_loss(ffn["val"]), "dense": mean_loss(dense["val"]),
             "budgets": budgets, "gain_docs": gain("docs"), "gain_tasks": gain("tasks"),
             "kept_docs": kept("docs"), "kept_tasks": kept("tasks"),
-            "equal_steps": float("nan") if at_steps is None else mean_loss(bam["val"]) - at_steps,
-            "dense_offset": offset}
+            "equal_steps": float("nan") if at_steps is None else mean_loss(bam["val"]) - at_steps}
 
 
 def _findings(cfg: MixturesStudyConfig, runs: dict[str, dict[str, Any]], budget_rows: list[list[Any]],
