@@ -27,6 +27,10 @@ METHODS = ("longlora", "sinklora", "full")
 _DEFAULT_PATTERN = {"longlora": "s2", "sinklora": "sf", "full": "s2"}
 
 
+#: The modules LoRA adapts by default: the attention projections (LongLoRA, SinkLoRA).
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 @dataclass(kw_only=True, slots=True)
 class RecipeConfig:
     """How a checkpoint is extended (the ``recipe:`` section of a fine-tuning config)."""
@@ -41,7 +45,7 @@ class RecipeConfig:
     """LoRA scaling numerator (update = α/r · BA)."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input."""
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_targets: list[str] = field(default_factory=lambda: list(ATTENTION_TARGETS))
     """Module names LoRA adapts."""
     trainable: list[str] = field(default_factory=lambda: ["embed", "norm"])
     """Substrings of parameter names that also train in full (LongLoRA: embeddings and norms; never lm_head)."""

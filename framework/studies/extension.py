@@ -429,6 +429,13 @@ LORA_MEASURED = (
 fail under PI)."""
 
 
+def far_accuracy(cfg: ExtensionConfig, record: dict[str, Any]) -> float:
+    """Passkey accuracy of an :func:`_evaluate` record at 4L with the key farther than ~L before the question
+    (the depths below 1: keys the base, trained at L, never had to reach)."""
+    at4 = record["passkey"][str(cfg.factor * cfg.seq_len)]
+    return float(np.mean([at4[i] for i, d in enumerate(DEPTHS) if d < 1.0]))
+
+
 def _no_retrieval_why(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], far: Any, tasks: str, copying: str
                       ) -> str:
     """Why the retrieval finding failed, from the numbers: which recipes reach keys farther than L back at 4L
@@ -469,10 +476,9 @@ def _findings(cfg: ExtensionConfig, rows: dict[str, dict[str, Any]], mix: dict[s
     rope_words = "PI" if cfg.finetune_rope == "linear" else f"YaRN (beta {cfg.yarn_beta_fast:g}/{cfg.yarn_beta_slow:g})"
     longlora, sinklora, full = list(RECIPES)
     ext_4 = min(pk[longlora], pk[sinklora], pk[full])
-    deep = [i for i, d in enumerate(DEPTHS) if d < 1.0]  # keys more than ~L tokens before the question at 4L
 
-    def far(name: str) -> float:  # passkey @4L with the key farther than ~L from the question
-        return float(np.mean([rows[name]["passkey"][n4][i] for i in deep]))
+    def far(name: str) -> float:
+        return far_accuracy(cfg, rows[name])
 
     def gain(name: str) -> float:  # share of full fine-tuning's perplexity improvement over the untrained start
         whole = math.log(p4[start]) - math.log(p4[full])

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from longreach.studies.extension import DEPTHS, ExtensionConfig, RECIPES, _evaluate, _finetune
+from longreach.hf.recipes import ATTENTION_TARGETS
+from longreach.studies.extension import ExtensionConfig, RECIPES, _evaluate, _finetune, far_accuracy
 
 #: LoRA on the MLP too (``--mlp``): these beside the recipe's attention projections.
-MLP = ["gate_proj", "up_proj", "down_proj"]
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ("gate_proj", "up_proj", "down_proj")
 #: The run folder's files the arm reads.
 NEEDED = ("study-run.json", "base_hf", "finetune_tokens.npy", "val_tokens.npy")
 
@@ -46,13 +46,6 @@ def run_config(run: Path) -> ExtensionConfig:
     return ExtensionConfig(**{k: v for k, v in marker["config"].items() if k in names})
 
 
-def far(record: dict[str, Any], cfg: ExtensionConfig) -> float:
-    """Passkey accuracy at 4L with the key farther than ~L before the question (depths below 1), as the study
-    counts it."""
-    at4 = record["passkey"][str(cfg.factor * cfg.seq_len)]
-    return float(np.mean([at4[i] for i, d in enumerate(DEPTHS) if d < 1.0]))
-
-
 def arm(run: Path, out: Path, *, method: str = "longlora", attention: str | None = None, rank: int | None = None,
         steps: int | None = None, mlp: bool = False) -> dict[str, Any]:
     """Fine-tune and evaluate one arm into ``out`` (created; links to the run's base and data); its record."""
@@ -68,11 +61,11 @@ def arm(run: Path, out: Path, *, method: str = "longlora", attention: str | None
         if not (out / name).exists():
             (out / name).symlink_to((run / name).resolve())
     t = time.perf_counter()
-    ft = _finetune(cfg, out, method, pattern, lora_targets=ATTENTION + MLP if mlp else None)
+    ft = _finetune(cfg, out, method, pattern, lora_targets=[*ATTENTION_TARGETS, *MLP] if mlp else None)
     seconds = time.perf_counter() - t
     ev = _evaluate(Path(ft["export"]), np.load(run / "val_tokens.npy"), cfg)
     record = {"method": method, "attention": pattern, "lora_rank": cfg.lora_rank, "mlp": mlp,
-              "steps": cfg.finetune_steps, "finetune_s": seconds, **ft, **ev, "far": far(ev, cfg)}
+              "steps": cfg.finetune_steps, "finetune_s": seconds, **ft, **ev, "far": far_accuracy(cfg, ev)}
     (out / "arm.json").write_text(json.dumps(record, indent=1, default=float))
     return record
 
@@ -100,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ArmError, ValueError) as e:
         print(f"extension_arm: error: {e}", file=sys.stderr)
         return 2
-    cfg = run_config(args.run)
-    n1, n4 = str(cfg.seq_len), str(cfg.factor * cfg.seq_len)
+    n1, n4 = rec["passkey"]  # the lengths evaluated: L and 4L
     print(f"{rec['method']} {rec['attention']} rank {rec['lora_rank']}{' +MLP' if rec['mlp'] else ''} "
           f"{rec['steps']} steps: passkey @{n1} {np.mean(rec['passkey'][n1]):.2f}, @{n4} "
           f"{np.mean(rec['passkey'][n4]):.2f} (keys farther than L {rec['far']:.2f}), digit-copy loss "
