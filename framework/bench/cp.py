@@ -153,6 +153,9 @@ def summarize_peers(records: list[dict]) -> list[dict]:
         for k in ("dtype", "kernel_calls", "aten_calls", "out_err", "grad_err", "out_l2", "grad_l2"):
             if f"ours_{k}" in r:
                 row[f"ours_{k}"], row[f"peer_{k}"] = r[f"ours_{k}"], r[f"peer_{k}"]
+        if "ours_faults" in r:  # rank 0's minor page faults per pass
+            row["ours_faults"] = statistics.median(r["ours_faults"])
+            row["peer_faults"] = statistics.median(r["peer_faults"])
         if "ours_kernel_s" in r:  # rank 0's kernel time per pass; outside = the pass's median less it
             for side in ("ours", "peer"):
                 row[f"{side}_kernel_ms"] = 1e3 * statistics.median(r[f"{side}_kernel_s"])
@@ -175,13 +178,13 @@ def format_peers(rows: list[dict]) -> str:
     head = (f"{'pair':<50} {'P':>2} {'S':>6} {'dtype':<8} {'ours ms':>8} {'peer ms':>8} {'ratio':>6} "
             f"{'(min-max)':>12} {'95% CI':>11} {'verdict':<7} {'cpu ratio':>9} {'(min-max)':>12} {'kernel calls':>12} {'aten calls':>11} {'out err ours/peer':>19} "
             f"{'grad err ours/peer':>19} {'grad L2 ours/peer':>19} {'kernel ms ours/peer':>13} "
-            f"{'outside ms ours/peer':>13}")
+            f"{'outside ms ours/peer':>13} {'faults ours/peer':>11}")
 
     cols = (("pair", "<50"), ("world", ">2"), ("seq_len", ">6"), ("ours_dtype", "<8"), ("ours_ms", ">8.1f"),
             ("peer_ms", ">8.1f"), ("ratio", ">6.2f"))
     sides = (("kernel_calls", ">5", "<6"), ("aten_calls", ">5", "<5"), ("out_err", ">9.1e", "<9.1e"),
              ("grad_err", ">9.1e", "<9.1e"), ("grad_l2", ">9.1e", "<9.1e"), ("kernel_ms", ">6.1f", "<6.1f"),
-             ("outside_ms", ">6.1f", "<6.1f"))
+             ("outside_ms", ">6.1f", "<6.1f"), ("faults", ">5.0f", "<5.0f"))
 
     def both(r: dict, k: str, a: str, b: str) -> str:
         if f"ours_{k}" not in r:
@@ -230,11 +233,13 @@ def _main_peers(args: argparse.Namespace, worlds: list[int]) -> int:
     rows = summarize_peers(records)
     for name, why in skipped_peers(records).items():
         print(f"skipped {name}: {why}")
+    for heap in sorted({r["heap"] for r in records if "heap" in r}):
+        print(f"allocator: {heap}")
     _emit(f"longreach bench cp --peers — B=1 H={args.heads} D={args.head_dim} causal, forward + backward; "
           f"gloo on CPU, {args.threads} thread(s)/rank; ratio = longreach ÷ peer per round "
           f"(median of {args.rounds}, interleaved; wall clock of the slowest rank, and CPU clock of all ranks); "
           f"95% CI: distribution-free interval of the wall-clock median, verdict faster/slower only when it "
-          f"excludes 1; calls are per pass on rank 0",
+          f"excludes 1; calls and page faults are per pass on rank 0",
           format_peers(rows), args.json, {"config": cfg, "worlds": worlds, "rows": rows, "records": records})
     return 0
 

@@ -14,10 +14,16 @@ differs from longreach's hybrid layout), is checked against the float64 single-p
 is timed in interleaved rounds (the side that runs first alternates), a pass lasting as long as its
 slowest rank (wall clock); the CPU clock of a pass is the CPU time of every rank's computing thread
 together (waits for messages excluded), which a shared machine disturbs far less.
+
+Both sides run in one process, so each rank first keeps the heap it frees (:func:`steady_heap`): otherwise
+one side's allocations decide when glibc hands memory back, and the other side pays the page faults of
+getting it back. Each record carries the page faults per pass of either side.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -74,6 +80,33 @@ class CallCounter(TorchDispatchMode):
         result = func(*args, **(kwargs or {}))
         self.kernel_s += time.perf_counter() - t0
         return result
+
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 << 20
+
+
+def steady_heap() -> str:
+    """Make this process keep the memory it frees (glibc): the heap is never trimmed, and blocks under 32 MiB
+    come from it rather than from their own mmap, so a freed block is reused instead of handed back to the
+    kernel and faulted in again. Under glibc's defaults (trim and mmap thresholds that move with the largest
+    block freed so far), when two implementations alternate in one process the allocations of one decide
+    the page faults of the other: at 2k, W2, float32 Ulysses, longreach's pass took 500–2,500 minor faults
+    and DeepSpeed's about 3, and buffering longreach's all-to-all moved about 500 per pass onto DeepSpeed's
+    side. With the heap kept, both sides take 2–5 per pass. Call it once per process, before timing; it
+    changes the whole process. Returns what was done, for the report."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "allocator unchanged (no mallopt)"
+    if mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) != 1 or mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) != 1:
+        return "allocator unchanged (mallopt refused)"
+    return "heap kept (glibc: no trimming, blocks under 32 MiB from the heap)"
+
+
+def _faults() -> int:
+    """Minor page faults of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def usp_positions(seq_len: int, rank: int, world: int, degree: int) -> torch.Tensor:
@@ -225,8 +258,10 @@ def _kernel_rounds(sides: dict, names: tuple[str, str], inputs: dict, rounds: in
 
 def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
     """Interleaved rounds of each (longreach, peer) pair on identical inputs; one record per pair and length
-    (``error`` and ``skipped`` {name: why} where a side does not run). With ``cfg["split"]``, as many rounds
-    again time the kernel alone (``ours_kernel_s`` / ``peer_kernel_s``, this rank's)."""
+    (``error`` and ``skipped`` {name: why} where a side does not run), with this rank's page faults per pass
+    (``ours_faults`` / ``peer_faults``) and what :func:`steady_heap` did (``heap``). With ``cfg["split"]``, as
+    many rounds again time the kernel alone (``ours_kernel_s`` / ``peer_kernel_s``, this rank's)."""
+    heap = steady_heap()
     sides = peer_sides(rank, world, cfg)
     recs: list[dict] = []
     h, d = cfg["heads"], cfg["head_dim"]
@@ -238,7 +273,7 @@ def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
         out_r, lse_r = ref.forward(*full[:3], mask=M.causal())
         want_full = [out_r, *ref.backward(full[3], *full[:3], out_r, lse_r, mask=M.causal())]
         for ours, peer in (tuple(p) for p in cfg.get("pairs", PEER_PAIRS)):
-            rec: dict = {"pair": f"{ours} ÷ {peer}", "world": world, "seq_len": seq_len, "rank": rank}
+            rec: dict = {"pair": f"{ours} ÷ {peer}", "world": world, "seq_len": seq_len, "rank": rank, "heap": heap}
             recs.append(rec)
             skipped = {n: sides[n] for n in (ours, peer) if isinstance(sides[n], str)}
             if skipped:
@@ -260,19 +295,22 @@ def peers_worker(rank: int, world: int, cfg: dict) -> list[dict]:
                 continue
             times: dict[str, list[float]] = {ours: [], peer: []}
             cpu: dict[str, list[float]] = {ours: [], peer: []}
+            faults: dict[str, list[int]] = {ours: [], peer: []}
             for r in range(cfg["rounds"]):
                 for name in ((ours, peer) if r % 2 == 0 else (peer, ours)):  # alternate who goes first
                     dist.barrier()
-                    t0, c0 = time.perf_counter(), time.thread_time()
+                    t0, c0, f0 = time.perf_counter(), time.thread_time(), _faults()
                     _pass(sides[name].fn, *inputs[name])
                     wall = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
                     used = torch.tensor([time.thread_time() - c0], dtype=torch.float64)
+                    faults[name].append(_faults() - f0)
                     dist.all_reduce(wall, op=dist.ReduceOp.MAX)  # a pass takes as long as its slowest rank
                     dist.all_reduce(used)  # CPU time of the pass on every rank's computing thread together
                     times[name].append(float(wall))
                     cpu[name].append(float(used))
             rec["ours_s"], rec["peer_s"] = times[ours], times[peer]
             rec["ours_cpu_s"], rec["peer_cpu_s"] = cpu[ours], cpu[peer]
+            rec["ours_faults"], rec["peer_faults"] = faults[ours], faults[peer]
             if cfg.get("split"):
                 kernel = _kernel_rounds(sides, (ours, peer), inputs, cfg["rounds"])
                 rec["ours_kernel_s"], rec["peer_kernel_s"] = kernel[ours], kernel[peer]
