@@ -90,11 +90,12 @@ def steady_heap() -> str:
     """Make this process keep the memory it frees (glibc): the heap is never trimmed, and blocks under 32 MiB
     come from it rather than from their own mmap, so a freed block is reused instead of handed back to the
     kernel and faulted in again. Under glibc's defaults (trim and mmap thresholds that move with the largest
-    block freed so far), when two implementations alternate in one process the allocations of one decide
-    the page faults of the other: at 2k, W2, float32 Ulysses, longreach's pass took 500–2,500 minor faults
-    and DeepSpeed's about 3, and buffering longreach's all-to-all moved about 500 per pass onto DeepSpeed's
-    side. With the heap kept, both sides take 2–5 per pass. Call it once per process, before timing; it
-    changes the whole process. Returns what was done, for the report."""
+    block freed so far) each of longreach's and DeepSpeed's Ulysses alone takes about 500–1,000 minor faults
+    per pass (2k, W2, float32) on some ranks, and when the two alternate in one process the allocations of
+    one decide the faults of the other: longreach's pass took 500–2,500 and DeepSpeed's about 3, and
+    buffering longreach's all-to-all moved about 500 per pass onto DeepSpeed's side. With the heap kept,
+    both sides take 0–5 per pass. Call it once per process, before timing; it changes the whole process.
+    Returns what was done, for the report."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
